@@ -1,0 +1,135 @@
+//! BlockBackend slots: what a device (a virtio disk, a VMM's guest) holds.
+//!
+//! A backend names a root node. The device never holds a node itself, so
+//! replacing the image under a running guest — a pivot after active commit,
+//! a live snapshot — is one change of the root ([`Graph::replace_root`]),
+//! never a swap of node structs (QEMU's old `bdrv_swap` broke every pointer
+//! the device held).
+
+use crate::device::Device;
+use crate::error::{fail, ErrorKind, Result};
+use crate::graph::{Access, Graph, Handle, NodeId, Parent, Perm};
+
+/// A BlockBackend slot: a root node and the access the device needs.
+pub struct Backend {
+    pub(crate) root: NodeId,
+    pub(crate) access: Access,
+}
+
+/// Handle of a BlockBackend slot.
+pub type BackendId = Handle<Backend>;
+
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
+    Graph<D, NODES, BACKENDS, CACHE>
+{
+    /// Attaches a new backend to `root` with `access`; it holds a reference
+    /// to `root` until detached.
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] when `access` needs WRITE and `root` is
+    /// read-only, [`ErrorKind::PermissionConflict`] when another user of
+    /// `root` conflicts, [`ErrorKind::NoCapacity`] when every slot is taken.
+    pub fn attach_backend(&mut self, root: NodeId, access: Access) -> Result<BackendId> {
+        self.check_backend_root(root, access, None)?;
+        let id = self
+            .backends
+            .insert(Backend { root, access })
+            .map_err(|(err, _)| err)?;
+        self.ref_node(root)?;
+        Ok(id)
+    }
+
+    fn check_backend_root(
+        &self,
+        root: NodeId,
+        access: Access,
+        this: Option<BackendId>,
+    ) -> Result<()> {
+        if access.perm.contains(Perm::WRITE) && self.is_read_only(root)? {
+            return fail(
+                ErrorKind::ReadOnly,
+                "cannot attach a writer to a read-only image",
+            );
+        }
+        if self.format(root)?.is_none() {
+            return fail(
+                ErrorKind::InvalidInput,
+                "a backend's root must be a format node",
+            );
+        }
+        self.check_access_except(root, access, |p| {
+            this.is_some_and(|b| p == Parent::Backend(b))
+        })
+    }
+
+    /// Detaches a backend, releasing its reference to the root.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a detached backend.
+    pub fn detach_backend(&mut self, id: BackendId) -> Result<()> {
+        let backend = self.backends.remove(id)?;
+        self.unref(backend.root)
+    }
+
+    /// The node a backend currently serves.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a detached backend.
+    pub fn root(&self, id: BackendId) -> Result<NodeId> {
+        Ok(self.backends.get(id)?.root)
+    }
+
+    /// Points backend `id` at `new_root` in one step: after the checks, the
+    /// only change is the root itself (and the references that follow it).
+    ///
+    /// # Errors
+    /// As [`Graph::attach_backend`]; on error nothing changed.
+    pub fn replace_root(&mut self, id: BackendId, new_root: NodeId) -> Result<()> {
+        let backend = self.backends.get(id)?;
+        let (old, access) = (backend.root, backend.access);
+        if old == new_root {
+            return Ok(());
+        }
+        self.check_backend_root(new_root, access, Some(id))?;
+        self.ref_node(new_root)?;
+        self.backends.get_mut(id)?.root = new_root;
+        self.unref(old)
+    }
+
+    /// Reads guest bytes through backend `id`.
+    ///
+    /// # Errors
+    /// As [`Graph::read`].
+    pub fn backend_read(&mut self, id: BackendId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let root = self.root(id)?;
+        self.read(root, offset, buf)
+    }
+
+    /// Writes guest bytes through backend `id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
+    /// [`Graph::write`].
+    pub fn backend_write(&mut self, id: BackendId, offset: u64, data: &[u8]) -> Result<()> {
+        let backend = self.backends.get(id)?;
+        if !backend.access.perm.contains(Perm::WRITE) {
+            return fail(ErrorKind::ReadOnly, "backend is attached read-only");
+        }
+        let root = backend.root;
+        self.write(root, offset, data)
+    }
+
+    /// Flushes backend `id`'s root.
+    ///
+    /// # Errors
+    /// As [`Graph::flush`].
+    pub fn backend_flush(&mut self, id: BackendId) -> Result<()> {
+        let root = self.root(id)?;
+        self.flush(root)
+    }
+
+    /// Number of attached backends.
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+}

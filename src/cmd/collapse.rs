@@ -1,0 +1,117 @@
+//! `collapse --top TOP [--base BASE] IMAGE`: metadata-only
+//! `drop_intermediate` on IMAGE's chain, like `qemu-img rebase -u`.
+//!
+//! TOP and BASE name chain members; they are matched by the identity of the
+//! storage they open (same file), not by spelling. With TOP == IMAGE the
+//! active layer itself is dropped: a BlockBackend standing for the device is
+//! re-pointed to BASE, which becomes the active image.
+
+use core::fmt;
+
+use super::{invalid, open, Environment, Failure, Outcome};
+use crate::device::Device;
+use crate::error::{Error, ErrorKind};
+use crate::graph::{Access, Graph, NodeId, OpenOptions, Resolver};
+
+const USAGE: &str = "usage: collapse --top TOP [--base BASE] IMAGE";
+
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    words: &[&'a str],
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let (mut top, mut base, mut image) = (None, None, None);
+    let mut words = words.iter().copied();
+    while let Some(word) = words.next() {
+        match word {
+            "--top" | "-t" => top = Some(words.next().ok_or_else(|| invalid(USAGE))?),
+            "--base" | "-b" => base = Some(words.next().ok_or_else(|| invalid(USAGE))?),
+            _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
+            _ => image = Some(word),
+        }
+    }
+    let (Some(top_name), Some(image)) = (top, image) else {
+        return Err(invalid(USAGE));
+    };
+    let options = OpenOptions {
+        writable_devices: true,
+        ..OpenOptions::default()
+    };
+    let active = open(env, graph, image, options)?;
+    // The device: the only holder of the active layer from here on.
+    let backend = graph.attach_backend(active, Access::READ_ONLY_DEVICE);
+    graph.unref(active)?;
+    let backend = backend?;
+    let result = (|| {
+        let top = find_in_chain(env, graph, active, top_name)?;
+        let base = match base {
+            Some(name) => Some(find_in_chain(env, graph, active, name)?),
+            None => None,
+        };
+        graph
+            .drop_intermediate(env.resolver(), active, top, base)
+            .map_err(|e| Failure::new(e, image))?;
+        if top == active {
+            let now = graph.root(backend)?;
+            writeln!(out, "Image '{}' is now the active image", graph.name(now)?)?;
+        } else if top != base.unwrap_or(top) || base.is_none() {
+            report_overlays(graph, active, base, out)?;
+        }
+        Ok(())
+    })();
+    graph.detach_backend(backend)?;
+    result
+}
+
+/// Prints the new backing reference of the overlay that now sits on `base`.
+fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize>(
+    graph: &Graph<D, N, B, C>,
+    active: NodeId,
+    base: Option<NodeId>,
+    out: &mut dyn fmt::Write,
+) -> Outcome<'static> {
+    for layer in graph.chain_from(active) {
+        if graph.backing(layer)? == base {
+            let q = graph.qcow2(layer)?;
+            match q.backing_name() {
+                Some(name) => writeln!(
+                    out,
+                    "Backing file of '{}' is now '{}'",
+                    graph.name(layer)?,
+                    name
+                )?,
+                None => writeln!(
+                    out,
+                    "Image '{}' no longer has a backing file",
+                    graph.name(layer)?
+                )?,
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The member of `active`'s chain stored where `name` points.
+fn find_in_chain<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &Graph<E::Device, N, B, C>,
+    active: NodeId,
+    name: &'a str,
+) -> Result<NodeId, Failure<'a>> {
+    let identity = env
+        .resolver()
+        .open(name, false)
+        .map_err(|e| Failure::new(e, name))?
+        .identity();
+    for layer in graph.chain_from(active) {
+        if graph.identity(layer)? == identity {
+            return Ok(layer);
+        }
+    }
+    Err(Failure::new(
+        Error::new(ErrorKind::InvalidInput, "image is not in the backing chain"),
+        name,
+    ))
+}

@@ -1,0 +1,71 @@
+//! `convert [-O raw] IMAGE OUTPUT`: the chain's guest view as a raw image.
+//! Ranges that read as zeros are skipped: the new output already reads zero.
+
+use core::fmt;
+
+use super::{invalid, with_image, Environment, Failure, Outcome};
+use crate::graph::{Graph, OpenOptions};
+use crate::Device;
+
+const USAGE: &str = "usage: convert [-O raw] IMAGE OUTPUT";
+
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    words: &[&'a str],
+    scratch: &mut [u8],
+    _out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let mut names = heapless::Vec::<&str, 2>::new();
+    let mut words = words.iter().copied();
+    while let Some(word) = words.next() {
+        match word {
+            "-O" => {
+                if words.next() != Some("raw") {
+                    return Err(Failure::new(
+                        crate::Error::new(
+                            crate::ErrorKind::Unsupported,
+                            "unsupported output format (only raw)",
+                        ),
+                        "-O",
+                    ));
+                }
+            }
+            _ if word.starts_with('-') => return Err(invalid(USAGE)),
+            _ => names.push(word).map_err(|_| invalid(USAGE))?,
+        }
+    }
+    let [image, output] = names.as_slice() else {
+        return Err(invalid(USAGE));
+    };
+    with_image(
+        env,
+        graph,
+        image,
+        OpenOptions::default(),
+        |env, graph, top| {
+            let size = graph.size(top)?;
+            let mut target = env
+                .create(output, size)
+                .map_err(|e| Failure::new(e, output))?;
+            let mut offset = 0;
+            while offset < size {
+                let (status, run) = graph.block_status(top, offset, size - offset)?;
+                if !status.zero {
+                    let mut done = 0;
+                    while done < run {
+                        let n = (run - done).min(scratch.len() as u64) as usize;
+                        graph.read(top, offset + done, &mut scratch[..n])?;
+                        target
+                            .write_at(offset + done, &scratch[..n])
+                            .map_err(|e| Failure::new(e, output))?;
+                        done += n as u64;
+                    }
+                }
+                offset += run;
+            }
+            target.flush().map_err(|e| Failure::new(e, output))?;
+            Ok(())
+        },
+    )
+}

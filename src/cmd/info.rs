@@ -1,0 +1,152 @@
+//! `info [--backing-chain] [--output=json|human] IMAGE`: image facts with
+//! qemu-img's field names.
+
+use core::fmt;
+
+use super::{json, output_option, single_image, with_image, Environment, Outcome};
+use crate::format::Format;
+use crate::graph::{Graph, NodeId, OpenOptions};
+
+const USAGE: &str = "usage: info [--backing-chain] [--output=json|human] IMAGE";
+
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    words: &[&'a str],
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let mut chain = false;
+    let mut as_json = false;
+    let mut images = heapless::Vec::<&str, 1>::new();
+    let mut words = words.iter().copied();
+    while let Some(word) = words.next() {
+        if let Some(choice) = output_option(word, &mut words) {
+            as_json = choice?;
+        } else if word == "--backing-chain" {
+            chain = true;
+        } else if word.starts_with('-') || images.push(word).is_err() {
+            return Err(super::invalid(USAGE));
+        }
+    }
+    let image = single_image(&images, USAGE)?;
+    with_image(
+        env,
+        graph,
+        image,
+        OpenOptions::default(),
+        |_, graph, top| {
+            let layers = graph
+                .chain_from(top)
+                .take(if chain { usize::MAX } else { 1 });
+            let mut first = true;
+            if as_json && chain {
+                out.write_str("[\n")?;
+            }
+            for layer in layers.collect::<heapless::Vec<NodeId, N>>() {
+                if !first {
+                    out.write_str(if as_json { ",\n" } else { "\n" })?;
+                }
+                first = false;
+                if as_json {
+                    describe_json(graph, layer, out)?;
+                } else {
+                    describe_human(graph, layer, out)?;
+                }
+            }
+            if as_json {
+                out.write_str(if chain { "\n]\n" } else { "\n" })?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Facts about one layer.
+struct Facts<'g> {
+    filename: &'g str,
+    format: Format,
+    size: u64,
+    cluster_size: Option<u64>,
+    backing: Option<(&'g str, Option<&'g str>, &'g str)>,
+    dirty: Option<bool>,
+}
+
+fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
+    graph: &Graph<D, N, B, C>,
+    layer: NodeId,
+) -> crate::Result<Facts<'_>> {
+    let format = graph.format(layer)?.unwrap_or(Format::Raw);
+    let qcow2 = graph.qcow2(layer).ok();
+    let full_backing = match graph.backing(layer)? {
+        Some(b) => graph.name(b)?,
+        None => "",
+    };
+    Ok(Facts {
+        filename: graph.name(layer)?,
+        format,
+        size: graph.size(layer)?,
+        cluster_size: qcow2.map(|q| q.cluster_size()),
+        backing: qcow2.and_then(|q| {
+            q.backing_name()
+                .map(|n| (n, q.backing_format(), full_backing))
+        }),
+        dirty: qcow2.map(|q| q.is_dirty()),
+    })
+}
+
+fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
+    graph: &Graph<D, N, B, C>,
+    layer: NodeId,
+    out: &mut dyn fmt::Write,
+) -> Outcome<'static> {
+    let f = facts(graph, layer)?;
+    out.write_str("{\n    \"filename\": ")?;
+    json::string(out, f.filename)?;
+    write!(
+        out,
+        ",\n    \"format\": \"{}\",\n    \"virtual-size\": {}",
+        f.format, f.size
+    )?;
+    if let Some(cs) = f.cluster_size {
+        write!(out, ",\n    \"cluster-size\": {cs}")?;
+    }
+    if let Some((name, format, full)) = f.backing {
+        out.write_str(",\n    \"backing-filename\": ")?;
+        json::string(out, name)?;
+        if let Some(format) = format {
+            out.write_str(",\n    \"backing-filename-format\": ")?;
+            json::string(out, format)?;
+        }
+        out.write_str(",\n    \"full-backing-filename\": ")?;
+        json::string(out, full)?;
+    }
+    if let Some(dirty) = f.dirty {
+        write!(out, ",\n    \"dirty-flag\": {dirty}")?;
+    }
+    out.write_str("\n}")?;
+    Ok(())
+}
+
+fn describe_human<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
+    graph: &Graph<D, N, B, C>,
+    layer: NodeId,
+    out: &mut dyn fmt::Write,
+) -> Outcome<'static> {
+    let f = facts(graph, layer)?;
+    writeln!(out, "image: {}", f.filename)?;
+    writeln!(out, "file format: {}", f.format)?;
+    writeln!(out, "virtual size: {} bytes", f.size)?;
+    if let Some(cs) = f.cluster_size {
+        writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some((name, format, full)) = f.backing {
+        writeln!(out, "backing file: {name} (actual path: {full})")?;
+        if let Some(format) = format {
+            writeln!(out, "backing file format: {format}")?;
+        }
+    }
+    if let Some(dirty) = f.dirty {
+        writeln!(out, "dirty flag: {dirty}")?;
+    }
+    Ok(())
+}

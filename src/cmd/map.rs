@@ -1,0 +1,95 @@
+//! `map [--output=json|human] IMAGE`: allocation of the chain's guest view,
+//! in qemu-img map's terms (start, length, depth, present, zero, data).
+
+use core::fmt;
+
+use super::{output_option, single_image, with_image, Environment, Outcome};
+use crate::graph::{BlockStatus, Graph, OpenOptions};
+
+const USAGE: &str = "usage: map [--output=json|human] IMAGE";
+
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    words: &[&'a str],
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let mut as_json = false;
+    let mut images = heapless::Vec::<&str, 1>::new();
+    let mut words = words.iter().copied();
+    while let Some(word) = words.next() {
+        if let Some(choice) = output_option(word, &mut words) {
+            as_json = choice?;
+        } else if word.starts_with('-') || images.push(word).is_err() {
+            return Err(super::invalid(USAGE));
+        }
+    }
+    let image = single_image(&images, USAGE)?;
+    with_image(
+        env,
+        graph,
+        image,
+        OpenOptions::default(),
+        |_, graph, top| {
+            let size = graph.size(top)?;
+            if as_json {
+                out.write_str("[")?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20}{:<20}{:<7}{:<9}{:<7}Data",
+                    "Offset", "Length", "Depth", "Present", "Zero"
+                )?;
+            }
+            let mut offset = 0;
+            let mut pending: Option<(u64, u64, BlockStatus)> = None;
+            let mut first = true;
+            while offset < size {
+                let (status, run) = graph.block_status(top, offset, size - offset)?;
+                pending = match pending {
+                    Some((start, len, prev)) if prev == status => Some((start, len + run, prev)),
+                    Some(done) => {
+                        emit(out, done, as_json, first)?;
+                        first = false;
+                        Some((offset, run, status))
+                    }
+                    None => Some((offset, run, status)),
+                };
+                offset += run;
+            }
+            if let Some(done) = pending {
+                emit(out, done, as_json, first)?;
+            }
+            if as_json {
+                out.write_str("]\n")?;
+            }
+            Ok(())
+        },
+    )
+}
+
+fn emit(
+    out: &mut dyn fmt::Write,
+    (start, length, s): (u64, u64, BlockStatus),
+    as_json: bool,
+    first: bool,
+) -> fmt::Result {
+    if as_json {
+        write!(
+            out,
+            "{}{{ \"start\": {start}, \"length\": {length}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}}}",
+            if first { "" } else { ",\n" },
+            s.depth,
+            s.present,
+            s.zero,
+            s.data,
+            s.compressed
+        )
+    } else {
+        writeln!(
+            out,
+            "{:<#20x}{:<#20x}{:<7}{:<9}{:<7}{}",
+            start, length, s.depth, s.present, s.zero, s.data
+        )
+    }
+}

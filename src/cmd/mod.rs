@@ -1,0 +1,186 @@
+//! The command interpreter shared by the host CLI and the kernel.
+//!
+//! A command is a list of words shaped like `qemu-img`/`qemu-io` arguments
+//! (`info --backing-chain a.qcow2`, `io a.qcow2 -c "read -P 0x55 0 64k"`).
+//! [`run`] executes one on a [`Graph`], writing results to a
+//! `core::fmt::Write` sink. Only the [`Environment`] differs between front
+//! ends: how names become devices and where outputs are created.
+//!
+//! | command | does |
+//! |---|---|
+//! | `info [--backing-chain] [--output=json\|human] IMAGE` | header facts, qemu-img field names |
+//! | `map [--output=json\|human] IMAGE` | allocation of the chain's guest view |
+//! | `convert [-O raw] IMAGE OUTPUT` | the guest view as a raw image |
+//! | `io [-r] IMAGE -c CMD...` | qemu-io: `read`, `write`, `discard`, `flush` |
+//! | `collapse --top TOP [--base BASE] IMAGE` | metadata-only `drop_intermediate` |
+
+pub mod args;
+mod collapse;
+mod convert;
+mod info;
+mod io;
+mod json;
+mod map;
+
+use core::fmt;
+
+use crate::device::Device;
+use crate::error::{Error, ErrorKind, Result};
+use crate::graph::{Graph, NodeId, OpenOptions, Resolver};
+
+/// What a front end supplies to the interpreter.
+pub trait Environment {
+    /// The devices images live on.
+    type Device: Device;
+    /// How image names become devices.
+    type Resolver: Resolver<Self::Device>;
+
+    /// The resolver for image and backing names.
+    fn resolver(&mut self) -> &mut Self::Resolver;
+
+    /// Creates the output image `name` of `size` bytes that reads as zeros.
+    ///
+    /// # Errors
+    /// As the back end reports (no space, not found, ...).
+    fn create(&mut self, name: &str, size: u64) -> Result<Self::Device>;
+}
+
+/// A failed command: the error and the word of the command it concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure<'a> {
+    /// What went wrong.
+    pub error: Error,
+    /// What it went wrong with (an image name, an io command), possibly empty.
+    pub subject: &'a str,
+}
+
+impl<'a> Failure<'a> {
+    /// A failure of `error` concerning `subject`.
+    pub fn new(error: Error, subject: &'a str) -> Self {
+        Self { error, subject }
+    }
+}
+
+impl From<Error> for Failure<'_> {
+    fn from(error: Error) -> Self {
+        Self::new(error, "")
+    }
+}
+
+impl From<fmt::Error> for Failure<'_> {
+    fn from(_: fmt::Error) -> Self {
+        Error::new(ErrorKind::Io, "could not write output").into()
+    }
+}
+
+impl fmt::Display for Failure<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.subject.is_empty() {
+            write!(f, "{}", self.error)
+        } else {
+            write!(f, "{}: {}", self.subject, self.error)
+        }
+    }
+}
+
+/// The interpreter's result.
+pub type Outcome<'a> = core::result::Result<(), Failure<'a>>;
+
+pub(crate) fn invalid(message: &'static str) -> Failure<'static> {
+    Error::new(ErrorKind::InvalidInput, message).into()
+}
+
+/// Runs one command (`words[0]` is its name). `scratch` is working memory for
+/// data transfers (larger is faster; 64 KiB or more is good).
+///
+/// # Errors
+/// A [`Failure`] for wrong arguments or any failed operation; the graph holds
+/// no more nodes afterwards than before.
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    words: &[&'a str],
+    scratch: &mut [u8],
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    if scratch.is_empty() {
+        return Err(invalid("scratch memory must not be empty"));
+    }
+    let (&name, rest) = words
+        .split_first()
+        .ok_or_else(|| invalid("no command given"))?;
+    match name {
+        "info" => info::run(env, graph, rest, out),
+        "map" => map::run(env, graph, rest, out),
+        "convert" => convert::run(env, graph, rest, scratch, out),
+        "io" => io::run(env, graph, rest, scratch, out),
+        "collapse" => collapse::run(env, graph, rest, out),
+        _ => Err(Failure::new(
+            Error::new(ErrorKind::InvalidInput, "unknown command"),
+            name,
+        )),
+    }
+}
+
+/// Opens `name`'s chain, runs `body` on it and releases it again.
+pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, const C: usize, T>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    name: &'a str,
+    options: OpenOptions,
+    body: impl FnOnce(
+        &mut E,
+        &mut Graph<E::Device, N, B, C>,
+        NodeId,
+    ) -> core::result::Result<T, Failure<'a>>,
+) -> core::result::Result<T, Failure<'a>> {
+    let node = open(env, graph, name, options)?;
+    let result = body(env, graph, node);
+    if graph.contains(node) {
+        graph.unref(node)?;
+    }
+    result
+}
+
+/// Opens `name`'s chain, naming the image in the failure.
+pub(crate) fn open<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C>,
+    name: &'a str,
+    options: OpenOptions,
+) -> core::result::Result<NodeId, Failure<'a>> {
+    graph
+        .open_image(env.resolver(), name, options)
+        .map_err(|err| Failure::new(err, name))
+}
+
+/// `--output=json|human` or `--output json|human`: true for JSON.
+pub(crate) fn output_option<'a>(
+    word: &str,
+    rest: &mut impl Iterator<Item = &'a str>,
+) -> Option<Result<bool>> {
+    let value = match word.strip_prefix("--output") {
+        Some("") => rest.next(),
+        Some(v) => v.strip_prefix('='),
+        None => return None,
+    };
+    Some(match value {
+        Some("json") => Ok(true),
+        Some("human") => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--output takes json or human",
+        )),
+    })
+}
+
+/// The one positional argument left, or an error naming the usage.
+pub(crate) fn single_image<'a>(
+    images: &[&'a str],
+    usage: &'static str,
+) -> core::result::Result<&'a str, Failure<'a>> {
+    match images {
+        [image] => Ok(image),
+        _ => Err(invalid(usage)),
+    }
+}

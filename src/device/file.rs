@@ -1,0 +1,137 @@
+//! A host file as a device (feature `std`).
+
+use super::{Device, DeviceId};
+use crate::error::{fail, Error, ErrorKind, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+/// A host file opened read-only or read-write, optionally capped in size so
+/// it behaves like a fixed-size disk.
+pub struct FileDevice {
+    file: File,
+    len: u64,
+    read_only: bool,
+    max_len: Option<u64>,
+    id: DeviceId,
+}
+
+impl FileDevice {
+    /// Opens `path`; `writable` asks for read-write access.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when the file does not exist, otherwise
+    /// [`ErrorKind::Io`].
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(io_error)?;
+        Self::from_file(file, !writable)
+    }
+
+    /// Creates (or truncates) `path` as an empty read-write file.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`] when the file cannot be created.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_error)?;
+        Self::from_file(file, false)
+    }
+
+    fn from_file(file: File, read_only: bool) -> Result<Self> {
+        let meta = file.metadata().map_err(io_error)?;
+        Ok(Self {
+            file,
+            len: meta.len(),
+            read_only,
+            max_len: None,
+            id: DeviceId(meta.dev(), meta.ino()),
+        })
+    }
+
+    /// Refuses to grow the file past `max_len` bytes ([`ErrorKind::NoSpace`]),
+    /// like a disk of that size.
+    pub fn limit_size(&mut self, max_len: u64) {
+        self.max_len = Some(max_len);
+    }
+
+    /// Sets the file's length (truncating or extending with zeros).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`], [`ErrorKind::NoSpace`] or [`ErrorKind::Io`].
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        self.check_writable(len)?;
+        self.file.set_len(len).map_err(io_error)?;
+        self.len = len;
+        Ok(())
+    }
+
+    fn check_writable(&self, end: u64) -> Result<()> {
+        if self.read_only {
+            return fail(ErrorKind::ReadOnly, "file is open read-only");
+        }
+        if self.max_len.is_some_and(|max| end > max) {
+            return fail(ErrorKind::NoSpace, "no space left on the device");
+        }
+        Ok(())
+    }
+}
+
+fn io_error(err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => Error::new(ErrorKind::NotFound, "no such file"),
+        std::io::ErrorKind::PermissionDenied => {
+            Error::new(ErrorKind::ReadOnly, "permission denied")
+        }
+        std::io::ErrorKind::StorageFull => {
+            Error::new(ErrorKind::NoSpace, "no space left on the device")
+        }
+        _ => Error::new(ErrorKind::Io, "file I/O failed"),
+    }
+}
+
+impl Device for FileDevice {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.len => self.file.read_exact_at(buf, offset).map_err(io_error),
+            _ => fail(ErrorKind::Io, "read past the end of the file"),
+        }
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        let Some(end) = offset.checked_add(buf.len() as u64) else {
+            return fail(ErrorKind::InvalidInput, "write offset overflows");
+        };
+        self.check_writable(end)?;
+        self.file.write_all_at(buf, offset).map_err(io_error)?;
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(io_error)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn identity(&self) -> DeviceId {
+        self.id
+    }
+}

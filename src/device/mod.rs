@@ -1,0 +1,58 @@
+//! Protocol layer: the [`Device`] trait that every storage back end implements.
+//!
+//! A device is a flat array of bytes addressed by byte offset. Format drivers
+//! (qcow2, raw) sit on top of a device and never assume any alignment from it:
+//! a device whose hardware needs sectors (virtio-blk) handles the read-modify-
+//! write itself.
+//!
+//! Implementations here: [`MemDevice`] (a caller-provided buffer with fault
+//! injection, operation counters and a write observer, for tests) and, with the
+//! `std` feature, [`FileDevice`] (a host file).
+
+mod memory;
+pub use memory::{DeviceEvent, MemDevice};
+
+#[cfg(feature = "std")]
+mod file;
+#[cfg(feature = "std")]
+pub use file::FileDevice;
+
+use crate::error::Result;
+
+/// Identifies the storage behind a device, so two opens of one image compare
+/// equal (a host file's device and inode numbers, a disk's index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceId(pub u64, pub u64);
+
+/// A byte-addressed storage back end (a protocol node's payload).
+pub trait Device {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`. Reading past [`Device::size`] is an error.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) when the device fails or the
+    /// range lies past its end.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `buf` at `offset`, growing the device when it can grow.
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`](crate::ErrorKind::ReadOnly) on a read-only
+    /// device, [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace) when it cannot
+    /// grow that far, [`ErrorKind::Io`](crate::ErrorKind::Io) on failure.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
+
+    /// Makes every completed write durable.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) when the device fails.
+    fn flush(&mut self) -> Result<()>;
+
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+
+    /// Which storage this is; equal ids mean the same image.
+    fn identity(&self) -> DeviceId;
+}

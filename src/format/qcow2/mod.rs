@@ -1,0 +1,317 @@
+//! The qcow2 format driver: header, guest-to-host mapping through L1/L2
+//! slices, compressed clusters, and the backing-reference rewrite.
+//!
+//! The driver answers one question for the graph: how is a guest range mapped
+//! in *this* image ([`Mapping`])? It never calls its backing image; the graph
+//! walks the chain.
+
+pub mod header;
+mod inflate;
+#[cfg(test)]
+pub(crate) mod testimg;
+
+pub use header::Header;
+pub use inflate::{CompressedExtent, Inflater};
+
+use super::cache::{MetaCache, Owner, SLICE_SIZE};
+use super::Mapping;
+use crate::device::Device;
+use crate::error::{fail, Error, ErrorKind, Result};
+use header::{Incompatible, HEADER_AREA};
+
+/// L1/L2 entry bit: refcount is exactly one, writable in place.
+const COPIED: u64 = 1 << 63;
+/// L2 entry bit: the cluster is compressed.
+const COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit (standard clusters): reads as zero.
+const ZERO: u64 = 1;
+/// Bits 9..=55: a table or cluster offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// An open qcow2 image's parsed state (its tables live in the shared cache).
+#[derive(Clone, Debug)]
+pub struct Qcow2 {
+    header: Header,
+}
+
+impl Qcow2 {
+    /// Reads and validates the header of the image on `device`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] or [`ErrorKind::Unsupported`] for images that
+    /// cannot be opened, device errors as returned.
+    pub fn open<D: Device>(device: &mut D) -> Result<Self> {
+        let mut area = [0u8; HEADER_AREA];
+        let used = read_header_area(device, &mut area)?;
+        let (mut header, backing) = Header::parse(&area[..used], device.size())?;
+        if let Some((offset, len)) = backing {
+            let mut name = [0u8; header::MAX_BACKING_NAME];
+            let name = &mut name[..len as usize];
+            match offset.checked_add(u64::from(len)) {
+                Some(end) if end <= device.size() => device.read_at(offset, name)?,
+                _ => {
+                    return fail(
+                        ErrorKind::Corrupt,
+                        "qcow2 backing file name lies past the end of the image",
+                    )
+                }
+            }
+            header.set_backing_name(name)?;
+        }
+        Ok(Self { header })
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// Whether the dirty bit (stale refcounts) is set.
+    pub fn is_dirty(&self) -> bool {
+        self.header.incompatible.contains(Incompatible::DIRTY)
+    }
+
+    /// The backing file name stored in the image, if any.
+    pub fn backing_name(&self) -> Option<&str> {
+        self.header.backing_name.as_deref()
+    }
+
+    /// The backing format stored in the image's header extension, if any.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.header.backing_format.as_deref()
+    }
+
+    fn slice_len(&self) -> u64 {
+        self.cluster_size().min(SLICE_SIZE as u64)
+    }
+
+    /// Visits the 8-byte entries of the table at `table` from `index` to the
+    /// end of the cached slice that holds it, while `visit` returns true.
+    fn table_entries<D: Device, const SLOTS: usize>(
+        &self,
+        cache: &mut MetaCache<SLOTS>,
+        owner: Owner,
+        device: &mut D,
+        (table, index): (u64, u64),
+        mut visit: impl FnMut(u64) -> bool,
+    ) -> Result<()> {
+        let slice_len = self.slice_len();
+        let byte = index * 8;
+        let slice_start = table + byte / slice_len * slice_len;
+        let slice = cache.slice(owner, device, slice_start, slice_len as usize)?;
+        let first = (byte % slice_len) as usize;
+        for chunk in slice[first..].chunks_exact(8) {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(chunk);
+            if !visit(u64::from_be_bytes(raw)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// How guest bytes `offset..offset + len` begin in this image: the mapping
+    /// of the first byte and the length of the run (at most `len`) that shares
+    /// it. `offset` must be below the virtual size.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for entries pointing outside the image or
+    /// unaligned, device errors as returned.
+    pub fn map<D: Device, const SLOTS: usize>(
+        &self,
+        cache: &mut MetaCache<SLOTS>,
+        owner: Owner,
+        device: &mut D,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Mapping, u64)> {
+        let cs = self.cluster_size();
+        let bits = self.header.cluster_bits;
+        let l2_entries = cs / 8;
+        let cluster = offset >> bits;
+        let l1_index = cluster / l2_entries;
+        let l2_index = cluster % l2_entries;
+        let in_cluster = offset & (cs - 1);
+        // Clusters this request may span inside the current L2 table.
+        let span = (in_cluster + len).div_ceil(cs).min(l2_entries - l2_index);
+        let run_len = |clusters: u64| (clusters * cs - in_cluster).min(len);
+
+        if l1_index >= u64::from(self.header.l1_size) {
+            return fail(ErrorKind::Corrupt, "qcow2 offset beyond the L1 table");
+        }
+        let mut l1_entry = 0;
+        self.table_entries(
+            cache,
+            owner,
+            device,
+            (self.header.l1_table_offset, l1_index),
+            |e| {
+                l1_entry = e;
+                false
+            },
+        )?;
+        let l2_table = l1_entry & OFFSET_MASK;
+        if l2_table == 0 {
+            return Ok((Mapping::Unallocated, run_len(span)));
+        }
+        if l2_table & (cs - 1) != 0 || l1_entry & 0x1ff != 0 {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 L1 entry is unaligned or has reserved bits set",
+            );
+        }
+        if l2_table >= device.size() {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 L2 table lies past the end of the image",
+            );
+        }
+
+        let device_size = device.size();
+        let mut first: Option<Mapping> = None;
+        let mut clusters = 0u64;
+        let mut error: Option<Error> = None;
+        self.table_entries(cache, owner, device, (l2_table, l2_index), |entry| {
+            if clusters == span {
+                return false;
+            }
+            let mapping = match self.decode_l2(entry, device_size) {
+                Ok(mapping) => mapping,
+                Err(err) => {
+                    error = Some(err);
+                    return false;
+                }
+            };
+            let continues = match (first, mapping) {
+                (None, _) => true,
+                (Some(Mapping::Data(start)), Mapping::Data(next)) => next == start + clusters * cs,
+                (Some(Mapping::Zero), Mapping::Zero) => true,
+                (Some(Mapping::Unallocated), Mapping::Unallocated) => true,
+                _ => false,
+            };
+            if !continues {
+                return false;
+            }
+            first.get_or_insert(mapping);
+            clusters += 1;
+            !matches!(mapping, Mapping::Compressed(_))
+        })?;
+        if let Some(err) = error.filter(|_| clusters == 0) {
+            return Err(err);
+        }
+        match first {
+            Some(Mapping::Data(host)) => Ok((Mapping::Data(host + in_cluster), run_len(clusters))),
+            Some(mapping) => Ok((mapping, run_len(clusters))),
+            None => fail(ErrorKind::Corrupt, "qcow2 L2 table could not be read"),
+        }
+    }
+
+    fn decode_l2(&self, entry: u64, device_size: u64) -> Result<Mapping> {
+        if entry & COMPRESSED != 0 {
+            let bits = self.header.cluster_bits;
+            let offset_bits = 62 - (bits - 8);
+            let host = entry & ((1u64 << offset_bits) - 1);
+            let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
+            if host >= device_size {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 compressed cluster lies past the end of the image",
+                );
+            }
+            return Ok(Mapping::Compressed(CompressedExtent {
+                host_offset: host,
+                length: sectors * 512 - (host & 511),
+            }));
+        }
+        if entry & ZERO != 0 {
+            return Ok(Mapping::Zero);
+        }
+        let host = entry & OFFSET_MASK;
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        if host & (self.cluster_size() - 1) != 0 {
+            return fail(ErrorKind::Corrupt, "qcow2 data cluster offset is unaligned");
+        }
+        if host >= device_size {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 data cluster lies past the end of the image",
+            );
+        }
+        Ok(Mapping::Data(host))
+    }
+
+    /// Rewrites the image's backing reference to `backing` (name, format if
+    /// recorded) or none: cluster 0 is rebuilt and written in one write, then flushed. On
+    /// success the in-memory header follows. When the write or the flush
+    /// fails, the old header is written back before the error is returned.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a name over 1023 bytes,
+    /// [`ErrorKind::NoSpace`] when it does not fit in cluster 0 (nothing is
+    /// written in either case), device errors as returned.
+    pub fn rewrite_backing<D: Device>(
+        &mut self,
+        device: &mut D,
+        backing: Option<(&str, Option<&str>)>,
+    ) -> Result<()> {
+        let mut area = [0u8; HEADER_AREA];
+        let read = read_header_area(device, &mut area)?;
+        let (current, range) = Header::parse(&area[..read], device.size())?;
+        let used = header::used_bytes(&current, range);
+        let original = area;
+        let len = header::rebuild_with_backing(&current, &mut area, used, backing)?;
+        let mut updated = self.header.clone();
+        match backing {
+            Some((name, format)) => {
+                updated.set_backing_name(name.as_bytes())?;
+                updated.backing_format = match format {
+                    Some(format) => {
+                        let mut stored = heapless::String::new();
+                        stored.push_str(format).map_err(|_| {
+                            Error::new(ErrorKind::InvalidInput, "backing format name too long")
+                        })?;
+                        Some(stored)
+                    }
+                    None => None,
+                };
+            }
+            None => {
+                updated.backing_name = None;
+                updated.backing_format = None;
+            }
+        }
+        let committed = device
+            .write_at(0, &area[..len])
+            .and_then(|()| device.flush());
+        if let Err(err) = committed {
+            // The new header may have reached the disk: put the old one back
+            // (best effort; the caller sees the original error either way).
+            let _ = device
+                .write_at(0, &original[..len])
+                .and_then(|()| device.flush());
+            return Err(err);
+        }
+        self.header = updated;
+        Ok(())
+    }
+}
+
+/// Reads the leading bytes of the image (up to [`HEADER_AREA`]) into `area`
+/// and returns how many were present.
+fn read_header_area<D: Device>(device: &mut D, area: &mut [u8; HEADER_AREA]) -> Result<usize> {
+    let used = device.size().min(HEADER_AREA as u64) as usize;
+    device.read_at(0, &mut area[..used])?;
+    Ok(used)
+}

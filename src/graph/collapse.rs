@@ -1,0 +1,340 @@
+//! `drop_intermediate`: removing layers from a backing chain.
+//!
+//! ```text
+//! before:  base <- X <- top <- overlay <- ... <- active
+//! after:   base <- overlay <- ... <- active          (X and top released)
+//! ```
+//!
+//! Cases: a general intermediate drop; `base` at the bottom of the chain;
+//! `top == active`, where every user of `active` — backends included — is
+//! re-pointed to `base`; and no `base`, where the overlays of `top` lose their
+//! backing file.
+//!
+//! The operation is a plan, then a commit. The plan validates everything and
+//! has no side effects. The commit point is the on-disk rewrite of every
+//! overlay's backing reference (one header write plus flush each); if one
+//! fails, the ones already rewritten are restored and the graph is untouched.
+//! Only then are links changed in memory, which cannot fail, and dropped nodes
+//! released by refcount (a node another chain still uses stays alive).
+
+use heapless::{String, Vec};
+
+use super::{Driver, Graph, NodeId, Parent, Resolver};
+use crate::backend::BackendId;
+use crate::device::Device;
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::qcow2::header::{MAX_BACKING_NAME, MAX_FORMAT_NAME};
+use crate::graph::{Access, NameBuf, Perm};
+
+/// A backing reference as stored in an image: name and format.
+type StoredReference = Option<(String<MAX_BACKING_NAME>, Option<String<MAX_FORMAT_NAME>>)>;
+
+/// Everything the commit needs, computed without side effects.
+struct Plan<const NODES: usize, const BACKENDS: usize> {
+    overlays: Vec<NodeId, NODES>,
+    backends: Vec<BackendId, BACKENDS>,
+    make_base_writable: bool,
+}
+
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
+    Graph<D, NODES, BACKENDS, CACHE>
+{
+    /// Removes every layer above `base` up to and including `top` from
+    /// `active`'s chain: every user of `top` is re-pointed to `base` (or, for
+    /// overlays with no `base`, loses its backing file). `top == base` is a
+    /// successful no-op. Backing references are written with names from
+    /// `resolver`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `top` is not in `active`'s chain,
+    /// `base` is not below `top`, or a device would be left without a node;
+    /// [`ErrorKind::Busy`] when a link involved is frozen by a job;
+    /// [`ErrorKind::PermissionConflict`] when `base`'s other users object;
+    /// [`ErrorKind::ReadOnly`] when an overlay's device cannot be written;
+    /// header rewrite errors. On any error, disk and graph are as before.
+    pub fn drop_intermediate<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        active: NodeId,
+        top: NodeId,
+        base: Option<NodeId>,
+    ) -> Result<()> {
+        self.nodes.get(active)?;
+        self.nodes.get(top)?;
+        if let Some(base) = base {
+            self.nodes.get(base)?;
+        }
+        if Some(top) == base {
+            return Ok(());
+        }
+        let plan = self.plan_drop(active, top, base)?;
+        self.rewrite_references(resolver, &plan.overlays, base)?;
+
+        // Commit point passed: relink in memory. Nothing below can fail for
+        // live handles, which the plan verified.
+        if plan.make_base_writable {
+            if let Some(base) = base {
+                self.nodes.get_mut(base)?.read_only = false;
+            }
+        }
+        let moved = plan.overlays.len() + plan.backends.len();
+        for &overlay in &plan.overlays {
+            self.nodes.get_mut(overlay)?.backing = base;
+        }
+        for &backend in &plan.backends {
+            self.backends.get_mut(backend)?.root =
+                base.ok_or(Error::new(ErrorKind::InvalidInput, "no base"))?;
+        }
+        if let Some(base) = base {
+            self.nodes.get_mut(base)?.refs += moved as u32;
+        }
+        for _ in 0..moved {
+            self.unref(top)?;
+        }
+        Ok(())
+    }
+
+    fn plan_drop(
+        &self,
+        active: NodeId,
+        top: NodeId,
+        base: Option<NodeId>,
+    ) -> Result<Plan<NODES, BACKENDS>> {
+        if !self.chain_from(active).any(|n| n == top) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "top is not in the active layer's backing chain",
+            );
+        }
+        let below_top = self.nodes.get(top)?.backing;
+        if let Some(base) = base {
+            if !below_top.is_some_and(|b| self.chain_from(b).any(|n| n == base)) {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    "base is not below top in the backing chain",
+                );
+            }
+        }
+        // Links that disappear: top's parents' and those inside the dropped range.
+        let mut overlays = Vec::new();
+        let mut backends = Vec::new();
+        for parent in self.parents(top) {
+            match parent {
+                Parent::Backing(node) => {
+                    let _ = overlays.push(node);
+                }
+                Parent::Backend(b) => {
+                    let _ = backends.push(b);
+                }
+                Parent::File(_) => {
+                    return fail(ErrorKind::InvalidInput, "top is used as a file node")
+                }
+            }
+        }
+        for &overlay in &overlays {
+            if self.nodes.get(overlay)?.frozen > 0 {
+                return fail(
+                    ErrorKind::Busy,
+                    "a backing link to drop is frozen by a running job",
+                );
+            }
+        }
+        for dropped in self.chain_from(top).take_while(|&n| Some(n) != base) {
+            if self.nodes.get(dropped)?.frozen > 0 {
+                return fail(
+                    ErrorKind::Busy,
+                    "a backing link to drop is frozen by a running job",
+                );
+            }
+        }
+        for &overlay in &overlays {
+            let node = self.nodes.get(overlay)?;
+            if !matches!(node.driver, Driver::Qcow2(_)) {
+                return fail(
+                    ErrorKind::Unsupported,
+                    "unsupported: only qcow2 overlays carry backing references",
+                );
+            }
+            let file = self.layer_file(overlay)?;
+            if self.devices[file.index()]
+                .as_ref()
+                .is_none_or(Device::is_read_only)
+            {
+                return fail(
+                    ErrorKind::ReadOnly,
+                    "an overlay's image cannot be written to update its backing file",
+                );
+            }
+        }
+        let Some(base) = base else {
+            if !backends.is_empty() {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    "a device uses the dropped layer and no base replaces it",
+                );
+            }
+            return Ok(Plan {
+                overlays,
+                backends,
+                make_base_writable: false,
+            });
+        };
+
+        // Which dropped nodes will actually be freed: the first one loses one
+        // reference per moved edge, each freed one its backing edge below.
+        let freed_above_base = {
+            let mut lost = (overlays.len() + backends.len()) as u32;
+            let mut last_freed = None;
+            for dropped in self.chain_from(top).take_while(|&n| n != base) {
+                if self.nodes.get(dropped)?.refs > lost {
+                    break;
+                }
+                last_freed = Some(dropped);
+                lost = 1;
+            }
+            last_freed.filter(|&n| {
+                self.nodes
+                    .get(n)
+                    .is_ok_and(|node| node.backing == Some(base))
+            })
+        };
+        let stays = |p: Parent| Some(p) != freed_above_base.map(Parent::Backing);
+        let mut make_base_writable = false;
+        if !overlays.is_empty() {
+            self.check_access_except(base, Access::BACKING, |p| !stays(p))?;
+        }
+        for &backend in &backends {
+            let access = self.backends.get(backend)?.access;
+            self.check_access_except(base, access, |p| !stays(p))?;
+            if access.perm.contains(Perm::WRITE) && self.nodes.get(base)?.read_only {
+                let file = self.layer_file(base)?;
+                if self.devices[file.index()]
+                    .as_ref()
+                    .is_none_or(Device::is_read_only)
+                {
+                    return fail(
+                        ErrorKind::ReadOnly,
+                        "base cannot be made writable for the device",
+                    );
+                }
+                self.check_access_except(file, Access::file(true), |p| p == Parent::File(base))?;
+                make_base_writable = true;
+            }
+        }
+        if !overlays.is_empty() && !backends.is_empty() {
+            // Overlays read base while a device writes it: they conflict.
+            let writer = backends.iter().any(|&b| {
+                self.backends
+                    .get(b)
+                    .is_ok_and(|b| b.access.perm.contains(Perm::WRITE))
+            });
+            if writer {
+                return fail(
+                    ErrorKind::PermissionConflict,
+                    "conflicting permissions on a node",
+                );
+            }
+        }
+        Ok(Plan {
+            overlays,
+            backends,
+            make_base_writable,
+        })
+    }
+
+    /// Writes `base`'s reference into every overlay; restores the ones done
+    /// when one fails.
+    fn rewrite_references<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        overlays: &[NodeId],
+        base: Option<NodeId>,
+    ) -> Result<()> {
+        let mut done: Vec<(NodeId, StoredReference), NODES> = Vec::new();
+        for &overlay in overlays {
+            let old = self.stored_reference(overlay)?;
+            let result = self.rewrite_one(resolver, overlay, base);
+            match result {
+                Ok(()) => {
+                    let _ = done.push((overlay, old));
+                }
+                Err(err) => {
+                    for (node, old) in done.iter().rev() {
+                        let old = old.as_ref().map(|(n, f)| (n.as_str(), f.as_deref()));
+                        // Best effort: the first failure is what the caller sees.
+                        let _ = self.write_reference(*node, old);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rewrite_one<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        overlay: NodeId,
+        base: Option<NodeId>,
+    ) -> Result<()> {
+        match base {
+            Some(base) => {
+                let mut reference = NameBuf::new();
+                let overlay_name = self.nodes.get(overlay)?.name.clone();
+                let base_name = self.nodes.get(base)?.name.clone();
+                resolver.reference(&overlay_name, &base_name, &mut reference)?;
+                let format = self.format(base)?.ok_or(Error::new(
+                    ErrorKind::InvalidInput,
+                    "base is not a format node",
+                ))?;
+                self.write_reference(overlay, Some((&reference, Some(format.name()))))
+            }
+            None => self.write_reference(overlay, None),
+        }
+    }
+
+    fn stored_reference(&self, overlay: NodeId) -> Result<StoredReference> {
+        let q = self.qcow2(overlay)?;
+        Ok(match (q.backing_name(), q.backing_format()) {
+            (Some(name), format) => {
+                let mut n = String::new();
+                let _ = n.push_str(name);
+                let f = format.map(|format| {
+                    let mut f = String::new();
+                    let _ = f.push_str(format);
+                    f
+                });
+                Some((n, f))
+            }
+            (None, _) => None,
+        })
+    }
+
+    fn write_reference(
+        &mut self,
+        overlay: NodeId,
+        reference: Option<(&str, Option<&str>)>,
+    ) -> Result<()> {
+        let node = self.nodes.get_mut(overlay)?;
+        let file = node
+            .file
+            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
+        let Driver::Qcow2(q) = &mut node.driver else {
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported: only qcow2 overlays carry backing references",
+            );
+        };
+        let device = self.devices[file.index()]
+            .as_mut()
+            .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
+        q.rewrite_backing(device, reference)
+    }
+
+    /// `start` and every node below it.
+    pub(crate) fn chain_from(&self, start: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        core::iter::successors(Some(start), move |&n| {
+            self.nodes.get(n).ok().and_then(|n| n.backing)
+        })
+    }
+}

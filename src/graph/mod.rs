@@ -1,0 +1,882 @@
+//! Graph layer: the node pool, edges, permissions and the chain walk.
+//!
+//! ```text
+//!  BlockBackend ──root──▶ active (qcow2) ──backing──▶ snap (qcow2) ──backing──▶ base (raw)
+//!                            │ file                      │ file                   │ file
+//!                            ▼                           ▼                        ▼
+//!                         protocol                    protocol                 protocol
+//!                         (device)                    (device)                 (device)
+//! ```
+//!
+//! Nodes live in a fixed [`Pool`]; a [`NodeId`] carries a generation, so a
+//! stale id is an error. Every edge (`file`, `backing`, a backend's root)
+//! holds one reference; callers hold the references they are given and
+//! release them with [`Graph::unref`]. Releasing walks down the chain in a
+//! loop, never by recursion.
+//!
+//! Reads walk from a node down its backing chain one layer at a time
+//! ([`Graph::block_status`]); format drivers only describe their own image.
+
+mod collapse;
+pub mod perm;
+pub mod pool;
+pub mod resolve;
+
+pub use perm::{Access, Perm};
+pub use pool::{Handle, Pool};
+pub use resolve::{NameBuf, Resolver, NAME_CAPACITY};
+
+use crate::backend::{Backend, BackendId};
+use crate::device::{Device, DeviceId};
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::cache::MetaCache;
+use crate::format::qcow2::{Inflater, Qcow2};
+use crate::format::{raw, Format, Mapping};
+
+/// Longest backing chain [`Graph::open_image`] follows.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// A node of the graph: a protocol node (a device) or a format node (an
+/// image over a protocol node). Fields are reached through [`Graph`].
+pub struct Node {
+    driver: Driver,
+    name: NameBuf,
+    refs: u32,
+    file: Option<NodeId>,
+    backing: Option<NodeId>,
+    read_only: bool,
+    frozen: u32,
+}
+
+/// Handle of a node.
+pub type NodeId = Handle<Node>;
+
+// No heap: nodes are stored inline in the fixed pool, so the large qcow2
+// variant cannot be boxed.
+#[allow(clippy::large_enum_variant)]
+enum Driver {
+    Protocol,
+    Raw,
+    Qcow2(Qcow2),
+}
+
+/// How [`Graph::open_image`] opens a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Format of the named image; `None` detects it from its magic.
+    pub format: Option<Format>,
+    /// Open the named image read-only.
+    pub read_only: bool,
+    /// Open every device of the chain read-write, so that headers can be
+    /// rewritten later (collapse); the nodes keep their own read-only flag.
+    pub writable_devices: bool,
+    /// Treat a backing file whose format the image does not record as raw
+    /// instead of refusing it.
+    pub assume_raw_backing: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            format: None,
+            read_only: true,
+            writable_devices: false,
+            assume_raw_backing: false,
+        }
+    }
+}
+
+/// Where a guest range is served from, after walking the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Layer that answered (0 = the queried node).
+    pub depth: u32,
+    /// Some layer allocates the range (data or a zero cluster).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by stored data.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+}
+
+/// A resolved location: what the chain walk found for a range.
+#[derive(Clone, Copy)]
+struct Located {
+    status: BlockStatus,
+    layer: NodeId,
+    mapping: Mapping,
+}
+
+/// Who uses a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parent {
+    /// A format node over it as its file.
+    File(NodeId),
+    /// An overlay with it as backing image.
+    Backing(NodeId),
+    /// A BlockBackend with it as root.
+    Backend(BackendId),
+}
+
+/// The block graph: nodes, devices, backends and the shared caches.
+///
+/// Capacities: `NODES` nodes (protocol and format nodes count alike),
+/// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB.
+pub struct Graph<D, const NODES: usize = 64, const BACKENDS: usize = 8, const CACHE: usize = 32> {
+    pub(crate) nodes: Pool<Node, NODES>,
+    pub(crate) devices: [Option<D>; NODES],
+    pub(crate) backends: Pool<Backend, BACKENDS>,
+    cache: MetaCache<CACHE>,
+    inflater: Inflater,
+}
+
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize> Default
+    for Graph<D, NODES, BACKENDS, CACHE>
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
+    Graph<D, NODES, BACKENDS, CACHE>
+{
+    /// An empty graph; `const` so it can live in a `static`.
+    pub const fn new() -> Self {
+        Self {
+            nodes: Pool::new(),
+            devices: [const { None }; NODES],
+            backends: Pool::new(),
+            cache: MetaCache::new(),
+            inflater: Inflater::new(),
+        }
+    }
+
+    // ----- nodes -------------------------------------------------------
+
+    /// Adds a protocol node over `device`, named `name`. The caller holds
+    /// the one reference.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when the pool is full,
+    /// [`ErrorKind::InvalidInput`] when the name is too long.
+    pub fn add_device(&mut self, device: D, name: &str) -> Result<NodeId> {
+        let read_only = device.is_read_only();
+        let id = self.insert(Driver::Protocol, name, None, read_only)?;
+        self.devices[id.index()] = Some(device);
+        Ok(id)
+    }
+
+    /// Opens a format node of `format` over the protocol node `file`. The new
+    /// node takes its own reference to `file`; the caller holds the one
+    /// reference to the new node.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `file` is not a protocol node,
+    /// [`ErrorKind::ReadOnly`] when a writable node is asked of a read-only
+    /// device, [`ErrorKind::PermissionConflict`] when another user of `file`
+    /// conflicts, and the driver's errors for a bad image.
+    pub fn open_format(&mut self, file: NodeId, format: Format, read_only: bool) -> Result<NodeId> {
+        let file_node = self.nodes.get(file)?;
+        if !matches!(file_node.driver, Driver::Protocol) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "a format node's file must be a protocol node",
+            );
+        }
+        if !read_only && file_node.read_only {
+            return fail(
+                ErrorKind::ReadOnly,
+                "cannot open read-write: the device is read-only",
+            );
+        }
+        self.check_access(file, Access::file(!read_only), None)?;
+        let device = self.device_mut(file)?;
+        let driver = match format {
+            Format::Raw => Driver::Raw,
+            Format::Qcow2 => Driver::Qcow2(Qcow2::open(device)?),
+        };
+        let mut name = NameBuf::new();
+        // Same capacity, cannot fail.
+        let _ = name.push_str(&self.nodes.get(file)?.name);
+        let id = self.insert(driver, &name, Some(file), read_only)?;
+        self.nodes.get_mut(file)?.refs += 1;
+        Ok(id)
+    }
+
+    fn insert(
+        &mut self,
+        driver: Driver,
+        name: &str,
+        file: Option<NodeId>,
+        read_only: bool,
+    ) -> Result<NodeId> {
+        let mut stored = NameBuf::new();
+        if stored.push_str(name).is_err() {
+            return fail(ErrorKind::InvalidInput, "image name is too long");
+        }
+        let node = Node {
+            driver,
+            name: stored,
+            refs: 1,
+            file,
+            backing: None,
+            read_only,
+            frozen: 0,
+        };
+        self.nodes.insert(node).map_err(|(err, _)| err)
+    }
+
+    /// Opens the image `name` and its whole backing chain through `resolver`.
+    /// Returns the top node; the caller holds its one reference, and every
+    /// layer below is held by its overlay's backing edge.
+    ///
+    /// # Errors
+    /// Any open error of any layer (nothing stays open then); a backing file
+    /// without a recorded format ([`ErrorKind::Unsupported`], unless
+    /// [`OpenOptions::assume_raw_backing`]); a chain that loops or is deeper
+    /// than [`MAX_CHAIN_DEPTH`] ([`ErrorKind::Corrupt`]).
+    pub fn open_image<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        name: &str,
+        options: OpenOptions,
+    ) -> Result<NodeId> {
+        let device = resolver.open(name, !options.read_only || options.writable_devices)?;
+        let top = self.open_layer(device, name, options.format, options.read_only)?;
+        match self.open_backing_chain(resolver, top, options) {
+            Ok(()) => Ok(top),
+            Err(err) => {
+                self.unref(top)?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Adds `device` as a protocol node and opens a format node over it.
+    fn open_layer(
+        &mut self,
+        mut device: D,
+        name: &str,
+        format: Option<Format>,
+        read_only: bool,
+    ) -> Result<NodeId> {
+        let format = match format {
+            Some(format) => format,
+            None => {
+                let mut magic = [0u8; 4];
+                let n = device.size().min(4) as usize;
+                device.read_at(0, &mut magic[..n])?;
+                Format::detect(&magic[..n])
+            }
+        };
+        let file = self.add_device(device, name)?;
+        let opened = self.open_format(file, format, read_only);
+        self.unref(file)?;
+        opened
+    }
+
+    fn open_backing_chain<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        top: NodeId,
+        options: OpenOptions,
+    ) -> Result<()> {
+        let mut current = top;
+        for depth in 1.. {
+            let (reference, format) = match &self.nodes.get(current)?.driver {
+                Driver::Qcow2(q) => match q.backing_name() {
+                    Some(name) => {
+                        let mut reference = NameBuf::new();
+                        let _ = reference.push_str(name);
+                        let format = match q.backing_format() {
+                            Some(f) => Format::from_name(f)?,
+                            None if options.assume_raw_backing => Format::Raw,
+                            None => {
+                                return fail(
+                                    ErrorKind::Unsupported,
+                                    "backing file format is not recorded in the image (unsupported: formats are never probed)",
+                                )
+                            }
+                        };
+                        (reference, format)
+                    }
+                    None => return Ok(()),
+                },
+                _ => return Ok(()),
+            };
+            if depth >= MAX_CHAIN_DEPTH {
+                return fail(ErrorKind::Corrupt, "backing chain is deeper than the limit");
+            }
+            let mut resolved = NameBuf::new();
+            let overlay_name = self.nodes.get(current)?.name.clone();
+            let device = resolver.open_backing(
+                &overlay_name,
+                &reference,
+                options.writable_devices,
+                &mut resolved,
+            )?;
+            if self.chain_contains_device(top, device.identity())? {
+                return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
+            }
+            let layer = self.open_layer(device, &resolved, Some(format), true)?;
+            let linked = self.set_backing(current, Some(layer));
+            self.unref(layer)?;
+            linked?;
+            current = layer;
+        }
+        Ok(())
+    }
+
+    fn chain_contains_device(&self, top: NodeId, id: DeviceId) -> Result<bool> {
+        let mut layer = Some(top);
+        while let Some(node) = layer {
+            let n = self.nodes.get(node)?;
+            if let Some(file) = n.file {
+                if self.devices[file.index()].as_ref().map(Device::identity) == Some(id) {
+                    return Ok(true);
+                }
+            }
+            layer = n.backing;
+        }
+        Ok(false)
+    }
+
+    /// Takes one more reference to `id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn ref_node(&mut self, id: NodeId) -> Result<()> {
+        self.nodes.get_mut(id)?.refs += 1;
+        Ok(())
+    }
+
+    /// Drops one reference to `id`; a node left without references is
+    /// released, and with it the references it held (down the chain, in a
+    /// loop).
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn unref(&mut self, id: NodeId) -> Result<()> {
+        self.nodes.get(id)?;
+        let mut next = Some(id);
+        while let Some(id) = next {
+            let node = self.nodes.get_mut(id)?;
+            node.refs -= 1;
+            if node.refs > 0 {
+                break;
+            }
+            let node = self.nodes.remove(id)?;
+            self.cache.forget(id.key());
+            self.devices[id.index()] = None;
+            if let Some(file) = node.file {
+                // Files are protocol nodes: leaves, released right here.
+                let file_node = self.nodes.get_mut(file)?;
+                file_node.refs -= 1;
+                if file_node.refs == 0 {
+                    self.nodes.remove(file)?;
+                    self.devices[file.index()] = None;
+                }
+            }
+            next = node.backing;
+        }
+        Ok(())
+    }
+
+    /// Number of references held on `id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn refcount(&self, id: NodeId) -> Result<u32> {
+        Ok(self.nodes.get(id)?.refs)
+    }
+
+    /// Number of live nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether `id` refers to a live node.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.nodes.get(id).is_ok()
+    }
+
+    /// The node's image name (as opened or as resolved from its overlay).
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn name(&self, id: NodeId) -> Result<&str> {
+        Ok(&self.nodes.get(id)?.name)
+    }
+
+    /// The node's format, or `None` for a protocol node.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn format(&self, id: NodeId) -> Result<Option<Format>> {
+        Ok(match self.nodes.get(id)?.driver {
+            Driver::Protocol => None,
+            Driver::Raw => Some(Format::Raw),
+            Driver::Qcow2(_) => Some(Format::Qcow2),
+        })
+    }
+
+    /// The qcow2 state of a qcow2 node (header facts for `info`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when the node is not qcow2.
+    pub fn qcow2(&self, id: NodeId) -> Result<&Qcow2> {
+        match &self.nodes.get(id)?.driver {
+            Driver::Qcow2(q) => Ok(q),
+            _ => fail(ErrorKind::InvalidInput, "node is not a qcow2 image"),
+        }
+    }
+
+    /// The node's backing node.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn backing(&self, id: NodeId) -> Result<Option<NodeId>> {
+        Ok(self.nodes.get(id)?.backing)
+    }
+
+    /// The node's file (protocol) node.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn file(&self, id: NodeId) -> Result<Option<NodeId>> {
+        Ok(self.nodes.get(id)?.file)
+    }
+
+    /// Whether guest writes to the node are refused.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn is_read_only(&self, id: NodeId) -> Result<bool> {
+        Ok(self.nodes.get(id)?.read_only)
+    }
+
+    /// Virtual size of the node in bytes.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn size(&self, id: NodeId) -> Result<u64> {
+        let node = self.nodes.get(id)?;
+        match &node.driver {
+            Driver::Qcow2(q) => Ok(q.size()),
+            Driver::Raw => self.size(
+                node.file
+                    .ok_or(Error::new(ErrorKind::Corrupt, "raw node without file"))?,
+            ),
+            Driver::Protocol => Ok(self.devices[id.index()].as_ref().map_or(0, Device::size)),
+        }
+    }
+
+    /// Identity of the device under node `id` (its own, for a protocol node).
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn identity(&self, id: NodeId) -> Result<DeviceId> {
+        let file = self.layer_file(id)?;
+        self.devices[file.index()]
+            .as_ref()
+            .map(Device::identity)
+            .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))
+    }
+
+    /// The device of the protocol node `id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `id` is not a protocol node.
+    pub fn device_mut(&mut self, id: NodeId) -> Result<&mut D> {
+        self.nodes.get(id)?;
+        self.devices[id.index()].as_mut().ok_or(Error::new(
+            ErrorKind::InvalidInput,
+            "node is not a protocol node",
+        ))
+    }
+
+    /// Every current user of `id`.
+    pub fn parents(&self, id: NodeId) -> impl Iterator<Item = Parent> + '_ {
+        let nodes = self.nodes.iter().flat_map(move |(h, n)| {
+            let file = (n.file == Some(id)).then_some(Parent::File(h));
+            let backing = (n.backing == Some(id)).then_some(Parent::Backing(h));
+            file.into_iter().chain(backing)
+        });
+        let backends = self
+            .backends
+            .iter()
+            .filter(move |(_, b)| b.root == id)
+            .map(|(h, _)| Parent::Backend(h));
+        nodes.chain(backends)
+    }
+
+    /// The access a parent holds on its child.
+    fn parent_access(&self, parent: Parent) -> Result<Access> {
+        Ok(match parent {
+            Parent::File(node) => Access::file(!self.nodes.get(node)?.read_only),
+            Parent::Backing(_) => Access::BACKING,
+            Parent::Backend(b) => self.backends.get(b)?.access,
+        })
+    }
+
+    /// Refuses `access` on `id` when it conflicts with a current user other
+    /// than the ones `ignore` accepts.
+    pub(crate) fn check_access_except(
+        &self,
+        id: NodeId,
+        access: Access,
+        ignore: impl Fn(Parent) -> bool,
+    ) -> Result<()> {
+        for parent in self.parents(id).filter(|p| !ignore(*p)) {
+            if self.parent_access(parent)?.conflicts_with(access) {
+                return fail(
+                    ErrorKind::PermissionConflict,
+                    "conflicting permissions on a node",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn check_access(&self, id: NodeId, access: Access, except: Option<Parent>) -> Result<()> {
+        self.check_access_except(id, access, |p| Some(p) == except)
+    }
+
+    /// Sets (in memory only) `node`'s backing node, releasing the old one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `node` cannot have a backing file or
+    /// the link would make a cycle, [`ErrorKind::Busy`] when the link is
+    /// frozen by a job, [`ErrorKind::PermissionConflict`].
+    pub fn set_backing(&mut self, node: NodeId, backing: Option<NodeId>) -> Result<()> {
+        let n = self.nodes.get(node)?;
+        if !matches!(n.driver, Driver::Qcow2(_)) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "only qcow2 nodes have backing files",
+            );
+        }
+        if n.frozen > 0 {
+            return fail(ErrorKind::Busy, "backing link is frozen by a running job");
+        }
+        let old = n.backing;
+        if old == backing {
+            return Ok(());
+        }
+        if let Some(b) = backing {
+            if matches!(self.nodes.get(b)?.driver, Driver::Protocol) {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    "a backing node must be a format node",
+                );
+            }
+            let mut walk = Some(b);
+            while let Some(w) = walk {
+                if w == node {
+                    return fail(ErrorKind::InvalidInput, "backing link would create a cycle");
+                }
+                walk = self.nodes.get(w)?.backing;
+            }
+            self.check_access(b, Access::BACKING, None)?;
+            self.nodes.get_mut(b)?.refs += 1;
+        }
+        self.nodes.get_mut(node)?.backing = backing;
+        if let Some(old) = old {
+            self.unref(old)?;
+        }
+        Ok(())
+    }
+
+    /// Opens `id` for guest writes (`false`) or closes it to them (`true`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] when its device is read-only,
+    /// [`ErrorKind::PermissionConflict`] when a user of its file objects.
+    pub fn set_read_only(&mut self, id: NodeId, read_only: bool) -> Result<()> {
+        let node = self.nodes.get(id)?;
+        if !read_only {
+            if let Some(file) = node.file {
+                if self.device_mut(file)?.is_read_only() {
+                    return fail(ErrorKind::ReadOnly, "the image's device is read-only");
+                }
+                self.check_access(file, Access::file(true), Some(Parent::File(id)))?;
+            }
+        }
+        self.nodes.get_mut(id)?.read_only = read_only;
+        Ok(())
+    }
+
+    /// Freezes `id`'s backing link (a job depends on it): changing or
+    /// dropping it is refused with [`ErrorKind::Busy`] until unfrozen.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn freeze_backing(&mut self, id: NodeId) -> Result<()> {
+        self.nodes.get_mut(id)?.frozen += 1;
+        Ok(())
+    }
+
+    /// Undoes one [`Graph::freeze_backing`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when the link is not frozen.
+    pub fn unfreeze_backing(&mut self, id: NodeId) -> Result<()> {
+        let node = self.nodes.get_mut(id)?;
+        if node.frozen == 0 {
+            return fail(ErrorKind::InvalidInput, "backing link is not frozen");
+        }
+        node.frozen -= 1;
+        Ok(())
+    }
+
+    /// Whether `id`'s backing link is frozen.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub fn is_frozen(&self, id: NodeId) -> Result<bool> {
+        Ok(self.nodes.get(id)?.frozen > 0)
+    }
+
+    // ----- reading -----------------------------------------------------
+
+    /// Walks the chain from `id` for guest range `offset..offset + len`: what
+    /// serves its first byte, and for how many bytes (at most `len`) that
+    /// holds.
+    fn locate(&mut self, id: NodeId, offset: u64, len: u64) -> Result<(Located, u64)> {
+        let mut layer = id;
+        let mut run = len;
+        for depth in 0u32.. {
+            let node = self.nodes.get(layer)?;
+            let size = match &node.driver {
+                Driver::Qcow2(q) => q.size(),
+                _ => self.size(layer)?,
+            };
+            let beyond = Located {
+                status: BlockStatus {
+                    depth,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                },
+                layer,
+                mapping: Mapping::Zero,
+            };
+            if offset >= size {
+                // Past a backing file's end: zeros, attributed (as QEMU does)
+                // to the overlay that reached past it.
+                let depth = depth.saturating_sub(1);
+                let status = BlockStatus {
+                    depth,
+                    ..beyond.status
+                };
+                return Ok((Located { status, ..beyond }, run));
+            }
+            run = run.min(size - offset);
+            let (mapping, mapped) = match &node.driver {
+                Driver::Qcow2(q) => {
+                    let file = node
+                        .file
+                        .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
+                    let device = self.devices[file.index()]
+                        .as_mut()
+                        .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
+                    q.map(&mut self.cache, layer.key(), device, offset, run)?
+                }
+                Driver::Raw => raw::map(offset, run),
+                Driver::Protocol => {
+                    return fail(
+                        ErrorKind::InvalidInput,
+                        "cannot read a protocol node as an image",
+                    )
+                }
+            };
+            run = mapped;
+            let status = |present, zero, data, compressed| BlockStatus {
+                depth,
+                present,
+                zero,
+                data,
+                compressed,
+            };
+            let located = match mapping {
+                Mapping::Unallocated => match node.backing {
+                    Some(backing) => {
+                        layer = backing;
+                        continue;
+                    }
+                    None => Located {
+                        status: status(false, true, false, false),
+                        ..beyond
+                    },
+                },
+                Mapping::Zero => Located {
+                    status: status(true, true, false, false),
+                    ..beyond
+                },
+                Mapping::Data(_) => Located {
+                    status: status(true, false, true, false),
+                    layer,
+                    mapping,
+                },
+                Mapping::Compressed(_) => Located {
+                    status: status(true, false, true, true),
+                    layer,
+                    mapping,
+                },
+            };
+            return Ok((located, run));
+        }
+        unreachable!("the depth counter does not run out")
+    }
+
+    /// Allocation status of guest range `offset..offset + len` of `id`'s
+    /// chain: the status of its first byte and how many bytes share it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a range outside the image, metadata
+    /// and device errors as found.
+    pub fn block_status(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        self.check_range(id, offset, len)?;
+        let (located, run) = self.locate(id, offset, len)?;
+        Ok((located.status, run))
+    }
+
+    fn check_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size(id)? && len > 0 => Ok(()),
+            _ => fail(ErrorKind::InvalidInput, "range lies outside the image"),
+        }
+    }
+
+    /// Reads guest bytes of `id`'s chain at `offset` into `buf`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a range outside the image, metadata
+    /// and device errors as found.
+    pub fn read(&mut self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_range(id, offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (located, run) = self.locate(id, pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + run as usize];
+            match located.mapping {
+                Mapping::Zero | Mapping::Unallocated => chunk.fill(0),
+                Mapping::Data(host) => {
+                    let file = self.layer_file(located.layer)?;
+                    let device = self.device_mut(file)?;
+                    let present =
+                        device.size().saturating_sub(host).min(chunk.len() as u64) as usize;
+                    device.read_at(host, &mut chunk[..present])?;
+                    chunk[present..].fill(0);
+                }
+                Mapping::Compressed(extent) => {
+                    let cluster_size = self.qcow2(located.layer)?.cluster_size();
+                    let file = self.layer_file(located.layer)?;
+                    let device = self.devices[file.index()]
+                        .as_mut()
+                        .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
+                    self.inflater
+                        .read(device, extent, pos & (cluster_size - 1), chunk)?;
+                }
+            }
+            done += run as usize;
+        }
+        Ok(())
+    }
+
+    /// The protocol node under format node `id` (or `id` itself).
+    pub(crate) fn layer_file(&self, id: NodeId) -> Result<NodeId> {
+        Ok(self.nodes.get(id)?.file.unwrap_or(id))
+    }
+
+    /// Writes guest bytes at `offset` of format node `id` (not its chain).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a read-only node,
+    /// [`ErrorKind::Unsupported`] for qcow2 (the write path is not built
+    /// yet), [`ErrorKind::InvalidInput`] for a range outside the image.
+    pub fn write(&mut self, id: NodeId, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_range(id, offset, data.len() as u64)?;
+        let node = self.nodes.get(id)?;
+        if node.read_only {
+            return fail(ErrorKind::ReadOnly, "image is open read-only");
+        }
+        match node.driver {
+            Driver::Raw => {
+                let file = self.layer_file(id)?;
+                self.device_mut(file)?.write_at(offset, data)
+            }
+            Driver::Qcow2(_) => fail(
+                ErrorKind::Unsupported,
+                "qcow2 writes are unsupported (write path not built yet)",
+            ),
+            Driver::Protocol => fail(
+                ErrorKind::InvalidInput,
+                "cannot write a protocol node as an image",
+            ),
+        }
+    }
+
+    /// Makes guest range `offset..offset + len` of format node `id` read as
+    /// zeros.
+    ///
+    /// # Errors
+    /// As [`Graph::write`].
+    pub fn write_zeroes(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(id, offset, len)?;
+        if matches!(self.nodes.get(id)?.driver, Driver::Qcow2(_)) {
+            return fail(
+                ErrorKind::Unsupported,
+                "qcow2 writes are unsupported (write path not built yet)",
+            );
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64) as usize;
+            self.write(id, offset + done, &ZEROS[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Discards guest range `offset..offset + len` of format node `id`: raw
+    /// images then read zeros there, as after a hole punch.
+    ///
+    /// # Errors
+    /// As [`Graph::write`].
+    pub fn discard(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(id, offset, len)
+    }
+
+    /// Flushes node `id`'s device (making completed writes durable).
+    ///
+    /// # Errors
+    /// Device errors as returned.
+    pub fn flush(&mut self, id: NodeId) -> Result<()> {
+        let file = self.layer_file(id)?;
+        self.device_mut(file)?.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests;

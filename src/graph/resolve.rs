@@ -1,0 +1,47 @@
+//! How image names become devices: the [`Resolver`] a front end supplies.
+//!
+//! A backing name read from an image is untrusted. It is only ever resolved
+//! through the resolver: on the host, relative to the overlay's directory (as
+//! QEMU does) or absolute; in the kernel, by disk serial. The format of a
+//! backing file is never guessed from its content.
+
+use crate::error::Result;
+
+/// Longest image name a node keeps.
+pub const NAME_CAPACITY: usize = 1024;
+
+/// A fixed-capacity image name.
+pub type NameBuf = heapless::String<NAME_CAPACITY>;
+
+/// Opens images by name for the graph.
+pub trait Resolver<D> {
+    /// Opens the image the user named `name`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) when there is no
+    /// such image, others as the back end reports.
+    fn open(&mut self, name: &str, writable: bool) -> Result<D>;
+
+    /// Resolves `reference`, a backing name stored in the image `overlay`,
+    /// writes the resolved image name into `resolved` and opens it.
+    ///
+    /// # Errors
+    /// As [`Resolver::open`], plus
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a name
+    /// the resolver does not accept.
+    fn open_backing(
+        &mut self,
+        overlay: &str,
+        reference: &str,
+        writable: bool,
+        resolved: &mut NameBuf,
+    ) -> Result<D>;
+
+    /// Writes into `out` the reference to store in `overlay`'s header so that
+    /// it resolves to the image named `target`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) when no
+    /// such reference can be formed.
+    fn reference(&mut self, overlay: &str, target: &str, out: &mut NameBuf) -> Result<()>;
+}

@@ -1,0 +1,49 @@
+//! blockgraph: a block layer for unikernel and firmware VMMs, without a heap.
+//!
+//! It gives a VMM what QEMU's block layer gives: qcow2 images stacked in
+//! backing chains, devices that reach them through BlockBackend slots, and
+//! chain collapse (`drop_intermediate`) that can drop even the active layer by
+//! re-pointing a slot. Every table has a capacity fixed at compile time;
+//! running out is an error, never a panic.
+//!
+//! Layers, top to bottom (data flows down on a guest request):
+//!
+//! ```text
+//!  cmd        one command interpreter: host CLI and kernel scripts
+//!  backend    BlockBackend slots: the root a device uses
+//!  graph      node pool, refcounts, file/backing edges, permissions,
+//!             chain walk, drop_intermediate
+//!  format     qcow2 (header, L1/L2 slices, compressed clusters), raw;
+//!             the shared metadata cache
+//!  device     Device trait: host file, memory (tests), virtio-blk (kernel)
+//! ```
+//!
+//! Built with the default `std` feature it also provides the host pieces: a
+//! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver)
+//! and the `blockgraph` command-line tool.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod cmd;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod graph;
+#[cfg(feature = "std")]
+pub mod host;
+
+pub use backend::{Backend, BackendId};
+pub use device::Device;
+pub use error::{Error, ErrorKind, Result};
+pub use format::Format;
+pub use graph::{Access, Graph, NodeId, OpenOptions, Perm, Resolver};
+
+/// A graph shared between cores: the kernel keeps one in a `static`.
+pub type SharedGraph<
+    D,
+    const NODES: usize = 64,
+    const BACKENDS: usize = 8,
+    const CACHE: usize = 32,
+> = spin::Mutex<Graph<D, NODES, BACKENDS, CACHE>>;

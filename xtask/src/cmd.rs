@@ -1,0 +1,340 @@
+//! Running commands: print the command, run it, fail with a message naming it.
+//!
+//! Every child is owned by a guard that kills and reaps it when dropped, so an
+//! early return (an error, a timeout) never leaves a process behind. Commands
+//! with a timeout are killed when it expires; the QEMU runs to come rely on that.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// A command line to run, built up like `std::process::Command` but printable.
+#[derive(Clone, Debug)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    cwd: Option<PathBuf>,
+    envs: Vec<(OsString, OsString)>,
+    timeout: Option<Duration>,
+    echo: bool,
+}
+
+/// What a finished command printed, and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Cmd {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            cwd: None,
+            envs: Vec::new(),
+            timeout: None,
+            echo: true,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn cwd(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Kill the command if it has not finished after `limit`.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Do not print the `==> command` line (for queries whose output we parse).
+    pub fn quiet(mut self) -> Self {
+        self.echo = false;
+        self
+    }
+
+    /// Runs with the terminal's stdout/stderr; fails unless it exits with 0.
+    pub fn run(&self) -> Result<()> {
+        let status = self.status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::msg(format!("`{self}` failed ({status})")))
+        }
+    }
+
+    /// Runs with the terminal's stdout/stderr; any exit status is returned.
+    pub fn status(&self) -> Result<ExitStatus> {
+        let mut child = self.spawn(false)?;
+        child.wait(self)
+    }
+
+    /// Runs with stdout and stderr captured; any exit status is returned.
+    pub fn output(&self) -> Result<Output> {
+        let mut child = self.spawn(true)?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let status = child.wait(self)?;
+        Ok(Output {
+            status,
+            stdout: collect(stdout),
+            stderr: collect(stderr),
+        })
+    }
+
+    /// Runs with output captured; fails unless it exits with 0. Returns stdout.
+    pub fn read(&self) -> Result<String> {
+        let out = self.output()?;
+        if out.status.success() {
+            Ok(out.stdout_text())
+        } else {
+            Err(Error::msg(format!(
+                "`{self}` failed ({}){}",
+                out.status,
+                indented(&out.stderr_text())
+            )))
+        }
+    }
+
+    fn spawn(&self, capture: bool) -> Result<Running> {
+        if self.echo {
+            println!("==> {self}");
+            // Keep our line ahead of the child's output when both go to a pipe.
+            let _ = io::stdout().flush();
+        }
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).stdin(Stdio::null());
+        if let Some(dir) = &self.cwd {
+            command.current_dir(dir);
+        }
+        for (key, value) in &self.envs {
+            command.env(key, value);
+        }
+        if capture {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = command.spawn().map_err(|err| {
+            let hint = if err.kind() == io::ErrorKind::NotFound {
+                " (is it installed and on PATH?)"
+            } else {
+                ""
+            };
+            Error::msg(format!("cannot run `{self}`: {err}{hint}"))
+        })?;
+        // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+        let stdout = child.stdout.take().map(drain);
+        let stderr = child.stderr.take().map(drain);
+        Ok(Running {
+            child,
+            reaped: false,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// A spawned child; killed and reaped on drop unless it was waited for.
+struct Running {
+    child: Child,
+    reaped: bool,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    fn wait(&mut self, cmd: &Cmd) -> Result<ExitStatus> {
+        let deadline = cmd.timeout.map(|limit| Instant::now() + limit);
+        loop {
+            let polled = match deadline {
+                None => self.child.wait().map(Some),
+                Some(_) => self.child.try_wait(),
+            };
+            match polled {
+                Ok(Some(status)) => {
+                    self.reaped = true;
+                    return Ok(status);
+                }
+                Ok(None) => {}
+                Err(err) => return Err(Error::msg(format!("waiting for `{cmd}`: {err}"))),
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                self.kill();
+                let secs = cmd.timeout.unwrap_or_default().as_secs_f64();
+                return Err(Error::msg(format!(
+                    "`{cmd}` did not finish within {secs:.1} s and was killed"
+                )));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if !self.reaped {
+            // Both fail only if the child is already gone, which is what we want.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        // A read error just ends the capture; the exit status tells the story.
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+fn collect(reader: Option<JoinHandle<Vec<u8>>>) -> Vec<u8> {
+    reader
+        .and_then(|handle| handle.join().ok())
+        .unwrap_or_default()
+}
+
+/// Text indented under an error line, or nothing if it is blank.
+pub fn indented(text: &str) -> String {
+    let text = text.trim_end();
+    if text.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str("\n    ");
+        out.push_str(line);
+    }
+    out
+}
+
+impl fmt::Display for Cmd {
+    /// Shell-like: `KEY='v a l' program arg 'arg with spaces'`, program by file name.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (key, value) in &self.envs {
+            write!(f, "{}={} ", key.to_string_lossy(), quote(value))?;
+        }
+        let program = Path::new(&self.program)
+            .file_name()
+            .unwrap_or(&self.program);
+        write!(f, "{}", quote(program))?;
+        for arg in &self.args {
+            write!(f, " {}", quote(arg))?;
+        }
+        Ok(())
+    }
+}
+
+fn quote(word: &OsStr) -> String {
+    let word = word.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.into_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_quotes_only_what_needs_it() {
+        let cmd = Cmd::new("/usr/bin/qemu-io")
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["-f", "qcow2", "-c", "write -P 0x11 0 1M", "it's", ""]);
+        assert_eq!(
+            cmd.to_string(),
+            r"RUSTDOCFLAGS='-D warnings' qemu-io -f qcow2 -c 'write -P 0x11 0 1M' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn captures_output_and_status() {
+        let out = Cmd::new("sh")
+            .args(["-c", "echo out; echo err >&2; exit 3"])
+            .quiet()
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout_text(), "out\n");
+        assert_eq!(out.stderr_text(), "err\n");
+    }
+
+    #[test]
+    fn read_fails_with_the_command_and_its_stderr() {
+        let err = Cmd::new("sh")
+            .args(["-c", "echo broken >&2; exit 1"])
+            .quiet()
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`sh -c"), "{err}");
+        assert!(err.contains("broken"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error_not_a_panic() {
+        let err = Cmd::new("xtask-no-such-program").quiet().run().unwrap_err();
+        assert!(err.to_string().contains("on PATH"), "{err}");
+    }
+
+    #[test]
+    fn timeout_kills_the_child() {
+        let start = Instant::now();
+        let err = Cmd::new("sleep")
+            .arg("5")
+            .timeout(Duration::from_millis(100))
+            .quiet()
+            .output()
+            .unwrap_err();
+        assert!(err.to_string().contains("killed"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+}

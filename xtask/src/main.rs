@@ -1,0 +1,190 @@
+//! Project automation for blockgraph, run as `cargo xtask <command>`.
+//!
+//! The alias in `.cargo/config.toml` builds and runs this crate on the host;
+//! it passes `--target` itself where a bare-metal build is wanted, so nothing
+//! in the workspace sets `build.target`.
+//!
+//! Layout:
+//!
+//! ```text
+//! main.rs       argument parsing, the workspace paths, the error type
+//! cmd.rs        Cmd: run a command, print it, fail with a message; timeouts,
+//!               the child is killed when the guard drops
+//! prereq.rs     the rustup target and the QEMU tools (apt-get when root)
+//! json.rs       a small JSON reader for qemu-img --output=json
+//! tasks/        one file per command: test, demo (later: qemu, bench)
+//! ```
+
+mod cmd;
+mod json;
+mod prereq;
+mod tasks;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: cargo xtask <command> [-- <args>...]
+
+Commands:
+  test [-- <args>...]  everything CI runs, in order:
+                         prerequisites (rustup target x86_64-unknown-none,
+                         qemu-img, qemu-io, qemu-system-x86_64; installed with
+                         apt-get when running as root),
+                         cargo fmt --all --check,
+                         cargo clippy --workspace --all-targets -- -D warnings,
+                         the no_std build for x86_64-unknown-none,
+                         cargo doc with RUSTDOCFLAGS=\"-D warnings\",
+                         cargo test --workspace [<args>...]
+  demo                 build the host CLI, build a qcow2 chain with qemu-img
+                       in target/demo/, collapse it with `blockgraph collapse`
+                       and check every result against qemu-img
+  help                 this text
+
+The first failing step stops the run with a non-zero exit status.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[OsString]) -> Result<()> {
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return Err(Error::msg("no command given"));
+    };
+    let command = command.to_str().unwrap_or("");
+    match command {
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        "test" => {
+            let extra = passthrough_args(command, rest)?;
+            tasks::test::run(&Workspace::locate(), extra)
+        }
+        "demo" => match rest.first() {
+            Some(arg) => Err(Error::msg(format!(
+                "`demo` takes no arguments (got `{}`)",
+                arg.to_string_lossy()
+            ))),
+            None => tasks::demo::run(&Workspace::locate()),
+        },
+        _ => {
+            eprint!("{USAGE}");
+            Err(Error::msg(format!(
+                "unknown command `{}`",
+                args[0].to_string_lossy()
+            )))
+        }
+    }
+}
+
+/// The arguments after `--`; anything before it is an error (no options yet).
+fn passthrough_args<'a>(command: &str, rest: &'a [OsString]) -> Result<&'a [OsString]> {
+    match rest.split_first() {
+        None => Ok(&[]),
+        Some((first, tail)) if first == "--" => Ok(tail),
+        Some((first, _)) => Err(Error::msg(format!(
+            "`{command}`: unexpected argument `{}` (extra arguments go after `--`)",
+            first.to_string_lossy()
+        ))),
+    }
+}
+
+/// Where things are: the workspace root, the shared target directory, cargo.
+pub struct Workspace {
+    /// The workspace root (the directory holding the root `Cargo.toml`).
+    pub root: PathBuf,
+    /// The one target directory every step uses (`CARGO_TARGET_DIR` or `target/`).
+    pub target_dir: PathBuf,
+    /// The cargo that runs us (`$CARGO`), so nested builds use the same toolchain.
+    cargo: OsString,
+}
+
+impl Workspace {
+    fn locate() -> Self {
+        let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = xtask_dir.parent().unwrap_or(xtask_dir).to_path_buf();
+        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => root.join(dir),
+            _ => root.join("target"),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+        Workspace {
+            root,
+            target_dir,
+            cargo,
+        }
+    }
+
+    /// A cargo command run from the workspace root.
+    pub fn cargo(&self) -> cmd::Cmd {
+        cmd::Cmd::new(&self.cargo).cwd(&self.root)
+    }
+}
+
+/// An xtask failure: a message for a human, printed once by `main`.
+#[derive(Debug)]
+pub struct Error(String);
+
+impl Error {
+    pub fn msg(message: impl Into<String>) -> Self {
+        Error(message.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds what we were doing to a lower-level error (`io::Error` and friends).
+pub trait Context<T> {
+    fn context(self, what: impl fmt::Display) -> Result<T>;
+}
+
+impl<T, E: fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl fmt::Display) -> Result<T> {
+        self.map_err(|err| Error(format!("{what}: {err}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn passthrough_takes_everything_after_the_first_separator() {
+        let args = os(&["--", "oracle", "--", "--nocapture"]);
+        let got = passthrough_args("test", &args).unwrap();
+        assert_eq!(got, &os(&["oracle", "--", "--nocapture"])[..]);
+        assert!(passthrough_args("test", &[]).unwrap().is_empty());
+        assert!(passthrough_args("test", &os(&["--release"])).is_err());
+    }
+
+    #[test]
+    fn unknown_command_is_an_error() {
+        assert!(run(&os(&["frobnicate"])).is_err());
+        assert!(run(&[]).is_err());
+        assert!(run(&os(&["help"])).is_ok());
+    }
+}

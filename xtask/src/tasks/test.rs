@@ -1,0 +1,57 @@
+//! `cargo xtask test`: everything CI runs, in order, stopping at the first failure.
+
+use std::ffi::OsString;
+
+use crate::cmd::Cmd;
+use crate::prereq::{self, BARE_METAL_TARGET};
+use crate::{Error, Result, Workspace};
+
+pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
+    prereq::ensure_all(ws).map_err(|err| step_failed("prerequisites", err))?;
+    let steps = steps(ws, test_args);
+    for step in &steps {
+        let status = step
+            .status()
+            .map_err(|err| step_failed(&step.to_string(), err))?;
+        if !status.success() {
+            return Err(Error::msg(format!("step `{step}` failed ({status})")));
+        }
+    }
+    println!("xtask test: all {} steps passed", steps.len() + 1);
+    Ok(())
+}
+
+/// The steps after the prerequisites; all share the one target directory.
+fn steps(ws: &Workspace, test_args: &[OsString]) -> Vec<Cmd> {
+    vec![
+        ws.cargo().args(["fmt", "--all", "--check"]),
+        ws.cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        ws.cargo().args([
+            "build",
+            "-p",
+            "blockgraph",
+            "--lib",
+            "--no-default-features",
+            "--target",
+            BARE_METAL_TARGET,
+        ]),
+        ws.cargo().env("RUSTDOCFLAGS", "-D warnings").args([
+            "doc",
+            "-p",
+            "blockgraph",
+            "--no-deps",
+        ]),
+        ws.cargo().args(["test", "--workspace"]).args(test_args),
+    ]
+}
+
+fn step_failed(step: &str, err: Error) -> Error {
+    Error::msg(format!("step `{step}` failed: {err}"))
+}
