@@ -780,9 +780,12 @@ fn raw_base_chain(d: &Path, extra: usize) -> &'static str {
 fn sixteen_layers(d: &Path) -> &'static str {
     for i in 0..16u32 {
         let name = format!("l{i:02}.qcow2");
-        let below = format!("l{:02}.qcow2", i.wrapping_sub(1));
-        let backing = (i > 0).then_some((below.as_str(), "qcow2"));
-        qcow2(d, &name, (i == 0).then_some("4M"), "", backing);
+        if i == 0 {
+            qcow2(d, &name, Some("4M"), "", None);
+        } else {
+            let below = format!("l{:02}.qcow2", i - 1);
+            qcow2(d, &name, None, "", Some((&below, "qcow2")));
+        }
         let own = format!("write -P {} {} 64k", 0x40 + i, i * 256 * 1024);
         let overlap = format!("write -P {} {} 150000", 0x80 + i, i * 200 * 1024 + 3000);
         let mut cmds = vec![own, overlap];

@@ -33,6 +33,11 @@ use crate::format::cache::MetaCache;
 use crate::format::qcow2::{Inflater, Qcow2};
 use crate::format::{raw, Format, Mapping};
 
+// The default graph must stay small enough for a unikernel's static memory.
+static_assertions::const_assert!(
+    core::mem::size_of::<Graph<crate::device::MemDevice<'static>>>() <= 384 * 1024
+);
+
 /// Longest backing chain [`Graph::open_image`] follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
