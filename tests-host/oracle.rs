@@ -264,6 +264,87 @@ fn assert_convert_matches(dir: &Path, img: &str) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------
+// Helpers: qcow2 header surgery and comparison
+// ---------------------------------------------------------------------------
+
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+fn be32(d: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes(d[o..o + 4].try_into().unwrap())
+}
+
+fn be64(d: &[u8], o: usize) -> u64 {
+    u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
+}
+
+/// What QEMU rebuilds in cluster 0 when it changes a backing file.
+#[derive(Debug, PartialEq)]
+struct Header {
+    /// The fixed header (72 bytes for v2, header_length for v3) with
+    /// backing_file_offset and backing_file_size zeroed.
+    fixed: Vec<u8>,
+    /// Header extensions (type, data) in order, without the end marker.
+    extensions: Vec<(u32, Vec<u8>)>,
+    backing: Option<Vec<u8>>,
+}
+
+fn read_header(path: &Path) -> Header {
+    let data = fs::read(path).unwrap();
+    let header_len = if be32(&data, 4) >= 3 {
+        be32(&data, 100) as usize
+    } else {
+        72
+    };
+    let mut fixed = data[..header_len].to_vec();
+    fixed[8..20].fill(0);
+    let mut extensions = Vec::new();
+    let mut off = header_len;
+    loop {
+        let (kind, len) = (be32(&data, off), be32(&data, off + 4) as usize);
+        if kind == 0 {
+            break;
+        }
+        extensions.push((kind, data[off + 8..off + 8 + len].to_vec()));
+        off += 8 + len.next_multiple_of(8);
+    }
+    let (name_off, name_len) = (be64(&data, 8) as usize, be32(&data, 16) as usize);
+    let backing = (name_off != 0).then(|| data[name_off..name_off + name_len].to_vec());
+    Header {
+        fixed,
+        extensions,
+        backing,
+    }
+}
+
+/// Rewrites the header extensions of a qcow2 file (the backing name moves to
+/// just after the end marker, as QEMU places it).
+fn write_header_extensions(path: &Path, extensions: &[(u32, Vec<u8>)]) {
+    let mut data = fs::read(path).unwrap();
+    let header = read_header(path);
+    let (header_len, cluster_size) = (header.fixed.len(), 1usize << be32(&data, 20));
+    let mut area = Vec::new();
+    for (kind, body) in extensions {
+        area.extend(kind.to_be_bytes());
+        area.extend((body.len() as u32).to_be_bytes());
+        area.extend(body);
+        area.resize(area.len().next_multiple_of(8), 0);
+    }
+    area.extend([0; 8]);
+    let name_off = (header_len + area.len()) as u64;
+    if let Some(name) = &header.backing {
+        area.extend(name);
+        data[8..16].copy_from_slice(&name_off.to_be_bytes());
+    }
+    assert!(
+        header_len + area.len() <= cluster_size,
+        "crafted header does not fit cluster 0"
+    );
+    data[header_len..cluster_size].fill(0);
+    data[header_len..header_len + area.len()].copy_from_slice(&area);
+    fs::write(path, data).unwrap();
+}
+
+// ---------------------------------------------------------------------------
 // Helpers: a small JSON reader (no serde here)
 // ---------------------------------------------------------------------------
 
@@ -1222,6 +1303,61 @@ fn convert_lazy_refcounts_clean_and_dirty() {
     assert_unchanged(d, &before, "reading a dirty image");
 }
 
+/// Random chains (fixed seeds): 1-4 layers with random cluster sizes,
+/// versions and virtual sizes, each doing random unaligned writes, zero
+/// writes and discards; convert, map and info must equal QEMU's.
+#[test]
+fn random_chains_match_qemu() {
+    const CLUSTERS: [&str; 4] = ["512", "4k", "64k", "2M"];
+    const SIZES: [u64; 4] = [1 << 20, 3 << 20, (2 << 20) + 512, 4 << 20];
+    for seed in 1..=24u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let t = tmpdir();
+        let d = t.path();
+        let layers = 1 + rng.next() % 4;
+        let mut log = Vec::new();
+        for i in 0..layers {
+            let name = format!("r{i}.qcow2");
+            let compat = if rng.next().is_multiple_of(4) {
+                ",compat=0.10"
+            } else {
+                ""
+            };
+            let opts = format!(
+                "cluster_size={}{compat}",
+                CLUSTERS[(rng.next() % 4) as usize]
+            );
+            let size = SIZES[(rng.next() % 4) as usize];
+            let below = format!("r{}.qcow2", i.saturating_sub(1));
+            let backing = (i > 0).then_some((below.as_str(), "qcow2"));
+            qcow2(d, &name, Some(&size.to_string()), &opts, backing);
+            let mut cmds = Vec::new();
+            for _ in 0..1 + rng.next() % 6 {
+                let off = rng.next() % size;
+                let len = 1 + rng.next() % (size - off).min(300_000);
+                cmds.push(match rng.next() % 4 {
+                    0 => format!("write -z {off} {len}"),
+                    1 => format!("discard {off} {len}"),
+                    _ => format!("write -P {} {off} {len}", rng.next() % 256),
+                });
+            }
+            log.push(format!("{name} ({opts}, {size}): {cmds:?}"));
+            let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            qemu_io(d, "qcow2", &name, &cmds);
+        }
+        let top = format!("r{}.qcow2", layers - 1);
+        let case = std::panic::AssertUnwindSafe(|| {
+            assert_convert_matches(d, &top);
+            assert_map_matches(d, &top);
+            assert_info_matches(d, &top);
+        });
+        if let Err(e) = std::panic::catch_unwind(case) {
+            eprintln!("random chain, seed {seed}:\n  {}", log.join("\n  "));
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 2. info: fields equal qemu-img's
 // ---------------------------------------------------------------------------
@@ -1283,6 +1419,25 @@ fn info_sixteen_layers_and_compressed() {
         ],
     );
     assert_info_matches(d, "comp.qcow2");
+}
+
+#[test]
+fn info_absolute_and_dotted_names() {
+    let t = tmpdir();
+    let d = t.path();
+    qcow2(d, "base.qcow2", Some("1M"), "", None);
+    let abs = d.join("base.qcow2");
+    qcow2(
+        d,
+        "sub/abs.qcow2",
+        None,
+        "",
+        Some((abs.to_str().unwrap(), "qcow2")),
+    );
+    qcow2(d, "sub/top.qcow2", None, "", Some(("./abs.qcow2", "qcow2")));
+    assert_info_matches(d, "./sub/top.qcow2");
+    assert_info_matches(d, "sub//top.qcow2");
+    assert_info_matches(&d.join("sub"), "top.qcow2");
 }
 
 // ---------------------------------------------------------------------------
@@ -1638,6 +1793,78 @@ fn collapse_512_byte_clusters_matches_rebase() {
         same_name: true,
     };
     assert_collapse_matches_rebase(t.path(), &c);
+}
+
+#[test]
+fn collapse_onto_raw_base_matches_rebase() {
+    let t = tmpdir();
+    let d = t.path();
+    fs::write(
+        d.join("base.raw"),
+        mixed_data(&[Fill::Text, Fill::Byte(0x11)], 512 * 1024, 1),
+    )
+    .unwrap();
+    qcow2(d, "mid.qcow2", Some("2M"), "", Some(("base.raw", "raw")));
+    qemu_io(d, "qcow2", "mid.qcow2", &["write -P 0x22 100k 100k"]);
+    qcow2(d, "top.qcow2", None, "", Some(("mid.qcow2", "qcow2")));
+    qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x33 1M 4k"]);
+    let c = Collapse {
+        cwd: ".",
+        args: &[
+            "collapse",
+            "--top",
+            "mid.qcow2",
+            "--base",
+            "base.raw",
+            "top.qcow2",
+        ],
+        rebase: &["rebase", "-u", "-b", "base.raw", "-F", "raw", "top.qcow2"],
+        overlay: "top.qcow2",
+        active: "top.qcow2",
+        chain: &["top.qcow2", "base.raw"],
+        same_name: true,
+    };
+    assert_collapse_matches_rebase(d, &c);
+}
+
+#[test]
+fn collapse_preserves_unknown_header_extensions() {
+    for opts in ["", "compat=0.10"] {
+        let t = tmpdir();
+        let d = t.path();
+        four_layer_chain(d, opts, "base.qcow2");
+        let top = d.join("top.qcow2");
+        let mut exts = read_header(&top).extensions;
+        let unknown = (0x1234_5678, b"kept by every rewrite".to_vec());
+        exts.push(unknown.clone());
+        write_header_extensions(&top, &exts);
+        qemu_img(d, &["check", "-q", "top.qcow2"]);
+        let c = Collapse {
+            cwd: ".",
+            args: &[
+                "collapse",
+                "--top",
+                "mid.qcow2",
+                "--base",
+                "base.qcow2",
+                "active.qcow2",
+            ],
+            rebase: &[
+                "rebase",
+                "-u",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            overlay: "top.qcow2",
+            active: "active.qcow2",
+            chain: &["active.qcow2", "top.qcow2", "base.qcow2"],
+            same_name: true,
+        };
+        assert_collapse_matches_rebase(d, &c);
+    }
 }
 
 #[test]
@@ -2033,32 +2260,58 @@ fn missing_backing_file_is_refused() {
     }
 }
 
-/// Removes the backing format header extension (0xe2792aca) from a qcow2 file,
-/// shifting the following extensions up (the backing name stays where it is).
+#[test]
+fn backing_loops_are_refused() {
+    let t = tmpdir();
+    let d = t.path();
+    qcow2(d, "a.qcow2", Some("1M"), "", None);
+    qcow2(d, "b.qcow2", None, "", Some(("a.qcow2", "qcow2")));
+    qemu_img(
+        d,
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
+    );
+    qcow2(d, "self.qcow2", Some("1M"), "", None);
+    qemu_img(
+        d,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "self.qcow2",
+            "-F",
+            "qcow2",
+            "self.qcow2",
+        ],
+    );
+    let q = run(d, QEMU_IMG, &["info", "--backing-chain", "b.qcow2"]);
+    assert!(
+        !q.status.success(),
+        "construction: qemu-img must refuse the loop"
+    );
+    assert_all_refused(
+        d,
+        &[
+            &["info", "--backing-chain", "--output=json", "b.qcow2"],
+            &["convert", "-O", "raw", "b.qcow2", "out.raw"],
+            &["map", "--output=json", "b.qcow2"],
+            &["convert", "-O", "raw", "self.qcow2", "out.raw"],
+            &["collapse", "--top", "a.qcow2", "b.qcow2"],
+        ],
+    );
+}
+
+/// Removes the backing format header extension from a qcow2 file.
 fn strip_backing_format_extension(path: &Path) {
-    let mut data = fs::read(path).unwrap();
-    let be32 = |d: &[u8], o: usize| u32::from_be_bytes(d[o..o + 4].try_into().unwrap()) as usize;
-    let mut off = if be32(&data, 4) >= 3 {
-        be32(&data, 100)
-    } else {
-        72
-    };
-    let (mut found, mut end) = (None, None);
-    while end.is_none() {
-        let (kind, len) = (be32(&data, off), be32(&data, off + 4));
-        let size = 8 + len.div_ceil(8) * 8;
-        match kind {
-            0 => end = Some(off + 8),
-            0xe279_2aca => found = Some((off, size)),
-            _ => {}
-        }
-        off += size;
-    }
-    let (start, size) = found.expect("no backing format extension");
-    let end = end.unwrap();
-    data.copy_within(start + size..end, start);
-    data[end - size..end].fill(0);
-    fs::write(path, data).unwrap();
+    let mut exts = read_header(path).extensions;
+    let n = exts.len();
+    exts.retain(|(kind, _)| *kind != EXT_BACKING_FORMAT);
+    assert_eq!(
+        exts.len() + 1,
+        n,
+        "no backing format extension in {}",
+        path.display()
+    );
+    write_header_extensions(path, &exts);
 }
 
 #[test]

@@ -471,10 +471,14 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
         let node = self.nodes.get(id)?;
         match &node.driver {
             Driver::Qcow2(q) => Ok(q.size()),
-            Driver::Raw => self.size(
-                node.file
-                    .ok_or(Error::new(ErrorKind::Corrupt, "raw node without file"))?,
-            ),
+            // As QEMU: a raw image's size is its file's, rounded up to whole
+            // 512-byte sectors (the tail reads as zeros).
+            Driver::Raw => {
+                let file = node
+                    .file
+                    .ok_or(Error::new(ErrorKind::Corrupt, "raw node without file"))?;
+                Ok(self.size(file)?.next_multiple_of(512))
+            }
             Driver::Protocol => Ok(self.devices[id.index()].as_ref().map_or(0, Device::size)),
         }
     }

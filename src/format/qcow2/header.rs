@@ -17,36 +17,36 @@ pub const MAX_BACKING_NAME: usize = 1023;
 /// Longest backing format name kept (QEMU's format names are short).
 pub const MAX_FORMAT_NAME: usize = 16;
 /// Largest L1 table accepted, in entries (QEMU: 32 MiB of entries).
-const MAX_L1_ENTRIES: u64 = 32 * 1024 * 1024 / 8;
+pub(crate) const MAX_L1_ENTRIES: u64 = 32 * 1024 * 1024 / 8;
 /// Largest virtual size accepted (QEMU's limit, 2^61 bytes).
-const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
+pub(crate) const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
 
-const V2_HEADER_LENGTH: usize = 72;
-const V3_HEADER_LENGTH: usize = 104;
+pub(crate) const V2_HEADER_LENGTH: usize = 72;
+pub(crate) const V3_HEADER_LENGTH: usize = 104;
 
 // Field offsets.
-const OFF_VERSION: usize = 4;
-const OFF_BACKING_OFFSET: usize = 8;
-const OFF_BACKING_SIZE: usize = 16;
-const OFF_CLUSTER_BITS: usize = 20;
-const OFF_SIZE: usize = 24;
-const OFF_CRYPT: usize = 32;
-const OFF_L1_SIZE: usize = 36;
-const OFF_L1_OFFSET: usize = 40;
-const OFF_REFCOUNT_OFFSET: usize = 48;
-const OFF_REFCOUNT_CLUSTERS: usize = 56;
-const OFF_NB_SNAPSHOTS: usize = 60;
-const OFF_SNAPSHOTS_OFFSET: usize = 64;
-const OFF_INCOMPATIBLE: usize = 72;
-const OFF_COMPATIBLE: usize = 80;
-const OFF_AUTOCLEAR: usize = 88;
-const OFF_REFCOUNT_ORDER: usize = 96;
-const OFF_HEADER_LENGTH: usize = 100;
-const OFF_COMPRESSION_TYPE: usize = 104;
+pub(crate) const OFF_VERSION: usize = 4;
+pub(crate) const OFF_BACKING_OFFSET: usize = 8;
+pub(crate) const OFF_BACKING_SIZE: usize = 16;
+pub(crate) const OFF_CLUSTER_BITS: usize = 20;
+pub(crate) const OFF_SIZE: usize = 24;
+pub(crate) const OFF_CRYPT: usize = 32;
+pub(crate) const OFF_L1_SIZE: usize = 36;
+pub(crate) const OFF_L1_OFFSET: usize = 40;
+pub(crate) const OFF_REFCOUNT_OFFSET: usize = 48;
+pub(crate) const OFF_REFCOUNT_CLUSTERS: usize = 56;
+pub(crate) const OFF_NB_SNAPSHOTS: usize = 60;
+pub(crate) const OFF_SNAPSHOTS_OFFSET: usize = 64;
+pub(crate) const OFF_INCOMPATIBLE: usize = 72;
+pub(crate) const OFF_COMPATIBLE: usize = 80;
+pub(crate) const OFF_AUTOCLEAR: usize = 88;
+pub(crate) const OFF_REFCOUNT_ORDER: usize = 96;
+pub(crate) const OFF_HEADER_LENGTH: usize = 100;
+pub(crate) const OFF_COMPRESSION_TYPE: usize = 104;
 
 /// Header extension types.
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(crate) const EXT_END: u32 = 0;
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 bitflags::bitflags! {
     /// Incompatible feature bits (v3): an unknown one means "do not open".
@@ -123,15 +123,15 @@ fn be_u64(buf: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
-fn put_u32(buf: &mut [u8], off: usize, value: u32) {
+pub(crate) fn put_u32(buf: &mut [u8], off: usize, value: u32) {
     buf[off..off + 4].copy_from_slice(&value.to_be_bytes());
 }
 
-fn put_u64(buf: &mut [u8], off: usize, value: u64) {
+pub(crate) fn put_u64(buf: &mut [u8], off: usize, value: u64) {
     buf[off..off + 8].copy_from_slice(&value.to_be_bytes());
 }
 
-const fn align_up_8(n: usize) -> usize {
+pub(crate) const fn align_up_8(n: usize) -> usize {
     (n + 7) & !7
 }
 
