@@ -24,7 +24,10 @@ usage: blockgraph COMMAND [ARGS]
   convert [-O raw] IMAGE OUTPUT
   io [-r] IMAGE -c CMD [-c CMD]...     CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
                                             | discard OFF LEN | flush
-  collapse --top TOP [--base BASE] IMAGE";
+  collapse --top TOP [--base BASE] IMAGE
+  create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
+                                       OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
+                                             lazy_refcounts=on|off";
 
 struct Host {
     resolver: PathResolver,

@@ -13,10 +13,12 @@
 //! | `convert [-O raw] IMAGE OUTPUT` | the guest view as a raw image |
 //! | `io [-r] IMAGE -c CMD...` | qemu-io: `read`, `write`, `discard`, `flush` |
 //! | `collapse --top TOP [--base BASE] IMAGE` | metadata-only `drop_intermediate` |
+//! | `create [-f qcow2\|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]` | a new empty image (qemu-img create) |
 
 pub mod args;
 mod collapse;
 mod convert;
+mod create;
 mod info;
 mod io;
 mod json;
@@ -115,6 +117,7 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
         "convert" => convert::run(env, graph, rest, scratch, out),
         "io" => io::run(env, graph, rest, scratch, out),
         "collapse" => collapse::run(env, graph, rest, out),
+        "create" => create::run(env, graph, rest, out),
         _ => Err(Failure::new(
             Error::new(ErrorKind::InvalidInput, "unknown command"),
             name,

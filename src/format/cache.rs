@@ -3,7 +3,9 @@
 //! qcow2 L1 and L2 tables are read through here in slices of at most
 //! [`SLICE_SIZE`] bytes, so memory stays fixed whatever the cluster size or
 //! the number of open images. Entries are keyed by (owner, byte offset) and
-//! evicted least-recently-used. The read path never dirties a slice.
+//! evicted least-recently-used. Metadata is written through: a writer updates
+//! the device first and then [`MetaCache::patch`]es the cached copy, so a
+//! slice never holds anything the device does not.
 
 use crate::device::Device;
 use crate::error::Result;
@@ -18,6 +20,7 @@ pub type Owner = u64;
 struct Tag {
     owner: Owner,
     offset: u64,
+    len: u64,
     last_use: u64,
     valid: bool,
 }
@@ -25,6 +28,7 @@ struct Tag {
 const EMPTY: Tag = Tag {
     owner: 0,
     offset: 0,
+    len: 0,
     last_use: 0,
     valid: false,
 };
@@ -68,10 +72,9 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         slice_len: usize,
     ) -> Result<&[u8]> {
         self.clock += 1;
-        let hit = self
-            .tags
-            .iter()
-            .position(|t| t.valid && t.owner == owner && t.offset == offset);
+        let hit = self.tags.iter().position(|t| {
+            t.valid && t.owner == owner && t.offset == offset && t.len == slice_len as u64
+        });
         let slot = match hit {
             Some(slot) => slot,
             None => {
@@ -86,6 +89,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                 self.tags[slot] = Tag {
                     owner,
                     offset,
+                    len: slice_len as u64,
                     last_use: 0,
                     valid: true,
                 };
@@ -94,6 +98,24 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         };
         self.tags[slot].last_use = self.clock;
         Ok(&self.data[slot][..slice_len])
+    }
+
+    /// Copies `bytes`, just written to `owner`'s device at `offset`, into
+    /// every cached slice that covers them.
+    pub fn patch(&mut self, owner: Owner, offset: u64, bytes: &[u8]) {
+        let end = offset + bytes.len() as u64;
+        for (tag, data) in self.tags.iter().zip(self.data.iter_mut()) {
+            let slice_end = tag.offset + tag.len;
+            if !tag.valid || tag.owner != owner || end <= tag.offset || offset >= slice_end {
+                continue;
+            }
+            let from = offset.max(tag.offset);
+            let to = end.min(slice_end);
+            let dst = (from - tag.offset) as usize;
+            let src = (from - offset) as usize;
+            let n = (to - from) as usize;
+            data[dst..dst + n].copy_from_slice(&bytes[src..src + n]);
+        }
     }
 
     /// Forgets every slice of `owner` (its image was closed).
@@ -142,5 +164,12 @@ mod tests {
         cache.forget(1);
         cache.slice(1, &mut dev, 0, 16).unwrap();
         assert_eq!(dev.reads(), 4);
+        cache.patch(1, 14, &[0xee, 0xef, 0xf0]);
+        assert_eq!(
+            &cache.slice(1, &mut dev, 0, 16).unwrap()[13..],
+            &[13, 0xee, 0xef]
+        );
+        cache.patch(2, 0, &[1]);
+        assert_eq!(cache.slice(1, &mut dev, 0, 16).unwrap()[0], 0);
     }
 }

@@ -21,6 +21,7 @@ mod collapse;
 pub mod perm;
 pub mod pool;
 pub mod resolve;
+mod write;
 
 pub use perm::{Access, Perm};
 pub use pool::{Handle, Pool};
@@ -30,7 +31,7 @@ use crate::backend::{Backend, BackendId};
 use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
-use crate::format::qcow2::{Inflater, Qcow2};
+use crate::format::qcow2::{Inflater, Qcow2, Tables};
 use crate::format::{raw, Format, Mapping};
 
 // The default graph must stay small enough for a unikernel's static memory.
@@ -201,7 +202,16 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
         let device = self.device_mut(file)?;
         let driver = match format {
             Format::Raw => Driver::Raw,
-            Format::Qcow2 => Driver::Qcow2(Qcow2::open(device)?),
+            Format::Qcow2 => {
+                let q = Qcow2::open(device)?;
+                if !read_only && q.is_dirty() {
+                    return fail(
+                        ErrorKind::Unsupported,
+                        "unsupported: dirty image (lazy refcounts) cannot be opened read-write; repair it with qemu-img check -r all or open it read-only",
+                    );
+                }
+                Driver::Qcow2(q)
+            }
         };
         let mut name = NameBuf::new();
         // Same capacity, cannot fail.
@@ -693,7 +703,12 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
                     let device = self.devices[file.index()]
                         .as_mut()
                         .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
-                    q.map(&mut self.cache, layer.key(), device, offset, run)?
+                    let mut tables = Tables {
+                        cache: &mut self.cache,
+                        owner: layer.key(),
+                        device,
+                    };
+                    q.map(&mut tables, offset, run)?
                 }
                 Driver::Raw => raw::map(offset, run),
                 Driver::Protocol => {
@@ -809,72 +824,6 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
     /// The protocol node under format node `id` (or `id` itself).
     pub(crate) fn layer_file(&self, id: NodeId) -> Result<NodeId> {
         Ok(self.nodes.get(id)?.file.unwrap_or(id))
-    }
-
-    /// Writes guest bytes at `offset` of format node `id` (not its chain).
-    ///
-    /// # Errors
-    /// [`ErrorKind::ReadOnly`] for a read-only node,
-    /// [`ErrorKind::Unsupported`] for qcow2 (the write path is not built
-    /// yet), [`ErrorKind::InvalidInput`] for a range outside the image.
-    pub fn write(&mut self, id: NodeId, offset: u64, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.check_range(id, offset, data.len() as u64)?;
-        let node = self.nodes.get(id)?;
-        if node.read_only {
-            return fail(ErrorKind::ReadOnly, "image is open read-only");
-        }
-        match node.driver {
-            Driver::Raw => {
-                let file = self.layer_file(id)?;
-                self.device_mut(file)?.write_at(offset, data)
-            }
-            Driver::Qcow2(_) => fail(
-                ErrorKind::Unsupported,
-                "qcow2 writes are unsupported (write path not built yet)",
-            ),
-            Driver::Protocol => fail(
-                ErrorKind::InvalidInput,
-                "cannot write a protocol node as an image",
-            ),
-        }
-    }
-
-    /// Makes guest range `offset..offset + len` of format node `id` read as
-    /// zeros.
-    ///
-    /// # Errors
-    /// As [`Graph::write`].
-    pub fn write_zeroes(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        if len == 0 {
-            return Ok(());
-        }
-        self.check_range(id, offset, len)?;
-        if matches!(self.nodes.get(id)?.driver, Driver::Qcow2(_)) {
-            return fail(
-                ErrorKind::Unsupported,
-                "qcow2 writes are unsupported (write path not built yet)",
-            );
-        }
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZEROS.len() as u64) as usize;
-            self.write(id, offset + done, &ZEROS[..n])?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Discards guest range `offset..offset + len` of format node `id`: raw
-    /// images then read zeros there, as after a hole punch.
-    ///
-    /// # Errors
-    /// As [`Graph::write`].
-    pub fn discard(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(id, offset, len)
     }
 
     /// Flushes node `id`'s device (making completed writes durable).

@@ -5,13 +5,17 @@
 //! in *this* image ([`Mapping`])? It never calls its backing image; the graph
 //! walks the chain.
 
+pub mod create;
 pub mod header;
 mod inflate;
+mod refcount;
 #[cfg(test)]
 pub(crate) mod testimg;
+mod write;
 
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
+pub use write::{ClearMode, WriteTarget};
 
 use super::cache::{MetaCache, Owner, SLICE_SIZE};
 use super::Mapping;
@@ -32,6 +36,28 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 #[derive(Clone, Debug)]
 pub struct Qcow2 {
     header: Header,
+    /// No cluster below this one is free (allocation scans from here).
+    free_hint: u64,
+}
+
+/// What a qcow2 node's metadata work borrows: the shared cache (under the
+/// node's key) and the node's device.
+pub struct Tables<'a, D, const S: usize> {
+    /// The shared metadata cache.
+    pub cache: &'a mut MetaCache<S>,
+    /// The node's cache key.
+    pub owner: Owner,
+    /// The node's device.
+    pub device: &'a mut D,
+}
+
+impl<D: Device, const S: usize> Tables<'_, D, S> {
+    /// Writes metadata bytes through to the device, then into the cache.
+    fn write_meta(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.device.write_at(offset, bytes)?;
+        self.cache.patch(self.owner, offset, bytes);
+        Ok(())
+    }
 }
 
 impl Qcow2 {
@@ -58,7 +84,10 @@ impl Qcow2 {
             }
             header.set_backing_name(name)?;
         }
-        Ok(Self { header })
+        Ok(Self {
+            header,
+            free_hint: 0,
+        })
     }
 
     /// The validated header.
@@ -97,18 +126,18 @@ impl Qcow2 {
 
     /// Visits the 8-byte entries of the table at `table` from `index` to the
     /// end of the cached slice that holds it, while `visit` returns true.
-    fn table_entries<D: Device, const SLOTS: usize>(
+    fn table_entries<D: Device, const S: usize>(
         &self,
-        cache: &mut MetaCache<SLOTS>,
-        owner: Owner,
-        device: &mut D,
+        t: &mut Tables<'_, D, S>,
         (table, index): (u64, u64),
         mut visit: impl FnMut(u64) -> bool,
     ) -> Result<()> {
         let slice_len = self.slice_len();
         let byte = index * 8;
         let slice_start = table + byte / slice_len * slice_len;
-        let slice = cache.slice(owner, device, slice_start, slice_len as usize)?;
+        let slice = t
+            .cache
+            .slice(t.owner, t.device, slice_start, slice_len as usize)?;
         let first = (byte % slice_len) as usize;
         for chunk in slice[first..].chunks_exact(8) {
             let mut raw = [0u8; 8];
@@ -120,6 +149,21 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Entry `index` of the 8-byte-entry table at `table`.
+    fn read_entry<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        table: u64,
+        index: u64,
+    ) -> Result<u64> {
+        let mut value = 0;
+        self.table_entries(t, (table, index), |entry| {
+            value = entry;
+            false
+        })?;
+        Ok(value)
+    }
+
     /// How guest bytes `offset..offset + len` begin in this image: the mapping
     /// of the first byte and the length of the run (at most `len`) that shares
     /// it. `offset` must be below the virtual size.
@@ -127,11 +171,9 @@ impl Qcow2 {
     /// # Errors
     /// [`ErrorKind::Corrupt`] for entries pointing outside the image or
     /// unaligned, device errors as returned.
-    pub fn map<D: Device, const SLOTS: usize>(
+    pub fn map<D: Device, const S: usize>(
         &self,
-        cache: &mut MetaCache<SLOTS>,
-        owner: Owner,
-        device: &mut D,
+        t: &mut Tables<'_, D, S>,
         offset: u64,
         len: u64,
     ) -> Result<(Mapping, u64)> {
@@ -149,17 +191,7 @@ impl Qcow2 {
         if l1_index >= u64::from(self.header.l1_size) {
             return fail(ErrorKind::Corrupt, "qcow2 offset beyond the L1 table");
         }
-        let mut l1_entry = 0;
-        self.table_entries(
-            cache,
-            owner,
-            device,
-            (self.header.l1_table_offset, l1_index),
-            |e| {
-                l1_entry = e;
-                false
-            },
-        )?;
+        let l1_entry = self.read_entry(t, self.header.l1_table_offset, l1_index)?;
         let l2_table = l1_entry & OFFSET_MASK;
         if l2_table == 0 {
             return Ok((Mapping::Unallocated, run_len(span)));
@@ -170,18 +202,18 @@ impl Qcow2 {
                 "qcow2 L1 entry is unaligned or has reserved bits set",
             );
         }
-        if l2_table >= device.size() {
+        if l2_table >= t.device.size() {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 L2 table lies past the end of the image",
             );
         }
 
-        let device_size = device.size();
+        let device_size = t.device.size();
         let mut first: Option<Mapping> = None;
         let mut clusters = 0u64;
         let mut error: Option<Error> = None;
-        self.table_entries(cache, owner, device, (l2_table, l2_index), |entry| {
+        self.table_entries(t, (l2_table, l2_index), |entry| {
             if clusters == span {
                 return false;
             }

@@ -1,0 +1,386 @@
+//! Refcounts and cluster allocation.
+//!
+//! Every update is written through to the device at once; the ordering rules
+//! of qcow2.md are kept by the callers' flushes: a refcount increase is
+//! flushed before anything points at the new cluster, and a reference is
+//! removed (and flushed) before the refcount it held is decreased. A crash
+//! can therefore leak a cluster, never hand one out twice.
+
+use super::{Qcow2, Tables, OFFSET_MASK};
+use crate::device::Device;
+use crate::error::{fail, ErrorKind, Result};
+
+/// Bytes copied or zeroed per device call when filling whole clusters.
+pub(super) const CHUNK: usize = 4096;
+
+impl Qcow2 {
+    fn refcount_bits(&self) -> u64 {
+        1 << self.header.refcount_order
+    }
+
+    /// Refcount entries in one refcount block.
+    fn entries_per_block(&self) -> u64 {
+        self.cluster_size() * 8 / self.refcount_bits()
+    }
+
+    /// Entries in the refcount table.
+    fn table_len(&self) -> u64 {
+        u64::from(self.header.refcount_table_clusters) * self.cluster_size() / 8
+    }
+
+    /// The refcount block covering `cluster`, if one is allocated.
+    fn block_for<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<Option<u64>> {
+        let index = cluster / self.entries_per_block();
+        if index >= self.table_len() {
+            return Ok(None);
+        }
+        let entry = self.read_entry(t, self.header.refcount_table_offset, index)?;
+        let block = entry & !0x1ff;
+        if block == 0 {
+            return Ok(None);
+        }
+        if block & (self.cluster_size() - 1) != 0 || entry & 0x1ff != 0 {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 refcount table entry is unaligned",
+            );
+        }
+        if block >= t.device.size() {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 refcount block lies past the end of the image",
+            );
+        }
+        Ok(Some(block))
+    }
+
+    /// Where the refcount of `cluster` sits in `block`: byte offset on the
+    /// device, byte count, and bit shift (sub-byte widths).
+    fn refcount_position(&self, block: u64, cluster: u64) -> (u64, usize, u32) {
+        let bits = self.refcount_bits();
+        let bit = (cluster % self.entries_per_block()) * bits;
+        let bytes = (bits / 8).max(1) as usize;
+        (block + bit / 8, bytes, (bit % 8) as u32)
+    }
+
+    /// The refcount of host cluster `cluster` (0 when no block covers it).
+    pub(super) fn refcount<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<u64> {
+        let Some(block) = self.block_for(t, cluster)? else {
+            return Ok(0);
+        };
+        let (at, bytes, shift) = self.refcount_position(block, cluster);
+        let mut raw = [0u8; 8];
+        self.read_bytes(t, at, &mut raw[..bytes])?;
+        Ok(self.decode_refcount(&raw[..bytes], shift))
+    }
+
+    fn decode_refcount(&self, raw: &[u8], shift: u32) -> u64 {
+        let bits = self.refcount_bits();
+        if bits < 8 {
+            u64::from(raw[0] >> shift) & ((1 << bits) - 1)
+        } else {
+            raw.iter().fold(0u64, |v, &b| v << 8 | u64::from(b))
+        }
+    }
+
+    /// Sets the refcount of `cluster`, which a block must already cover.
+    fn set_refcount<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
+        let bits = self.refcount_bits();
+        if bits < 64 && value >> bits != 0 {
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported: refcount would overflow its width",
+            );
+        }
+        let Some(block) = self.block_for(t, cluster)? else {
+            return fail(ErrorKind::Corrupt, "qcow2 cluster has no refcount block");
+        };
+        let (at, bytes, shift) = self.refcount_position(block, cluster);
+        let mut raw = [0u8; 8];
+        if bits < 8 {
+            self.read_bytes(t, at, &mut raw[..1])?;
+            let mask = (((1u16 << bits) - 1) << shift) as u8;
+            raw[0] = (raw[0] & !mask) | ((value as u8) << shift);
+        } else {
+            raw[..bytes].copy_from_slice(&value.to_be_bytes()[8 - bytes..]);
+        }
+        t.write_meta(at, &raw[..bytes])
+    }
+
+    /// Reads `out.len()` metadata bytes at `offset` through the cache (they
+    /// never straddle a slice: entries are naturally aligned).
+    fn read_bytes<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let slice_len = self.slice_len();
+        let start = offset / slice_len * slice_len;
+        let slice = t
+            .cache
+            .slice(t.owner, t.device, start, slice_len as usize)?;
+        let at = (offset - start) as usize;
+        out.copy_from_slice(&slice[at..at + out.len()]);
+        Ok(())
+    }
+
+    /// Allocates one cluster (refcount 0 -> 1, written but not flushed) and
+    /// returns its device offset.
+    ///
+    /// # Errors
+    /// Device errors ([`ErrorKind::NoSpace`] on a full device) and
+    /// [`ErrorKind::Corrupt`] for broken refcount structures.
+    pub(super) fn allocate<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<u64> {
+        loop {
+            let cluster = self.find_free(t)?;
+            if self.block_for(t, cluster)?.is_some() {
+                self.set_refcount(t, cluster, 1)?;
+                self.free_hint = cluster + 1;
+                return Ok(cluster << self.header.cluster_bits);
+            }
+            let index = cluster / self.entries_per_block();
+            if index >= self.table_len() {
+                self.grow_table(t, index)?;
+            } else {
+                self.add_block(t, index, cluster)?;
+            }
+        }
+    }
+
+    /// The first cluster at or after the hint with refcount 0.
+    fn find_free<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>) -> Result<u64> {
+        let max_cluster = (1u64 << 56) >> self.header.cluster_bits;
+        let mut cluster = self.free_hint.max(1);
+        while cluster < max_cluster {
+            if self.refcount(t, cluster)? == 0 {
+                self.free_hint = cluster;
+                return Ok(cluster);
+            }
+            cluster += 1;
+        }
+        fail(ErrorKind::NoSpace, "qcow2 image has no free cluster left")
+    }
+
+    /// Places a new refcount block for table entry `index` at the free
+    /// cluster `at`, which it covers itself (so it counts its own use).
+    fn add_block<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        index: u64,
+        at: u64,
+    ) -> Result<()> {
+        let offset = at << self.header.cluster_bits;
+        let mut first = [0u8; CHUNK];
+        let (own, bytes, shift) = self.refcount_position(0, at);
+        let mut one = [0u8; 8];
+        if self.refcount_bits() < 8 {
+            one[0] = 1 << shift;
+        } else {
+            one[bytes - 1] = 1;
+        }
+        let slice = (self.cluster_size() as usize).min(CHUNK);
+        // The block's own entry may lie in any chunk of the block.
+        let own_chunk = own / slice as u64;
+        let mut done = 0;
+        let mut chunk = 0;
+        while done < self.cluster_size() {
+            first.fill(0);
+            if chunk == own_chunk {
+                let at = (own % slice as u64) as usize;
+                first[at..at + bytes].copy_from_slice(&one[..bytes]);
+            }
+            t.device.write_at(offset + done, &first[..slice])?;
+            done += slice as u64;
+            chunk += 1;
+        }
+        t.device.flush()?;
+        let entry_at = self.header.refcount_table_offset + index * 8;
+        t.write_meta(entry_at, &offset.to_be_bytes())?;
+        t.device.flush()
+    }
+
+    /// Replaces the refcount table by a larger one that covers block
+    /// `needed`, placed after the end of the image with the new blocks that
+    /// cover it; the header switches to it in one write.
+    fn grow_table<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        needed: u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let per_block = self.entries_per_block();
+        let per_table_cluster = cs / 8;
+        let old_len = self.table_len();
+        let start = t.device.size().div_ceil(cs).max(self.free_hint);
+        // Fixed point: table clusters n and new blocks k for [start, start + n + k).
+        let (mut n, mut k) = (0u64, 0u64);
+        loop {
+            let end = start + n + k;
+            let blocks = (needed + 1).max(end.div_ceil(per_block)).max(old_len + 1);
+            let new_n = blocks.div_ceil(per_table_cluster);
+            let first_block = start / per_block;
+            let last_block = (start + new_n + k).div_ceil(per_block);
+            let new_k = (first_block..last_block)
+                .filter(|&b| b >= old_len || self.table_block(t, b).is_ok_and(|e| e == 0))
+                .count() as u64;
+            if (new_n, new_k) == (n, k) {
+                break;
+            }
+            (n, k) = (new_n, new_k);
+        }
+        let table_at = start * cs;
+        let new_blocks_at = start + n;
+        // New blocks: refcounts for every new cluster they cover.
+        let mut block_index = new_blocks_at;
+        let mut placed = [0u64; 64];
+        let mut placed_count = 0;
+        for b in start / per_block..(start + n + k).div_ceil(per_block) {
+            if b < old_len && self.table_block(t, b)? != 0 {
+                continue;
+            }
+            if placed_count == placed.len() {
+                return fail(
+                    ErrorKind::Unsupported,
+                    "unsupported: refcount table growth too large at once",
+                );
+            }
+            placed[placed_count] = b;
+            placed_count += 1;
+            let block_at = block_index * cs;
+            block_index += 1;
+            self.write_block_covering(t, block_at, b, start, start + n + k)?;
+        }
+        // Existing blocks that cover part of the new area count it too.
+        for cluster in start..start + n + k {
+            let b = cluster / per_block;
+            if b < old_len && self.table_block(t, b)? != 0 {
+                self.set_refcount(t, cluster, 1)?;
+            }
+        }
+        // The new table: old entries, then the new blocks.
+        let mut buf = [0u8; CHUNK];
+        let table_bytes = n * cs;
+        let mut done = 0;
+        let mut new_block_no = 0;
+        while done < table_bytes {
+            let len = (table_bytes - done).min(CHUNK as u64) as usize;
+            buf.fill(0);
+            for (i, entry) in buf[..len].chunks_exact_mut(8).enumerate() {
+                let index = done / 8 + i as u64;
+                let mut value = if index < old_len {
+                    self.table_block(t, index)?
+                } else {
+                    0
+                };
+                if new_block_no < placed_count && placed[new_block_no] == index {
+                    value = (new_blocks_at + new_block_no as u64) * cs;
+                    new_block_no += 1;
+                }
+                entry.copy_from_slice(&value.to_be_bytes());
+            }
+            t.device.write_at(table_at + done, &buf[..len])?;
+            done += len as u64;
+        }
+        t.device.flush()?;
+        // Commit: offset (8 bytes) and cluster count (4 bytes) in one write.
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_at.to_be_bytes());
+        let clusters = u32::try_from(n)
+            .map_err(|_| crate::Error::new(ErrorKind::NoSpace, "refcount table too large"))?;
+        fields[8..].copy_from_slice(&clusters.to_be_bytes());
+        t.device.write_at(48, &fields)?;
+        t.device.flush()?;
+        self.header.refcount_table_offset = table_at;
+        self.header.refcount_table_clusters = clusters;
+        // The old table is unreferenced now (durably): release its clusters.
+        for c in 0..old_clusters {
+            self.release_cluster(t, old_offset + c * cs)?;
+        }
+        Ok(())
+    }
+
+    /// The raw offset stored in refcount table entry `index`.
+    fn table_block<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        index: u64,
+    ) -> Result<u64> {
+        Ok(self.read_entry(t, self.header.refcount_table_offset, index)? & !0x1ff)
+    }
+
+    /// Writes a refcount block at `at` for table entry `index`, with refcount
+    /// 1 for every cluster of `first..end` it covers.
+    fn write_block_covering<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        at: u64,
+        index: u64,
+        first: u64,
+        end: u64,
+    ) -> Result<()> {
+        let per_block = self.entries_per_block();
+        let covered = index * per_block..(index + 1) * per_block;
+        let mut buf = [0u8; CHUNK];
+        let cs = self.cluster_size();
+        let chunk = (cs as usize).min(CHUNK) as u64;
+        let mut done = 0;
+        while done < cs {
+            buf.fill(0);
+            for cluster in first.max(covered.start)..end.min(covered.end) {
+                let (pos, bytes, shift) = self.refcount_position(0, cluster);
+                if (done..done + chunk).contains(&pos) {
+                    let i = (pos - done) as usize;
+                    if self.refcount_bits() < 8 {
+                        buf[i] |= 1 << shift;
+                    } else {
+                        buf[i + bytes - 1] = 1;
+                    }
+                }
+            }
+            t.device.write_at(at + done, &buf[..chunk as usize])?;
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to the cluster at device offset `offset`. The
+    /// caller has made the removal of the reference durable first.
+    pub(super) fn release_cluster<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+    ) -> Result<()> {
+        let cluster = (offset & OFFSET_MASK) >> self.header.cluster_bits;
+        let count = self.refcount(t, cluster)?;
+        if count == 0 {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 refcount underflow (cluster already free)",
+            );
+        }
+        self.set_refcount(t, cluster, count - 1)?;
+        if count == 1 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+}

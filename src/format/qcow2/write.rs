@@ -1,0 +1,265 @@
+//! The qcow2 write side: L2 tables and entries, and what a guest write,
+//! zero write or discard does to one cluster.
+//!
+//! The graph drives a guest write cluster by cluster:
+//! 1. [`Qcow2::write_target`]: write in place (an owned data cluster), or
+//!    allocate;
+//! 2. when allocating, [`Qcow2::allocate_data`] counts the new cluster; the
+//!    graph fills it (copy-on-write of the untouched head and tail from the
+//!    current guest view, then the new data) and flushes;
+//! 3. [`Qcow2::map_cluster`] points the L2 entry at it and releases what the
+//!    entry referenced before.
+
+use super::header::Incompatible;
+use super::refcount::CHUNK;
+use super::{Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::device::Device;
+use crate::error::{fail, ErrorKind, Result};
+
+/// What a guest write to one cluster needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteTarget {
+    /// The cluster is owned (COPIED): write at this device offset.
+    InPlace(u64),
+    /// A new cluster must be allocated; `old` is the current L2 entry.
+    Allocate {
+        /// The L2 entry being replaced (0 when unallocated).
+        old: u64,
+    },
+}
+
+/// What a whole-cluster zero write or discard leaves in the L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClearMode {
+    /// Reads as zeros (the zero flag).
+    Zero,
+    /// Unallocated: the backing file shows through (or zeros without one).
+    Unallocated,
+}
+
+impl Qcow2 {
+    /// Refuses writes to images marked corrupt and clears unknown autoclear
+    /// bits (with one header write and a flush) before the first write.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for an image marked corrupt, device errors.
+    pub fn prepare_for_writes<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<()> {
+        if self.header.incompatible.contains(Incompatible::CORRUPT) {
+            return fail(
+                ErrorKind::Corrupt,
+                "image is marked corrupt: writes are refused",
+            );
+        }
+        if self.header.version >= 3 && self.header.autoclear != 0 {
+            // We maintain none of the autoclear features (e.g. bitmaps).
+            t.device.write_at(88, &0u64.to_be_bytes())?;
+            t.device.flush()?;
+            self.header.autoclear = 0;
+        }
+        Ok(())
+    }
+
+    /// The L1 index and L2 index of guest cluster `cluster`.
+    fn indices(&self, cluster: u64) -> (u64, u64) {
+        let l2_entries = self.cluster_size() / 8;
+        (cluster / l2_entries, cluster % l2_entries)
+    }
+
+    fn l1_entry<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        l1_index: u64,
+    ) -> Result<u64> {
+        if l1_index >= u64::from(self.header.l1_size) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "offset beyond the image's L1 table",
+            );
+        }
+        self.read_entry(t, self.header.l1_table_offset, l1_index)
+    }
+
+    /// The L2 entry of guest cluster `cluster` (0 when its table is absent).
+    fn l2_entry<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<u64> {
+        let (l1_index, l2_index) = self.indices(cluster);
+        let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
+        if table == 0 {
+            return Ok(0);
+        }
+        self.check_offset(t, table, "qcow2 L2 table")?;
+        self.read_entry(t, table, l2_index)
+    }
+
+    fn check_offset<D: Device, const S: usize>(
+        &self,
+        t: &Tables<'_, D, S>,
+        offset: u64,
+        _what: &str,
+    ) -> Result<()> {
+        if offset & (self.cluster_size() - 1) != 0 || offset >= t.device.size() {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 metadata points outside the image or is unaligned",
+            );
+        }
+        Ok(())
+    }
+
+    /// How a guest write to `cluster` must proceed.
+    ///
+    /// # Errors
+    /// Metadata and device errors.
+    pub fn write_target<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<WriteTarget> {
+        let (l1_index, _) = self.indices(cluster);
+        let l1 = self.l1_entry(t, l1_index)?;
+        let entry = self.l2_entry(t, cluster)?;
+        let owned = l1 & COPIED != 0
+            && entry & COPIED != 0
+            && entry & (COMPRESSED | ZERO) == 0
+            && entry & OFFSET_MASK != 0;
+        if owned {
+            let host = entry & OFFSET_MASK;
+            self.check_offset(t, host, "qcow2 data cluster")?;
+            return Ok(WriteTarget::InPlace(host));
+        }
+        Ok(WriteTarget::Allocate { old: entry })
+    }
+
+    /// Allocates a data cluster (its refcount written, not yet flushed).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoSpace`] on a full device, metadata errors.
+    pub fn allocate_data<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<u64> {
+        self.allocate(t)
+    }
+
+    /// Points guest `cluster` at `entry` (a data offset with COPIED, the
+    /// zero flag, or 0), then releases what the old entry `old` referenced.
+    /// The caller has flushed the new cluster's data and refcount.
+    ///
+    /// # Errors
+    /// Metadata and device errors; the old entry stays in place then.
+    pub fn map_cluster<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        entry: u64,
+        old: u64,
+    ) -> Result<()> {
+        let at = self.owned_l2_entry(t, cluster)?;
+        t.write_meta(at, &entry.to_be_bytes())?;
+        if self.references_storage(old) {
+            t.device.flush()?;
+            self.release_entry(t, old)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a whole guest `cluster` read as zeros or unallocated, releasing
+    /// its storage.
+    ///
+    /// # Errors
+    /// Metadata and device errors.
+    pub fn clear_cluster<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        mode: ClearMode,
+    ) -> Result<()> {
+        let old = self.l2_entry(t, cluster)?;
+        let entry = match mode {
+            ClearMode::Zero => ZERO,
+            ClearMode::Unallocated => 0,
+        };
+        if old == entry {
+            return Ok(());
+        }
+        let (l1_index, _) = self.indices(cluster);
+        if entry == 0 && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
+            return Ok(());
+        }
+        self.map_cluster(t, cluster, entry, old)
+    }
+
+    fn references_storage(&self, entry: u64) -> bool {
+        entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
+    }
+
+    /// Releases the clusters an L2 entry referenced.
+    fn release_entry<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        entry: u64,
+    ) -> Result<()> {
+        if entry & COMPRESSED != 0 {
+            let bits = self.header.cluster_bits;
+            let offset_bits = 62 - (bits - 8);
+            let host = entry & ((1u64 << offset_bits) - 1);
+            let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
+            let start = host & !511;
+            let end = start + sectors * 512;
+            let cs = self.cluster_size();
+            let mut cluster = start / cs * cs;
+            while cluster < end {
+                self.release_cluster(t, cluster)?;
+                cluster += cs;
+            }
+            return Ok(());
+        }
+        self.release_cluster(t, entry & OFFSET_MASK)
+    }
+
+    /// The device offset of `cluster`'s L2 entry in a table this image owns:
+    /// a missing table is allocated (zeroed), a shared one (an internal
+    /// snapshot's) is copied first. Each new table is written and flushed
+    /// before the L1 entry pointing to it (written and flushed too).
+    fn owned_l2_entry<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<u64> {
+        let (l1_index, l2_index) = self.indices(cluster);
+        let l1 = self.l1_entry(t, l1_index)?;
+        let table = l1 & OFFSET_MASK;
+        if table != 0 {
+            self.check_offset(t, table, "qcow2 L2 table")?;
+            if l1 & COPIED != 0 {
+                return Ok(table + l2_index * 8);
+            }
+        }
+        let cs = self.cluster_size();
+        let new_table = self.allocate(t)?;
+        let mut buf = [0u8; CHUNK];
+        let chunk = (cs as usize).min(CHUNK);
+        let mut done = 0;
+        while done < cs {
+            if table != 0 {
+                t.device.read_at(table + done, &mut buf[..chunk])?;
+            }
+            t.device.write_at(new_table + done, &buf[..chunk])?;
+            done += chunk as u64;
+        }
+        t.device.flush()?;
+        let l1_at = self.header.l1_table_offset + l1_index * 8;
+        t.write_meta(l1_at, &(new_table | COPIED).to_be_bytes())?;
+        t.device.flush()?;
+        if table != 0 {
+            self.release_cluster(t, table)?;
+        }
+        Ok(new_table + l2_index * 8)
+    }
+}

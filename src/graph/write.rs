@@ -1,0 +1,220 @@
+//! Guest writes, zero writes and discards on a format node.
+//!
+//! For qcow2 the graph drives each cluster: an owned cluster is written in
+//! place; otherwise a new cluster is allocated, filled (the untouched head
+//! and tail copied from the node's *current* guest view — old data, a
+//! compressed cluster, zeros or the backing chain — through a small bounce
+//! buffer, then the new bytes), flushed, and only then mapped. Reading the
+//! current view through the graph is what makes copy-on-write right for
+//! every kind of old entry.
+
+use super::{Driver, Graph, NodeId};
+use crate::device::Device;
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::qcow2::{ClearMode, Qcow2, Tables, WriteTarget};
+
+/// Bounce buffer for copy-on-write and zero writes (on the stack).
+const BOUNCE: usize = 4096;
+/// L2 entry flag of an owned cluster.
+const COPIED: u64 = 1 << 63;
+
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
+    Graph<D, NODES, BACKENDS, CACHE>
+{
+    /// Runs `work` on qcow2 node `id`'s state and metadata tables.
+    fn with_qcow2<T>(
+        &mut self,
+        id: NodeId,
+        work: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>) -> Result<T>,
+    ) -> Result<T> {
+        let node = self.nodes.get_mut(id)?;
+        let file = node
+            .file
+            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
+        let Driver::Qcow2(q) = &mut node.driver else {
+            return fail(ErrorKind::InvalidInput, "node is not a qcow2 image");
+        };
+        let device = self.devices[file.index()]
+            .as_mut()
+            .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
+        let mut tables = Tables {
+            cache: &mut self.cache,
+            owner: id.key(),
+            device,
+        };
+        work(q, &mut tables)
+    }
+
+    /// Checks that guest bytes `offset..offset + len` of `id` may be written.
+    fn check_writable(&mut self, id: NodeId, offset: u64, len: u64) -> Result<bool> {
+        self.check_range(id, offset, len)?;
+        let node = self.nodes.get(id)?;
+        if node.read_only {
+            return fail(ErrorKind::ReadOnly, "image is open read-only");
+        }
+        match node.driver {
+            Driver::Qcow2(_) => {
+                self.with_qcow2(id, |q, t| q.prepare_for_writes(t))?;
+                Ok(true)
+            }
+            Driver::Raw => Ok(false),
+            Driver::Protocol => fail(
+                ErrorKind::InvalidInput,
+                "cannot write a protocol node as an image",
+            ),
+        }
+    }
+
+    /// Writes guest bytes at `offset` of format node `id` (its own layer;
+    /// the backing chain is only read, for copy-on-write).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a read-only node,
+    /// [`ErrorKind::InvalidInput`] for a range outside the image,
+    /// [`ErrorKind::NoSpace`] when the device is full (the image stays
+    /// consistent; leaked clusters at most), metadata and device errors.
+    pub fn write(&mut self, id: NodeId, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if !self.check_writable(id, offset, data.len() as u64)? {
+            let file = self.layer_file(id)?;
+            return self.device_mut(file)?.write_at(offset, data);
+        }
+        let cs = self.qcow2(id)?.cluster_size();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let in_cluster = pos % cs;
+            let n = ((cs - in_cluster) as usize).min(data.len() - done);
+            self.write_in_cluster(id, pos, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `piece`, which lies inside one cluster, at guest `pos`.
+    fn write_in_cluster(&mut self, id: NodeId, pos: u64, piece: &[u8]) -> Result<()> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let cluster = pos / cs;
+        let in_cluster = pos % cs;
+        let file = self.layer_file(id)?;
+        match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
+            WriteTarget::InPlace(host) => self.device_mut(file)?.write_at(host + in_cluster, piece),
+            WriteTarget::Allocate { old } => {
+                let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
+                let start = cluster * cs;
+                let tail = in_cluster + piece.len() as u64;
+                self.copy_view(id, start, in_cluster, new)?;
+                self.device_mut(file)?.write_at(new + in_cluster, piece)?;
+                self.copy_view(id, start + tail, cs - tail, new + tail)?;
+                self.device_mut(file)?.flush()?;
+                self.with_qcow2(id, |q, t| q.map_cluster(t, cluster, new | COPIED, old))
+            }
+        }
+    }
+
+    /// Copies `len` bytes of `id`'s current guest view at `guest` to device
+    /// offset `host` of its file (bytes past the virtual size as zeros).
+    fn copy_view(&mut self, id: NodeId, guest: u64, len: u64, host: u64) -> Result<()> {
+        let size = self.size(id)?;
+        let file = self.layer_file(id)?;
+        let mut buf = [0u8; BOUNCE];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(BOUNCE as u64) as usize;
+            let at = guest + done;
+            let readable = size.saturating_sub(at).min(n as u64) as usize;
+            self.read(id, at, &mut buf[..readable])?;
+            buf[readable..n].fill(0);
+            self.device_mut(file)?.write_at(host + done, &buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes guest range `offset..offset + len` of format node `id` read as
+    /// zeros. qcow2 v3 sets the zero flag on whole clusters (freeing their
+    /// storage) and writes zeros into partial ones; v2 and raw write zeros.
+    ///
+    /// # Errors
+    /// As [`Graph::write`].
+    pub fn write_zeroes(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let qcow2 = self.check_writable(id, offset, len)?;
+        let zero_flag = qcow2 && self.qcow2(id)?.header().version >= 3;
+        self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
+            if whole && zero_flag {
+                let cluster = pos / graph.qcow2(id)?.cluster_size();
+                return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
+            }
+            const ZEROS: [u8; BOUNCE] = [0; BOUNCE];
+            let mut done = 0;
+            while done < n {
+                let chunk = (n - done).min(BOUNCE as u64) as usize;
+                graph.write(id, pos + done, &ZEROS[..chunk])?;
+                done += chunk as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// Discards guest range `offset..offset + len` of format node `id`.
+    /// qcow2 deallocates the whole clusters inside it (v3 with a backing
+    /// file marks them zero, so backing data never shows through) and leaves
+    /// partial clusters alone, as QEMU does; raw images read zeros there, as
+    /// after a hole punch.
+    ///
+    /// # Errors
+    /// As [`Graph::write`].
+    pub fn discard(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.check_writable(id, offset, len)? {
+            return self.write_zeroes(id, offset, len);
+        }
+        let mode = if self.qcow2(id)?.header().version >= 3 && self.nodes.get(id)?.backing.is_some()
+        {
+            ClearMode::Zero
+        } else {
+            ClearMode::Unallocated
+        };
+        self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
+            if !whole {
+                return Ok(());
+            }
+            let cluster = pos / graph.qcow2(id)?.cluster_size();
+            graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))
+        })
+    }
+
+    /// Splits `offset..offset + len` at cluster boundaries (qcow2) and calls
+    /// `each(graph, pos, len, whole_cluster)`; raw images are one piece. A
+    /// cluster that ends at the virtual size counts as whole.
+    fn for_each_piece(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        len: u64,
+        mut each: impl FnMut(&mut Self, u64, u64, bool) -> Result<()>,
+    ) -> Result<()> {
+        let size = self.size(id)?;
+        let cs = match self.qcow2(id) {
+            Ok(q) => q.cluster_size(),
+            Err(_) => return each(self, offset, len, false),
+        };
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let cluster_end = (pos / cs + 1) * cs;
+            let piece_end = cluster_end.min(end);
+            let whole = pos % cs == 0 && (piece_end == cluster_end || piece_end == size);
+            each(self, pos, piece_end - pos, whole)?;
+            pos = piece_end;
+        }
+        Ok(())
+    }
+}
