@@ -25,7 +25,7 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
 ) -> Outcome<'a> {
     let mut read_only = false;
     let mut image = None;
-    let mut commands = heapless::Vec::<&'a str, 32>::new();
+    let mut commands = heapless::Vec::<&'a str, 512>::new();
     let mut words = words.iter().copied();
     while let Some(word) = words.next() {
         match word {

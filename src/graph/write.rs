@@ -11,10 +11,12 @@
 use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::{ClearMode, Qcow2, Tables, WriteTarget};
+use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
 
 /// Bounce buffer for copy-on-write and zero writes (on the stack).
 const BOUNCE: usize = 4096;
+/// Clusters allocated together, sharing one flush before they are mapped.
+const BATCH: usize = 64;
 /// L2 entry flag of an owned cluster.
 const COPIED: u64 = 1 << 63;
 
@@ -81,37 +83,68 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
             let file = self.layer_file(id)?;
             return self.device_mut(file)?.write_at(offset, data);
         }
-        let cs = self.qcow2(id)?.cluster_size();
+        let cs = self.qcow2(id)?.cluster_size() as usize;
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
-            let in_cluster = pos % cs;
-            let n = ((cs - in_cluster) as usize).min(data.len() - done);
-            self.write_in_cluster(id, pos, &data[done..done + n])?;
+            let span = ((pos % cs as u64) as usize + data.len() - done)
+                .div_ceil(cs)
+                .min(BATCH);
+            let n = (span * cs - (pos % cs as u64) as usize).min(data.len() - done);
+            self.write_clusters(id, pos, &data[done..done + n])?;
             done += n;
         }
         Ok(())
     }
 
-    /// Writes `piece`, which lies inside one cluster, at guest `pos`.
-    fn write_in_cluster(&mut self, id: NodeId, pos: u64, piece: &[u8]) -> Result<()> {
+    /// Writes `data` (at most [`BATCH`] clusters) at guest `pos`: owned
+    /// clusters in place; for the others, every new cluster is allocated and
+    /// filled, one flush makes data and refcounts durable, then the L2
+    /// entries are set, and after another flush the replaced storage is
+    /// released.
+    fn write_clusters(&mut self, id: NodeId, pos: u64, data: &[u8]) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
-        let cluster = pos / cs;
-        let in_cluster = pos % cs;
         let file = self.layer_file(id)?;
-        match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-            WriteTarget::InPlace(host) => self.device_mut(file)?.write_at(host + in_cluster, piece),
-            WriteTarget::Allocate { old } => {
-                let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
-                let start = cluster * cs;
-                let tail = in_cluster + piece.len() as u64;
-                self.copy_view(id, start, in_cluster, new)?;
-                self.device_mut(file)?.write_at(new + in_cluster, piece)?;
-                self.copy_view(id, start + tail, cs - tail, new + tail)?;
-                self.device_mut(file)?.flush()?;
-                self.with_qcow2(id, |q, t| q.map_cluster(t, cluster, new | COPIED, old))
+        let mut fresh: [(u64, u64, u64); BATCH] = [(0, 0, 0); BATCH];
+        let mut count = 0;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = pos + done as u64;
+            let (cluster, in_cluster) = (at / cs, at % cs);
+            let piece = &data[done..done + ((cs - in_cluster) as usize).min(data.len() - done)];
+            match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
+                WriteTarget::InPlace(host) => {
+                    self.device_mut(file)?.write_at(host + in_cluster, piece)?
+                }
+                WriteTarget::Allocate { old } => {
+                    let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
+                    let tail = in_cluster + piece.len() as u64;
+                    self.copy_view(id, cluster * cs, in_cluster, new)?;
+                    self.device_mut(file)?.write_at(new + in_cluster, piece)?;
+                    self.copy_view(id, cluster * cs + tail, cs - tail, new + tail)?;
+                    fresh[count] = (cluster, new, old);
+                    count += 1;
+                }
+            }
+            done += piece.len();
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        self.device_mut(file)?.flush()?;
+        for &(cluster, new, _) in &fresh[..count] {
+            self.with_qcow2(id, |q, t| q.set_entry(t, cluster, new | COPIED))?;
+        }
+        if fresh[..count]
+            .iter()
+            .any(|&(_, _, old)| references_storage(old))
+        {
+            self.device_mut(file)?.flush()?;
+            for &(_, _, old) in &fresh[..count] {
+                self.with_qcow2(id, |q, t| q.release_entry(t, old))?;
             }
         }
+        Ok(())
     }
 
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device
@@ -163,9 +196,10 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
 
     /// Discards guest range `offset..offset + len` of format node `id`.
     /// qcow2 deallocates the whole clusters inside it (v3 with a backing
-    /// file marks them zero, so backing data never shows through) and leaves
-    /// partial clusters alone, as QEMU does; raw images read zeros there, as
-    /// after a hole punch.
+    /// file marks them zero, so backing data never shows through; v2 with a
+    /// backing file cannot, and ignores the discard) and leaves partial
+    /// clusters alone, as QEMU does; raw images read zeros there, as after a
+    /// hole punch.
     ///
     /// # Errors
     /// As [`Graph::write`].
@@ -176,11 +210,12 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
         if !self.check_writable(id, offset, len)? {
             return self.write_zeroes(id, offset, len);
         }
-        let mode = if self.qcow2(id)?.header().version >= 3 && self.nodes.get(id)?.backing.is_some()
-        {
-            ClearMode::Zero
-        } else {
-            ClearMode::Unallocated
+        let has_backing = self.nodes.get(id)?.backing.is_some();
+        let mode = match (self.qcow2(id)?.header().version >= 3, has_backing) {
+            (true, true) => ClearMode::Zero,
+            (_, false) => ClearMode::Unallocated,
+            // v2 cannot hide backing data: QEMU ignores the discard.
+            (false, true) => return Ok(()),
         };
         self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
             if !whole {
@@ -211,7 +246,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
         while pos < end {
             let cluster_end = (pos / cs + 1) * cs;
             let piece_end = cluster_end.min(end);
-            let whole = pos % cs == 0 && (piece_end == cluster_end || piece_end == size);
+            let whole = pos.is_multiple_of(cs) && (piece_end == cluster_end || piece_end == size);
             each(self, pos, piece_end - pos, whole)?;
             pos = piece_end;
         }

@@ -31,8 +31,9 @@ use crate::error::{fail, ErrorKind, Result};
 /// Header length written for version 3 images: the 104 bytes of the v3
 /// header plus the compression type byte (0, zlib) padded to 8, as QEMU does.
 const V3_CREATE_HEADER_LENGTH: usize = 112;
-/// Bytes written per device write when filling tables and zeroed clusters.
-const CHUNK: usize = 4096;
+/// Bytes written per device write when filling tables and zeroed clusters;
+/// the same stack buffer later holds the header area.
+const CHUNK: usize = HEADER_AREA;
 /// Sizes are whole 512-byte sectors, as QEMU requires.
 const SECTOR: u64 = 512;
 
@@ -390,8 +391,8 @@ pub fn create<D: Device>(device: &mut D, options: &CreateOptions<'_>) -> Result<
     device.flush()?;
 
     // The header, last and in one write.
-    let mut area = [0u8; HEADER_AREA];
-    let area = &mut area[..header_area as usize];
+    let area = &mut chunk[..header_area as usize];
+    area.fill(0);
     emit_header(options, &layout, area);
     device.write_at(0, area)?;
     device.flush()

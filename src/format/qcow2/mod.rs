@@ -15,7 +15,7 @@ mod write;
 
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
-pub use write::{ClearMode, WriteTarget};
+pub use write::{references_storage, ClearMode, WriteTarget};
 
 use super::cache::{MetaCache, Owner, SLICE_SIZE};
 use super::Mapping;

@@ -148,21 +148,36 @@ impl Qcow2 {
     }
 
     /// Points guest `cluster` at `entry` (a data offset with COPIED, the
-    /// zero flag, or 0), then releases what the old entry `old` referenced.
-    /// The caller has flushed the new cluster's data and refcount.
+    /// zero flag, or 0). The caller has flushed the new cluster's data and
+    /// refcount, and releases what the old entry referenced with
+    /// [`Qcow2::release_entry`] once this is flushed.
     ///
     /// # Errors
     /// Metadata and device errors; the old entry stays in place then.
-    pub fn map_cluster<D: Device, const S: usize>(
+    pub fn set_entry<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        entry: u64,
+    ) -> Result<()> {
+        let at = self.owned_l2_entry(t, cluster)?;
+        t.write_meta(at, &entry.to_be_bytes())
+    }
+
+    /// Points guest `cluster` at `entry`, flushes, and releases what the old
+    /// entry `old` referenced.
+    ///
+    /// # Errors
+    /// Metadata and device errors.
+    fn map_cluster<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
         entry: u64,
         old: u64,
     ) -> Result<()> {
-        let at = self.owned_l2_entry(t, cluster)?;
-        t.write_meta(at, &entry.to_be_bytes())?;
-        if self.references_storage(old) {
+        self.set_entry(t, cluster, entry)?;
+        if references_storage(old) {
             t.device.flush()?;
             self.release_entry(t, old)?;
         }
@@ -195,16 +210,20 @@ impl Qcow2 {
         self.map_cluster(t, cluster, entry, old)
     }
 
-    fn references_storage(&self, entry: u64) -> bool {
-        entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
-    }
-
-    /// Releases the clusters an L2 entry referenced.
-    fn release_entry<D: Device, const S: usize>(
+    /// Releases the clusters an L2 entry referenced (nothing for entries
+    /// that reference no storage). The entry must no longer be in use,
+    /// durably.
+    ///
+    /// # Errors
+    /// Metadata and device errors.
+    pub fn release_entry<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
         entry: u64,
     ) -> Result<()> {
+        if !references_storage(entry) {
+            return Ok(());
+        }
         if entry & COMPRESSED != 0 {
             let bits = self.header.cluster_bits;
             let offset_bits = 62 - (bits - 8);
@@ -262,4 +281,10 @@ impl Qcow2 {
         }
         Ok(new_table + l2_index * 8)
     }
+}
+
+/// Whether an L2 entry holds storage (a data, zero-allocated or compressed
+/// cluster) that must be released when it is replaced.
+pub fn references_storage(entry: u64) -> bool {
+    entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
 }
