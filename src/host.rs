@@ -11,7 +11,22 @@ use crate::graph::{NameBuf, Resolver};
 
 /// Resolves image names as host paths and opens them as [`FileDevice`]s.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PathResolver;
+pub struct PathResolver {
+    /// When set, files opened for writing may not grow past this many bytes
+    /// (they behave like a fixed-size disk: writes beyond fail with
+    /// [`ErrorKind::NoSpace`]).
+    pub max_file_size: Option<u64>,
+}
+
+impl PathResolver {
+    fn open_file(&self, path: &str, writable: bool) -> Result<FileDevice> {
+        let mut device = FileDevice::open(Path::new(path), writable)?;
+        if let (true, Some(max)) = (writable, self.max_file_size) {
+            device.limit_size(max);
+        }
+        Ok(device)
+    }
+}
 
 /// QEMU's `path_combine`: `reference` relative to the directory of `overlay`.
 fn combine(overlay: &str, reference: &str) -> String {
@@ -50,7 +65,7 @@ fn relative_path(from: &Path, target: &Path) -> PathBuf {
 
 impl Resolver<FileDevice> for PathResolver {
     fn open(&mut self, name: &str, writable: bool) -> Result<FileDevice> {
-        FileDevice::open(Path::new(name), writable)
+        self.open_file(name, writable)
     }
 
     fn open_backing(
@@ -65,10 +80,13 @@ impl Resolver<FileDevice> for PathResolver {
         }
         let path = combine(overlay, reference);
         store(&path, resolved)?;
-        FileDevice::open(Path::new(&path), writable).map_err(|err| match err.kind() {
-            ErrorKind::NotFound => crate::Error::new(ErrorKind::NotFound, "backing file not found"),
-            _ => err,
-        })
+        self.open_file(&path, writable)
+            .map_err(|err| match err.kind() {
+                ErrorKind::NotFound => {
+                    crate::Error::new(ErrorKind::NotFound, "backing file not found")
+                }
+                _ => err,
+            })
     }
 
     fn reference(&mut self, overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {

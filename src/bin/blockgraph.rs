@@ -18,7 +18,9 @@ use blockgraph::{Graph, Result};
 const SCRATCH_BYTES: usize = 1 << 20;
 
 const USAGE: &str = "\
-usage: blockgraph COMMAND [ARGS]
+usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
+  --max-file-size SIZE: image files opened for writing may not grow past SIZE
+  (like a fixed-size disk: a write needing more space fails with no space)
   info [--backing-chain] [--output=json|human] IMAGE
   map [--output=json|human] IMAGE
   convert [-O raw] IMAGE OUTPUT
@@ -59,7 +61,23 @@ impl fmt::Write for Stdout<'_> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut resolver = PathResolver::default();
+    if words.first() == Some(&"--max-file-size") {
+        let limit = words.get(1).map(|w| (w, cmd::args::parse_size(w)));
+        match limit {
+            Some((_, Ok(max))) => resolver.max_file_size = Some(max),
+            Some((word, Err(err))) => {
+                eprintln!("blockgraph: {word}: {err}");
+                return ExitCode::FAILURE;
+            }
+            None => {
+                eprintln!("blockgraph: --max-file-size needs a size");
+                return ExitCode::FAILURE;
+            }
+        }
+        words.drain(..2);
+    }
     if matches!(words.first(), None | Some(&"help" | &"--help" | &"-h")) {
         println!("{USAGE}");
         return if words.is_empty() {
@@ -68,9 +86,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         };
     }
-    let mut env = Host {
-        resolver: PathResolver,
-    };
+    let mut env = Host { resolver };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();
     let mut scratch = vec![0u8; SCRATCH_BYTES];

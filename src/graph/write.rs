@@ -20,6 +20,15 @@ const BATCH: usize = 64;
 /// L2 entry flag of an owned cluster.
 const COPIED: u64 = 1 << 63;
 
+/// A cluster allocated for a write: guest cluster, new device offset, and
+/// the L2 entry it replaces.
+#[derive(Clone, Copy, Default)]
+struct Fresh {
+    cluster: u64,
+    new: u64,
+    old: u64,
+}
+
 impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
     Graph<D, NODES, BACKENDS, CACHE>
 {
@@ -103,45 +112,75 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
     /// entries are set, and after another flush the replaced storage is
     /// released.
     fn write_clusters(&mut self, id: NodeId, pos: u64, data: &[u8]) -> Result<()> {
+        let mut fresh = [Fresh::default(); BATCH];
+        let mut count = 0;
+        let mut mapped = 0;
+        let result = self
+            .fill_clusters(id, pos, data, &mut fresh, &mut count)
+            .and_then(|()| self.map_fresh(id, &fresh[..count], &mut mapped));
+        if result.is_err() {
+            // Nothing references the clusters not yet mapped: give them back
+            // (best effort; a crash here would only leak them).
+            for f in &fresh[mapped..count] {
+                let _ = self.with_qcow2(id, |q, t| q.release_entry(t, f.new | COPIED));
+            }
+        }
+        result
+    }
+
+    /// Writes owned clusters in place and allocates and fills the others,
+    /// recording each allocation in `fresh[..count]` as soon as it exists.
+    fn fill_clusters(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        data: &[u8],
+        fresh: &mut [Fresh; BATCH],
+        count: &mut usize,
+    ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
         let file = self.layer_file(id)?;
-        let mut fresh: [(u64, u64, u64); BATCH] = [(0, 0, 0); BATCH];
-        let mut count = 0;
         let mut done = 0usize;
         while done < data.len() {
             let at = pos + done as u64;
             let (cluster, in_cluster) = (at / cs, at % cs);
-            let piece = &data[done..done + ((cs - in_cluster) as usize).min(data.len() - done)];
+            let len = ((cs - in_cluster) as usize).min(data.len() - done);
+            let piece = &data[done..done + len];
             match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
                 WriteTarget::InPlace(host) => {
                     self.device_mut(file)?.write_at(host + in_cluster, piece)?
                 }
                 WriteTarget::Allocate { old } => {
                     let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
+                    fresh[*count] = Fresh { cluster, new, old };
+                    *count += 1;
                     let tail = in_cluster + piece.len() as u64;
                     self.copy_view(id, cluster * cs, in_cluster, new)?;
                     self.device_mut(file)?.write_at(new + in_cluster, piece)?;
                     self.copy_view(id, cluster * cs + tail, cs - tail, new + tail)?;
-                    fresh[count] = (cluster, new, old);
-                    count += 1;
                 }
             }
-            done += piece.len();
+            done += len;
         }
-        if count == 0 {
+        Ok(())
+    }
+
+    /// Flushes the filled clusters, maps them (counting in `mapped`), and
+    /// after another flush releases what they replaced.
+    fn map_fresh(&mut self, id: NodeId, fresh: &[Fresh], mapped: &mut usize) -> Result<()> {
+        if fresh.is_empty() {
             return Ok(());
         }
+        let file = self.layer_file(id)?;
         self.device_mut(file)?.flush()?;
-        for &(cluster, new, _) in &fresh[..count] {
-            self.with_qcow2(id, |q, t| q.set_entry(t, cluster, new | COPIED))?;
+        for f in fresh {
+            self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, f.new | COPIED))?;
+            *mapped += 1;
         }
-        if fresh[..count]
-            .iter()
-            .any(|&(_, _, old)| references_storage(old))
-        {
+        if fresh.iter().any(|f| references_storage(f.old)) {
             self.device_mut(file)?.flush()?;
-            for &(_, _, old) in &fresh[..count] {
-                self.with_qcow2(id, |q, t| q.release_entry(t, old))?;
+            for f in fresh {
+                self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
             }
         }
         Ok(())
