@@ -1,0 +1,150 @@
+//! Proves the library does not allocate on the heap once images are open:
+//! reads (plain, compressed, through a backing chain), writes (allocating,
+//! copy-on-write, in place), zero writes, discards and flushes run with a
+//! counting global allocator that must see no allocation on this thread.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use blockgraph::device::FileDevice;
+use blockgraph::host::PathResolver;
+use blockgraph::{Access, Graph, OpenOptions};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+// SAFETY: forwards every call unchanged to the system allocator; the only
+// addition is a counter bump, which does not allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LAST_SIZE.store(layout.size(), Ordering::Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn run(dir: &Path, program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {program} (apt-get install qemu-utils): {e}"));
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+/// Counts heap allocations made by `work` on this thread.
+fn allocations_during(work: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    COUNTING.with(|c| c.set(true));
+    work();
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.load(Ordering::Relaxed) - before
+}
+
+#[test]
+fn reads_writes_and_flushes_do_not_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "raw-src.qcow2", "4M"],
+    );
+    run(d, "qemu-io", &["-c", "write -P 0x5a 0 2M", "raw-src.qcow2"]);
+    // A compressed base under a small-cluster overlay with an internal snapshot.
+    run(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "raw-src.qcow2",
+            "base.qcow2",
+        ],
+    );
+    let overlay_opts = "cluster_size=4096";
+    run(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            overlay_opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "4M",
+        ],
+    );
+    run(d, "qemu-io", &["-c", "write -P 0x21 8k 64k", "top.qcow2"]);
+    run(d, "qemu-img", &["snapshot", "-c", "s1", "top.qcow2"]);
+    let top = d.join("top.qcow2");
+    let top = top.to_str().unwrap();
+
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let mut resolver = PathResolver::default();
+    let options = OpenOptions {
+        read_only: false,
+        ..OpenOptions::default()
+    };
+    let node = graph.open_image(&mut resolver, top, options).unwrap();
+    let backend = graph
+        .attach_backend(node, Access::READ_WRITE_DEVICE)
+        .unwrap();
+    let mut buf = vec![0u8; 300_000];
+    let data = vec![0x77u8; 100_000];
+
+    let count = allocations_during(|| {
+        graph.backend_read(backend, 0, &mut buf).unwrap();
+        graph
+            .backend_read(backend, 1_000_001, &mut buf[..70_000])
+            .unwrap();
+        graph.backend_write(backend, 5_000, &data).unwrap(); // snapshot-shared: COW
+        graph.backend_write(backend, 1_500_000, &data).unwrap(); // over compressed base
+        graph.backend_write(backend, 5_001, &data[..10]).unwrap(); // in place
+        graph.write_zeroes(node, 2_000_000, 300_000).unwrap();
+        graph.discard(node, 3_000_000, 100_000).unwrap();
+        graph.backend_flush(backend).unwrap();
+        graph.backend_read(backend, 0, &mut buf).unwrap();
+    });
+    assert_eq!(
+        count,
+        0,
+        "heap allocations during I/O after open (last of {} bytes)",
+        LAST_SIZE.load(Ordering::Relaxed)
+    );
+    assert_eq!(&buf[5_000..105_000], &data[..]);
+    assert!(buf[..5_000].iter().all(|&b| b == 0x5a));
+    assert!(buf[105_000..].iter().all(|&b| b == 0x5a));
+    graph.detach_backend(backend).unwrap();
+    graph.unref(node).unwrap();
+    assert_eq!(graph.node_count(), 0);
+    run(d, "qemu-img", &["check", "-q", "top.qcow2"]);
+}
