@@ -113,6 +113,8 @@ struct Located {
     status: BlockStatus,
     layer: NodeId,
     mapping: Mapping,
+    /// The range lies past the end of a backing layer (reads zeros).
+    beyond_end: bool,
 }
 
 /// Who uses a node.
@@ -665,9 +667,38 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
     /// serves its first byte, and for how many bytes (at most `len`) that
     /// holds.
     fn locate(&mut self, id: NodeId, offset: u64, len: u64) -> Result<(Located, u64)> {
+        self.locate_above(id, None, offset, len)
+    }
+
+    /// [`Graph::locate`] over the layers from `id` down to, not including,
+    /// `bottom` (the whole chain for `None`): a range no such layer holds is
+    /// reported not present.
+    fn locate_above(
+        &mut self,
+        id: NodeId,
+        bottom: Option<NodeId>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Located, u64)> {
         let mut layer = id;
         let mut run = len;
         for depth in 0u32.. {
+            if depth > 0 && Some(layer) == bottom {
+                let status = BlockStatus {
+                    depth,
+                    present: false,
+                    zero: false,
+                    data: false,
+                    compressed: false,
+                };
+                let located = Located {
+                    status,
+                    layer,
+                    mapping: Mapping::Unallocated,
+                    beyond_end: false,
+                };
+                return Ok((located, run));
+            }
             let node = self.nodes.get(layer)?;
             let size = match &node.driver {
                 Driver::Qcow2(q) => q.size(),
@@ -683,6 +714,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
                 },
                 layer,
                 mapping: Mapping::Zero,
+                beyond_end: false,
             };
             if offset >= size {
                 // Past a backing file's end: zeros, attributed (as QEMU does)
@@ -692,7 +724,12 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
                     depth,
                     ..beyond.status
                 };
-                return Ok((Located { status, ..beyond }, run));
+                let located = Located {
+                    status,
+                    beyond_end: true,
+                    ..beyond
+                };
+                return Ok((located, run));
             }
             run = run.min(size - offset);
             let (mapping, mapped) = match &node.driver {
@@ -743,13 +780,13 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
                 },
                 Mapping::Data(_) => Located {
                     status: status(true, false, true, false),
-                    layer,
                     mapping,
+                    ..beyond
                 },
                 Mapping::Compressed(_) => Located {
                     status: status(true, false, true, true),
-                    layer,
                     mapping,
+                    ..beyond
                 },
             };
             return Ok((located, run));
@@ -772,6 +809,30 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
         self.check_range(id, offset, len)?;
         let (located, run) = self.locate(id, offset, len)?;
         Ok((located.status, run))
+    }
+
+    /// Whether guest range `offset..offset + len` of `top`'s chain is held
+    /// by a layer from `top` down to, not including, `bottom`: the status of
+    /// its first byte (`present` set when such a layer holds it, `zero` when
+    /// it reads zeros) and how many bytes share it. A range past the end of
+    /// such a layer counts as held, reading zeros (it hides what lies below).
+    ///
+    /// # Errors
+    /// As [`Graph::block_status`].
+    pub fn allocation_above(
+        &mut self,
+        top: NodeId,
+        bottom: Option<NodeId>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        self.check_range(top, offset, len)?;
+        let (located, run) = self.locate_above(top, bottom, offset, len)?;
+        let mut status = located.status;
+        if located.beyond_end && Some(located.layer) != bottom {
+            status.present = true;
+        }
+        Ok((status, run))
     }
 
     fn check_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {

@@ -206,7 +206,7 @@ impl Qcow2 {
                 let at = (own % slice as u64) as usize;
                 first[at..at + bytes].copy_from_slice(&one[..bytes]);
             }
-            t.device.write_at(offset + done, &first[..slice])?;
+            t.write_meta(offset + done, &first[..slice])?;
             done += slice as u64;
             chunk += 1;
         }
@@ -295,7 +295,7 @@ impl Qcow2 {
                 }
                 entry.copy_from_slice(&value.to_be_bytes());
             }
-            t.device.write_at(table_at + done, &buf[..len])?;
+            t.write_meta(table_at + done, &buf[..len])?;
             done += len as u64;
         }
         t.device.flush()?;
@@ -356,7 +356,7 @@ impl Qcow2 {
                     }
                 }
             }
-            t.device.write_at(at + done, &buf[..chunk as usize])?;
+            t.write_meta(at + done, &buf[..chunk as usize])?;
             done += chunk;
         }
         Ok(())

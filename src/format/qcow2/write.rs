@@ -269,7 +269,7 @@ impl Qcow2 {
             if table != 0 {
                 t.device.read_at(table + done, &mut buf[..chunk])?;
             }
-            t.device.write_at(new_table + done, &buf[..chunk])?;
+            t.write_meta(new_table + done, &buf[..chunk])?;
             done += chunk as u64;
         }
         t.device.flush()?;
@@ -287,4 +287,89 @@ impl Qcow2 {
 /// cluster) that must be released when it is replaced.
 pub fn references_storage(entry: u64) -> bool {
     entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
+}
+
+impl Qcow2 {
+    /// Allocates `count` adjacent clusters (refcounts written, not flushed)
+    /// and returns the device offset of the first.
+    fn allocate_run<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        count: u64,
+    ) -> Result<u64> {
+        let cs = self.cluster_size();
+        for _ in 0..8 {
+            let first = self.allocate(t)?;
+            let mut got = 1;
+            while got < count {
+                let next = self.allocate(t)?;
+                if next != first + got * cs {
+                    // A refcount block landed in between: start again after it.
+                    for c in 0..got {
+                        self.release_cluster(t, first + c * cs)?;
+                    }
+                    self.release_cluster(t, next)?;
+                    self.free_hint = (next / cs).max(self.free_hint);
+                    break;
+                }
+                got += 1;
+            }
+            if got == count {
+                return Ok(first);
+            }
+        }
+        fail(ErrorKind::NoSpace, "no room for adjacent qcow2 clusters")
+    }
+
+    /// Grows the virtual size to `new_size` bytes (a smaller size is left
+    /// alone). A larger L1 table, when needed, is written and flushed first
+    /// and switched in by one header write; then the size field is written.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a size over the format's limits,
+    /// metadata and device errors (the image stays valid at its old size).
+    pub fn grow<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>, new_size: u64) -> Result<()> {
+        if new_size <= self.size() {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let coverage = cs / 8 * cs;
+        let needed = new_size.div_ceil(coverage);
+        if needed > super::header::MAX_L1_ENTRIES || new_size > super::header::MAX_VIRTUAL_SIZE {
+            return fail(ErrorKind::InvalidInput, "new size exceeds the qcow2 limits");
+        }
+        if needed > u64::from(self.header.l1_size) {
+            let old_offset = self.header.l1_table_offset;
+            let old_bytes = u64::from(self.header.l1_size) * 8;
+            let clusters = (needed * 8).div_ceil(cs);
+            let table = self.allocate_run(t, clusters)?;
+            let mut buf = [0u8; CHUNK];
+            let mut done = 0;
+            while done < clusters * cs {
+                let n = (clusters * cs - done).min(CHUNK as u64) as usize;
+                buf.fill(0);
+                let old = old_bytes.saturating_sub(done).min(n as u64) as usize;
+                t.device.read_at(old_offset + done, &mut buf[..old])?;
+                t.write_meta(table + done, &buf[..n])?;
+                done += n as u64;
+            }
+            t.device.flush()?;
+            let mut fields = [0u8; 12];
+            fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
+            fields[4..].copy_from_slice(&table.to_be_bytes());
+            t.device.write_at(36, &fields)?;
+            t.device.flush()?;
+            self.header.l1_size = needed as u32;
+            self.header.l1_table_offset = table;
+            let mut cluster = old_offset;
+            while old_bytes > 0 && cluster < old_offset + old_bytes {
+                self.release_cluster(t, cluster)?;
+                cluster += cs;
+            }
+        }
+        t.device.write_at(24, &new_size.to_be_bytes())?;
+        t.device.flush()?;
+        self.header.size = new_size;
+        Ok(())
+    }
 }
