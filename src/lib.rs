@@ -46,4 +46,5 @@ pub type SharedGraph<
     const NODES: usize = 64,
     const BACKENDS: usize = 8,
     const CACHE: usize = 32,
-> = spin::Mutex<Graph<D, NODES, BACKENDS, CACHE>>;
+    const JOBS: usize = 4,
+> = spin::Mutex<Graph<D, NODES, BACKENDS, CACHE, JOBS>>;

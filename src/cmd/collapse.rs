@@ -15,9 +15,9 @@ use crate::graph::{Access, Graph, NodeId, OpenOptions, Resolver};
 
 const USAGE: &str = "usage: collapse --top TOP [--base BASE] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {
@@ -65,8 +65,8 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
 }
 
 /// Prints the new backing reference of the overlay that now sits on `base`.
-fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize>(
-    graph: &Graph<D, N, B, C>,
+fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &Graph<D, N, B, C, J>,
     active: NodeId,
     base: Option<NodeId>,
     out: &mut dyn fmt::Write,
@@ -94,9 +94,9 @@ fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize>(
 }
 
 /// The member of `active`'s chain stored where `name` points.
-fn find_in_chain<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+fn find_in_chain<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &Graph<E::Device, N, B, C>,
+    graph: &Graph<E::Device, N, B, C, J>,
     active: NodeId,
     name: &'a str,
 ) -> Result<NodeId, Failure<'a>> {

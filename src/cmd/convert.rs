@@ -9,9 +9,9 @@ use crate::Device;
 
 const USAGE: &str = "usage: convert [-O raw] IMAGE OUTPUT";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     scratch: &mut [u8],
     _out: &mut dyn fmt::Write,

@@ -85,9 +85,9 @@ fn apply_options<'a>(word: &'a str, options: &mut CreateOptions<'_>) -> Result<(
 
 /// Opens the backing image `backing` of format `format` as the overlay
 /// `image` will open it and returns its virtual size.
-fn backing_size<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+fn backing_size<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     image: &str,
     (backing, format): (&'a str, Format),
 ) -> Result<u64, Failure<'a>> {
@@ -117,9 +117,9 @@ fn backing_size<'a, E: Environment, const N: usize, const B: usize, const C: usi
     size.map_err(at)
 }
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {

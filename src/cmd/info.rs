@@ -9,9 +9,9 @@ use crate::graph::{Graph, NodeId, OpenOptions};
 
 const USAGE: &str = "usage: info [--backing-chain] [--output=json|human] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {
@@ -71,8 +71,8 @@ struct Facts<'g> {
     dirty: Option<bool>,
 }
 
-fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
-    graph: &Graph<D, N, B, C>,
+fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
 ) -> crate::Result<Facts<'_>> {
     let format = graph.format(layer)?.unwrap_or(Format::Raw);
@@ -94,8 +94,8 @@ fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usiz
     })
 }
 
-fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
-    graph: &Graph<D, N, B, C>,
+fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
     out: &mut dyn fmt::Write,
 ) -> Outcome<'static> {
@@ -127,8 +127,8 @@ fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const
     Ok(())
 }
 
-fn describe_human<D: crate::device::Device, const N: usize, const B: usize, const C: usize>(
-    graph: &Graph<D, N, B, C>,
+fn describe_human<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
     out: &mut dyn fmt::Write,
 ) -> Outcome<'static> {

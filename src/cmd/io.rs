@@ -16,9 +16,9 @@ const USAGE: &str = "usage: io [-r] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
@@ -110,8 +110,8 @@ fn parse_request<'a>(words: &[&'a str], allow_zero: bool) -> Result<Request, Fai
     Ok(request)
 }
 
-fn execute<'a, D: crate::Device, const N: usize, const B: usize, const C: usize>(
-    graph: &mut Graph<D, N, B, C>,
+fn execute<'a, D: crate::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
     backend: BackendId,
     command: &'a str,
     scratch: &mut [u8],

@@ -8,9 +8,9 @@ use crate::graph::{BlockStatus, Graph, OpenOptions};
 
 const USAGE: &str = "usage: map [--output=json|human] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {

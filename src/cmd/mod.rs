@@ -98,9 +98,9 @@ pub(crate) fn invalid(message: &'static str) -> Failure<'static> {
 /// # Errors
 /// A [`Failure`] for wrong arguments or any failed operation; the graph holds
 /// no more nodes afterwards than before.
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     words: &[&'a str],
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
@@ -126,14 +126,14 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
 }
 
 /// Opens `name`'s chain, runs `body` on it and releases it again.
-pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, const C: usize, T>(
+pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize, T>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     name: &'a str,
     options: OpenOptions,
     body: impl FnOnce(
         &mut E,
-        &mut Graph<E::Device, N, B, C>,
+        &mut Graph<E::Device, N, B, C, J>,
         NodeId,
     ) -> core::result::Result<T, Failure<'a>>,
 ) -> core::result::Result<T, Failure<'a>> {
@@ -146,9 +146,9 @@ pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, con
 }
 
 /// Opens `name`'s chain, naming the image in the failure.
-pub(crate) fn open<'a, E: Environment, const N: usize, const B: usize, const C: usize>(
+pub(crate) fn open<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C>,
+    graph: &mut Graph<E::Device, N, B, C, J>,
     name: &'a str,
     options: OpenOptions,
 ) -> core::result::Result<NodeId, Failure<'a>> {

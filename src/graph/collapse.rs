@@ -36,8 +36,8 @@ struct Plan<const NODES: usize, const BACKENDS: usize> {
     make_base_writable: bool,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
-    Graph<D, NODES, BACKENDS, CACHE>
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
+    Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// Removes every layer above `base` up to and including `top` from
     /// `active`'s chain: every user of `top` is re-pointed to `base` (or, for

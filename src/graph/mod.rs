@@ -132,7 +132,13 @@ pub enum Parent {
 ///
 /// Capacities: `NODES` nodes (protocol and format nodes count alike),
 /// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB.
-pub struct Graph<D, const NODES: usize = 64, const BACKENDS: usize = 8, const CACHE: usize = 32> {
+pub struct Graph<
+    D,
+    const NODES: usize = 64,
+    const BACKENDS: usize = 8,
+    const CACHE: usize = 32,
+    const JOBS: usize = 4,
+> {
     pub(crate) nodes: Pool<Node, NODES>,
     pub(crate) devices: [Option<D>; NODES],
     pub(crate) backends: Pool<Backend, BACKENDS>,
@@ -140,16 +146,16 @@ pub struct Graph<D, const NODES: usize = 64, const BACKENDS: usize = 8, const CA
     inflater: Inflater,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize> Default
-    for Graph<D, NODES, BACKENDS, CACHE>
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize> Default
+    for Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
-    Graph<D, NODES, BACKENDS, CACHE>
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
+    Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// An empty graph; `const` so it can live in a `static`.
     pub const fn new() -> Self {

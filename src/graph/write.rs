@@ -29,8 +29,8 @@ struct Fresh {
     old: u64,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize>
-    Graph<D, NODES, BACKENDS, CACHE>
+impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
+    Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// Runs `work` on qcow2 node `id`'s state and metadata tables.
     fn with_qcow2<T>(
