@@ -19,8 +19,13 @@ pub struct Backend {
 /// Handle of a BlockBackend slot.
 pub type BackendId = Handle<Backend>;
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
-    Graph<D, NODES, BACKENDS, CACHE, JOBS>
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// Attaches a new backend to `root` with `access`; it holds a reference
     /// to `root` until detached.

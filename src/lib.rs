@@ -33,6 +33,7 @@ pub mod format;
 pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
+pub mod jobs;
 
 pub use backend::{Backend, BackendId};
 pub use device::Device;

@@ -8,10 +8,10 @@
 
 use core::fmt;
 
-use super::{invalid, open, Environment, Failure, Outcome};
+use super::{invalid, open_as_device, Environment, Failure, Outcome};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, NodeId, OpenOptions, Resolver};
+use crate::graph::{Access, Graph, NodeId, Resolver};
 
 const USAGE: &str = "usage: collapse --top TOP [--base BASE] IMAGE";
 
@@ -34,15 +34,7 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
     let (Some(top_name), Some(image)) = (top, image) else {
         return Err(invalid(USAGE));
     };
-    let options = OpenOptions {
-        writable_devices: true,
-        ..OpenOptions::default()
-    };
-    let active = open(env, graph, image, options)?;
-    // The device: the only holder of the active layer from here on.
-    let backend = graph.attach_backend(active, Access::READ_ONLY_DEVICE);
-    graph.unref(active)?;
-    let backend = backend?;
+    let (active, backend) = open_as_device(env, graph, image, Access::READ_ONLY_DEVICE)?;
     let result = (|| {
         let top = find_in_chain(env, graph, active, top_name)?;
         let base = match base {
@@ -94,7 +86,14 @@ fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize, co
 }
 
 /// The member of `active`'s chain stored where `name` points.
-fn find_in_chain<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+pub(crate) fn find_in_chain<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     env: &mut E,
     graph: &Graph<E::Device, N, B, C, J>,
     active: NodeId,

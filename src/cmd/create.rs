@@ -85,7 +85,14 @@ fn apply_options<'a>(word: &'a str, options: &mut CreateOptions<'_>) -> Result<(
 
 /// Opens the backing image `backing` of format `format` as the overlay
 /// `image` will open it and returns its virtual size.
-fn backing_size<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+fn backing_size<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
     image: &str,

@@ -71,7 +71,13 @@ struct Facts<'g> {
     dirty: Option<bool>,
 }
 
-fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+fn facts<
+    D: crate::device::Device,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
 ) -> crate::Result<Facts<'_>> {
@@ -94,7 +100,13 @@ fn facts<D: crate::device::Device, const N: usize, const B: usize, const C: usiz
     })
 }
 
-fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+fn describe_json<
+    D: crate::device::Device,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
     out: &mut dyn fmt::Write,
@@ -127,7 +139,13 @@ fn describe_json<D: crate::device::Device, const N: usize, const B: usize, const
     Ok(())
 }
 
-fn describe_human<D: crate::device::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+fn describe_human<
+    D: crate::device::Device,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     graph: &Graph<D, N, B, C, J>,
     layer: NodeId,
     out: &mut dyn fmt::Write,

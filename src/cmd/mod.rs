@@ -13,6 +13,9 @@
 //! | `convert [-O raw] IMAGE OUTPUT` | the guest view as a raw image |
 //! | `io [-r] IMAGE -c CMD...` | qemu-io: `read`, `write`, `discard`, `flush` |
 //! | `collapse --top TOP [--base BASE] IMAGE` | metadata-only `drop_intermediate` |
+//! | `commit [--top TOP] [--base BASE] [-p] IMAGE` | block-commit (active commit when TOP is IMAGE) |
+//! | `stream [--base BASE] [-p] IMAGE` | block-stream into IMAGE |
+//! | `snapshot IMAGE NEW_OVERLAY` | live external snapshot |
 //! | `create [-f qcow2\|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]` | a new empty image (qemu-img create) |
 
 pub mod args;
@@ -21,6 +24,7 @@ mod convert;
 mod create;
 mod info;
 mod io;
+mod jobs;
 mod json;
 mod map;
 
@@ -45,6 +49,17 @@ pub trait Environment {
     /// # Errors
     /// As the back end reports (no space, not found, ...).
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Device>;
+
+    /// Microseconds from an arbitrary fixed point, for progress rates;
+    /// `None` where no clock is available.
+    fn now_micros(&mut self) -> Option<u64> {
+        None
+    }
+
+    /// Whether the output is a terminal (progress bars are drawn only there).
+    fn is_terminal(&self) -> bool {
+        false
+    }
 }
 
 /// A failed command: the error and the word of the command it concerned.
@@ -117,6 +132,9 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
         "convert" => convert::run(env, graph, rest, scratch, out),
         "io" => io::run(env, graph, rest, scratch, out),
         "collapse" => collapse::run(env, graph, rest, out),
+        "commit" => jobs::commit(env, graph, rest, scratch, out),
+        "stream" => jobs::stream(env, graph, rest, scratch, out),
+        "snapshot" => jobs::snapshot(env, graph, rest, out),
         "create" => create::run(env, graph, rest, out),
         _ => Err(Failure::new(
             Error::new(ErrorKind::InvalidInput, "unknown command"),
@@ -126,7 +144,15 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
 }
 
 /// Opens `name`'s chain, runs `body` on it and releases it again.
-pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize, T>(
+pub(crate) fn with_image<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    T,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
     name: &'a str,
@@ -146,7 +172,14 @@ pub(crate) fn with_image<'a, E: Environment, const N: usize, const B: usize, con
 }
 
 /// Opens `name`'s chain, naming the image in the failure.
-pub(crate) fn open<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+pub(crate) fn open<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
     name: &'a str,
@@ -155,6 +188,35 @@ pub(crate) fn open<'a, E: Environment, const N: usize, const B: usize, const C: 
     graph
         .open_image(env.resolver(), name, options)
         .map_err(|err| Failure::new(err, name))
+}
+
+/// Opens `name`'s chain with every device writable (headers may be
+/// rewritten) and attaches a BlockBackend with `access` standing for the
+/// guest's device: from then on the backend is the only holder of the
+/// active layer, so dropping or pivoting it works as under a VMM. The caller
+/// detaches the backend.
+pub(crate) fn open_as_device<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C, J>,
+    name: &'a str,
+    access: crate::graph::Access,
+) -> core::result::Result<(NodeId, crate::BackendId), Failure<'a>> {
+    let options = OpenOptions {
+        read_only: !access.perm.contains(crate::graph::Perm::WRITE),
+        writable_devices: true,
+        ..OpenOptions::default()
+    };
+    let active = open(env, graph, name, options)?;
+    let backend = graph.attach_backend(active, access);
+    graph.unref(active)?;
+    Ok((active, backend.map_err(|e| Failure::new(e, name))?))
 }
 
 /// `--output=json|human` or `--output json|human`: true for JSON.

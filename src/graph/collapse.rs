@@ -30,14 +30,19 @@ use crate::graph::{Access, NameBuf, Perm};
 type StoredReference = Option<(String<MAX_BACKING_NAME>, Option<String<MAX_FORMAT_NAME>>)>;
 
 /// Everything the commit needs, computed without side effects.
-struct Plan<const NODES: usize, const BACKENDS: usize> {
+pub(crate) struct Plan<const NODES: usize, const BACKENDS: usize> {
     overlays: Vec<NodeId, NODES>,
     backends: Vec<BackendId, BACKENDS>,
     make_base_writable: bool,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
-    Graph<D, NODES, BACKENDS, CACHE, JOBS>
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// Removes every layer above `base` up to and including `top` from
     /// `active`'s chain: every user of `top` is re-pointed to `base` (or, for
@@ -65,6 +70,12 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
             self.nodes.get(base)?;
         }
         if Some(top) == base {
+            if !self.chain_from(active).any(|n| n == top) {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    "top is not in the active layer's backing chain",
+                );
+            }
             return Ok(());
         }
         let plan = self.plan_drop(active, top, base)?;
@@ -94,7 +105,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
         Ok(())
     }
 
-    fn plan_drop(
+    pub(crate) fn plan_drop(
         &self,
         active: NodeId,
         top: NodeId,
@@ -244,7 +255,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
 
     /// Writes `base`'s reference into every overlay; restores the ones done
     /// when one fails.
-    fn rewrite_references<R: Resolver<D>>(
+    pub(crate) fn rewrite_references<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
         overlays: &[NodeId],

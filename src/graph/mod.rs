@@ -21,6 +21,7 @@ mod collapse;
 pub mod perm;
 pub mod pool;
 pub mod resolve;
+mod snapshot;
 mod write;
 
 pub use perm::{Access, Perm};
@@ -33,6 +34,7 @@ use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
 use crate::format::qcow2::{Inflater, Qcow2, Tables};
 use crate::format::{raw, Format, Mapping};
+use crate::jobs::Job;
 
 // The default graph must stay small enough for a unikernel's static memory.
 static_assertions::const_assert!(
@@ -131,7 +133,8 @@ pub enum Parent {
 /// The block graph: nodes, devices, backends and the shared caches.
 ///
 /// Capacities: `NODES` nodes (protocol and format nodes count alike),
-/// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB.
+/// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB, `JOBS`
+/// block jobs (about 4.2 KiB each, mostly the dirty bitmap).
 pub struct Graph<
     D,
     const NODES: usize = 64,
@@ -142,20 +145,31 @@ pub struct Graph<
     pub(crate) nodes: Pool<Node, NODES>,
     pub(crate) devices: [Option<D>; NODES],
     pub(crate) backends: Pool<Backend, BACKENDS>,
+    pub(crate) jobs: Pool<Job, JOBS>,
     cache: MetaCache<CACHE>,
     inflater: Inflater,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize> Default
-    for Graph<D, NODES, BACKENDS, CACHE, JOBS>
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Default for Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
-    Graph<D, NODES, BACKENDS, CACHE, JOBS>
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// An empty graph; `const` so it can live in a `static`.
     pub const fn new() -> Self {
@@ -163,6 +177,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
             nodes: Pool::new(),
             devices: [const { None }; NODES],
             backends: Pool::new(),
+            jobs: Pool::new(),
             cache: MetaCache::new(),
             inflater: Inflater::new(),
         }
@@ -621,9 +636,20 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
     ///
     /// # Errors
     /// [`ErrorKind::ReadOnly`] when its device is read-only,
-    /// [`ErrorKind::PermissionConflict`] when a user of its file objects.
+    /// [`ErrorKind::PermissionConflict`] when a user of its file objects, or
+    /// when closing it while a user (a writing backend) needs to write.
     pub fn set_read_only(&mut self, id: NodeId, read_only: bool) -> Result<()> {
         let node = self.nodes.get(id)?;
+        if read_only {
+            for parent in self.parents(id) {
+                if self.parent_access(parent)?.perm.contains(Perm::WRITE) {
+                    return fail(
+                        ErrorKind::PermissionConflict,
+                        "a user of the image writes to it: it cannot become read-only",
+                    );
+                }
+            }
+        }
         if !read_only {
             if let Some(file) = node.file {
                 if self.device_mut(file)?.is_read_only() {

@@ -165,6 +165,16 @@ impl<T, const N: usize> Pool<T, N> {
         })
     }
 
+    /// Every live handle with its value, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Handle<T>, &mut T)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+            let generation = s.generation;
+            s.value
+                .as_mut()
+                .map(|v| (Handle::new(i as u16, generation), v))
+        })
+    }
+
     /// Number of occupied slots.
     pub fn len(&self) -> usize {
         self.slots.iter().filter(|s| s.value.is_some()).count()

@@ -29,11 +29,16 @@ struct Fresh {
     old: u64,
 }
 
-impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, const JOBS: usize>
-    Graph<D, NODES, BACKENDS, CACHE, JOBS>
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     /// Runs `work` on qcow2 node `id`'s state and metadata tables.
-    fn with_qcow2<T>(
+    pub(crate) fn with_qcow2<T>(
         &mut self,
         id: NodeId,
         work: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>) -> Result<T>,
@@ -88,7 +93,9 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
         if data.is_empty() {
             return Ok(());
         }
-        if !self.check_writable(id, offset, data.len() as u64)? {
+        let raw = !self.check_writable(id, offset, data.len() as u64)?;
+        self.note_guest_write(id, offset, data.len() as u64);
+        if raw {
             let file = self.layer_file(id)?;
             return self.device_mut(file)?.write_at(offset, data);
         }
@@ -216,6 +223,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
             return Ok(());
         }
         let qcow2 = self.check_writable(id, offset, len)?;
+        self.note_guest_write(id, offset, len);
         let zero_flag = qcow2 && self.qcow2(id)?.header().version >= 3;
         self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
             if whole && zero_flag {
@@ -249,6 +257,7 @@ impl<D: Device, const NODES: usize, const BACKENDS: usize, const CACHE: usize, c
         if !self.check_writable(id, offset, len)? {
             return self.write_zeroes(id, offset, len);
         }
+        self.note_guest_write(id, offset, len);
         let has_backing = self.nodes.get(id)?.backing.is_some();
         let mode = match (self.qcow2(id)?.header().version >= 3, has_backing) {
             (true, true) => ClearMode::Zero,

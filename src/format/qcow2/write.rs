@@ -328,7 +328,11 @@ impl Qcow2 {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a size over the format's limits,
     /// metadata and device errors (the image stays valid at its old size).
-    pub fn grow<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>, new_size: u64) -> Result<()> {
+    pub fn grow<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        new_size: u64,
+    ) -> Result<()> {
         if new_size <= self.size() {
             return Ok(());
         }

@@ -1,0 +1,103 @@
+//! Live external snapshots: a new, empty overlay becomes the active layer.
+//!
+//! ```text
+//! before:  backend ──▶ active ──▶ ...
+//! after:   backend ──▶ overlay ──▶ active (now read-only) ──▶ ...
+//! ```
+//!
+//! The overlay is created and opened first (only the new device is
+//! written); then every backend of `active` is re-pointed to it in one
+//! in-memory step that cannot fail.
+
+use super::{Access, Graph, NodeId, Parent, Resolver};
+use crate::backend::BackendId;
+use crate::device::Device;
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::qcow2::create::{create, CreateOptions};
+use crate::format::Format;
+use crate::graph::NameBuf;
+
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
+{
+    /// Formats `device` as an empty qcow2 overlay of `active` (named `name`,
+    /// its backing reference formed by `resolver`), opens it read-write and
+    /// re-points every backend of `active` to it; `active` becomes
+    /// read-only. Returns the overlay; the caller holds one reference.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `active` is not a format node,
+    /// [`ErrorKind::Busy`] when a job tracks writes to `active`, device and
+    /// format errors from creating the overlay. On error no backend moved.
+    pub fn snapshot<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        active: NodeId,
+        mut device: D,
+        name: &str,
+    ) -> Result<NodeId> {
+        let format = self.format(active)?.ok_or(Error::new(
+            ErrorKind::InvalidInput,
+            "only an image can be snapshotted",
+        ))?;
+        if self.jobs.iter().any(|(_, job)| job.tracks(active)) {
+            return fail(
+                ErrorKind::Busy,
+                "a running job tracks writes to the active layer",
+            );
+        }
+        let mut reference = NameBuf::new();
+        let active_name = self.name(active)?;
+        let mut active_copy = NameBuf::new();
+        let _ = active_copy.push_str(active_name);
+        resolver.reference(name, &active_copy, &mut reference)?;
+        let mut options = CreateOptions::new(self.size(active)?.next_multiple_of(512));
+        options.backing = Some((&reference, format.name()));
+        create(&mut device, &options)?;
+        let file = self.add_device(device, name)?;
+        let overlay = self.open_format(file, Format::Qcow2, false);
+        self.unref(file)?;
+        let overlay = overlay?;
+        if let Err(err) = self.append_overlay(active, overlay) {
+            self.unref(overlay)?;
+            return Err(err);
+        }
+        Ok(overlay)
+    }
+
+    /// Puts `overlay` on top of `active`, moving every backend over.
+    fn append_overlay(&mut self, active: NodeId, overlay: NodeId) -> Result<()> {
+        let mut moving: heapless::Vec<BackendId, BACKENDS> = heapless::Vec::new();
+        for parent in self.parents(active) {
+            if let Parent::Backend(b) = parent {
+                let _ = moving.push(b);
+            }
+        }
+        // The overlay reads `active`; the devices that leave it no longer
+        // count against that.
+        self.check_access_except(
+            active,
+            Access::BACKING,
+            |p| matches!(p, Parent::Backend(b) if moving.contains(&b)),
+        )?;
+        for &b in &moving {
+            let access = self.backends.get(b)?.access;
+            self.check_access_except(overlay, access, |_| false)?;
+        }
+        // Checked above; the overlay is new, so no cycle and no frozen link.
+        self.nodes.get_mut(active)?.refs += 1;
+        self.nodes.get_mut(overlay)?.backing = Some(active);
+        for &b in &moving {
+            self.backends.get_mut(b)?.root = overlay;
+            self.nodes.get_mut(overlay)?.refs += 1;
+            self.nodes.get_mut(active)?.refs -= 1;
+        }
+        self.nodes.get_mut(active)?.read_only = true;
+        Ok(())
+    }
+}

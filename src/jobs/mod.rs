@@ -1,0 +1,201 @@
+//! Block jobs: commit, active commit and stream, as step-wise state machines.
+//!
+//! A job is started on a [`Graph`] and then advanced by
+//! [`Graph::job_step`], which does a bounded amount of work — one chunk of at
+//! most the caller's scratch buffer — so a VMM can serve guest requests
+//! between steps. States and verbs carry QMP's names:
+//!
+//! ```text
+//!  created ──step──▶ running ◀──pause/resume──▶ paused
+//!                       │  (active commit) ──▶ ready ──complete──▶ (pivot)
+//!                       ▼
+//!                    pending ──step──▶ concluded ──dismiss──▶ (gone)
+//!  any live state ──cancel──▶ aborting ──step──▶ concluded
+//! ```
+//!
+//! `waiting` (waiting for transaction peers) is never entered: jobs here are
+//! not grouped in transactions.
+//!
+//! While a job runs it freezes the backing links it depends on, so a second
+//! job over an overlapping range, or a chain change that would rewrite a
+//! reference the job holds, is refused with
+//! [`ErrorKind::Busy`](crate::ErrorKind::Busy).
+
+mod dirty;
+mod run;
+
+pub use dirty::DirtyBitmap;
+
+use core::fmt;
+
+use crate::error::Error;
+use crate::graph::{Handle, NodeId};
+
+/// What a job does (QMP's job types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// `block-commit`: merge layers down into a base (active or not).
+    Commit,
+    /// `block-stream`: pull layers up into the active layer.
+    Stream,
+}
+
+impl JobKind {
+    /// QMP's name for the job type.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JobKind::Commit => "commit",
+            JobKind::Stream => "stream",
+        }
+    }
+}
+
+/// A job's state, named as QMP names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Started, not stepped yet.
+    Created,
+    /// Copying.
+    Running,
+    /// Paused by the user or by an error with `on-error: stop`.
+    Paused,
+    /// Active commit: everything copied; `complete` pivots.
+    Ready,
+    /// Waiting for transaction peers (never entered here).
+    Waiting,
+    /// Work done; the next step applies the chain change.
+    Pending,
+    /// Cancelled or failed; the next step cleans up.
+    Aborting,
+    /// Finished (successfully or not); `dismiss` removes it.
+    Concluded,
+}
+
+impl JobStatus {
+    /// QMP's name for the state.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
+            JobStatus::Ready => "ready",
+            JobStatus::Waiting => "waiting",
+            JobStatus::Pending => "pending",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a job does when an I/O operation fails (QMP `on-error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Fail the job.
+    #[default]
+    Report,
+    /// Pause the job; `resume` retries the failed chunk.
+    Stop,
+    /// Carry on: commit retries the chunk on the next step; stream skips it
+    /// and keeps the backing file at the end.
+    Ignore,
+}
+
+/// QMP's `io-status` of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStatus {
+    /// No error.
+    Ok,
+    /// The last I/O failed.
+    Failed,
+    /// The last I/O failed for lack of space.
+    NoSpace,
+}
+
+/// A job slot's state (reached through [`Graph`] methods).
+pub struct Job {
+    kind: JobKind,
+    /// The active layer of the chain.
+    active: NodeId,
+    /// Commit: the top layer to merge; stream: the active layer.
+    top: NodeId,
+    base: Option<NodeId>,
+    /// Highest node whose backing link is frozen (the job holds a reference).
+    frozen_from: NodeId,
+    status: JobStatus,
+    resume_to: JobStatus,
+    on_error: OnError,
+    io_status: IoStatus,
+    error: Option<Error>,
+    cancelled: bool,
+    complete_requested: bool,
+    skipped_chunks: bool,
+    cursor: u64,
+    size: u64,
+    offset: u64,
+    len: u64,
+    dirty: Option<DirtyBitmap>,
+}
+
+impl Job {
+    /// Whether this job records guest writes to `node` (an active commit of
+    /// it that has not concluded).
+    pub(crate) fn tracks(&self, node: NodeId) -> bool {
+        self.top == node && self.dirty.is_some() && self.status != JobStatus::Concluded
+    }
+}
+
+/// Handle of a job.
+pub type JobId = Handle<Job>;
+
+/// A snapshot of a job's state, as QMP `query-block-jobs` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Job type.
+    pub kind: JobKind,
+    /// Whether this commit merges the active layer (QEMU runs it as mirror).
+    pub active_commit: bool,
+    /// State.
+    pub status: JobStatus,
+    /// Bytes done.
+    pub offset: u64,
+    /// Bytes to do (grows while an active commit re-copies guest writes).
+    pub len: u64,
+    /// Whether `complete` may be given (active commit, everything copied).
+    pub ready: bool,
+    /// Result of the last I/O.
+    pub io_status: IoStatus,
+    /// Why the job failed, once concluded with an error.
+    pub error: Option<Error>,
+    /// Whether it was cancelled.
+    pub cancelled: bool,
+}
+
+/// Parameters of a commit job.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitRequest {
+    /// The chain's active layer.
+    pub active: NodeId,
+    /// Highest layer to merge (== `active` for an active commit).
+    pub top: NodeId,
+    /// Where to merge into (must be below `top`).
+    pub base: NodeId,
+    /// Error policy.
+    pub on_error: OnError,
+}
+
+/// Parameters of a stream job.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamRequest {
+    /// The chain's active layer, which receives the data.
+    pub active: NodeId,
+    /// Lowest layer kept as backing file (`None`: stream everything).
+    pub base: Option<NodeId>,
+    /// Error policy.
+    pub on_error: OnError,
+}

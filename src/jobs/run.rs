@@ -1,0 +1,570 @@
+//! Starting, stepping and steering jobs.
+
+use super::{
+    CommitRequest, DirtyBitmap, IoStatus, Job, JobId, JobInfo, JobKind, JobStatus, OnError,
+    StreamRequest,
+};
+use crate::device::Device;
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::graph::{Access, Graph, NodeId, Parent, Perm, Resolver};
+
+/// What a job's writer needs on the node it writes into.
+const JOB_WRITER: Access = Access {
+    perm: Perm::CONSISTENT_READ.union(Perm::WRITE),
+    shared: Perm::all(),
+};
+
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
+{
+    /// Starts a commit job: the data of `top` and every layer down to (not
+    /// including) `base` is copied into `base`, which grows if it is smaller;
+    /// then the layers are dropped from the chain. With `top == active` this
+    /// is an active commit: guest writes are tracked and re-copied, the job
+    /// becomes [`JobStatus::Ready`], and [`Graph::job_complete`] pivots every
+    /// device to `base`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `top` is not in `active`'s chain or
+    /// `base` is not below it; [`ErrorKind::Busy`] when a running job holds
+    /// a link of the range; [`ErrorKind::PermissionConflict`] when another
+    /// user of `base` forbids writes; [`ErrorKind::ReadOnly`] when `base` or
+    /// the overlay to rewrite cannot be written; [`ErrorKind::NoCapacity`]
+    /// when every job slot is taken. Nothing changes on error, except that
+    /// `base` may have grown.
+    pub fn start_commit(&mut self, request: CommitRequest) -> Result<JobId> {
+        let CommitRequest {
+            active,
+            top,
+            base,
+            on_error,
+        } = request;
+        self.nodes.get(active)?;
+        self.nodes.get(top)?;
+        self.nodes.get(base)?;
+        if top == base {
+            return fail(ErrorKind::InvalidInput, "top and base are the same image");
+        }
+        // The final chain change must be possible: validate it now.
+        self.plan_drop(active, top, Some(base))?;
+        let frozen_from = if top == active {
+            active
+        } else {
+            self.chain_from(active)
+                .find(|&n| self.backing(n).ok().flatten() == Some(top))
+                .ok_or(Error::new(
+                    ErrorKind::InvalidInput,
+                    "top is not in the active layer's backing chain",
+                ))?
+        };
+        self.check_unfrozen(frozen_from, Some(base))?;
+        let range_start = top;
+        let in_range = |graph: &Self, p: Parent| match p {
+            Parent::Backing(n) => graph
+                .chain_from(range_start)
+                .take_while(|&x| x != base)
+                .any(|x| x == n),
+            _ => false,
+        };
+        self.check_access_except(base, JOB_WRITER, |p| in_range(self, p))?;
+        if self.is_read_only(base)? {
+            self.set_read_only(base, false)?;
+        }
+        let size = self.size(top)?;
+        self.grow_to(base, size)?;
+        let dirty = (top == active).then(|| DirtyBitmap::new(size));
+        self.insert_job(Job {
+            kind: JobKind::Commit,
+            active,
+            top,
+            base: Some(base),
+            frozen_from,
+            status: JobStatus::Created,
+            resume_to: JobStatus::Running,
+            on_error,
+            io_status: IoStatus::Ok,
+            error: None,
+            cancelled: false,
+            complete_requested: false,
+            skipped_chunks: false,
+            cursor: 0,
+            size,
+            offset: 0,
+            len: size,
+            dirty,
+        })
+    }
+
+    /// Starts a stream job: every range the active layer lacks is copied
+    /// into it from the layers above `base`; then its backing file becomes
+    /// `base` (or none). Streaming stops at the backing file's end.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `base` is not below `active`,
+    /// [`ErrorKind::ReadOnly`] when `active` is read-only,
+    /// [`ErrorKind::Busy`] when a running job holds a link of the range,
+    /// [`ErrorKind::NoCapacity`] when every job slot is taken.
+    pub fn start_stream(&mut self, request: StreamRequest) -> Result<JobId> {
+        let StreamRequest {
+            active,
+            base,
+            on_error,
+        } = request;
+        let below = self.backing(active)?;
+        if let Some(base) = base {
+            self.nodes.get(base)?;
+            if !below.is_some_and(|b| self.chain_from(b).any(|n| n == base)) {
+                return fail(
+                    ErrorKind::InvalidInput,
+                    "base is not below the active layer",
+                );
+            }
+        }
+        if self.is_read_only(active)? {
+            return fail(ErrorKind::ReadOnly, "the active layer is read-only");
+        }
+        self.check_unfrozen(active, base)?;
+        let size = self.size(active)?;
+        let nothing_to_do = below == base;
+        self.insert_job(Job {
+            kind: JobKind::Stream,
+            active,
+            top: active,
+            base,
+            frozen_from: active,
+            status: JobStatus::Created,
+            resume_to: JobStatus::Running,
+            on_error,
+            io_status: IoStatus::Ok,
+            error: None,
+            cancelled: false,
+            complete_requested: false,
+            skipped_chunks: false,
+            cursor: if nothing_to_do { size } else { 0 },
+            size,
+            offset: 0,
+            len: if nothing_to_do { 0 } else { size },
+            dirty: None,
+        })
+    }
+
+    fn check_unfrozen(&self, from: NodeId, base: Option<NodeId>) -> Result<()> {
+        for node in self.chain_from(from).take_while(|&n| Some(n) != base) {
+            if self.is_frozen(node)? {
+                return fail(
+                    ErrorKind::Busy,
+                    "a backing link of the range is held by a running job",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn set_frozen(&mut self, from: NodeId, base: Option<NodeId>, frozen: bool) -> Result<()> {
+        let mut node = Some(from);
+        while let Some(n) = node.filter(|&n| Some(n) != base) {
+            if frozen {
+                self.freeze_backing(n)?;
+            } else {
+                self.unfreeze_backing(n)?;
+            }
+            node = self.backing(n)?;
+        }
+        Ok(())
+    }
+
+    fn insert_job(&mut self, job: Job) -> Result<JobId> {
+        let (from, base) = (job.frozen_from, job.base);
+        let id = self.jobs.insert(job).map_err(|(err, _)| err)?;
+        self.ref_node(from)?;
+        self.set_frozen(from, base, true)?;
+        Ok(id)
+    }
+
+    /// Grows `node` (qcow2 or raw) to at least `size` bytes.
+    fn grow_to(&mut self, node: NodeId, size: u64) -> Result<()> {
+        let current = self.size(node)?;
+        if current >= size {
+            return Ok(());
+        }
+        match self.format(node)? {
+            Some(crate::Format::Qcow2) => self.with_qcow2(node, |q, t| q.grow(t, size)),
+            _ => {
+                let file = self.layer_file(node)?;
+                self.device_mut(file)?.write_at(size - 1, &[0])
+            }
+        }
+    }
+
+    /// Advances job `id` by one bounded step, using `scratch` (any non-empty
+    /// size; larger copies more per step) as its copy buffer and `resolver`
+    /// for the backing reference written when it finishes. Returns the state
+    /// after the step. I/O failures are handled by the job's `on-error`
+    /// policy and show in [`Graph::job_info`], not here.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a dismissed job,
+    /// [`ErrorKind::InvalidInput`] for an empty `scratch`.
+    pub fn job_step<R: Resolver<D>>(
+        &mut self,
+        id: JobId,
+        resolver: &mut R,
+        scratch: &mut [u8],
+    ) -> Result<JobStatus> {
+        if scratch.is_empty() {
+            return fail(ErrorKind::InvalidInput, "a job step needs a scratch buffer");
+        }
+        match self.jobs.get(id)?.status {
+            JobStatus::Created => {
+                self.jobs.get_mut(id)?.status = JobStatus::Running;
+                self.job_work(id, resolver, scratch)?;
+            }
+            JobStatus::Running | JobStatus::Ready => self.job_work(id, resolver, scratch)?,
+            JobStatus::Pending => self.job_finish(id, resolver, false)?,
+            JobStatus::Aborting => self.job_finish(id, resolver, true)?,
+            JobStatus::Paused | JobStatus::Waiting | JobStatus::Concluded => {}
+        }
+        Ok(self.jobs.get(id)?.status)
+    }
+
+    fn job_work<R: Resolver<D>>(
+        &mut self,
+        id: JobId,
+        resolver: &mut R,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let job = self.jobs.get(id)?;
+        let (cursor, size, kind) = (job.cursor, job.size, job.kind);
+        if cursor < size {
+            let want = (size - cursor).min(scratch.len() as u64);
+            let copied = match kind {
+                JobKind::Commit => self.commit_chunk(id, cursor, want, scratch),
+                JobKind::Stream => self.stream_chunk(id, cursor, want, scratch),
+            };
+            match copied {
+                Ok(n) => {
+                    let job = self.jobs.get_mut(id)?;
+                    job.cursor += n;
+                    job.offset += n;
+                }
+                Err(err) => self.job_failed(id, err, want)?,
+            }
+        }
+        let job = self.jobs.get(id)?;
+        if job.cursor < job.size
+            || job.status != JobStatus::Running && job.status != JobStatus::Ready
+        {
+            return Ok(());
+        }
+        if job.dirty.is_none() {
+            self.jobs.get_mut(id)?.status = JobStatus::Pending;
+            return Ok(());
+        }
+        // Active commit, first pass done: re-copy what the guest wrote.
+        let job = self.jobs.get_mut(id)?;
+        let taken = job.dirty.as_mut().and_then(DirtyBitmap::take_first);
+        match taken {
+            Some((start, len)) => {
+                let want = len.min(scratch.len() as u64);
+                if want < len {
+                    if let Some(dirty) = job.dirty.as_mut() {
+                        dirty.mark(start + want, len - want);
+                    }
+                }
+                match self.commit_chunk_all(id, start, want, scratch) {
+                    Ok(()) => {
+                        let job = self.jobs.get_mut(id)?;
+                        job.offset += want;
+                        job.len += want;
+                    }
+                    Err(err) => {
+                        if let Some(dirty) = self.jobs.get_mut(id)?.dirty.as_mut() {
+                            dirty.mark(start, want);
+                        }
+                        self.job_failed(id, err, 0)?;
+                    }
+                }
+            }
+            None if job.status == JobStatus::Running => job.status = JobStatus::Ready,
+            None if job.complete_requested => {
+                // Nothing is dirty and no guest request can come in before
+                // the pivot: it happens in this very step.
+                self.job_finish(id, resolver, false)?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Commit: copies what layers above base hold at `offset` (one run of at
+    /// most `want` bytes) into base; returns the bytes handled.
+    fn commit_chunk(
+        &mut self,
+        id: JobId,
+        offset: u64,
+        want: u64,
+        scratch: &mut [u8],
+    ) -> Result<u64> {
+        let job = self.jobs.get(id)?;
+        let (top, base) = (job.top, job.base);
+        let base = base.ok_or(Error::new(ErrorKind::InvalidInput, "commit without base"))?;
+        let (status, run) = self.allocation_above(top, Some(base), offset, want)?;
+        if status.present {
+            if status.zero {
+                self.write_zeroes(base, offset, run)?;
+            } else {
+                let buf = &mut scratch[..run as usize];
+                self.read(top, offset, buf)?;
+                self.write(base, offset, buf)?;
+            }
+        }
+        Ok(run)
+    }
+
+    /// Runs [`Self::commit_chunk`] until all of `offset..offset + len` is done.
+    fn commit_chunk_all(
+        &mut self,
+        id: JobId,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            done += self.commit_chunk(id, offset + done, len - done, scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Stream: copies into the active layer what it lacks at `offset` from
+    /// the layers above base; returns the bytes handled.
+    fn stream_chunk(
+        &mut self,
+        id: JobId,
+        offset: u64,
+        want: u64,
+        scratch: &mut [u8],
+    ) -> Result<u64> {
+        let job = self.jobs.get(id)?;
+        let (active, base) = (job.active, job.base);
+        let below = self.backing(active)?;
+        let (own, run) = self.allocation_above(active, below, offset, want)?;
+        if own.present {
+            return Ok(run);
+        }
+        let (status, run) = self.allocation_above(active, base, offset, run)?;
+        if !status.present {
+            return Ok(run);
+        }
+        if status.zero {
+            if base.is_some() {
+                self.write_zeroes(active, offset, run)?;
+            }
+        } else {
+            let buf = &mut scratch[..run as usize];
+            self.read(active, offset, buf)?;
+            self.write(active, offset, buf)?;
+        }
+        Ok(run)
+    }
+
+    /// Applies the job's `on-error` policy to a failed chunk of `len` bytes.
+    fn job_failed(&mut self, id: JobId, err: Error, len: u64) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        job.io_status = if err.kind() == ErrorKind::NoSpace {
+            IoStatus::NoSpace
+        } else {
+            IoStatus::Failed
+        };
+        match job.on_error {
+            OnError::Report => {
+                job.error = Some(err);
+                job.status = JobStatus::Aborting;
+            }
+            OnError::Stop => {
+                job.resume_to = job.status;
+                job.status = JobStatus::Paused;
+            }
+            OnError::Ignore if job.kind == JobKind::Stream => {
+                job.skipped_chunks = true;
+                job.cursor += len;
+                job.offset += len;
+            }
+            OnError::Ignore => {}
+        }
+        Ok(())
+    }
+
+    /// Ends job `id`: releases what it holds and, unless `aborted`, applies
+    /// the chain change.
+    fn job_finish<R: Resolver<D>>(
+        &mut self,
+        id: JobId,
+        resolver: &mut R,
+        aborted: bool,
+    ) -> Result<()> {
+        let job = self.jobs.get(id)?;
+        let (kind, active, top, base, from) =
+            (job.kind, job.active, job.top, job.base, job.frozen_from);
+        let skipped = job.skipped_chunks;
+        self.set_frozen(from, base, false)?;
+        // Whatever was copied is made durable, cancelled or not: a cancelled
+        // ready active commit leaves base consistent.
+        let target = if kind == JobKind::Commit {
+            base
+        } else {
+            Some(active)
+        };
+        let mut result = match target {
+            Some(node) => self.flush(node),
+            None => Ok(()),
+        };
+        // The chain change may release the nodes: let go of them first.
+        self.unref(from)?;
+        if !aborted && result.is_ok() {
+            result = match kind {
+                JobKind::Commit => self.drop_intermediate(resolver, active, top, base),
+                JobKind::Stream if skipped => Ok(()),
+                JobKind::Stream => self.change_backing(resolver, active, base),
+            };
+        }
+        let job = self.jobs.get_mut(id)?;
+        job.status = JobStatus::Concluded;
+        if let Err(err) = result {
+            job.error.get_or_insert(err);
+        }
+        Ok(())
+    }
+
+    /// Points `node`'s backing file (on disk first, then in memory) at
+    /// `backing`, releasing the layers in between that nothing else uses.
+    fn change_backing<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        node: NodeId,
+        backing: Option<NodeId>,
+    ) -> Result<()> {
+        if self.backing(node)? == backing {
+            return Ok(());
+        }
+        if let Some(b) = backing {
+            self.check_access_except(b, Access::BACKING, |_| false)?;
+        }
+        self.rewrite_references(resolver, &[node], backing)?;
+        self.set_backing(node, backing)
+    }
+
+    /// Pauses a created, running or ready job.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] in any other state.
+    pub fn job_pause(&mut self, id: JobId) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        match job.status {
+            JobStatus::Created | JobStatus::Running | JobStatus::Ready => {
+                job.resume_to = if job.status == JobStatus::Ready {
+                    JobStatus::Ready
+                } else {
+                    JobStatus::Running
+                };
+                job.status = JobStatus::Paused;
+                Ok(())
+            }
+            _ => fail(
+                ErrorKind::InvalidInput,
+                "job cannot be paused in its current state",
+            ),
+        }
+    }
+
+    /// Resumes a paused job (retrying a chunk that failed with `stop`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] unless the job is paused.
+    pub fn job_resume(&mut self, id: JobId) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        if job.status != JobStatus::Paused {
+            return fail(ErrorKind::InvalidInput, "job is not paused");
+        }
+        job.status = job.resume_to;
+        job.io_status = IoStatus::Ok;
+        Ok(())
+    }
+
+    /// Asks a ready active commit to pivot: once nothing is dirty (checked
+    /// at a step), every user of the active layer is re-pointed to base.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] unless the job is ready.
+    pub fn job_complete(&mut self, id: JobId) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        if job.status != JobStatus::Ready {
+            return fail(ErrorKind::InvalidInput, "job is not ready to complete");
+        }
+        job.complete_requested = true;
+        Ok(())
+    }
+
+    /// Cancels a live job: the next step releases it without changing the
+    /// chain. A ready active commit ends with base consistent, no pivot.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a job already ending.
+    pub fn job_cancel(&mut self, id: JobId) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        if matches!(job.status, JobStatus::Aborting | JobStatus::Concluded) {
+            return fail(ErrorKind::InvalidInput, "job is already ending");
+        }
+        job.cancelled = true;
+        job.status = JobStatus::Aborting;
+        Ok(())
+    }
+
+    /// Removes a concluded job.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] unless the job is concluded.
+    pub fn job_dismiss(&mut self, id: JobId) -> Result<()> {
+        if self.jobs.get(id)?.status != JobStatus::Concluded {
+            return fail(
+                ErrorKind::InvalidInput,
+                "only a concluded job can be dismissed",
+            );
+        }
+        self.jobs.remove(id).map(|_| ())
+    }
+
+    /// The job's state and progress.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a dismissed job.
+    pub fn job_info(&self, id: JobId) -> Result<JobInfo> {
+        let job = self.jobs.get(id)?;
+        Ok(JobInfo {
+            kind: job.kind,
+            active_commit: job.kind == JobKind::Commit && job.top == job.active,
+            status: job.status,
+            offset: job.offset,
+            len: job.len,
+            ready: job.status == JobStatus::Ready,
+            io_status: job.io_status,
+            error: job.error,
+            cancelled: job.cancelled,
+        })
+    }
+
+    /// Records a guest write to `node` in the dirty bitmap of every active
+    /// commit whose top it is.
+    pub(crate) fn note_guest_write(&mut self, node: NodeId, offset: u64, len: u64) {
+        for (_, job) in self.jobs.iter_mut().filter(|(_, job)| job.tracks(node)) {
+            if let Some(dirty) = job.dirty.as_mut() {
+                dirty.mark(offset, len);
+            }
+        }
+    }
+}
