@@ -135,6 +135,8 @@ pub struct Job {
     cancelled: bool,
     complete_requested: bool,
     skipped_chunks: bool,
+    /// Stream into a node that was read-only: make it read-only again.
+    reopened: bool,
     cursor: u64,
     size: u64,
     offset: u64,

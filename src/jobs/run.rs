@@ -92,6 +92,7 @@ impl<
             cancelled: false,
             complete_requested: false,
             skipped_chunks: false,
+            reopened: false,
             cursor: 0,
             size,
             offset: 0,
@@ -106,7 +107,9 @@ impl<
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] when `base` is not below `active`,
-    /// [`ErrorKind::ReadOnly`] when `active` is read-only,
+    /// [`ErrorKind::ReadOnly`] when `active` (which may be an intermediate
+    /// node: it is opened for writing while the job runs) sits on a read-only
+    /// device,
     /// [`ErrorKind::Busy`] when a running job holds a link of the range,
     /// [`ErrorKind::NoCapacity`] when every job slot is taken.
     pub fn start_stream(&mut self, request: StreamRequest) -> Result<JobId> {
@@ -125,10 +128,14 @@ impl<
                 );
             }
         }
-        if self.is_read_only(active)? {
-            return fail(ErrorKind::ReadOnly, "the active layer is read-only");
-        }
         self.check_unfrozen(active, base)?;
+        // Streaming writes what the node already reads (QEMU's
+        // WRITE_UNCHANGED), so an intermediate node may be streamed into:
+        // it is opened for writing for the job's duration.
+        let reopened = self.is_read_only(active)?;
+        if reopened {
+            self.set_read_only(active, false)?;
+        }
         let size = self.size(active)?;
         let nothing_to_do = below == base;
         self.insert_job(Job {
@@ -145,6 +152,7 @@ impl<
             cancelled: false,
             complete_requested: false,
             skipped_chunks: false,
+            reopened,
             cursor: if nothing_to_do { size } else { 0 },
             size,
             offset: 0,
@@ -411,7 +419,7 @@ impl<
         let job = self.jobs.get(id)?;
         let (kind, active, top, base, from) =
             (job.kind, job.active, job.top, job.base, job.frozen_from);
-        let skipped = job.skipped_chunks;
+        let (skipped, reopened) = (job.skipped_chunks, job.reopened);
         self.set_frozen(from, base, false)?;
         // Whatever was copied is made durable, cancelled or not: a cancelled
         // ready active commit leaves base consistent.
@@ -424,6 +432,9 @@ impl<
             Some(node) => self.flush(node),
             None => Ok(()),
         };
+        if reopened {
+            result = result.and(self.set_read_only(active, true));
+        }
         // The chain change may release the nodes: let go of them first.
         self.unref(from)?;
         if !aborted && result.is_ok() {
