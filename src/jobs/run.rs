@@ -273,38 +273,39 @@ impl<
             self.jobs.get_mut(id)?.status = JobStatus::Pending;
             return Ok(());
         }
-        // Active commit, first pass done: re-copy what the guest wrote.
+        // Active commit, first pass done: re-copy what the guest wrote, up
+        // to a scratch buffer's worth of granules per step.
+        let mut budget = scratch.len() as u64;
+        while budget > 0 {
+            let job = self.jobs.get_mut(id)?;
+            let Some((start, len)) = job.dirty.as_mut().and_then(DirtyBitmap::take_first) else {
+                break;
+            };
+            let want = len.min(budget);
+            if let (true, Some(dirty)) = (want < len, job.dirty.as_mut()) {
+                dirty.mark(start + want, len - want);
+            }
+            if let Err(err) = self.commit_chunk_all(id, start, want, scratch) {
+                if let Some(dirty) = self.jobs.get_mut(id)?.dirty.as_mut() {
+                    dirty.mark(start, want);
+                }
+                return self.job_failed(id, err, 0);
+            }
+            let job = self.jobs.get_mut(id)?;
+            job.offset += want;
+            job.len += want;
+            budget -= want;
+        }
         let job = self.jobs.get_mut(id)?;
-        let taken = job.dirty.as_mut().and_then(DirtyBitmap::take_first);
-        match taken {
-            Some((start, len)) => {
-                let want = len.min(scratch.len() as u64);
-                if want < len {
-                    if let Some(dirty) = job.dirty.as_mut() {
-                        dirty.mark(start + want, len - want);
-                    }
-                }
-                match self.commit_chunk_all(id, start, want, scratch) {
-                    Ok(()) => {
-                        let job = self.jobs.get_mut(id)?;
-                        job.offset += want;
-                        job.len += want;
-                    }
-                    Err(err) => {
-                        if let Some(dirty) = self.jobs.get_mut(id)?.dirty.as_mut() {
-                            dirty.mark(start, want);
-                        }
-                        self.job_failed(id, err, 0)?;
-                    }
-                }
+        let clean = job.dirty.as_ref().is_some_and(|d| d.dirty_granules() == 0);
+        match job.status {
+            JobStatus::Running if clean => job.status = JobStatus::Ready,
+            // Nothing is dirty and no guest request can come in before the
+            // pivot: it happens in this very step.
+            JobStatus::Ready if clean && job.complete_requested => {
+                self.job_finish(id, resolver, false)?
             }
-            None if job.status == JobStatus::Running => job.status = JobStatus::Ready,
-            None if job.complete_requested => {
-                // Nothing is dirty and no guest request can come in before
-                // the pivot: it happens in this very step.
-                self.job_finish(id, resolver, false)?;
-            }
-            None => {}
+            _ => {}
         }
         Ok(())
     }

@@ -49,6 +49,8 @@ fn steps(ws: &Workspace, test_args: &[OsString]) -> Vec<Cmd> {
             "--no-deps",
         ]),
         ws.cargo().args(["test", "--workspace"]).args(test_args),
+        // The embedder's example: the whole API in one loop, run for real.
+        ws.cargo().args(["run", "--quiet", "--example", "vmm_loop"]),
     ]
 }
 
