@@ -91,7 +91,7 @@ fn main() -> Result<()> {
         tick += 1;
         // ...then one bounded step of the job.
         match graph.job_step(job, &mut names, &mut scratch)? {
-            JobStatus::Ready if tick % 50 == 0 => graph.job_complete(job)?, // 4. pivot
+            JobStatus::Ready if tick.is_multiple_of(50) => graph.job_complete(job)?, // 4. pivot
             JobStatus::Concluded => break,
             _ => {}
         }

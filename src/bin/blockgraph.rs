@@ -5,7 +5,7 @@
 //! exit with status 1.
 
 use std::fmt;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -27,12 +27,20 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   io [-r] IMAGE -c CMD [-c CMD]...     CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
                                             | discard OFF LEN | flush
   collapse --top TOP [--base BASE] IMAGE
+  commit [--top TOP] [--base BASE] [-p] IMAGE
+  stream [--base BASE] [-p] IMAGE
+  snapshot IMAGE NEW_OVERLAY
+  checksum IMAGE
+  script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
+                                       job-step IMAGE [N], job-pause|job-resume|job-complete|
+                                       job-cancel|job-info|job-wait IMAGE
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
                                              lazy_refcounts=on|off";
 
 struct Host {
     resolver: PathResolver,
+    started: std::time::Instant,
 }
 
 impl Environment for Host {
@@ -47,6 +55,14 @@ impl Environment for Host {
         let mut device = FileDevice::create(Path::new(name))?;
         device.set_len(size)?;
         Ok(device)
+    }
+
+    fn now_micros(&mut self) -> Option<u64> {
+        Some(self.started.elapsed().as_micros() as u64)
+    }
+
+    fn is_terminal(&self) -> bool {
+        std::io::stdout().is_terminal()
     }
 }
 
@@ -86,12 +102,40 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         };
     }
-    let mut env = Host { resolver };
+    let mut env = Host {
+        resolver,
+        started: std::time::Instant::now(),
+    };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();
     let mut scratch = vec![0u8; SCRATCH_BYTES];
     let mut out = Stdout(std::io::stdout().lock());
-    match cmd::run(&mut env, &mut graph, &words, &mut scratch, &mut out) {
+    let result = match words.as_slice() {
+        ["script", script] => cmd::run_script(&mut env, &mut graph, script, &mut scratch, &mut out)
+            .map(|_| ())
+            .map_err(|(_, failure)| failure),
+        ["script", ..] => Err(cmd::Failure::new(
+            blockgraph::Error::new(
+                blockgraph::ErrorKind::InvalidInput,
+                "usage: script \"CMD; CMD; ...\"",
+            ),
+            "script",
+        )),
+        _ => {
+            let mut session: cmd::Session = cmd::Session::new();
+            let result = cmd::run(
+                &mut env,
+                &mut graph,
+                &mut session,
+                &words,
+                &mut scratch,
+                &mut out,
+            );
+            let closed = session.close(&mut env, &mut graph, &mut scratch);
+            result.and(closed.map_err(Into::into))
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             let _ = out.0.flush();

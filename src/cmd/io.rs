@@ -7,7 +7,7 @@
 use core::fmt;
 
 use super::args::{parse_pattern, parse_size, split_words};
-use super::{invalid, with_image, Environment, Failure, Outcome};
+use super::{invalid, with_image, Environment, Failure, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
@@ -16,9 +16,18 @@ const USAGE: &str = "usage: io [-r] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+pub fn run<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
+    session: &mut Session<S>,
     words: &[&'a str],
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
@@ -41,6 +50,12 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
         }
     }
     let image = image.ok_or_else(|| invalid(USAGE))?;
+    if let Some(backend) = session.backend(image) {
+        // Attached in the session: the guest's device.
+        return commands
+            .iter()
+            .try_for_each(|command| execute(graph, backend, command, scratch, out));
+    }
     let options = OpenOptions {
         read_only,
         ..OpenOptions::default()

@@ -14,7 +14,7 @@ use super::collapse::find_in_chain;
 use super::{invalid, open_as_device, Environment, Failure, Outcome};
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, NodeId};
-use crate::jobs::{CommitRequest, JobId, JobInfo, JobStatus, OnError, StreamRequest};
+use crate::jobs::{CommitRequest, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest};
 use crate::BackendId;
 
 const COMMIT_USAGE: &str = "usage: commit [--top TOP] [--base BASE] [-p] IMAGE";
@@ -22,14 +22,15 @@ const STREAM_USAGE: &str = "usage: stream [--base BASE] [-p] IMAGE";
 const SNAPSHOT_USAGE: &str = "usage: snapshot IMAGE NEW_OVERLAY";
 
 /// The words of a job command.
-struct JobArgs<'a> {
+pub(crate) struct JobArgs<'a> {
     top: Option<&'a str>,
     base: Option<&'a str>,
     progress: bool,
-    image: &'a str,
+    pub(crate) image: &'a str,
 }
 
-fn parse<'a>(
+/// Parses `[--top TOP] [--base BASE] [-p] IMAGE` (`--top` for commit only).
+pub(crate) fn parse_job_args<'a>(
     words: &[&'a str],
     allow_top: bool,
     usage: &'static str,
@@ -54,6 +55,130 @@ fn parse<'a>(
     })
 }
 
+/// Starts a commit (`commit`) or stream job on the chain of `active`, as
+/// `args` name its top and base.
+pub(crate) fn start_job<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C, J>,
+    active: NodeId,
+    commit: bool,
+    args: &JobArgs<'a>,
+) -> Result<JobId, Failure<'a>> {
+    let base = match args.base {
+        Some(name) => Some(find_in_chain(env, graph, active, name)?),
+        None => None,
+    };
+    let started = if commit {
+        let top = match args.top {
+            Some(name) => find_in_chain(env, graph, active, name)?,
+            None => active,
+        };
+        let base = match base {
+            Some(base) => base,
+            None => graph.backing(top)?.ok_or_else(|| {
+                Failure::new(
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        "top has no backing file: nothing to commit into",
+                    ),
+                    args.top.unwrap_or(args.image),
+                )
+            })?,
+        };
+        graph.start_commit(CommitRequest {
+            active,
+            top,
+            base,
+            on_error: OnError::Report,
+        })
+    } else {
+        graph.start_stream(StreamRequest {
+            active,
+            base,
+            on_error: OnError::Report,
+        })
+    };
+    started.map_err(|e| Failure::new(e, args.image))
+}
+
+/// Says what a finished job left: the new active image after an active
+/// commit, the new backing file after a stream.
+pub(crate) fn finish_report<
+    'a,
+    D: crate::Device,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    graph: &Graph<D, N, B, C, J>,
+    backend: BackendId,
+    kind: JobKind,
+    active_commit: bool,
+    image: &str,
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let root = graph.root(backend)?;
+    match kind {
+        JobKind::Commit if active_commit => {
+            writeln!(out, "Image '{}' is now the active image", graph.name(root)?)?
+        }
+        JobKind::Commit => writeln!(out, "Image committed.")?,
+        JobKind::Stream => match graph.backing(root)? {
+            Some(base) => writeln!(
+                out,
+                "Image '{image}' now has backing file '{}'",
+                graph.name(base)?
+            )?,
+            None => writeln!(out, "Image '{image}' no longer has a backing file")?,
+        },
+    }
+    Ok(())
+}
+
+/// Runs a commit or stream command to completion.
+fn run_command<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C, J>,
+    words: &[&'a str],
+    commit: bool,
+    scratch: &mut [u8],
+    out: &mut dyn fmt::Write,
+) -> Outcome<'a> {
+    let usage = if commit { COMMIT_USAGE } else { STREAM_USAGE };
+    let args = parse_job_args(words, commit, usage)?;
+    let (active, backend) = open_as_device(env, graph, args.image, Access::READ_WRITE_DEVICE)?;
+    let result = (|| {
+        let job = start_job(env, graph, active, commit, &args)?;
+        let info = graph.job_info(job)?;
+        run_job(env, graph, job, scratch, args.progress, out)?;
+        finish_report(
+            graph,
+            backend,
+            info.kind,
+            info.active_commit,
+            args.image,
+            out,
+        )
+    })();
+    graph.detach_backend(backend)?;
+    result
+}
+
 pub fn commit<
     'a,
     E: Environment,
@@ -68,45 +193,7 @@ pub fn commit<
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {
-    let args = parse(words, true, COMMIT_USAGE)?;
-    let (active, backend) = open_as_device(env, graph, args.image, Access::READ_WRITE_DEVICE)?;
-    let result = (|| {
-        let top = match args.top {
-            Some(name) => find_in_chain(env, graph, active, name)?,
-            None => active,
-        };
-        let base = match args.base {
-            Some(name) => find_in_chain(env, graph, active, name)?,
-            None => graph.backing(top)?.ok_or_else(|| {
-                Failure::new(
-                    Error::new(
-                        ErrorKind::InvalidInput,
-                        "top has no backing file: nothing to commit into",
-                    ),
-                    args.top.unwrap_or(args.image),
-                )
-            })?,
-        };
-        let request = CommitRequest {
-            active,
-            top,
-            base,
-            on_error: OnError::Report,
-        };
-        let job = graph
-            .start_commit(request)
-            .map_err(|e| Failure::new(e, args.image))?;
-        run_job(env, graph, job, scratch, args.progress, out)?;
-        if top == active {
-            let now = graph.root(backend)?;
-            writeln!(out, "Image '{}' is now the active image", graph.name(now)?)?;
-        } else {
-            writeln!(out, "Image committed.")?;
-        }
-        Ok(())
-    })();
-    graph.detach_backend(backend)?;
-    result
+    run_command(env, graph, words, true, scratch, out)
 }
 
 pub fn stream<
@@ -123,35 +210,7 @@ pub fn stream<
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {
-    let args = parse(words, false, STREAM_USAGE)?;
-    let (active, backend) = open_as_device(env, graph, args.image, Access::READ_WRITE_DEVICE)?;
-    let result = (|| {
-        let base = match args.base {
-            Some(name) => Some(find_in_chain(env, graph, active, name)?),
-            None => None,
-        };
-        let request = StreamRequest {
-            active,
-            base,
-            on_error: OnError::Report,
-        };
-        let job = graph
-            .start_stream(request)
-            .map_err(|e| Failure::new(e, args.image))?;
-        run_job(env, graph, job, scratch, args.progress, out)?;
-        match base {
-            Some(base) => writeln!(
-                out,
-                "Image '{}' now has backing file '{}'",
-                args.image,
-                graph.name(base)?
-            )?,
-            None => writeln!(out, "Image '{}' no longer has a backing file", args.image)?,
-        }
-        Ok(())
-    })();
-    graph.detach_backend(backend)?;
-    result
+    run_command(env, graph, words, false, scratch, out)
 }
 
 pub fn snapshot<
@@ -212,7 +271,14 @@ fn report_active<
 
 /// Steps `job` until it concludes, completing it when it becomes ready, and
 /// dismisses it. Fails when the job failed.
-fn run_job<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+pub(crate) fn run_job<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
     job: JobId,

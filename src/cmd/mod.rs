@@ -27,6 +27,9 @@ mod io;
 mod jobs;
 mod json;
 mod map;
+mod session;
+
+pub use session::Session;
 
 use core::fmt;
 
@@ -107,15 +110,25 @@ pub(crate) fn invalid(message: &'static str) -> Failure<'static> {
     Error::new(ErrorKind::InvalidInput, message).into()
 }
 
-/// Runs one command (`words[0]` is its name). `scratch` is working memory for
-/// data transfers (larger is faster; 64 KiB or more is good).
+/// Runs one command (`words[0]` is its name) in `session` (images attached
+/// by earlier commands of a script). `scratch` is working memory for data
+/// transfers (larger is faster; 64 KiB or more is good).
 ///
 /// # Errors
 /// A [`Failure`] for wrong arguments or any failed operation; the graph holds
 /// no more nodes afterwards than before.
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+pub fn run<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+>(
     env: &mut E,
     graph: &mut Graph<E::Device, N, B, C, J>,
+    session: &mut Session<S>,
     words: &[&'a str],
     scratch: &mut [u8],
     out: &mut dyn fmt::Write,
@@ -126,11 +139,14 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
     let (&name, rest) = words
         .split_first()
         .ok_or_else(|| invalid("no command given"))?;
+    if let Some(outcome) = session::run(env, graph, session, name, rest, scratch, out) {
+        return outcome;
+    }
     match name {
         "info" => info::run(env, graph, rest, out),
+        "io" => io::run(env, graph, session, rest, scratch, out),
         "map" => map::run(env, graph, rest, out),
         "convert" => convert::run(env, graph, rest, scratch, out),
-        "io" => io::run(env, graph, rest, scratch, out),
         "collapse" => collapse::run(env, graph, rest, out),
         "commit" => jobs::commit(env, graph, rest, scratch, out),
         "stream" => jobs::stream(env, graph, rest, scratch, out),
@@ -140,6 +156,49 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
             Error::new(ErrorKind::InvalidInput, "unknown command"),
             name,
         )),
+    }
+}
+
+/// Runs `script` — commands separated by `;`, each split into words (double
+/// quotes group words) — in one session, echoing each command as `> ...`.
+/// Stops at the first failing command and returns its index with the
+/// failure; the session is closed either way.
+///
+/// # Errors
+/// The index (0-based) and [`Failure`] of the first command that failed.
+pub fn run_script<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    env: &mut E,
+    graph: &mut Graph<E::Device, N, B, C, J>,
+    script: &'a str,
+    scratch: &mut [u8],
+    out: &mut dyn fmt::Write,
+) -> core::result::Result<usize, (usize, Failure<'a>)> {
+    let mut session: Session = Session::new();
+    let mut done = 0;
+    let mut failed = None;
+    for (index, command) in args::split_commands(script).enumerate() {
+        let result = writeln!(out, "> {}", command.trim())
+            .map_err(Failure::from)
+            .and_then(|()| args::split_words(command).map_err(|e| Failure::new(e, command)))
+            .and_then(|words| run(env, graph, &mut session, &words, scratch, out));
+        if let Err(failure) = result {
+            failed = Some((index, failure));
+            break;
+        }
+        done += 1;
+    }
+    let closed = session.close(env, graph, scratch);
+    match (failed, closed) {
+        (Some(failure), _) => Err(failure),
+        (None, Err(err)) => Err((done, err.into())),
+        (None, Ok(())) => Ok(done),
     }
 }
 
