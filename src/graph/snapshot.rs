@@ -32,7 +32,7 @@ impl<
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] when `active` is not a format node,
-    /// [`ErrorKind::Busy`] when a job tracks writes to `active`, device and
+    /// [`ErrorKind::Busy`] when a live job works on `active`, device and
     /// format errors from creating the overlay. On error no backend moved.
     pub fn snapshot<R: Resolver<D>>(
         &mut self,
@@ -45,11 +45,8 @@ impl<
             ErrorKind::InvalidInput,
             "only an image can be snapshotted",
         ))?;
-        if self.jobs.iter().any(|(_, job)| job.tracks(active)) {
-            return fail(
-                ErrorKind::Busy,
-                "a running job tracks writes to the active layer",
-            );
+        if self.jobs.iter().any(|(_, job)| job.involves(active)) {
+            return fail(ErrorKind::Busy, "a running job works on the active layer");
         }
         let mut reference = NameBuf::new();
         let active_name = self.name(active)?;

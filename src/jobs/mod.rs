@@ -106,7 +106,8 @@ pub enum OnError {
     Ignore,
 }
 
-/// QMP's `io-status` of a job.
+/// QMP's `io-status` of a job: the result of its last chunk (QEMU reports
+/// it only for `stop`; here every policy shows it until a chunk succeeds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoStatus {
     /// No error.
@@ -134,9 +135,11 @@ pub struct Job {
     error: Option<Error>,
     cancelled: bool,
     complete_requested: bool,
+    /// Cancelled while ready: finish copying, then end without a pivot.
+    soft_cancel: bool,
     skipped_chunks: bool,
-    /// Stream into a node that was read-only: make it read-only again.
-    reopened: bool,
+    /// The node made writable for the job, to close again at the end.
+    reopened: Option<NodeId>,
     cursor: u64,
     size: u64,
     offset: u64,
@@ -149,6 +152,11 @@ impl Job {
     /// it that has not concluded).
     pub(crate) fn tracks(&self, node: NodeId) -> bool {
         self.top == node && self.dirty.is_some() && self.status != JobStatus::Concluded
+    }
+
+    /// Whether this live job works on `node` as its active or top layer.
+    pub(crate) fn involves(&self, node: NodeId) -> bool {
+        (self.active == node || self.top == node) && self.status != JobStatus::Concluded
     }
 }
 

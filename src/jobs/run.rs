@@ -72,11 +72,15 @@ impl<
             _ => false,
         };
         self.check_access_except(base, JOB_WRITER, |p| in_range(self, p))?;
-        if self.is_read_only(base)? {
-            self.set_read_only(base, false)?;
-        }
+        self.check_job_slot()?;
         let size = self.size(top)?;
-        self.grow_to(base, size)?;
+        let reopened = self.reopen_writable(base)?;
+        if let Err(err) = self.grow_to(base, size) {
+            if let Some(node) = reopened {
+                self.set_read_only(node, true)?;
+            }
+            return Err(err);
+        }
         let dirty = (top == active).then(|| DirtyBitmap::new(size));
         self.insert_job(Job {
             kind: JobKind::Commit,
@@ -91,8 +95,9 @@ impl<
             error: None,
             cancelled: false,
             complete_requested: false,
+            soft_cancel: false,
             skipped_chunks: false,
-            reopened: false,
+            reopened,
             cursor: 0,
             size,
             offset: 0,
@@ -129,13 +134,11 @@ impl<
             }
         }
         self.check_unfrozen(active, base)?;
+        self.check_job_slot()?;
         // Streaming writes what the node already reads (QEMU's
         // WRITE_UNCHANGED), so an intermediate node may be streamed into:
         // it is opened for writing for the job's duration.
-        let reopened = self.is_read_only(active)?;
-        if reopened {
-            self.set_read_only(active, false)?;
-        }
+        let reopened = self.reopen_writable(active)?;
         let size = self.size(active)?;
         let nothing_to_do = below == base;
         self.insert_job(Job {
@@ -151,6 +154,7 @@ impl<
             error: None,
             cancelled: false,
             complete_requested: false,
+            soft_cancel: false,
             skipped_chunks: false,
             reopened,
             cursor: if nothing_to_do { size } else { 0 },
@@ -159,6 +163,23 @@ impl<
             len: if nothing_to_do { 0 } else { size },
             dirty: None,
         })
+    }
+
+    fn check_job_slot(&self) -> Result<()> {
+        if self.jobs.len() >= JOBS {
+            return fail(ErrorKind::NoCapacity, "every job slot is taken");
+        }
+        Ok(())
+    }
+
+    /// Opens `node` for writing when it is read-only; returns it then, so
+    /// the job can close it again at the end.
+    fn reopen_writable(&mut self, node: NodeId) -> Result<Option<NodeId>> {
+        if !self.is_read_only(node)? {
+            return Ok(None);
+        }
+        self.set_read_only(node, false)?;
+        Ok(Some(node))
     }
 
     fn check_unfrozen(&self, from: NodeId, base: Option<NodeId>) -> Result<()> {
@@ -259,6 +280,7 @@ impl<
                     let job = self.jobs.get_mut(id)?;
                     job.cursor += n;
                     job.offset += n;
+                    job.io_status = IoStatus::Ok;
                 }
                 Err(err) => self.job_failed(id, err, want)?,
             }
@@ -273,37 +295,34 @@ impl<
             self.jobs.get_mut(id)?.status = JobStatus::Pending;
             return Ok(());
         }
-        // Active commit, first pass done: re-copy what the guest wrote, up
-        // to a scratch buffer's worth of granules per step.
+        // Active commit, first pass done: re-copy what the guest wrote,
+        // whole granules, about a scratch buffer's worth per step.
         let mut budget = scratch.len() as u64;
         while budget > 0 {
             let job = self.jobs.get_mut(id)?;
             let Some((start, len)) = job.dirty.as_mut().and_then(DirtyBitmap::take_first) else {
                 break;
             };
-            let want = len.min(budget);
-            if let (true, Some(dirty)) = (want < len, job.dirty.as_mut()) {
-                dirty.mark(start + want, len - want);
-            }
-            if let Err(err) = self.commit_chunk_all(id, start, want, scratch) {
+            if let Err(err) = self.commit_chunk_all(id, start, len, scratch) {
                 if let Some(dirty) = self.jobs.get_mut(id)?.dirty.as_mut() {
-                    dirty.mark(start, want);
+                    dirty.mark(start, len);
                 }
                 return self.job_failed(id, err, 0);
             }
             let job = self.jobs.get_mut(id)?;
-            job.offset += want;
-            job.len += want;
-            budget -= want;
+            job.offset += len;
+            job.len += len;
+            budget = budget.saturating_sub(len);
         }
         let job = self.jobs.get_mut(id)?;
         let clean = job.dirty.as_ref().is_some_and(|d| d.dirty_granules() == 0);
         match job.status {
             JobStatus::Running if clean => job.status = JobStatus::Ready,
             // Nothing is dirty and no guest request can come in before the
-            // pivot: it happens in this very step.
-            JobStatus::Ready if clean && job.complete_requested => {
-                self.job_finish(id, resolver, false)?
+            // pivot (or, cancelled, the end): it happens in this very step.
+            JobStatus::Ready if clean && (job.complete_requested || job.soft_cancel) => {
+                let cancelled = job.soft_cancel;
+                self.job_finish(id, resolver, cancelled)?;
             }
             _ => {}
         }
@@ -345,7 +364,8 @@ impl<
     ) -> Result<()> {
         let mut done = 0;
         while done < len {
-            done += self.commit_chunk(id, offset + done, len - done, scratch)?;
+            let want = (len - done).min(scratch.len() as u64);
+            done += self.commit_chunk(id, offset + done, want, scratch)?;
         }
         Ok(())
     }
@@ -421,6 +441,7 @@ impl<
         let (kind, active, top, base, from) =
             (job.kind, job.active, job.top, job.base, job.frozen_from);
         let (skipped, reopened) = (job.skipped_chunks, job.reopened);
+        let pivots = kind == JobKind::Commit && top == active && !aborted;
         self.set_frozen(from, base, false)?;
         // Whatever was copied is made durable, cancelled or not: a cancelled
         // ready active commit leaves base consistent.
@@ -433,8 +454,10 @@ impl<
             Some(node) => self.flush(node),
             None => Ok(()),
         };
-        if reopened {
-            result = result.and(self.set_read_only(active, true));
+        // The node opened for the job's writes is closed again, unless the
+        // pivot makes it the device's image.
+        if let (Some(node), false) = (reopened, pivots) {
+            result = result.and(self.set_read_only(node, true));
         }
         // The chain change may release the nodes: let go of them first.
         self.unref(from)?;
@@ -533,7 +556,16 @@ impl<
             return fail(ErrorKind::InvalidInput, "job is already ending");
         }
         job.cancelled = true;
-        job.status = JobStatus::Aborting;
+        let ready = job.status == JobStatus::Ready
+            || job.status == JobStatus::Paused && job.resume_to == JobStatus::Ready;
+        if ready {
+            // Soft cancel: copy what is still dirty, then end without a
+            // pivot, leaving base a point-in-time copy of the guest's view.
+            job.soft_cancel = true;
+            job.status = JobStatus::Ready;
+        } else {
+            job.status = JobStatus::Aborting;
+        }
         Ok(())
     }
 
@@ -563,7 +595,8 @@ impl<
             status: job.status,
             offset: job.offset,
             len: job.len,
-            ready: job.status == JobStatus::Ready,
+            ready: job.status == JobStatus::Ready
+                || job.status == JobStatus::Paused && job.resume_to == JobStatus::Ready,
             io_status: job.io_status,
             error: job.error,
             cancelled: job.cancelled,
