@@ -148,6 +148,39 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job in state `created` over `(active, top, base)` of `size` bytes,
+    /// holding the links from `frozen_from` down.
+    fn new(
+        kind: JobKind,
+        (active, top, base): (NodeId, NodeId, Option<NodeId>),
+        frozen_from: NodeId,
+        on_error: OnError,
+        size: u64,
+    ) -> Self {
+        Self {
+            kind,
+            active,
+            top,
+            base,
+            frozen_from,
+            status: JobStatus::Created,
+            resume_to: JobStatus::Running,
+            on_error,
+            io_status: IoStatus::Ok,
+            error: None,
+            cancelled: false,
+            complete_requested: false,
+            soft_cancel: false,
+            skipped_chunks: false,
+            reopened: None,
+            cursor: 0,
+            size,
+            offset: 0,
+            len: size,
+            dirty: None,
+        }
+    }
+
     /// Whether this job records guest writes to `node` (an active commit of
     /// it that has not concluded).
     pub(crate) fn tracks(&self, node: NodeId) -> bool {

@@ -82,28 +82,16 @@ impl<
             return Err(err);
         }
         let dirty = (top == active).then(|| DirtyBitmap::new(size));
-        self.insert_job(Job {
-            kind: JobKind::Commit,
-            active,
-            top,
-            base: Some(base),
+        let mut job = Job::new(
+            JobKind::Commit,
+            (active, top, Some(base)),
             frozen_from,
-            status: JobStatus::Created,
-            resume_to: JobStatus::Running,
             on_error,
-            io_status: IoStatus::Ok,
-            error: None,
-            cancelled: false,
-            complete_requested: false,
-            soft_cancel: false,
-            skipped_chunks: false,
-            reopened,
-            cursor: 0,
             size,
-            offset: 0,
-            len: size,
-            dirty,
-        })
+        );
+        job.reopened = reopened;
+        job.dirty = dirty;
+        self.insert_job(job)
     }
 
     /// Starts a stream job: every range the active layer lacks is copied
@@ -141,28 +129,18 @@ impl<
         let reopened = self.reopen_writable(active)?;
         let size = self.size(active)?;
         let nothing_to_do = below == base;
-        self.insert_job(Job {
-            kind: JobKind::Stream,
+        let mut job = Job::new(
+            JobKind::Stream,
+            (active, active, base),
             active,
-            top: active,
-            base,
-            frozen_from: active,
-            status: JobStatus::Created,
-            resume_to: JobStatus::Running,
             on_error,
-            io_status: IoStatus::Ok,
-            error: None,
-            cancelled: false,
-            complete_requested: false,
-            soft_cancel: false,
-            skipped_chunks: false,
-            reopened,
-            cursor: if nothing_to_do { size } else { 0 },
             size,
-            offset: 0,
-            len: if nothing_to_do { 0 } else { size },
-            dirty: None,
-        })
+        );
+        job.reopened = reopened;
+        if nothing_to_do {
+            (job.cursor, job.len) = (size, 0);
+        }
+        self.insert_job(job)
     }
 
     fn check_job_slot(&self) -> Result<()> {
