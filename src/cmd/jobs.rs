@@ -234,6 +234,16 @@ pub fn snapshot<
     }
     let (active, backend) = open_as_device(env, graph, image, Access::READ_WRITE_DEVICE)?;
     let result = (|| {
+        // Creating truncates: never let the new overlay be a chain member.
+        if find_in_chain(env, graph, active, overlay_name).is_ok() {
+            return Err(Failure::new(
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "the new overlay is an image of the chain",
+                ),
+                overlay_name,
+            ));
+        }
         let device = env
             .create(overlay_name, 0)
             .map_err(|e| Failure::new(e, overlay_name))?;

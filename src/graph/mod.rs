@@ -368,7 +368,7 @@ impl<
         Ok(())
     }
 
-    fn chain_contains_device(&self, top: NodeId, id: DeviceId) -> Result<bool> {
+    pub(crate) fn chain_contains_device(&self, top: NodeId, id: DeviceId) -> Result<bool> {
         let mut layer = Some(top);
         while let Some(node) = layer {
             let n = self.nodes.get(node)?;

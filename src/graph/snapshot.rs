@@ -31,7 +31,8 @@ impl<
     /// read-only. Returns the overlay; the caller holds one reference.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] when `active` is not a format node,
+    /// [`ErrorKind::InvalidInput`] when `active` is not a format node or
+    /// `device` holds an image of its chain (nothing is written then),
     /// [`ErrorKind::Busy`] when a live job works on `active`, device and
     /// format errors from creating the overlay. On error no backend moved.
     pub fn snapshot<R: Resolver<D>>(
@@ -47,6 +48,12 @@ impl<
         ))?;
         if self.jobs.iter().any(|(_, job)| job.involves(active)) {
             return fail(ErrorKind::Busy, "a running job works on the active layer");
+        }
+        if self.chain_contains_device(active, device.identity())? {
+            return fail(
+                ErrorKind::InvalidInput,
+                "the new overlay's device holds an image of the chain",
+            );
         }
         let mut reference = NameBuf::new();
         let active_name = self.name(active)?;

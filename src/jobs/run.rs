@@ -319,7 +319,7 @@ impl<
         let job = self.jobs.get(id)?;
         let (top, base) = (job.top, job.base);
         let base = base.ok_or(Error::new(ErrorKind::InvalidInput, "commit without base"))?;
-        let (status, run) = self.allocation_above(top, Some(base), offset, want)?;
+        let (status, run) = self.allocation_run(top, Some(base), offset, want)?;
         if status.present {
             if status.zero {
                 self.write_zeroes(base, offset, run)?;
@@ -330,6 +330,28 @@ impl<
             }
         }
         Ok(run)
+    }
+
+    /// [`Graph::allocation_above`], with adjacent runs that are equally
+    /// present and zero merged up to `want` bytes: a zero range spanning
+    /// several small clusters of a layer stays one zero write (and base
+    /// sparse), a data range one copy.
+    fn allocation_run(
+        &mut self,
+        top: NodeId,
+        bottom: Option<NodeId>,
+        offset: u64,
+        want: u64,
+    ) -> Result<(crate::graph::BlockStatus, u64)> {
+        let (status, mut run) = self.allocation_above(top, bottom, offset, want)?;
+        while run < want {
+            let (next, more) = self.allocation_above(top, bottom, offset + run, want - run)?;
+            if (next.present, next.zero) != (status.present, status.zero) {
+                break;
+            }
+            run += more;
+        }
+        Ok((status, run))
     }
 
     /// Runs [`Self::commit_chunk`] until all of `offset..offset + len` is done.
@@ -364,7 +386,7 @@ impl<
         if own.present {
             return Ok(run);
         }
-        let (status, run) = self.allocation_above(active, base, offset, run)?;
+        let (status, run) = self.allocation_run(active, base, offset, run)?;
         if !status.present {
             return Ok(run);
         }
