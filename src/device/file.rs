@@ -3,7 +3,7 @@
 use super::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 /// A host file opened read-only or read-write, optionally capped in size so
@@ -20,9 +20,18 @@ impl FileDevice {
     /// Opens `path`; `writable` asks for read-write access.
     ///
     /// # Errors
-    /// [`ErrorKind::NotFound`] when the file does not exist, otherwise
-    /// [`ErrorKind::Io`].
+    /// [`ErrorKind::NotFound`] when the file does not exist,
+    /// [`ErrorKind::InvalidInput`] when it is neither a regular file nor a
+    /// block device (a FIFO would block), otherwise [`ErrorKind::Io`].
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        // Opening a FIFO or a character device could block forever.
+        let kind = std::fs::metadata(path).map_err(io_error)?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return fail(
+                ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            );
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(writable)

@@ -19,6 +19,8 @@ const BOUNCE: usize = 4096;
 const BATCH: usize = 64;
 /// L2 entry flag of an owned cluster.
 const COPIED: u64 = 1 << 63;
+/// L2 entry flag of a compressed cluster.
+const COMPRESSED: u64 = 1 << 62;
 
 /// A cluster allocated for a write: guest cluster, new device offset, and
 /// the L2 entry it replaces.
@@ -119,6 +121,7 @@ impl<
     /// entries are set, and after another flush the replaced storage is
     /// released.
     fn write_clusters(&mut self, id: NodeId, pos: u64, data: &[u8]) -> Result<()> {
+        self.validate_clusters(id, pos, data.len() as u64)?;
         let mut fresh = [Fresh::default(); BATCH];
         let mut count = 0;
         let mut mapped = 0;
@@ -133,6 +136,52 @@ impl<
             }
         }
         result
+    }
+
+    /// Checks every cluster `pos..pos + len` touches before anything is
+    /// written: valid entries, releasable storage, owned clusters clear of
+    /// metadata, and compressed data that copy-on-write will inflate.
+    fn validate_clusters(&mut self, id: NodeId, pos: u64, len: u64) -> Result<()> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let end = pos + len;
+        let mut at = pos;
+        let mut allocations = 0;
+        let mut replaced = [0u64; BATCH];
+        while at < end {
+            let cluster = at / cs;
+            let target = self.with_qcow2(id, |q, t| {
+                q.check_replaceable(t, cluster)?;
+                q.write_target(t, cluster)
+            })?;
+            let piece_end = ((cluster + 1) * cs).min(end);
+            if let WriteTarget::Allocate { old } = target {
+                replaced[allocations] = old;
+                allocations += 1;
+                if old & COMPRESSED != 0 {
+                    self.verify_view(id, cluster * cs, at - cluster * cs)?;
+                    self.verify_view(id, piece_end, (cluster + 1) * cs - piece_end)?;
+                }
+            }
+            at = piece_end;
+        }
+        // Each allocation may also need a new L2 table.
+        self.with_qcow2(id, |q, t| {
+            q.check_releases(t, &replaced[..allocations])?;
+            q.check_allocations(t, 2 * allocations as u64)
+        })
+    }
+
+    /// Reads (and drops) `len` bytes of `id`'s guest view at `guest`.
+    fn verify_view(&mut self, id: NodeId, guest: u64, len: u64) -> Result<()> {
+        let readable = self.size(id)?.saturating_sub(guest).min(len);
+        let mut buf = [0u8; BOUNCE];
+        let mut done = 0;
+        while done < readable {
+            let n = (readable - done).min(BOUNCE as u64) as usize;
+            self.read(id, guest + done, &mut buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// Writes owned clusters in place and allocates and fills the others,
@@ -225,6 +274,9 @@ impl<
         let qcow2 = self.check_writable(id, offset, len)?;
         self.note_guest_write(id, offset, len);
         let zero_flag = qcow2 && self.qcow2(id)?.header().version >= 3;
+        if zero_flag {
+            self.validate_clears(id, offset, len)?;
+        }
         self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
             if whole && zero_flag {
                 let cluster = pos / graph.qcow2(id)?.cluster_size();
@@ -265,6 +317,7 @@ impl<
             // v2 cannot hide backing data: QEMU ignores the discard.
             (false, true) => return Ok(()),
         };
+        self.validate_clears(id, offset, len)?;
         self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
             if !whole {
                 return Ok(());
@@ -272,6 +325,31 @@ impl<
             let cluster = pos / graph.qcow2(id)?.cluster_size();
             graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))
         })
+    }
+
+    /// Checks every whole cluster of `offset..offset + len` of qcow2 node `id`
+    /// before a zero write or discard changes any of them: each entry valid,
+    /// and each window of [`BATCH`] clusters releasable together.
+    fn validate_clears(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        let mut window = [0u64; BATCH];
+        let mut count = 0;
+        self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
+            if !whole {
+                return Ok(());
+            }
+            let cluster = pos / graph.qcow2(id)?.cluster_size();
+            window[count] = graph.with_qcow2(id, |q, t| {
+                q.check_replaceable(t, cluster)?;
+                q.entry(t, cluster)
+            })?;
+            count += 1;
+            if count == BATCH {
+                count = 0;
+                graph.with_qcow2(id, |q, t| q.check_releases(t, &window))?;
+            }
+            Ok(())
+        })?;
+        self.with_qcow2(id, |q, t| q.check_releases(t, &window[..count]))
     }
 
     /// Splits `offset..offset + len` at cluster boundaries (qcow2) and calls

@@ -93,6 +93,9 @@ pub struct Header {
     pub refcount_table_clusters: u32,
     /// Number of internal snapshots.
     pub nb_snapshots: u32,
+    /// Byte offset of the snapshot table (cluster aligned; 0 without
+    /// snapshots).
+    pub snapshots_offset: u64,
     /// Incompatible feature bits (known ones only; unknown bits refuse open).
     pub incompatible: Incompatible,
     /// Compatible feature bits as stored.
@@ -310,7 +313,7 @@ impl Header {
             refcount_table_offset,
             u64::from(refcount_table_clusters) * cluster_size,
             cluster_size,
-            None,
+            Some(file_size),
         )?;
         let nb_snapshots = be_u32(area, OFF_NB_SNAPSHOTS);
         if nb_snapshots > 0 && !be_u64(area, OFF_SNAPSHOTS_OFFSET).is_multiple_of(cluster_size) {
@@ -378,6 +381,11 @@ impl Header {
             refcount_table_offset,
             refcount_table_clusters,
             nb_snapshots,
+            snapshots_offset: if nb_snapshots > 0 {
+                be_u64(area, OFF_SNAPSHOTS_OFFSET)
+            } else {
+                0
+            },
             incompatible,
             compatible,
             autoclear,

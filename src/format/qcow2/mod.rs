@@ -38,6 +38,13 @@ pub struct Qcow2 {
     header: Header,
     /// No cluster below this one is free (allocation scans from here).
     free_hint: u64,
+    /// Clusters from here on did not exist at open: any metadata there was
+    /// placed (and counted) by this driver, so their refcounts are trusted.
+    trusted_from: u64,
+    /// L1 entries past this index are all zero.
+    l1_used: u64,
+    /// Refcount table entries past this index are all zero.
+    rt_used: u64,
 }
 
 /// What a qcow2 node's metadata work borrows: the shared cache (under the
@@ -84,9 +91,32 @@ impl Qcow2 {
             }
             header.set_backing_name(name)?;
         }
+        let cs = header.cluster_size();
+        // Every table entry must point inside the image, cluster aligned,
+        // with its reserved bits clear: checked once, before any use.
+        let l1 = (header.l1_table_offset, u64::from(header.l1_size));
+        let l1_used = check_entries(
+            device,
+            l1,
+            OFFSET_MASK | COPIED,
+            cs,
+            "qcow2 L1 table entry is invalid",
+        )?;
+        let rt_entries = u64::from(header.refcount_table_clusters) * cs / 8;
+        let rt = (header.refcount_table_offset, rt_entries);
+        let rt_used = check_entries(
+            device,
+            rt,
+            !0x1ff,
+            cs,
+            "qcow2 refcount table entry is invalid",
+        )?;
         Ok(Self {
+            trusted_from: device.size().div_ceil(cs),
             header,
             free_hint: 0,
+            l1_used,
+            rt_used,
         })
     }
 
@@ -338,6 +368,43 @@ impl Qcow2 {
         self.header = updated;
         Ok(())
     }
+}
+
+/// Checks the `count` 8-byte entries of the table at `table`: only the bits
+/// in `allowed` may be set, and the offset they hold (bits 9..) must be
+/// cluster aligned and inside the device. Returns one past the index of the
+/// last non-zero entry.
+fn check_entries<D: Device>(
+    device: &mut D,
+    (table, count): (u64, u64),
+    allowed: u64,
+    cluster_size: u64,
+    message: &'static str,
+) -> Result<u64> {
+    let mut buf = [0u8; 4096];
+    let mut done = 0u64;
+    let mut used = 0;
+    while done < count {
+        let n = (count - done).min(buf.len() as u64 / 8) as usize;
+        device.read_at(table + done * 8, &mut buf[..n * 8])?;
+        for (i, raw) in buf[..n * 8].chunks_exact(8).enumerate() {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(raw);
+            let entry = u64::from_be_bytes(bytes);
+            let offset = entry & OFFSET_MASK;
+            let bad = entry & !allowed != 0
+                || offset & (cluster_size - 1) != 0
+                || (offset != 0 && offset >= device.size());
+            if bad {
+                return fail(ErrorKind::Corrupt, message);
+            }
+            if entry != 0 {
+                used = done + i as u64 + 1;
+            }
+        }
+        done += n as u64;
+    }
+    Ok(used)
 }
 
 /// Reads the leading bytes of the image (up to [`HEADER_AREA`]) into `area`

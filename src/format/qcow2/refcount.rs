@@ -151,9 +151,11 @@ impl Qcow2 {
         loop {
             let cluster = self.find_free(t)?;
             if self.block_for(t, cluster)?.is_some() {
+                let offset = cluster << self.header.cluster_bits;
+                self.check_overlap(t, offset, self.cluster_size())?;
                 self.set_refcount(t, cluster, 1)?;
                 self.free_hint = cluster + 1;
-                return Ok(cluster << self.header.cluster_bits);
+                return Ok(offset);
             }
             let index = cluster / self.entries_per_block();
             if index >= self.table_len() {
@@ -164,9 +166,49 @@ impl Qcow2 {
         }
     }
 
+    /// Checks, without writing, that the next `count` clusters the allocator
+    /// would hand out are clear of metadata (hostile refcounts can call
+    /// metadata free): a request refuses before it changes anything.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] when one of them overlaps metadata.
+    pub(super) fn check_allocatable<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        count: u64,
+    ) -> Result<()> {
+        let hint = self.free_hint;
+        let mut found = 0;
+        let mut result = Ok(());
+        while found < count {
+            let cluster = match self.find_free(t) {
+                Ok(cluster) => cluster,
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
+            if let Err(err) =
+                self.check_overlap(t, cluster << self.header.cluster_bits, self.cluster_size())
+            {
+                result = Err(err);
+                break;
+            }
+            found += 1;
+            self.free_hint = cluster + 1;
+        }
+        self.free_hint = hint;
+        result
+    }
+
     /// The first cluster at or after the hint with refcount 0.
     fn find_free<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>) -> Result<u64> {
-        let max_cluster = (1u64 << 56) >> self.header.cluster_bits;
+        // Clusters past the end of the image are free unless refcounts
+        // (hostile ones) claim them: give up after a bounded stretch.
+        const PAST_END_LIMIT: u64 = 1 << 16;
+        let file_clusters = t.device.size().div_ceil(self.cluster_size());
+        let max_cluster =
+            ((1u64 << 56) >> self.header.cluster_bits).min(file_clusters + PAST_END_LIMIT);
         let mut cluster = self.free_hint.max(1);
         while cluster < max_cluster {
             if self.refcount(t, cluster)? == 0 {
@@ -175,7 +217,10 @@ impl Qcow2 {
             }
             cluster += 1;
         }
-        fail(ErrorKind::NoSpace, "qcow2 image has no free cluster left")
+        fail(
+            ErrorKind::Corrupt,
+            "qcow2 refcounts claim clusters far past the end of the image",
+        )
     }
 
     /// Places a new refcount block for table entry `index` at the free
@@ -187,6 +232,7 @@ impl Qcow2 {
         at: u64,
     ) -> Result<()> {
         let offset = at << self.header.cluster_bits;
+        self.check_overlap(t, offset, self.cluster_size())?;
         let mut first = [0u8; CHUNK];
         let (own, bytes, shift) = self.refcount_position(0, at);
         let mut one = [0u8; 8];
@@ -213,6 +259,7 @@ impl Qcow2 {
         t.device.flush()?;
         let entry_at = self.header.refcount_table_offset + index * 8;
         t.write_meta(entry_at, &offset.to_be_bytes())?;
+        self.rt_used = self.rt_used.max(index + 1);
         t.device.flush()
     }
 
@@ -246,6 +293,7 @@ impl Qcow2 {
             (n, k) = (new_n, new_k);
         }
         let table_at = start * cs;
+        self.check_overlap(t, table_at, (n + k) * cs)?;
         let new_blocks_at = start + n;
         // New blocks: refcounts for every new cluster they cover.
         let mut block_index = new_blocks_at;
@@ -311,6 +359,11 @@ impl Qcow2 {
         t.device.flush()?;
         self.header.refcount_table_offset = table_at;
         self.header.refcount_table_clusters = clusters;
+        self.rt_used = self.rt_used.max(
+            placed
+                .get(placed_count.wrapping_sub(1))
+                .map_or(0, |b| b + 1),
+        );
         // The old table is unreferenced now (durably): release its clusters.
         for c in 0..old_clusters {
             self.release_cluster(t, old_offset + c * cs)?;
@@ -380,6 +433,91 @@ impl Qcow2 {
         self.set_refcount(t, cluster, count - 1)?;
         if count == 1 {
             self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// Refuses a write of `len` bytes at device offset `offset` that would
+    /// land on metadata: the header cluster, the L1 and refcount tables, the
+    /// snapshot table, any L2 table of the active L1 or any refcount block
+    /// (QEMU's overlap check). Images whose refcounts or mappings point data
+    /// at metadata are hostile or corrupt: the write is refused and the image
+    /// is treated as corrupt from then on.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] on overlap, metadata and device errors.
+    pub(super) fn check_overlap<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.check_overlap_with(t, offset, len, true)
+    }
+
+    /// [`Self::check_overlap`] for an L2 table about to be written: the
+    /// other L2 tables are not checked (the table is one of them).
+    pub(super) fn check_l2_overlap<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        self.check_overlap_with(t, offset, cs, false)
+    }
+
+    fn check_overlap_with<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+        len: u64,
+        l2_tables: bool,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let end = offset.saturating_add(len);
+        let hits = |start: u64, bytes: u64| {
+            bytes > 0 && start < end && offset < start.saturating_add(bytes)
+        };
+        let h = &self.header;
+        let l1_bytes = (u64::from(h.l1_size) * 8).div_ceil(cs) * cs;
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        let mut overlap = hits(0, cs)
+            || hits(h.l1_table_offset, l1_bytes)
+            || hits(h.refcount_table_offset, rt_bytes)
+            || (h.nb_snapshots > 0 && hits(h.snapshots_offset, cs));
+        // Clusters that did not exist at open hold only metadata this driver
+        // placed and counted: the fixed regions above are all they can hit.
+        let trusted = offset >= self.trusted_from * cs;
+        let (l1_offset, l1_size) = (h.l1_table_offset, self.l1_used);
+        let mut index = 0;
+        while l2_tables && !trusted && !overlap && index < l1_size {
+            self.table_entries(t, (l1_offset, index), |entry| {
+                index += 1;
+                overlap |= hits(
+                    entry & OFFSET_MASK,
+                    if entry & OFFSET_MASK == 0 { 0 } else { cs },
+                );
+                !overlap && index < l1_size
+            })?;
+        }
+        let (rt_offset, rt_len) = (self.header.refcount_table_offset, self.rt_used);
+        let mut index = 0;
+        while !trusted && !overlap && index < rt_len {
+            self.table_entries(t, (rt_offset, index), |entry| {
+                index += 1;
+                let block = entry & !0x1ff;
+                overlap |= hits(block, if block == 0 { 0 } else { cs });
+                !overlap && index < rt_len
+            })?;
+        }
+        if overlap {
+            self.header.incompatible |= super::header::Incompatible::CORRUPT;
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 write would overwrite metadata: image is corrupt",
+            );
         }
         Ok(())
     }

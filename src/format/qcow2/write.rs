@@ -79,7 +79,11 @@ impl Qcow2 {
                 "offset beyond the image's L1 table",
             );
         }
-        self.read_entry(t, self.header.l1_table_offset, l1_index)
+        let entry = self.read_entry(t, self.header.l1_table_offset, l1_index)?;
+        if entry & 0x1ff != 0 {
+            return fail(ErrorKind::Corrupt, "qcow2 L1 entry has reserved bits set");
+        }
+        Ok(entry)
     }
 
     /// The L2 entry of guest cluster `cluster` (0 when its table is absent).
@@ -117,23 +121,38 @@ impl Qcow2 {
     /// # Errors
     /// Metadata and device errors.
     pub fn write_target<D: Device, const S: usize>(
-        &self,
+        &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
     ) -> Result<WriteTarget> {
         let (l1_index, _) = self.indices(cluster);
         let l1 = self.l1_entry(t, l1_index)?;
         let entry = self.l2_entry(t, cluster)?;
+        // The same checks as the read path: reserved bits, alignment, bounds.
+        self.decode_l2(entry, t.device.size())?;
         let owned = l1 & COPIED != 0
             && entry & COPIED != 0
             && entry & (COMPRESSED | ZERO) == 0
             && entry & OFFSET_MASK != 0;
         if owned {
             let host = entry & OFFSET_MASK;
-            self.check_offset(t, host, "qcow2 data cluster")?;
+            self.check_overlap(t, host, self.cluster_size())?;
             return Ok(WriteTarget::InPlace(host));
         }
         Ok(WriteTarget::Allocate { old: entry })
+    }
+
+    /// Checks that `count` clusters can be allocated without touching
+    /// metadata (see [`Qcow2::check_allocatable`]), writing nothing.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for hostile refcounts.
+    pub fn check_allocations<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        count: u64,
+    ) -> Result<()> {
+        self.check_allocatable(t, count)
     }
 
     /// Allocates a data cluster (its refcount written, not yet flushed).
@@ -224,22 +243,120 @@ impl Qcow2 {
         if !references_storage(entry) {
             return Ok(());
         }
+        let (mut cluster, end) = self.entry_storage(entry);
+        while cluster < end {
+            self.release_cluster(t, cluster)?;
+            cluster += self.cluster_size();
+        }
+        Ok(())
+    }
+
+    /// The host clusters an L2 entry that references storage uses, as the
+    /// device range `start..end` (start cluster aligned).
+    fn entry_storage(&self, entry: u64) -> (u64, u64) {
+        let cs = self.cluster_size();
         if entry & COMPRESSED != 0 {
             let bits = self.header.cluster_bits;
             let offset_bits = 62 - (bits - 8);
             let host = entry & ((1u64 << offset_bits) - 1);
             let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
             let start = host & !511;
-            let end = start + sectors * 512;
-            let cs = self.cluster_size();
-            let mut cluster = start / cs * cs;
+            return (start / cs * cs, start + sectors * 512);
+        }
+        let host = entry & OFFSET_MASK;
+        (host, host + cs)
+    }
+
+    /// Checks, without writing, that guest `cluster`'s current entry is
+    /// valid and its storage can be released: a request validates every
+    /// cluster this way before it changes any.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for a hostile entry or refcount.
+    pub fn check_replaceable<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<()> {
+        let (l1_index, _) = self.indices(cluster);
+        let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
+        if table != 0 {
+            self.check_l2_overlap(t, table)?;
+        }
+        let old = self.l2_entry(t, cluster)?;
+        self.decode_l2(old, t.device.size())?;
+        self.check_releasable(t, old)
+    }
+
+    /// Refuses when releasing the storage of all of `entries` together would
+    /// take a refcount below zero (hostile images alias one cluster from
+    /// several entries). Up to 256 distinct clusters are tracked; a larger
+    /// set is refused as unsupported.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] on underflow.
+    pub fn check_releases<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        entries: &[u64],
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut uses: heapless::LinearMap<u64, u64, 256> = heapless::LinearMap::new();
+        for &entry in entries.iter().filter(|&&e| references_storage(e)) {
+            let (mut cluster, end) = self.entry_storage(entry);
             while cluster < end {
-                self.release_cluster(t, cluster)?;
+                let count = uses.get(&cluster).copied().unwrap_or(0) + 1;
+                if uses.insert(cluster, count).is_err() {
+                    return fail(
+                        ErrorKind::Unsupported,
+                        "unsupported: too many clusters released at once",
+                    );
+                }
                 cluster += cs;
             }
+        }
+        for (&cluster, &count) in uses.iter() {
+            if self.refcount(t, cluster / cs)? < count {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 clusters in use have too small a refcount",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The current L2 entry of guest `cluster`.
+    ///
+    /// # Errors
+    /// Metadata and device errors.
+    pub fn entry<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<u64> {
+        self.l2_entry(t, cluster)
+    }
+
+    /// Refuses when the storage of `entry` has a zero refcount (releasing it
+    /// would underflow).
+    fn check_releasable<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        entry: u64,
+    ) -> Result<()> {
+        if !references_storage(entry) {
             return Ok(());
         }
-        self.release_cluster(t, entry & OFFSET_MASK)
+        let cs = self.cluster_size();
+        let (mut cluster, end) = self.entry_storage(entry);
+        while cluster < end {
+            if self.refcount(t, cluster / cs)? == 0 {
+                return fail(ErrorKind::Corrupt, "qcow2 cluster in use has refcount zero");
+            }
+            cluster += cs;
+        }
+        Ok(())
     }
 
     /// The device offset of `cluster`'s L2 entry in a table this image owns:
@@ -257,6 +374,7 @@ impl Qcow2 {
         if table != 0 {
             self.check_offset(t, table, "qcow2 L2 table")?;
             if l1 & COPIED != 0 {
+                self.check_l2_overlap(t, table)?;
                 return Ok(table + l2_index * 8);
             }
         }
@@ -275,6 +393,7 @@ impl Qcow2 {
         t.device.flush()?;
         let l1_at = self.header.l1_table_offset + l1_index * 8;
         t.write_meta(l1_at, &(new_table | COPIED).to_be_bytes())?;
+        self.l1_used = self.l1_used.max(l1_index + 1);
         t.device.flush()?;
         if table != 0 {
             self.release_cluster(t, table)?;
