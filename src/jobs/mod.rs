@@ -1,7 +1,7 @@
 //! Block jobs: commit, active commit and stream, as step-wise state machines.
 //!
-//! A job is started on a [`Graph`] and then advanced by
-//! [`Graph::job_step`], which does a bounded amount of work — one chunk of at
+//! A job is started on a [`Graph`](crate::Graph) and then advanced by
+//! [`Graph::job_step`](crate::Graph::job_step), which does a bounded amount of work — one chunk of at
 //! most the caller's scratch buffer — so a VMM can serve guest requests
 //! between steps. States and verbs carry QMP's names:
 //!
@@ -21,7 +21,7 @@
 //! reference the job holds, is refused with
 //! [`ErrorKind::Busy`](crate::ErrorKind::Busy).
 
-mod dirty;
+pub mod dirty;
 mod run;
 
 pub use dirty::DirtyBitmap;
@@ -118,7 +118,7 @@ pub enum IoStatus {
     NoSpace,
 }
 
-/// A job slot's state (reached through [`Graph`] methods).
+/// A job slot's state (reached through [`Graph`](crate::Graph) methods).
 pub struct Job {
     kind: JobKind,
     /// The active layer of the chain.

@@ -2,7 +2,9 @@
 //!
 //! Every child is owned by a guard that kills and reaps it when dropped, so an
 //! early return (an error, a timeout) never leaves a process behind. Commands
-//! with a timeout are killed when it expires; the QEMU runs to come rely on that.
+//! with a timeout are killed when it expires; the QEMU runs rely on that
+//! (`Cmd::output_within_timeout` reports the timeout with the output so far,
+//! and `Cmd::tee` shows the output live while capturing it).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -23,6 +25,19 @@ pub struct Cmd {
     envs: Vec<(OsString, OsString)>,
     timeout: Option<Duration>,
     echo: bool,
+    tee: bool,
+}
+
+/// How a command run by [`Cmd::output_within_timeout`] ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit status; `None` when the timeout expired and the command was
+    /// killed.
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// From the start to the exit (or the kill).
+    pub elapsed: Duration,
 }
 
 /// What a finished command printed, and how it ended.
@@ -52,6 +67,7 @@ impl Cmd {
             envs: Vec::new(),
             timeout: None,
             echo: true,
+            tee: false,
         }
     }
 
@@ -87,6 +103,13 @@ impl Cmd {
         self
     }
 
+    /// Copy captured output to our stdout/stderr as it arrives (live), as
+    /// well as capturing it.
+    pub fn tee(mut self) -> Self {
+        self.tee = true;
+        self
+    }
+
     /// Do not print the `==> command` line (for queries whose output we parse).
     pub fn quiet(mut self) -> Self {
         self.echo = false;
@@ -119,6 +142,24 @@ impl Cmd {
             status,
             stdout: collect(stdout),
             stderr: collect(stderr),
+        })
+    }
+
+    /// Runs with output captured (and shown live with [`Cmd::tee`]); a
+    /// timeout kills the command but is reported in the result, with the
+    /// output up to then, not as an error.
+    pub fn output_within_timeout(&self) -> Result<Finished> {
+        let started = Instant::now();
+        let mut child = self.spawn(true)?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let status = child.wait_or_kill(self)?;
+        let elapsed = started.elapsed();
+        Ok(Finished {
+            status,
+            stdout: collect(stdout),
+            stderr: collect(stderr),
+            elapsed,
         })
     }
 
@@ -162,8 +203,14 @@ impl Cmd {
             Error::msg(format!("cannot run `{self}`: {err}{hint}"))
         })?;
         // Drain the pipes on threads so a chatty child never blocks on a full pipe.
-        let stdout = child.stdout.take().map(drain);
-        let stderr = child.stderr.take().map(drain);
+        let stdout = child
+            .stdout
+            .take()
+            .map(|pipe| drain(pipe, self.tee.then_some(Echo::Stdout)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|pipe| drain(pipe, self.tee.then_some(Echo::Stderr)));
         Ok(Running {
             child,
             reaped: false,
@@ -183,6 +230,20 @@ struct Running {
 
 impl Running {
     fn wait(&mut self, cmd: &Cmd) -> Result<ExitStatus> {
+        match self.wait_or_kill(cmd)? {
+            Some(status) => Ok(status),
+            None => {
+                let secs = cmd.timeout.unwrap_or_default().as_secs_f64();
+                Err(Error::msg(format!(
+                    "`{cmd}` did not finish within {secs:.1} s and was killed"
+                )))
+            }
+        }
+    }
+
+    /// Waits for the exit; `None` when the timeout expired and the child was
+    /// killed.
+    fn wait_or_kill(&mut self, cmd: &Cmd) -> Result<Option<ExitStatus>> {
         let deadline = cmd.timeout.map(|limit| Instant::now() + limit);
         loop {
             let polled = match deadline {
@@ -192,17 +253,14 @@ impl Running {
             match polled {
                 Ok(Some(status)) => {
                     self.reaped = true;
-                    return Ok(status);
+                    return Ok(Some(status));
                 }
                 Ok(None) => {}
                 Err(err) => return Err(Error::msg(format!("waiting for `{cmd}`: {err}"))),
             }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 self.kill();
-                let secs = cmd.timeout.unwrap_or_default().as_secs_f64();
-                return Err(Error::msg(format!(
-                    "`{cmd}` did not finish within {secs:.1} s and was killed"
-                )));
+                return Ok(None);
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -224,11 +282,35 @@ impl Drop for Running {
     }
 }
 
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+/// Where [`Cmd::tee`] copies a captured stream.
+#[derive(Clone, Copy)]
+enum Echo {
+    Stdout,
+    Stderr,
+}
+
+fn drain(mut pipe: impl Read + Send + 'static, echo: Option<Echo>) -> JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();
-        // A read error just ends the capture; the exit status tells the story.
-        let _ = pipe.read_to_end(&mut buf);
+        let mut chunk = [0u8; 4096];
+        loop {
+            // A read error just ends the capture; the exit status tells the story.
+            let n = match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            // Echo failures (a closed terminal) must not stop the capture.
+            let _ = match echo {
+                Some(Echo::Stdout) => io::stdout()
+                    .write_all(&chunk[..n])
+                    .and_then(|()| io::stdout().flush()),
+                Some(Echo::Stderr) => io::stderr().write_all(&chunk[..n]),
+                None => Ok(()),
+            };
+        }
         buf
     })
 }
@@ -323,6 +405,26 @@ mod tests {
     fn a_missing_program_is_an_error_not_a_panic() {
         let err = Cmd::new("xtask-no-such-program").quiet().run().unwrap_err();
         assert!(err.to_string().contains("on PATH"), "{err}");
+    }
+
+    #[test]
+    fn a_timeout_is_a_result_with_the_output_so_far() {
+        let done = Cmd::new("sh")
+            .args(["-c", "echo early; exec sleep 5"])
+            .timeout(Duration::from_millis(300))
+            .quiet()
+            .output_within_timeout()
+            .unwrap();
+        assert!(done.status.is_none());
+        assert_eq!(done.stdout, b"early\n");
+        assert!(done.elapsed < Duration::from_secs(3));
+        let done = Cmd::new("sh")
+            .args(["-c", "exit 33"])
+            .timeout(Duration::from_secs(5))
+            .quiet()
+            .output_within_timeout()
+            .unwrap();
+        assert_eq!(done.status.and_then(|s| s.code()), Some(33));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!               the child is killed when the guard drops
 //! prereq.rs     the rustup target and the QEMU tools (apt-get when root)
 //! json.rs       a small JSON reader for qemu-img --output=json
-//! tasks/        one file per command: test, demo (later: qemu, bench)
+//! tasks/        one file per command: test, demo, qemu (later: bench);
+//!               boot_test.rs, the kernel boots `test` runs last
 //! ```
 
 mod cmd;
@@ -35,12 +36,25 @@ Commands:
                          apt-get when running as root),
                          cargo fmt --all --check,
                          cargo clippy --workspace --all-targets -- -D warnings,
+                         cargo clippy for the kernel on x86_64-unknown-none,
                          the no_std build for x86_64-unknown-none,
                          cargo doc with RUSTDOCFLAGS=\"-D warnings\",
-                         cargo test --workspace [<args>...]
+                         cargo test --workspace [<args>...],
+                         the vmm_loop example,
+                         boot tests: the kernel's self-check under QEMU
+                         (microvm and q35) and a boot that must fail
   demo                 build the host CLI, build a qcow2 chain with qemu-img
                        in target/demo/, collapse it with `blockgraph collapse`
                        and check every result against qemu-img
+  qemu [--machine microvm|q35] [--disk PATH]... [--disk-ro PATH]...
+       [--release|--debug] [--accel tcg|kvm] [--timeout SECS] [-- SCRIPT...]
+                       build the x86_64 kernel (release by default) and boot
+                       it under QEMU (microvm by default, TCG by default) with
+                       each file as a virtio-blk disk whose serial is the file
+                       name (at most 20 bytes; --disk-ro: read-only); SCRIPT
+                       is the kernel command line. Serial output is shown
+                       live; QEMU is killed after SECS (default 60). Exits 0
+                       only when the kernel reports success
   help                 this text
 
 The first failing step stops the run with a non-zero exit status.
@@ -72,6 +86,7 @@ fn run(args: &[OsString]) -> Result<()> {
             let extra = passthrough_args(command, rest)?;
             tasks::test::run(&Workspace::locate(), extra)
         }
+        "qemu" => tasks::qemu::run(&Workspace::locate(), rest),
         "demo" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(
                 "`demo` takes no arguments (got `{}`)",

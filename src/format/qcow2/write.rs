@@ -143,7 +143,7 @@ impl Qcow2 {
     }
 
     /// Checks that `count` clusters can be allocated without touching
-    /// metadata (see [`Qcow2::check_allocatable`]), writing nothing.
+    /// metadata (see the allocator), writing nothing.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] for hostile refcounts.

@@ -1,7 +1,8 @@
-//! One module per `cargo xtask` command.
+//! One module per `cargo xtask` command, plus the boot tests `test` runs.
 //!
-//! Commands to come: `qemu` (boot the x86_64 kernel under QEMU with a timeout,
-//! the child killed on drop, see `cmd::Cmd::timeout`) and `bench`.
+//! A command to come: `bench`.
 
+pub mod boot_test;
 pub mod demo;
+pub mod qemu;
 pub mod test;

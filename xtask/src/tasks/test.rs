@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 
+use super::boot_test;
 use crate::cmd::Cmd;
 use crate::prereq::{self, BARE_METAL_TARGET};
 use crate::{Error, Result, Workspace};
@@ -17,11 +18,13 @@ pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
             return Err(Error::msg(format!("step `{step}` failed ({status})")));
         }
     }
-    println!("xtask test: all {} steps passed", steps.len() + 1);
+    boot_test::run(ws).map_err(|err| step_failed("boot tests", err))?;
+    println!("xtask test: all {} steps passed", steps.len() + 2);
     Ok(())
 }
 
-/// The steps after the prerequisites; all share the one target directory.
+/// The steps between the prerequisites and the boot tests; all share the
+/// one target directory.
 fn steps(ws: &Workspace, test_args: &[OsString]) -> Vec<Cmd> {
     vec![
         ws.cargo().args(["fmt", "--all", "--check"]),
@@ -29,6 +32,17 @@ fn steps(ws: &Workspace, test_args: &[OsString]) -> Vec<Cmd> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        // The kernel as it is really built: no_std, bare metal.
+        ws.cargo().args([
+            "clippy",
+            "-p",
+            "blockgraph-kernel",
+            "--target",
+            BARE_METAL_TARGET,
             "--",
             "-D",
             "warnings",
