@@ -17,6 +17,7 @@
 //!              virtio-pci on q35), the disk table
 //!  disk        VirtioDisk: blockgraph::Device over a virtio-blk disk,
 //!              byte-granular through `sectors` (read-modify-write)
+//!  script      the command line run through blockgraph's interpreter
 //!  selftest    the built-in check run for the command line `selftest`
 //! ```
 //!
@@ -51,6 +52,8 @@ mod exit;
 #[cfg(target_os = "none")]
 mod port;
 #[cfg(target_os = "none")]
+mod script;
+#[cfg(target_os = "none")]
 mod selftest;
 #[cfg(target_os = "none")]
 mod virtio;
@@ -62,7 +65,7 @@ mod kernel {
     use blockgraph::{Graph, SharedGraph};
 
     use crate::disk::{self, VirtioDisk};
-    use crate::{boot, exit, selftest, virtio};
+    use crate::{boot, exit, script, selftest, virtio};
 
     /// The one graph of the kernel (about 330 KiB, in `.bss`/`.data`, never
     /// on the stack). The command interpreter runs on it.
@@ -102,17 +105,14 @@ mod kernel {
         }
         kprintln!("graph: {} nodes in use", GRAPH.lock().node_count());
 
-        // Until the command interpreter is hooked up: the empty line, the
-        // self-check, and two ways to fail for testing the host's checks.
+        // The command line is a script for the shared interpreter; a few
+        // built-in words check the kernel itself and the host's checks.
         let ok = match boot::cmdline().trim() {
             "" => true,
             "selftest" => selftest::run(&GRAPH),
             "fail-on-purpose" => panic!("failing on purpose, as the command line asked"),
             "fault-on-purpose" => exit::triple_fault(),
-            other => {
-                kprintln!("error: no command interpreter yet for {other:?}");
-                false
-            }
+            script => script::run(&GRAPH, script),
         };
         exit::exit(ok)
     }

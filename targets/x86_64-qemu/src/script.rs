@@ -1,0 +1,71 @@
+//! Runs the kernel command line as a script through the library's one
+//! command interpreter (`blockgraph::cmd`), on the kernel's disks.
+//!
+//! Only the environment differs from the host CLI: images are virtio disks
+//! named by serial ([`SerialResolver`]), and a command's output image (for
+//! `convert`, `snapshot`, `create`) is an attached disk, zeroed as far as
+//! the output reaches.
+
+use blockgraph::cmd::{self, Environment};
+use blockgraph::{Device, Error, ErrorKind, Result, SharedGraph};
+
+use crate::disk::{SerialResolver, VirtioDisk};
+use crate::serial::Serial;
+
+/// Data moved per step by commands and jobs.
+const SCRATCH_BYTES: usize = 1 << 20;
+
+/// The interpreter's working memory (in `.bss`).
+static SCRATCH: spin::Mutex<[u8; SCRATCH_BYTES]> = spin::Mutex::new([0; SCRATCH_BYTES]);
+
+struct Kernel {
+    resolver: SerialResolver,
+}
+
+impl Environment for Kernel {
+    type Device = VirtioDisk;
+    type Resolver = SerialResolver;
+
+    fn resolver(&mut self) -> &mut SerialResolver {
+        &mut self.resolver
+    }
+
+    fn create(&mut self, name: &str, size: u64) -> Result<VirtioDisk> {
+        let mut disk = VirtioDisk::by_serial(name, true)?;
+        if size > disk.size() {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "the output disk is too small",
+            ));
+        }
+        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut done = 0;
+        while done < size {
+            let n = (size - done).min(ZEROS.len() as u64) as usize;
+            disk.write_at(done, &ZEROS[..n])?;
+            done += n as u64;
+        }
+        Ok(disk)
+    }
+}
+
+/// Runs `script` (commands separated by `;`) on `graph`, printing to the
+/// serial console. Returns whether every command succeeded.
+pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
+    let mut env = Kernel {
+        resolver: SerialResolver,
+    };
+    let mut graph = graph.lock();
+    let mut scratch = SCRATCH.lock();
+    let mut out = Serial;
+    match cmd::run_script(&mut env, &mut graph, script, &mut scratch[..], &mut out) {
+        Ok(count) => {
+            kprintln!("script: {count} commands succeeded");
+            true
+        }
+        Err((index, failure)) => {
+            kprintln!("error: command {}: {failure}", index + 1);
+            false
+        }
+    }
+}
