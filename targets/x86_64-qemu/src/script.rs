@@ -38,7 +38,7 @@ impl Environment for Kernel {
                 "the output disk is too small",
             ));
         }
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut done = 0;
         while done < size {
             let n = (size - done).min(ZEROS.len() as u64) as usize;
