@@ -75,8 +75,10 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Open the named image read-only.
     pub read_only: bool,
-    /// Open every device of the chain read-write, so that headers can be
-    /// rewritten later (collapse); the nodes keep their own read-only flag.
+    /// Open every device of the chain read-write where the storage allows,
+    /// so that headers can be rewritten later (collapse); backing files on
+    /// read-only storage are opened read-only. The nodes keep their own
+    /// read-only flag.
     pub writable_devices: bool,
     /// Treat a backing file whose format the image does not record as raw
     /// instead of refusing it.
@@ -350,12 +352,20 @@ impl<
             }
             let mut resolved = NameBuf::new();
             let overlay_name = self.nodes.get(current)?.name.clone();
-            let device = resolver.open_backing(
+            let opened = resolver.open_backing(
                 &overlay_name,
                 &reference,
                 options.writable_devices,
                 &mut resolved,
-            )?;
+            );
+            // A backing file on read-only storage is fine until someone needs
+            // to rewrite its header; that operation reports it then.
+            let device = match opened {
+                Err(err) if err.kind() == ErrorKind::ReadOnly && options.writable_devices => {
+                    resolver.open_backing(&overlay_name, &reference, false, &mut resolved)?
+                }
+                other => other?,
+            };
             if self.chain_contains_device(top, device.identity())? {
                 return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
             }

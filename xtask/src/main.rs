@@ -13,7 +13,9 @@
 //! prereq.rs     the rustup target and the QEMU tools (apt-get when root)
 //! json.rs       a small JSON reader for qemu-img --output=json
 //! tasks/        one file per command: test, demo, qemu (later: bench);
-//!               boot_test.rs, the kernel boots `test` runs last
+//!               boot_test.rs, the kernel boots `test` runs last;
+//!               lab.rs, images built, booted on and checked with qemu-img
+//!               (boot tests and demo)
 //! ```
 
 mod cmd;
@@ -42,10 +44,14 @@ Commands:
                          cargo test --workspace [<args>...],
                          the vmm_loop example,
                          boot tests: the kernel's self-check under QEMU
-                         (microvm and q35) and a boot that must fail
-  demo                 build the host CLI, build a qcow2 chain with qemu-img
-                       in target/demo/, collapse it with `blockgraph collapse`
-                       and check every result against qemu-img
+                         (microvm and q35), boots that must fail, and image
+                         tests (chain reads, writes, commit, stream, collapse,
+                         snapshot, read-only, no space) checked with qemu-img
+  boot-test            only the boot tests (after the prerequisites)
+  demo                 build the kernel and the host CLI, build a qcow2 chain
+                       with qemu-img in target/demo/, boot the kernel on it
+                       running guest writes while a stream and a live active
+                       commit run, and check every result against qemu-img
   qemu [--machine microvm|q35] [--disk PATH]... [--disk-ro PATH]...
        [--release|--debug] [--accel tcg|kvm] [--timeout SECS] [-- SCRIPT...]
                        build the x86_64 kernel (release by default) and boot
@@ -87,6 +93,16 @@ fn run(args: &[OsString]) -> Result<()> {
             tasks::test::run(&Workspace::locate(), extra)
         }
         "qemu" => tasks::qemu::run(&Workspace::locate(), rest),
+        "boot-test" => match rest.first() {
+            Some(arg) => Err(Error::msg(format!(
+                "`boot-test` takes no arguments (got `{}`)",
+                arg.to_string_lossy()
+            ))),
+            None => {
+                let ws = Workspace::locate();
+                prereq::ensure_all(&ws).and_then(|()| tasks::boot_test::run(&ws))
+            }
+        },
         "demo" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(
                 "`demo` takes no arguments (got `{}`)",

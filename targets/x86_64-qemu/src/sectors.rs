@@ -111,7 +111,7 @@ pub fn write_at(
     if end_within(offset, buf.len(), size).is_none() {
         return Err(Error::new(
             ErrorKind::NoSpace,
-            "write past the end of the disk",
+            "no space left on the device (write past the end of the disk)",
         ));
     }
     let mut done = 0;

@@ -1,22 +1,44 @@
 //! Boot tests: the kernel under QEMU, run by `cargo xtask test` last.
 //!
-//! Four boots, with TCG (well under a second each here):
+//! Kernel checks, with TCG (well under a second each here):
 //!
-//! 1. microvm, command line `selftest`, a writable and a read-only raw disk;
-//! 2. the same on q35 (virtio-pci);
-//! 3. microvm with `fail-on-purpose`: the kernel panics, and the run must
-//!    end in a kernel failure (exit status 35), never in a success;
-//! 4. microvm with `fault-on-purpose`: the CPU triple-faults, QEMU exits with
-//!    status 0, and that must not count as a success either.
+//! 1. `selftest` on microvm and on q35 (virtio-pci), with a writable and a
+//!    read-only raw disk; afterwards the files are read on the host: the
+//!    kernel's pattern must be where it wrote, the read-only file untouched;
+//! 2. `fail-on-purpose` (a panic) must end in a kernel failure (exit status
+//!    35), never in a success;
+//! 3. `fault-on-purpose` (a triple fault): QEMU exits with status 0, and
+//!    that must not count as a success either.
 //!
-//! After each self-check the disk files are read on the host: the kernel's
-//! pattern must be in the writable file where it wrote, and the read-only
-//! file must be untouched.
+//! Then the image tests, each on microvm and on q35, each in a fresh
+//! directory `target/boot-tests/NAME-MACHINE/` (a [`Lab`]): qemu-img and
+//! qemu-io build the images, files the kernel writes are padded (a virtio
+//! disk cannot grow), the kernel runs a script on them, the exit status
+//! says whether it must have succeeded, and the host verifies the files
+//! with qemu-img/qemu-io afterwards:
+//!
+//! | test | the kernel | the host checks |
+//! |---|---|---|
+//! | chain reads | pattern reads of every byte through a 3-image chain (compressed base, 16k clusters, a v2 top), read-only disks | checksum, files untouched, `check` |
+//! | writes vs qemu-io | writes, zero writes, discards of all alignments | `compare` with a copy qemu-io wrote the same way, checksum, `check` |
+//! | intermediate commit | `commit --top mid --base base top` (base grows) | `compare` base and top with `qemu-img commit` + `rebase -u` on copies, the chain, mid untouched |
+//! | active commit | `job-start commit`, guest writes while running and while ready, `job-complete`, pivot, writes after it | `compare` base with a copy: qemu-io writes + `qemu-img commit` + writes; base has no backing file |
+//! | stream | `job-start stream --base`, guest writes while it runs | `compare` with a copy: writes + `qemu-img rebase` (safe); the chain |
+//! | collapse | `collapse --top mid --base base top` | `compare` with `qemu-img rebase -u` on a copy; the chain; base and mid untouched |
+//! | live snapshot | `snapshot s3 new` onto a blank 8 MiB disk, writes to new | new is an overlay of s3 (`compare` with qemu-img create + qemu-io), s3 and base untouched |
+//! | read-only disk | reads and checksum succeed, a write fails | files byte-identical |
+//! | no space | a write needing more room than the disk has fails ("no space"); a second boot writes what fits | `check` finds no corruption (leaks are reported), the old data reads back, the second write equals qemu-io's |
+//! | wrong pattern | a pattern read of other data fails | "Pattern verification failed", files untouched |
+//!
+//! Checksums: the kernel's `checksum NAME` line (FNV-1a 64 of the guest
+//! view) must equal the FNV-1a 64 of `qemu-img convert -O raw` computed on
+//! the host.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::lab::{io_command, pattern_reads, Lab, Layout, MIB};
 use super::qemu::{self, Boot, BootResult, Disk, Machine, Profile, KERNEL_FAILURE};
 use crate::{Context, Error, Result, Workspace};
 
@@ -25,6 +47,29 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 const RW_SIZE: u64 = 1024 * 1024;
 const RO_SIZE: u64 = 768 * 1024;
+
+/// The virtual size of the image tests' images.
+const SIZE: u64 = 16 * MIB;
+/// Files the kernel may grow are padded to this size.
+const PAD: u64 = 32 * MIB;
+
+const MACHINES: [Machine; 2] = [Machine::Microvm, Machine::Q35];
+
+/// An image test: a name (also its directory) and the test.
+type ImageTest = (&'static str, fn(&Lab) -> Result<String>);
+
+const IMAGE_TESTS: [ImageTest; 10] = [
+    ("chain-reads", chain_reads),
+    ("writes-vs-qemu-io", writes_vs_qemu_io),
+    ("intermediate-commit", intermediate_commit),
+    ("active-commit", active_commit),
+    ("stream", stream),
+    ("collapse", collapse),
+    ("live-snapshot", live_snapshot),
+    ("read-only-disk", read_only_disk),
+    ("no-space", no_space),
+    ("wrong-pattern", wrong_pattern),
+];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
 /// `targets/x86_64-qemu/src/selftest.rs`).
@@ -36,63 +81,86 @@ pub fn run(ws: &Workspace) -> Result<()> {
     println!("==> boot tests");
     let started = Instant::now();
     let kernel = qemu::build_kernel(ws, Profile::Release)?;
-    let dir = ws.target_dir.join("boot-test");
-    if dir.exists() {
-        fs::remove_dir_all(&dir).context(format!("removing {}", dir.display()))?;
+    let root = ws.target_dir.join("boot-tests");
+    if root.exists() {
+        fs::remove_dir_all(&root).context(format!("removing {}", root.display()))?;
     }
-    fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
+    let selftest_dir = root.join("selftest");
+    fs::create_dir_all(&selftest_dir).context(format!("creating {}", selftest_dir.display()))?;
 
-    let mut failures = Vec::new();
-    for machine in [Machine::Microvm, Machine::Q35] {
-        let name = format!("selftest on {machine}");
-        let outcome = selftest(&kernel, &dir, machine);
-        report(&name, outcome, &mut failures);
+    let mut tally = Tally::default();
+    for machine in MACHINES {
+        tally.run(&format!("selftest on {machine}"), || {
+            selftest(&kernel, &selftest_dir, machine).map(|r| r.verdict())
+        });
     }
-    report(
-        "fail-on-purpose on microvm fails",
+    tally.run("fail-on-purpose on microvm fails", || {
         must_fail(
             &kernel,
             "fail-on-purpose",
             KERNEL_FAILURE,
             "kernel panicked",
-        ),
-        &mut failures,
-    );
-    report(
-        "fault-on-purpose on microvm fails",
+        )
+        .map(|r| r.verdict())
+    });
+    tally.run("fault-on-purpose on microvm fails", || {
         must_fail(
             &kernel,
             "fault-on-purpose",
             0,
             "command line: \"fault-on-purpose\"",
-        ),
-        &mut failures,
-    );
+        )
+        .map(|r| r.verdict())
+    });
+    for (name, test) in IMAGE_TESTS {
+        for machine in MACHINES {
+            tally.run(&format!("{name} on {machine}"), || {
+                let mut lab = Lab::fresh(root.join(format!("{name}-{machine}")), &kernel, machine)?;
+                lab.timeout = TIMEOUT;
+                test(&lab)
+            });
+        }
+    }
 
-    let secs = started.elapsed().as_secs_f64();
-    let total = 4;
-    if failures.is_empty() {
-        println!("boot tests: {total} passed, 0 failed ({secs:.1} s)");
+    println!(
+        "boot tests took {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        root.display()
+    );
+    let failed = tally.failures.len();
+    println!("boot tests: {} passed, {failed} failed", tally.passed);
+    if failed == 0 {
         Ok(())
     } else {
-        println!(
-            "boot tests: {} passed, {} failed ({secs:.1} s)",
-            total - failures.len(),
-            failures.len()
-        );
         Err(Error::msg(format!(
             "boot tests failed: {}",
-            failures.join("; ")
+            tally.failures.join("; ")
         )))
     }
 }
 
-fn report(name: &str, outcome: Result<BootResult>, failures: &mut Vec<String>) {
-    match outcome {
-        Ok(result) => println!("    PASS  {name}: {}", result.verdict()),
-        Err(err) => {
-            println!("    FAIL  {name}: {err}");
-            failures.push(name.to_owned());
+/// Runs tests, printing one line each.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// Runs one test; `Ok` carries a note for its line.
+    fn run(&mut self, name: &str, test: impl FnOnce() -> Result<String>) {
+        let started = Instant::now();
+        let outcome = test();
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(note) => {
+                self.passed += 1;
+                println!("    PASS  {name} ({secs:.2} s): {note}");
+            }
+            Err(err) => {
+                println!("    FAIL  {name} ({secs:.2} s): {err}");
+                self.failures.push(name.to_owned());
+            }
         }
     }
 }
@@ -195,4 +263,654 @@ fn must_fail(kernel: &Path, cmdline: &str, want_code: i32, want_text: &str) -> R
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
     fs::read(path).context(format!("reading {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// Image tests
+
+/// Boots; the kernel must report success.
+fn succeed(lab: &Lab, disks: Vec<Disk>, script: &[String]) -> Result<BootResult> {
+    let run = lab.boot(disks, &script.join("; "))?;
+    if !run.succeeded() {
+        return Err(Error::msg(format!("{}{}", run.verdict(), transcript(&run))));
+    }
+    Ok(run)
+}
+
+/// Boots; the kernel must report failure (QEMU exit status 35) and print
+/// each of `texts`.
+fn fail(lab: &Lab, disks: Vec<Disk>, script: &[String], texts: &[&str]) -> Result<BootResult> {
+    let run = lab.boot(disks, &script.join("; "))?;
+    if run.status.and_then(|s| s.code()) != Some(KERNEL_FAILURE) {
+        return Err(Error::msg(format!(
+            "want a kernel failure (QEMU exit status {KERNEL_FAILURE}), got: {}{}",
+            run.verdict(),
+            transcript(&run)
+        )));
+    }
+    if let Some(text) = texts.iter().find(|text| !run.serial.contains(*text)) {
+        return Err(Error::msg(format!(
+            "`{text}` is missing from the kernel's output{}",
+            transcript(&run)
+        )));
+    }
+    Ok(run)
+}
+
+/// Host checks after a boot; a failure shows the boot's transcript.
+fn verify(run: &BootResult, checks: impl FnOnce() -> Result<()>) -> Result<()> {
+    checks().map_err(|err| Error::msg(format!("{err}{}", transcript(run))))
+}
+
+/// The kernel's output must hold `text`.
+fn expect_output(run: &BootResult, text: &str) -> Result<()> {
+    if run.serial.contains(text) {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "`{text}` is missing from the kernel's output"
+        )))
+    }
+}
+
+fn kernel_time(run: &BootResult) -> String {
+    format!("kernel {:.2} s", run.elapsed.as_secs_f64())
+}
+
+fn words(commands: &[&str]) -> Vec<String> {
+    commands.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// Every byte of a 3-image chain read through the kernel, with read-only
+/// disks: a compressed base, a middle layer of 16 KiB clusters with
+/// 4-bit refcounts and a zero cluster, a version 2 top.
+fn chain_reads(lab: &Lab) -> Result<String> {
+    lab.create(
+        "base0.qcow2",
+        "16M",
+        None,
+        None,
+        &["write -P 0x11 0 2M", "write -P 0x12 6M 512k"],
+    )?;
+    lab.qemu_img(&["convert", "-c", "-O", "qcow2", "base0.qcow2", "base.qcow2"])?;
+    lab.create(
+        "mid.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        Some("cluster_size=16k,refcount_bits=4"),
+        &[
+            "write -P 0x22 1M 1M",
+            "write -z 0 64k",
+            "write -P 0x23 6400k 64k",
+        ],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("mid.qcow2"),
+        Some("compat=0.10"),
+        &["write -P 0x33 3M 1M", "write -P 0x34 7000 5000"],
+    )?;
+    const VIEW: &Layout = &[
+        (0, 2 * MIB, 0x11),
+        (6 * MIB, MIB / 2, 0x12),
+        (MIB, MIB, 0x22),
+        (0, 64 * 1024, 0),
+        (6400 * 1024, 64 * 1024, 0x23),
+        (3 * MIB, MIB, 0x33),
+        (7000, 5000, 0x34),
+    ];
+    let reads = pattern_reads(VIEW, SIZE);
+    // The layout is right: qemu-io agrees.
+    lab.qemu_io("top.qcow2", &reads)?;
+    let images = ["base.qcow2", "mid.qcow2", "top.qcow2"];
+    let saved = lab.save(&images)?;
+    let run = succeed(
+        lab,
+        images.iter().map(|name| lab.disk(name, true)).collect(),
+        &[
+            "info --backing-chain top.qcow2".into(),
+            "map top.qcow2".into(),
+            io_command("top.qcow2", true, &reads),
+            "checksum top.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        lab.unchanged(&saved)?;
+        lab.check(&images)
+    })?;
+    Ok(format!(
+        "{}, {} pattern reads",
+        kernel_time(&run),
+        reads.len()
+    ))
+}
+
+/// Guest writes of every shape, compared with the same writes by qemu-io.
+fn writes_vs_qemu_io(lab: &Lab) -> Result<String> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 4M"])?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 2M 2M", "write -P 0x23 9M 1M"],
+    )?;
+    lab.copy("top.qcow2", "ref-top.qcow2")?;
+    lab.pad("top.qcow2", PAD)?;
+    const WRITES: &[&str] = &[
+        // The head of a cluster of the backing file: copy-on-write of the rest.
+        "write -P 0x44 0 4k",
+        // Unaligned, inside the cluster just allocated.
+        "write -P 0x45 1000 3000",
+        // Unaligned across clusters, some from the backing file.
+        "write -P 0x46 70000 100000",
+        // Over the image's own clusters and past them.
+        "write -P 0x47 3M 2M",
+        // Whole clusters over backing data (zero flag), a partial one.
+        "write -z 1M 128k",
+        "write -z 2100k 8k",
+        // Whole clusters of the image; an unaligned range (its partial
+        // cluster is left alone).
+        "discard 9M 128k",
+        "discard 3136k 200k",
+        // The last MiB, and an odd offset and length.
+        "write -P 0x48 15M 1M",
+        "write -P 0x49 12345678 4321",
+        "flush",
+    ];
+    let base = lab.save(&["base.qcow2"])?;
+    const CHECKS: &[&str] = &[
+        "read -P 0x44 0 1000",
+        "read -P 0x45 1000 3000",
+        "read -P 0x44 4000 96",
+        "read -P 0x11 4096 65904",
+        "read -P 0x46 70000 100000",
+        "read -P 0x00 1M 128k",
+        "read -P 0x47 3M 64k",
+        "read -P 0x00 3136k 192k",
+        "read -P 0x47 3328k 1792k",
+        "read -P 0x00 9M 128k",
+        "read -P 0x23 9344k 896k",
+        "read -P 0x48 15M 1M",
+        "read -P 0x49 12345678 4321",
+    ];
+    let run = succeed(
+        lab,
+        vec![lab.disk("base.qcow2", true), lab.disk("top.qcow2", false)],
+        &[
+            io_command("top.qcow2", false, &words(WRITES)),
+            io_command("top.qcow2", true, &words(CHECKS)),
+            "checksum top.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        lab.qemu_io("ref-top.qcow2", WRITES)?;
+        lab.qemu_io("ref-top.qcow2", CHECKS)?;
+        lab.check(&["top.qcow2"])?;
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.qemu_io("top.qcow2", CHECKS)?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        lab.unchanged(&base)
+    })?;
+    Ok(format!("{}, {} writes", kernel_time(&run), WRITES.len()))
+}
+
+/// `commit --top mid --base base top`: base (smaller: it grows) takes mid's
+/// data, top's backing file becomes base.
+fn intermediate_commit(lab: &Lab) -> Result<String> {
+    lab.create(
+        "base.qcow2",
+        "12M",
+        None,
+        None,
+        &["write -P 0x11 0 2M", "write -P 0x12 11M 1M"],
+    )?;
+    lab.create(
+        "mid.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &[
+            "write -P 0x22 1M 2M",
+            "write -z 0 64k",
+            "write -z 11M 256k",
+            "write -P 0x23 13M 1M",
+        ],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("mid.qcow2"),
+        None,
+        &["write -P 0x33 2M 1M"],
+    )?;
+    lab.copy_chain(&["base.qcow2", "mid.qcow2", "top.qcow2"], "ref")?;
+    lab.pad("base.qcow2", PAD)?;
+    let mid = lab.save(&["mid.qcow2"])?;
+    let run = succeed(
+        lab,
+        ["base.qcow2", "mid.qcow2", "top.qcow2"]
+            .iter()
+            .map(|name| lab.disk(name, false))
+            .collect(),
+        &words(&[
+            "commit --top mid.qcow2 --base base.qcow2 top.qcow2",
+            "info --backing-chain top.qcow2",
+            "checksum top.qcow2",
+            "checksum base.qcow2",
+        ]),
+    )?;
+    verify(&run, || {
+        expect_output(&run, "Image committed.")?;
+        // qemu-img's way: commit mid into base (keeping mid), point top at base.
+        lab.qemu_img(&["commit", "-q", "-d", "-f", "qcow2", "ref-mid.qcow2"])?;
+        lab.qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            "ref-base.qcow2",
+            "-F",
+            "qcow2",
+            "ref-top.qcow2",
+        ])?;
+        lab.check(&["base.qcow2", "top.qcow2"])?;
+        lab.expect_chain("top.qcow2", &["top.qcow2", "base.qcow2"])?;
+        lab.same_view("base.qcow2", "ref-base.qcow2")?;
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.unchanged(&mid)?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        lab.expect_checksum(&run.serial, "base.qcow2", "base.qcow2")?;
+        Ok(())
+    })?;
+    Ok(kernel_time(&run))
+}
+
+/// An active commit run by steps with guest writes while it runs and while
+/// it is ready, completed (pivot to base), then writes through the device.
+fn active_commit(lab: &Lab) -> Result<String> {
+    lab.create(
+        "base.qcow2",
+        "16M",
+        None,
+        None,
+        &["write -P 0x11 0 2M", "write -P 0x12 10M 1M"],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &[
+            "write -P 0x22 1M 4M",
+            "write -P 0x23 8M 1M",
+            "write -z 10M 64k",
+        ],
+    )?;
+    lab.copy_chain(&["base.qcow2", "top.qcow2"], "ref")?;
+    lab.pad("base.qcow2", PAD)?;
+    lab.pad("top.qcow2", PAD)?;
+    // While running: a range already copied and one not yet reached.
+    const RUNNING: &[&str] = &["write -P 0x44 0 64k", "write -P 0x45 4M 1M"];
+    // While ready: everything copied, these must be copied again.
+    const READY: &[&str] = &["write -P 0x46 100k 5000", "write -P 0x47 14M 64k"];
+    // After the pivot: the device is on base.
+    const AFTER: &[&str] = &["write -P 0x48 12M 1M", "write -P 0x49 1M 4k"];
+    const VIEW: &Layout = &[
+        (0, 2 * MIB, 0x11),
+        (10 * MIB, MIB, 0x12),
+        (MIB, 4 * MIB, 0x22),
+        (8 * MIB, MIB, 0x23),
+        (10 * MIB, 64 * 1024, 0),
+        (0, 64 * 1024, 0x44),
+        (4 * MIB, MIB, 0x45),
+        (100 * 1024, 5000, 0x46),
+        (14 * MIB, 64 * 1024, 0x47),
+        (12 * MIB, MIB, 0x48),
+        (MIB, 4096, 0x49),
+    ];
+    let reads = pattern_reads(VIEW, SIZE);
+    let run = succeed(
+        lab,
+        vec![lab.disk("base.qcow2", false), lab.disk("top.qcow2", false)],
+        &[
+            "job-start commit top.qcow2".into(),
+            "job-step top.qcow2 2".into(),
+            io_command("top.qcow2", false, &words(RUNNING)),
+            "job-step top.qcow2 1000".into(),
+            io_command("top.qcow2", false, &words(READY)),
+            "job-info top.qcow2".into(),
+            "job-complete top.qcow2".into(),
+            "job-wait top.qcow2".into(),
+            io_command("top.qcow2", false, &words(AFTER)),
+            io_command("top.qcow2", true, &reads),
+            "checksum top.qcow2".into(),
+            "checksum base.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        expect_output(&run, "job commit on top.qcow2: running")?;
+        expect_output(&run, "job commit on top.qcow2: ready")?;
+        expect_output(&run, "Image 'base.qcow2' is now the active image")?;
+        // qemu's way: the same writes into the copy, commit, the later writes
+        // into the copy of base.
+        let mut before: Vec<&str> = RUNNING.to_vec();
+        before.extend(READY);
+        lab.qemu_io("ref-top.qcow2", &before)?;
+        lab.qemu_img(&["commit", "-q", "-f", "qcow2", "ref-top.qcow2"])?;
+        lab.qemu_io("ref-base.qcow2", AFTER)?;
+        lab.check(&["base.qcow2", "top.qcow2"])?;
+        lab.expect_chain("base.qcow2", &["base.qcow2"])?;
+        lab.same_view("base.qcow2", "ref-base.qcow2")?;
+        lab.qemu_io("base.qcow2", &reads)?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "base.qcow2")?;
+        lab.expect_checksum(&run.serial, "base.qcow2", "base.qcow2")?;
+        Ok(())
+    })?;
+    Ok(kernel_time(&run))
+}
+
+/// `job-start stream --base base top` with guest writes while it runs: top
+/// takes mid's data and its backing file becomes base.
+fn stream(lab: &Lab) -> Result<String> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 2M"])?;
+    lab.create(
+        "mid.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &[
+            "write -P 0x22 1M 2M",
+            "write -P 0x23 6M 1M",
+            "write -z 0 64k",
+        ],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("mid.qcow2"),
+        None,
+        &["write -P 0x33 2M 1M"],
+    )?;
+    lab.copy("top.qcow2", "ref-top.qcow2")?;
+    lab.pad("top.qcow2", PAD)?;
+    let lower = lab.save(&["base.qcow2", "mid.qcow2"])?;
+    const WRITES: &[&str] = &["write -P 0x44 6400k 64k", "write -P 0x45 1500k 3000"];
+    const VIEW: &Layout = &[
+        (0, 2 * MIB, 0x11),
+        (MIB, 2 * MIB, 0x22),
+        (6 * MIB, MIB, 0x23),
+        (0, 64 * 1024, 0),
+        (2 * MIB, MIB, 0x33),
+        (6400 * 1024, 64 * 1024, 0x44),
+        (1500 * 1024, 3000, 0x45),
+    ];
+    let reads = pattern_reads(VIEW, SIZE);
+    let run = succeed(
+        lab,
+        ["base.qcow2", "mid.qcow2", "top.qcow2"]
+            .iter()
+            .map(|name| lab.disk(name, false))
+            .collect(),
+        &[
+            "job-start stream --base base.qcow2 top.qcow2".into(),
+            "job-step top.qcow2 1".into(),
+            io_command("top.qcow2", false, &words(WRITES)),
+            "job-info top.qcow2".into(),
+            "job-wait top.qcow2".into(),
+            "info --backing-chain top.qcow2".into(),
+            io_command("top.qcow2", true, &reads),
+            "checksum top.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        expect_output(&run, "job stream on top.qcow2: running")?;
+        expect_output(&run, "Image 'top.qcow2' now has backing file 'base.qcow2'")?;
+        // qemu's way: the writes, then a safe rebase onto base.
+        lab.qemu_io("ref-top.qcow2", WRITES)?;
+        lab.qemu_img(&[
+            "rebase",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "ref-top.qcow2",
+        ])?;
+        lab.check(&["top.qcow2"])?;
+        lab.expect_chain("top.qcow2", &["top.qcow2", "base.qcow2"])?;
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.qemu_io("top.qcow2", &reads)?;
+        lab.unchanged(&lower)?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        Ok(())
+    })?;
+    Ok(kernel_time(&run))
+}
+
+/// `collapse --top mid --base base top`: metadata only, like
+/// `qemu-img rebase -u`; top's file is not padded (nothing may grow).
+fn collapse(lab: &Lab) -> Result<String> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 2M"])?;
+    lab.create(
+        "mid.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 1M 2M"],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("mid.qcow2"),
+        None,
+        &["write -P 0x33 2M 1M"],
+    )?;
+    lab.copy("top.qcow2", "ref-top.qcow2")?;
+    lab.qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ref-top.qcow2",
+    ])?;
+    let lower = lab.save(&["base.qcow2", "mid.qcow2"])?;
+    const VIEW: &Layout = &[(0, 2 * MIB, 0x11), (2 * MIB, MIB, 0x33)];
+    let reads = pattern_reads(VIEW, SIZE);
+    let top_len = lab.file_len("top.qcow2")?;
+    let run = succeed(
+        lab,
+        ["base.qcow2", "mid.qcow2", "top.qcow2"]
+            .iter()
+            .map(|name| lab.disk(name, false))
+            .collect(),
+        &[
+            "collapse --top mid.qcow2 --base base.qcow2 top.qcow2".into(),
+            "info --backing-chain top.qcow2".into(),
+            io_command("top.qcow2", true, &reads),
+            "checksum top.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        lab.check(&["top.qcow2"])?;
+        lab.expect_chain("top.qcow2", &["top.qcow2", "base.qcow2"])?;
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.qemu_io("top.qcow2", &reads)?;
+        lab.unchanged(&lower)?;
+        if lab.file_len("top.qcow2")? != top_len {
+            return Err(Error::msg("top.qcow2 changed size"));
+        }
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        Ok(())
+    })?;
+    Ok(kernel_time(&run))
+}
+
+/// `snapshot s3 new` onto a blank disk (8 MiB of zeros), then writes to the
+/// new overlay.
+fn live_snapshot(lab: &Lab) -> Result<String> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 2M"])?;
+    lab.create(
+        "s3.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 1M 1M"],
+    )?;
+    let blank = lab.path("new.qcow2");
+    fs::File::create(&blank)
+        .and_then(|file| file.set_len(8 * MIB))
+        .context(format!("creating {}", blank.display()))?;
+    let lower = lab.save(&["base.qcow2", "s3.qcow2"])?;
+    const WRITES: &[&str] = &["write -P 0x99 1M 64k", "write -P 0x98 3M 100000"];
+    const VIEW: &Layout = &[
+        (0, 2 * MIB, 0x11),
+        (MIB, MIB, 0x22),
+        (MIB, 64 * 1024, 0x99),
+        (3 * MIB, 100_000, 0x98),
+    ];
+    let reads = pattern_reads(VIEW, SIZE);
+    // Every disk of the chain is writable: `snapshot` opens each member of
+    // the chain writable, so a read-only backing disk would be refused.
+    let run = succeed(
+        lab,
+        ["base.qcow2", "s3.qcow2", "new.qcow2"]
+            .iter()
+            .map(|name| lab.disk(name, false))
+            .collect(),
+        &[
+            "snapshot s3.qcow2 new.qcow2".into(),
+            io_command("new.qcow2", false, &words(WRITES)),
+            io_command("new.qcow2", true, &reads),
+            "checksum new.qcow2".into(),
+            "info --backing-chain new.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        expect_output(
+            &run,
+            "Image 'new.qcow2' is now the active image (backing file 's3.qcow2')",
+        )?;
+        lab.create("ref-new.qcow2", "16M", Some("s3.qcow2"), None, WRITES)?;
+        lab.check(&["new.qcow2"])?;
+        lab.expect_chain("new.qcow2", &["new.qcow2", "s3.qcow2", "base.qcow2"])?;
+        lab.same_view("new.qcow2", "ref-new.qcow2")?;
+        lab.qemu_io("new.qcow2", &reads)?;
+        lab.unchanged(&lower)?;
+        lab.expect_checksum(&run.serial, "new.qcow2", "new.qcow2")?;
+        Ok(())
+    })?;
+    Ok(kernel_time(&run))
+}
+
+/// The small chain most failure tests use: base 0x11 @0 2M <- top 0x22 @1M 2M.
+fn small_chain(lab: &Lab) -> Result<&'static Layout> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 2M"])?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 1M 2M"],
+    )?;
+    Ok(&[(0, 2 * MIB, 0x11), (MIB, 2 * MIB, 0x22)])
+}
+
+/// Read-only disks: reads and a checksum work, a write fails, the files
+/// stay byte-identical.
+fn read_only_disk(lab: &Lab) -> Result<String> {
+    let view = small_chain(lab)?;
+    let reads = pattern_reads(view, SIZE);
+    let images = ["base.qcow2", "top.qcow2"];
+    let saved = lab.save(&images)?;
+    let run = fail(
+        lab,
+        images.iter().map(|name| lab.disk(name, true)).collect(),
+        &[
+            io_command("top.qcow2", true, &reads),
+            "checksum top.qcow2".into(),
+            "io top.qcow2 -c \"write -P 0x55 0 64k\"".into(),
+        ],
+        &["error: command 3: top.qcow2: ", "read-only"],
+    )?;
+    verify(&run, || {
+        expect_output(&run, "read 2097152/2097152 bytes at offset 1048576")?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        lab.unchanged(&saved)?;
+        lab.check(&images)
+    })?;
+    Ok(format!("{}, the write failed", kernel_time(&run)))
+}
+
+/// A disk only three clusters larger than its image: a 1 MiB write fails
+/// with "no space" and changes nothing; a second boot writes three clusters,
+/// which fit only if the failed write gave its clusters back.
+fn no_space(lab: &Lab) -> Result<String> {
+    let view = small_chain(lab)?;
+    lab.copy("top.qcow2", "ref-top.qcow2")?;
+    lab.pad_by("top.qcow2", 3 * 64 * 1024)?;
+    let disks = || vec![lab.disk("base.qcow2", true), lab.disk("top.qcow2", false)];
+    let run = fail(
+        lab,
+        disks(),
+        &words(&["io top.qcow2 -c \"write -P 0x66 8M 1M\""]),
+        &["error: command 1: write -P 0x66 8M 1M: ", "no space"],
+    )?;
+    let mut note = kernel_time(&run);
+    verify(&run, || {
+        let (code, text) = lab.check_status("top.qcow2")?;
+        match code {
+            0 => {}
+            3 => note.push_str(", leaked clusters after the failed write"),
+            _ => {
+                return Err(Error::msg(format!(
+                    "qemu-img check top.qcow2 exited with {code} after the failed write{}",
+                    crate::cmd::indented(&text)
+                )))
+            }
+        }
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.qemu_io("top.qcow2", &pattern_reads(view, SIZE))?;
+        Ok(())
+    })?;
+    const FITS: &str = "write -P 0x67 8M 192k";
+    let run = succeed(
+        lab,
+        disks(),
+        &[
+            format!("io top.qcow2 -c \"{FITS}\""),
+            "checksum top.qcow2".into(),
+        ],
+    )?;
+    verify(&run, || {
+        lab.qemu_io("ref-top.qcow2", &[FITS])?;
+        lab.check(&["top.qcow2"])?;
+        lab.same_view("top.qcow2", "ref-top.qcow2")?;
+        lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        Ok(())
+    })?;
+    Ok(format!("{note}, then {}", kernel_time(&run)))
+}
+
+/// A pattern read of other data fails the script.
+fn wrong_pattern(lab: &Lab) -> Result<String> {
+    small_chain(lab)?;
+    let images = ["base.qcow2", "top.qcow2"];
+    let saved = lab.save(&images)?;
+    let run = fail(
+        lab,
+        images.iter().map(|name| lab.disk(name, true)).collect(),
+        &words(&["io -r top.qcow2 -c \"read -P 0x22 1M 64k\" -c \"read -P 0x99 1M 64k\""]),
+        &[
+            "read 65536/65536 bytes at offset 1048576",
+            "Pattern verification failed at offset 1048576",
+            "error: command 1: read -P 0x99 1M 64k: ",
+        ],
+    )?;
+    verify(&run, || lab.unchanged(&saved))?;
+    Ok(format!("{}, the read failed", kernel_time(&run)))
 }

@@ -1,57 +1,171 @@
-//! `cargo xtask demo`: the host CLI against qemu-img on a real backing chain.
+//! `cargo xtask demo`: the kernel runs a guest workload while a stream and a
+//! live active commit run on a real backing chain, and qemu-img checks the
+//! result.
 //!
-//! In a fresh `target/demo/`, qemu-img and qemu-io build
+//! In a fresh `target/demo/`, qemu-img and qemu-io build (64 MiB virtual,
+//! relative backing names; the files the kernel grows are padded, since a
+//! virtio disk cannot grow)
 //!
 //! ```text
 //! base.qcow2  <-  snap1.qcow2  <-  snap2.qcow2  <-  active.qcow2
-//! 0x11 @0 1M      0x22 @1M 1M      0x33 @2M 1M      0x44 @3M 512k
-//!                                  zeroes @0 64k
+//! 0x11 @0 4M      0x22 @2M 4M      0x33 @5M 4M      0x44 @8M 4M
+//!                                  zeroes @0 64k    0x45 @1M 512k
 //! ```
 //!
-//! then `blockgraph collapse --top snap2.qcow2 --base base.qcow2 active.qcow2`
-//! drops snap1 and snap2 (metadata only, like `qemu-img rebase -u`), leaving
+//! and the kernel boots on microvm with the four files as disks and one
+//! script, a VMM's life in text:
 //!
-//! ```text
-//! base.qcow2  <-  active.qcow2
-//! ```
+//! 1. `job-start stream --base snap1.qcow2 active.qcow2`: snap2's data moves
+//!    into active while the guest writes; active's backing file becomes
+//!    snap1;
+//! 2. `job-start commit --base base.qcow2 active.qcow2`: a live active commit
+//!    stepped in rounds (`job-step`, progress lines), guest writes to ranges
+//!    already copied and not yet reached, more writes once it is `ready`,
+//!    `job-complete`: the device pivots to base in one step;
+//! 3. guest writes after the pivot land in base; pattern reads of the whole
+//!    view through the device; `checksum` of the device and of base.qcow2.
 //!
-//! The guest view changes with that collapse: the data of snap1 and snap2 is
-//! no longer part of the chain. So blockgraph is compared with qemu-img on each
-//! side of the collapse, never across it.
+//! Then the host replays the same guest writes with qemu-io on a copy of
+//! the original chain (stream and commit do not change the guest view), and
+//! checks with qemu-img: every image is consistent, the chain changed as it
+//! should, base's view equals the replayed view, the kernel's checksums equal
+//! the host's FNV-1a 64 of it, and the host CLI (`blockgraph convert`)
+//! agrees before and after.
 
-use std::fs::{self, File};
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::lab::{self, chain_text, io_command, pattern_reads, Lab, Layout, MIB};
+use super::qemu::{self, BootResult, Machine, Profile};
 use crate::cmd::{indented, Cmd};
-use crate::{json, prereq, Context, Error, Result, Workspace};
+use crate::{prereq, Context, Error, Result, Workspace};
 
-/// No single command of the demo may take longer than this.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
+/// The virtual size of every image.
 const DISK_SIZE: u64 = 64 * MIB;
+/// Files the kernel writes are padded to this (base takes the whole view).
+const PAD: u64 = 96 * MIB;
 
-/// Ranges of a raw guest view holding one byte value; everything else is zero.
-type Layout = [(u64, u64, u8)];
+const IMAGES: [&str; 4] = ["base.qcow2", "snap1.qcow2", "snap2.qcow2", "active.qcow2"];
 
-/// The chain's guest view as built (top layer wins).
-const BUILT: &Layout = &[
-    (0, 64 * KIB, 0x00),
-    (64 * KIB, MIB - 64 * KIB, 0x11),
-    (MIB, MIB, 0x22),
-    (2 * MIB, MIB, 0x33),
-    (3 * MIB, 512 * KIB, 0x44),
+/// The chain as built: (image, backing file, qemu-io commands).
+const LAYERS: [(&str, Option<&str>, &[&str]); 4] = [
+    ("base.qcow2", None, &["write -P 0x11 0 4M"]),
+    ("snap1.qcow2", Some("base.qcow2"), &["write -P 0x22 2M 4M"]),
+    (
+        "snap2.qcow2",
+        Some("snap1.qcow2"),
+        &["write -P 0x33 5M 4M", "write -z 0 64k"],
+    ),
+    (
+        "active.qcow2",
+        Some("snap2.qcow2"),
+        &["write -P 0x44 8M 4M", "write -P 0x45 1M 512k"],
+    ),
 ];
 
-/// The guest view after the collapse: base plus active only.
-const COLLAPSED: &Layout = &[(0, MIB, 0x11), (3 * MIB, 512 * KIB, 0x44)];
+/// The guest view as built (later ranges win).
+const BUILT: &Layout = &[
+    (0, 4 * MIB, 0x11),
+    (2 * MIB, 4 * MIB, 0x22),
+    (5 * MIB, 4 * MIB, 0x33),
+    (0, 64 * 1024, 0x00),
+    (8 * MIB, 4 * MIB, 0x44),
+    (MIB, 512 * 1024, 0x45),
+];
+
+/// Guest writes while the stream runs: a range snap2 holds (the stream must
+/// not overwrite it) and an unaligned one.
+const DURING_STREAM: &[&str] = &["write -P 0x55 6M 1M", "write -P 0x56 100k 5000"];
+/// While the commit runs: a range already copied, one not reached yet.
+const COMMIT_EARLY: &[&str] = &["write -P 0x77 0 1M", "write -P 0x78 20M 1M"];
+/// Later in the commit: across the layers' data.
+const COMMIT_LATE: &[&str] = &["write -P 0x79 7M 2M"];
+/// While the commit is ready (everything copied): copied again before the pivot.
+const COMMIT_READY: &[&str] = &["write -P 0x7a 3M 64k", "write -P 0x7b 63M 1M"];
+/// After the pivot: the device is on base.
+const AFTER_PIVOT: &[&str] = &["write -P 0x88 40M 1M", "write -P 0x89 5M 4k"];
+
+/// The guest view at the end: as built plus every guest write.
+const FINAL: &Layout = &[
+    (0, 4 * MIB, 0x11),
+    (2 * MIB, 4 * MIB, 0x22),
+    (5 * MIB, 4 * MIB, 0x33),
+    (0, 64 * 1024, 0x00),
+    (8 * MIB, 4 * MIB, 0x44),
+    (MIB, 512 * 1024, 0x45),
+    (6 * MIB, MIB, 0x55),
+    (100 * 1024, 5000, 0x56),
+    (0, MIB, 0x77),
+    (20 * MIB, MIB, 0x78),
+    (7 * MIB, 2 * MIB, 0x79),
+    (3 * MIB, 64 * 1024, 0x7a),
+    (63 * MIB, MIB, 0x7b),
+    (40 * MIB, MIB, 0x88),
+    (5 * MIB, 4096, 0x89),
+];
+
+/// Every guest write, in the order the guest makes them.
+fn guest_writes() -> Vec<&'static str> {
+    [
+        DURING_STREAM,
+        COMMIT_EARLY,
+        COMMIT_LATE,
+        COMMIT_READY,
+        AFTER_PIVOT,
+    ]
+    .concat()
+}
+
+/// The kernel's script.
+fn script() -> String {
+    let io = |commands: &[&str]| {
+        let commands: Vec<String> = commands.iter().map(|c| (*c).to_owned()).collect();
+        io_command("active.qcow2", false, &commands)
+    };
+    let mut lines: Vec<String> = vec![
+        "info --backing-chain active.qcow2".into(),
+        "checksum active.qcow2".into(),
+        // 1. stream snap2 into active, live.
+        "job-start stream --base snap1.qcow2 active.qcow2".into(),
+        "job-step active.qcow2 2".into(),
+        io(DURING_STREAM),
+        "job-info active.qcow2".into(),
+        "job-step active.qcow2 32".into(),
+        "job-step active.qcow2 32".into(),
+        "job-wait active.qcow2".into(),
+        // 2. live active commit into base.
+        "job-start commit --base base.qcow2 active.qcow2".into(),
+        "job-step active.qcow2 8".into(),
+        io(COMMIT_EARLY),
+    ];
+    for round in 0..5 {
+        lines.push("job-step active.qcow2 16".into());
+        if round == 1 {
+            lines.push(io(COMMIT_LATE));
+        }
+    }
+    lines.extend([
+        "job-step active.qcow2 1000".into(),
+        io(COMMIT_READY),
+        "job-info active.qcow2".into(),
+        "job-complete active.qcow2".into(),
+        "job-wait active.qcow2".into(),
+        // 3. the device is on base now.
+        io(AFTER_PIVOT),
+        io_command("active.qcow2", true, &pattern_reads(FINAL, DISK_SIZE)),
+        "checksum active.qcow2".into(),
+        "checksum base.qcow2".into(),
+        "info --backing-chain base.qcow2".into(),
+    ]);
+    lines.join("; ")
+}
 
 pub fn run(ws: &Workspace) -> Result<()> {
     let started = Instant::now();
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
     prereq::ensure_all(ws)?;
+    let kernel = qemu::build_kernel(ws, Profile::Release)?;
     ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
     let cli = ws.target_dir.join("debug").join("blockgraph");
     if !cli.is_file() {
@@ -60,18 +174,58 @@ pub fn run(ws: &Workspace) -> Result<()> {
             cli.display()
         )));
     }
+    timings.push(("build", started.elapsed()));
 
-    let dir = ws.target_dir.join("demo");
-    if dir.exists() {
-        fs::remove_dir_all(&dir).context(format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
-    let demo = Demo { dir, cli };
+    let phase = Instant::now();
+    let mut lab = Lab::fresh(ws.target_dir.join("demo"), &kernel, Machine::Microvm)?;
+    lab.live = true;
+    lab.timeout = Duration::from_secs(60);
+    let demo = Demo { lab, cli };
+    println!("==> building the chain in {}", demo.lab.dir.display());
     demo.build_chain()?;
+    let chain_before = chain_text(&demo.lab.chain("active.qcow2")?);
+    timings.push(("chain", phase.elapsed()));
 
     let mut report = Report::default();
-    demo.checks(&mut report);
-    report.print(started.elapsed());
+    demo.before_boot(&mut report);
+    let untouched = demo.lab.save(&["snap1.qcow2", "snap2.qcow2"])?;
+
+    let phase = Instant::now();
+    let script = script();
+    println!(
+        "==> booting the kernel (microvm, {} disks, a script of {} bytes)",
+        IMAGES.len(),
+        script.len()
+    );
+    let run = demo.lab.boot(
+        IMAGES
+            .iter()
+            .map(|name| demo.lab.disk(name, false))
+            .collect(),
+        &script,
+    )?;
+    timings.push(("boot", phase.elapsed()));
+
+    let phase = Instant::now();
+    println!("==> verifying on the host");
+    demo.after_boot(&run, &untouched, &mut report);
+    timings.push(("verify", phase.elapsed()));
+
+    let chain_after = [
+        ("base.qcow2 (the device)", demo.lab.chain("base.qcow2")),
+        ("active.qcow2 (retired)", demo.lab.chain("active.qcow2")),
+    ]
+    .map(|(what, chain)| match chain {
+        Ok(chain) => format!("{what}: {}", chain_text(&chain)),
+        Err(err) => format!("{what}: {err}"),
+    });
+    report.print(
+        &timings,
+        started.elapsed(),
+        &chain_before,
+        &chain_after,
+        &run,
+    );
     if report.all_passed() {
         Ok(())
     } else {
@@ -84,204 +238,161 @@ pub fn run(ws: &Workspace) -> Result<()> {
 }
 
 struct Demo {
-    dir: PathBuf,
-    cli: PathBuf,
+    lab: Lab,
+    cli: std::path::PathBuf,
 }
 
 impl Demo {
-    fn in_dir(&self, program: impl AsRef<std::ffi::OsStr>) -> Cmd {
-        Cmd::new(program).cwd(&self.dir).timeout(COMMAND_TIMEOUT)
-    }
-
-    fn qemu_img(&self) -> Cmd {
-        self.in_dir("qemu-img")
-    }
-
-    fn qemu_io(&self, image: &str, commands: &[&str]) -> Cmd {
-        let mut cmd = self.in_dir("qemu-io").args(["-f", "qcow2"]);
-        for command in commands {
-            cmd = cmd.args(["-c", command]);
-        }
-        cmd.arg(image)
-    }
-
     fn blockgraph(&self) -> Cmd {
-        self.in_dir(&self.cli)
+        Cmd::new(&self.cli)
+            .cwd(&self.lab.dir)
+            .timeout(Duration::from_secs(30))
+            .quiet()
     }
 
-    /// base <- snap1 <- snap2 <- active, relative backing names, `-F qcow2`.
+    /// base <- snap1 <- snap2 <- active (relative names, `-F qcow2`), a
+    /// copy of it for the replay, base and active padded.
     fn build_chain(&self) -> Result<()> {
-        println!("==> building the chain in {}", self.dir.display());
-        self.qemu_img()
-            .args(["create", "-f", "qcow2", "base.qcow2", "64M"])
-            .read()?;
-        self.qemu_io("base.qcow2", &["write -P 0x11 0 1M"]).read()?;
-        let layers: [(&str, &str, &[&str]); 3] = [
-            ("snap1.qcow2", "base.qcow2", &["write -P 0x22 1M 1M"]),
-            (
-                "snap2.qcow2",
-                "snap1.qcow2",
-                &["write -P 0x33 2M 1M", "write -z 0 64k"],
-            ),
-            ("active.qcow2", "snap2.qcow2", &["write -P 0x44 3M 512k"]),
-        ];
-        for (image, backing, writes) in layers {
-            self.qemu_img()
-                .args(["create", "-f", "qcow2", "-b", backing, "-F", "qcow2", image])
-                .read()?;
-            self.qemu_io(image, writes).read()?;
+        for (image, backing, writes) in LAYERS {
+            self.lab.create(image, "64M", backing, None, writes)?;
+            println!(
+                "    {image:<13} {}{}",
+                backing.map_or(String::new(), |b| format!("on {b:<12} ")),
+                writes.join(", ")
+            );
         }
+        self.lab.copy_chain(&IMAGES, "expected")?;
+        self.lab.pad("base.qcow2", PAD)?;
+        self.lab.pad("active.qcow2", PAD)?;
         Ok(())
     }
 
-    fn checks(&self, report: &mut Report) {
-        report.check("blockgraph info --backing-chain runs", || {
-            let out = self
-                .blockgraph()
-                .args(["info", "--backing-chain", "active.qcow2"])
-                .read()?;
-            print!("{}", indented(&out).trim_start_matches('\n'));
-            println!();
-            Ok(())
-        });
-        report.check("qemu-img sees the chain as built", || {
-            self.qemu_img()
-                .args(["convert", "-O", "raw", "active.qcow2", "before.qemu.raw"])
-                .read()?;
-            expect_layout(&self.dir.join("before.qemu.raw"), BUILT)
-        });
+    fn before_boot(&self, report: &mut Report) {
         report.check(
-            "before collapse: blockgraph convert == qemu-img convert",
+            "the chain as built reads as designed (qemu-img convert)",
             || {
-                self.blockgraph()
-                    .args(["convert", "active.qcow2", "before.raw"])
-                    .read()?;
-                self.compare("before.raw", "before.qemu.raw")
+                self.lab
+                    .qemu_img(&["convert", "-O", "raw", "active.qcow2", "before.qemu.raw"])?;
+                expect_layout(&self.lab.path("before.qemu.raw"), BUILT)
             },
         );
-        report.check("blockgraph collapse --top snap2 --base base runs", || {
+        report.check("host CLI: blockgraph convert == qemu-img convert", || {
             self.blockgraph()
-                .args([
-                    "collapse",
-                    "--top",
-                    "snap2.qcow2",
-                    "--base",
-                    "base.qcow2",
-                    "active.qcow2",
-                ])
-                .read()
-                .map(drop)
-        });
-        report.check("after collapse: qemu-img chain is active -> base", || {
-            self.check_collapsed_chain()
-        });
-        report.check(
-            "after collapse: qemu-img check active.qcow2 exits 0",
-            || {
-                self.qemu_img()
-                    .args(["check", "active.qcow2"])
-                    .read()
-                    .map(drop)
-            },
-        );
-        report.check("after collapse: guest view is base + active only", || {
-            self.qemu_img()
-                .args(["convert", "-O", "raw", "active.qcow2", "after.qemu.raw"])
+                .args(["convert", "active.qcow2", "before.raw"])
                 .read()?;
-            expect_layout(&self.dir.join("after.qemu.raw"), COLLAPSED)
-        });
-        report.check(
-            "after collapse: blockgraph convert == qemu-img convert",
-            || {
-                self.blockgraph()
-                    .args(["convert", "active.qcow2", "after.raw"])
-                    .read()?;
-                self.compare("after.raw", "after.qemu.raw")
-            },
-        );
-        report.check("after collapse: blockgraph io reads 0x44 and 0x11", || {
-            self.blockgraph()
-                .args([
-                    "io",
-                    "active.qcow2",
-                    "-c",
-                    "read -P 0x44 3M 512k",
-                    "-c",
-                    "read -P 0x11 0 64k",
-                ])
-                .read()
-                .map(drop)
+            same_bytes(
+                &self.lab.path("before.raw"),
+                &self.lab.path("before.qemu.raw"),
+            )
         });
     }
 
-    fn compare(&self, ours: &str, oracle: &str) -> Result<()> {
-        match first_difference(&self.dir.join(ours), &self.dir.join(oracle))? {
-            None => Ok(()),
-            Some(diff) => Err(Error::msg(format!("{ours} and {oracle} differ: {diff}"))),
-        }
+    fn after_boot(&self, run: &BootResult, untouched: &lab::Saved, report: &mut Report) {
+        let lab = &self.lab;
+        report.check("the kernel ran the whole script (exit status 33)", || {
+            if run.succeeded() {
+                Ok(())
+            } else {
+                Err(Error::msg(run.verdict()))
+            }
+        });
+        report.check(
+            "kernel checksum before the jobs == host FNV-1a of the chain as built",
+            || {
+                let (_, hash, size) = lab::checksums(&run.serial)
+                    .into_iter()
+                    .find(|(name, _, _)| name == "active.qcow2")
+                    .ok_or_else(|| Error::msg("no checksum line before the jobs"))?;
+                let file = fs::File::open(lab.path("before.qemu.raw"))
+                    .context("opening before.qemu.raw")?;
+                let want = lab::fnv1a64(file).context("reading before.qemu.raw")?;
+                if (hash, size) == want {
+                    Ok(())
+                } else {
+                    Err(Error::msg(format!(
+                        "kernel {hash:016x} ({size} bytes), host {:016x} ({} bytes)",
+                        want.0, want.1
+                    )))
+                }
+            },
+        );
+        report.check(
+            "stream: active.qcow2 now has backing file snap1.qcow2",
+            || {
+                expect_text(
+                    run,
+                    "Image 'active.qcow2' now has backing file 'snap1.qcow2'",
+                )?;
+                lab.expect_chain(
+                    "active.qcow2",
+                    &["active.qcow2", "snap1.qcow2", "base.qcow2"],
+                )
+                .map(drop)
+            },
+        );
+        report.check(
+            "active commit: pivot to base.qcow2, which has no backing file",
+            || {
+                for text in [
+                    "job commit on active.qcow2: running",
+                    "job commit on active.qcow2: ready",
+                    "Image 'base.qcow2' is now the active image",
+                ] {
+                    expect_text(run, text)?;
+                }
+                lab.expect_chain("base.qcow2", &["base.qcow2"]).map(drop)
+            },
+        );
+        report.check("qemu-img check: all four images exit 0", || {
+            lab.check(&IMAGES)
+        });
+        report.check("snap1.qcow2 and snap2.qcow2 are byte-identical", || {
+            lab.unchanged(untouched)
+        });
+        report.check(
+            "expected view: qemu-io replay of the guest writes reads as designed",
+            || {
+                lab.qemu_io("expected-active.qcow2", &guest_writes())?;
+                lab.qemu_img(&[
+                    "convert",
+                    "-O",
+                    "raw",
+                    "expected-active.qcow2",
+                    "expected.raw",
+                ])?;
+                expect_layout(&lab.path("expected.raw"), FINAL)
+            },
+        );
+        report.check(
+            "qemu-img compare base.qcow2 expected.raw: identical",
+            || lab.same_view("base.qcow2", "expected.raw"),
+        );
+        report.check(
+            "kernel checksums (device, base.qcow2) == host FNV-1a of the expected view",
+            || {
+                lab.expect_checksum(&run.serial, "active.qcow2", "expected.raw")?;
+                lab.expect_checksum(&run.serial, "base.qcow2", "expected.raw")?;
+                Ok(())
+            },
+        );
+        report.check(
+            "host CLI: blockgraph convert base.qcow2 == expected",
+            || {
+                self.blockgraph()
+                    .args(["convert", "base.qcow2", "after.raw"])
+                    .read()?;
+                same_bytes(&lab.path("after.raw"), &lab.path("expected.raw"))
+            },
+        );
     }
+}
 
-    fn check_collapsed_chain(&self) -> Result<()> {
-        let text = self
-            .qemu_img()
-            .args(["info", "--backing-chain", "--output=json", "active.qcow2"])
-            .read()?;
-        let chain = json::parse(&text).map_err(Error::msg)?;
-        let images = chain
-            .as_array()
-            .ok_or_else(|| Error::msg("qemu-img info did not print a JSON array"))?;
-        let names: Vec<&str> = images
-            .iter()
-            .map(|image| {
-                image
-                    .get("filename")
-                    .and_then(json::Value::as_str)
-                    .map(file_name)
-                    .unwrap_or("?")
-            })
-            .collect();
-        if names != ["active.qcow2", "base.qcow2"] {
-            return Err(Error::msg(format!(
-                "chain is {}, expected active.qcow2 -> base.qcow2",
-                names.join(" -> ")
-            )));
-        }
-        let top = &images[0];
-        let field = |key: &str| top.get(key).and_then(json::Value::as_str);
-        if field("backing-filename") != Some("base.qcow2") {
-            return Err(Error::msg(format!(
-                "active.qcow2 names its backing file {} (expected \"base.qcow2\", relative)",
-                top.get("backing-filename")
-                    .map(json::render)
-                    .unwrap_or_else(|| "(none)".into())
-            )));
-        }
-        if field("backing-filename-format") != Some("qcow2") {
-            return Err(Error::msg(format!(
-                "active.qcow2 records backing format {} (expected \"qcow2\")",
-                top.get("backing-filename-format")
-                    .map(json::render)
-                    .unwrap_or_else(|| "(none)".into())
-            )));
-        }
+fn expect_text(run: &BootResult, text: &str) -> Result<()> {
+    if run.serial.contains(text) {
         Ok(())
+    } else {
+        Err(Error::msg(format!("the kernel did not print `{text}`")))
     }
-}
-
-fn file_name(path: &str) -> &str {
-    Path::new(path)
-        .file_name()
-        .and_then(|name| name.to_str())
-        .unwrap_or(path)
-}
-
-/// The byte the layout puts at `offset`.
-fn expected_byte(layout: &Layout, offset: u64) -> u8 {
-    layout
-        .iter()
-        .rev()
-        .find(|(start, len, _)| (*start..start + len).contains(&offset))
-        .map_or(0, |(_, _, byte)| *byte)
 }
 
 /// Checks a raw image against a layout; the error names the first wrong byte.
@@ -294,19 +405,8 @@ fn expect_layout(path: &Path, layout: &Layout) -> Result<()> {
             data.len()
         )));
     }
-    // Walk the segments between range edges; each holds one value.
-    let mut edges: Vec<u64> = layout
-        .iter()
-        .flat_map(|&(start, len, _)| [start, start + len])
-        .chain([0, DISK_SIZE])
-        .filter(|&edge| edge <= DISK_SIZE)
-        .collect();
-    edges.sort_unstable();
-    edges.dedup();
-    for pair in edges.windows(2) {
-        let (start, end) = (pair[0], pair[1]);
-        let want = expected_byte(layout, start);
-        let segment = &data[start as usize..end as usize];
+    for (start, len, want) in lab::runs(layout, DISK_SIZE) {
+        let segment = &data[start as usize..(start + len) as usize];
         if let Some(i) = segment.iter().position(|&byte| byte != want) {
             return Err(Error::msg(format!(
                 "byte {:#x} is {:#04x}, expected {want:#04x}",
@@ -318,49 +418,29 @@ fn expect_layout(path: &Path, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// `None` if both files hold the same bytes, else where they first differ.
-fn first_difference(a: &Path, b: &Path) -> Result<Option<String>> {
-    let open = |p: &Path| File::open(p).context(format!("opening {}", p.display()));
-    let (mut fa, mut fb) = (open(a)?, open(b)?);
-    let (len_a, len_b) = (file_len(&fa, a)?, file_len(&fb, b)?);
-    if len_a != len_b {
-        return Ok(Some(format!("sizes {len_a} and {len_b}")));
+/// Both files hold the same bytes; the error says where they first differ.
+fn same_bytes(a: &Path, b: &Path) -> Result<()> {
+    let read = |p: &Path| fs::read(p).context(format!("reading {}", p.display()));
+    let (x, y) = (read(a)?, read(b)?);
+    if x.len() != y.len() {
+        return Err(Error::msg(format!(
+            "{} is {} bytes, {} {}",
+            a.display(),
+            x.len(),
+            b.display(),
+            y.len()
+        )));
     }
-    let mut buf_a = vec![0u8; MIB as usize];
-    let mut buf_b = vec![0u8; MIB as usize];
-    let mut offset = 0u64;
-    while offset < len_a {
-        let n = (len_a - offset).min(MIB) as usize;
-        read_exact(&mut fa, &mut buf_a[..n], a)?;
-        read_exact(&mut fb, &mut buf_b[..n], b)?;
-        // Slice equality is a memcmp; only a mismatching chunk is scanned.
-        if buf_a[..n] != buf_b[..n] {
-            let i = buf_a[..n]
-                .iter()
-                .zip(&buf_b[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
-            let at = offset + i as u64;
-            return Ok(Some(format!(
-                "first at byte {at:#x} ({:#04x} vs {:#04x})",
-                buf_a[i], buf_b[i]
-            )));
-        }
-        offset += n as u64;
+    match x.iter().zip(&y).position(|(p, q)| p != q) {
+        None => Ok(()),
+        Some(at) => Err(Error::msg(format!(
+            "{} and {} differ first at byte {at:#x} ({:#04x} vs {:#04x})",
+            a.display(),
+            b.display(),
+            x[at],
+            y[at]
+        ))),
     }
-    Ok(None)
-}
-
-fn file_len(file: &File, path: &Path) -> Result<u64> {
-    Ok(file
-        .metadata()
-        .context(format!("stat {}", path.display()))?
-        .len())
-}
-
-fn read_exact(file: &mut File, buf: &mut [u8], path: &Path) -> Result<()> {
-    file.read_exact(buf)
-        .map_err(|err: io::Error| Error::msg(format!("reading {}: {err}", path.display())))
 }
 
 /// PASS/FAIL per check, printed as it goes and summed up at the end.
@@ -388,9 +468,36 @@ impl Report {
         self.failures() == 0
     }
 
-    fn print(&self, elapsed: Duration) {
+    fn print(
+        &self,
+        timings: &[(&str, Duration)],
+        total: Duration,
+        before: &str,
+        after: &[String],
+        run: &BootResult,
+    ) {
         println!();
-        println!("demo report ({:.1} s):", elapsed.as_secs_f64());
+        println!("demo report ({:.1} s):", total.as_secs_f64());
+        println!("  chain before: {before}");
+        for line in after {
+            println!("  chain after:  {line}");
+        }
+        let mut progress: Vec<&str> = run
+            .serial
+            .lines()
+            .filter(|line| line.starts_with("job ") || line.starts_with("Image '"))
+            .collect();
+        progress.dedup();
+        println!("  job progress (kernel):");
+        for line in progress {
+            println!("    {line}");
+        }
+        let times: Vec<String> = timings
+            .iter()
+            .map(|(what, time)| format!("{what} {:.1} s", time.as_secs_f64()))
+            .collect();
+        println!("  timings: {}", times.join(", "));
+        println!("  kernel: {}", run.verdict());
         for (name, failure) in &self.checks {
             let verdict = if failure.is_some() { "FAIL" } else { "PASS" };
             println!("  {verdict}  {name}");
@@ -405,14 +512,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn later_ranges_win_and_gaps_are_zero() {
-        assert_eq!(expected_byte(BUILT, 0), 0x00);
-        assert_eq!(expected_byte(BUILT, 64 * KIB), 0x11);
-        assert_eq!(expected_byte(BUILT, 2 * MIB - 1), 0x22);
-        assert_eq!(expected_byte(BUILT, 3 * MIB + 512 * KIB - 1), 0x44);
-        assert_eq!(expected_byte(BUILT, 3 * MIB + 512 * KIB), 0x00);
-        assert_eq!(expected_byte(COLLAPSED, 0), 0x11);
-        assert_eq!(expected_byte(COLLAPSED, 2 * MIB), 0x00);
+    fn the_script_fits_on_a_microvm_command_line() {
+        let script = script();
+        assert!(
+            script.len() <= qemu::MICROVM_CMDLINE_MAX,
+            "{}",
+            script.len()
+        );
+        assert_eq!(script.matches("job-start").count(), 2);
+    }
+
+    #[test]
+    fn the_final_layout_is_the_built_one_plus_the_guest_writes() {
+        // Every guest write of a pattern appears in FINAL, in order, after
+        // the built layers.
+        let writes: Vec<(u64, u8)> = guest_writes()
+            .iter()
+            .map(|w| {
+                let words: Vec<&str> = w.split(' ').collect();
+                let byte = u8::from_str_radix(&words[2][2..], 16).unwrap();
+                (FINAL.iter().position(|r| r.2 == byte).unwrap() as u64, byte)
+            })
+            .collect();
+        assert!(writes.windows(2).all(|p| p[0].0 < p[1].0), "{writes:?}");
+        assert_eq!(&FINAL[..BUILT.len()], BUILT);
     }
 
     #[test]
@@ -423,13 +546,16 @@ mod tests {
         let mut data = vec![7u8; (MIB + 10) as usize];
         fs::write(&a, &data).unwrap();
         fs::write(&b, &data).unwrap();
-        assert_eq!(first_difference(&a, &b).unwrap(), None);
+        same_bytes(&a, &b).unwrap();
         data[(MIB + 3) as usize] = 8;
         fs::write(&b, &data).unwrap();
-        let diff = first_difference(&a, &b).unwrap().unwrap();
+        let diff = same_bytes(&a, &b).unwrap_err().to_string();
         assert!(diff.contains("0x100003"), "{diff}");
         fs::write(&c, [7u8; 3]).unwrap();
-        assert!(first_difference(&a, &c).unwrap().unwrap().contains("sizes"));
+        assert!(same_bytes(&a, &c)
+            .unwrap_err()
+            .to_string()
+            .contains("bytes"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }
