@@ -2,7 +2,8 @@
 //!
 //! Kernel checks, with TCG (well under a second each here):
 //!
-//! 1. `selftest` on microvm and on q35 (virtio-pci), with a writable and a
+//! 1. `selftest` on microvm and on q35 (virtio-pci), under
+//!    `-accel kvm -accel tcg`, with a writable and a
 //!    read-only raw disk; afterwards the files are read on the host: the
 //!    kernel's pattern must be where it wrote, the read-only file untouched;
 //! 2. `fail-on-purpose` (a panic) must end in a kernel failure (exit status
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::lab::{io_command, pattern_reads, Lab, Layout, MIB};
-use super::qemu::{self, Boot, BootResult, Disk, Machine, Profile, KERNEL_FAILURE};
+use super::qemu::{self, Accel, Boot, BootResult, Disk, Machine, Profile, KERNEL_FAILURE};
 use crate::{Context, Error, Result, Workspace};
 
 /// One boot may take this long (they take well under a second with TCG).
@@ -187,6 +188,10 @@ fn selftest(kernel: &Path, dir: &Path, machine: Machine) -> Result<BootResult> {
     create_disk(&rw, RW_SIZE)?;
     create_disk(&ro, RO_SIZE)?;
     let mut boot = Boot::new(machine);
+    // These two boots also prove the accelerator fallback the issue asks
+    // for: `-accel kvm -accel tcg` (KVM when usable, else emulation). The
+    // image tests use TCG alone: here nested KVM costs ~3 s per boot.
+    boot.accel = Accel::Kvm;
     boot.cmdline = "selftest".into();
     boot.timeout = TIMEOUT;
     boot.disks = vec![
