@@ -249,21 +249,18 @@ fn be32(bytes: &[u8], at: usize) -> u32 {
 struct Units {
     /// The unit: the smallest cluster size of the scenario.
     size: u64,
-    /// A unit may mix candidates sector by sector (512 bytes): a request
-    /// the library carries out as several writes into one cluster.
-    sectors_may_tear: bool,
 }
 
-/// Compares `view` with `candidates` unit by unit: `Ok(torn)` when every
-/// unit equals the same unit of some candidate (`torn` units only sector by
-/// sector, when allowed), `Err(unit)` for the first unit that does not.
-fn compare_units(view: &[u8], candidates: &[Rc<Vec<u8>>], units: Units) -> Result<usize, usize> {
+/// Compares `view` with `candidates` unit by unit: `Ok(())` when every
+/// unit equals the same unit of some candidate, `Err(unit)` for the first
+/// unit that does not.
+fn compare_units(view: &[u8], candidates: &[Rc<Vec<u8>>], units: Units) -> Result<(), usize> {
     let same_len: Vec<&Rc<Vec<u8>>> = candidates
         .iter()
         .filter(|c| c.len() == view.len())
         .collect();
     if same_len.iter().any(|c| c.as_slice() == view) {
-        return Ok(0);
+        return Ok(());
     }
     if same_len.is_empty() {
         return Err(0);
@@ -274,22 +271,12 @@ fn compare_units(view: &[u8], candidates: &[Rc<Vec<u8>>], units: Units) -> Resul
             .any(|c| c[range.clone()] == view[range.clone()])
     };
     let unit = units.size as usize;
-    let mut torn = 0;
-    for u in 0..view.len().div_ceil(unit) {
-        let range = u * unit..((u + 1) * unit).min(view.len());
-        if matches(range.clone()) {
-            continue;
-        }
-        let sectors_match = range
-            .clone()
-            .step_by(512)
-            .all(|at| matches(at..(at + 512).min(range.end)));
-        if !(units.sectors_may_tear && sectors_match) {
-            return Err(u);
-        }
-        torn += 1;
+    match (0..view.len().div_ceil(unit))
+        .find(|u| !matches(u * unit..((u + 1) * unit).min(view.len())))
+    {
+        Some(u) => Err(u),
+        None => Ok(()),
     }
-    Ok(torn)
 }
 
 // ===========================================================================
@@ -810,9 +797,6 @@ struct Scenario {
     qemu_sample: usize,
     /// Extra assertions on the final images (what the scenario must cover).
     covers: Option<Covers>,
-    /// Whether a cluster may read as a sector-by-sector mix of its old and
-    /// new content (see [`Units`]).
-    sectors_may_tear: bool,
 }
 
 impl Scenario {
@@ -827,7 +811,6 @@ impl Scenario {
             final_equals: Vec::new(),
             qemu_sample: 1,
             covers: None,
-            sectors_may_tear: false,
         }
     }
 
@@ -1384,8 +1367,6 @@ struct Judge<'f> {
     /// New reordered states seen by the replay (for qemu-img sampling).
     new_states: usize,
     units: Units,
-    /// Units that matched only sector by sector.
-    torn: usize,
     failures: Vec<String>,
 }
 
@@ -1479,11 +1460,7 @@ impl<'f> Judge<'f> {
             fps: HashMap::new(),
             passed: HashSet::new(),
             new_states: 0,
-            units: Units {
-                size: fx.unit,
-                sectors_may_tear: sc.sectors_may_tear,
-            },
-            torn: 0,
+            units: Units { size: fx.unit },
             failures,
         }
     }
@@ -1552,8 +1529,7 @@ impl<'f> Judge<'f> {
             }
             qemu_due = true;
             match self.judge_image(states, img, (lo, hi), ack) {
-                Ok(torn) => {
-                    self.torn += torn;
+                Ok(()) => {
                     self.passed.insert(key);
                 }
                 Err(err) => {
@@ -1591,13 +1567,13 @@ impl<'f> Judge<'f> {
         img: usize,
         (lo, hi): (usize, usize),
         ack: Option<usize>,
-    ) -> Result<usize, String> {
+    ) -> Result<(), String> {
         let fx = self.fx;
         let window = &self.marks[lo..=hi];
         let opened = open_fresh(&fx.names, states, &fx.blank, img)?;
         let Some(opened) = opened else {
             if ack.is_none() && window.iter().any(|m| m.images[img].is_none()) {
-                return Ok(0);
+                return Ok(());
             }
             return Err(format!("{} lost its qcow2 header", fx.names[img]));
         };
@@ -2152,10 +2128,9 @@ fn prove_phases(sc: Scenario, phases: Phases) {
         let (cuts, cuts_ok, reordered, reordered_ok) = judge.replay();
         lines.push(format!(
             "power cuts: {cuts} cut points tried, {cuts_ok} passed; {reordered} reordered \
-             states tried, {reordered_ok} passed; qemu-img check on {} distinct images, {} \
-             units torn by sector ({:.1?})",
+             states tried, {reordered_ok} passed; qemu-img check on {} distinct images \
+             ({:.1?})",
             judge.qemu.runs,
-            judge.torn,
             started.elapsed()
         ));
     }
@@ -2238,7 +2213,7 @@ fn write_zeroes() {
         &["write -P 0x31 0 2M"],
         &["write -P 0x32 0 512k"],
     );
-    let mut sc = Scenario::new("write -z", images, "top.qcow2")
+    let sc = Scenario::new("write -z", images, "top.qcow2")
         .steps(vec![
             // Whole owned clusters: the zero flag, storage freed.
             Step::Zero {
@@ -2257,13 +2232,6 @@ fn write_zeroes() {
             },
         ])
         .faults(&["top.qcow2", "base.qcow2"]);
-    // The library zeroes a partial cluster with one 4 KiB write after the
-    // other (`Graph::write_zeroes` -> `Graph::write` per bounce buffer), each
-    // its own in-place write or copy-on-write: a cut between them leaves the
-    // cluster partly zeroed. That is a torn request, as a disk may tear any
-    // multi-sector write, not corruption; it is tolerated here, sector by
-    // sector, and counted.
-    sc.sectors_may_tear = true;
     prove(sc);
 }
 

@@ -22,6 +22,48 @@ const COPIED: u64 = 1 << 63;
 /// L2 entry flag of a compressed cluster.
 const COMPRESSED: u64 = 1 << 62;
 
+/// What a write puts down: guest bytes, or zeros.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Data(&'a [u8]),
+    Zeros(u64),
+}
+
+impl<'a> Source<'a> {
+    fn len(self) -> u64 {
+        match self {
+            Source::Data(data) => data.len() as u64,
+            Source::Zeros(len) => len,
+        }
+    }
+
+    /// The `len` bytes from `start`.
+    fn slice(self, start: u64, len: u64) -> Source<'a> {
+        match self {
+            Source::Data(data) => Source::Data(&data[start as usize..(start + len) as usize]),
+            Source::Zeros(_) => Source::Zeros(len),
+        }
+    }
+
+    /// Writes the bytes at device offset `at` (zeros up to 64 KiB in one
+    /// device write).
+    fn write_to<D: Device>(self, device: &mut D, at: u64) -> Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        match self {
+            Source::Data(data) => device.write_at(at, data),
+            Source::Zeros(len) => {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZEROS.len() as u64) as usize;
+                    device.write_at(at + done, &ZEROS[..n])?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A cluster allocated for a write: guest cluster, new device offset, and
 /// the L2 entry it replaces.
 #[derive(Clone, Copy, Default)]
@@ -101,15 +143,20 @@ impl<
             let file = self.layer_file(id)?;
             return self.device_mut(file)?.write_at(offset, data);
         }
-        let cs = self.qcow2(id)?.cluster_size() as usize;
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let span = ((pos % cs as u64) as usize + data.len() - done)
-                .div_ceil(cs)
-                .min(BATCH);
-            let n = (span * cs - (pos % cs as u64) as usize).min(data.len() - done);
-            self.write_clusters(id, pos, &data[done..done + n])?;
+        self.write_source(id, offset, Source::Data(data))
+    }
+
+    /// Writes `source` at `offset` of qcow2 node `id`, in batches of at
+    /// most [`BATCH`] clusters.
+    fn write_source(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let len = source.len();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let span = ((pos % cs) + len - done).div_ceil(cs).min(BATCH as u64);
+            let n = (span * cs - pos % cs).min(len - done);
+            self.write_clusters(id, pos, source.slice(done, n))?;
             done += n;
         }
         Ok(())
@@ -120,8 +167,8 @@ impl<
     /// filled, one flush makes data and refcounts durable, then the L2
     /// entries are set, and after another flush the replaced storage is
     /// released.
-    fn write_clusters(&mut self, id: NodeId, pos: u64, data: &[u8]) -> Result<()> {
-        self.validate_clusters(id, pos, data.len() as u64)?;
+    fn write_clusters(&mut self, id: NodeId, pos: u64, data: Source<'_>) -> Result<()> {
+        self.validate_clusters(id, pos, data.len())?;
         let mut fresh = [Fresh::default(); BATCH];
         let mut count = 0;
         let mut mapped = 0;
@@ -190,29 +237,29 @@ impl<
         &mut self,
         id: NodeId,
         pos: u64,
-        data: &[u8],
+        data: Source<'_>,
         fresh: &mut [Fresh; BATCH],
         count: &mut usize,
     ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
         let file = self.layer_file(id)?;
-        let mut done = 0usize;
+        let mut done = 0u64;
         while done < data.len() {
-            let at = pos + done as u64;
+            let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
-            let len = ((cs - in_cluster) as usize).min(data.len() - done);
-            let piece = &data[done..done + len];
+            let len = (cs - in_cluster).min(data.len() - done);
+            let piece = data.slice(done, len);
             match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
                 WriteTarget::InPlace(host) => {
-                    self.device_mut(file)?.write_at(host + in_cluster, piece)?
+                    piece.write_to(self.device_mut(file)?, host + in_cluster)?
                 }
                 WriteTarget::Allocate { old } => {
                     let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
                     fresh[*count] = Fresh { cluster, new, old };
                     *count += 1;
-                    let tail = in_cluster + piece.len() as u64;
+                    let tail = in_cluster + piece.len();
                     self.copy_view(id, cluster * cs, in_cluster, new)?;
-                    self.device_mut(file)?.write_at(new + in_cluster, piece)?;
+                    piece.write_to(self.device_mut(file)?, new + in_cluster)?;
                     self.copy_view(id, cluster * cs + tail, cs - tail, new + tail)?;
                 }
             }
@@ -282,14 +329,14 @@ impl<
                 let cluster = pos / graph.qcow2(id)?.cluster_size();
                 return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
             }
-            const ZEROS: [u8; BOUNCE] = [0; BOUNCE];
-            let mut done = 0;
-            while done < n {
-                let chunk = (n - done).min(BOUNCE as u64) as usize;
-                graph.write(id, pos + done, &ZEROS[..chunk])?;
-                done += chunk as u64;
+            if qcow2 {
+                // One request per piece: a new cluster is filled, then
+                // mapped, so a crash leaves it old or new, never torn.
+                graph.write_source(id, pos, Source::Zeros(n))
+            } else {
+                let file = graph.layer_file(id)?;
+                Source::Zeros(n).write_to(graph.device_mut(file)?, pos)
             }
-            Ok(())
         })
     }
 
