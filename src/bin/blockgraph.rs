@@ -36,7 +36,12 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
                                        job-cancel|job-info|job-wait IMAGE
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
-                                             lazy_refcounts=on|off";
+                                             lazy_refcounts=on|off
+  bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
+                                       qemu-img bench at queue depth 1 (defaults: 75000
+                                       requests of 4k from offset 0, step SIZE, reads;
+                                       -w writes pattern N, default 0)
+  sizes                                static memory: graph, slots, session, scratch";
 
 struct Host {
     resolver: PathResolver,

@@ -17,8 +17,11 @@
 //! | `stream [--base BASE] [-p] IMAGE` | block-stream into IMAGE |
 //! | `snapshot IMAGE NEW_OVERLAY` | live external snapshot |
 //! | `create [-f qcow2\|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]` | a new empty image (qemu-img create) |
+//! | `bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE` | qemu-img bench at queue depth 1, through a BlockBackend |
+//! | `sizes` | static memory: the graph, one slot of each kind, the session, the scratch |
 
 pub mod args;
+mod bench;
 mod collapse;
 mod convert;
 mod create;
@@ -152,6 +155,8 @@ pub fn run<
         "stream" => jobs::stream(env, graph, rest, scratch, out),
         "snapshot" => jobs::snapshot(env, graph, rest, out),
         "create" => create::run(env, graph, rest, out),
+        "bench" => bench::run(env, graph, session, rest, scratch, out),
+        "sizes" => bench::sizes::<E, N, B, C, J, S>(graph, session, rest, scratch, out),
         _ => Err(Failure::new(
             Error::new(ErrorKind::InvalidInput, "unknown command"),
             name,

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `job-start commit [--top TOP] [--base BASE] IMAGE` | starts a commit job on IMAGE (attached) |
 //! | `job-start stream [--base BASE] IMAGE` | starts a stream job on IMAGE |
-//! | `job-step IMAGE [COUNT]` | steps IMAGE's job COUNT times (default 1) |
+//! | `job-step IMAGE [COUNT]` | steps IMAGE's job up to COUNT times (default 1), while it runs |
 //! | `job-pause`, `job-resume`, `job-complete`, `job-cancel`, `job-info` `IMAGE` | QMP verbs |
 //! | `job-wait IMAGE` | steps to the end (completing when ready) and reports |
 //! | `checksum IMAGE` | FNV-1a 64 of the guest view |
@@ -149,7 +149,10 @@ fn cancel_and_drain<
     job: JobId,
     scratch: &mut [u8],
 ) -> crate::Result<()> {
-    if graph.job_info(job)?.status != JobStatus::Concluded {
+    if !matches!(
+        graph.job_info(job)?.status,
+        JobStatus::Concluded | JobStatus::Aborting
+    ) {
         graph.job_cancel(job)?;
     }
     while graph.job_step(job, env.resolver(), scratch)? != JobStatus::Concluded {}
@@ -260,8 +263,10 @@ fn job_verb<
     let in_verb = |e: Error| Failure::new(e, image);
     match verb {
         "job-step" => {
+            // Steps while the job runs: a paused, ready or finished job
+            // would make further steps idle.
             for _ in 0..count {
-                if graph.job_step(job, env.resolver(), scratch)? == JobStatus::Concluded {
+                if graph.job_step(job, env.resolver(), scratch)? != JobStatus::Running {
                     break;
                 }
             }

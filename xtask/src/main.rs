@@ -12,10 +12,10 @@
 //!               the child is killed when the guard drops
 //! prereq.rs     the rustup target and the QEMU tools (apt-get when root)
 //! json.rs       a small JSON reader for qemu-img --output=json
-//! tasks/        one file per command: test, demo, qemu (later: bench);
+//! tasks/        one file per command: test, demo, qemu, fuzz, bench;
 //!               boot_test.rs, the kernel boots `test` runs last;
 //!               lab.rs, images built, booted on and checked with qemu-img
-//!               (boot tests and demo)
+//!               (boot tests, demo and bench)
 //! ```
 
 mod cmd;
@@ -43,6 +43,8 @@ Commands:
                          cargo doc with RUSTDOCFLAGS=\"-D warnings\",
                          cargo test --workspace [<args>...],
                          the vmm_loop example,
+                         a fuzz smoke run: each cargo-fuzz target for 10 s
+                         (cargo-fuzz installed when missing),
                          boot tests: the kernel's self-check under QEMU
                          (microvm and q35), boots that must fail, and image
                          tests (chain reads, writes, commit, stream, collapse,
@@ -61,6 +63,22 @@ Commands:
                        is the kernel command line. Serial output is shown
                        live; QEMU is killed after SECS (default 60). Exits 0
                        only when the kernel reports success
+  fuzz [--seconds N] [--asan] [TARGET]
+                       run the cargo-fuzz targets in fuzz/ (header, image,
+                       script; or only TARGET) with libFuzzer for N seconds
+                       each (default 60); installs cargo-fuzz when missing
+                       (cargo install cargo-fuzz --locked); builds with the
+                       nightly toolchain (without it: the default one, except
+                       for --asan). Seeds: fuzz/corpus/TARGET; new
+                       inputs: target/fuzz/corpus/TARGET; a crash fails the
+                       run and its input is saved in fuzz/artifacts/TARGET
+  bench                build the CLI (release) and a 1 GiB qcow2 chain of three
+                       layers in target/bench/ (kept between runs), then time
+                       blockgraph against qemu-img side by side: QD1 reads of
+                       4 and 64 KiB, convert, commit, stream, scattered 4 KiB
+                       writes (median of 3 alternating runs), blockgraph's
+                       reads against a pread loop, and the static memory;
+                       prints a table and writes target/bench/report.md
   help                 this text
 
 The first failing step stops the run with a non-zero exit status.
@@ -93,6 +111,7 @@ fn run(args: &[OsString]) -> Result<()> {
             tasks::test::run(&Workspace::locate(), extra)
         }
         "qemu" => tasks::qemu::run(&Workspace::locate(), rest),
+        "fuzz" => tasks::fuzz::run(&Workspace::locate(), rest),
         "boot-test" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(
                 "`boot-test` takes no arguments (got `{}`)",
@@ -102,6 +121,13 @@ fn run(args: &[OsString]) -> Result<()> {
                 let ws = Workspace::locate();
                 prereq::ensure_all(&ws).and_then(|()| tasks::boot_test::run(&ws))
             }
+        },
+        "bench" => match rest.first() {
+            Some(arg) => Err(Error::msg(format!(
+                "`bench` takes no arguments (got `{}`)",
+                arg.to_string_lossy()
+            ))),
+            None => tasks::bench::run(&Workspace::locate()),
         },
         "demo" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(

@@ -1,4 +1,5 @@
-//! Prerequisites: the bare-metal rustup target and the QEMU tools.
+//! Prerequisites: the bare-metal rustup target and the QEMU tools; for
+//! fuzzing, the nightly toolchain and cargo-fuzz.
 //!
 //! Each check prints what it found or did. A missing tool is an error, never a
 //! skip. When running as root, missing QEMU tools are installed with apt-get.
@@ -604,6 +605,142 @@ impl Policy {
     }
 }
 
+/// The toolchain the fuzz targets are built with (libFuzzer's
+/// AddressSanitizer needs `-Z` flags).
+pub const FUZZ_TOOLCHAIN: &str = "nightly";
+
+/// Which cargo builds the fuzz targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuzzToolchain {
+    /// `cargo +nightly`.
+    Nightly,
+    /// The cargo running xtask: when nightly cannot be had, builds without
+    /// a sanitizer still work (coverage instrumentation is stable).
+    Default,
+}
+
+impl FuzzToolchain {
+    /// A cargo command of this toolchain, run from the workspace root.
+    pub fn cargo(self, ws: &Workspace) -> Cmd {
+        match self {
+            FuzzToolchain::Nightly => Cmd::new("cargo")
+                .arg(format!("+{FUZZ_TOOLCHAIN}"))
+                .cwd(&ws.root),
+            FuzzToolchain::Default => ws.cargo(),
+        }
+    }
+
+    /// How to type it: `cargo +nightly` or `cargo`.
+    pub fn shown(self) -> String {
+        match self {
+            FuzzToolchain::Nightly => format!("cargo +{FUZZ_TOOLCHAIN}"),
+            FuzzToolchain::Default => "cargo".to_owned(),
+        }
+    }
+}
+
+/// What fuzzing needs: the nightly toolchain and cargo-fuzz, installed
+/// (rustup, `cargo install`) when missing. Without nightly (a machine that
+/// cannot fetch toolchains) runs without a sanitizer use the default
+/// toolchain, saying so; `asan` runs fail then.
+pub fn ensure_fuzzing(ws: &Workspace, asan: bool) -> Result<FuzzToolchain> {
+    println!("==> prerequisites for fuzzing");
+    let toolchain = match ensure_toolchain(ws, FUZZ_TOOLCHAIN) {
+        Ok(()) => FuzzToolchain::Nightly,
+        Err(err) if !asan => {
+            println!(
+                "    {err}\n    building the fuzz targets with the default toolchain \
+                 instead (without a sanitizer they need no nightly feature)"
+            );
+            FuzzToolchain::Default
+        }
+        Err(err) => return Err(err),
+    };
+    ensure_cargo_fuzz(ws, toolchain)?;
+    Ok(toolchain)
+}
+
+/// Makes sure the rustup toolchain `channel` (`nightly`, not a dated one)
+/// is installed.
+fn ensure_toolchain(ws: &Workspace, channel: &str) -> Result<()> {
+    if find_on_path("rustup").is_none() {
+        return Err(Error::msg(format!(
+            "fuzzing needs the {channel} toolchain (`cargo +{channel}`) and \
+             rustup is not on PATH to provide it"
+        )));
+    }
+    let list = Cmd::new("rustup")
+        .args(["toolchain", "list"])
+        .cwd(&ws.root)
+        .quiet()
+        .read()?;
+    if !has_toolchain(&list, channel) {
+        println!("    rust toolchain {channel}: missing, installing it");
+        Cmd::new("rustup")
+            .args(["toolchain", "install", channel, "--profile", "minimal"])
+            .cwd(&ws.root)
+            .run()?;
+    }
+    let version = Cmd::new("rustup")
+        .args(["run", channel, "rustc", "--version"])
+        .cwd(&ws.root)
+        .quiet()
+        .read()?;
+    println!("    rust toolchain {channel}: {}", version.trim());
+    Ok(())
+}
+
+/// Whether `rustup toolchain list` output has the channel itself
+/// (`nightly-x86_64-unknown-linux-gnu`), not only dated ones
+/// (`nightly-2025-01-01-...`).
+fn has_toolchain(list: &str, channel: &str) -> bool {
+    list.lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|name| name.strip_prefix(channel))
+        .any(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix('-')
+                    .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
+        })
+}
+
+/// Makes sure `cargo +nightly fuzz` runs; installs cargo-fuzz from
+/// crates.io (`cargo install cargo-fuzz --locked`) when it does not.
+fn ensure_cargo_fuzz(ws: &Workspace, toolchain: FuzzToolchain) -> Result<()> {
+    if let Some(version) = cargo_fuzz_version(ws, toolchain) {
+        println!("    {version}: installed");
+        return Ok(());
+    }
+    println!("    cargo-fuzz: missing, installing it with `cargo install cargo-fuzz --locked`");
+    ws.cargo()
+        .args(["install", "cargo-fuzz", "--locked"])
+        .run()?;
+    match cargo_fuzz_version(ws, toolchain) {
+        Some(version) => {
+            println!("    installed: {version}");
+            Ok(())
+        }
+        None => Err(Error::msg(format!(
+            "`cargo install cargo-fuzz` finished but `{} fuzz --version` still \
+             fails; is cargo's bin directory ($CARGO_HOME/bin) on PATH?",
+            toolchain.shown()
+        ))),
+    }
+}
+
+/// `cargo-fuzz 0.13.1`, or `None` when `cargo fuzz` does not run.
+fn cargo_fuzz_version(ws: &Workspace, toolchain: FuzzToolchain) -> Option<String> {
+    let out = toolchain
+        .cargo(ws)
+        .args(["fuzz", "--version"])
+        .quiet()
+        .output()
+        .ok()?;
+    let text = out.stdout_text();
+    (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,6 +935,18 @@ debx http://MIRROR/bogus bookworm main
         );
         assert_eq!(sources[1].signed_by, None);
         assert!(!sources[1].serves("bookworm", "main"));
+    }
+
+    #[test]
+    fn toolchain_channels() {
+        let list = "stable-x86_64-unknown-linux-gnu (active, default)\n\
+                    nightly-2025-01-01-x86_64-unknown-linux-gnu\n\
+                    1.95.0-x86_64-unknown-linux-gnu\n";
+        assert!(!has_toolchain(list, "nightly"));
+        assert!(has_toolchain(list, "stable"));
+        let list = format!("{list}nightly-x86_64-unknown-linux-gnu\n");
+        assert!(has_toolchain(&list, "nightly"));
+        assert!(!has_toolchain("nightly-dev\n", "night"));
     }
 
     #[test]

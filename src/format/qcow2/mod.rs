@@ -111,6 +111,45 @@ impl Qcow2 {
             cs,
             "qcow2 refcount table entry is invalid",
         )?;
+        // Refcount blocks and L2 tables must not sit on the header or the
+        // tables; every L2 entry must stay inside the image.
+        let fixed = [
+            (0, cs),
+            (
+                header.l1_table_offset,
+                (u64::from(header.l1_size) * 8).div_ceil(cs) * cs,
+            ),
+            (
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * cs,
+            ),
+        ];
+        let on_fixed = |offset: u64| {
+            fixed
+                .iter()
+                .any(|&(at, len)| offset >= at && offset < at + len)
+        };
+        let (l1_offset, rt_offset) = (header.l1_table_offset, header.refcount_table_offset);
+        for (table, count) in [(rt_offset, rt_used), (l1_offset, l1_used)] {
+            for_each_entry(device, (table, count), |entry| {
+                let offset = entry & OFFSET_MASK;
+                if offset != 0 && on_fixed(offset) {
+                    return fail(
+                        ErrorKind::Corrupt,
+                        "qcow2 table points at the header or another table",
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        let probe = Self {
+            trusted_from: 0,
+            header: header.clone(),
+            free_hint: 0,
+            l1_used,
+            rt_used,
+        };
+        probe.check_l2_tables(device)?;
         Ok(Self {
             trusted_from: device.size().div_ceil(cs),
             header,
@@ -118,6 +157,32 @@ impl Qcow2 {
             l1_used,
             rt_used,
         })
+    }
+
+    /// Checks every entry of every L2 table the L1 table points to (as the
+    /// read path decodes them: aligned, inside the image, no reserved bits),
+    /// so that no entry can later alias a cluster the image grows into.
+    fn check_l2_tables<D: Device>(&self, device: &mut D) -> Result<()> {
+        let file_size = device.size();
+        let l2_entries = self.cluster_size() / 8;
+        let mut l1 = [0u8; 4096];
+        let mut done = 0u64;
+        while done < self.l1_used {
+            let n = (self.l1_used - done).min(l1.len() as u64 / 8) as usize;
+            device.read_at(self.header.l1_table_offset + done * 8, &mut l1[..n * 8])?;
+            for raw in l1[..n * 8].chunks_exact(8) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(raw);
+                let table = u64::from_be_bytes(bytes) & OFFSET_MASK;
+                if table != 0 {
+                    for_each_entry(device, (table, l2_entries), |entry| {
+                        self.decode_l2(entry, file_size).map(|_| ())
+                    })?;
+                }
+            }
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// The validated header.
@@ -368,6 +433,28 @@ impl Qcow2 {
         self.header = updated;
         Ok(())
     }
+}
+
+/// Calls `visit` on each of the `count` 8-byte entries of the table at
+/// `table`, read in 4 KiB pieces.
+fn for_each_entry<D: Device>(
+    device: &mut D,
+    (table, count): (u64, u64),
+    mut visit: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut done = 0u64;
+    while done < count {
+        let n = (count - done).min(buf.len() as u64 / 8) as usize;
+        device.read_at(table + done * 8, &mut buf[..n * 8])?;
+        for raw in buf[..n * 8].chunks_exact(8) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(raw);
+            visit(u64::from_be_bytes(bytes))?;
+        }
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Checks the `count` 8-byte entries of the table at `table`: only the bits

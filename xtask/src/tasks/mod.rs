@@ -1,10 +1,10 @@
 //! One module per `cargo xtask` command, plus the boot tests `test` runs
-//! and the lab (image helpers) they and the demo share.
-//!
-//! A command to come: `bench`.
+//! and the lab (image helpers) they, the demo and the benchmark share.
 
+pub mod bench;
 pub mod boot_test;
 pub mod demo;
+pub mod fuzz;
 pub mod lab;
 pub mod qemu;
 pub mod test;

@@ -2,13 +2,15 @@
 
 use std::ffi::OsString;
 
-use super::boot_test;
+use super::{boot_test, fuzz};
 use crate::cmd::Cmd;
 use crate::prereq::{self, BARE_METAL_TARGET};
 use crate::{Error, Result, Workspace};
 
 pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
-    prereq::ensure_all(ws).map_err(|err| step_failed("prerequisites", err))?;
+    let fuzz_toolchain = prereq::ensure_all(ws)
+        .and_then(|()| prereq::ensure_fuzzing(ws, false))
+        .map_err(|err| step_failed("prerequisites", err))?;
     let steps = steps(ws, test_args);
     for step in &steps {
         let status = step
@@ -18,8 +20,10 @@ pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
             return Err(Error::msg(format!("step `{step}` failed ({status})")));
         }
     }
+    // Each fuzz target for a few seconds: a crash fails the run.
+    fuzz::smoke(ws, fuzz_toolchain).map_err(|err| step_failed("fuzz smoke run", err))?;
     boot_test::run(ws).map_err(|err| step_failed("boot tests", err))?;
-    println!("xtask test: all {} steps passed", steps.len() + 2);
+    println!("xtask test: all {} steps passed", steps.len() + 3);
     Ok(())
 }
 

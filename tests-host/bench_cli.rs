@@ -1,0 +1,354 @@
+//! `blockgraph bench` and `blockgraph sizes` against `qemu-img bench`.
+//!
+//! The output is qemu-img's (at queue depth 1); a write bench leaves the
+//! same guest view as `qemu-img bench -w -d 1` with the same arguments on a
+//! copy of the chain (`qemu-img compare`), offsets wrapping at the end of
+//! the image as qemu-img wraps them; bad arguments exit with status 1 and
+//! one line on stderr, writing nothing. Every test works in its own
+//! temporary directory with small images; a missing QEMU tool fails the
+//! test.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
+
+fn tmpdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("bg-bench-")
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io on PATH")
+        })
+}
+
+fn describe(prog: &str, args: &[&str], out: &Output) -> String {
+    format!(
+        "`{prog} {args:?}`\n  status: {}\n  stdout: {}\n  stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+    )
+}
+
+/// A command that must exit 0; returns its stdout.
+fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = run(dir, prog, args);
+    assert!(out.status.success(), "{}", describe(prog, args, &out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// base.qcow2 (0x11 @0 512k, 0x12 @700k 100k) <- top.qcow2 (0x22 @256k
+/// 512k), 1 MiB, 64 KiB clusters.
+fn chain(dir: &Path) {
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
+    );
+    let writes = ["write -P 0x11 0 512k", "write -P 0x12 700k 100k"];
+    qemu_io(dir, "base.qcow2", &writes);
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ];
+    ok(dir, "qemu-img", &args);
+    qemu_io(dir, "top.qcow2", &["write -P 0x22 256k 512k"]);
+}
+
+fn qemu_io(dir: &Path, image: &str, commands: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(image);
+    let out = ok(dir, "qemu-io", &args);
+    assert!(
+        !out.contains("failed"),
+        "qemu-io {image} {commands:?}:\n{out}"
+    );
+}
+
+/// `expected-NAME` copies of the chain whose top names the copied base.
+fn copy_chain(dir: &Path) {
+    fs::copy(dir.join("base.qcow2"), dir.join("expected-base.qcow2")).unwrap();
+    fs::copy(dir.join("top.qcow2"), dir.join("expected-top.qcow2")).unwrap();
+    let args = [
+        "rebase",
+        "-u",
+        "-b",
+        "expected-base.qcow2",
+        "-F",
+        "qcow2",
+        "expected-top.qcow2",
+    ];
+    ok(dir, "qemu-img", &args);
+}
+
+/// Checks the "Run completed in X.YYY seconds." line.
+fn assert_completed(line: &str) {
+    let seconds = line
+        .strip_prefix("Run completed in ")
+        .and_then(|rest| rest.strip_suffix(" seconds."))
+        .unwrap_or_else(|| panic!("not a completion line: {line:?}"));
+    let (whole, millis) = seconds.split_once('.').expect("seconds with decimals");
+    assert!(
+        !whole.is_empty() && whole.bytes().all(|b| b.is_ascii_digit()),
+        "{line:?}"
+    );
+    assert!(
+        millis.len() == 3 && millis.bytes().all(|b| b.is_ascii_digit()),
+        "three decimals: {line:?}"
+    );
+}
+
+#[test]
+fn output_is_qemu_img_s_at_queue_depth_one() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    chain(dir);
+    for args in [
+        &["-c", "200", "-s", "4k"][..],
+        &["-c", "50", "-s", "64k", "-S", "128k"],
+        &["-c", "9", "-s", "64k", "-o", "3", "-S", "100000"],
+        &["-w", "-c", "20", "--pattern", "0x5a"],
+    ] {
+        let mut ours = vec!["bench"];
+        ours.extend_from_slice(args);
+        ours.push("top.qcow2");
+        let out = ok(dir, BLOCKGRAPH, &ours);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let mut theirs = vec!["bench", "-d", "1"];
+        theirs.extend_from_slice(args);
+        theirs.push("top.qcow2");
+        let qemu = ok(dir, "qemu-img", &theirs);
+        assert_eq!(lines[0], qemu.lines().next().unwrap(), "the Sending line");
+        assert_completed(lines[1]);
+    }
+    // The default: 75000 reads of 4 KiB.
+    let out = ok(dir, BLOCKGRAPH, &["bench", "base.qcow2"]);
+    assert!(
+        out.starts_with(
+            "Sending 75000 read requests, 4096 bytes each, 1 in parallel \
+             (starting at offset 0, step size 4096)\n"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn reads_leave_every_file_alone() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    chain(dir);
+    let before: Vec<Vec<u8>> = ["base.qcow2", "top.qcow2"]
+        .iter()
+        .map(|name| fs::read(dir.join(name)).unwrap())
+        .collect();
+    ok(
+        dir,
+        BLOCKGRAPH,
+        &["bench", "-c", "300", "-S", "12k", "top.qcow2"],
+    );
+    for (name, bytes) in ["base.qcow2", "top.qcow2"].iter().zip(&before) {
+        assert!(
+            fs::read(dir.join(name)).unwrap() == *bytes,
+            "{name} changed"
+        );
+    }
+}
+
+#[test]
+fn writes_equal_qemu_img_bench_writes() {
+    // Offsets wrapping at every step, unaligned requests, a request ending
+    // exactly at the end of the image before the wrap, default and explicit
+    // patterns, writes over backing data.
+    let cases: [&[&str]; 5] = [
+        &["-c", "40", "-s", "4k", "-S", "1028k"],
+        &["-c", "9", "-s", "64k", "-S", "300k", "--pattern", "0x33"],
+        &[
+            "-c",
+            "30",
+            "-s",
+            "3000",
+            "-o",
+            "5",
+            "-S",
+            "70001",
+            "--pattern",
+            "7",
+        ],
+        &["-c", "4", "-s", "4k", "-o", "1040384", "--pattern", "0xee"],
+        &[
+            "-c",
+            "64",
+            "-s",
+            "512",
+            "-o",
+            "300k",
+            "-S",
+            "512",
+            "--pattern",
+            "1",
+        ],
+    ];
+    for args in cases {
+        let tmp = tmpdir();
+        let dir = tmp.path();
+        chain(dir);
+        copy_chain(dir);
+        let mut theirs = vec!["bench", "-w", "-d", "1"];
+        theirs.extend_from_slice(args);
+        theirs.push("expected-top.qcow2");
+        ok(dir, "qemu-img", &theirs);
+        let mut ours = vec!["bench", "-w"];
+        ours.extend_from_slice(args);
+        ours.push("top.qcow2");
+        ok(dir, BLOCKGRAPH, &ours);
+        let compare = ["compare", "top.qcow2", "expected-top.qcow2"];
+        let out = run(dir, "qemu-img", &compare);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            describe("qemu-img", &compare, &out)
+        );
+        ok(dir, "qemu-img", &["check", "top.qcow2"]);
+        let base = fs::read(dir.join("base.qcow2")).unwrap();
+        let expected = fs::read(dir.join("expected-base.qcow2")).unwrap();
+        assert!(base == expected, "{args:?}: the backing file was written");
+    }
+}
+
+#[test]
+fn a_wrapped_request_past_the_end_fails_like_qemu_img() {
+    // 64 KiB at 0, then at 1000 KiB of a 1 MiB image: qemu-img 10.0 fails
+    // the second request, and so does blockgraph. (qemu-img exits without
+    // writing back its metadata cache, so the images are not compared; ours
+    // must still be consistent.)
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    chain(dir);
+    copy_chain(dir);
+    let args = ["-c", "5", "-s", "64k", "-S", "1000k", "--pattern", "9"];
+    let mut theirs = vec!["bench", "-w", "-d", "1"];
+    theirs.extend_from_slice(&args);
+    theirs.push("expected-top.qcow2");
+    let out = run(dir, "qemu-img", &theirs);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe("qemu-img", &theirs, &out)
+    );
+    let mut ours = vec!["bench", "-w"];
+    ours.extend_from_slice(&args);
+    ours.push("top.qcow2");
+    let out = run(dir, BLOCKGRAPH, &ours);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe("bench", &ours, &out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past the end of the image"), "{err}");
+    ok(dir, "qemu-img", &["check", "top.qcow2"]);
+    qemu_io(
+        dir,
+        "top.qcow2",
+        &["read -P 9 0 64k", "read -P 0x11 64k 192k"],
+    );
+}
+
+#[test]
+fn bad_arguments_exit_1_and_write_nothing() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    chain(dir);
+    let before = fs::read(dir.join("top.qcow2")).unwrap();
+    for args in [
+        &["bench"][..],
+        &["bench", "top.qcow2", "base.qcow2"],
+        &["bench", "-c", "0", "top.qcow2"],
+        &["bench", "-c", "x", "top.qcow2"],
+        &["bench", "-s", "0", "top.qcow2"],
+        &["bench", "-s", "2M", "top.qcow2"],
+        &["bench", "-d", "4", "top.qcow2"],
+        &["bench", "-w", "--pattern", "256", "top.qcow2"],
+        &["bench", "-S", "4G", "top.qcow2"],
+        &["bench", "-x", "top.qcow2"],
+        &["bench", "-c"],
+        &["bench", "-w", "-o", "1M", "top.qcow2"],
+        &["bench", "-w", "-o", "1020k", "-s", "8k", "top.qcow2"],
+        &["bench", "missing.qcow2"],
+        &["sizes", "top.qcow2"],
+    ] {
+        let out = run(dir, BLOCKGRAPH, args);
+        let shown = describe(BLOCKGRAPH, args, &out);
+        assert_eq!(out.status.code(), Some(1), "{shown}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "one error line: {shown}");
+        assert!(err.starts_with("blockgraph: "), "{shown}");
+        assert!(
+            fs::read(dir.join("top.qcow2")).unwrap() == before,
+            "{shown}: top.qcow2 changed"
+        );
+    }
+}
+
+#[test]
+fn sizes_add_up() {
+    let tmp = tmpdir();
+    let out = ok(tmp.path(), BLOCKGRAPH, &["sizes"]);
+    let bytes = |prefix: &str| -> usize {
+        let line = out
+            .lines()
+            .find(|line| line.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"));
+        line[prefix.len()..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no byte count in {line:?}"))
+    };
+    let (graph, session, scratch) = (bytes("graph: "), bytes("session: "), bytes("scratch: "));
+    assert!(
+        out.contains("(64 nodes, 8 backends, 32 cache slots, 4 jobs)"),
+        "{out}"
+    );
+    for slot in [
+        "  node slot: ",
+        "  backend slot: ",
+        "  cache slot: ",
+        "  job slot: ",
+    ] {
+        assert!(bytes(slot) > 0, "{out}");
+    }
+    assert!(bytes("  cache slot: ") >= 4096, "{out}");
+    assert_eq!(bytes("total: "), graph + session + scratch, "{out}");
+    let verdict = out.lines().last().unwrap();
+    assert!(
+        verdict.ends_with("of a 2097152-byte budget: met")
+            || verdict.ends_with("of a 2097152-byte budget: exceeded"),
+        "{out}"
+    );
+}
