@@ -367,3 +367,30 @@ fn deep_chains_release_without_recursion_and_pool_exhaustion_is_an_error() {
     assert_eq!(g.node_count(), 0);
     assert_eq!(g.unref(top).unwrap_err().kind(), ErrorKind::StaleHandle);
 }
+
+#[test]
+fn collapse_costs_one_header_write_and_one_flush_whatever_the_depth() {
+    for depth in [3usize, 8, 16] {
+        let mut g = graph();
+        let n = chain(&mut g, depth);
+        let counts = |g: &mut TestGraph, node: NodeId| {
+            let file = g.file(node).unwrap().unwrap();
+            let dev = g.device_mut(file).unwrap();
+            (dev.writes(), dev.flushes())
+        };
+        let before: Vec<_> = n.iter().map(|&x| counts(&mut g, x)).collect();
+        let active = *n.last().unwrap();
+        // Drop everything between the bottom and the active layer.
+        g.drop_intermediate(&mut Names, active, n[depth - 2], Some(n[0]))
+            .unwrap();
+        let (writes, flushes) = counts(&mut g, active);
+        let (w0, f0) = before[depth - 1];
+        assert_eq!((writes - w0, flushes - f0), (1, 1), "depth {depth}");
+        assert_eq!(
+            counts(&mut g, n[0]),
+            before[0],
+            "base untouched at depth {depth}"
+        );
+        assert_eq!(g.node_count(), 4, "only the active layer and base remain");
+    }
+}

@@ -39,7 +39,8 @@ pub const TARGETS: [&str; 3] = ["header", "image", "script"];
 /// Seconds per target of `cargo xtask fuzz`.
 const DEFAULT_SECONDS: u64 = 60;
 
-/// Seconds per target of the smoke run in `cargo xtask test`.
+/// Seconds shown for the smoke run in `cargo xtask test` (it runs a fixed
+/// number of inputs, [`SMOKE_RUNS`], not a time).
 pub const SMOKE_SECONDS: u64 = 10;
 /// Inputs each target runs in the smoke run (a few seconds each here).
 const SMOKE_RUNS: u64 = 20_000;
@@ -122,8 +123,8 @@ pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
     run.fuzz(ws, &options.targets)
 }
 
-/// The smoke run of `cargo xtask test`: every target for
-/// [`SMOKE_SECONDS`], output shown only when something fails. The caller
+/// The smoke run of `cargo xtask test`: every target on [`SMOKE_RUNS`]
+/// inputs from a fixed seed, output shown only when something fails. The caller
 /// has checked the prerequisites ([`prereq::ensure_fuzzing`]).
 pub fn smoke(ws: &Workspace, toolchain: FuzzToolchain) -> Result<()> {
     // The fuzz crate is its own workspace: `cargo fmt --all` does not see it.
