@@ -706,7 +706,7 @@ fn has_toolchain(list: &str, channel: &str) -> bool {
 }
 
 /// Makes sure `cargo +nightly fuzz` runs; installs cargo-fuzz from
-/// crates.io (`cargo install cargo-fuzz --locked`) when it does not.
+/// the Rust package registry (`cargo install cargo-fuzz --locked`) when it does not.
 fn ensure_cargo_fuzz(ws: &Workspace, toolchain: FuzzToolchain) -> Result<()> {
     if let Some(version) = cargo_fuzz_version(ws, toolchain) {
         println!("    {version}: installed");
