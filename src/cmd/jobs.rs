@@ -143,8 +143,8 @@ pub(crate) fn finish_report<
     Ok(())
 }
 
-/// Runs a commit or stream command to completion.
-fn run_command<
+/// Runs a `commit` (`commit` true) or `stream` command to completion.
+pub fn run_command<
     'a,
     E: Environment,
     const N: usize,
@@ -177,40 +177,6 @@ fn run_command<
     })();
     graph.detach_backend(backend)?;
     result
-}
-
-pub fn commit<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    run_command(env, graph, words, true, scratch, out)
-}
-
-pub fn stream<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    run_command(env, graph, words, false, scratch, out)
 }
 
 pub fn snapshot<
