@@ -216,8 +216,20 @@ struct Opened<'d> {
 }
 
 /// A write a device reported: the device's number (in order of opening),
-/// offset and length.
-type WriteEvent = (usize, u64, usize);
+/// offset, length, and whether it carries guest data (an 8-byte word, aligned
+/// on the device, made of [`PATTERN`]).
+type WriteEvent = (usize, u64, usize, bool);
+
+/// Whether `data`, written at device offset `offset`, holds an aligned
+/// 8-byte word of guest data.
+fn carries_guest_data(offset: u64, data: &[u8]) -> bool {
+    let skip = (offset.next_multiple_of(8) - offset) as usize;
+    data.get(skip..).is_some_and(|words| {
+        words
+            .chunks_exact(8)
+            .any(|w| w.iter().all(|&b| b == PATTERN))
+    })
+}
 
 /// Serves [`Img`]s as [`MemDevice`]s whose buffers are cut from one arena, so
 /// that nothing is leaked and every buffer can be inspected afterwards. Each
@@ -384,7 +396,10 @@ fn run_case<const N: usize>(case: &Case<'_>) -> Outcome {
             let events = &events;
             move |event: DeviceEvent<'_>| {
                 if let DeviceEvent::Write { offset, data } = event {
-                    events.borrow_mut().push((device, offset, data.len()));
+                    let guest = carries_guest_data(offset, data);
+                    events
+                        .borrow_mut()
+                        .push((device, offset, data.len(), guest));
                 }
             }
         })
@@ -420,7 +435,7 @@ fn run_case<const N: usize>(case: &Case<'_>) -> Outcome {
     let wrote_top = outcome.wrote_top;
     let may_write = |device: usize| device == 0 && wrote_top;
     let stray = events.borrow().iter().find(|e| !may_write(e.0)).copied();
-    if let Some((device, offset, len)) = stray {
+    if let Some((device, offset, len, _)) = stray {
         let name = log.get(device).map_or("?", |o| o.name.as_str());
         outcome.problem(
             "WRITE to an image",
@@ -742,9 +757,13 @@ fn metadata_regions(h: &Header, bytes: &[u8]) -> Vec<(&'static str, u64, u64)> {
 
 /// Whether a write of `len` bytes at `at` into metadata `what` is an update
 /// the write path makes: an entry or refcount (at most 8 bytes), the
-/// refcount table switch (12 bytes at 48) or the autoclear field.
-fn metadata_update(what: &str, at: u64, len: usize) -> bool {
-    len <= 8 || (what == "header cluster" && matches!((at, len), (48, 12) | (88, 8)))
+/// refcount table switch (12 bytes at 48), the autoclear field, or the
+/// write-back of one cached table slice (`slice` bytes, aligned, no guest
+/// data in it).
+fn metadata_update(what: &str, (at, len, guest): (u64, usize, bool), slice: u64) -> bool {
+    let table = matches!(what, "L1 table" | "L2 table" | "refcount block");
+    let slice_write = table && len as u64 == slice && at.is_multiple_of(slice) && !guest;
+    len <= 8 || slice_write || (what == "header cluster" && matches!((at, len), (48, 12) | (88, 8)))
 }
 
 /// Runs [`write_ops`] on `top`. Each request must keep guest data and new
@@ -779,17 +798,18 @@ fn write_phase<const N: usize>(
             Op::Discard(off, len) => graph.discard(top, off, len),
             Op::Flush => graph.flush(top),
         };
-        let writes: Vec<(u64, usize)> = events.borrow()[first..]
+        let writes: Vec<(u64, usize, bool)> = events.borrow()[first..]
             .iter()
             .filter(|e| e.0 == 0)
-            .map(|e| (e.1, e.2))
+            .map(|e| (e.1, e.2, e.3))
             .collect();
         let request = format!("{op:?}");
         let kind = request.split('(').next().unwrap_or("").to_owned();
-        for &(at, n) in &writes {
+        for &(at, n, guest) in &writes {
             let end = at + n as u64;
             for &(what, start, stop) in &regions {
-                if at < stop && end > start && !metadata_update(what, at, n) {
+                if at < stop && end > start && !metadata_update(what, (at, n, guest), cs.min(4096))
+                {
                     out.problem(
                         format!("METADATA OVERWRITTEN: a {kind} request wrote over a {what}"),
                         format!(

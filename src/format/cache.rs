@@ -1,14 +1,21 @@
 //! A bounded cache of metadata table slices shared by every format node.
 //!
-//! qcow2 L1 and L2 tables are read through here in slices of at most
-//! [`SLICE_SIZE`] bytes, so memory stays fixed whatever the cluster size or
-//! the number of open images. Entries are keyed by (owner, byte offset) and
-//! evicted least-recently-used. Metadata is written through: a writer updates
-//! the device first and then [`MetaCache::patch`]es the cached copy, so a
-//! slice never holds anything the device does not.
+//! qcow2 L1, L2 and refcount tables are read through here in slices of at
+//! most [`SLICE_SIZE`] bytes, so memory stays fixed whatever the cluster size
+//! or the number of open images. Entries are keyed by (owner, byte offset)
+//! and evicted least-recently-used, clean slices first.
+//!
+//! Table updates stay in the cache (write-back) and carry a [`Level`]: when
+//! an image's slices are written back, its refcount slices go first, then one
+//! flush makes them and every data write before it durable, and only then are
+//! its mapping slices (L1/L2 entries) written. So a mapping never reaches the
+//! disk before the data and the refcounts it depends on, however late the
+//! write-back happens (eviction, a guest flush, a chain change, close).
+//! Structural changes (new tables, header fields) are written through and
+//! [`MetaCache::patch`]ed in.
 
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{fail, ErrorKind, Result};
 
 /// Largest slice held by one cache entry.
 pub const SLICE_SIZE: usize = 4096;
@@ -16,21 +23,47 @@ pub const SLICE_SIZE: usize = 4096;
 /// Identifies which open image a slice belongs to (a node's pool key).
 pub type Owner = u64;
 
+/// An open image as the cache sees it: its key, and where its device sits in
+/// the device table handed to the cache (to write its slices back when they
+/// are evicted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// The image's cache key.
+    pub owner: Owner,
+    /// Index of the image's device in the device table.
+    pub device: usize,
+}
+
+/// What a dirty slice holds, in write-back order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Refcounts: written first (an early refcount increase only leaks).
+    Refcount,
+    /// L1/L2 entries: written after a flush has made data and refcounts
+    /// durable.
+    Mapping,
+}
+
 #[derive(Clone, Copy)]
 struct Tag {
-    owner: Owner,
+    image: Image,
     offset: u64,
     len: u64,
     last_use: u64,
     valid: bool,
+    dirty: Option<Level>,
 }
 
 const EMPTY: Tag = Tag {
-    owner: 0,
+    image: Image {
+        owner: 0,
+        device: 0,
+    },
     offset: 0,
     len: 0,
     last_use: 0,
     valid: false,
+    dirty: None,
 };
 
 /// `SLOTS` slices of table data.
@@ -59,45 +92,50 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         }
     }
 
-    /// The slice of `slice_len` bytes at `offset` of `owner`'s image, read from
-    /// `device` on a miss. Bytes past the device's end read as zero.
+    /// The slice of `slice_len` bytes at `offset` of `image`, read from its
+    /// device in `devices` on a miss. Bytes past the device's end read as
+    /// zero.
     ///
     /// # Errors
-    /// Whatever the device returns on a failed read.
+    /// Whatever a device returns on a failed read, or on the write-back of
+    /// an evicted dirty slice.
     pub fn slice<D: Device>(
         &mut self,
-        owner: Owner,
-        device: &mut D,
+        image: Image,
+        devices: &mut [Option<D>],
         offset: u64,
         slice_len: usize,
     ) -> Result<&[u8]> {
-        self.clock += 1;
-        let hit = self.tags.iter().position(|t| {
-            t.valid && t.owner == owner && t.offset == offset && t.len == slice_len as u64
-        });
-        let slot = match hit {
-            Some(slot) => slot,
-            None => {
-                let slot = self.victim();
-                self.tags[slot].valid = false;
-                let present = device.size().saturating_sub(offset).min(slice_len as u64) as usize;
-                let buf = &mut self.data[slot][..slice_len];
-                if present > 0 {
-                    device.read_at(offset, &mut buf[..present])?;
-                }
-                buf[present..].fill(0);
-                self.tags[slot] = Tag {
-                    owner,
-                    offset,
-                    len: slice_len as u64,
-                    last_use: 0,
-                    valid: true,
-                };
-                slot
-            }
-        };
-        self.tags[slot].last_use = self.clock;
+        let slot = self.load(image, devices, offset, slice_len)?;
         Ok(&self.data[slot][..slice_len])
+    }
+
+    /// Changes `bytes` at device offset `at`, inside the slice of
+    /// `slice_len` bytes at `offset`, in the cache only: the slice is dirty
+    /// at `level` until written back.
+    ///
+    /// # Errors
+    /// As [`MetaCache::slice`]; [`ErrorKind::InvalidInput`] when the bytes
+    /// do not lie inside the slice.
+    pub fn update<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Option<D>],
+        (offset, slice_len): (u64, usize),
+        at: u64,
+        bytes: &[u8],
+        level: Level,
+    ) -> Result<()> {
+        let inside = at >= offset && at + bytes.len() as u64 <= offset + slice_len as u64;
+        if !inside || slice_len > SLICE_SIZE {
+            return fail(ErrorKind::InvalidInput, "metadata update outside its slice");
+        }
+        let slot = self.load(image, devices, offset, slice_len)?;
+        let start = (at - offset) as usize;
+        self.data[slot][start..start + bytes.len()].copy_from_slice(bytes);
+        let tag = &mut self.tags[slot];
+        tag.dirty = tag.dirty.max(Some(level));
+        Ok(())
     }
 
     /// Copies `bytes`, just written to `owner`'s device at `offset`, into
@@ -106,7 +144,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         let end = offset + bytes.len() as u64;
         for (tag, data) in self.tags.iter().zip(self.data.iter_mut()) {
             let slice_end = tag.offset + tag.len;
-            if !tag.valid || tag.owner != owner || end <= tag.offset || offset >= slice_end {
+            if !tag.valid || tag.image.owner != owner || end <= tag.offset || offset >= slice_end {
                 continue;
             }
             let from = offset.max(tag.offset);
@@ -118,31 +156,139 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         }
     }
 
-    /// Forgets every slice of `owner` (its image was closed).
+    /// Whether `owner` has slices not yet written back.
+    pub fn is_dirty(&self, owner: Owner) -> bool {
+        self.tags
+            .iter()
+            .any(|t| t.valid && t.image.owner == owner && t.dirty.is_some())
+    }
+
+    /// Writes `owner`'s dirty slices to `device` in [`Level`] order: the
+    /// refcount slices, then (when there are mapping slices) one flush and
+    /// the mapping slices. Ends without a flush of its own.
+    ///
+    /// # Errors
+    /// Device errors; slices not yet written stay dirty, so a retry resumes.
+    pub fn write_back<D: Device>(&mut self, owner: Owner, device: &mut D) -> Result<()> {
+        self.write_level(owner, device, Level::Refcount)?;
+        let mapping =
+            |t: &Tag| t.valid && t.image.owner == owner && t.dirty == Some(Level::Mapping);
+        if self.tags.iter().any(mapping) {
+            device.flush()?;
+            self.write_level(owner, device, Level::Mapping)?;
+        }
+        Ok(())
+    }
+
+    fn write_level<D: Device>(&mut self, owner: Owner, device: &mut D, level: Level) -> Result<()> {
+        for (tag, data) in self.tags.iter_mut().zip(self.data.iter()) {
+            if tag.valid && tag.image.owner == owner && tag.dirty == Some(level) {
+                device.write_at(tag.offset, &data[..tag.len as usize])?;
+                tag.dirty = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every slice of `owner` (its image was closed), written back
+    /// or not.
     pub fn forget(&mut self, owner: Owner) {
-        for tag in self.tags.iter_mut().filter(|t| t.owner == owner) {
+        for tag in self.tags.iter_mut().filter(|t| t.image.owner == owner) {
             tag.valid = false;
+            tag.dirty = None;
         }
     }
 
+    /// The slot holding `image`'s slice at `offset`, loaded on a miss.
+    fn load<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Option<D>],
+        offset: u64,
+        slice_len: usize,
+    ) -> Result<usize> {
+        self.clock += 1;
+        let hit = self.tags.iter().position(|t| {
+            t.valid && t.image == image && t.offset == offset && t.len == slice_len as u64
+        });
+        let slot = match hit {
+            Some(slot) => slot,
+            None => {
+                let slot = self.victim();
+                let evicted = self.tags[slot];
+                if evicted.valid && evicted.dirty.is_some() {
+                    let Some(device) = devices
+                        .get_mut(evicted.image.device)
+                        .and_then(Option::as_mut)
+                    else {
+                        return fail(ErrorKind::Corrupt, "cached metadata of a closed image");
+                    };
+                    self.write_back(evicted.image.owner, device)?;
+                }
+                self.tags[slot].valid = false;
+                let Some(device) = devices.get_mut(image.device).and_then(Option::as_mut) else {
+                    return fail(ErrorKind::Corrupt, "image without device");
+                };
+                let present = device.size().saturating_sub(offset).min(slice_len as u64) as usize;
+                let buf = &mut self.data[slot][..slice_len];
+                if present > 0 {
+                    device.read_at(offset, &mut buf[..present])?;
+                }
+                buf[present..].fill(0);
+                self.tags[slot] = Tag {
+                    image,
+                    offset,
+                    len: slice_len as u64,
+                    last_use: 0,
+                    valid: true,
+                    dirty: None,
+                };
+                slot
+            }
+        };
+        self.tags[slot].last_use = self.clock;
+        Ok(slot)
+    }
+
+    /// The slot to reuse: an empty one, else the least recently used clean
+    /// one while at most three quarters of the slots are dirty, else the
+    /// least recently used of all (its image is written back first).
     fn victim(&self) -> usize {
-        let mut best = 0;
-        for (i, tag) in self.tags.iter().enumerate() {
-            if !tag.valid {
-                return i;
-            }
-            if tag.last_use < self.tags[best].last_use {
-                best = i;
-            }
+        if let Some(free) = self.tags.iter().position(|t| !t.valid) {
+            return free;
         }
-        best
+        let dirty = self.tags.iter().filter(|t| t.dirty.is_some()).count();
+        let prefer_clean = dirty * 4 <= SLOTS * 3;
+        let lru = |clean_only: bool| {
+            self.tags
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !clean_only || t.dirty.is_none())
+                .min_by_key(|(_, t)| t.last_use)
+                .map(|(i, _)| i)
+        };
+        prefer_clean
+            .then(|| lru(true))
+            .flatten()
+            .or_else(|| lru(false))
+            .unwrap_or(0)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::DeviceEvent;
     use crate::device::MemDevice;
+
+    const A: Image = Image {
+        owner: 1,
+        device: 0,
+    };
+    const B: Image = Image {
+        owner: 2,
+        device: 1,
+    };
 
     #[test]
     fn hits_evicts_lru_and_zero_fills_past_end() {
@@ -150,26 +296,89 @@ mod tests {
         for (i, b) in storage.iter_mut().enumerate() {
             *b = i as u8;
         }
-        let mut dev = MemDevice::new(&mut storage, 40, 1).unwrap();
+        let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<2>::new();
-        assert_eq!(cache.slice(1, &mut dev, 0, 16).unwrap()[3], 3);
-        assert_eq!(cache.slice(1, &mut dev, 16, 16).unwrap()[0], 16);
-        assert_eq!(cache.slice(1, &mut dev, 0, 16).unwrap()[3], 3);
-        assert_eq!(dev.reads(), 2);
+        assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
+        assert_eq!(cache.slice(A, &mut devices, 16, 16).unwrap()[0], 16);
+        assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
+        let reads = |d: &[Option<MemDevice<'_>>]| d[0].as_ref().unwrap().reads();
+        assert_eq!(reads(&devices), 2);
         // Slot of offset 16 is least recent: evicted by offset 32.
-        let tail = cache.slice(1, &mut dev, 32, 16).unwrap();
+        let tail = cache.slice(A, &mut devices, 32, 16).unwrap();
         assert_eq!(&tail[..9], &[32, 33, 34, 35, 36, 37, 38, 39, 0]);
-        cache.slice(1, &mut dev, 0, 16).unwrap();
-        assert_eq!(dev.reads(), 3);
+        cache.slice(A, &mut devices, 0, 16).unwrap();
+        assert_eq!(reads(&devices), 3);
         cache.forget(1);
-        cache.slice(1, &mut dev, 0, 16).unwrap();
-        assert_eq!(dev.reads(), 4);
+        cache.slice(A, &mut devices, 0, 16).unwrap();
+        assert_eq!(reads(&devices), 4);
         cache.patch(1, 14, &[0xee, 0xef, 0xf0]);
         assert_eq!(
-            &cache.slice(1, &mut dev, 0, 16).unwrap()[13..],
+            &cache.slice(A, &mut devices, 0, 16).unwrap()[13..],
             &[13, 0xee, 0xef]
         );
         cache.patch(2, 0, &[1]);
-        assert_eq!(cache.slice(1, &mut dev, 0, 16).unwrap()[0], 0);
+        assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn write_back_puts_refcounts_then_a_flush_then_mappings() {
+        let mut storage = [0u8; 64];
+        let mut log = std::vec::Vec::new();
+        let mut observer = |event: DeviceEvent<'_>| {
+            log.push(match event {
+                DeviceEvent::Write { offset, .. } => offset as i64,
+                DeviceEvent::Flush => -1,
+            })
+        };
+        let mut device = MemDevice::new(&mut storage, 64, 1).unwrap();
+        device.observe(&mut observer);
+        let mut devices = [Some(device)];
+        let mut cache = MetaCache::<4>::new();
+        cache
+            .update(A, &mut devices, (0, 16), 8, &[7; 8], Level::Mapping)
+            .unwrap();
+        cache
+            .update(A, &mut devices, (32, 16), 40, &[9; 2], Level::Refcount)
+            .unwrap();
+        assert!(cache.is_dirty(1));
+        // Nothing reached the device yet, and reads see the updates.
+        assert_eq!(devices[0].as_ref().unwrap().writes(), 0);
+        assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[8], 7);
+        assert!(cache
+            .update(A, &mut devices, (0, 16), 12, &[1; 8], Level::Mapping)
+            .is_err());
+        {
+            let mut device = devices[0].take().unwrap();
+            cache.write_back(1, &mut device).unwrap();
+            assert!(!cache.is_dirty(1));
+            assert_eq!(device.contents()[8..16], [7; 8]);
+            assert_eq!(device.contents()[40..42], [9; 2]);
+        }
+        assert_eq!(log, [32, -1, 0]);
+    }
+
+    #[test]
+    fn evicting_a_dirty_slice_writes_its_image_back_on_its_own_device() {
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        let mut devices = [
+            Some(MemDevice::new(&mut a, 64, 1).unwrap()),
+            Some(MemDevice::new(&mut b, 64, 2).unwrap()),
+        ];
+        let mut cache = MetaCache::<1>::new();
+        cache
+            .update(A, &mut devices, (0, 16), 0, &[5; 4], Level::Mapping)
+            .unwrap();
+        cache.slice(B, &mut devices, 16, 16).unwrap();
+        assert!(!cache.is_dirty(1));
+        let a = devices[0].as_ref().unwrap();
+        assert_eq!((a.writes(), a.flushes()), (1, 1));
+        assert_eq!(a.contents()[..4], [5; 4]);
+        // A dirty slice of a closed image cannot be written: an error.
+        cache
+            .update(B, &mut devices, (16, 16), 16, &[1], Level::Refcount)
+            .unwrap();
+        devices[1] = None;
+        assert!(cache.slice(A, &mut devices, 0, 16).is_err());
     }
 }

@@ -261,6 +261,11 @@ impl<
         overlays: &[NodeId],
         base: Option<NodeId>,
     ) -> Result<()> {
+        // What the new chains read must be durable before any header names
+        // them (qcow2.md, rule 5).
+        for &overlay in overlays {
+            self.write_back_chain(overlay)?;
+        }
         let mut done: Vec<(NodeId, StoredReference), NODES> = Vec::new();
         for &overlay in overlays {
             let old = self.stored_reference(overlay)?;

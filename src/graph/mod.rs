@@ -138,7 +138,7 @@ pub enum Parent {
 /// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB, `JOBS`
 /// block jobs (about 4.2 KiB each, mostly the dirty bitmap).
 pub struct Graph<
-    D,
+    D: Device,
     const NODES: usize = 64,
     const BACKENDS: usize = 8,
     const CACHE: usize = 32,
@@ -150,6 +150,30 @@ pub struct Graph<
     pub(crate) jobs: Pool<Job, JOBS>,
     cache: MetaCache<CACHE>,
     inflater: Inflater,
+}
+
+/// Dropping a graph writes back and flushes every image's cached table
+/// updates (best effort: call [`Graph::flush`] or [`Graph::unref`] first to
+/// see errors).
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Drop for Graph<D, NODES, BACKENDS, CACHE, JOBS>
+{
+    fn drop(&mut self) {
+        let mut dirty: heapless::Vec<NodeId, NODES> = heapless::Vec::new();
+        for (id, _) in self.nodes.iter() {
+            if self.cache.is_dirty(id.key()) {
+                let _ = dirty.push(id);
+            }
+        }
+        for id in dirty {
+            let _ = self.write_back_node(id);
+        }
+    }
 }
 
 impl<
@@ -403,18 +427,25 @@ impl<
 
     /// Drops one reference to `id`; a node left without references is
     /// released, and with it the references it held (down the chain, in a
-    /// loop).
+    /// loop). A released image's cached table updates are written back and
+    /// flushed first.
     ///
     /// # Errors
-    /// [`ErrorKind::StaleHandle`] for a released node.
+    /// [`ErrorKind::StaleHandle`] for a released node; a device error from
+    /// that last write-back (the nodes are released all the same; the image
+    /// keeps what its last successful flush made durable).
     pub fn unref(&mut self, id: NodeId) -> Result<()> {
         self.nodes.get(id)?;
         let mut next = Some(id);
+        let mut result = Ok(());
         while let Some(id) = next {
             let node = self.nodes.get_mut(id)?;
             node.refs -= 1;
             if node.refs > 0 {
                 break;
+            }
+            if let Err(err) = self.write_back_node(id) {
+                result = result.and(Err(err));
             }
             let node = self.nodes.remove(id)?;
             self.cache.forget(id.key());
@@ -430,7 +461,7 @@ impl<
             }
             next = node.backing;
         }
-        Ok(())
+        result
     }
 
     /// Number of references held on `id`.
@@ -779,14 +810,12 @@ impl<
                     let file = node
                         .file
                         .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
-                    let device = self.devices[file.index()]
-                        .as_mut()
-                        .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
-                    let mut tables = Tables {
-                        cache: &mut self.cache,
-                        owner: layer.key(),
-                        device,
-                    };
+                    let mut tables = Tables::new(
+                        &mut self.cache,
+                        &mut self.devices,
+                        layer.key(),
+                        file.index(),
+                    );
                     q.map(&mut tables, offset, run)?
                 }
                 Driver::Raw => raw::map(offset, run),
@@ -929,13 +958,47 @@ impl<
         Ok(self.nodes.get(id)?.file.unwrap_or(id))
     }
 
-    /// Flushes node `id`'s device (making completed writes durable).
+    /// Makes every completed write to `id`'s chain durable: each layer's
+    /// cached table updates are written back (data and refcounts before
+    /// mappings) and its device flushed; `id`'s device and every writable
+    /// layer's are flushed even when nothing was cached.
     ///
     /// # Errors
-    /// Device errors as returned.
+    /// Device errors as returned (what was not written back stays cached,
+    /// so a retry resumes).
     pub fn flush(&mut self, id: NodeId) -> Result<()> {
-        let file = self.layer_file(id)?;
-        self.device_mut(file)?.flush()
+        let mut layer = Some(id);
+        while let Some(node) = layer {
+            let n = self.nodes.get(node)?;
+            let (writable, backing) = (!n.read_only, n.backing);
+            if !self.write_back_node(node)? && (writable || node == id) {
+                let file = self.layer_file(node)?;
+                self.device_mut(file)?.flush()?;
+            }
+            layer = backing;
+        }
+        Ok(())
+    }
+
+    /// Writes back and flushes the cached table updates of every layer of
+    /// `id`'s chain that has any (before a chain change depends on them).
+    pub(crate) fn write_back_chain(&mut self, id: NodeId) -> Result<()> {
+        let mut layer = Some(id);
+        while let Some(node) = layer {
+            self.write_back_node(node)?;
+            layer = self.nodes.get(node)?.backing;
+        }
+        Ok(())
+    }
+
+    /// Writes back and flushes `id`'s cached table updates, if it has any;
+    /// returns whether it had.
+    fn write_back_node(&mut self, id: NodeId) -> Result<bool> {
+        if !self.cache.is_dirty(id.key()) {
+            return Ok(false);
+        }
+        self.with_qcow2(id, |_, t| t.sync())?;
+        Ok(true)
     }
 }
 

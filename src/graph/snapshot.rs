@@ -55,6 +55,9 @@ impl<
                 "the new overlay's device holds an image of the chain",
             );
         }
+        // As QEMU, the old active layer is flushed before the overlay
+        // goes on top of it.
+        self.flush(active)?;
         let mut reference = NameBuf::new();
         let active_name = self.name(active)?;
         let mut active_copy = NameBuf::new();

@@ -394,3 +394,70 @@ fn collapse_costs_one_header_write_and_one_flush_whatever_the_depth() {
         assert_eq!(g.node_count(), 4, "only the active layer and base remain");
     }
 }
+
+/// A fresh qcow2 image of `size` bytes (64 KiB clusters) in `storage`.
+fn created(storage: &mut [u8], size: u64, id: u64) -> MemDevice<'_> {
+    let mut device = MemDevice::new(storage, 0, id).unwrap();
+    crate::format::qcow2::create::create(
+        &mut device,
+        &crate::format::qcow2::create::CreateOptions::new(size),
+    )
+    .unwrap();
+    device
+}
+
+/// The byte at `offset` of the qcow2 image `bytes`, opened afresh.
+fn reopened_byte(bytes: &[u8], offset: u64) -> u8 {
+    let mut copy = bytes.to_vec();
+    let len = copy.len() as u64;
+    let mut g: Box<Graph<MemDevice<'_>, 4, 1, 4>> = Box::default();
+    let file = g
+        .add_device(MemDevice::new(&mut copy, len, 9).unwrap(), "copy")
+        .unwrap();
+    let node = g.open_format(file, Format::Qcow2, true).unwrap();
+    let mut b = [0u8];
+    g.read(node, offset, &mut b).unwrap();
+    b[0]
+}
+
+#[test]
+fn table_updates_stay_cached_until_a_flush_close_or_drop() {
+    let mut storage = vec![0u8; 4 << 20];
+    {
+        let mut g: Box<Graph<MemDevice<'_>, 4, 1, 8>> = Box::default();
+        let file = g
+            .add_device(created(&mut storage, 1 << 20, 1), "a")
+            .unwrap();
+        let node = g.open_format(file, Format::Qcow2, false).unwrap();
+        g.unref(file).unwrap();
+        let flushes = g.device_mut(file).unwrap().flushes();
+        for cluster in 0..4u64 {
+            g.write(node, cluster * 65536 + 512, &[0x5a; 512]).unwrap();
+        }
+        // Data went out; no flush, and no mapping on disk yet.
+        let device = g.device_mut(file).unwrap();
+        assert_eq!(device.flushes(), flushes);
+        assert_eq!(reopened_byte(device.contents(), 512), 0);
+        let mut b = [0u8];
+        g.read(node, 3 * 65536 + 512, &mut b).unwrap();
+        assert_eq!(b[0], 0x5a);
+        g.flush(node).unwrap();
+        let device = g.device_mut(file).unwrap();
+        assert_eq!(reopened_byte(device.contents(), 3 * 65536 + 512), 0x5a);
+        g.write(node, 5 * 65536, &[0x6b; 512]).unwrap();
+        // Dropped with a node still open: written back all the same.
+    }
+    assert_eq!(reopened_byte(&storage, 5 * 65536), 0x6b);
+    {
+        let mut g: Box<Graph<MemDevice<'_>, 4, 1, 8>> = Box::default();
+        let len = storage.len() as u64;
+        let file = g
+            .add_device(MemDevice::new(&mut storage, len, 1).unwrap(), "a")
+            .unwrap();
+        let node = g.open_format(file, Format::Qcow2, false).unwrap();
+        g.unref(file).unwrap();
+        g.write(node, 6 * 65536, &[0x7c; 512]).unwrap();
+        g.unref(node).unwrap();
+    }
+    assert_eq!(reopened_byte(&storage, 6 * 65536), 0x7c);
+}

@@ -94,14 +94,7 @@ impl<
         let Driver::Qcow2(q) = &mut node.driver else {
             return fail(ErrorKind::InvalidInput, "node is not a qcow2 image");
         };
-        let device = self.devices[file.index()]
-            .as_mut()
-            .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
-        let mut tables = Tables {
-            cache: &mut self.cache,
-            owner: id.key(),
-            device,
-        };
+        let mut tables = Tables::new(&mut self.cache, &mut self.devices, id.key(), file.index());
         work(q, &mut tables)
     }
 
@@ -268,20 +261,16 @@ impl<
         Ok(())
     }
 
-    /// Flushes the filled clusters, maps them (counting in `mapped`), and
-    /// after another flush releases what they replaced.
+    /// Maps the filled clusters in the metadata cache (counting in
+    /// `mapped`: the cache writes them back after the data is durable), and
+    /// releases what they replaced once the new mapping is durable.
     fn map_fresh(&mut self, id: NodeId, fresh: &[Fresh], mapped: &mut usize) -> Result<()> {
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        let file = self.layer_file(id)?;
-        self.device_mut(file)?.flush()?;
         for f in fresh {
             self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, f.new | COPIED))?;
             *mapped += 1;
         }
         if fresh.iter().any(|f| references_storage(f.old)) {
-            self.device_mut(file)?.flush()?;
+            self.with_qcow2(id, |_, t| t.sync())?;
             for f in fresh {
                 self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
             }

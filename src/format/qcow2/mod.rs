@@ -17,7 +17,7 @@ pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
 pub use write::{references_storage, ClearMode, WriteTarget};
 
-use super::cache::{MetaCache, Owner, SLICE_SIZE};
+use super::cache::{Image, Level, MetaCache, Owner, SLICE_SIZE};
 use super::Mapping;
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -48,22 +48,94 @@ pub struct Qcow2 {
 }
 
 /// What a qcow2 node's metadata work borrows: the shared cache (under the
-/// node's key) and the node's device.
+/// node's key) and the graph's device table, in which the node's own device
+/// sits (the cache may need any image's device to write back a slice it
+/// evicts).
 pub struct Tables<'a, D, const S: usize> {
-    /// The shared metadata cache.
-    pub cache: &'a mut MetaCache<S>,
-    /// The node's cache key.
-    pub owner: Owner,
-    /// The node's device.
-    pub device: &'a mut D,
+    cache: &'a mut MetaCache<S>,
+    devices: &'a mut [Option<D>],
+    image: Image,
 }
 
-impl<D: Device, const S: usize> Tables<'_, D, S> {
-    /// Writes metadata bytes through to the device, then into the cache.
+impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
+    /// The tables of the image keyed `owner` whose device is
+    /// `devices[device]`.
+    pub fn new(
+        cache: &'a mut MetaCache<S>,
+        devices: &'a mut [Option<D>],
+        owner: Owner,
+        device: usize,
+    ) -> Self {
+        Self {
+            cache,
+            devices,
+            image: Image { owner, device },
+        }
+    }
+
+    /// The image's device.
+    fn device(&mut self) -> Result<&mut D> {
+        self.devices
+            .get_mut(self.image.device)
+            .and_then(Option::as_mut)
+            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 image without device"))
+    }
+
+    /// The size of the image's device (0 when it is missing).
+    fn device_size(&self) -> u64 {
+        self.devices
+            .get(self.image.device)
+            .and_then(Option::as_ref)
+            .map_or(0, Device::size)
+    }
+
+    /// The cached slice of `len` bytes at `offset`.
+    fn slice(&mut self, offset: u64, len: usize) -> Result<&[u8]> {
+        self.cache.slice(self.image, self.devices, offset, len)
+    }
+
+    /// Writes metadata bytes through to the device, then into the cache
+    /// (structural changes, ordered by explicit flushes).
     fn write_meta(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.device.write_at(offset, bytes)?;
-        self.cache.patch(self.owner, offset, bytes);
+        self.device()?.write_at(offset, bytes)?;
+        self.cache.patch(self.image.owner, offset, bytes);
         Ok(())
+    }
+
+    /// Changes table bytes at `at`, inside the slice `slice`, in the cache
+    /// only (written back in [`Level`] order later).
+    fn update(&mut self, slice: (u64, usize), at: u64, bytes: &[u8], level: Level) -> Result<()> {
+        self.cache
+            .update(self.image, self.devices, slice, at, bytes, level)
+    }
+
+    /// Writes the image's dirty slices back (ordered; no final flush).
+    ///
+    /// # Errors
+    /// Device errors (what was not written stays dirty).
+    pub fn write_back(&mut self) -> Result<()> {
+        let owner = self.image.owner;
+        let device = self
+            .devices
+            .get_mut(self.image.device)
+            .and_then(Option::as_mut)
+            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 image without device"))?;
+        self.cache.write_back(owner, device)
+    }
+
+    /// Writes the dirty slices back and flushes: everything written so far
+    /// is durable.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_back()?;
+        self.device()?.flush()
+    }
+
+    /// Whether the image has table updates not yet written back.
+    pub fn is_dirty(&self) -> bool {
+        self.cache.is_dirty(self.image.owner)
     }
 }
 
@@ -230,9 +302,7 @@ impl Qcow2 {
         let slice_len = self.slice_len();
         let byte = index * 8;
         let slice_start = table + byte / slice_len * slice_len;
-        let slice = t
-            .cache
-            .slice(t.owner, t.device, slice_start, slice_len as usize)?;
+        let slice = t.slice(slice_start, slice_len as usize)?;
         let first = (byte % slice_len) as usize;
         for chunk in slice[first..].chunks_exact(8) {
             let mut raw = [0u8; 8];
@@ -242,6 +312,19 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// Changes table bytes at `at` (inside one slice) in the cache only,
+    /// dirty at `level` until written back.
+    fn update_table<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        at: u64,
+        bytes: &[u8],
+        level: Level,
+    ) -> Result<()> {
+        let len = self.slice_len();
+        t.update((at / len * len, len as usize), at, bytes, level)
     }
 
     /// Entry `index` of the 8-byte-entry table at `table`.
@@ -297,14 +380,14 @@ impl Qcow2 {
                 "qcow2 L1 entry is unaligned or has reserved bits set",
             );
         }
-        if l2_table >= t.device.size() {
+        if l2_table >= t.device_size() {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 L2 table lies past the end of the image",
             );
         }
 
-        let device_size = t.device.size();
+        let device_size = t.device_size();
         let mut first: Option<Mapping> = None;
         let mut clusters = 0u64;
         let mut error: Option<Error> = None;

@@ -1,12 +1,14 @@
 //! Refcounts and cluster allocation.
 //!
-//! Every update is written through to the device at once; the ordering rules
-//! of qcow2.md are kept by the callers' flushes: a refcount increase is
-//! flushed before anything points at the new cluster, and a reference is
-//! removed (and flushed) before the refcount it held is decreased. A crash
-//! can therefore leak a cluster, never hand one out twice.
+//! Refcount updates stay in the metadata cache until written back, which
+//! always writes refcounts before the flush that precedes any mapping, so a
+//! refcount increase is durable before anything points at the new cluster;
+//! a reference is removed (and that made durable) before the refcount it
+//! held is decreased. A crash can therefore leak a cluster, never hand one
+//! out twice. New refcount blocks and tables are written through, each with
+//! its own flushes.
 
-use super::{Qcow2, Tables, OFFSET_MASK};
+use super::{Level, Qcow2, Tables, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
@@ -49,7 +51,7 @@ impl Qcow2 {
                 "qcow2 refcount table entry is unaligned",
             );
         }
-        if block >= t.device.size() {
+        if block >= t.device_size() {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 refcount block lies past the end of the image",
@@ -117,7 +119,7 @@ impl Qcow2 {
         } else {
             raw[..bytes].copy_from_slice(&value.to_be_bytes()[8 - bytes..]);
         }
-        t.write_meta(at, &raw[..bytes])
+        self.update_table(t, at, &raw[..bytes], Level::Refcount)
     }
 
     /// Reads `out.len()` metadata bytes at `offset` through the cache (they
@@ -130,9 +132,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let slice_len = self.slice_len();
         let start = offset / slice_len * slice_len;
-        let slice = t
-            .cache
-            .slice(t.owner, t.device, start, slice_len as usize)?;
+        let slice = t.slice(start, slice_len as usize)?;
         let at = (offset - start) as usize;
         out.copy_from_slice(&slice[at..at + out.len()]);
         Ok(())
@@ -206,7 +206,7 @@ impl Qcow2 {
         // Clusters past the end of the image are free unless refcounts
         // (hostile ones) claim them: give up after a bounded stretch.
         const PAST_END_LIMIT: u64 = 1 << 16;
-        let file_clusters = t.device.size().div_ceil(self.cluster_size());
+        let file_clusters = t.device_size().div_ceil(self.cluster_size());
         let max_cluster =
             ((1u64 << 56) >> self.header.cluster_bits).min(file_clusters + PAST_END_LIMIT);
         let mut cluster = self.free_hint.max(1);
@@ -256,11 +256,11 @@ impl Qcow2 {
             done += slice as u64;
             chunk += 1;
         }
-        t.device.flush()?;
+        t.device()?.flush()?;
         let entry_at = self.header.refcount_table_offset + index * 8;
         t.write_meta(entry_at, &offset.to_be_bytes())?;
         self.rt_used = self.rt_used.max(index + 1);
-        t.device.flush()
+        t.device()?.flush()
     }
 
     /// Replaces the refcount table by a larger one that covers block
@@ -275,7 +275,7 @@ impl Qcow2 {
         let per_block = self.entries_per_block();
         let per_table_cluster = cs / 8;
         let old_len = self.table_len();
-        let start = t.device.size().div_ceil(cs).max(self.free_hint);
+        let start = t.device_size().div_ceil(cs).max(self.free_hint);
         // Fixed point: table clusters n and new blocks k for [start, start + n + k).
         let (mut n, mut k) = (0u64, 0u64);
         loop {
@@ -346,7 +346,9 @@ impl Qcow2 {
             t.write_meta(table_at + done, &buf[..len])?;
             done += len as u64;
         }
-        t.device.flush()?;
+        // The refcounts of the new area must be on disk before the switch.
+        t.write_back()?;
+        t.device()?.flush()?;
         // Commit: offset (8 bytes) and cluster count (4 bytes) in one write.
         let old_offset = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
@@ -355,8 +357,9 @@ impl Qcow2 {
         let clusters = u32::try_from(n)
             .map_err(|_| crate::Error::new(ErrorKind::NoSpace, "refcount table too large"))?;
         fields[8..].copy_from_slice(&clusters.to_be_bytes());
-        t.device.write_at(48, &fields)?;
-        t.device.flush()?;
+        let device = t.device()?;
+        device.write_at(48, &fields)?;
+        device.flush()?;
         self.header.refcount_table_offset = table_at;
         self.header.refcount_table_clusters = clusters;
         self.rt_used = self.rt_used.max(

@@ -6,13 +6,14 @@
 //!    allocate;
 //! 2. when allocating, [`Qcow2::allocate_data`] counts the new cluster; the
 //!    graph fills it (copy-on-write of the untouched head and tail from the
-//!    current guest view, then the new data) and flushes;
-//! 3. [`Qcow2::map_cluster`] points the L2 entry at it and releases what the
-//!    entry referenced before.
+//!    current guest view, then the new data);
+//! 3. [`Qcow2::set_entry`] points the L2 entry at it in the metadata cache,
+//!    which writes it back only after a flush (see `format::cache`); what the
+//!    entry referenced before is released once the change is durable.
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{Level, Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
@@ -55,8 +56,9 @@ impl Qcow2 {
         }
         if self.header.version >= 3 && self.header.autoclear != 0 {
             // We maintain none of the autoclear features (e.g. bitmaps).
-            t.device.write_at(88, &0u64.to_be_bytes())?;
-            t.device.flush()?;
+            let device = t.device()?;
+            device.write_at(88, &0u64.to_be_bytes())?;
+            device.flush()?;
             self.header.autoclear = 0;
         }
         Ok(())
@@ -107,7 +109,7 @@ impl Qcow2 {
         offset: u64,
         _what: &str,
     ) -> Result<()> {
-        if offset & (self.cluster_size() - 1) != 0 || offset >= t.device.size() {
+        if offset & (self.cluster_size() - 1) != 0 || offset >= t.device_size() {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 metadata points outside the image or is unaligned",
@@ -129,7 +131,7 @@ impl Qcow2 {
         let l1 = self.l1_entry(t, l1_index)?;
         let entry = self.l2_entry(t, cluster)?;
         // The same checks as the read path: reserved bits, alignment, bounds.
-        self.decode_l2(entry, t.device.size())?;
+        self.decode_l2(entry, t.device_size())?;
         let owned = l1 & COPIED != 0
             && entry & COPIED != 0
             && entry & (COMPRESSED | ZERO) == 0
@@ -167,9 +169,11 @@ impl Qcow2 {
     }
 
     /// Points guest `cluster` at `entry` (a data offset with COPIED, the
-    /// zero flag, or 0). The caller has flushed the new cluster's data and
-    /// refcount, and releases what the old entry referenced with
-    /// [`Qcow2::release_entry`] once this is flushed.
+    /// zero flag, or 0), in the cache: the entry reaches the disk only after
+    /// a flush has made the data written so far and the refcounts durable.
+    /// The caller releases what the old entry referenced with
+    /// [`Qcow2::release_entry`] once the change is durable
+    /// ([`Tables::sync`]).
     ///
     /// # Errors
     /// Metadata and device errors; the old entry stays in place then.
@@ -180,11 +184,11 @@ impl Qcow2 {
         entry: u64,
     ) -> Result<()> {
         let at = self.owned_l2_entry(t, cluster)?;
-        t.write_meta(at, &entry.to_be_bytes())
+        self.update_table(t, at, &entry.to_be_bytes(), Level::Mapping)
     }
 
-    /// Points guest `cluster` at `entry`, flushes, and releases what the old
-    /// entry `old` referenced.
+    /// Points guest `cluster` at `entry` and releases what the old entry
+    /// `old` referenced once that is durable.
     ///
     /// # Errors
     /// Metadata and device errors.
@@ -197,7 +201,7 @@ impl Qcow2 {
     ) -> Result<()> {
         self.set_entry(t, cluster, entry)?;
         if references_storage(old) {
-            t.device.flush()?;
+            t.sync()?;
             self.release_entry(t, old)?;
         }
         Ok(())
@@ -284,7 +288,7 @@ impl Qcow2 {
             self.check_l2_overlap(t, table)?;
         }
         let old = self.l2_entry(t, cluster)?;
-        self.decode_l2(old, t.device.size())?;
+        self.decode_l2(old, t.device_size())?;
         self.check_releasable(t, old)
     }
 
@@ -361,8 +365,10 @@ impl Qcow2 {
 
     /// The device offset of `cluster`'s L2 entry in a table this image owns:
     /// a missing table is allocated (zeroed), a shared one (an internal
-    /// snapshot's) is copied first. Each new table is written and flushed
-    /// before the L1 entry pointing to it (written and flushed too).
+    /// snapshot's) is copied first. A new table is written through at once;
+    /// the L1 entry pointing to it is a cached mapping update, so the table
+    /// is durable before the entry reaches the disk. A replaced shared table
+    /// is released once the new entry is durable.
     fn owned_l2_entry<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -385,17 +391,21 @@ impl Qcow2 {
         let mut done = 0;
         while done < cs {
             if table != 0 {
-                t.device.read_at(table + done, &mut buf[..chunk])?;
+                t.device()?.read_at(table + done, &mut buf[..chunk])?;
             }
             t.write_meta(new_table + done, &buf[..chunk])?;
             done += chunk as u64;
         }
-        t.device.flush()?;
         let l1_at = self.header.l1_table_offset + l1_index * 8;
-        t.write_meta(l1_at, &(new_table | COPIED).to_be_bytes())?;
+        self.update_table(
+            t,
+            l1_at,
+            &(new_table | COPIED).to_be_bytes(),
+            Level::Mapping,
+        )?;
         self.l1_used = self.l1_used.max(l1_index + 1);
-        t.device.flush()?;
         if table != 0 {
+            t.sync()?;
             self.release_cluster(t, table)?;
         }
         Ok(new_table + l2_index * 8)
@@ -462,6 +472,8 @@ impl Qcow2 {
             return fail(ErrorKind::InvalidInput, "new size exceeds the qcow2 limits");
         }
         if needed > u64::from(self.header.l1_size) {
+            // The old table is copied from the disk: bring it up to date.
+            t.write_back()?;
             let old_offset = self.header.l1_table_offset;
             let old_bytes = u64::from(self.header.l1_size) * 8;
             let clusters = (needed * 8).div_ceil(cs);
@@ -472,16 +484,18 @@ impl Qcow2 {
                 let n = (clusters * cs - done).min(CHUNK as u64) as usize;
                 buf.fill(0);
                 let old = old_bytes.saturating_sub(done).min(n as u64) as usize;
-                t.device.read_at(old_offset + done, &mut buf[..old])?;
+                t.device()?.read_at(old_offset + done, &mut buf[..old])?;
                 t.write_meta(table + done, &buf[..n])?;
                 done += n as u64;
             }
-            t.device.flush()?;
+            // The new table's refcounts and contents are durable first.
+            t.sync()?;
             let mut fields = [0u8; 12];
             fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
             fields[4..].copy_from_slice(&table.to_be_bytes());
-            t.device.write_at(36, &fields)?;
-            t.device.flush()?;
+            let device = t.device()?;
+            device.write_at(36, &fields)?;
+            device.flush()?;
             self.header.l1_size = needed as u32;
             self.header.l1_table_offset = table;
             let mut cluster = old_offset;
@@ -490,8 +504,9 @@ impl Qcow2 {
                 cluster += cs;
             }
         }
-        t.device.write_at(24, &new_size.to_be_bytes())?;
-        t.device.flush()?;
+        let device = t.device()?;
+        device.write_at(24, &new_size.to_be_bytes())?;
+        device.flush()?;
         self.header.size = new_size;
         Ok(())
     }
