@@ -46,6 +46,6 @@ pub type SharedGraph<
     D,
     const NODES: usize = 64,
     const BACKENDS: usize = 8,
-    const CACHE: usize = 32,
+    const CACHE: usize = 128,
     const JOBS: usize = 4,
 > = spin::Mutex<Graph<D, NODES, BACKENDS, CACHE, JOBS>>;

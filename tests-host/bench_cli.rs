@@ -332,7 +332,7 @@ fn sizes_add_up() {
     };
     let (graph, session, scratch) = (bytes("graph: "), bytes("session: "), bytes("scratch: "));
     assert!(
-        out.contains("(64 nodes, 8 backends, 32 cache slots, 4 jobs)"),
+        out.contains("(64 nodes, 8 backends, 128 cache slots, 4 jobs)"),
         "{out}"
     );
     for slot in [

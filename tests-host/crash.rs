@@ -59,6 +59,11 @@ const SCRATCH: usize = 64 * 1024;
 const STEP_LIMIT: u64 = 10_000;
 /// Upper bound on N in the fault phase (a run that never ends is a bug).
 const FAULT_LIMIT: u64 = 20_000;
+/// The graph under test. Its metadata cache is tiny (four 4 KiB slices) so
+/// that dirty table slices are evicted, and written back, in the middle of
+/// operations: the power cuts hit those write-backs too.
+type LiveGraph<'a> = Graph<Disk<'a>, 64, 8, 4>;
+
 /// Random subsets tried at each cut point with unflushed writes.
 const REORDERINGS: usize = 4;
 /// Failures printed in full (the rest are counted).
@@ -965,7 +970,7 @@ fn writable() -> OpenOptions {
 /// The live side of one run: the graph, the guest's backend and a shadow
 /// of everything the guest was told is written.
 struct Live<'g, 'a> {
-    graph: &'g mut Graph<Disk<'a>>,
+    graph: &'g mut LiveGraph<'a>,
     resolver: &'g mut LiveResolver<'a>,
     names: &'g [String],
     backend: BackendId,
@@ -984,7 +989,7 @@ impl<'g, 'a> Live<'g, 'a> {
     /// Opens the scenario's chain and attaches the guest's backend; the
     /// guest's initial view is read unless `known`.
     fn open(
-        graph: &'g mut Graph<Disk<'a>>,
+        graph: &'g mut LiveGraph<'a>,
         resolver: &'g mut LiveResolver<'a>,
         fx: &'g Fixture,
         known: Option<&[u8]>,
@@ -1263,7 +1268,7 @@ fn record(sc: &Scenario, fx: &Fixture) -> Recording {
     let log = Rc::clone(&storage.log);
     let (marks, step_chains, step_shadows, final_shadow) = {
         let mut resolver = LiveResolver::new(&mut storage, fx);
-        let mut graph: Box<Graph<Disk<'_>>> = Box::default();
+        let mut graph: Box<LiveGraph<'_>> = Box::default();
         let mut live = Live::open(&mut graph, &mut resolver, fx, None);
         let mut step_chains = Vec::new();
         let mut step_shadows = Vec::new();
@@ -1894,7 +1899,7 @@ impl<'f> Judge<'f> {
         let hit;
         {
             let mut resolver = LiveResolver::new(storage, fx);
-            let mut graph: Box<Graph<Disk<'_>>> = Box::default();
+            let mut graph: Box<LiveGraph<'_>> = Box::default();
             let known = Rc::clone(&rec.marks[0].shadow);
             let mut live = Live::open(&mut graph, &mut resolver, fx, Some(&known));
             live.recording = false;

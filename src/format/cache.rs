@@ -2,8 +2,10 @@
 //!
 //! qcow2 L1, L2 and refcount tables are read through here in slices of at
 //! most [`SLICE_SIZE`] bytes, so memory stays fixed whatever the cluster size
-//! or the number of open images. Entries are keyed by (owner, byte offset)
-//! and evicted least-recently-used, clean slices first.
+//! or the number of open images. Entries are keyed by (owner, byte offset);
+//! the cache is set-associative ([`WAYS`] slots per set, the set chosen by a
+//! hash of the key), so a lookup looks at a few slots whatever the capacity,
+//! and a set evicts its least recently used clean slice first.
 //!
 //! Table updates stay in the cache (write-back) and carry a [`Level`]: when
 //! an image's slices are written back, its refcount slices go first, then one
@@ -22,6 +24,9 @@ pub const SLICE_SIZE: usize = 4096;
 
 /// Identifies which open image a slice belongs to (a node's pool key).
 pub type Owner = u64;
+
+/// Slots per set (fewer when the whole cache has fewer).
+pub const WAYS: usize = 4;
 
 /// An open image as the cache sees it: its key, and where its device sits in
 /// the device table handed to the cache (to write its slices back when they
@@ -199,6 +204,17 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         }
     }
 
+    /// The slots of the set that holds `image`'s slice at `offset`.
+    fn set_of(image: Image, offset: u64) -> core::ops::Range<usize> {
+        let ways = WAYS.min(SLOTS);
+        let sets = SLOTS / ways;
+        // Slices start at multiples of 512 bytes at least.
+        let key = image.owner.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ (offset >> 9).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        let set = ((key >> 32) % sets as u64) as usize;
+        set * ways..(set + 1) * ways
+    }
+
     /// The slot holding `image`'s slice at `offset`, loaded on a miss.
     fn load<D: Device>(
         &mut self,
@@ -208,13 +224,15 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         slice_len: usize,
     ) -> Result<usize> {
         self.clock += 1;
-        let hit = self.tags.iter().position(|t| {
+        let set = Self::set_of(image, offset);
+        let hit = set.clone().find(|&i| {
+            let t = &self.tags[i];
             t.valid && t.image == image && t.offset == offset && t.len == slice_len as u64
         });
         let slot = match hit {
             Some(slot) => slot,
             None => {
-                let slot = self.victim();
+                let slot = self.victim(set);
                 let evicted = self.tags[slot];
                 if evicted.valid && evicted.dirty.is_some() {
                     let Some(device) = devices
@@ -250,28 +268,20 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         Ok(slot)
     }
 
-    /// The slot to reuse: an empty one, else the least recently used clean
-    /// one while at most three quarters of the slots are dirty, else the
-    /// least recently used of all (its image is written back first).
-    fn victim(&self) -> usize {
-        if let Some(free) = self.tags.iter().position(|t| !t.valid) {
+    /// The slot of `set` to reuse: an empty one, else the least recently
+    /// used clean one, else the least recently used (its image is written
+    /// back first).
+    fn victim(&self, set: core::ops::Range<usize>) -> usize {
+        let start = set.start;
+        if let Some(free) = set.clone().find(|&i| !self.tags[i].valid) {
             return free;
         }
-        let dirty = self.tags.iter().filter(|t| t.dirty.is_some()).count();
-        let prefer_clean = dirty * 4 <= SLOTS * 3;
         let lru = |clean_only: bool| {
-            self.tags
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| !clean_only || t.dirty.is_none())
-                .min_by_key(|(_, t)| t.last_use)
-                .map(|(i, _)| i)
+            set.clone()
+                .filter(|&i| !clean_only || self.tags[i].dirty.is_none())
+                .min_by_key(|&i| self.tags[i].last_use)
         };
-        prefer_clean
-            .then(|| lru(true))
-            .flatten()
-            .or_else(|| lru(false))
-            .unwrap_or(0)
+        lru(true).or_else(|| lru(false)).unwrap_or(start)
     }
 }
 

@@ -38,7 +38,7 @@ use crate::jobs::Job;
 
 // The default graph must stay small enough for a unikernel's static memory.
 static_assertions::const_assert!(
-    core::mem::size_of::<Graph<crate::device::MemDevice<'static>>>() <= 384 * 1024
+    core::mem::size_of::<Graph<crate::device::MemDevice<'static>>>() <= 768 * 1024
 );
 
 /// Longest backing chain [`Graph::open_image`] follows.
@@ -141,7 +141,7 @@ pub struct Graph<
     D: Device,
     const NODES: usize = 64,
     const BACKENDS: usize = 8,
-    const CACHE: usize = 32,
+    const CACHE: usize = 128,
     const JOBS: usize = 4,
 > {
     pub(crate) nodes: Pool<Node, NODES>,

@@ -13,8 +13,11 @@ use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
 
-/// Bounce buffer for copy-on-write and zero writes (on the stack).
+/// Bounce buffer for checking compressed sources (on the stack).
 const BOUNCE: usize = 4096;
+/// Buffer a partly written new cluster is assembled in (on the stack);
+/// larger clusters are filled piece by piece.
+const COW_BUFFER: usize = 64 * 1024;
 /// Clusters allocated together, sharing one flush before they are mapped.
 const BATCH: usize = 64;
 /// L2 entry flag of an owned cluster.
@@ -61,6 +64,31 @@ impl<'a> Source<'a> {
                 Ok(())
             }
         }
+    }
+}
+
+/// Consecutive pieces of a request that lie next to each other on the
+/// device: where they start there, and which bytes of the request they are.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    host: u64,
+    start: u64,
+    len: u64,
+}
+
+impl Run {
+    /// Whether the piece at device offset `host`, request byte `start`,
+    /// continues this run.
+    fn extends(self, host: u64, start: u64) -> bool {
+        self.len > 0 && self.host + self.len == host && self.start + self.len == start
+    }
+
+    /// Writes the run's bytes of `data` (nothing for an empty run).
+    fn write<D: Device>(self, device: &mut D, data: Source<'_>) -> Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        data.slice(self.start, self.len).write_to(device, self.host)
     }
 }
 
@@ -226,6 +254,9 @@ impl<
 
     /// Writes owned clusters in place and allocates and fills the others,
     /// recording each allocation in `fresh[..count]` as soon as it exists.
+    /// Pieces that land next to each other on the device go out as one
+    /// write; a new cluster only partly written is assembled with its
+    /// copy-on-write head and tail and written whole.
     fn fill_clusters(
         &mut self,
         id: NodeId,
@@ -236,28 +267,86 @@ impl<
     ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
         let file = self.layer_file(id)?;
+        // Pieces not yet written: device offset, and their range of `data`.
+        let mut run = Run::default();
         let mut done = 0u64;
         while done < data.len() {
             let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
             let len = (cs - in_cluster).min(data.len() - done);
-            let piece = data.slice(done, len);
-            match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-                WriteTarget::InPlace(host) => {
-                    piece.write_to(self.device_mut(file)?, host + in_cluster)?
-                }
+            let host = match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
+                WriteTarget::InPlace(host) => host + in_cluster,
                 WriteTarget::Allocate { old } => {
                     let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
                     fresh[*count] = Fresh { cluster, new, old };
                     *count += 1;
-                    let tail = in_cluster + piece.len();
-                    self.copy_view(id, cluster * cs, in_cluster, new)?;
-                    piece.write_to(self.device_mut(file)?, new + in_cluster)?;
-                    self.copy_view(id, cluster * cs + tail, cs - tail, new + tail)?;
+                    if len < cs {
+                        run.write(self.device_mut(file)?, data)?;
+                        run = Run::default();
+                        self.fill_partial(
+                            id,
+                            cluster * cs,
+                            in_cluster,
+                            data.slice(done, len),
+                            new,
+                        )?;
+                        done += len;
+                        continue;
+                    }
+                    new
                 }
+            };
+            if !run.extends(host, done) {
+                run.write(self.device_mut(file)?, data)?;
+                run = Run {
+                    host,
+                    start: done,
+                    len: 0,
+                };
             }
+            run.len += len;
             done += len;
         }
+        run.write(self.device_mut(file)?, data)
+    }
+
+    /// Fills the new cluster at device offset `host` for guest cluster
+    /// `guest`: its current view, with `piece` at `in_cluster`. Clusters up
+    /// to [`COW_BUFFER`] bytes are assembled and written in one write.
+    fn fill_partial(
+        &mut self,
+        id: NodeId,
+        guest: u64,
+        in_cluster: u64,
+        piece: Source<'_>,
+        host: u64,
+    ) -> Result<()> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let tail = in_cluster + piece.len();
+        let file = self.layer_file(id)?;
+        if cs > COW_BUFFER as u64 {
+            self.copy_view(id, guest, in_cluster, host)?;
+            piece.write_to(self.device_mut(file)?, host + in_cluster)?;
+            return self.copy_view(id, guest + tail, cs - tail, host + tail);
+        }
+        let mut buf = [0u8; COW_BUFFER];
+        let (head, rest) = buf[..cs as usize].split_at_mut(in_cluster as usize);
+        let (middle, end) = rest.split_at_mut(piece.len() as usize);
+        self.read_view(id, guest, head)?;
+        if let Source::Data(bytes) = piece {
+            middle.copy_from_slice(bytes);
+        }
+        self.read_view(id, guest + tail, end)?;
+        self.device_mut(file)?.write_at(host, &buf[..cs as usize])
+    }
+
+    /// Reads `id`'s current guest view at `guest` into `buf`; bytes past the
+    /// virtual size read as zeros.
+    fn read_view(&mut self, id: NodeId, guest: u64, buf: &mut [u8]) -> Result<()> {
+        let readable = self.size(id)?.saturating_sub(guest).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(readable);
+        self.read(id, guest, inside)?;
+        past.fill(0);
         Ok(())
     }
 
@@ -281,16 +370,12 @@ impl<
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device
     /// offset `host` of its file (bytes past the virtual size as zeros).
     fn copy_view(&mut self, id: NodeId, guest: u64, len: u64, host: u64) -> Result<()> {
-        let size = self.size(id)?;
         let file = self.layer_file(id)?;
-        let mut buf = [0u8; BOUNCE];
+        let mut buf = [0u8; COW_BUFFER];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(BOUNCE as u64) as usize;
-            let at = guest + done;
-            let readable = size.saturating_sub(at).min(n as u64) as usize;
-            self.read(id, at, &mut buf[..readable])?;
-            buf[readable..n].fill(0);
+            let n = (len - done).min(COW_BUFFER as u64) as usize;
+            self.read_view(id, guest + done, &mut buf[..n])?;
             self.device_mut(file)?.write_at(host + done, &buf[..n])?;
             done += n as u64;
         }
