@@ -897,6 +897,26 @@ fn convert_data_chain(opts: &str) {
 }
 
 #[test]
+fn convert_cache_modes() {
+    let t = tmpdir();
+    let top = data_chain(t.path(), "");
+    let expected = qemu_guest_data(t.path(), top);
+    for mode in ["writeback", "unsafe"] {
+        let out = format!("{mode}.raw");
+        bg_ok(t.path(), &["convert", "-t", mode, "-O", "raw", top, &out]);
+        assert_same_bytes(&out, &expected, &fs::read(t.path().join(&out)).unwrap());
+    }
+    for bad in [&["-t", "none"][..], &["-t"][..]] {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(bad);
+        args.extend([top, "refused.raw"]);
+        let out = bg(t.path(), &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(!t.path().join("refused.raw").exists(), "{args:?}");
+    }
+}
+
+#[test]
 fn convert_cluster_size_512() {
     convert_data_chain("cluster_size=512");
 }

@@ -1,5 +1,8 @@
-//! `convert [-O raw] IMAGE OUTPUT`: the chain's guest view as a raw image.
-//! Ranges that read as zeros are skipped: the new output already reads zero.
+//! `convert [-O raw] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a
+//! raw image. Ranges that read as zeros are skipped: the new output already
+//! reads zero. As with qemu-img, the output's cache mode defaults to
+//! `unsafe` (no flush at the end); `-t writeback` flushes it before the
+//! command succeeds.
 
 use core::fmt;
 
@@ -7,7 +10,7 @@ use super::{invalid, with_image, Environment, Failure, Outcome};
 use crate::graph::{Graph, OpenOptions};
 use crate::Device;
 
-const USAGE: &str = "usage: convert [-O raw] IMAGE OUTPUT";
+const USAGE: &str = "usage: convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
 
 pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     env: &mut E,
@@ -17,9 +20,26 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
     _out: &mut dyn fmt::Write,
 ) -> Outcome<'a> {
     let mut names = heapless::Vec::<&str, 2>::new();
+    let mut flush = false;
     let mut words = words.iter().copied();
     while let Some(word) = words.next() {
         match word {
+            "-t" => {
+                flush = match words.next() {
+                    Some("writeback") => true,
+                    Some("unsafe") => false,
+                    Some(_) => {
+                        return Err(Failure::new(
+                            crate::Error::new(
+                                crate::ErrorKind::Unsupported,
+                                "unsupported cache mode (writeback or unsafe)",
+                            ),
+                            "-t",
+                        ))
+                    }
+                    None => return Err(invalid(USAGE)),
+                }
+            }
             "-O" => {
                 if words.next() != Some("raw") {
                     return Err(Failure::new(
@@ -64,7 +84,9 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
                 }
                 offset += run;
             }
-            target.flush().map_err(|e| Failure::new(e, output))?;
+            if flush {
+                target.flush().map_err(|e| Failure::new(e, output))?;
+            }
             Ok(())
         },
     )

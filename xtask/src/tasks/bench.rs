@@ -45,7 +45,7 @@ use crate::cmd::{indented, Cmd};
 use crate::{prereq, Context, Error, Result, Workspace};
 
 /// Runs per tool and case; the median is reported.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 /// Requests of the read cases (and of the pread loop).
 const READ_COUNT: u64 = 20_000;
 /// Requests of the scattered write case.
