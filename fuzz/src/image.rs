@@ -377,6 +377,11 @@ fn collapse<'a>(
     let Ok(Some(below)) = graph.backing(top) else {
         return Some(top);
     };
+    // Earlier writes' table updates are cached: write them back first, so
+    // that what follows shows only what the chain change itself writes.
+    if graph.flush(top).is_err() {
+        return Some(top);
+    }
     let before = file_bytes(graph, file);
     let (result, expected_backing) = match tail.byte() % 4 {
         // The backing file goes: the image's header names none.
