@@ -30,6 +30,10 @@ impl Environment for Kernel {
         &mut self.resolver
     }
 
+    fn now_micros(&mut self) -> Option<u64> {
+        crate::clock::now_micros()
+    }
+
     fn create(&mut self, name: &str, size: u64) -> Result<VirtioDisk> {
         let mut disk = VirtioDisk::by_serial(name, true)?;
         if size > disk.size() {
