@@ -50,8 +50,8 @@ fn calibrate() -> Option<u64> {
         return None;
     }
     let start = rdtsc();
-    // SAFETY: as above; reading the gate port has no side effect.
     let mut polls = 0;
+    // SAFETY: as above; reading the gate port has no side effect.
     while unsafe { inb(GATE_PORT) } & 0x20 == 0 {
         polls += 1;
         if polls > MAX_POLLS {
