@@ -1,13 +1,81 @@
-//! Host support (feature `std`): resolving image names as file paths.
+//! Host support (feature `std`): resolving image names as file paths, and
+//! convert's copy spread over threads.
 //!
 //! Backing names resolve as QEMU resolves them: an absolute name as is, a
 //! relative one against the directory of the overlay that stores it.
 
+use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
+use crate::cmd::{copy_range, Failure, Outcome};
 use crate::device::FileDevice;
-use crate::error::{fail, ErrorKind, Result};
-use crate::graph::{NameBuf, Resolver};
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::graph::{Graph, NameBuf, OpenOptions, Resolver};
+
+/// Parts of a parallel copy start at multiples of this.
+const PART_ALIGN: u64 = 2 << 20;
+/// Bytes each copy worker moves per step.
+const WORKER_SCRATCH: usize = 1 << 20;
+
+/// Copies guest bytes `0..size` of `image` to the existing file `output`
+/// (which reads as zeros) with `workers` threads: each opens the chain
+/// read-only in its own graph and copies one part (split at 2 MiB
+/// boundaries) through its own scratch. The first failing part's error is
+/// returned.
+pub fn copy_in_parallel<'a>(
+    resolver: PathResolver,
+    image: &'a str,
+    output: &'a str,
+    size: u64,
+    workers: usize,
+) -> Outcome<'a> {
+    let parts = split(size, workers.max(1));
+    std::thread::scope(|scope| {
+        let running: Vec<_> = parts
+            .iter()
+            .map(|part| {
+                let part = part.clone();
+                scope.spawn(move || copy_part(resolver, image, output, part))
+            })
+            .collect();
+        let mut result = Ok(());
+        for worker in running {
+            let outcome = worker.join().unwrap_or_else(|_| {
+                Err(Failure::new(
+                    Error::new(ErrorKind::Io, "a copy worker stopped unexpectedly"),
+                    output,
+                ))
+            });
+            result = result.and(outcome);
+        }
+        result
+    })
+}
+
+/// `0..size` in `workers` parts of about equal length, aligned.
+fn split(size: u64, workers: usize) -> Vec<Range<u64>> {
+    let share = size.div_ceil(workers as u64).next_multiple_of(PART_ALIGN);
+    (0..workers as u64)
+        .map(|i| (i * share).min(size)..((i + 1) * share).min(size))
+        .filter(|part| !part.is_empty())
+        .collect()
+}
+
+fn copy_part<'a>(
+    mut resolver: PathResolver,
+    image: &'a str,
+    output: &'a str,
+    part: Range<u64>,
+) -> Outcome<'a> {
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let top = graph
+        .open_image(&mut resolver, image, OpenOptions::default())
+        .map_err(|e| Failure::new(e, image))?;
+    let mut target =
+        FileDevice::open(Path::new(output), true).map_err(|e| Failure::new(e, output))?;
+    let mut scratch = vec![0u8; WORKER_SCRATCH];
+    copy_range(&mut graph, top, part, (&mut target, output), &mut scratch)
+}
 
 /// Resolves image names as host paths and opens them as [`FileDevice`]s.
 #[derive(Clone, Copy, Debug, Default)]
@@ -112,6 +180,17 @@ impl Resolver<FileDevice> for PathResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_cover_the_range_at_aligned_starts() {
+        assert_eq!(split(10 << 20, 2), vec![0..6 << 20, 6 << 20..10 << 20]);
+        assert_eq!(split(1000, 4), vec![0..1000]);
+        assert_eq!(split(0, 2), Vec::<Range<u64>>::new());
+        let parts = split((1 << 30) + 512, 3);
+        assert_eq!(parts.first().map(|p| p.start), Some(0));
+        assert_eq!(parts.last().map(|p| p.end), Some((1 << 30) + 512));
+        assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+    }
 
     #[test]
     fn combines_like_qemu() {

@@ -896,6 +896,44 @@ fn convert_data_chain(opts: &str) {
     assert_convert_matches(t.path(), "base.qcow2");
 }
 
+/// Images of 64 MiB and more are copied by several threads (on a machine
+/// with more than one CPU), each over a part of the range: data on both
+/// sides of every part boundary, from every layer, must come out whole.
+#[test]
+fn convert_large_chain_in_parts() {
+    let t = tmpdir();
+    qcow2(t.path(), "base.qcow2", Some("200M"), "", None);
+    qemu_io(
+        t.path(),
+        "qcow2",
+        "base.qcow2",
+        &[
+            "write -P 0x11 0 3M",
+            "write -P 0x12 98M 6M",
+            "write -P 0x13 196M 4M",
+        ],
+    );
+    qcow2(
+        t.path(),
+        "top.qcow2",
+        None,
+        "",
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_io(
+        t.path(),
+        "qcow2",
+        "top.qcow2",
+        &[
+            "write -P 0x21 104853504 8k",
+            "write -z 50M 4M",
+            "write -P 0x22 140508672 1k",
+            "write -P 0x23 209714688 512",
+        ],
+    );
+    assert_convert_matches(t.path(), "top.qcow2");
+}
+
 #[test]
 fn convert_cache_modes() {
     let t = tmpdir();

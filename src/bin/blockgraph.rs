@@ -16,6 +16,10 @@ use blockgraph::{Graph, Result};
 
 /// Data moved per step by convert and io.
 const SCRATCH_BYTES: usize = 1 << 20;
+/// Most threads `convert` copies with.
+const MAX_WORKERS: usize = 4;
+/// Smallest image `convert` copies with several threads.
+const PARALLEL_FROM: u64 = 64 << 20;
 
 const USAGE: &str = "\
 usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
@@ -23,7 +27,9 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   (like a fixed-size disk: a write needing more space fails with no space)
   info [--backing-chain] [--output=json|human] IMAGE
   map [--output=json|human] IMAGE
-  convert [-O raw] IMAGE OUTPUT
+  convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
+                                       copies with up to 4 threads (images of 64 MiB and more);
+                                       the output is flushed with -t writeback (default unsafe)
   io [-r] IMAGE -c CMD [-c CMD]...     CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
                                             | discard OFF LEN | flush
   collapse --top TOP [--base BASE] IMAGE
@@ -68,6 +74,18 @@ impl Environment for Host {
 
     fn is_terminal(&self) -> bool {
         std::io::stdout().is_terminal()
+    }
+
+    fn copy_in_parallel<'a>(
+        &mut self,
+        image: &'a str,
+        output: &'a str,
+        size: u64,
+    ) -> Option<cmd::Outcome<'a>> {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS));
+        (workers > 1 && size >= PARALLEL_FROM).then(|| {
+            blockgraph::host::copy_in_parallel(self.resolver, image, output, size, workers)
+        })
     }
 }
 

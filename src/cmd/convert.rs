@@ -1,13 +1,17 @@
 //! `convert [-O raw] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a
 //! raw image. Ranges that read as zeros are skipped: the new output already
-//! reads zero. As with qemu-img, the output's cache mode defaults to
-//! `unsafe` (no flush at the end); `-t writeback` flushes it before the
-//! command succeeds.
+//! reads zero. Where the environment has several workers (host threads,
+//! [`Environment::copy_in_parallel`]) each copies a part of the image with
+//! its own graph, as qemu-img keeps several requests in flight. As with
+//! qemu-img, the output's cache mode defaults to `unsafe` (no flush at the
+//! end); `-t writeback` flushes it before the command succeeds.
 
 use core::fmt;
 
+use core::ops::Range;
+
 use super::{invalid, with_image, Environment, Failure, Outcome};
-use crate::graph::{Graph, OpenOptions};
+use crate::graph::{Graph, NodeId, OpenOptions};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
@@ -68,21 +72,9 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
             let mut target = env
                 .create(output, size)
                 .map_err(|e| Failure::new(e, output))?;
-            let mut offset = 0;
-            while offset < size {
-                let (status, run) = graph.block_status(top, offset, size - offset)?;
-                if !status.zero {
-                    let mut done = 0;
-                    while done < run {
-                        let n = (run - done).min(scratch.len() as u64) as usize;
-                        graph.read(top, offset + done, &mut scratch[..n])?;
-                        target
-                            .write_at(offset + done, &scratch[..n])
-                            .map_err(|e| Failure::new(e, output))?;
-                        done += n as u64;
-                    }
-                }
-                offset += run;
+            match env.copy_in_parallel(image, output, size) {
+                Some(copied) => copied?,
+                None => copy_range(graph, top, 0..size, (&mut target, output), scratch)?,
             }
             if flush {
                 target.flush().map_err(|e| Failure::new(e, output))?;
@@ -90,4 +82,44 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
             Ok(())
         },
     )
+}
+
+/// Copies guest bytes `range` of `top`'s chain to the same offsets of
+/// `target` (named `output` in errors) through `scratch`, skipping ranges that
+/// read as zeros: the target must read zeros there already.
+///
+/// # Errors
+/// Read errors name the image's node; write errors name `output`.
+pub fn copy_range<
+    'a,
+    D: Device,
+    T: Device,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    top: NodeId,
+    range: Range<u64>,
+    (target, output): (&mut T, &'a str),
+    scratch: &mut [u8],
+) -> Outcome<'a> {
+    let mut offset = range.start;
+    while offset < range.end {
+        let (status, run) = graph.block_status(top, offset, range.end - offset)?;
+        if !status.zero {
+            let mut done = 0;
+            while done < run {
+                let n = (run - done).min(scratch.len() as u64) as usize;
+                graph.read(top, offset + done, &mut scratch[..n])?;
+                target
+                    .write_at(offset + done, &scratch[..n])
+                    .map_err(|e| Failure::new(e, output))?;
+                done += n as u64;
+            }
+        }
+        offset += run;
+    }
+    Ok(())
 }

@@ -32,6 +32,7 @@ mod json;
 mod map;
 mod session;
 
+pub use convert::copy_range;
 pub use session::Session;
 
 use core::fmt;
@@ -65,6 +66,20 @@ pub trait Environment {
     /// Whether the output is a terminal (progress bars are drawn only there).
     fn is_terminal(&self) -> bool {
         false
+    }
+
+    /// Copies guest bytes `0..size` of `image` (its chain opened afresh,
+    /// read-only) to `output`, which `create` made, with several workers at
+    /// once, where the environment has them (host threads, each with its own
+    /// graph over a part of the range). `None`, the default, lets the caller
+    /// copy alone.
+    fn copy_in_parallel<'a>(
+        &mut self,
+        _image: &'a str,
+        _output: &'a str,
+        _size: u64,
+    ) -> Option<Outcome<'a>> {
+        None
     }
 }
 
