@@ -1473,3 +1473,50 @@ fn snapshot_relative_paths() {
         &["new3.qcow2", "b/new2.qcow2", "a/new.qcow2", "a/top.qcow2"],
     );
 }
+
+/// A script command that opens an image afresh sees what earlier commands
+/// wrote through an attached node of the same file, even though those
+/// writes' table updates are still cached (the open writes them back
+/// first); and the disk holds it all after the script.
+#[test]
+fn script_reopening_an_image_sees_the_writes_of_its_attached_node() {
+    let t = tmpdir();
+    let d = t.path();
+    image(d, "base.qcow2", "16M", "", None, &["write -P 0x11 0 1M"]);
+    image(
+        d,
+        "top.qcow2",
+        "16M",
+        "",
+        Some("base.qcow2"),
+        &["write -P 0x22 1M 3M"],
+    );
+    let out = bg(
+        d,
+        &[
+            "script",
+            "job-start commit top.qcow2; job-step top.qcow2 1000; \
+             io top.qcow2 -c \"write -P 0x46 100k 5000\"; job-complete top.qcow2; \
+             job-wait top.qcow2; io top.qcow2 -c \"write -P 0x48 12M 1M\"; \
+             checksum top.qcow2; checksum base.qcow2",
+        ],
+    );
+    let sums: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("checksum "))
+        .filter_map(|l| l.split(": ").nth(1))
+        .collect();
+    assert_eq!(sums.len(), 2, "{out}");
+    assert_eq!(sums[0], sums[1], "the pivoted active layer is base: {out}");
+    let after = bg(d, &["checksum", "base.qcow2"]);
+    assert!(
+        after.contains(sums[1]),
+        "on disk after the script: {after}\nin it: {out}"
+    );
+    let data = view(d, "base.qcow2");
+    assert!(data[100 * 1024..100 * 1024 + 5000]
+        .iter()
+        .all(|&b| b == 0x46));
+    assert!(data[12 << 20..13 << 20].iter().all(|&b| b == 0x48));
+    check(d, &["base.qcow2"]);
+}

@@ -164,13 +164,8 @@ impl<
     > Drop for Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
     fn drop(&mut self) {
-        let mut dirty: heapless::Vec<NodeId, NODES> = heapless::Vec::new();
-        for (id, _) in self.nodes.iter() {
-            if self.cache.is_dirty(id.key()) {
-                let _ = dirty.push(id);
-            }
-        }
-        for id in dirty {
+        // Each image is tried once; errors cannot be reported here.
+        for id in self.dirty_nodes() {
             let _ = self.write_back_node(id);
         }
     }
@@ -295,7 +290,10 @@ impl<
 
     /// Opens the image `name` and its whole backing chain through `resolver`.
     /// Returns the top node; the caller holds its one reference, and every
-    /// layer below is held by its overlay's backing edge.
+    /// layer below is held by its overlay's backing edge. Cached table
+    /// updates of the images already open are written back first, so a
+    /// second node over a file that is open already reads what was written
+    /// through the first.
     ///
     /// # Errors
     /// Any open error of any layer (nothing stays open then); a backing file
@@ -308,6 +306,7 @@ impl<
         name: &str,
         options: OpenOptions,
     ) -> Result<NodeId> {
+        self.write_back_all()?;
         let device = resolver.open(name, !options.read_only || options.writable_devices)?;
         let top = self.open_layer(device, name, options.format, options.read_only)?;
         match self.open_backing_chain(resolver, top, options) {
@@ -989,6 +988,29 @@ impl<
             layer = self.nodes.get(node)?.backing;
         }
         Ok(())
+    }
+
+    /// Writes back and flushes the cached table updates of every image.
+    ///
+    /// # Errors
+    /// Device errors (what was not written back stays cached).
+    pub fn write_back_all(&mut self) -> Result<()> {
+        for id in self.dirty_nodes() {
+            self.write_back_node(id)?;
+        }
+        Ok(())
+    }
+
+    /// The nodes with cached table updates.
+    fn dirty_nodes(&self) -> heapless::Vec<NodeId, NODES> {
+        let mut dirty = heapless::Vec::new();
+        for (id, _) in self.nodes.iter() {
+            if self.cache.is_dirty(id.key()) {
+                // At most NODES nodes exist: cannot overflow.
+                let _ = dirty.push(id);
+            }
+        }
+        dirty
     }
 
     /// Writes back and flushes `id`'s cached table updates, if it has any;
