@@ -3,6 +3,7 @@
 use super::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -94,6 +95,11 @@ impl FileDevice {
     }
 }
 
+/// Whether `offset..offset + len` lies inside `size` bytes.
+fn within(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}
+
 fn io_error(err: std::io::Error) -> Error {
     match err.kind() {
         std::io::ErrorKind::NotFound => Error::new(ErrorKind::NotFound, "no such file"),
@@ -136,11 +142,64 @@ impl Device for FileDevice {
         self.file.sync_data().map_err(io_error)
     }
 
+    fn copy_from(
+        &mut self,
+        offset: u64,
+        source: &Self,
+        source_offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if !within(offset, len, self.len) || !within(source_offset, len, source.len) {
+            return Ok(false);
+        }
+        self.check_writable(offset + len)?;
+        // `io::copy` between files uses copy_file_range (and falls back to
+        // a buffer itself); the files' positions are not used elsewhere.
+        let (mut from, mut to) = (&source.file, &self.file);
+        from.seek(SeekFrom::Start(source_offset))
+            .map_err(io_error)?;
+        to.seek(SeekFrom::Start(offset)).map_err(io_error)?;
+        let copied = std::io::copy(&mut from.take(len), &mut to).map_err(io_error)?;
+        if copied != len {
+            return fail(ErrorKind::Io, "file copy ended early");
+        }
+        Ok(true)
+    }
+
     fn is_read_only(&self) -> bool {
         self.read_only
     }
 
     fn identity(&self) -> DeviceId {
         self.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_between_files_inside_both_sizes_only() {
+        let dir = std::env::temp_dir().join(format!("blockgraph-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&b, vec![0u8; 4096]).unwrap();
+        let source = FileDevice::open(&a, false).unwrap();
+        let mut target = FileDevice::open(&b, true).unwrap();
+        assert!(target.copy_from(100, &source, 1000, 3000).unwrap());
+        let mut back = vec![0u8; 3000];
+        target.read_at(100, &mut back).unwrap();
+        let expected: Vec<u8> = (1000..4000).map(|i| (i % 256) as u8).collect();
+        assert_eq!(back, expected);
+        // Past the target's or the source's end: not copied, nothing written.
+        assert!(!target.copy_from(4000, &source, 0, 200).unwrap());
+        assert!(!target.copy_from(0, &source, 8000, 200).unwrap());
+        assert_eq!(target.size(), 4096);
+        let mut read_only = FileDevice::open(&b, false).unwrap();
+        let refused = read_only.copy_from(0, &source, 0, 10).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::ReadOnly);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

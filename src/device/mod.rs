@@ -55,4 +55,26 @@ pub trait Device {
 
     /// Which storage this is; equal ids mean the same image.
     fn identity(&self) -> DeviceId;
+
+    /// Copies `len` bytes at `source_offset` of `source` to `offset` of this
+    /// device, inside both devices' current size, without passing them
+    /// through the caller's memory where the back end can (a host file:
+    /// `copy_file_range`). Returns `false`, having written nothing, when it
+    /// cannot; the caller then copies through a buffer. The default cannot.
+    ///
+    /// # Errors
+    /// As [`Device::write_at`] and [`Device::read_at`].
+    fn copy_from(
+        &mut self,
+        offset: u64,
+        source: &Self,
+        source_offset: u64,
+        len: u64,
+    ) -> Result<bool>
+    where
+        Self: Sized,
+    {
+        let _ = (offset, source, source_offset, len);
+        Ok(false)
+    }
 }

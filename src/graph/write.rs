@@ -12,6 +12,7 @@ use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
+use crate::format::Mapping;
 
 /// Bounce buffer for checking compressed sources (on the stack).
 const BOUNCE: usize = 4096;
@@ -165,6 +166,103 @@ impl<
             return self.device_mut(file)?.write_at(offset, data);
         }
         self.write_source(id, offset, Source::Data(data))
+    }
+
+    /// Copies guest bytes `offset..offset + len` of `source`'s chain into
+    /// format node `id`'s own layer at the same offsets: what
+    /// [`Graph::write`] of what [`Graph::read`] returns would do. Where a
+    /// run of the source is stored data of one layer and `id` holds those
+    /// clusters in place, one after the other on its device, the devices
+    /// copy it themselves ([`Device::copy_from`]); `scratch` carries the
+    /// rest.
+    ///
+    /// # Errors
+    /// As [`Graph::read`] and [`Graph::write`].
+    pub(crate) fn copy_into(
+        &mut self,
+        id: NodeId,
+        source: NodeId,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            done += match self.offload(id, source, at, len - done)? {
+                Some(copied) => copied,
+                None => {
+                    let n = (len - done).min(scratch.len() as u64);
+                    let buf = &mut scratch[..n as usize];
+                    self.read(source, at, buf)?;
+                    self.write(id, at, buf)?;
+                    n
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Copies the first run of `offset..offset + len` device to device when
+    /// the source stores it as data and `id` holds it in place; returns the
+    /// bytes copied, or `None` when nothing was.
+    fn offload(
+        &mut self,
+        id: NodeId,
+        source: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let raw = !self.check_writable(id, offset, len)?;
+        let (located, run) = self.locate(source, offset, len)?;
+        let Mapping::Data(source_host) = located.mapping else {
+            return Ok(None);
+        };
+        let (source_file, file) = (self.layer_file(located.layer)?, self.layer_file(id)?);
+        let (target_host, run) = if raw {
+            (offset, run)
+        } else {
+            match self.in_place_run(id, offset, run)? {
+                Some(found) => found,
+                None => return Ok(None),
+            }
+        };
+        let Ok([Some(target), Some(from)]) = self
+            .devices
+            .get_disjoint_mut([file.index(), source_file.index()])
+        else {
+            return Ok(None);
+        };
+        if !target.copy_from(target_host, from, source_host, run)? {
+            return Ok(None);
+        }
+        self.note_guest_write(id, offset, run);
+        Ok(Some(run))
+    }
+
+    /// Where qcow2 node `id` holds guest bytes from `offset` in place: the
+    /// device offset and how many of the `len` bytes follow on from there
+    /// (`None` when the first cluster is not written in place).
+    fn in_place_run(&mut self, id: NodeId, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let mut first = None;
+        let mut at = offset;
+        while at < offset + len {
+            let cluster = at / cs;
+            let WriteTarget::InPlace(host) =
+                self.with_qcow2(id, |q, t| q.write_target(t, cluster))?
+            else {
+                break;
+            };
+            let host = host + at % cs;
+            match first {
+                None => first = Some(host),
+                Some(start) if start + (at - offset) == host => {}
+                Some(_) => break,
+            }
+            at = ((cluster + 1) * cs).min(offset + len);
+        }
+        Ok(first.map(|start| (start, at - offset)))
     }
 
     /// Writes `source` at `offset` of qcow2 node `id`, in batches of at

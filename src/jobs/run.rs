@@ -324,9 +324,7 @@ impl<
             if status.zero {
                 self.write_zeroes(base, offset, run)?;
             } else {
-                let buf = &mut scratch[..run as usize];
-                self.read(top, offset, buf)?;
-                self.write(base, offset, buf)?;
+                self.copy_into(base, top, offset, run, scratch)?;
             }
         }
         Ok(run)

@@ -511,9 +511,12 @@ impl Bench {
         }
     }
 
-    /// Both tools run `ROUNDS` times, alternating; `result` names the file
-    /// (after each tool's prefix, as `PREFIX-NAME`) whose guest view both
-    /// must leave identical.
+    /// Both tools run once untimed, and `result` (the file named so after
+    /// each tool's prefix, as `PREFIX-NAME`) must have the same guest view;
+    /// then both run `ROUNDS` times, alternating which goes first. A run's
+    /// files are removed right after it, so each run finds the memory the
+    /// last one freed (this VM pays for the first touch of fresh memory, and
+    /// a run that came second used to pay for it alone).
     fn side_by_side(
         &self,
         case: &str,
@@ -523,48 +526,61 @@ impl Bench {
         args: impl Fn(Tool) -> Vec<String>,
     ) -> Result<Row> {
         println!("==> {case}");
+        if let Some(result) = result {
+            for tool in order(0) {
+                self.timed_run(fresh, tool, timing, &args)?;
+            }
+            let [a, b] =
+                [Tool::QemuImg, Tool::Blockgraph].map(|tool| format!("{}-{result}", tool.prefix()));
+            self.lab.same_view(&a, &b)?;
+            println!("    results identical (qemu-img compare {a} {b})");
+            self.remove_run_files()?;
+        }
         let mut row = Row::new(case);
         for round in 0..ROUNDS {
             for tool in order(round) {
-                self.fresh(fresh, tool)?;
-                settle()?;
-                let cmd = self.tool(tool).args(args(tool));
-                let start = Instant::now();
-                let out = cmd.output()?;
-                let wall = start.elapsed().as_secs_f64();
-                if !out.status.success() {
-                    return Err(Error::msg(format!(
-                        "`{cmd}` failed ({}){}",
-                        out.status,
-                        indented(&(out.stdout_text() + &out.stderr_text()))
-                    )));
-                }
-                let seconds = match timing {
-                    Timing::Wall => wall,
-                    Timing::Reported => reported_seconds(&out.stdout_text()).ok_or_else(|| {
-                        Error::msg(format!(
-                            "`{cmd}` printed no \"Run completed in X seconds.\"{}",
-                            indented(&out.stdout_text())
-                        ))
-                    })?,
-                };
+                let seconds = self.timed_run(fresh, tool, timing, &args)?;
                 println!("    {:<10} {seconds:.3} s", name(tool));
                 match tool {
                     Tool::QemuImg => row.theirs.push(seconds),
                     Tool::Blockgraph => row.ours.push(seconds),
                 }
+                self.remove_run_files()?;
             }
-            if round == 0 {
-                if let Some(result) = result {
-                    let [a, b] = [Tool::QemuImg, Tool::Blockgraph]
-                        .map(|tool| format!("{}-{result}", tool.prefix()));
-                    self.lab.same_view(&a, &b)?;
-                    println!("    results identical (qemu-img compare {a} {b})");
-                }
-            }
-            self.remove_run_files()?;
         }
         Ok(row)
+    }
+
+    /// One run of `tool` on fresh inputs, after a `sync`: its time.
+    fn timed_run(
+        &self,
+        fresh: Fresh,
+        tool: Tool,
+        timing: Timing,
+        args: &impl Fn(Tool) -> Vec<String>,
+    ) -> Result<f64> {
+        self.fresh(fresh, tool)?;
+        settle()?;
+        let cmd = self.tool(tool).args(args(tool));
+        let start = Instant::now();
+        let out = cmd.output()?;
+        let wall = start.elapsed().as_secs_f64();
+        if !out.status.success() {
+            return Err(Error::msg(format!(
+                "`{cmd}` failed ({}){}",
+                out.status,
+                indented(&(out.stdout_text() + &out.stderr_text()))
+            )));
+        }
+        match timing {
+            Timing::Wall => Ok(wall),
+            Timing::Reported => reported_seconds(&out.stdout_text()).ok_or_else(|| {
+                Error::msg(format!(
+                    "`{cmd}` printed no \"Run completed in X seconds.\"{}",
+                    indented(&out.stdout_text())
+                ))
+            }),
+        }
     }
 
     /// `pread` of `size` bytes every `step` bytes from view.raw, against
@@ -733,11 +749,12 @@ impl Report {
         )?;
         writeln!(
             out,
-            "- method: {ROUNDS} runs per tool and case, alternating which tool goes first, \
-             on identical inputs (fresh copies or overlays where a run writes, synced \
-             first); median; `bench` rows time the I/O loop as each tool prints it, the \
-             others the whole process; both results compared with `qemu-img compare` \
-             after the first round"
+            "- method: one untimed run per tool whose results are compared with \
+             `qemu-img compare`, then {ROUNDS} timed runs per tool and case, alternating \
+             which tool goes first, on identical inputs (fresh copies or overlays where a \
+             run writes, synced first; a run's files removed right after it); median; \
+             `bench` rows time the I/O loop as each tool prints it, the others the whole \
+             process"
         )?;
         writeln!(out)?;
         writeln!(
