@@ -324,7 +324,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
 }
 
 /// Boots of the kernel case (each measures every kernel row once).
-const KERNEL_BOOTS: usize = 3;
+const KERNEL_BOOTS: usize = 5;
 /// Requests per kernel measurement.
 const KERNEL_READS: u64 = 4096;
 
