@@ -10,43 +10,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
+mod common;
+use common::{bg_refused, ok, qemu_io, render, run, BLOCKGRAPH};
 
 fn tmpdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("bg-bench-")
-        .tempdir()
-        .expect("create a temporary directory")
-}
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io on PATH")
-        })
-}
-
-fn describe(prog: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "`{prog} {args:?}`\n  status: {}\n  stdout: {}\n  stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end(),
-    )
-}
-
-/// A command that must exit 0; returns its stdout.
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::tmpdir("bg-bench-")
 }
 
 /// base.qcow2 (0x11 @0 512k, 0x12 @700k 100k) <- top.qcow2 (0x22 @256k
@@ -58,7 +29,7 @@ fn chain(dir: &Path) {
         &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
     );
     let writes = ["write -P 0x11 0 512k", "write -P 0x12 700k 100k"];
-    qemu_io(dir, "base.qcow2", &writes);
+    qemu_io(dir, "qcow2", "base.qcow2", &writes);
     let args = [
         "create",
         "-q",
@@ -71,20 +42,7 @@ fn chain(dir: &Path) {
         "top.qcow2",
     ];
     ok(dir, "qemu-img", &args);
-    qemu_io(dir, "top.qcow2", &["write -P 0x22 256k 512k"]);
-}
-
-fn qemu_io(dir: &Path, image: &str, commands: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for command in commands {
-        args.extend(["-c", command]);
-    }
-    args.push(image);
-    let out = ok(dir, "qemu-io", &args);
-    assert!(
-        !out.contains("failed"),
-        "qemu-io {image} {commands:?}:\n{out}"
-    );
+    qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x22 256k 512k"]);
 }
 
 /// `expected-NAME` copies of the chain whose top names the copied base.
@@ -229,7 +187,7 @@ fn writes_equal_qemu_img_bench_writes() {
         assert!(
             out.status.success(),
             "{args:?}: {}",
-            describe("qemu-img", &compare, &out)
+            render(dir, "qemu-img", &compare, &out)
         );
         ok(dir, "qemu-img", &["check", "top.qcow2"]);
         let base = fs::read(dir.join("base.qcow2")).unwrap();
@@ -257,7 +215,7 @@ fn a_wrapped_request_past_the_end_fails_like_qemu_img() {
         out.status.code(),
         Some(1),
         "{}",
-        describe("qemu-img", &theirs, &out)
+        render(dir, "qemu-img", &theirs, &out)
     );
     let mut ours = vec!["bench", "-w"];
     ours.extend_from_slice(&args);
@@ -267,13 +225,14 @@ fn a_wrapped_request_past_the_end_fails_like_qemu_img() {
         out.status.code(),
         Some(1),
         "{}",
-        describe("bench", &ours, &out)
+        render(dir, BLOCKGRAPH, &ours, &out)
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("past the end of the image"), "{err}");
     ok(dir, "qemu-img", &["check", "top.qcow2"]);
     qemu_io(
         dir,
+        "qcow2",
         "top.qcow2",
         &["read -P 9 0 64k", "read -P 0x11 64k 192k"],
     );
@@ -302,11 +261,8 @@ fn bad_arguments_exit_1_and_write_nothing() {
         &["bench", "missing.qcow2"],
         &["sizes", "top.qcow2"],
     ] {
-        let out = run(dir, BLOCKGRAPH, args);
-        let shown = describe(BLOCKGRAPH, args, &out);
-        assert_eq!(out.status.code(), Some(1), "{shown}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim_end().lines().count(), 1, "one error line: {shown}");
+        let err = bg_refused(dir, args);
+        let shown = format!("`blockgraph {}`: {}", args.join(" "), err.trim_end());
         assert!(err.starts_with("blockgraph: "), "{shown}");
         assert!(
             fs::read(dir.join("top.qcow2")).unwrap() == before,

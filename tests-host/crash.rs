@@ -40,7 +40,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -50,6 +49,9 @@ use blockgraph::jobs::{CommitRequest, JobId, JobStatus, OnError, StreamRequest};
 use blockgraph::{
     Access, BackendId, Device, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver,
 };
+
+mod common;
+use common::{be32, be64, qemu_img, qemu_io, render, run};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
@@ -74,51 +76,6 @@ const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
 // qemu-img and qemu-io.
 // ===========================================================================
 
-fn tool(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): the crash tests need qemu-img and qemu-io on PATH \
-                 (apt-get install qemu-utils); they never skip"
-            )
-        })
-}
-
-fn render(prog: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "`{prog} {}` -> {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn qemu(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = tool(dir, prog, args);
-    assert!(out.status.success(), "{}", render(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
-    if cmds.is_empty() {
-        return;
-    }
-    let mut args = vec!["-f", "qcow2"];
-    for cmd in cmds {
-        args.extend(["-c", cmd.as_str()]);
-    }
-    args.push(img);
-    let out = qemu(dir, "qemu-io", &args);
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io {img}: {out}"
-    );
-}
-
 /// The guest view of `img` (or of its internal snapshot) as qemu-img
 /// converts it.
 fn qemu_view(dir: &Path, img: &str, snapshot: Option<&str>) -> Vec<u8> {
@@ -129,21 +86,10 @@ fn qemu_view(dir: &Path, img: &str, snapshot: Option<&str>) -> Vec<u8> {
         args.extend(["-l", snap.as_str()]);
     }
     args.extend(["-O", "raw", img, &raw]);
-    qemu(dir, "qemu-img", &args);
+    qemu_img(dir, &args);
     let view = std::fs::read(dir.join(&raw)).expect("read converted view");
     std::fs::remove_file(dir.join(&raw)).expect("remove converted view");
     view
-}
-
-/// A temporary directory, on tmpfs when there is one.
-fn scratch_dir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("crash.").tempdir_in(shm) {
-            return dir;
-        }
-    }
-    tempfile::tempdir().expect("temporary directory")
 }
 
 // ===========================================================================
@@ -238,18 +184,6 @@ fn replay_image(initial: &[u8], events: &[Ev], img: usize) -> Vec<u8> {
 
 fn has_magic(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && &bytes[..4] == QCOW2_MAGIC
-}
-
-fn be64(bytes: &[u8], at: usize) -> u64 {
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_be_bytes(raw)
-}
-
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    let mut raw = [0u8; 4];
-    raw.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_be_bytes(raw)
 }
 
 /// How a view is compared, unit by unit, with the views it may show.
@@ -867,7 +801,7 @@ impl Fixture {
 }
 
 fn build(sc: &Scenario) -> Fixture {
-    let dir = scratch_dir();
+    let dir = common::shm_tmpdir("crash.");
     let d = dir.path();
     let mut snapshots = Vec::new();
     for (img, spec) in sc.images.iter().enumerate() {
@@ -884,10 +818,12 @@ fn build(sc: &Scenario) -> Fixture {
             args.extend(["-b", backing, "-F", "qcow2"]);
         }
         args.extend([spec.name, &size]);
-        qemu(d, "qemu-img", &args);
-        qemu_io(d, spec.name, &spec.cmds);
+        qemu_img(d, &args);
+        if !spec.cmds.is_empty() {
+            qemu_io(d, "qcow2", spec.name, &spec.cmds);
+        }
         if let Some(snap) = spec.internal_snapshot {
-            qemu(d, "qemu-img", &["snapshot", "-c", snap, spec.name]);
+            qemu_img(d, &["snapshot", "-c", snap, spec.name]);
             let view = qemu_view(d, spec.name, Some(snap));
             snapshots.push((img, snap.to_owned(), view));
         }
@@ -913,9 +849,8 @@ fn build(sc: &Scenario) -> Fixture {
                 std::fs::copy(d.join(name), copy.join(name)).expect("copy image");
             }
         }
-        qemu(
+        qemu_img(
             &copy,
-            "qemu-img",
             &[
                 "rebase", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2", overlay,
             ],
@@ -1339,13 +1274,13 @@ impl QemuChecker {
             r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{name}"}},"backing":null}}"#
         );
         let args = ["check", spec.as_str()];
-        let out = tool(&self.dir, "qemu-img", &args);
+        let out = run(&self.dir, "qemu-img", &args);
         let mut result = match out.status.code() {
             Some(0 | 3) => Ok(()),
             _ => Err(format!(
                 "qemu-img check {}: {}",
                 fx.names[img],
-                render("qemu-img", &args, &out)
+                render(&self.dir, "qemu-img", &args, &out)
             )),
         };
         for (_, snap, expected) in fx.snapshots.iter().filter(|s| s.0 == img) {

@@ -13,76 +13,18 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
-const QEMU_IMG: &str = "qemu-img";
-const QEMU_IO: &str = "qemu-io";
+mod common;
+use common::{bg_ok, bg_refused, qemu_img, qemu_io};
 
 // ---------------------------------------------------------------------------
 // Helpers: commands
 // ---------------------------------------------------------------------------
 
 fn tmpdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("bg-create-")
-        .tempdir()
-        .expect("create a temporary directory")
-}
-
-/// Runs `prog args` in `dir`; a program that cannot be started fails the test.
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io on PATH \
-                 (Debian: apt-get install qemu-utils) and the blockgraph binary"
-            )
-        })
-}
-
-fn render(prog: &str, args: &[&str], out: &Output) -> String {
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.len() > 80 {
-                format!("<{} bytes>", a.len())
-            } else {
-                (*a).to_string()
-            }
-        })
-        .collect();
-    format!(
-        "`{prog} {}`\n  status: {}\n  stdout: {}\n  stderr: {}",
-        shown.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end(),
-    )
-}
-
-/// Runs a command that must exit 0; returns its stdout.
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        out.status.success(),
-        "command failed: {}",
-        render(prog, args, &out)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
-fn bg_ok(dir: &Path, args: &[&str]) -> String {
-    ok(dir, BLOCKGRAPH, args)
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    ok(dir, QEMU_IMG, args)
+    common::tmpdir("bg-create-")
 }
 
 /// `qemu-img check` must exit 0 (no corruption, no leak).
@@ -92,37 +34,16 @@ fn check(dir: &Path, img: &str) {
 
 /// Writes and reads back 64 KiB of 0x5a at offset 0 with qemu-io.
 fn qemu_io_write_read(dir: &Path, img: &str) {
-    let out = ok(
+    let out = qemu_io(
         dir,
-        QEMU_IO,
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x5a 0 64k",
-            "-c",
-            "read -P 0x5a 0 64k",
-            img,
-        ],
+        "qcow2",
+        img,
+        &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"],
     );
     assert!(
-        !out.contains("failed")
-            && out.contains("wrote 65536/65536")
-            && out.contains("read 65536/65536"),
+        out.contains("wrote 65536/65536") && out.contains("read 65536/65536"),
         "qemu-io on {img}: {out}"
     );
-}
-
-/// Runs blockgraph expecting a clean refusal: exit status 1 (not a panic) and one
-/// line on stderr.
-fn bg_refused(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, BLOCKGRAPH, args);
-    let shown = render(BLOCKGRAPH, args, &out);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected a refusal: {shown}");
-    assert!(!err.contains("panicked"), "blockgraph panicked: {shown}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one error line: {shown}");
-    err
 }
 
 // ---------------------------------------------------------------------------
@@ -570,17 +491,7 @@ fn backing_reference_is_stored_as_given_and_resolved_from_the_image() {
         dir,
         &["create", "-q", "-f", "qcow2", "sub/base.qcow2", "3M"],
     );
-    ok(
-        dir,
-        QEMU_IO,
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 1M 256k",
-            "sub/base.qcow2",
-        ],
-    );
+    qemu_io(dir, "qcow2", "sub/base.qcow2", &["write -P 0x11 1M 256k"]);
     qemu_img(dir, &["create", "-q", "-f", "raw", "sub/base.raw", "2M"]);
 
     // No SIZE: the backing image's size, found relative to the new image.
@@ -592,12 +503,7 @@ fn backing_reference_is_stored_as_given_and_resolved_from_the_image() {
     };
     assert_image(dir, "sub/top.qcow2", &expect);
     // The base's data shows through the overlay (past the 64k qemu-io wrote).
-    let out = ok(
-        dir,
-        QEMU_IO,
-        &["-f", "qcow2", "-c", "read -P 0x11 1M 256k", "sub/top.qcow2"],
-    );
-    assert!(!out.contains("failed"), "{out}");
+    qemu_io(dir, "qcow2", "sub/top.qcow2", &["read -P 0x11 1M 256k"]);
 
     // An explicit SIZE wins; options and a raw backing file.
     create(

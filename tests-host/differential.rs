@@ -19,11 +19,12 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
+mod common;
+use common::{be32, be64, copy_dir, qemu_img, qemu_io, render, run, BLOCKGRAPH};
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// The overlay under test, in directories `A` (qemu-io) and `B` (blockgraph).
@@ -42,10 +43,7 @@ struct Scratch {
 }
 
 fn scratch() -> Scratch {
-    let t = tempfile::Builder::new()
-        .prefix("bg-differential-")
-        .tempdir()
-        .expect("create a temporary directory");
+    let t = common::tmpdir("bg-differential-");
     if std::env::var_os("DIFFERENTIAL_KEEP").is_some() {
         let path = t.keep();
         eprintln!("keeping {}", path.display());
@@ -59,57 +57,6 @@ fn scratch() -> Scratch {
     }
 }
 
-/// Runs `prog args` in `dir`; a program that cannot be started fails the test.
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io on PATH \
-                 (Debian: apt-get install qemu-utils) and the blockgraph binary"
-            )
-        })
-}
-
-fn render(dir: &Path, prog: &str, args: &[&str], out: &Output) -> String {
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.is_empty() || a.contains(' ') {
-                format!("\"{a}\"")
-            } else {
-                (*a).to_string()
-            }
-        })
-        .collect();
-    format!(
-        "`{prog} {}` in {}\n  status: {}\n  stdout: {}\n  stderr: {}",
-        quoted.join(" "),
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end(),
-    )
-}
-
-/// A QEMU command that builds or inspects the test setup: it must succeed.
-fn qemu_ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !(prog == "qemu-io" && text.contains("failed")),
-        "construction: {}",
-        render(dir, prog, args, &out)
-    );
-    text
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    qemu_ok(dir, "qemu-img", args)
-}
-
 fn io_args<'a>(fmt: &'a str, img: &'a str, cmds: &'a [String]) -> Vec<&'a str> {
     let mut args = vec!["-f", fmt];
     for c in cmds {
@@ -119,32 +66,12 @@ fn io_args<'a>(fmt: &'a str, img: &'a str, cmds: &'a [String]) -> Vec<&'a str> {
     args
 }
 
-fn qemu_io(dir: &Path, fmt: &str, img: &str, cmds: &[String]) {
-    qemu_ok(dir, "qemu-io", &io_args(fmt, img, cmds));
-}
-
 fn bg_io_args<'a>(img: &'a str, cmds: &'a [String]) -> Vec<&'a str> {
     let mut args = vec!["io", img];
     for c in cmds {
         args.extend(["-c", c.as_str()]);
     }
     args
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for entry in fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
-    }
-}
-
-fn be32(d: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes(d[o..o + 4].try_into().unwrap())
-}
-
-fn be64(d: &[u8], o: usize) -> u64 {
-    u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> String {
@@ -1125,16 +1052,11 @@ fn device_full_is_no_space_and_consistent() {
         "write -P 0x44 400k 64k",
     ]);
     assert!(after.status.success(), "{}", render(dir, bg, &[], &after));
-    qemu_ok(
+    qemu_io(
         dir,
-        "qemu-io",
-        &[
-            "-c",
-            "read -P 0x44 400k 64k",
-            "-c",
-            "read -P 0x42 0 300k",
-            "top.qcow2",
-        ],
+        "qcow2",
+        "top.qcow2",
+        &["read -P 0x44 400k 64k", "read -P 0x42 0 300k"],
     );
     qemu_img(dir, &["check", "-q", "top.qcow2"]);
     assert_eq!(

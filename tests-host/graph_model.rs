@@ -28,7 +28,6 @@
 
 use std::fmt::Debug;
 use std::fs;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use blockgraph::device::MemDevice;
@@ -38,6 +37,8 @@ use blockgraph::{Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, Res
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError};
+
+mod common;
 
 // ---------------------------------------------------------------------------
 // Set-up: graph shape, images, devices, resolver
@@ -80,29 +81,13 @@ const IMAGE_SPECS: [&[&str]; 5] = [
 fn templates() -> &'static [Vec<u8>] {
     static TEMPLATES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
     TEMPLATES.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("bg-graph-model-")
-            .tempdir()
-            .expect("create a temporary directory");
+        let dir = common::tmpdir("bg-graph-model-");
         IMAGE_SPECS
             .iter()
             .map(|spec| {
-                let out = Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .args(*spec)
-                    .current_dir(dir.path())
-                    .output()
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "cannot run `qemu-img` ({e}): these tests need it on PATH \
-                             (Debian: apt-get install qemu-utils)"
-                        )
-                    });
-                assert!(
-                    out.status.success(),
-                    "qemu-img create {spec:?} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let mut args = vec!["create", "-q", "-f", "qcow2"];
+                args.extend_from_slice(spec);
+                common::qemu_img(dir.path(), &args);
                 let file = spec[spec.len() - 2];
                 fs::read(dir.path().join(file)).expect("read the image qemu-img created")
             })

@@ -57,9 +57,8 @@ use blockgraph::format::qcow2::Header;
 use blockgraph::graph::{NameBuf, MAX_CHAIN_DEPTH};
 use blockgraph::{Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
 
-const QEMU_IMG: &str = "qemu-img";
-const QEMU_IO: &str = "qemu-io";
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
+mod common;
+use common::{qemu_img, qemu_io, tmpdir, BLOCKGRAPH};
 
 /// Virtual sizes up to this are read whole; larger ones are sampled.
 const READ_CAP: u64 = 8 << 20;
@@ -1277,41 +1276,6 @@ impl Seeds {
     }
 }
 
-fn run_tool(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): the hostile-image tests need qemu-img and \
-                 qemu-io on PATH (Debian: apt-get install qemu-utils)"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "`{prog} {}` failed: {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    run_tool(dir, QEMU_IMG, args);
-}
-
-fn qemu_io(dir: &Path, image: &str, commands: &[String]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(image);
-    let out = run_tool(dir, QEMU_IO, &args);
-    assert!(!out.contains("failed"), "qemu-io {image}: {out}");
-}
-
 /// Guest data for the compressed seeds, `clusters` clusters of `cs` bytes:
 /// text, zeros, incompressible noise, low-entropy noise, half text, a fill.
 fn compressible_data(clusters: usize, cs: usize) -> Vec<u8> {
@@ -1340,10 +1304,7 @@ fn compressible_data(clusters: usize, cs: usize) -> Vec<u8> {
 }
 
 fn make_seeds() -> Seeds {
-    let tmp = tempfile::Builder::new()
-        .prefix("bg-hostile-")
-        .tempdir()
-        .expect("create a temporary directory");
+    let tmp = tmpdir("bg-hostile-");
     let d = tmp.path();
     let k = |n: u64| (n * 1024).to_string();
 
@@ -1365,6 +1326,7 @@ fn make_seeds() -> Seeds {
     );
     qemu_io(
         d,
+        "qcow2",
         "v3-64k.qcow2",
         &[
             format!("write -P 0x11 0 {}", k(64)),
@@ -1394,6 +1356,7 @@ fn make_seeds() -> Seeds {
     );
     qemu_io(
         d,
+        "qcow2",
         "v2-512.qcow2",
         &[
             "write -P 0x55 0 1536".to_owned(),
@@ -1449,6 +1412,7 @@ fn make_seeds() -> Seeds {
     );
     qemu_io(
         d,
+        "qcow2",
         "base.qcow2",
         &[
             format!("write -P 0xa1 0 {}", k(128)),
@@ -1481,6 +1445,7 @@ fn make_seeds() -> Seeds {
         );
         qemu_io(
             d,
+            "qcow2",
             name,
             &[
                 format!("write -P 0xb1 {} 4096", k(64)),
@@ -3138,10 +3103,7 @@ fn writes_on_hostile_images() {
         return;
     }
     seeds();
-    let tmp = tempfile::Builder::new()
-        .prefix("bg-hostile-writes-")
-        .tempdir()
-        .expect("create a temporary directory");
+    let tmp = tmpdir("bg-hostile-writes-");
     let mut findings = Findings::new("writes_on_hostile_images");
     let mut start = 0;
     for run in 0.. {
@@ -3312,10 +3274,7 @@ fn judge(shown: &str, exit: Exit, expect: Option<i32>, failures: &mut Vec<String
 #[test]
 fn cli_refuses_hostile_images_cleanly() {
     let seeds = seeds();
-    let tmp = tempfile::Builder::new()
-        .prefix("bg-hostile-cli-")
-        .tempdir()
-        .expect("create a temporary directory");
+    let tmp = tmpdir("bg-hostile-cli-");
     let dir = tmp.path();
     let write = |name: &str, bytes: &[u8]| fs::write(dir.join(name), bytes).expect("write a file");
     let mut images: Vec<CliImage> = Vec::new();
@@ -3528,10 +3487,7 @@ fn cli_refuses_hostile_images_cleanly() {
 #[test]
 fn cli_backing_file_that_is_a_fifo() {
     let seeds = seeds();
-    let tmp = tempfile::Builder::new()
-        .prefix("bg-hostile-fifo-")
-        .tempdir()
-        .expect("create a temporary directory");
+    let tmp = tmpdir("bg-hostile-fifo-");
     let dir = tmp.path();
     let status = Command::new("mkfifo")
         .arg(dir.join("fifo"))

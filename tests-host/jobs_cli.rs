@@ -13,11 +13,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
+mod common;
+use common::{bg_ok, copy_dir, ok, qemu_img, BLOCKGRAPH};
 
 /// Qcow2 layouts each job runs on: small and default clusters, and v2.
 const LAYOUTS: [(&str, &str); 3] = [
@@ -31,10 +31,7 @@ const LAYOUTS: [(&str, &str); 3] = [
 // ---------------------------------------------------------------------------
 
 fn tmpdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("bg-jobs-")
-        .tempdir()
-        .expect("create a temporary directory")
+    common::tmpdir("bg-jobs-")
 }
 
 /// A fresh directory `name` below `root`.
@@ -44,70 +41,23 @@ fn subdir(root: &TempDir, name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `prog args` in `dir`. A program that cannot be started fails the test.
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io \
-                 (Debian: qemu-utils) and script (util-linux) on PATH"
-            )
-        })
-}
-
-fn describe(dir: &Path, prog: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "`{prog} {args:?}` in {}\n  status: {}\n  stdout: {}\n  stderr: {}",
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end(),
-    )
-}
-
-/// Runs a command that must exit 0; returns its stdout.
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        out.status.success(),
-        "command failed: {}",
-        describe(dir, prog, args, &out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    ok(dir, "qemu-img", args)
-}
-
-/// `qemu-io -f FMT -c CMD... IMG`; every command (and pattern) must succeed.
+/// [`common::qemu_io`] with the format taken from the image name.
 fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt_of(img)];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img);
-    let out = ok(dir, "qemu-io", &args);
-    assert!(!out.contains("failed"), "qemu-io {img} {cmds:?}:\n{out}");
+    common::qemu_io(dir, fmt_of(img), img, cmds);
 }
 
-/// A blockgraph command that must succeed; returns stdout.
-fn bg(dir: &Path, args: &[&str]) -> String {
-    ok(dir, BLOCKGRAPH, args)
-}
-
-/// A blockgraph command that must be refused: exit status 1, one stderr line,
-/// and no file below `root` created, removed or changed.
+/// A blockgraph command that must be refused ([`common::bg_refused`]: exit
+/// status 1, one stderr line, no panic) and must leave every file below
+/// `root` as it was: none created, removed or changed.
 fn bg_refused(root: &Path, dir: &Path, args: &[&str]) {
     let before = files(root);
-    let out = run(dir, BLOCKGRAPH, args);
-    let shown = describe(dir, BLOCKGRAPH, args, &out);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "expected a refusal: {shown}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one error line: {shown}");
+    let err = common::bg_refused(dir, args);
+    let shown = format!(
+        "`blockgraph {}` in {}: {}",
+        args.join(" "),
+        dir.display(),
+        err.trim_end()
+    );
     assert_files_unchanged(root, &before, &shown);
 }
 
@@ -217,19 +167,6 @@ fn assert_view(dir: &Path, img: &str, expected: &[u8], what: &str) {
 fn check(dir: &Path, imgs: &[&str]) {
     for img in imgs.iter().filter(|i| fmt_of(i) == "qcow2") {
         qemu_img(dir, &["check", "-q", img]);
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for entry in fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let target = dst.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            fs::copy(&path, &target).unwrap();
-        }
     }
 }
 
@@ -390,7 +327,7 @@ fn commit_040_intermediate_into_raw_base() {
         let dir = &subdir(&root, tag);
         chain_040(dir, opts);
         let before = view(dir, "top.qcow2");
-        let out = bg(
+        let out = bg_ok(
             dir,
             &[
                 "commit",
@@ -425,7 +362,7 @@ fn commit_040_active() {
         chain_040(dir, opts);
         let before = view(dir, "top.qcow2");
         let top_file = fs::read(dir.join("top.qcow2")).unwrap();
-        let out = bg(dir, &["commit", "-p", "--base", "base.raw", "top.qcow2"]);
+        let out = bg_ok(dir, &["commit", "-p", "--base", "base.raw", "top.qcow2"]);
         assert!(
             out.contains("Image 'base.raw' is now the active image"),
             "{tag}: {out}"
@@ -468,7 +405,7 @@ fn commit_active_explicit_top_and_default_base() {
             "mid.qcow2",
             "top.qcow2",
         ];
-        let out = bg(dir, &args);
+        let out = bg_ok(dir, &args);
         assert!(
             out.contains("Image 'mid.qcow2' is now the active image"),
             "{out}"
@@ -480,7 +417,7 @@ fn commit_active_explicit_top_and_default_base() {
         // Default base: top's backing file.
         let dir = &subdir(&root, &format!("{tag}-default"));
         chain_040(dir, opts);
-        let out = bg(dir, &["commit", "top.qcow2"]);
+        let out = bg_ok(dir, &["commit", "top.qcow2"]);
         assert!(
             out.contains("Image 'mid.qcow2' is now the active image"),
             "{out}"
@@ -561,7 +498,7 @@ fn commit_matches_top_and_base_by_file() {
         "sub/../base.raw",
         "top.qcow2",
     ];
-    assert!(bg(dir, &args).contains("Image committed."));
+    assert!(bg_ok(dir, &args).contains("Image committed."));
     assert_chain(dir, "top.qcow2", &["top.qcow2", "base.raw"]);
     assert_view(dir, "top.qcow2", &before, "spelled paths");
     qemu_io(
@@ -583,7 +520,7 @@ fn commit_matches_top_and_base_by_file() {
         "d/top.qcow2",
     ];
     fs::create_dir(dir.join("sub")).unwrap();
-    assert!(bg(root.path(), &args).contains("Image committed."));
+    assert!(bg_ok(root.path(), &args).contains("Image committed."));
     assert_chain(dir, "top.qcow2", &["top.qcow2", "base.raw"]);
     assert_view(dir, "top.qcow2", &before, "from the parent directory");
     check(dir, &["top.qcow2"]);
@@ -612,7 +549,7 @@ fn commit_like_qemu(root: &Path, orig: &Path, tag: &str) -> PathBuf {
         "base.qcow2",
         "top.qcow2",
     ];
-    bg(da, &args);
+    bg_ok(da, &args);
     qemu_img(db, &["commit", "-q", "-b", "base.qcow2", "mid.qcow2"]);
     let rebase = [
         "rebase",
@@ -642,7 +579,7 @@ fn active_commit_like_qemu(root: &Path, orig: &Path, tag: &str) -> PathBuf {
     let (da, db) = (&root.join(&a), &root.join(&b));
     copy_dir(orig, da);
     copy_dir(orig, db);
-    bg(da, &["commit", "--base", "base.qcow2", "top.qcow2"]);
+    bg_ok(da, &["commit", "--base", "base.qcow2", "top.qcow2"]);
     qemu_img(db, &["commit", "-q", "-b", "base.qcow2", "top.qcow2"]);
     let (ia, ib) = (format!("{a}/base.qcow2"), format!("{b}/base.qcow2"));
     qemu_img(root, &["compare", &ia, &ib]);
@@ -735,7 +672,7 @@ fn commit_relative_paths() {
         "dir1/base.qcow2",
         "dir2/dir3/top.qcow2",
     ];
-    assert!(bg(dir, &args).contains("Image committed."));
+    assert!(bg_ok(dir, &args).contains("Image committed."));
     assert_relative_committed(dir, &before);
 
     // From inside dir2, other spellings.
@@ -749,14 +686,14 @@ fn commit_relative_paths() {
         "../dir1/base.qcow2",
         "./dir3/top.qcow2",
     ];
-    assert!(bg(&dir.join("dir2"), &args).contains("Image committed."));
+    assert!(bg_ok(&dir.join("dir2"), &args).contains("Image committed."));
     assert_relative_committed(dir, &before);
 
     // From inside dir3: an active commit into base.
     let dir = &subdir(&root, "c");
     chain_relative(dir);
     let args = ["commit", "--base", "../../dir1/base.qcow2", "top.qcow2"];
-    bg(&dir.join("dir2/dir3"), &args);
+    bg_ok(&dir.join("dir2/dir3"), &args);
     assert_view(
         dir,
         "dir1/base.qcow2",
@@ -776,7 +713,7 @@ fn stream_relative_paths() {
     chain_relative(dir);
     let top = "dir2/dir3/top.qcow2";
     let before = view(dir, top);
-    bg(dir, &["stream", "--base", "dir1/./base.qcow2", top]);
+    bg_ok(dir, &["stream", "--base", "dir1/./base.qcow2", top]);
     assert_chain(dir, top, &[top, "dir1/base.qcow2"]);
     let name = chain(dir, top)[0].backing.clone().unwrap();
     assert!(
@@ -788,7 +725,7 @@ fn stream_relative_paths() {
 
     let dir = &subdir(&root, "b");
     chain_relative(dir);
-    bg(&dir.join("dir2/dir3"), &["stream", "top.qcow2"]);
+    bg_ok(&dir.join("dir2/dir3"), &["stream", "top.qcow2"]);
     assert_chain(dir, top, &[top]);
     assert_view(dir, top, &before, "full stream, relative paths");
     check(dir, &[top]);
@@ -823,7 +760,7 @@ fn commit_below_a_backing_overlay() {
         let before = view(dir, "3.qcow2");
         let three = fs::read(dir.join("3.qcow2")).unwrap();
         let args = ["commit", "--top", "1.qcow2", "--base", "0.qcow2", "3.qcow2"];
-        assert!(bg(dir, &args).contains("Image committed."));
+        assert!(bg_ok(dir, &args).contains("Image committed."));
         assert_chain(dir, "3.qcow2", &["3.qcow2", "2.qcow2", "0.qcow2"]);
         assert_view(dir, "3.qcow2", &before, tag);
         assert!(
@@ -835,7 +772,7 @@ fn commit_below_a_backing_overlay() {
         // Default base (the backing file of TOP): 2 into 1.
         let dir = &subdir(&root, &format!("{tag}-b"));
         chain4(dir, opts);
-        assert!(bg(dir, &["commit", "--top", "2.qcow2", "3.qcow2"]).contains("committed"));
+        assert!(bg_ok(dir, &["commit", "--top", "2.qcow2", "3.qcow2"]).contains("committed"));
         assert_chain(dir, "3.qcow2", &["3.qcow2", "1.qcow2", "0.qcow2"]);
         assert_view(dir, "3.qcow2", &before, tag);
         check(dir, &["3.qcow2", "1.qcow2", "0.qcow2"]);
@@ -844,7 +781,7 @@ fn commit_below_a_backing_overlay() {
         let dir = &subdir(&root, &format!("{tag}-c"));
         chain4(dir, opts);
         let args = ["commit", "--top", "2.qcow2", "--base", "0.qcow2", "3.qcow2"];
-        bg(dir, &args);
+        bg_ok(dir, &args);
         assert_chain(dir, "3.qcow2", &["3.qcow2", "0.qcow2"]);
         assert_view(dir, "3.qcow2", &before, tag);
         check(dir, &["3.qcow2", "0.qcow2"]);
@@ -891,7 +828,7 @@ fn commit_zero_blocks_stay_sparse() {
             "base.qcow2",
             "top.qcow2",
         ];
-        bg(dir, &args);
+        bg_ok(dir, &args);
         qemu_io(
             dir,
             "base.qcow2",
@@ -912,7 +849,7 @@ fn commit_zero_blocks_stay_sparse() {
 
         let dir = &subdir(&root, &format!("{tag}-active"));
         chain_zero(dir, opts);
-        bg(dir, &["commit", "--base", "base.qcow2", "top.qcow2"]);
+        bg_ok(dir, &["commit", "--base", "base.qcow2", "top.qcow2"]);
         qemu_io(
             dir,
             "base.qcow2",
@@ -950,12 +887,12 @@ fn jobs_on_zero_length_images() {
         "base.qcow2",
         "top.qcow2",
     ];
-    bg(dir, &args);
+    bg_ok(dir, &args);
     assert_chain(dir, "top.qcow2", &["top.qcow2", "base.qcow2"]);
     check(dir, &["top.qcow2", "base.qcow2"]);
 
     let dir = &fresh("active");
-    let out = bg(dir, &["commit", "-p", "--base", "base.qcow2", "top.qcow2"]);
+    let out = bg_ok(dir, &["commit", "-p", "--base", "base.qcow2", "top.qcow2"]);
     assert!(
         out.contains("Image 'base.qcow2' is now the active image"),
         "{out}"
@@ -964,17 +901,17 @@ fn jobs_on_zero_length_images() {
     check(dir, &["top.qcow2", "mid.qcow2", "base.qcow2"]);
 
     let dir = &fresh("stream");
-    bg(dir, &["stream", "-p", "top.qcow2"]);
+    bg_ok(dir, &["stream", "-p", "top.qcow2"]);
     assert_chain(dir, "top.qcow2", &["top.qcow2"]);
     check(dir, &["top.qcow2"]);
 
     let dir = &fresh("partial");
-    bg(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
+    bg_ok(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
     assert_chain(dir, "top.qcow2", &["top.qcow2", "base.qcow2"]);
     check(dir, &["top.qcow2", "base.qcow2"]);
 
     let dir = &fresh("snapshot");
-    bg(dir, &["snapshot", "top.qcow2", "new.qcow2"]);
+    bg_ok(dir, &["snapshot", "top.qcow2", "new.qcow2"]);
     assert_chain(
         dir,
         "new.qcow2",
@@ -998,7 +935,7 @@ fn commit_into_smaller_base() {
             let top = ["write -P 0x5a 3M 64k", "write -P 0x5b 512k 4k"];
             image(dir, "top.qcow2", "4M", opts, Some(base), &top);
             let before = view(dir, "top.qcow2");
-            bg(dir, &["commit", "top.qcow2"]);
+            bg_ok(dir, &["commit", "top.qcow2"]);
             assert_eq!(virtual_size(dir, base), 4 * M, "{tag}: {base} must grow");
             let reads = [
                 "read -P 0x5a 3M 64k",
@@ -1030,7 +967,7 @@ fn commit_into_smaller_base() {
             );
             let before = view(dir, "top.qcow2");
             let args = ["commit", "--top", "mid.qcow2", "--base", base, "top.qcow2"];
-            bg(dir, &args);
+            bg_ok(dir, &args);
             assert_eq!(virtual_size(dir, base), 4 * M, "{tag}: {base} must grow");
             qemu_io(dir, base, &["read -P 0x5a 3M 64k", "read -P 0 1M 2M"]);
             assert_chain(dir, "top.qcow2", &["top.qcow2", base]);
@@ -1051,7 +988,7 @@ fn stream_full() {
         let dir = &subdir(&root, tag);
         chain3(dir, opts);
         let before = view(dir, "top.qcow2");
-        let out = bg(dir, &["stream", "-p", "top.qcow2"]);
+        let out = bg_ok(dir, &["stream", "-p", "top.qcow2"]);
         assert_final_progress(&out);
         assert_chain(dir, "top.qcow2", &["top.qcow2"]);
         assert_eq!(chain(dir, "top.qcow2")[0].backing, None);
@@ -1070,7 +1007,7 @@ fn stream_to_direct_backing_is_a_noop() {
     let dir = &subdir(&root, "c");
     chain3(dir, "");
     let before = files(root.path());
-    let out = bg(dir, &["stream", "--base", "mid.qcow2", "top.qcow2"]);
+    let out = bg_ok(dir, &["stream", "--base", "mid.qcow2", "top.qcow2"]);
     assert!(out.contains("mid.qcow2"), "{out}");
     assert_files_unchanged(root.path(), &before, "stream --base mid.qcow2 top.qcow2");
     check(dir, &["top.qcow2", "mid.qcow2", "base.qcow2"]);
@@ -1084,7 +1021,7 @@ fn stream_partial() {
         chain3(dir, opts);
         let before = view(dir, "top.qcow2");
         let base_file = fs::read(dir.join("base.qcow2")).unwrap();
-        let out = bg(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
+        let out = bg_ok(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
         assert!(out.contains("base.qcow2"), "{out}");
         assert_chain(dir, "top.qcow2", &["top.qcow2", "base.qcow2"]);
         assert_view(dir, "top.qcow2", &before, tag);
@@ -1117,7 +1054,7 @@ fn stream_backing_smaller_than_top() {
             let top = ["write -P 0x5a 3M 64k", "write -P 0x5b 512k 4k"];
             image(dir, "top.qcow2", "4M", opts, Some(base), &top);
             let before = view(dir, "top.qcow2");
-            bg(dir, &["stream", "top.qcow2"]);
+            bg_ok(dir, &["stream", "top.qcow2"]);
             assert_chain(dir, "top.qcow2", &["top.qcow2"]);
             assert_view(dir, "top.qcow2", &before, tag);
             check(dir, &["top.qcow2"]);
@@ -1134,7 +1071,7 @@ fn stream_matches_qemu_img_rebase() {
         chain3(da, opts);
         let db = &root.path().join(b);
         copy_dir(da, db);
-        bg(da, &["stream", "--base", "base.qcow2", "top.qcow2"]);
+        bg_ok(da, &["stream", "--base", "base.qcow2", "top.qcow2"]);
         qemu_img(
             db,
             &["rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
@@ -1182,7 +1119,7 @@ fn snapshot_adds_an_active_overlay() {
         chain3(dir, opts);
         let before = view(dir, "top.qcow2");
         let top_file = fs::read(dir.join("top.qcow2")).unwrap();
-        let out = bg(dir, &["snapshot", "top.qcow2", "new.qcow2"]);
+        let out = bg_ok(dir, &["snapshot", "top.qcow2", "new.qcow2"]);
         assert!(out.contains("'new.qcow2' is now the active image"), "{out}");
         let expected = ["new.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"];
         assert_chain(dir, "new.qcow2", &expected);
@@ -1198,7 +1135,7 @@ fn snapshot_adds_an_active_overlay() {
         );
         assert_view(dir, "new.qcow2", &before, tag);
 
-        bg(dir, &["io", "new.qcow2", "-c", "write -P 0x77 0 64k"]);
+        bg_ok(dir, &["io", "new.qcow2", "-c", "write -P 0x77 0 64k"]);
         assert_view(dir, "top.qcow2", &before, tag);
         let mut expected = before.clone();
         expected[..64 * 1024].fill(0x77);
@@ -1438,7 +1375,7 @@ fn stream_zeroes_into_v2_top() {
         &top,
     );
     let before = view(dir, "top.qcow2");
-    bg(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
+    bg_ok(dir, &["stream", "--base", "base.qcow2", "top.qcow2"]);
     assert_chain(dir, "top.qcow2", &["top.qcow2", "base.qcow2"]);
     assert_view(dir, "top.qcow2", &before, "v2 top");
     check(dir, &["top.qcow2", "base.qcow2"]);
@@ -1451,13 +1388,13 @@ fn snapshot_relative_paths() {
     let dir = root.path();
     image(dir, "a/top.qcow2", "1M", "", None, &["write -P 0x11 0 64k"]);
     let before = view(dir, "a/top.qcow2");
-    bg(dir, &["snapshot", "a/top.qcow2", "a/new.qcow2"]);
+    bg_ok(dir, &["snapshot", "a/top.qcow2", "a/new.qcow2"]);
     assert_chain(dir, "a/new.qcow2", &["a/new.qcow2", "a/top.qcow2"]);
     fs::create_dir(dir.join("b")).unwrap();
-    bg(dir, &["snapshot", "a/new.qcow2", "b/new2.qcow2"]);
+    bg_ok(dir, &["snapshot", "a/new.qcow2", "b/new2.qcow2"]);
     let expected = ["b/new2.qcow2", "a/new.qcow2", "a/top.qcow2"];
     assert_chain(dir, "b/new2.qcow2", &expected);
-    bg(&dir.join("b"), &["snapshot", "new2.qcow2", "../new3.qcow2"]);
+    bg_ok(&dir.join("b"), &["snapshot", "new2.qcow2", "../new3.qcow2"]);
     let expected = ["new3.qcow2", "b/new2.qcow2", "a/new.qcow2", "a/top.qcow2"];
     assert_chain(dir, "new3.qcow2", &expected);
     for img in ["new3.qcow2", "b/new2.qcow2", "a/new.qcow2"] {
@@ -1491,7 +1428,7 @@ fn script_reopening_an_image_sees_the_writes_of_its_attached_node() {
         Some("base.qcow2"),
         &["write -P 0x22 1M 3M"],
     );
-    let out = bg(
+    let out = bg_ok(
         d,
         &[
             "script",
@@ -1508,7 +1445,7 @@ fn script_reopening_an_image_sees_the_writes_of_its_attached_node() {
         .collect();
     assert_eq!(sums.len(), 2, "{out}");
     assert_eq!(sums[0], sums[1], "the pivoted active layer is base: {out}");
-    let after = bg(d, &["checksum", "base.qcow2"]);
+    let after = bg_ok(d, &["checksum", "base.qcow2"]);
     assert!(
         after.contains(sums[1]),
         "on disk after the script: {after}\nin it: {out}"

@@ -12,7 +12,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,6 +24,9 @@ use blockgraph::jobs::{
 use blockgraph::{
     Access, BackendId, Device, Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver,
 };
+
+mod common;
+use common::{qemu_img, render, run};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
@@ -80,33 +82,18 @@ fn allocations_during(work: impl FnOnce()) -> usize {
 // The oracle: qemu-img and qemu-io.
 // ---------------------------------------------------------------------------
 
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): these tests need qemu-img and qemu-io on PATH \
-                 (apt-get install qemu-utils)"
-            )
-        })
+/// A temporary directory, on tmpfs when there is one: images are flushed
+/// (fdatasync) on every allocating write, which a disk makes slow.
+fn scratch_dir() -> tempfile::TempDir {
+    common::shm_tmpdir("jobs_lib.")
 }
 
-fn render(prog: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "`{prog} {}` -> {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn qemu(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(out.status.success(), "{}", render(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Runs qemu-io commands on a qcow2 image ([`common::qemu_io`]); none at all
+/// runs nothing.
+fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
+    if !cmds.is_empty() {
+        common::qemu_io(dir, "qcow2", img, cmds);
+    }
 }
 
 /// Creates a qcow2 (v3) image, optionally over `backing` (a qcow2 name
@@ -119,33 +106,15 @@ fn create(dir: &Path, name: &str, size: u64, cluster: u64, backing: Option<&str>
         args.extend(["-b", backing, "-F", "qcow2"]);
     }
     args.extend([name, &size]);
-    qemu(dir, "qemu-img", &args);
-}
-
-/// Runs qemu-io commands on a qcow2 image; any reported failure fails.
-fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
-    if cmds.is_empty() {
-        return;
-    }
-    let mut args = vec!["-f", "qcow2"];
-    for cmd in cmds {
-        args.extend(["-c", cmd.as_str()]);
-    }
-    args.push(img);
-    let out = qemu(dir, "qemu-io", &args);
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io {img}: {out}"
-    );
+    qemu_img(dir, &args);
 }
 
 /// The image's guest view, as `qemu-img convert -O raw` gives it (`-U`: the
 /// image may still be open here).
 fn guest_view(dir: &Path, img: &str) -> Vec<u8> {
     let raw = format!("{img}.view.raw");
-    qemu(
+    qemu_img(
         dir,
-        "qemu-img",
         &["convert", "-U", "-f", "qcow2", "-O", "raw", img, &raw],
     );
     let view = std::fs::read(dir.join(&raw)).expect("read converted view");
@@ -160,7 +129,7 @@ fn check(dir: &Path, img: &str) {
     assert!(
         out.status.success(),
         "qemu-img check {img} found problems:\n{}",
-        render("qemu-img", &args, &out)
+        render(dir, "qemu-img", &args, &out)
     );
 }
 
@@ -177,21 +146,9 @@ fn check_allowing_leaks(dir: &Path, img: &str) -> bool {
         }
         _ => panic!(
             "qemu-img check {img} found corruption:\n{}",
-            render("qemu-img", &args, &out)
+            render(dir, "qemu-img", &args, &out)
         ),
     }
-}
-
-/// A temporary directory, on tmpfs when there is one: images are flushed
-/// (fdatasync) on every allocating write, which a disk makes slow.
-fn scratch_dir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("jobs_lib.").tempdir_in(shm) {
-            return dir;
-        }
-    }
-    tempfile::tempdir().expect("temporary directory")
 }
 
 fn path(dir: &Path, name: &str) -> String {
@@ -2500,19 +2457,10 @@ fn pivot_moves_every_backend() {
 fn commit_into_a_raw_base() {
     let dir = scratch_dir();
     let d = dir.path();
-    qemu(
+    qemu_img(d, &["create", "-q", "-f", "raw", "base.raw", "1M"]);
+    common::qemu_io(d, "raw", "base.raw", &["write -P 0xab 0 512k"]);
+    qemu_img(
         d,
-        "qemu-img",
-        &["create", "-q", "-f", "raw", "base.raw", "1M"],
-    );
-    qemu(
-        d,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0xab 0 512k", "base.raw"],
-    );
-    qemu(
-        d,
-        "qemu-img",
         &[
             "create",
             "-q",
@@ -2637,11 +2585,7 @@ fn relative_backing_paths_survive_commit() {
     );
     graph.detach_backend(backend).unwrap();
     drop(graph);
-    let info = qemu(
-        d,
-        "qemu-img",
-        &["info", "-U", "--output=json", "dir2/dir3/top.qcow2"],
-    );
+    let info = qemu_img(d, &["info", "-U", "--output=json", "dir2/dir3/top.qcow2"]);
     let key = "\"backing-filename\": \"";
     let at = info.find(key).expect("top has a backing file") + key.len();
     let reference = &info[at..at + info[at..].find('"').unwrap()];

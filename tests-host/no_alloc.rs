@@ -5,13 +5,14 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blockgraph::device::FileDevice;
 use blockgraph::host::PathResolver;
 use blockgraph::{Access, Graph, OpenOptions};
+
+mod common;
+use common::{qemu_img, qemu_io};
 
 struct Counting;
 
@@ -43,15 +44,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn run(dir: &Path, program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {program} (apt-get install qemu-utils): {e}"));
-    assert!(status.success(), "{program} {args:?} failed: {status}");
-}
-
 /// Counts heap allocations made by `work` on this thread.
 fn allocations_during(work: impl FnOnce()) -> usize {
     let before = ALLOCATIONS.load(Ordering::Relaxed);
@@ -65,16 +57,11 @@ fn allocations_during(work: impl FnOnce()) -> usize {
 fn reads_writes_and_flushes_do_not_allocate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    run(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "raw-src.qcow2", "4M"],
-    );
-    run(d, "qemu-io", &["-c", "write -P 0x5a 0 2M", "raw-src.qcow2"]);
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "raw-src.qcow2", "4M"]);
+    qemu_io(d, "qcow2", "raw-src.qcow2", &["write -P 0x5a 0 2M"]);
     // A compressed base under a small-cluster overlay with an internal snapshot.
-    run(
+    qemu_img(
         d,
-        "qemu-img",
         &[
             "convert",
             "-c",
@@ -85,9 +72,8 @@ fn reads_writes_and_flushes_do_not_allocate() {
         ],
     );
     let overlay_opts = "cluster_size=4096";
-    run(
+    qemu_img(
         d,
-        "qemu-img",
         &[
             "create",
             "-q",
@@ -103,8 +89,8 @@ fn reads_writes_and_flushes_do_not_allocate() {
             "4M",
         ],
     );
-    run(d, "qemu-io", &["-c", "write -P 0x21 8k 64k", "top.qcow2"]);
-    run(d, "qemu-img", &["snapshot", "-c", "s1", "top.qcow2"]);
+    qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x21 8k 64k"]);
+    qemu_img(d, &["snapshot", "-c", "s1", "top.qcow2"]);
     let top = d.join("top.qcow2");
     let top = top.to_str().unwrap();
 
@@ -146,5 +132,5 @@ fn reads_writes_and_flushes_do_not_allocate() {
     graph.detach_backend(backend).unwrap();
     graph.unref(node).unwrap();
     assert_eq!(graph.node_count(), 0);
-    run(d, "qemu-img", &["check", "-q", "top.qcow2"]);
+    qemu_img(d, &["check", "-q", "top.qcow2"]);
 }

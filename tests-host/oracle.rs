@@ -13,113 +13,21 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
-const BLOCKGRAPH: &str = env!("CARGO_BIN_EXE_blockgraph");
-const QEMU_IMG: &str = "qemu-img";
-const QEMU_IO: &str = "qemu-io";
+mod common;
+use common::{
+    be32, be64, bg, bg_ok, bg_refused, copy_dir, qemu_img, qemu_io, render, run, BLOCKGRAPH,
+    QEMU_IMG, QEMU_IO,
+};
 
 // ---------------------------------------------------------------------------
 // Helpers: running commands
 // ---------------------------------------------------------------------------
 
 fn tmpdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("bg-oracle-")
-        .tempdir()
-        .expect("create a temporary directory")
-}
-
-/// Runs `prog args` with `dir` as current directory. A program that cannot be
-/// started fails the test (the oracle must be installed, never skipped).
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}): the oracle tests need qemu-img and qemu-io \
-                 on PATH (Debian: apt-get install qemu-utils) and the blockgraph binary"
-            )
-        })
-}
-
-fn render(dir: &Path, prog: &str, args: &[&str], out: &Output) -> String {
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.is_empty() || a.contains(' ') {
-                format!("\"{a}\"")
-            } else {
-                (*a).to_string()
-            }
-        })
-        .collect();
-    format!(
-        "`{prog} {}` in {}\n  status: {}\n  stdout: {}\n  stderr: {}",
-        quoted.join(" "),
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end(),
-    )
-}
-
-/// Runs a command that must exit 0; returns its stdout.
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        out.status.success(),
-        "command failed: {}",
-        render(dir, prog, args, &out)
-    );
-    String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("`{prog}` printed non-UTF-8: {e}"))
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    ok(dir, QEMU_IMG, args)
-}
-
-/// `qemu-io -f FMT -c CMD... IMG`; every command must succeed.
-fn qemu_io(dir: &Path, fmt: &str, img: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img);
-    let out = ok(dir, QEMU_IO, &args);
-    assert!(!out.contains("failed"), "qemu-io {img} {cmds:?}: {out}");
-}
-
-fn bg(dir: &Path, args: &[&str]) -> Output {
-    run(dir, BLOCKGRAPH, args)
-}
-
-fn bg_ok(dir: &Path, args: &[&str]) -> String {
-    ok(dir, BLOCKGRAPH, args)
-}
-
-/// Runs blockgraph expecting a clean refusal: exit status 1 (a panic exits 101)
-/// and exactly one line on stderr. Returns stderr.
-fn bg_refused(dir: &Path, args: &[&str]) -> String {
-    let out = bg(dir, args);
-    let shown = render(dir, BLOCKGRAPH, args, &out);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "blockgraph panicked: {shown}");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected a refusal with exit status 1: {shown}"
-    );
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "expected exactly one error line on stderr: {shown}"
-    );
-    err
+    common::tmpdir("bg-oracle-")
 }
 
 /// `qemu-img create -f qcow2 [-o OPTS] [-b BACKING -F FMT] NAME [SIZE]`.
@@ -210,19 +118,6 @@ fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Vec<u8>>, what: &str)
     assert_unchanged_except(dir, before, &[], what);
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for entry in fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let target = dst.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            fs::copy(&path, &target).unwrap();
-        }
-    }
-}
-
 /// Overwrites bytes of a file in place.
 fn patch(path: &Path, offset: usize, bytes: &[u8]) {
     let mut data = fs::read(path).unwrap();
@@ -268,14 +163,6 @@ fn assert_convert_matches(dir: &Path, img: &str) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-
-fn be32(d: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes(d[o..o + 4].try_into().unwrap())
-}
-
-fn be64(d: &[u8], o: usize) -> u64 {
-    u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
-}
 
 /// What QEMU rebuilds in cluster 0 when it changes a backing file.
 #[derive(Debug, PartialEq)]

@@ -8,12 +8,12 @@
 //!
 //! A missing qemu-img fails this test; it never skips it.
 
-use std::path::Path;
-use std::process::Command;
-
 use blockgraph::device::MemDevice;
 use blockgraph::format::qcow2::create::{create, CreateOptions};
 use blockgraph::{Device, Format, Graph};
+
+mod common;
+use common::QEMU_IMG;
 
 /// Two cache slices: one set of two ways.
 type TinyGraph<'a> = Graph<MemDevice<'a>, 4, 1, 2>;
@@ -48,14 +48,6 @@ fn fresh_view(bytes: &[u8]) -> Vec<u8> {
     let mut view = vec![0u8; SIZE as usize];
     graph.read(node, 0, &mut view).unwrap();
     view
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img must be installed (cargo xtask test installs it)")
 }
 
 fn run(cluster_bits: u32, seed: u64) {
@@ -124,15 +116,16 @@ fn run(cluster_bits: u32, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     std::fs::write(&image, &storage[..file_len]).unwrap();
-    let check = qemu_img(dir.path(), &["check", "disk.qcow2"]);
+    let check = common::run(dir.path(), QEMU_IMG, &["check", "disk.qcow2"]);
     assert!(
         check.status.code() == Some(0),
         "cluster_bits {cluster_bits}, seed {seed}: qemu-img check: {}{}",
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    let converted = qemu_img(
+    let converted = common::run(
         dir.path(),
+        QEMU_IMG,
         &["convert", "-O", "raw", "disk.qcow2", "view.raw"],
     );
     assert!(converted.status.success(), "qemu-img convert failed");
