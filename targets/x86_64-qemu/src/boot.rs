@@ -15,9 +15,9 @@
 //! 4. loads the data segments and the 1 MiB boot stack and calls
 //!    `kmain(start_info_paddr)`.
 //!
-//! Interrupts stay disabled for the kernel's whole life; there is no IDT, so
-//! a CPU exception triple-faults and QEMU (`-no-reboot`) exits with status 0,
-//! which the host counts as a failure.
+//! Interrupts stay disabled for the kernel's whole life; `kmain` loads an
+//! IDT for the CPU exceptions first thing (`traps.rs`), so an exception is
+//! reported and fails the run.
 
 use core::arch::global_asm;
 

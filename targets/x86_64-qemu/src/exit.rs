@@ -37,12 +37,13 @@ pub fn exit(success: bool) -> ! {
     halt()
 }
 
-/// Raises an exception with no IDT to handle it: the CPU triple-faults and
-/// QEMU (`-no-reboot`) exits with status 0, which the host never counts as
-/// success. For testing that.
-pub fn triple_fault() -> ! {
-    // SAFETY: `ud2` raises #UD on purpose; with no IDT loaded the CPU shuts
-    // down. No memory is touched.
+/// Raises #UD (`ud2`), for testing: the exception handlers report it and
+/// fail the run; with the IDT removed the CPU triple-faults instead and QEMU
+/// (`-no-reboot`) exits with status 0, which the host never counts as
+/// success either.
+pub fn invalid_opcode() -> ! {
+    // SAFETY: `ud2` raises #UD on purpose and touches no memory; what
+    // follows is the exception's business.
     unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
 }
 

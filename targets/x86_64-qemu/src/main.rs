@@ -58,6 +58,8 @@ mod script;
 #[cfg(target_os = "none")]
 mod selftest;
 #[cfg(target_os = "none")]
+mod traps;
+#[cfg(target_os = "none")]
 mod virtio;
 
 #[cfg(target_os = "none")]
@@ -67,7 +69,7 @@ mod kernel {
     use blockgraph::{Graph, SharedGraph};
 
     use crate::disk::{self, VirtioDisk};
-    use crate::{boot, exit, script, selftest, virtio};
+    use crate::{boot, exit, script, selftest, traps, virtio};
 
     /// The one graph of the kernel (about 730 KiB, in `.bss`/`.data`, never
     /// on the stack). The command interpreter runs on it.
@@ -78,6 +80,7 @@ mod kernel {
     #[unsafe(no_mangle)]
     extern "C" fn kmain(start_info: u64) -> ! {
         crate::serial::init();
+        traps::init();
         kprintln!("blockgraph kernel");
         let info = boot::init(start_info);
         kprintln!("boot: PVH, hvm_start_info version {}", info.version());
@@ -113,7 +116,11 @@ mod kernel {
             "" => true,
             "selftest" => selftest::run(&GRAPH),
             "fail-on-purpose" => panic!("failing on purpose, as the command line asked"),
-            "fault-on-purpose" => exit::triple_fault(),
+            "fault-on-purpose" => exit::invalid_opcode(),
+            "triple-fault-on-purpose" => {
+                traps::remove();
+                exit::invalid_opcode()
+            }
             script => script::run(&GRAPH, script),
         };
         exit::exit(ok)

@@ -8,8 +8,10 @@
 //!    kernel's pattern must be where it wrote, the read-only file untouched;
 //! 2. `fail-on-purpose` (a panic) must end in a kernel failure (exit status
 //!    35), never in a success;
-//! 3. `fault-on-purpose` (a triple fault): QEMU exits with status 0, and
-//!    that must not count as a success either.
+//! 3. `fault-on-purpose` (an invalid opcode): the exception handler reports
+//!    it ("CPU exception 6 ...") and the kernel fails (exit status 35);
+//! 4. `triple-fault-on-purpose` (the same with the IDT removed): QEMU exits
+//!    with status 0, and that must not count as a success either.
 //!
 //! Then the image tests, each on microvm and on q35, each in a fresh
 //! directory `target/boot-tests/NAME-MACHINE/` (a [`Lab`]): qemu-img and
@@ -108,8 +110,17 @@ pub fn run(ws: &Workspace) -> Result<()> {
         must_fail(
             &kernel,
             "fault-on-purpose",
+            KERNEL_FAILURE,
+            "CPU exception 6 (#UD invalid opcode) at rip ",
+        )
+        .map(|r| r.verdict())
+    });
+    tally.run("triple-fault-on-purpose on microvm fails", || {
+        must_fail(
+            &kernel,
+            "triple-fault-on-purpose",
             0,
-            "command line: \"fault-on-purpose\"",
+            "command line: \"triple-fault-on-purpose\"",
         )
         .map(|r| r.verdict())
     });
