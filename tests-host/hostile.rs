@@ -58,7 +58,7 @@ use blockgraph::graph::{NameBuf, MAX_CHAIN_DEPTH};
 use blockgraph::{Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
 
 mod common;
-use common::{qemu_img, qemu_io, tmpdir, BLOCKGRAPH};
+use common::{be64, bg_ok, bg_refused, qemu_img, qemu_io, run, tmpdir, BLOCKGRAPH};
 
 /// Virtual sizes up to this are read whole; larger ones are sampled.
 const READ_CAP: u64 = 8 << 20;
@@ -3509,4 +3509,49 @@ fn cli_backing_file_that_is_a_fifo() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A data cluster that the refcounts call free (a hostile or damaged
+/// image): reads work, but writes are refused before anything changes,
+/// since the allocator would hand that cluster out a second time.
+#[test]
+fn data_cluster_counted_free_refuses_writes() {
+    let tmp = tmpdir("bg-hostile-counted-");
+    let dir = tmp.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    qemu_io(dir, "qcow2", "img.qcow2", &["write -P 0x5a 1M 64k"]);
+    let path = dir.join("img.qcow2");
+    let mut bytes = fs::read(&path).expect("read the image");
+    let at = |offset: u64| offset as usize;
+    // Guest cluster 16 (1 MiB, 64 KiB clusters): L1[0] -> L2 entry 16.
+    let l2 = be64(&bytes, at(be64(&bytes, 40))) & 0x00ff_ffff_ffff_fe00;
+    let host = be64(&bytes, at(l2 + 16 * 8)) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(host, 0, "qemu-io allocated the data cluster");
+    // Its 16-bit refcount in the first refcount block.
+    let block = be64(&bytes, at(be64(&bytes, 48)));
+    let entry = at(block + host / 65536 * 2);
+    assert_eq!(&bytes[entry..entry + 2], &[0, 1]);
+    bytes[entry..entry + 2].fill(0);
+    fs::write(&path, &bytes).expect("write the image");
+    // The oracle agrees the image is broken.
+    let check = run(dir, "qemu-img", &["check", "img.qcow2"]);
+    assert_eq!(
+        check.status.code(),
+        Some(2),
+        "qemu-img check finds the error"
+    );
+
+    bg_ok(dir, &["io", "-r", "img.qcow2", "-c", "read -P 0x5a 1M 64k"]);
+    for write in [
+        "write -P 0x11 2M 4k",
+        "write -P 0x22 1M 512",
+        "write -z 3M 64k",
+    ] {
+        let err = bg_refused(dir, &["io", "img.qcow2", "-c", write]);
+        assert!(err.contains("refcount"), "{write}: {err}");
+        assert!(
+            fs::read(&path).unwrap() == bytes,
+            "{write} changed the image"
+        );
+    }
 }

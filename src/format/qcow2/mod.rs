@@ -45,6 +45,9 @@ pub struct Qcow2 {
     l1_used: u64,
     /// Refcount table entries past this index are all zero.
     rt_used: u64,
+    /// Every cluster the active tables use was found counted (checked once,
+    /// before the first write).
+    counted: bool,
 }
 
 /// What a qcow2 node's metadata work borrows: the shared cache (under the
@@ -220,6 +223,7 @@ impl Qcow2 {
             free_hint: 0,
             l1_used,
             rt_used,
+            counted: false,
         };
         probe.check_l2_tables(device)?;
         Ok(Self {
@@ -228,6 +232,7 @@ impl Qcow2 {
             free_hint: 0,
             l1_used,
             rt_used,
+            counted: false,
         })
     }
 

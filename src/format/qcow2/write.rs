@@ -54,12 +54,61 @@ impl Qcow2 {
                 "image is marked corrupt: writes are refused",
             );
         }
+        if !self.counted {
+            self.check_used_clusters_counted(t)?;
+            self.counted = true;
+        }
         if self.header.version >= 3 && self.header.autoclear != 0 {
             // We maintain none of the autoclear features (e.g. bitmaps).
             let device = t.device()?;
             device.write_at(88, &0u64.to_be_bytes())?;
             device.flush()?;
             self.header.autoclear = 0;
+        }
+        Ok(())
+    }
+
+    /// Refuses writes when the refcounts call a cluster that the active L2
+    /// tables use (data or compressed) free: the allocator would hand it
+    /// out again and two guest clusters would share storage. One pass over
+    /// the L2 tables, before the first write; nothing is written.
+    fn check_used_clusters_counted<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<()> {
+        // The tables are read from the device: bring it up to date first.
+        t.write_back()?;
+        let cs = self.cluster_size();
+        let mut chunk = [0u8; CHUNK];
+        for l1_index in 0..self.l1_used {
+            let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
+            if table == 0 {
+                continue;
+            }
+            let mut done = 0;
+            while done < cs {
+                let n = (cs - done).min(CHUNK as u64) as usize;
+                t.device()?.read_at(table + done, &mut chunk[..n])?;
+                for raw in chunk[..n].chunks_exact(8) {
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(raw);
+                    let entry = u64::from_be_bytes(bytes);
+                    if !references_storage(entry) {
+                        continue;
+                    }
+                    let (mut cluster, end) = self.entry_storage(entry);
+                    while cluster < end {
+                        if self.refcount(t, cluster / cs)? == 0 {
+                            return fail(
+                                ErrorKind::Corrupt,
+                                "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
+                            );
+                        }
+                        cluster += cs;
+                    }
+                }
+                done += n as u64;
+            }
         }
         Ok(())
     }
