@@ -24,11 +24,10 @@
 //! ("unsupported: no clock"). An image attached in the session is measured
 //! through its own BlockBackend.
 
-use core::fmt;
 use core::mem::size_of;
 
 use super::args::{parse_pattern, parse_size};
-use super::{invalid, with_image, Environment, Failure, Outcome, Session};
+use super::{invalid, Ctx, Environment, Failure, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
@@ -125,162 +124,140 @@ fn next_offset(offset: u64, step: u64, image_size: u64) -> u64 {
     }
 }
 
-pub fn run<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
-    const S: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    session: &mut Session<S>,
-    words: &[&'a str],
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let plan = parse(words)?;
-    if env.now_micros().is_none() {
-        return Err(Failure::new(
-            Error::new(ErrorKind::Unsupported, "unsupported: no clock"),
-            "bench",
-        ));
-    }
-    let buffer = scratch
-        .get_mut(..plan.len as usize)
-        .ok_or_else(|| invalid("request size is larger than the scratch memory"))?;
-    if let Some(backend) = session.backend(plan.image) {
-        return measure(env, graph, backend, &plan, buffer, out);
-    }
-    let options = OpenOptions {
-        read_only: !plan.write,
-        ..OpenOptions::default()
-    };
-    with_image(env, graph, plan.image, options, |env, graph, top| {
-        let access = if plan.write {
-            Access::READ_WRITE_DEVICE
-        } else {
-            Access::READ_ONLY_DEVICE
-        };
-        let backend = graph
-            .attach_backend(top, access)
-            .map_err(|e| Failure::new(e, plan.image))?;
-        let result = measure(env, graph, backend, &plan, buffer, out);
-        let detached = graph.detach_backend(backend);
-        result.and(detached.map_err(Into::into))
-    })
-}
-
-/// Runs the plan's requests on `backend` one at a time and reports the time.
-fn measure<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    backend: BackendId,
-    plan: &Plan<'a>,
-    buffer: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let image_size = graph.size(graph.root(backend)?)?;
-    let past_end = Failure::new(
-        Error::new(
-            ErrorKind::InvalidInput,
-            "request reaches past the end of the image",
-        ),
-        plan.image,
-    );
-    writeln!(
-        out,
-        "Sending {} {} requests, {} bytes each, 1 in parallel (starting at offset {}, step size {})",
-        plan.count,
-        if plan.write { "write" } else { "read" },
-        plan.len,
-        plan.offset,
-        plan.step
-    )?;
-    buffer.fill(plan.pattern);
-    let no_clock = || Error::new(ErrorKind::Unsupported, "unsupported: no clock");
-    let started = env.now_micros().ok_or_else(no_clock)?;
-    let mut offset = plan.offset;
-    for _ in 0..plan.count {
-        if offset.saturating_add(plan.len) > image_size {
-            return Err(past_end);
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `bench`.
+    pub(crate) fn bench<'a, const S: usize>(
+        &mut self,
+        session: &Session<S>,
+        words: &[&'a str],
+    ) -> Outcome<'a> {
+        let plan = parse(words)?;
+        if self.env.now_micros().is_none() {
+            return Err(Failure::new(
+                Error::new(ErrorKind::Unsupported, "unsupported: no clock"),
+                "bench",
+            ));
         }
-        let done = if plan.write {
-            graph.backend_write(backend, offset, buffer)
-        } else {
-            graph.backend_read(backend, offset, buffer)
-        };
-        done.map_err(|e| Failure::new(e, plan.image))?;
-        offset = next_offset(offset, plan.step, image_size);
-    }
-    let ended = env.now_micros().ok_or_else(no_clock)?;
-    if plan.write {
-        graph
-            .backend_flush(backend)
-            .map_err(|e| Failure::new(e, plan.image))?;
-    }
-    let millis = (ended.saturating_sub(started) + 500) / 1000;
-    writeln!(
-        out,
-        "Run completed in {}.{:03} seconds.",
-        millis / 1000,
-        millis % 1000
-    )?;
-    Ok(())
-}
-
-/// `sizes`: the bytes the interpreter's working set takes (the graph as
-/// instantiated, what one more slot of each kind costs, the session and the
-/// scratch memory) against [`MEMORY_BUDGET`].
-pub fn sizes<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
-    const S: usize,
->(
-    _graph: &Graph<E::Device, N, B, C, J>,
-    _session: &Session<S>,
-    words: &[&'a str],
-    scratch: &[u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    if !words.is_empty() {
-        return Err(invalid(SIZES_USAGE));
-    }
-    let graph = size_of::<Graph<E::Device, N, B, C, J>>();
-    // The cost of one slot: a graph with two of them minus a graph with one.
-    let one = size_of::<Graph<E::Device, 1, 1, 1, 1>>();
-    let node = size_of::<Graph<E::Device, 2, 1, 1, 1>>() - one;
-    let backend = size_of::<Graph<E::Device, 1, 2, 1, 1>>() - one;
-    let cache = size_of::<Graph<E::Device, 1, 1, 2, 1>>() - one;
-    let job = size_of::<Graph<E::Device, 1, 1, 1, 2>>() - one;
-    let session = size_of::<Session<S>>();
-    let total = graph + session + scratch.len();
-    writeln!(
-        out,
-        "graph: {graph} bytes ({N} nodes, {B} backends, {C} cache slots, {J} jobs)"
-    )?;
-    writeln!(out, "  node slot: {node} bytes (with its device)")?;
-    writeln!(out, "  backend slot: {backend} bytes")?;
-    writeln!(out, "  cache slot: {cache} bytes")?;
-    writeln!(out, "  job slot: {job} bytes")?;
-    writeln!(out, "session: {session} bytes ({S} slots)")?;
-    writeln!(out, "scratch: {} bytes", scratch.len())?;
-    writeln!(
-        out,
-        "total: {total} bytes of a {MEMORY_BUDGET}-byte budget: {}",
-        if total <= MEMORY_BUDGET {
-            "met"
-        } else {
-            "exceeded"
+        if plan.len as usize > self.scratch.len() {
+            return Err(invalid("request size is larger than the scratch memory"));
         }
-    )?;
-    Ok(())
+        if let Some(backend) = session.backend(plan.image) {
+            return self.measure(backend, &plan);
+        }
+        let options = OpenOptions {
+            read_only: !plan.write,
+            ..OpenOptions::default()
+        };
+        self.with_image(plan.image, options, |cx, top| {
+            let access = if plan.write {
+                Access::READ_WRITE_DEVICE
+            } else {
+                Access::READ_ONLY_DEVICE
+            };
+            let backend = cx
+                .graph
+                .attach_backend(top, access)
+                .map_err(|e| Failure::new(e, plan.image))?;
+            let result = cx.measure(backend, &plan);
+            let detached = cx.graph.detach_backend(backend);
+            result.and(detached.map_err(Into::into))
+        })
+    }
+
+    /// Runs the plan's requests on `backend` one at a time, with the first
+    /// `plan.len` bytes of the scratch memory as the buffer, and reports the
+    /// time.
+    fn measure<'a>(&mut self, backend: BackendId, plan: &Plan<'a>) -> Outcome<'a> {
+        let (env, graph, out) = (&mut *self.env, &mut *self.graph, &mut *self.out);
+        let buffer = &mut self.scratch[..plan.len as usize];
+        let image_size = graph.size(graph.root(backend)?)?;
+        let past_end = Failure::new(
+            Error::new(
+                ErrorKind::InvalidInput,
+                "request reaches past the end of the image",
+            ),
+            plan.image,
+        );
+        writeln!(
+            out,
+            "Sending {} {} requests, {} bytes each, 1 in parallel (starting at offset {}, step size {})",
+            plan.count,
+            if plan.write { "write" } else { "read" },
+            plan.len,
+            plan.offset,
+            plan.step
+        )?;
+        buffer.fill(plan.pattern);
+        let no_clock = || Error::new(ErrorKind::Unsupported, "unsupported: no clock");
+        let started = env.now_micros().ok_or_else(no_clock)?;
+        let mut offset = plan.offset;
+        for _ in 0..plan.count {
+            if offset.saturating_add(plan.len) > image_size {
+                return Err(past_end);
+            }
+            let done = if plan.write {
+                graph.backend_write(backend, offset, buffer)
+            } else {
+                graph.backend_read(backend, offset, buffer)
+            };
+            done.map_err(|e| Failure::new(e, plan.image))?;
+            offset = next_offset(offset, plan.step, image_size);
+        }
+        let ended = env.now_micros().ok_or_else(no_clock)?;
+        if plan.write {
+            graph
+                .backend_flush(backend)
+                .map_err(|e| Failure::new(e, plan.image))?;
+        }
+        let millis = (ended.saturating_sub(started) + 500) / 1000;
+        writeln!(
+            out,
+            "Run completed in {}.{:03} seconds.",
+            millis / 1000,
+            millis % 1000
+        )?;
+        Ok(())
+    }
+
+    /// `sizes`: the bytes the interpreter's working set takes (the graph as
+    /// instantiated, what one more slot of each kind costs, the session and the
+    /// scratch memory) against [`MEMORY_BUDGET`], for a session of `S` slots.
+    pub(crate) fn sizes<'a, const S: usize>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        if !words.is_empty() {
+            return Err(invalid(SIZES_USAGE));
+        }
+        let graph = size_of::<Graph<E::Device, N, B, C, J>>();
+        // The cost of one slot: a graph with two of them minus a graph with one.
+        let one = size_of::<Graph<E::Device, 1, 1, 1, 1>>();
+        let node = size_of::<Graph<E::Device, 2, 1, 1, 1>>() - one;
+        let backend = size_of::<Graph<E::Device, 1, 2, 1, 1>>() - one;
+        let cache = size_of::<Graph<E::Device, 1, 1, 2, 1>>() - one;
+        let job = size_of::<Graph<E::Device, 1, 1, 1, 2>>() - one;
+        let session = size_of::<Session<S>>();
+        let total = graph + session + self.scratch.len();
+        writeln!(
+            self.out,
+            "graph: {graph} bytes ({N} nodes, {B} backends, {C} cache slots, {J} jobs)"
+        )?;
+        writeln!(self.out, "  node slot: {node} bytes (with its device)")?;
+        writeln!(self.out, "  backend slot: {backend} bytes")?;
+        writeln!(self.out, "  cache slot: {cache} bytes")?;
+        writeln!(self.out, "  job slot: {job} bytes")?;
+        writeln!(self.out, "session: {session} bytes ({S} slots)")?;
+        writeln!(self.out, "scratch: {} bytes", self.scratch.len())?;
+        writeln!(
+            self.out,
+            "total: {total} bytes of a {MEMORY_BUDGET}-byte budget: {}",
+            if total <= MEMORY_BUDGET {
+                "met"
+            } else {
+                "exceeded"
+            }
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

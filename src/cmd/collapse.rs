@@ -6,111 +6,102 @@
 //! active layer itself is dropped: a BlockBackend standing for the device is
 //! re-pointed to BASE, which becomes the active image.
 
-use core::fmt;
-
-use super::{invalid, open_as_device, Environment, Failure, Outcome};
+use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, NodeId, Resolver};
+use crate::graph::{Access, NodeId, Resolver};
 
 const USAGE: &str = "usage: collapse --top TOP [--base BASE] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let (mut top, mut base, mut image) = (None, None, None);
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        match word {
-            "--top" | "-t" => top = Some(words.next().ok_or_else(|| invalid(USAGE))?),
-            "--base" | "-b" => base = Some(words.next().ok_or_else(|| invalid(USAGE))?),
-            _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
-            _ => image = Some(word),
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `collapse`.
+    pub(crate) fn collapse<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let (mut top, mut base, mut image) = (None, None, None);
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            match word {
+                "--top" | "-t" => top = Some(words.next().ok_or_else(|| invalid(USAGE))?),
+                "--base" | "-b" => base = Some(words.next().ok_or_else(|| invalid(USAGE))?),
+                _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
+                _ => image = Some(word),
+            }
         }
-    }
-    let (Some(top_name), Some(image)) = (top, image) else {
-        return Err(invalid(USAGE));
-    };
-    let (active, backend) = open_as_device(env, graph, image, Access::READ_ONLY_DEVICE)?;
-    let result = (|| {
-        let top = find_in_chain(env, graph, active, top_name)?;
-        let base = match base {
-            Some(name) => Some(find_in_chain(env, graph, active, name)?),
-            None => None,
+        let (Some(top_name), Some(image)) = (top, image) else {
+            return Err(invalid(USAGE));
         };
-        graph
-            .drop_intermediate(env.resolver(), active, top, base)
-            .map_err(|e| Failure::new(e, image))?;
-        if top == active {
-            let now = graph.root(backend)?;
-            writeln!(out, "Image '{}' is now the active image", graph.name(now)?)?;
-        } else if top != base.unwrap_or(top) || base.is_none() {
-            report_overlays(graph, active, base, out)?;
+        let (active, backend) = self.open_as_device(image, Access::READ_ONLY_DEVICE)?;
+        let result = (|| {
+            let top = self.find_in_chain(active, top_name)?;
+            let base = match base {
+                Some(name) => Some(self.find_in_chain(active, name)?),
+                None => None,
+            };
+            self.graph
+                .drop_intermediate(self.env.resolver(), active, top, base)
+                .map_err(|e| Failure::new(e, image))?;
+            if top == active {
+                let now = self.graph.root(backend)?;
+                writeln!(
+                    self.out,
+                    "Image '{}' is now the active image",
+                    self.graph.name(now)?
+                )?;
+            } else if top != base.unwrap_or(top) || base.is_none() {
+                self.report_overlays(active, base)?;
+            }
+            Ok(())
+        })();
+        self.graph.detach_backend(backend)?;
+        result
+    }
+
+    /// Prints the new backing reference of the overlay that now sits on `base`.
+    fn report_overlays(&mut self, active: NodeId, base: Option<NodeId>) -> Outcome<'static> {
+        let (graph, out) = (&*self.graph, &mut *self.out);
+        for layer in graph.chain_from(active) {
+            if graph.backing(layer)? == base {
+                let q = graph.qcow2(layer)?;
+                match q.backing_name() {
+                    Some(name) => writeln!(
+                        out,
+                        "Backing file of '{}' is now '{}'",
+                        graph.name(layer)?,
+                        name
+                    )?,
+                    None => writeln!(
+                        out,
+                        "Image '{}' no longer has a backing file",
+                        graph.name(layer)?
+                    )?,
+                }
+                break;
+            }
         }
         Ok(())
-    })();
-    graph.detach_backend(backend)?;
-    result
-}
+    }
 
-/// Prints the new backing reference of the overlay that now sits on `base`.
-fn report_overlays<D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
-    graph: &Graph<D, N, B, C, J>,
-    active: NodeId,
-    base: Option<NodeId>,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'static> {
-    for layer in graph.chain_from(active) {
-        if graph.backing(layer)? == base {
-            let q = graph.qcow2(layer)?;
-            match q.backing_name() {
-                Some(name) => writeln!(
-                    out,
-                    "Backing file of '{}' is now '{}'",
-                    graph.name(layer)?,
-                    name
-                )?,
-                None => writeln!(
-                    out,
-                    "Image '{}' no longer has a backing file",
-                    graph.name(layer)?
-                )?,
+    /// The member of `active`'s chain stored where `name` points.
+    pub(crate) fn find_in_chain<'a>(
+        &mut self,
+        active: NodeId,
+        name: &'a str,
+    ) -> Result<NodeId, Failure<'a>> {
+        let identity = self
+            .env
+            .resolver()
+            .open(name, false)
+            .map_err(|e| Failure::new(e, name))?
+            .identity();
+        for layer in self.graph.chain_from(active) {
+            if self.graph.identity(layer)? == identity {
+                return Ok(layer);
             }
-            break;
         }
+        Err(Failure::new(
+            Error::new(ErrorKind::InvalidInput, "image is not in the backing chain"),
+            name,
+        ))
     }
-    Ok(())
-}
-
-/// The member of `active`'s chain stored where `name` points.
-pub(crate) fn find_in_chain<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &Graph<E::Device, N, B, C, J>,
-    active: NodeId,
-    name: &'a str,
-) -> Result<NodeId, Failure<'a>> {
-    let identity = env
-        .resolver()
-        .open(name, false)
-        .map_err(|e| Failure::new(e, name))?
-        .identity();
-    for layer in graph.chain_from(active) {
-        if graph.identity(layer)? == identity {
-            return Ok(layer);
-        }
-    }
-    Err(Failure::new(
-        Error::new(ErrorKind::InvalidInput, "image is not in the backing chain"),
-        name,
-    ))
 }

@@ -6,82 +6,74 @@
 //! qemu-img, the output's cache mode defaults to `unsafe` (no flush at the
 //! end); `-t writeback` flushes it before the command succeeds.
 
-use core::fmt;
-
 use core::ops::Range;
 
-use super::{invalid, with_image, Environment, Failure, Outcome};
+use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::graph::{Graph, NodeId, OpenOptions};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    scratch: &mut [u8],
-    _out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut names = heapless::Vec::<&str, 2>::new();
-    let mut flush = false;
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        match word {
-            "-t" => {
-                flush = match words.next() {
-                    Some("writeback") => true,
-                    Some("unsafe") => false,
-                    Some(_) => {
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `convert`.
+    pub(crate) fn convert<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let mut names = heapless::Vec::<&str, 2>::new();
+        let mut flush = false;
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            match word {
+                "-t" => {
+                    flush = match words.next() {
+                        Some("writeback") => true,
+                        Some("unsafe") => false,
+                        Some(_) => {
+                            return Err(Failure::new(
+                                crate::Error::new(
+                                    crate::ErrorKind::Unsupported,
+                                    "unsupported cache mode (writeback or unsafe)",
+                                ),
+                                "-t",
+                            ))
+                        }
+                        None => return Err(invalid(USAGE)),
+                    }
+                }
+                "-O" => {
+                    if words.next() != Some("raw") {
                         return Err(Failure::new(
                             crate::Error::new(
                                 crate::ErrorKind::Unsupported,
-                                "unsupported cache mode (writeback or unsafe)",
+                                "unsupported output format (only raw)",
                             ),
-                            "-t",
-                        ))
+                            "-O",
+                        ));
                     }
-                    None => return Err(invalid(USAGE)),
                 }
+                _ if word.starts_with('-') => return Err(invalid(USAGE)),
+                _ => names.push(word).map_err(|_| invalid(USAGE))?,
             }
-            "-O" => {
-                if words.next() != Some("raw") {
-                    return Err(Failure::new(
-                        crate::Error::new(
-                            crate::ErrorKind::Unsupported,
-                            "unsupported output format (only raw)",
-                        ),
-                        "-O",
-                    ));
-                }
-            }
-            _ if word.starts_with('-') => return Err(invalid(USAGE)),
-            _ => names.push(word).map_err(|_| invalid(USAGE))?,
         }
-    }
-    let [image, output] = names.as_slice() else {
-        return Err(invalid(USAGE));
-    };
-    with_image(
-        env,
-        graph,
-        image,
-        OpenOptions::default(),
-        |env, graph, top| {
-            let size = graph.size(top)?;
-            let mut target = env
+        let [image, output] = names.as_slice() else {
+            return Err(invalid(USAGE));
+        };
+        self.with_image(image, OpenOptions::default(), |cx, top| {
+            let size = cx.graph.size(top)?;
+            let mut target = cx
+                .env
                 .create(output, size)
                 .map_err(|e| Failure::new(e, output))?;
-            match env.copy_in_parallel(image, output, size) {
+            match cx.env.copy_in_parallel(image, output, size) {
                 Some(copied) => copied?,
-                None => copy_range(graph, top, 0..size, (&mut target, output), scratch)?,
+                None => copy_range(cx.graph, top, 0..size, (&mut target, output), cx.scratch)?,
             }
             if flush {
                 target.flush().map_err(|e| Failure::new(e, output))?;
             }
             Ok(())
-        },
-    )
+        })
+    }
 }
 
 /// Copies guest bytes `range` of `top`'s chain to the same offsets of

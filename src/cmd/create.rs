@@ -9,15 +9,13 @@
 //! without SIZE its virtual size is used. SIZE is rounded up to 512 bytes.
 //! Every option is checked before IMAGE is created.
 
-use core::fmt;
-
 use super::args::parse_size;
-use super::{invalid, Environment, Failure, Outcome};
+use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::create::{create, CreateOptions};
 use crate::format::Format;
-use crate::graph::{Graph, NameBuf, Resolver};
+use crate::graph::{NameBuf, Resolver};
 
 const USAGE: &str =
     "usage: create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING -F FMT] IMAGE [SIZE]";
@@ -83,185 +81,178 @@ fn apply_options<'a>(word: &'a str, options: &mut CreateOptions<'_>) -> Result<(
     Ok(())
 }
 
-/// Opens the backing image `backing` of format `format` as the overlay
-/// `image` will open it and returns its virtual size.
-fn backing_size<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    image: &str,
-    (backing, format): (&'a str, Format),
-) -> Result<u64, Failure<'a>> {
-    let at = |err| Failure::new(err, backing);
-    let mut resolved = NameBuf::new();
-    let device = env
-        .resolver()
-        .open_backing(image, backing, false, &mut resolved)
-        .map_err(at)?;
-    let backing_id = device.identity();
-    // IMAGE is about to be truncated: it must not be the backing file.
-    if let Ok(existing) = env.resolver().open(image, false) {
-        if existing.identity() == backing_id {
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Opens the backing image `backing` of format `format` as the overlay
+    /// `image` will open it and returns its virtual size.
+    fn backing_size<'a>(
+        &mut self,
+        image: &str,
+        (backing, format): (&'a str, Format),
+    ) -> Result<u64, Failure<'a>> {
+        let at = |err| Failure::new(err, backing);
+        let mut resolved = NameBuf::new();
+        let device = self
+            .env
+            .resolver()
+            .open_backing(image, backing, false, &mut resolved)
+            .map_err(at)?;
+        let backing_id = device.identity();
+        // IMAGE is about to be truncated: it must not be the backing file.
+        if let Ok(existing) = self.env.resolver().open(image, false) {
+            if existing.identity() == backing_id {
+                return Err(error(
+                    ErrorKind::InvalidInput,
+                    "the backing file is the image being created",
+                    backing,
+                ));
+            }
+        }
+        let file = self.graph.add_device(device, &resolved).map_err(at)?;
+        let node = self.graph.open_format(file, format, true);
+        self.graph.unref(file).map_err(at)?;
+        let node = node.map_err(at)?;
+        let size = self.graph.size(node);
+        self.graph.unref(node).map_err(at)?;
+        size.map_err(at)
+    }
+
+    /// Runs `create`.
+    pub(crate) fn create<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let mut format = Format::Raw;
+        let mut quiet = false;
+        let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
+        let mut backing_name: Option<&str> = None;
+        let mut backing_format: Option<&str> = None;
+        let mut positional = heapless::Vec::<&str, 2>::new();
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            let mut value = || words.next().ok_or_else(|| invalid(USAGE));
+            match word {
+                "-q" => quiet = true,
+                "-f" => {
+                    let name = value()?;
+                    format = Format::from_name(name).map_err(|e| Failure::new(e, name))?;
+                }
+                "-o" => option_words
+                    .push(value()?)
+                    .map_err(|_| invalid("too many -o options"))?,
+                "-b" => backing_name = Some(value()?),
+                "-F" => backing_format = Some(value()?),
+                _ if word.starts_with('-') => return Err(invalid(USAGE)),
+                _ => positional.push(word).map_err(|_| invalid(USAGE))?,
+            }
+        }
+        let (image, size_word) = match positional.as_slice() {
+            [image] => (*image, None),
+            [image, size] => (*image, Some(*size)),
+            _ => return Err(invalid(USAGE)),
+        };
+
+        let backing = match (backing_name, backing_format) {
+            (Some(name), Some(fmt)) => {
+                let parsed = Format::from_name(fmt).map_err(|e| Failure::new(e, fmt))?;
+                Some((name, fmt, parsed))
+            }
+            (Some(_), None) => {
+                return Err(error(
+                    ErrorKind::InvalidInput,
+                    "a backing file needs its format (-F)",
+                    image,
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(error(
+                    ErrorKind::InvalidInput,
+                    "a backing format (-F) needs a backing file (-b)",
+                    image,
+                ))
+            }
+            (None, None) => None,
+        };
+        if format == Format::Raw && (backing.is_some() || !option_words.is_empty()) {
             return Err(error(
-                ErrorKind::InvalidInput,
-                "the backing file is the image being created",
-                backing,
+                ErrorKind::Unsupported,
+                "raw images take no backing file and no -o options",
+                image,
             ));
         }
-    }
-    let file = graph.add_device(device, &resolved).map_err(at)?;
-    let node = graph.open_format(file, format, true);
-    graph.unref(file).map_err(at)?;
-    let node = node.map_err(at)?;
-    let size = graph.size(node);
-    graph.unref(node).map_err(at)?;
-    size.map_err(at)
-}
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut format = Format::Raw;
-    let mut quiet = false;
-    let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
-    let mut backing_name: Option<&str> = None;
-    let mut backing_format: Option<&str> = None;
-    let mut positional = heapless::Vec::<&str, 2>::new();
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        let mut value = || words.next().ok_or_else(|| invalid(USAGE));
-        match word {
-            "-q" => quiet = true,
-            "-f" => {
-                let name = value()?;
-                format = Format::from_name(name).map_err(|e| Failure::new(e, name))?;
+        let mut options = CreateOptions::new(0);
+        for word in &option_words {
+            apply_options(word, &mut options)?;
+        }
+        if let Some((name, fmt, _)) = backing {
+            options.backing = Some((name, fmt));
+        }
+        // Checked once before the backing image is opened and again with the
+        // size, before anything is created.
+        options.validate().map_err(|e| Failure::new(e, image))?;
+
+        let size = match size_word {
+            Some(word) => Some(parse_size(word).map_err(|e| Failure::new(e, word))?),
+            None => None,
+        };
+        let size = match (size, backing) {
+            (size, Some((name, _, parsed))) => {
+                let backing_size = self.backing_size(image, (name, parsed))?;
+                size.unwrap_or(backing_size)
             }
-            "-o" => option_words
-                .push(value()?)
-                .map_err(|_| invalid("too many -o options"))?,
-            "-b" => backing_name = Some(value()?),
-            "-F" => backing_format = Some(value()?),
-            _ if word.starts_with('-') => return Err(invalid(USAGE)),
-            _ => positional.push(word).map_err(|_| invalid(USAGE))?,
-        }
-    }
-    let (image, size_word) = match positional.as_slice() {
-        [image] => (*image, None),
-        [image, size] => (*image, Some(*size)),
-        _ => return Err(invalid(USAGE)),
-    };
-
-    let backing = match (backing_name, backing_format) {
-        (Some(name), Some(fmt)) => {
-            let parsed = Format::from_name(fmt).map_err(|e| Failure::new(e, fmt))?;
-            Some((name, fmt, parsed))
-        }
-        (Some(_), None) => {
+            (Some(size), None) => size,
+            (None, None) => {
+                return Err(error(
+                    ErrorKind::InvalidInput,
+                    "image creation needs a size",
+                    image,
+                ))
+            }
+        };
+        let Some(size) = size.checked_next_multiple_of(512) else {
             return Err(error(
                 ErrorKind::InvalidInput,
-                "a backing file needs its format (-F)",
+                "image size is too large",
                 image,
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(error(
-                ErrorKind::InvalidInput,
-                "a backing format (-F) needs a backing file (-b)",
-                image,
-            ))
-        }
-        (None, None) => None,
-    };
-    if format == Format::Raw && (backing.is_some() || !option_words.is_empty()) {
-        return Err(error(
-            ErrorKind::Unsupported,
-            "raw images take no backing file and no -o options",
-            image,
-        ));
-    }
+            ));
+        };
+        options.size = size;
+        options.validate().map_err(|e| Failure::new(e, image))?;
 
-    let mut options = CreateOptions::new(0);
-    for word in &option_words {
-        apply_options(word, &mut options)?;
-    }
-    if let Some((name, fmt, _)) = backing {
-        options.backing = Some((name, fmt));
-    }
-    // Checked once before the backing image is opened and again with the
-    // size, before anything is created.
-    options.validate().map_err(|e| Failure::new(e, image))?;
+        if !quiet {
+            write!(self.out, "Formatting '{image}', fmt={format}")?;
+            if format == Format::Qcow2 {
+                write!(
+                    self.out,
+                    " cluster_size={} compression_type=zlib",
+                    options.cluster_size()
+                )?;
+            }
+            write!(self.out, " size={size}")?;
+            if let Some((name, fmt)) = options.backing {
+                write!(self.out, " backing_file={name} backing_fmt={fmt}")?;
+            }
+            if format == Format::Qcow2 {
+                let compat = if options.version == 2 { "0.10" } else { "1.1" };
+                let lazy = if options.lazy_refcounts { "on" } else { "off" };
+                write!(
+                    self.out,
+                    " compat={compat} lazy_refcounts={lazy} refcount_bits={}",
+                    options.refcount_bits()
+                )?;
+            }
+            self.out.write_str("\n")?;
+        }
 
-    let size = match size_word {
-        Some(word) => Some(parse_size(word).map_err(|e| Failure::new(e, word))?),
-        None => None,
-    };
-    let size = match (size, backing) {
-        (size, Some((name, _, parsed))) => {
-            let backing_size = backing_size(env, graph, image, (name, parsed))?;
-            size.unwrap_or(backing_size)
-        }
-        (Some(size), None) => size,
-        (None, None) => {
-            return Err(error(
-                ErrorKind::InvalidInput,
-                "image creation needs a size",
-                image,
-            ))
-        }
-    };
-    let Some(size) = size.checked_next_multiple_of(512) else {
-        return Err(error(
-            ErrorKind::InvalidInput,
-            "image size is too large",
-            image,
-        ));
-    };
-    options.size = size;
-    options.validate().map_err(|e| Failure::new(e, image))?;
-
-    if !quiet {
-        write!(out, "Formatting '{image}', fmt={format}")?;
-        if format == Format::Qcow2 {
-            write!(
-                out,
-                " cluster_size={} compression_type=zlib",
-                options.cluster_size()
-            )?;
-        }
-        write!(out, " size={size}")?;
-        if let Some((name, fmt)) = options.backing {
-            write!(out, " backing_file={name} backing_fmt={fmt}")?;
-        }
-        if format == Format::Qcow2 {
-            let compat = if options.version == 2 { "0.10" } else { "1.1" };
-            let lazy = if options.lazy_refcounts { "on" } else { "off" };
-            write!(
-                out,
-                " compat={compat} lazy_refcounts={lazy} refcount_bits={}",
-                options.refcount_bits()
-            )?;
-        }
-        out.write_str("\n")?;
-    }
-
-    let at = |err| Failure::new(err, image);
-    match format {
-        Format::Raw => {
-            let mut device = env.create(image, size).map_err(at)?;
-            device.flush().map_err(at)
-        }
-        Format::Qcow2 => {
-            let mut device = env.create(image, 0).map_err(at)?;
-            create(&mut device, &options).map_err(at)
+        let at = |err| Failure::new(err, image);
+        match format {
+            Format::Raw => {
+                let mut device = self.env.create(image, size).map_err(at)?;
+                device.flush().map_err(at)
+            }
+            Format::Qcow2 => {
+                let mut device = self.env.create(image, 0).map_err(at)?;
+                create(&mut device, &options).map_err(at)
+            }
         }
     }
 }

@@ -1,64 +1,131 @@
 //! `info [--backing-chain] [--output=json|human] IMAGE`: image facts with
 //! qemu-img's field names.
 
-use core::fmt;
-
-use super::{json, output_option, single_image, with_image, Environment, Outcome};
+use super::{json, output_option, single_image, Ctx, Environment, Outcome};
 use crate::format::Format;
 use crate::graph::{Graph, NodeId, OpenOptions};
 
 const USAGE: &str = "usage: info [--backing-chain] [--output=json|human] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut chain = false;
-    let mut as_json = false;
-    let mut images = heapless::Vec::<&str, 1>::new();
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        if let Some(choice) = output_option(word, &mut words) {
-            as_json = choice?;
-        } else if word == "--backing-chain" {
-            chain = true;
-        } else if word.starts_with('-') || images.push(word).is_err() {
-            return Err(super::invalid(USAGE));
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `info`.
+    pub(crate) fn info<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let mut chain = false;
+        let mut as_json = false;
+        let mut images = heapless::Vec::<&str, 1>::new();
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            if let Some(choice) = output_option(word, &mut words) {
+                as_json = choice?;
+            } else if word == "--backing-chain" {
+                chain = true;
+            } else if word.starts_with('-') || images.push(word).is_err() {
+                return Err(super::invalid(USAGE));
+            }
         }
-    }
-    let image = single_image(&images, USAGE)?;
-    with_image(
-        env,
-        graph,
-        image,
-        OpenOptions::default(),
-        |_, graph, top| {
-            let layers = graph
+        let image = single_image(&images, USAGE)?;
+        self.with_image(image, OpenOptions::default(), |cx, top| {
+            let layers = cx
+                .graph
                 .chain_from(top)
                 .take(if chain { usize::MAX } else { 1 });
             let mut first = true;
             if as_json && chain {
-                out.write_str("[\n")?;
+                cx.out.write_str("[\n")?;
             }
             for layer in layers.collect::<heapless::Vec<NodeId, N>>() {
                 if !first {
-                    out.write_str(if as_json { ",\n" } else { "\n" })?;
+                    cx.out.write_str(if as_json { ",\n" } else { "\n" })?;
                 }
                 first = false;
                 if as_json {
-                    describe_json(graph, layer, out)?;
+                    cx.describe_json(layer)?;
                 } else {
-                    describe_human(graph, layer, out)?;
+                    cx.describe_human(layer)?;
                 }
             }
             if as_json {
-                out.write_str(if chain { "\n]\n" } else { "\n" })?;
+                cx.out.write_str(if chain { "\n]\n" } else { "\n" })?;
             }
             Ok(())
-        },
-    )
+        })
+    }
+
+    /// Facts about `layer`.
+    fn facts(graph: &Graph<E::Device, N, B, C, J>, layer: NodeId) -> crate::Result<Facts<'_>> {
+        let format = graph.format(layer)?.unwrap_or(Format::Raw);
+        let qcow2 = graph.qcow2(layer).ok();
+        let full_backing = match graph.backing(layer)? {
+            Some(b) => graph.name(b)?,
+            None => "",
+        };
+        Ok(Facts {
+            filename: graph.name(layer)?,
+            format,
+            size: graph.size(layer)?,
+            cluster_size: qcow2.map(|q| q.cluster_size()),
+            backing: qcow2.and_then(|q| {
+                q.backing_name()
+                    .map(|n| (n, q.backing_format(), full_backing))
+            }),
+            dirty: qcow2.map(|q| q.is_dirty()),
+        })
+    }
+
+    /// Writes `layer`'s facts as a qemu-img JSON object (no newline after it).
+    fn describe_json(&mut self, layer: NodeId) -> Outcome<'static> {
+        let f = Self::facts(self.graph, layer)?;
+        let out = &mut *self.out;
+        out.write_str("{\n    \"filename\": ")?;
+        json::string(out, f.filename)?;
+        write!(
+            out,
+            ",\n    \"format\": \"{}\",\n    \"virtual-size\": {}",
+            f.format, f.size
+        )?;
+        if let Some(cs) = f.cluster_size {
+            write!(out, ",\n    \"cluster-size\": {cs}")?;
+        }
+        if let Some((name, format, full)) = f.backing {
+            out.write_str(",\n    \"backing-filename\": ")?;
+            json::string(out, name)?;
+            if let Some(format) = format {
+                out.write_str(",\n    \"backing-filename-format\": ")?;
+                json::string(out, format)?;
+            }
+            out.write_str(",\n    \"full-backing-filename\": ")?;
+            json::string(out, full)?;
+        }
+        if let Some(dirty) = f.dirty {
+            write!(out, ",\n    \"dirty-flag\": {dirty}")?;
+        }
+        out.write_str("\n}")?;
+        Ok(())
+    }
+
+    /// Writes `layer`'s facts as qemu-img's human-readable lines.
+    fn describe_human(&mut self, layer: NodeId) -> Outcome<'static> {
+        let f = Self::facts(self.graph, layer)?;
+        let out = &mut *self.out;
+        writeln!(out, "image: {}", f.filename)?;
+        writeln!(out, "file format: {}", f.format)?;
+        writeln!(out, "virtual size: {} bytes", f.size)?;
+        if let Some(cs) = f.cluster_size {
+            writeln!(out, "cluster_size: {cs}")?;
+        }
+        if let Some((name, format, full)) = f.backing {
+            writeln!(out, "backing file: {name} (actual path: {full})")?;
+            if let Some(format) = format {
+                writeln!(out, "backing file format: {format}")?;
+            }
+        }
+        if let Some(dirty) = f.dirty {
+            writeln!(out, "dirty flag: {dirty}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Facts about one layer.
@@ -69,102 +136,4 @@ struct Facts<'g> {
     cluster_size: Option<u64>,
     backing: Option<(&'g str, Option<&'g str>, &'g str)>,
     dirty: Option<bool>,
-}
-
-fn facts<
-    D: crate::device::Device,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    graph: &Graph<D, N, B, C, J>,
-    layer: NodeId,
-) -> crate::Result<Facts<'_>> {
-    let format = graph.format(layer)?.unwrap_or(Format::Raw);
-    let qcow2 = graph.qcow2(layer).ok();
-    let full_backing = match graph.backing(layer)? {
-        Some(b) => graph.name(b)?,
-        None => "",
-    };
-    Ok(Facts {
-        filename: graph.name(layer)?,
-        format,
-        size: graph.size(layer)?,
-        cluster_size: qcow2.map(|q| q.cluster_size()),
-        backing: qcow2.and_then(|q| {
-            q.backing_name()
-                .map(|n| (n, q.backing_format(), full_backing))
-        }),
-        dirty: qcow2.map(|q| q.is_dirty()),
-    })
-}
-
-fn describe_json<
-    D: crate::device::Device,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    graph: &Graph<D, N, B, C, J>,
-    layer: NodeId,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'static> {
-    let f = facts(graph, layer)?;
-    out.write_str("{\n    \"filename\": ")?;
-    json::string(out, f.filename)?;
-    write!(
-        out,
-        ",\n    \"format\": \"{}\",\n    \"virtual-size\": {}",
-        f.format, f.size
-    )?;
-    if let Some(cs) = f.cluster_size {
-        write!(out, ",\n    \"cluster-size\": {cs}")?;
-    }
-    if let Some((name, format, full)) = f.backing {
-        out.write_str(",\n    \"backing-filename\": ")?;
-        json::string(out, name)?;
-        if let Some(format) = format {
-            out.write_str(",\n    \"backing-filename-format\": ")?;
-            json::string(out, format)?;
-        }
-        out.write_str(",\n    \"full-backing-filename\": ")?;
-        json::string(out, full)?;
-    }
-    if let Some(dirty) = f.dirty {
-        write!(out, ",\n    \"dirty-flag\": {dirty}")?;
-    }
-    out.write_str("\n}")?;
-    Ok(())
-}
-
-fn describe_human<
-    D: crate::device::Device,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    graph: &Graph<D, N, B, C, J>,
-    layer: NodeId,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'static> {
-    let f = facts(graph, layer)?;
-    writeln!(out, "image: {}", f.filename)?;
-    writeln!(out, "file format: {}", f.format)?;
-    writeln!(out, "virtual size: {} bytes", f.size)?;
-    if let Some(cs) = f.cluster_size {
-        writeln!(out, "cluster_size: {cs}")?;
-    }
-    if let Some((name, format, full)) = f.backing {
-        writeln!(out, "backing file: {name} (actual path: {full})")?;
-        if let Some(format) = format {
-            writeln!(out, "backing file format: {format}")?;
-        }
-    }
-    if let Some(dirty) = f.dirty {
-        writeln!(out, "dirty flag: {dirty}")?;
-    }
-    Ok(())
 }

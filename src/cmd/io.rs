@@ -4,80 +4,15 @@
 //! `read [-P PATTERN] OFF LEN` (with `-P` every byte is verified),
 //! `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`.
 
-use core::fmt;
-
 use super::args::{parse_pattern, parse_size, split_words};
-use super::{invalid, with_image, Environment, Failure, Outcome, Session};
+use super::{invalid, Ctx, Environment, Failure, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, OpenOptions};
+use crate::graph::{Access, OpenOptions};
 
 const USAGE: &str = "usage: io [-r] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
-
-pub fn run<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
-    const S: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    session: &mut Session<S>,
-    words: &[&'a str],
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut read_only = false;
-    let mut image = None;
-    let mut commands = heapless::Vec::<&'a str, 512>::new();
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        match word {
-            "-r" => read_only = true,
-            "-c" => {
-                let command = words.next().ok_or_else(|| invalid(USAGE))?;
-                commands
-                    .push(command)
-                    .map_err(|_| invalid("too many -c commands"))?;
-            }
-            _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
-            _ => image = Some(word),
-        }
-    }
-    let image = image.ok_or_else(|| invalid(USAGE))?;
-    if let Some(backend) = session.backend(image) {
-        // Attached in the session: the guest's device.
-        return commands
-            .iter()
-            .try_for_each(|command| execute(graph, backend, command, scratch, out));
-    }
-    let options = OpenOptions {
-        read_only,
-        ..OpenOptions::default()
-    };
-    with_image(env, graph, image, options, |_, graph, top| {
-        let access = if read_only {
-            Access::READ_ONLY_DEVICE
-        } else {
-            Access::READ_WRITE_DEVICE
-        };
-        let backend = graph.attach_backend(top, access)?;
-        let mut result = Ok(());
-        for command in &commands {
-            result = execute(graph, backend, command, scratch, out);
-            if result.is_err() {
-                break;
-            }
-        }
-        graph.detach_backend(backend)?;
-        result
-    })
-}
 
 /// Options and operands of one qemu-io command.
 struct Request {
@@ -125,90 +60,143 @@ fn parse_request<'a>(words: &[&'a str], allow_zero: bool) -> Result<Request, Fai
     Ok(request)
 }
 
-fn execute<'a, D: crate::Device, const N: usize, const B: usize, const C: usize, const J: usize>(
-    graph: &mut Graph<D, N, B, C, J>,
-    backend: BackendId,
-    command: &'a str,
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let words = split_words(command).map_err(|e| Failure::new(e, command))?;
-    let Some((&verb, rest)) = words.split_first() else {
-        return Err(invalid("empty io command"));
-    };
-    let root = graph.root(backend)?;
-    let in_command = |err: Error| Failure::new(err, command);
-    match verb {
-        "read" => {
-            let r = parse_request(rest, false)?;
-            let mut done = 0;
-            while done < r.len {
-                let n = (r.len - done).min(scratch.len() as u64) as usize;
-                graph
-                    .backend_read(backend, r.offset + done, &mut scratch[..n])
-                    .map_err(in_command)?;
-                if let Some(pattern) = r.pattern {
-                    if let Some(bad) = scratch[..n].iter().position(|&b| b != pattern) {
-                        writeln!(
-                            out,
-                            "Pattern verification failed at offset {}, {} bytes",
-                            r.offset + done + bad as u64,
-                            r.len
-                        )?;
-                        return Err(in_command(Error::new(
-                            ErrorKind::Mismatch,
-                            "pattern verification failed",
-                        )));
-                    }
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `io`.
+    pub(crate) fn io<'a, const S: usize>(
+        &mut self,
+        session: &Session<S>,
+        words: &[&'a str],
+    ) -> Outcome<'a> {
+        let mut read_only = false;
+        let mut image = None;
+        let mut commands = heapless::Vec::<&'a str, 512>::new();
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            match word {
+                "-r" => read_only = true,
+                "-c" => {
+                    let command = words.next().ok_or_else(|| invalid(USAGE))?;
+                    commands
+                        .push(command)
+                        .map_err(|_| invalid("too many -c commands"))?;
                 }
-                done += n as u64;
+                _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
+                _ => image = Some(word),
             }
-            writeln!(out, "read {}/{} bytes at offset {}", r.len, r.len, r.offset)?;
         }
-        "write" => {
-            let r = parse_request(rest, true)?;
-            if r.zero {
-                if r.pattern.is_some() {
-                    return Err(invalid("write -z takes no pattern"));
-                }
-                graph
-                    .write_zeroes(root, r.offset, r.len)
-                    .map_err(in_command)?;
+        let image = image.ok_or_else(|| invalid(USAGE))?;
+        if let Some(backend) = session.backend(image) {
+            // Attached in the session: the guest's device.
+            return commands
+                .iter()
+                .try_for_each(|command| self.execute(backend, command));
+        }
+        let options = OpenOptions {
+            read_only,
+            ..OpenOptions::default()
+        };
+        self.with_image(image, options, |cx, top| {
+            let access = if read_only {
+                Access::READ_ONLY_DEVICE
             } else {
-                let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
-                let chunk = (r.len.min(scratch.len() as u64)) as usize;
-                scratch[..chunk].fill(pattern);
+                Access::READ_WRITE_DEVICE
+            };
+            let backend = cx.graph.attach_backend(top, access)?;
+            let mut result = Ok(());
+            for command in &commands {
+                result = cx.execute(backend, command);
+                if result.is_err() {
+                    break;
+                }
+            }
+            cx.graph.detach_backend(backend)?;
+            result
+        })
+    }
+
+    /// Runs one qemu-io command on `backend`.
+    fn execute<'a>(&mut self, backend: BackendId, command: &'a str) -> Outcome<'a> {
+        let (graph, scratch, out) = (&mut *self.graph, &mut *self.scratch, &mut *self.out);
+        let words = split_words(command).map_err(|e| Failure::new(e, command))?;
+        let Some((&verb, rest)) = words.split_first() else {
+            return Err(invalid("empty io command"));
+        };
+        let root = graph.root(backend)?;
+        let in_command = |err: Error| Failure::new(err, command);
+        match verb {
+            "read" => {
+                let r = parse_request(rest, false)?;
                 let mut done = 0;
                 while done < r.len {
-                    let n = (r.len - done).min(chunk as u64) as usize;
+                    let n = (r.len - done).min(scratch.len() as u64) as usize;
                     graph
-                        .backend_write(backend, r.offset + done, &scratch[..n])
+                        .backend_read(backend, r.offset + done, &mut scratch[..n])
                         .map_err(in_command)?;
+                    if let Some(pattern) = r.pattern {
+                        if let Some(bad) = scratch[..n].iter().position(|&b| b != pattern) {
+                            writeln!(
+                                out,
+                                "Pattern verification failed at offset {}, {} bytes",
+                                r.offset + done + bad as u64,
+                                r.len
+                            )?;
+                            return Err(in_command(Error::new(
+                                ErrorKind::Mismatch,
+                                "pattern verification failed",
+                            )));
+                        }
+                    }
                     done += n as u64;
                 }
+                writeln!(out, "read {}/{} bytes at offset {}", r.len, r.len, r.offset)?;
             }
-            writeln!(
-                out,
-                "wrote {}/{} bytes at offset {}",
-                r.len, r.len, r.offset
-            )?;
+            "write" => {
+                let r = parse_request(rest, true)?;
+                if r.zero {
+                    if r.pattern.is_some() {
+                        return Err(invalid("write -z takes no pattern"));
+                    }
+                    graph
+                        .write_zeroes(root, r.offset, r.len)
+                        .map_err(in_command)?;
+                } else {
+                    let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
+                    let chunk = (r.len.min(scratch.len() as u64)) as usize;
+                    scratch[..chunk].fill(pattern);
+                    let mut done = 0;
+                    while done < r.len {
+                        let n = (r.len - done).min(chunk as u64) as usize;
+                        graph
+                            .backend_write(backend, r.offset + done, &scratch[..n])
+                            .map_err(in_command)?;
+                        done += n as u64;
+                    }
+                }
+                writeln!(
+                    out,
+                    "wrote {}/{} bytes at offset {}",
+                    r.len, r.len, r.offset
+                )?;
+            }
+            "discard" => {
+                let r = parse_request(rest, false)?;
+                graph.discard(root, r.offset, r.len).map_err(in_command)?;
+                writeln!(
+                    out,
+                    "discard {}/{} bytes at offset {}",
+                    r.len, r.len, r.offset
+                )?;
+            }
+            "flush" => graph.backend_flush(backend).map_err(in_command)?,
+            _ => {
+                return Err(Failure::new(
+                    Error::new(ErrorKind::InvalidInput, "unknown io command"),
+                    verb,
+                ))
+            }
         }
-        "discard" => {
-            let r = parse_request(rest, false)?;
-            graph.discard(root, r.offset, r.len).map_err(in_command)?;
-            writeln!(
-                out,
-                "discard {}/{} bytes at offset {}",
-                r.len, r.len, r.offset
-            )?;
-        }
-        "flush" => graph.backend_flush(backend).map_err(in_command)?,
-        _ => {
-            return Err(Failure::new(
-                Error::new(ErrorKind::InvalidInput, "unknown io command"),
-                verb,
-            ))
-        }
+        Ok(())
     }
-    Ok(())
 }

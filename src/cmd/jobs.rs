@@ -10,10 +10,9 @@
 
 use core::fmt;
 
-use super::collapse::find_in_chain;
-use super::{invalid, open_as_device, Environment, Failure, Outcome};
+use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, NodeId};
+use crate::graph::{Access, NodeId};
 use crate::jobs::{CommitRequest, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest};
 use crate::BackendId;
 
@@ -55,236 +54,172 @@ pub(crate) fn parse_job_args<'a>(
     })
 }
 
-/// Starts a commit (`commit`) or stream job on the chain of `active`, as
-/// `args` name its top and base.
-pub(crate) fn start_job<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    active: NodeId,
-    commit: bool,
-    args: &JobArgs<'a>,
-) -> Result<JobId, Failure<'a>> {
-    let base = match args.base {
-        Some(name) => Some(find_in_chain(env, graph, active, name)?),
-        None => None,
-    };
-    let started = if commit {
-        let top = match args.top {
-            Some(name) => find_in_chain(env, graph, active, name)?,
-            None => active,
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Starts a commit (`commit`) or stream job on the chain of `active`, as
+    /// `args` name its top and base.
+    pub(crate) fn start_job<'a>(
+        &mut self,
+        active: NodeId,
+        commit: bool,
+        args: &JobArgs<'a>,
+    ) -> Result<JobId, Failure<'a>> {
+        let base = match args.base {
+            Some(name) => Some(self.find_in_chain(active, name)?),
+            None => None,
         };
-        let base = match base {
-            Some(base) => base,
-            None => graph.backing(top)?.ok_or_else(|| {
-                Failure::new(
+        let started = if commit {
+            let top = match args.top {
+                Some(name) => self.find_in_chain(active, name)?,
+                None => active,
+            };
+            let base = match base {
+                Some(base) => base,
+                None => self.graph.backing(top)?.ok_or_else(|| {
+                    Failure::new(
+                        Error::new(
+                            ErrorKind::InvalidInput,
+                            "top has no backing file: nothing to commit into",
+                        ),
+                        args.top.unwrap_or(args.image),
+                    )
+                })?,
+            };
+            self.graph.start_commit(CommitRequest {
+                active,
+                top,
+                base,
+                on_error: OnError::Report,
+            })
+        } else {
+            self.graph.start_stream(StreamRequest {
+                active,
+                base,
+                on_error: OnError::Report,
+            })
+        };
+        started.map_err(|e| Failure::new(e, args.image))
+    }
+
+    /// Says what a finished job left: the new active image after an active
+    /// commit, the new backing file after a stream.
+    pub(crate) fn finish_report<'a>(
+        &mut self,
+        backend: BackendId,
+        kind: JobKind,
+        active_commit: bool,
+        image: &str,
+    ) -> Outcome<'a> {
+        let (graph, out) = (&*self.graph, &mut *self.out);
+        let root = graph.root(backend)?;
+        match kind {
+            JobKind::Commit if active_commit => {
+                writeln!(out, "Image '{}' is now the active image", graph.name(root)?)?
+            }
+            JobKind::Commit => writeln!(out, "Image committed.")?,
+            JobKind::Stream => match graph.backing(root)? {
+                Some(base) => writeln!(
+                    out,
+                    "Image '{image}' now has backing file '{}'",
+                    graph.name(base)?
+                )?,
+                None => writeln!(out, "Image '{image}' no longer has a backing file")?,
+            },
+        }
+        Ok(())
+    }
+
+    /// Runs a `commit` (`commit` true) or `stream` command to completion.
+    pub(crate) fn commit_or_stream<'a>(&mut self, words: &[&'a str], commit: bool) -> Outcome<'a> {
+        let usage = if commit { COMMIT_USAGE } else { STREAM_USAGE };
+        let args = parse_job_args(words, commit, usage)?;
+        let (active, backend) = self.open_as_device(args.image, Access::READ_WRITE_DEVICE)?;
+        let result = (|| {
+            let job = self.start_job(active, commit, &args)?;
+            let info = self.graph.job_info(job)?;
+            self.run_job(job, args.progress)?;
+            self.finish_report(backend, info.kind, info.active_commit, args.image)
+        })();
+        self.graph.detach_backend(backend)?;
+        result
+    }
+
+    /// Runs `snapshot`.
+    pub(crate) fn snapshot<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let [image, overlay_name] = words else {
+            return Err(invalid(SNAPSHOT_USAGE));
+        };
+        if overlay_name.starts_with('-') || image.starts_with('-') {
+            return Err(invalid(SNAPSHOT_USAGE));
+        }
+        let (active, backend) = self.open_as_device(image, Access::READ_WRITE_DEVICE)?;
+        let result = (|| {
+            // Creating truncates: never let the new overlay be a chain member.
+            if self.find_in_chain(active, overlay_name).is_ok() {
+                return Err(Failure::new(
                     Error::new(
                         ErrorKind::InvalidInput,
-                        "top has no backing file: nothing to commit into",
+                        "the new overlay is an image of the chain",
                     ),
-                    args.top.unwrap_or(args.image),
-                )
-            })?,
-        };
-        graph.start_commit(CommitRequest {
-            active,
-            top,
-            base,
-            on_error: OnError::Report,
-        })
-    } else {
-        graph.start_stream(StreamRequest {
-            active,
-            base,
-            on_error: OnError::Report,
-        })
-    };
-    started.map_err(|e| Failure::new(e, args.image))
-}
-
-/// Says what a finished job left: the new active image after an active
-/// commit, the new backing file after a stream.
-pub(crate) fn finish_report<
-    'a,
-    D: crate::Device,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    graph: &Graph<D, N, B, C, J>,
-    backend: BackendId,
-    kind: JobKind,
-    active_commit: bool,
-    image: &str,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let root = graph.root(backend)?;
-    match kind {
-        JobKind::Commit if active_commit => {
-            writeln!(out, "Image '{}' is now the active image", graph.name(root)?)?
-        }
-        JobKind::Commit => writeln!(out, "Image committed.")?,
-        JobKind::Stream => match graph.backing(root)? {
-            Some(base) => writeln!(
-                out,
-                "Image '{image}' now has backing file '{}'",
-                graph.name(base)?
-            )?,
-            None => writeln!(out, "Image '{image}' no longer has a backing file")?,
-        },
-    }
-    Ok(())
-}
-
-/// Runs a `commit` (`commit` true) or `stream` command to completion.
-pub fn run_command<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    commit: bool,
-    scratch: &mut [u8],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let usage = if commit { COMMIT_USAGE } else { STREAM_USAGE };
-    let args = parse_job_args(words, commit, usage)?;
-    let (active, backend) = open_as_device(env, graph, args.image, Access::READ_WRITE_DEVICE)?;
-    let result = (|| {
-        let job = start_job(env, graph, active, commit, &args)?;
-        let info = graph.job_info(job)?;
-        run_job(env, graph, job, scratch, args.progress, out)?;
-        finish_report(
-            graph,
-            backend,
-            info.kind,
-            info.active_commit,
-            args.image,
-            out,
-        )
-    })();
-    graph.detach_backend(backend)?;
-    result
-}
-
-pub fn snapshot<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let [image, overlay_name] = words else {
-        return Err(invalid(SNAPSHOT_USAGE));
-    };
-    if overlay_name.starts_with('-') || image.starts_with('-') {
-        return Err(invalid(SNAPSHOT_USAGE));
-    }
-    let (active, backend) = open_as_device(env, graph, image, Access::READ_WRITE_DEVICE)?;
-    let result = (|| {
-        // Creating truncates: never let the new overlay be a chain member.
-        if find_in_chain(env, graph, active, overlay_name).is_ok() {
-            return Err(Failure::new(
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    "the new overlay is an image of the chain",
-                ),
-                overlay_name,
-            ));
-        }
-        let device = env
-            .create(overlay_name, 0)
-            .map_err(|e| Failure::new(e, overlay_name))?;
-        let overlay = graph
-            .snapshot(env.resolver(), active, device, overlay_name)
-            .map_err(|e| Failure::new(e, overlay_name))?;
-        graph.unref(overlay)?;
-        report_active(graph, backend, image, out)
-    })();
-    graph.detach_backend(backend)?;
-    result
-}
-
-fn report_active<
-    'a,
-    D: crate::Device,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    graph: &Graph<D, N, B, C, J>,
-    backend: BackendId,
-    previous: &str,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let now: NodeId = graph.root(backend)?;
-    writeln!(
-        out,
-        "Image '{}' is now the active image (backing file '{previous}')",
-        graph.name(now)?
-    )?;
-    Ok(())
-}
-
-/// Steps `job` until it concludes, completing it when it becomes ready, and
-/// dismisses it. Fails when the job failed.
-pub(crate) fn run_job<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    job: JobId,
-    scratch: &mut [u8],
-    progress: bool,
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut bar = Progress::new(env, progress);
-    let mut completing = false;
-    loop {
-        let status = graph.job_step(job, env.resolver(), scratch)?;
-        let info = graph.job_info(job)?;
-        bar.update(env, &info, out)?;
-        match status {
-            JobStatus::Ready if !completing => {
-                graph.job_complete(job)?;
-                completing = true;
+                    overlay_name,
+                ));
             }
-            JobStatus::Paused => graph.job_cancel(job)?,
-            JobStatus::Concluded => break,
-            _ => {}
-        }
+            let device = self
+                .env
+                .create(overlay_name, 0)
+                .map_err(|e| Failure::new(e, overlay_name))?;
+            let overlay = self
+                .graph
+                .snapshot(self.env.resolver(), active, device, overlay_name)
+                .map_err(|e| Failure::new(e, overlay_name))?;
+            self.graph.unref(overlay)?;
+            self.report_active(backend, image)
+        })();
+        self.graph.detach_backend(backend)?;
+        result
     }
-    let info = graph.job_info(job)?;
-    bar.finish(env, &info, out)?;
-    graph.job_dismiss(job)?;
-    match info.error {
-        Some(err) => Err(err.into()),
-        None if info.cancelled => Err(Error::new(ErrorKind::Io, "job was cancelled").into()),
-        None => Ok(()),
+
+    /// Says which image is active after a snapshot of `previous`.
+    fn report_active<'a>(&mut self, backend: BackendId, previous: &str) -> Outcome<'a> {
+        let now: NodeId = self.graph.root(backend)?;
+        writeln!(
+            self.out,
+            "Image '{}' is now the active image (backing file '{previous}')",
+            self.graph.name(now)?
+        )?;
+        Ok(())
+    }
+
+    /// Steps `job` until it concludes, completing it when it becomes ready, and
+    /// dismisses it. Fails when the job failed.
+    pub(crate) fn run_job<'a>(&mut self, job: JobId, progress: bool) -> Outcome<'a> {
+        let mut bar = Progress::new(self.env, progress);
+        let mut completing = false;
+        loop {
+            let status = self
+                .graph
+                .job_step(job, self.env.resolver(), self.scratch)?;
+            let info = self.graph.job_info(job)?;
+            bar.update(self.env, &info, self.out)?;
+            match status {
+                JobStatus::Ready if !completing => {
+                    self.graph.job_complete(job)?;
+                    completing = true;
+                }
+                JobStatus::Paused => self.graph.job_cancel(job)?,
+                JobStatus::Concluded => break,
+                _ => {}
+            }
+        }
+        let info = self.graph.job_info(job)?;
+        bar.finish(self.env, &info, self.out)?;
+        self.graph.job_dismiss(job)?;
+        match info.error {
+            Some(err) => Err(err.into()),
+            None if info.cancelled => Err(Error::new(ErrorKind::Io, "job was cancelled").into()),
+            None => Ok(()),
+        }
     }
 }
 

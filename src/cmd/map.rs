@@ -3,34 +3,29 @@
 
 use core::fmt;
 
-use super::{output_option, single_image, with_image, Environment, Outcome};
-use crate::graph::{BlockStatus, Graph, OpenOptions};
+use super::{output_option, single_image, Ctx, Environment, Outcome};
+use crate::graph::{BlockStatus, OpenOptions};
 
 const USAGE: &str = "usage: map [--output=json|human] IMAGE";
 
-pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    words: &[&'a str],
-    out: &mut dyn fmt::Write,
-) -> Outcome<'a> {
-    let mut as_json = false;
-    let mut images = heapless::Vec::<&str, 1>::new();
-    let mut words = words.iter().copied();
-    while let Some(word) = words.next() {
-        if let Some(choice) = output_option(word, &mut words) {
-            as_json = choice?;
-        } else if word.starts_with('-') || images.push(word).is_err() {
-            return Err(super::invalid(USAGE));
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Runs `map`.
+    pub(crate) fn map<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let mut as_json = false;
+        let mut images = heapless::Vec::<&str, 1>::new();
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            if let Some(choice) = output_option(word, &mut words) {
+                as_json = choice?;
+            } else if word.starts_with('-') || images.push(word).is_err() {
+                return Err(super::invalid(USAGE));
+            }
         }
-    }
-    let image = single_image(&images, USAGE)?;
-    with_image(
-        env,
-        graph,
-        image,
-        OpenOptions::default(),
-        |_, graph, top| {
+        let image = single_image(&images, USAGE)?;
+        self.with_image(image, OpenOptions::default(), |cx, top| {
+            let (graph, out) = (&mut *cx.graph, &mut *cx.out);
             let size = graph.size(top)?;
             if as_json {
                 out.write_str("[")?;
@@ -64,8 +59,8 @@ pub fn run<'a, E: Environment, const N: usize, const B: usize, const C: usize, c
                 out.write_str("]\n")?;
             }
             Ok(())
-        },
-    )
+        })
+    }
 }
 
 fn emit(

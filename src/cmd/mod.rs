@@ -157,21 +157,27 @@ pub fn run<
     let (&name, rest) = words
         .split_first()
         .ok_or_else(|| invalid("no command given"))?;
-    if let Some(outcome) = session::run(env, graph, session, name, rest, scratch, out) {
+    let mut cx = Ctx {
+        env,
+        graph,
+        scratch,
+        out,
+    };
+    if let Some(outcome) = cx.session_command(session, name, rest) {
         return outcome;
     }
     match name {
-        "info" => info::run(env, graph, rest, out),
-        "io" => io::run(env, graph, session, rest, scratch, out),
-        "map" => map::run(env, graph, rest, out),
-        "convert" => convert::run(env, graph, rest, scratch, out),
-        "collapse" => collapse::run(env, graph, rest, out),
-        "commit" => jobs::run_command(env, graph, rest, true, scratch, out),
-        "stream" => jobs::run_command(env, graph, rest, false, scratch, out),
-        "snapshot" => jobs::snapshot(env, graph, rest, out),
-        "create" => create::run(env, graph, rest, out),
-        "bench" => bench::run(env, graph, session, rest, scratch, out),
-        "sizes" => bench::sizes::<E, N, B, C, J, S>(graph, session, rest, scratch, out),
+        "info" => cx.info(rest),
+        "io" => cx.io(session, rest),
+        "map" => cx.map(rest),
+        "convert" => cx.convert(rest),
+        "collapse" => cx.collapse(rest),
+        "commit" => cx.commit_or_stream(rest, true),
+        "stream" => cx.commit_or_stream(rest, false),
+        "snapshot" => cx.snapshot(rest),
+        "create" => cx.create(rest),
+        "bench" => cx.bench(session, rest),
+        "sizes" => cx.sizes::<S>(rest),
         _ => Err(Failure::new(
             Error::new(ErrorKind::InvalidInput, "unknown command"),
             name,
@@ -222,80 +228,76 @@ pub fn run_script<
     }
 }
 
-/// Opens `name`'s chain, runs `body` on it and releases it again.
-pub(crate) fn with_image<
-    'a,
+/// What a command works with: the front end's environment, the graph, the
+/// scratch memory and the output sink. [`run`] lends them for one command;
+/// each command module adds its commands as methods.
+pub(crate) struct Ctx<
+    'x,
     E: Environment,
     const N: usize,
     const B: usize,
     const C: usize,
     const J: usize,
-    T,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    name: &'a str,
-    options: OpenOptions,
-    body: impl FnOnce(
-        &mut E,
-        &mut Graph<E::Device, N, B, C, J>,
-        NodeId,
-    ) -> core::result::Result<T, Failure<'a>>,
-) -> core::result::Result<T, Failure<'a>> {
-    let node = open(env, graph, name, options)?;
-    let result = body(env, graph, node);
-    if graph.contains(node) {
-        graph.unref(node)?;
+> {
+    /// The front end's environment.
+    pub(crate) env: &'x mut E,
+    /// The graph the command works on.
+    pub(crate) graph: &'x mut Graph<E::Device, N, B, C, J>,
+    /// Working memory for data transfers (not empty).
+    pub(crate) scratch: &'x mut [u8],
+    /// Where results are written.
+    pub(crate) out: &'x mut dyn fmt::Write,
+}
+
+impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
+    Ctx<'_, E, N, B, C, J>
+{
+    /// Opens `name`'s chain, runs `body` on it and releases it again.
+    pub(crate) fn with_image<'a, T>(
+        &mut self,
+        name: &'a str,
+        options: OpenOptions,
+        body: impl FnOnce(&mut Self, NodeId) -> core::result::Result<T, Failure<'a>>,
+    ) -> core::result::Result<T, Failure<'a>> {
+        let node = self.open(name, options)?;
+        let result = body(self, node);
+        if self.graph.contains(node) {
+            self.graph.unref(node)?;
+        }
+        result
     }
-    result
-}
 
-/// Opens `name`'s chain, naming the image in the failure.
-pub(crate) fn open<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    name: &'a str,
-    options: OpenOptions,
-) -> core::result::Result<NodeId, Failure<'a>> {
-    graph
-        .open_image(env.resolver(), name, options)
-        .map_err(|err| Failure::new(err, name))
-}
+    /// Opens `name`'s chain, naming the image in the failure.
+    pub(crate) fn open<'a>(
+        &mut self,
+        name: &'a str,
+        options: OpenOptions,
+    ) -> core::result::Result<NodeId, Failure<'a>> {
+        self.graph
+            .open_image(self.env.resolver(), name, options)
+            .map_err(|err| Failure::new(err, name))
+    }
 
-/// Opens `name`'s chain with every device writable (headers may be
-/// rewritten) and attaches a BlockBackend with `access` standing for the
-/// guest's device: from then on the backend is the only holder of the
-/// active layer, so dropping or pivoting it works as under a VMM. The caller
-/// detaches the backend.
-pub(crate) fn open_as_device<
-    'a,
-    E: Environment,
-    const N: usize,
-    const B: usize,
-    const C: usize,
-    const J: usize,
->(
-    env: &mut E,
-    graph: &mut Graph<E::Device, N, B, C, J>,
-    name: &'a str,
-    access: crate::graph::Access,
-) -> core::result::Result<(NodeId, crate::BackendId), Failure<'a>> {
-    let options = OpenOptions {
-        read_only: !access.perm.contains(crate::graph::Perm::WRITE),
-        writable_devices: true,
-        ..OpenOptions::default()
-    };
-    let active = open(env, graph, name, options)?;
-    let backend = graph.attach_backend(active, access);
-    graph.unref(active)?;
-    Ok((active, backend.map_err(|e| Failure::new(e, name))?))
+    /// Opens `name`'s chain with every device writable (headers may be
+    /// rewritten) and attaches a BlockBackend with `access` standing for the
+    /// guest's device: from then on the backend is the only holder of the
+    /// active layer, so dropping or pivoting it works as under a VMM. The
+    /// caller detaches the backend.
+    pub(crate) fn open_as_device<'a>(
+        &mut self,
+        name: &'a str,
+        access: crate::graph::Access,
+    ) -> core::result::Result<(NodeId, crate::BackendId), Failure<'a>> {
+        let options = OpenOptions {
+            read_only: !access.perm.contains(crate::graph::Perm::WRITE),
+            writable_devices: true,
+            ..OpenOptions::default()
+        };
+        let active = self.open(name, options)?;
+        let backend = self.graph.attach_backend(active, access);
+        self.graph.unref(active)?;
+        Ok((active, backend.map_err(|e| Failure::new(e, name))?))
+    }
 }
 
 /// `--output=json|human` or `--output json|human`: true for JSON.
