@@ -304,11 +304,13 @@ impl Qcow2 {
         (table, index): (u64, u64),
         mut visit: impl FnMut(u64) -> bool,
     ) -> Result<()> {
+        // Slice lengths are powers of two: masks instead of divisions (this
+        // runs for every layer of every request).
         let slice_len = self.slice_len();
         let byte = index * 8;
-        let slice_start = table + byte / slice_len * slice_len;
+        let slice_start = table + (byte & !(slice_len - 1));
         let slice = t.slice(slice_start, slice_len as usize)?;
-        let first = (byte % slice_len) as usize;
+        let first = (byte & (slice_len - 1)) as usize;
         for chunk in slice[first..].chunks_exact(8) {
             let mut raw = [0u8; 8];
             raw.copy_from_slice(chunk);
@@ -362,13 +364,15 @@ impl Qcow2 {
     ) -> Result<(Mapping, u64)> {
         let cs = self.cluster_size();
         let bits = self.header.cluster_bits;
-        let l2_entries = cs / 8;
+        // Entries per L2 table: cs / 8, a power of two.
+        let l2_bits = bits - 3;
+        let l2_entries = 1u64 << l2_bits;
         let cluster = offset >> bits;
-        let l1_index = cluster / l2_entries;
-        let l2_index = cluster % l2_entries;
+        let l1_index = cluster >> l2_bits;
+        let l2_index = cluster & (l2_entries - 1);
         let in_cluster = offset & (cs - 1);
         // Clusters this request may span inside the current L2 table.
-        let span = (in_cluster + len).div_ceil(cs).min(l2_entries - l2_index);
+        let span = ((in_cluster + len + cs - 1) >> bits).min(l2_entries - l2_index);
         let run_len = |clusters: u64| (clusters * cs - in_cluster).min(len);
 
         if l1_index >= u64::from(self.header.l1_size) {
