@@ -18,6 +18,8 @@ pub use inflate::{CompressedExtent, Inflater};
 pub use write::{references_storage, ClearMode, WriteTarget};
 
 use super::cache::{Image, Level, MetaCache, Owner, SLICE_SIZE};
+use core::cell::Cell;
+
 use super::Mapping;
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -48,6 +50,10 @@ pub struct Qcow2 {
     /// Every cluster the active tables use was found counted (checked once,
     /// before the first write).
     counted: bool,
+    /// The L1 entry the last lookup read (index, entry): consecutive
+    /// requests mostly share it, and this saves a cache probe per layer.
+    /// Cleared by every table update.
+    last_l1: Cell<Option<(u64, u64)>>,
 }
 
 /// What a qcow2 node's metadata work borrows: the shared cache (under the
@@ -224,6 +230,7 @@ impl Qcow2 {
             l1_used,
             rt_used,
             counted: false,
+            last_l1: Cell::new(None),
         };
         probe.check_l2_tables(device)?;
         Ok(Self {
@@ -233,6 +240,7 @@ impl Qcow2 {
             l1_used,
             rt_used,
             counted: false,
+            last_l1: Cell::new(None),
         })
     }
 
@@ -330,8 +338,25 @@ impl Qcow2 {
         bytes: &[u8],
         level: Level,
     ) -> Result<()> {
+        self.last_l1.set(None);
         let len = self.slice_len();
         t.update((at / len * len, len as usize), at, bytes, level)
+    }
+
+    /// L1 entry `index` for a lookup (the last one read is kept).
+    fn lookup_l1<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        index: u64,
+    ) -> Result<u64> {
+        if let Some((last, entry)) = self.last_l1.get() {
+            if last == index {
+                return Ok(entry);
+            }
+        }
+        let entry = self.read_entry(t, self.header.l1_table_offset, index)?;
+        self.last_l1.set(Some((index, entry)));
+        Ok(entry)
     }
 
     /// Entry `index` of the 8-byte-entry table at `table`.
@@ -378,7 +403,7 @@ impl Qcow2 {
         if l1_index >= u64::from(self.header.l1_size) {
             return fail(ErrorKind::Corrupt, "qcow2 offset beyond the L1 table");
         }
-        let l1_entry = self.read_entry(t, self.header.l1_table_offset, l1_index)?;
+        let l1_entry = self.lookup_l1(t, l1_index)?;
         let l2_table = l1_entry & OFFSET_MASK;
         if l2_table == 0 {
             return Ok((Mapping::Unallocated, run_len(span)));

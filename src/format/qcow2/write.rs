@@ -547,6 +547,7 @@ impl Qcow2 {
             device.flush()?;
             self.header.l1_size = needed as u32;
             self.header.l1_table_offset = table;
+            self.last_l1.set(None);
             let mut cluster = old_offset;
             while old_bytes > 0 && cluster < old_offset + old_bytes {
                 self.release_cluster(t, cluster)?;
