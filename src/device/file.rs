@@ -142,6 +142,10 @@ impl Device for FileDevice {
         self.file.sync_data().map_err(io_error)
     }
 
+    fn can_copy(&self) -> bool {
+        true
+    }
+
     fn copy_from(
         &mut self,
         offset: u64,

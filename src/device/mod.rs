@@ -56,6 +56,13 @@ pub trait Device {
     /// Which storage this is; equal ids mean the same image.
     fn identity(&self) -> DeviceId;
 
+    /// Whether [`Device::copy_from`] can ever copy on this device; when not,
+    /// callers copy through a buffer without looking for runs to offload.
+    /// The default cannot.
+    fn can_copy(&self) -> bool {
+        false
+    }
+
     /// Copies `len` bytes at `source_offset` of `source` to `offset` of this
     /// device, inside both devices' current size, without passing them
     /// through the caller's memory where the back end can (a host file:

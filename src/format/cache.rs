@@ -43,6 +43,19 @@ pub struct Image {
     pub device: usize,
 }
 
+/// The device at `index` of a device table, or a corruption error naming
+/// `what` when that slot is empty (an image whose device was released).
+pub(crate) fn device_at<'d, D>(
+    devices: &'d mut [Option<D>],
+    index: usize,
+    what: &'static str,
+) -> Result<&'d mut D> {
+    match devices.get_mut(index).and_then(Option::as_mut) {
+        Some(device) => Ok(device),
+        None => fail(ErrorKind::Corrupt, what),
+    }
+}
+
 /// What a dirty slice holds, in write-back order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -239,18 +252,15 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                 let slot = self.victim(set);
                 let evicted = self.tags[slot];
                 if evicted.valid && evicted.dirty.is_some() {
-                    let Some(device) = devices
-                        .get_mut(evicted.image.device)
-                        .and_then(Option::as_mut)
-                    else {
-                        return fail(ErrorKind::Corrupt, "cached metadata of a closed image");
-                    };
+                    let device = device_at(
+                        devices,
+                        evicted.image.device,
+                        "cached metadata of a closed image",
+                    )?;
                     self.write_back(evicted.image.owner, device)?;
                 }
                 self.tags[slot].valid = false;
-                let Some(device) = devices.get_mut(image.device).and_then(Option::as_mut) else {
-                    return fail(ErrorKind::Corrupt, "image without device");
-                };
+                let device = device_at(devices, image.device, "image without device")?;
                 let present = device.size().saturating_sub(offset).min(slice_len as u64) as usize;
                 let buf = &mut self.data[slot][..slice_len];
                 if present > 0 {

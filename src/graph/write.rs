@@ -1,12 +1,12 @@
 //! Guest writes, zero writes and discards on a format node.
 //!
 //! For qcow2 the graph drives each cluster: an owned cluster is written in
-//! place; otherwise a new cluster is allocated, filled (the untouched head
-//! and tail copied from the node's *current* guest view — old data, a
-//! compressed cluster, zeros or the backing chain — through a small bounce
-//! buffer, then the new bytes), flushed, and only then mapped. Reading the
-//! current view through the graph is what makes copy-on-write right for
-//! every kind of old entry.
+//! place; otherwise a new cluster is allocated and filled (the untouched
+//! head and tail copied from the node's *current* guest view — old data, a
+//! compressed cluster, zeros or the backing chain — then the new bytes), and
+//! then mapped in the metadata cache, which writes the mapping back only
+//! after a flush has made the data durable. Reading the current view through
+//! the graph is what makes copy-on-write right for every kind of old entry.
 
 use super::{Driver, Graph, NodeId};
 use crate::device::Device;
@@ -19,7 +19,8 @@ const BOUNCE: usize = 4096;
 /// Buffer a partly written new cluster is assembled in (on the stack);
 /// larger clusters are filled piece by piece.
 const COW_BUFFER: usize = 64 * 1024;
-/// Clusters allocated together, sharing one flush before they are mapped.
+/// Clusters a request allocates and maps together (the bound of the
+/// per-batch bookkeeping on the stack).
 const BATCH: usize = 64;
 /// L2 entry flag of an owned cluster.
 const COPIED: u64 = 1 << 63;
@@ -186,10 +187,16 @@ impl<
         len: u64,
         scratch: &mut [u8],
     ) -> Result<()> {
+        let file = self.layer_file(id)?;
+        let offloads = self.device_mut(file)?.can_copy();
         let mut done = 0;
         while done < len {
             let at = offset + done;
-            done += match self.offload(id, source, at, len - done)? {
+            let copied = match offloads {
+                true => self.offload(id, source, at, len - done)?,
+                false => None,
+            };
+            done += match copied {
                 Some(copied) => copied,
                 None => {
                     let n = (len - done).min(scratch.len() as u64);

@@ -17,7 +17,7 @@ pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
 pub use write::{references_storage, ClearMode, WriteTarget};
 
-use super::cache::{Image, Level, MetaCache, Owner, SLICE_SIZE};
+use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
 use core::cell::Cell;
 
 use super::Mapping;
@@ -31,6 +31,8 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit (standard clusters): reads as zero.
 const ZERO: u64 = 1;
+/// The error of a qcow2 node whose device is gone.
+const NO_DEVICE: &str = "qcow2 image without device";
 /// Bits 9..=55: a table or cluster offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
@@ -84,10 +86,7 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
 
     /// The image's device.
     fn device(&mut self) -> Result<&mut D> {
-        self.devices
-            .get_mut(self.image.device)
-            .and_then(Option::as_mut)
-            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 image without device"))
+        device_at(self.devices, self.image.device, NO_DEVICE)
     }
 
     /// The size of the image's device (0 when it is missing).
@@ -123,13 +122,8 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     /// # Errors
     /// Device errors (what was not written stays dirty).
     pub fn write_back(&mut self) -> Result<()> {
-        let owner = self.image.owner;
-        let device = self
-            .devices
-            .get_mut(self.image.device)
-            .and_then(Option::as_mut)
-            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 image without device"))?;
-        self.cache.write_back(owner, device)
+        let device = device_at(self.devices, self.image.device, NO_DEVICE)?;
+        self.cache.write_back(self.image.owner, device)
     }
 
     /// Writes the dirty slices back and flushes: everything written so far

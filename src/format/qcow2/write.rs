@@ -130,7 +130,7 @@ impl Qcow2 {
                 "offset beyond the image's L1 table",
             );
         }
-        let entry = self.read_entry(t, self.header.l1_table_offset, l1_index)?;
+        let entry = self.lookup_l1(t, l1_index)?;
         if entry & 0x1ff != 0 {
             return fail(ErrorKind::Corrupt, "qcow2 L1 entry has reserved bits set");
         }

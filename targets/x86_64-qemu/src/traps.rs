@@ -34,16 +34,6 @@ struct Gate {
 const _: () = assert!(core::mem::size_of::<Gate>() == 16);
 
 impl Gate {
-    const MISSING: Gate = Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        attributes: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    };
-
     fn to(handler: u64) -> Gate {
         Gate {
             offset_low: handler as u16,
@@ -142,14 +132,10 @@ pub fn init() {
         static trap_entries: [u64; VECTORS];
     }
     let idt = IDT.call_once(|| {
-        let mut gates = [Gate::MISSING; VECTORS];
         // SAFETY: `trap_entries` is the table of 32 entry addresses the
         // assembly above emits in `.rodata`; it is never written.
         let entries = unsafe { &trap_entries };
-        for (gate, &entry) in gates.iter_mut().zip(entries) {
-            *gate = Gate::to(entry);
-        }
-        Idt(gates)
+        Idt(entries.map(Gate::to))
     });
     let pointer = DescriptorPointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
