@@ -124,6 +124,20 @@ impl<
         self.write(root, offset, data)
     }
 
+    /// Checks, without writing, that a write of `len` bytes at `offset`
+    /// through backend `id` may go ahead as a whole ([`Graph::check_write`]).
+    ///
+    /// # Errors
+    /// As [`Graph::backend_write`].
+    pub fn backend_check_write(&mut self, id: BackendId, offset: u64, len: u64) -> Result<()> {
+        let backend = self.backends.get(id)?;
+        if !backend.access.perm.contains(Perm::WRITE) {
+            return fail(ErrorKind::ReadOnly, "backend is attached read-only");
+        }
+        let root = backend.root;
+        self.check_write(root, offset, len)
+    }
+
     /// Flushes backend `id`'s root.
     ///
     /// # Errors

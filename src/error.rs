@@ -33,6 +33,9 @@ pub enum ErrorKind {
     NotFound,
     /// Data read back differs from what was expected (pattern checks).
     Mismatch,
+    /// The operation is refused to protect the host (QEMU's `EPERM`), e.g.
+    /// a write that would change how a probed raw image probes.
+    NotPermitted,
 }
 
 /// An error: a kind plus a human-readable static message.

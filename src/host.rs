@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use crate::cmd::{copy_range, Failure, Outcome};
 use crate::device::FileDevice;
 use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::Format;
 use crate::graph::{Graph, NameBuf, OpenOptions, Resolver};
 
 /// Parts of a parallel copy start at multiples of this.
@@ -17,14 +18,14 @@ const PART_ALIGN: u64 = 2 << 20;
 /// Bytes each copy worker moves per step.
 const WORKER_SCRATCH: usize = 1 << 20;
 
-/// Copies guest bytes `0..size` of `image` to the existing file `output`
-/// (which reads as zeros) with `workers` threads: each opens the chain
-/// read-only in its own graph and copies one part (split at 2 MiB
-/// boundaries) through its own scratch. The first failing part's error is
+/// Copies guest bytes `0..size` of `image` (a name and its format) to the
+/// existing file `output` (which reads as zeros) with `workers` threads:
+/// each opens the chain read-only in its own graph and copies one part
+/// (split at 2 MiB boundaries) through its own scratch. The first failing part's error is
 /// returned.
 pub fn copy_in_parallel<'a>(
     resolver: PathResolver,
-    image: &'a str,
+    image: (&'a str, Format),
     output: &'a str,
     size: u64,
     workers: usize,
@@ -63,13 +64,13 @@ fn split(size: u64, workers: usize) -> Vec<Range<u64>> {
 
 fn copy_part<'a>(
     mut resolver: PathResolver,
-    image: &'a str,
+    (image, format): (&'a str, Format),
     output: &'a str,
     part: Range<u64>,
 ) -> Outcome<'a> {
     let mut graph: Box<Graph<FileDevice>> = Box::default();
     let top = graph
-        .open_image(&mut resolver, image, OpenOptions::default())
+        .open_image(&mut resolver, image, OpenOptions::new(format))
         .map_err(|e| Failure::new(e, image))?;
     let mut target =
         FileDevice::open(Path::new(output), true).map_err(|e| Failure::new(e, output))?;
@@ -131,9 +132,27 @@ fn relative_path(from: &Path, target: &Path) -> PathBuf {
     path
 }
 
+/// The file path an image name stands for, as QEMU reads names: a leading
+/// `file:` is the file protocol and is stripped; any other `PROTOCOL:`
+/// before the first `/` (`nbd:`, `json:`, `http://`...) names another
+/// driver, which this crate does not have.
+fn file_path(name: &str) -> Result<&str> {
+    if let Some(path) = name.strip_prefix("file:") {
+        return Ok(path);
+    }
+    let before_slash = name.split('/').next().unwrap_or_default();
+    if before_slash.contains(':') {
+        return fail(
+            ErrorKind::Unsupported,
+            "unsupported protocol in image name (only file: and plain paths)",
+        );
+    }
+    Ok(name)
+}
+
 impl Resolver<FileDevice> for PathResolver {
     fn open(&mut self, name: &str, writable: bool) -> Result<FileDevice> {
-        self.open_file(name, writable)
+        self.open_file(file_path(name)?, writable)
     }
 
     fn open_backing(
@@ -143,10 +162,7 @@ impl Resolver<FileDevice> for PathResolver {
         writable: bool,
         resolved: &mut NameBuf,
     ) -> Result<FileDevice> {
-        if reference.starts_with("json:") || reference.contains("://") {
-            return fail(ErrorKind::Unsupported, "unsupported backing file protocol");
-        }
-        let path = combine(overlay, reference);
+        let path = combine(file_path(overlay)?, file_path(reference)?);
         store(&path, resolved)?;
         self.open_file(&path, writable)
             .map_err(|err| match err.kind() {
@@ -190,6 +206,17 @@ mod tests {
         assert_eq!(parts.first().map(|p| p.start), Some(0));
         assert_eq!(parts.last().map(|p| p.end), Some((1 << 30) + 512));
         assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+    }
+
+    #[test]
+    fn file_protocol_is_stripped_and_others_refused() {
+        assert_eq!(file_path("file:a.qcow2"), Ok("a.qcow2"));
+        assert_eq!(file_path("file:/abs/a:b"), Ok("/abs/a:b"));
+        assert_eq!(file_path("dir/a:b.qcow2"), Ok("dir/a:b.qcow2"));
+        for name in ["json:{}", "nbd:unix:/s", "http://h/x", "nbd+unix:///e"] {
+            let err = file_path(name).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unsupported, "{name}");
+        }
     }
 
     #[test]

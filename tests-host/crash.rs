@@ -592,7 +592,7 @@ fn open_fresh(
     let mut graph = Box::new(ViewGraph::new());
     let options = OpenOptions {
         format: Some(Format::Qcow2),
-        ..OpenOptions::default()
+        ..OpenOptions::probing()
     };
     let top = graph
         .open_image(&mut resolver, &names[img], options)
@@ -898,7 +898,7 @@ fn writable() -> OpenOptions {
     OpenOptions {
         read_only: false,
         writable_devices: true,
-        ..OpenOptions::default()
+        ..OpenOptions::probing()
     }
 }
 

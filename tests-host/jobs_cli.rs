@@ -471,7 +471,7 @@ fn commit_040_refused() {
     // nothing to commit into
     commit(&["--top", "base.raw"]);
     bg_refused(r, dir, &["commit", "lone.qcow2"]);
-    bg_refused(r, dir, &["commit", "base.raw"]);
+    bg_refused(r, dir, &["commit", "-f", "raw", "base.raw"]);
     // unknown image, bad usage
     bg_refused(r, dir, &["commit", "nonexistent.qcow2"]);
     bg_refused(r, dir, &["commit", "--top"]);

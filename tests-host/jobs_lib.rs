@@ -264,7 +264,7 @@ fn writable() -> OpenOptions {
     OpenOptions {
         read_only: false,
         writable_devices: true,
-        ..OpenOptions::default()
+        ..OpenOptions::probing()
     }
 }
 
@@ -1785,7 +1785,7 @@ fn four_parallel_streams_on_a_nine_image_chain() {
         .open_image(
             &mut resolver,
             &path(d, "img8.qcow2"),
-            OpenOptions::default(),
+            OpenOptions::probing(),
         )
         .unwrap();
     assert_eq!(
@@ -2043,7 +2043,7 @@ fn invalid_job_requests_are_refused() {
     let mut graph = FileGraph::boxed();
     let options = OpenOptions {
         read_only: false,
-        ..OpenOptions::default()
+        ..OpenOptions::probing()
     };
     let active = graph
         .open_image(&mut resolver, &path(d, "active.qcow2"), options)

@@ -98,7 +98,7 @@ fn reads_writes_and_flushes_do_not_allocate() {
     let mut resolver = PathResolver::default();
     let options = OpenOptions {
         read_only: false,
-        ..OpenOptions::default()
+        ..OpenOptions::probing()
     };
     let node = graph.open_image(&mut resolver, top, options).unwrap();
     let backend = graph

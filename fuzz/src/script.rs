@@ -216,6 +216,9 @@ impl Environment for Env {
         &mut self.disks
     }
 
+    /// Warnings (a probed raw disk) are not the fuzzer's concern.
+    fn warn(&mut self, _message: core::fmt::Arguments<'_>) {}
+
     fn create(&mut self, _name: &str, _size: u64) -> blockgraph::Result<SharedDisk> {
         Err(Error::new(
             ErrorKind::Unsupported,

@@ -4,6 +4,7 @@
 //! this binary only supplies host files. Errors print one line on stderr and
 //! exit with status 1.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 use blockgraph::cmd::{self, Environment};
 use blockgraph::device::FileDevice;
 use blockgraph::host::PathResolver;
-use blockgraph::{Graph, Result};
+use blockgraph::{Format, Graph, Result};
 
 /// Data moved per step by convert and io.
 const SCRATCH_BYTES: usize = 1 << 20;
@@ -25,25 +26,31 @@ const USAGE: &str = "\
 usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   --max-file-size SIZE: image files opened for writing may not grow past SIZE
   (like a fixed-size disk: a write needing more space fails with no space)
-  info [--backing-chain] [--output=json|human] IMAGE
-  map [--output=json|human] IMAGE
-  convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
+  Every command that opens an image takes -f qcow2|raw (its format; without it
+  the format is probed, and a raw disk's first sector may not be made to look
+  like another format) and, where it only reads, -U (--force-share: read an
+  image another process is writing).
+  info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE
+  map [-f FMT] [-U] [--output=json|human] IMAGE
+  convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
                                        copies with up to 4 threads (images of 64 MiB and more);
                                        the output is flushed with -t writeback (default unsafe)
-  io [-r] IMAGE -c CMD [-c CMD]...     CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
+  io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...
+                                       CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
                                             | discard OFF LEN | flush
-  collapse --top TOP [--base BASE] IMAGE
-  commit [--top TOP] [--base BASE] [-p] IMAGE
-  stream [--base BASE] [-p] IMAGE
-  snapshot IMAGE NEW_OVERLAY
-  checksum IMAGE
+  collapse [-f FMT] --top TOP [--base BASE] IMAGE
+  commit [-f FMT] [--top TOP] [--base BASE] [-p] IMAGE
+  stream [-f FMT] [--base BASE] [-p] IMAGE
+  snapshot [-f FMT] IMAGE NEW_OVERLAY
+  checksum [-f FMT] [-U] IMAGE
   script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
                                        job-step IMAGE [N], job-pause|job-resume|job-complete|
-                                       job-cancel|job-info|job-wait IMAGE
+                                       job-cancel|job-info|job-wait IMAGE,
+                                       image-format NAME FMT (the format of NAME from then on)
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
                                              lazy_refcounts=on|off
-  bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
+  bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
                                        qemu-img bench at queue depth 1 (defaults: 75000
                                        requests of 4k from offset 0, step SIZE, reads;
                                        -w writes pattern N, default 0)
@@ -52,6 +59,8 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
 struct Host {
     resolver: PathResolver,
     started: std::time::Instant,
+    /// Formats recorded by a script's `image-format`.
+    formats: HashMap<String, Format>,
 }
 
 impl Environment for Host {
@@ -68,6 +77,19 @@ impl Environment for Host {
         Ok(device)
     }
 
+    fn warn(&mut self, message: fmt::Arguments<'_>) {
+        eprintln!("{message}");
+    }
+
+    fn pinned_format(&mut self, name: &str) -> Option<Format> {
+        self.formats.get(name).copied()
+    }
+
+    fn pin_format(&mut self, name: &str, format: Format) -> Result<()> {
+        self.formats.insert(name.to_owned(), format);
+        Ok(())
+    }
+
     fn now_micros(&mut self) -> Option<u64> {
         Some(self.started.elapsed().as_micros() as u64)
     }
@@ -78,7 +100,7 @@ impl Environment for Host {
 
     fn copy_in_parallel<'a>(
         &mut self,
-        image: &'a str,
+        image: (&'a str, Format),
         output: &'a str,
         size: u64,
     ) -> Option<cmd::Outcome<'a>> {
@@ -128,6 +150,7 @@ fn main() -> ExitCode {
     let mut env = Host {
         resolver,
         started: std::time::Instant::now(),
+        formats: HashMap::new(),
     };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();

@@ -1,4 +1,4 @@
-//! `bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE`:
+//! `bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE`:
 //! `qemu-img bench` at queue depth 1, through a BlockBackend; and `sizes`,
 //! the static memory of the configuration the interpreter runs with.
 //!
@@ -27,13 +27,13 @@
 use core::mem::size_of;
 
 use super::args::{parse_pattern, parse_size};
-use super::{invalid, Ctx, Environment, Failure, Outcome, Session};
+use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
 
 const USAGE: &str =
-    "usage: bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE";
+    "usage: bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE";
 const SIZES_USAGE: &str = "usage: sizes";
 
 /// qemu-img's default request count.
@@ -57,6 +57,8 @@ struct Plan<'a> {
     write: bool,
     pattern: u8,
     image: &'a str,
+    /// `-f FMT`, `-U`.
+    opts: ImageOpts,
 }
 
 fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
@@ -68,10 +70,15 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
         write: false,
         pattern: 0,
         image: "",
+        opts: ImageOpts::default(),
     };
     let mut image = None;
     let mut words = words.iter().copied();
     while let Some(word) = words.next() {
+        if let Some(taken) = plan.opts.take(word, &mut words) {
+            taken?;
+            continue;
+        }
         let mut value = || words.next().ok_or_else(|| invalid(USAGE));
         let size = |text: &'a str| parse_size(text).map_err(|e| Failure::new(e, text));
         match word {
@@ -148,7 +155,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
         let options = OpenOptions {
             read_only: !plan.write,
-            ..OpenOptions::default()
+            ..plan.opts.read_only()
         };
         self.with_image(plan.image, options, |cx, top| {
             let access = if plan.write {
@@ -277,6 +284,7 @@ mod tests {
                 write: false,
                 pattern: 0,
                 image: "a.qcow2",
+                opts: ImageOpts::default(),
             }
         );
         let plan = parse(&[

@@ -1,4 +1,4 @@
-//! `collapse --top TOP [--base BASE] IMAGE`: metadata-only
+//! `collapse [-f FMT] --top TOP [--base BASE] IMAGE`: metadata-only
 //! `drop_intermediate` on IMAGE's chain, like `qemu-img rebase -u`.
 //!
 //! TOP and BASE name chain members; they are matched by the identity of the
@@ -11,17 +11,18 @@ use crate::device::Device;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, NodeId, Resolver};
 
-const USAGE: &str = "usage: collapse --top TOP [--base BASE] IMAGE";
+const USAGE: &str = "usage: collapse [-f FMT] --top TOP [--base BASE] IMAGE";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
 {
     /// Runs `collapse`.
     pub(crate) fn collapse<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
-        let (mut top, mut base, mut image) = (None, None, None);
+        let (mut top, mut base, mut image, mut format) = (None, None, None, None);
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
             match word {
+                "-f" => format = Some(super::jobs::parse_format(words.next(), USAGE)?),
                 "--top" | "-t" => top = Some(words.next().ok_or_else(|| invalid(USAGE))?),
                 "--base" | "-b" => base = Some(words.next().ok_or_else(|| invalid(USAGE))?),
                 _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
@@ -31,7 +32,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let (Some(top_name), Some(image)) = (top, image) else {
             return Err(invalid(USAGE));
         };
-        let (active, backend) = self.open_as_device(image, Access::READ_ONLY_DEVICE)?;
+        let (active, backend) = self.open_as_device(image, format, Access::READ_ONLY_DEVICE)?;
         let result = (|| {
             let top = self.find_in_chain(active, top_name)?;
             let base = match base {

@@ -1,4 +1,4 @@
-//! `convert [-O raw] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a
+//! `convert [-f FMT] [-U] [-O raw] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a
 //! raw image. Ranges that read as zeros are skipped: the new output already
 //! reads zero. Where the environment has several workers (host threads,
 //! [`Environment::copy_in_parallel`]) each copies a part of the image with
@@ -8,11 +8,12 @@
 
 use core::ops::Range;
 
-use super::{invalid, Ctx, Environment, Failure, Outcome};
-use crate::graph::{Graph, NodeId, OpenOptions};
+use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
+use crate::format::Format;
+use crate::graph::{Graph, NodeId};
 use crate::Device;
 
-const USAGE: &str = "usage: convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
+const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -21,8 +22,13 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     pub(crate) fn convert<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut names = heapless::Vec::<&str, 2>::new();
         let mut flush = false;
+        let mut opts = ImageOpts::default();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
+            if let Some(taken) = opts.take(word, &mut words) {
+                taken?;
+                continue;
+            }
             match word {
                 "-t" => {
                     flush = match words.next() {
@@ -41,7 +47,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                     }
                 }
                 "-O" => {
-                    if words.next() != Some("raw") {
+                    let name = words.next().ok_or_else(|| invalid(USAGE))?;
+                    if Format::from_name(name) != Ok(Format::Raw) {
                         return Err(Failure::new(
                             crate::Error::new(
                                 crate::ErrorKind::Unsupported,
@@ -58,13 +65,14 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let [image, output] = names.as_slice() else {
             return Err(invalid(USAGE));
         };
-        self.with_image(image, OpenOptions::default(), |cx, top| {
+        self.with_image(image, opts.read_only(), |cx, top| {
             let size = cx.graph.size(top)?;
+            let format = cx.graph.format(top)?.unwrap_or(Format::Raw);
             let mut target = cx
                 .env
                 .create(output, size)
                 .map_err(|e| Failure::new(e, output))?;
-            match cx.env.copy_in_parallel(image, output, size) {
+            match cx.env.copy_in_parallel((image, format), output, size) {
                 Some(copied) => copied?,
                 None => copy_range(cx.graph, top, 0..size, (&mut target, output), cx.scratch)?,
             }

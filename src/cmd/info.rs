@@ -1,11 +1,11 @@
-//! `info [--backing-chain] [--output=json|human] IMAGE`: image facts with
+//! `info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE`: image facts with
 //! qemu-img's field names.
 
-use super::{json, output_option, single_image, Ctx, Environment, Outcome};
+use super::{json, output_option, single_image, Ctx, Environment, ImageOpts, Outcome};
 use crate::format::Format;
-use crate::graph::{Graph, NodeId, OpenOptions};
+use crate::graph::{Graph, NodeId};
 
-const USAGE: &str = "usage: info [--backing-chain] [--output=json|human] IMAGE";
+const USAGE: &str = "usage: info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -14,10 +14,13 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     pub(crate) fn info<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut chain = false;
         let mut as_json = false;
+        let mut opts = ImageOpts::default();
         let mut images = heapless::Vec::<&str, 1>::new();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
-            if let Some(choice) = output_option(word, &mut words) {
+            if let Some(taken) = opts.take(word, &mut words) {
+                taken?;
+            } else if let Some(choice) = output_option(word, &mut words) {
                 as_json = choice?;
             } else if word == "--backing-chain" {
                 chain = true;
@@ -26,7 +29,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
         }
         let image = single_image(&images, USAGE)?;
-        self.with_image(image, OpenOptions::default(), |cx, top| {
+        self.with_image(image, opts.read_only(), |cx, top| {
             let layers = cx
                 .graph
                 .chain_from(top)

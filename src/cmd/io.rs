@@ -1,16 +1,16 @@
-//! `io [-r] IMAGE -c CMD [-c CMD]...`: qemu-io-like guest I/O through a
+//! `io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...`: qemu-io-like guest I/O through a
 //! BlockBackend.
 //!
 //! `read [-P PATTERN] OFF LEN` (with `-P` every byte is verified),
 //! `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`.
 
 use super::args::{parse_pattern, parse_size, split_words};
-use super::{invalid, Ctx, Environment, Failure, Outcome, Session};
+use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, OpenOptions};
 
-const USAGE: &str = "usage: io [-r] IMAGE -c CMD [-c CMD]...";
+const USAGE: &str = "usage: io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
 
@@ -70,10 +70,15 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         words: &[&'a str],
     ) -> Outcome<'a> {
         let mut read_only = false;
+        let mut opts = ImageOpts::default();
         let mut image = None;
         let mut commands = heapless::Vec::<&'a str, 512>::new();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
+            if let Some(taken) = opts.take(word, &mut words) {
+                taken?;
+                continue;
+            }
             match word {
                 "-r" => read_only = true,
                 "-c" => {
@@ -95,7 +100,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
         let options = OpenOptions {
             read_only,
-            ..OpenOptions::default()
+            ..opts.read_only()
         };
         self.with_image(image, options, |cx, top| {
             let access = if read_only {
@@ -162,6 +167,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                         .write_zeroes(root, r.offset, r.len)
                         .map_err(in_command)?;
                 } else {
+                    // The whole request is checked before its first piece.
+                    graph
+                        .backend_check_write(backend, r.offset, r.len)
+                        .map_err(in_command)?;
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
                     let chunk = (r.len.min(scratch.len() as u64)) as usize;
                     scratch[..chunk].fill(pattern);

@@ -12,13 +12,14 @@ use core::fmt;
 
 use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::error::{Error, ErrorKind};
+use crate::format::Format;
 use crate::graph::{Access, NodeId};
 use crate::jobs::{CommitRequest, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest};
 use crate::BackendId;
 
-const COMMIT_USAGE: &str = "usage: commit [--top TOP] [--base BASE] [-p] IMAGE";
-const STREAM_USAGE: &str = "usage: stream [--base BASE] [-p] IMAGE";
-const SNAPSHOT_USAGE: &str = "usage: snapshot IMAGE NEW_OVERLAY";
+const COMMIT_USAGE: &str = "usage: commit [-f FMT] [--top TOP] [--base BASE] [-p] IMAGE";
+const STREAM_USAGE: &str = "usage: stream [-f FMT] [--base BASE] [-p] IMAGE";
+const SNAPSHOT_USAGE: &str = "usage: snapshot [-f FMT] IMAGE NEW_OVERLAY";
 
 /// The words of a job command.
 pub(crate) struct JobArgs<'a> {
@@ -26,18 +27,23 @@ pub(crate) struct JobArgs<'a> {
     base: Option<&'a str>,
     progress: bool,
     pub(crate) image: &'a str,
+    /// `-f FMT`: IMAGE's format (`None` probes).
+    pub(crate) format: Option<Format>,
 }
 
-/// Parses `[--top TOP] [--base BASE] [-p] IMAGE` (`--top` for commit only).
+/// Parses `[-f FMT] [--top TOP] [--base BASE] [-p] IMAGE` (`--top` for
+/// commit only).
 pub(crate) fn parse_job_args<'a>(
     words: &[&'a str],
     allow_top: bool,
     usage: &'static str,
 ) -> Result<JobArgs<'a>, Failure<'a>> {
     let (mut top, mut base, mut image, mut progress) = (None, None, None, false);
+    let mut format = None;
     let mut words = words.iter().copied();
     while let Some(word) = words.next() {
         match word {
+            "-f" => format = Some(parse_format(words.next(), usage)?),
             "--top" | "-t" if allow_top => top = Some(words.next().ok_or_else(|| invalid(usage))?),
             "--base" | "-b" => base = Some(words.next().ok_or_else(|| invalid(usage))?),
             "-p" => progress = true,
@@ -51,7 +57,17 @@ pub(crate) fn parse_job_args<'a>(
         base,
         progress,
         image,
+        format,
     })
+}
+
+/// The format named by `-f`'s value.
+pub(crate) fn parse_format<'a>(
+    name: Option<&'a str>,
+    usage: &'static str,
+) -> Result<Format, Failure<'a>> {
+    let name = name.ok_or_else(|| invalid(usage))?;
+    Format::from_name(name).map_err(|e| Failure::new(e, name))
 }
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
@@ -134,7 +150,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     pub(crate) fn commit_or_stream<'a>(&mut self, words: &[&'a str], commit: bool) -> Outcome<'a> {
         let usage = if commit { COMMIT_USAGE } else { STREAM_USAGE };
         let args = parse_job_args(words, commit, usage)?;
-        let (active, backend) = self.open_as_device(args.image, Access::READ_WRITE_DEVICE)?;
+        let (active, backend) =
+            self.open_as_device(args.image, args.format, Access::READ_WRITE_DEVICE)?;
         let result = (|| {
             let job = self.start_job(active, commit, &args)?;
             let info = self.graph.job_info(job)?;
@@ -147,13 +164,17 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
     /// Runs `snapshot`.
     pub(crate) fn snapshot<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        let (format, words) = match words {
+            ["-f", name, rest @ ..] => (Some(parse_format(Some(name), SNAPSHOT_USAGE)?), rest),
+            _ => (None, words),
+        };
         let [image, overlay_name] = words else {
             return Err(invalid(SNAPSHOT_USAGE));
         };
         if overlay_name.starts_with('-') || image.starts_with('-') {
             return Err(invalid(SNAPSHOT_USAGE));
         }
-        let (active, backend) = self.open_as_device(image, Access::READ_WRITE_DEVICE)?;
+        let (active, backend) = self.open_as_device(image, format, Access::READ_WRITE_DEVICE)?;
         let result = (|| {
             // Creating truncates: never let the new overlay be a chain member.
             if self.find_in_chain(active, overlay_name).is_ok() {

@@ -1,12 +1,12 @@
-//! `map [--output=json|human] IMAGE`: allocation of the chain's guest view,
+//! `map [-f FMT] [-U] [--output=json|human] IMAGE`: allocation of the chain's guest view,
 //! in qemu-img map's terms (start, length, depth, present, zero, data).
 
 use core::fmt;
 
-use super::{output_option, single_image, Ctx, Environment, Outcome};
-use crate::graph::{BlockStatus, OpenOptions};
+use super::{output_option, single_image, Ctx, Environment, ImageOpts, Outcome};
+use crate::graph::BlockStatus;
 
-const USAGE: &str = "usage: map [--output=json|human] IMAGE";
+const USAGE: &str = "usage: map [-f FMT] [-U] [--output=json|human] IMAGE";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -14,17 +14,20 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// Runs `map`.
     pub(crate) fn map<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut as_json = false;
+        let mut opts = ImageOpts::default();
         let mut images = heapless::Vec::<&str, 1>::new();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
-            if let Some(choice) = output_option(word, &mut words) {
+            if let Some(taken) = opts.take(word, &mut words) {
+                taken?;
+            } else if let Some(choice) = output_option(word, &mut words) {
                 as_json = choice?;
             } else if word.starts_with('-') || images.push(word).is_err() {
                 return Err(super::invalid(USAGE));
             }
         }
         let image = single_image(&images, USAGE)?;
-        self.with_image(image, OpenOptions::default(), |cx, top| {
+        self.with_image(image, opts.read_only(), |cx, top| {
             let (graph, out) = (&mut *cx.graph, &mut *cx.out);
             let size = graph.size(top)?;
             if as_json {

@@ -39,6 +39,7 @@ use core::fmt;
 
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::Format;
 use crate::graph::{Graph, NodeId, OpenOptions, Resolver};
 
 /// What a front end supplies to the interpreter.
@@ -63,19 +64,43 @@ pub trait Environment {
         None
     }
 
+    /// Shows `message` to the user apart from the command's output (the
+    /// host's stderr, the kernel's console), as qemu-img's warnings.
+    fn warn(&mut self, message: fmt::Arguments<'_>);
+
+    /// The format the front end was told image `name` has (a kernel disk
+    /// attached with `format=raw`, or a script's `image-format` command),
+    /// used when a command names none. `None`, the default, probes.
+    fn pinned_format(&mut self, _name: &str) -> Option<Format> {
+        None
+    }
+
+    /// Records that image `name` has `format` (the script command
+    /// `image-format NAME FMT`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when the front end keeps no more such
+    /// records; [`ErrorKind::Unsupported`], the default, when it keeps none.
+    fn pin_format(&mut self, _name: &str, _format: Format) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "unsupported: this front end does not record image formats (use -f)",
+        ))
+    }
+
     /// Whether the output is a terminal (progress bars are drawn only there).
     fn is_terminal(&self) -> bool {
         false
     }
 
     /// Copies guest bytes `0..size` of `image` (its chain opened afresh,
-    /// read-only) to `output`, which `create` made, with several workers at
+    /// read-only, with the format it was found to have) to `output`, which `create` made, with several workers at
     /// once, where the environment has them (host threads, each with its own
     /// graph over a part of the range). `None`, the default, lets the caller
     /// copy alone.
     fn copy_in_parallel<'a>(
         &mut self,
-        _image: &'a str,
+        _image: (&'a str, Format),
         _output: &'a str,
         _size: u64,
     ) -> Option<Outcome<'a>> {
@@ -267,36 +292,95 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         result
     }
 
-    /// Opens `name`'s chain, naming the image in the failure.
+    /// Opens `name`'s chain, naming the image in the failure. Without a
+    /// named format, the environment's pinned format for `name` is used
+    /// ([`Environment::pinned_format`]); without one, the format is probed
+    /// and a raw result is warned about, as qemu-img does.
     pub(crate) fn open<'a>(
         &mut self,
         name: &'a str,
-        options: OpenOptions,
+        mut options: OpenOptions,
     ) -> core::result::Result<NodeId, Failure<'a>> {
-        self.graph
+        if options.format.is_none() {
+            options.format = self.env.pinned_format(name);
+        }
+        let top = self
+            .graph
             .open_image(self.env.resolver(), name, options)
-            .map_err(|err| Failure::new(err, name))
+            .map_err(|err| Failure::new(err, name))?;
+        if self.graph.is_probed(top)? {
+            self.env.warn(format_args!(
+                "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+            ));
+        }
+        Ok(top)
     }
 
-    /// Opens `name`'s chain with every device writable (headers may be
-    /// rewritten) and attaches a BlockBackend with `access` standing for the
-    /// guest's device: from then on the backend is the only holder of the
-    /// active layer, so dropping or pivoting it works as under a VMM. The
-    /// caller detaches the backend.
+    /// Opens `name`'s chain (of `format`, probed when `None`) with every
+    /// device writable (headers may be rewritten) and attaches a
+    /// BlockBackend with `access` standing for the guest's device: from
+    /// then on the backend is the only holder of the active layer, so
+    /// dropping or pivoting it works as under a VMM. The caller detaches
+    /// the backend.
     pub(crate) fn open_as_device<'a>(
         &mut self,
         name: &'a str,
+        format: Option<Format>,
         access: crate::graph::Access,
     ) -> core::result::Result<(NodeId, crate::BackendId), Failure<'a>> {
         let options = OpenOptions {
+            format,
             read_only: !access.perm.contains(crate::graph::Perm::WRITE),
             writable_devices: true,
-            ..OpenOptions::default()
+            ..OpenOptions::probing()
         };
         let active = self.open(name, options)?;
         let backend = self.graph.attach_backend(active, access);
         self.graph.unref(active)?;
         Ok((active, backend.map_err(|e| Failure::new(e, name))?))
+    }
+}
+
+/// How a command opens the image named on its command line: `-f FMT`
+/// names its format (never probed then), `-U`/`--force-share` opens it
+/// read-only next to writers, as qemu-img.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ImageOpts {
+    /// `-f FMT`; `None` probes.
+    pub(crate) format: Option<Format>,
+    /// `-U` / `--force-share`.
+    pub(crate) force_share: bool,
+}
+
+impl ImageOpts {
+    /// Takes `word` (and `-f`'s value from `rest`) when it is one of these
+    /// options; `None` for any other word.
+    pub(crate) fn take<'a>(
+        &mut self,
+        word: &'a str,
+        rest: &mut impl Iterator<Item = &'a str>,
+    ) -> Option<Outcome<'a>> {
+        match word {
+            "-f" => Some(match rest.next() {
+                Some(name) => Format::from_name(name)
+                    .map(|format| self.format = Some(format))
+                    .map_err(|e| Failure::new(e, name)),
+                None => Err(invalid("-f needs a format (qcow2 or raw)")),
+            }),
+            "-U" | "--force-share" => {
+                self.force_share = true;
+                Some(Ok(()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Options to open the image read-only with.
+    pub(crate) fn read_only(self) -> OpenOptions {
+        OpenOptions {
+            format: self.format,
+            ..OpenOptions::probing()
+        }
     }
 }
 

@@ -8,21 +8,23 @@
 //!
 //! | command | does |
 //! |---|---|
-//! | `job-start commit [--top TOP] [--base BASE] IMAGE` | starts a commit job on IMAGE (attached) |
-//! | `job-start stream [--base BASE] IMAGE` | starts a stream job on IMAGE |
+//! | `job-start commit [-f FMT] [--top TOP] [--base BASE] IMAGE` | starts a commit job on IMAGE (attached) |
+//! | `job-start stream [-f FMT] [--base BASE] IMAGE` | starts a stream job on IMAGE |
 //! | `job-step IMAGE [COUNT]` | steps IMAGE's job up to COUNT times (default 1), while it runs |
 //! | `job-pause`, `job-resume`, `job-complete`, `job-cancel`, `job-info` `IMAGE` | QMP verbs |
 //! | `job-wait IMAGE` | steps to the end (completing when ready) and reports |
-//! | `checksum IMAGE` | FNV-1a 64 of the guest view |
+//! | `checksum [-f FMT] [-U] IMAGE` | FNV-1a 64 of the guest view |
+//! | `image-format NAME FMT` | from now on, commands that name no format open NAME as FMT |
 //!
 //! `io IMAGE` on an attached image goes through its BlockBackend, so guest
 //! writes reach whatever node the device is on (after a pivot: the base).
 
-use super::jobs::parse_job_args;
-use super::{invalid, Ctx, Environment, Failure, Outcome};
+use super::jobs::{parse_format, parse_job_args};
+use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, OpenOptions};
+use crate::format::Format;
+use crate::graph::{Access, Graph};
 use crate::jobs::{JobId, JobStatus};
 
 /// Longest image name a session keeps.
@@ -116,6 +118,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let outcome = match name {
             "job-start" => self.job_start(session, words),
             "checksum" => self.checksum(session, words),
+            "image-format" => self.image_format(words),
             "job-step" | "job-pause" | "job-resume" | "job-complete" | "job-cancel"
             | "job-info" | "job-wait" => self.job_verb(session, name, words),
             _ => return None,
@@ -123,12 +126,26 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         Some(outcome)
     }
 
-    /// Attaches `name` in `session` (read-write, as a device) unless it
-    /// already is; returns its slot.
+    /// `image-format NAME FMT`: NAME is opened as FMT by the commands that
+    /// name no format.
+    fn image_format<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
+        const USAGE: &str = "usage: image-format NAME qcow2|raw";
+        let [name, format] = words else {
+            return Err(invalid(USAGE));
+        };
+        let format = parse_format(Some(format), USAGE)?;
+        self.env
+            .pin_format(name, format)
+            .map_err(|e| Failure::new(e, name))
+    }
+
+    /// Attaches `name` (of `format`, probed when `None`) in `session`
+    /// (read-write, as a device) unless it already is; returns its slot.
     fn attach<'a, const S: usize>(
         &mut self,
         session: &mut Session<S>,
         name: &'a str,
+        format: Option<Format>,
     ) -> Result<usize, Failure<'a>> {
         if let Some(i) = session.find(name) {
             return Ok(i);
@@ -153,7 +170,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 name,
             )
         })?;
-        let (_, backend) = self.open_as_device(name, Access::READ_WRITE_DEVICE)?;
+        let (_, backend) = self.open_as_device(name, format, Access::READ_WRITE_DEVICE)?;
         session.slots[free] = Some(Attached {
             name: stored,
             backend,
@@ -168,7 +185,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         session: &mut Session<S>,
         words: &[&'a str],
     ) -> Outcome<'a> {
-        const USAGE: &str = "usage: job-start commit|stream [--top TOP] [--base BASE] IMAGE";
+        const USAGE: &str =
+            "usage: job-start commit|stream [-f FMT] [--top TOP] [--base BASE] IMAGE";
         let (&kind, rest) = words.split_first().ok_or_else(|| invalid(USAGE))?;
         let commit = match kind {
             "commit" => true,
@@ -176,7 +194,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             _ => return Err(invalid(USAGE)),
         };
         let args = parse_job_args(rest, commit, USAGE)?;
-        let slot = self.attach(session, args.image)?;
+        let slot = self.attach(session, args.image, args.format)?;
         let attached = session.slots[slot].as_mut().ok_or_else(|| invalid(USAGE))?;
         if attached.job.is_some() {
             return Err(Failure::new(
@@ -259,17 +277,26 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         session: &mut Session<S>,
         words: &[&'a str],
     ) -> Outcome<'a> {
-        let [image] = words else {
-            return Err(invalid("usage: checksum IMAGE"));
+        const USAGE: &str = "usage: checksum [-f FMT] [-U] IMAGE";
+        let mut opts = ImageOpts::default();
+        let mut images = heapless::Vec::<&str, 1>::new();
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            if let Some(taken) = opts.take(word, &mut words) {
+                taken?;
+            } else if word.starts_with('-') || images.push(word).is_err() {
+                return Err(invalid(USAGE));
+            }
+        }
+        let [image] = images.as_slice() else {
+            return Err(invalid(USAGE));
         };
         let digest = match session.backend(image) {
             Some(backend) => {
                 let root = self.graph.root(backend)?;
                 self.digest(root)?
             }
-            None => self.with_image(image, OpenOptions::default(), |cx, node| {
-                Ok(cx.digest(node)?)
-            })?,
+            None => self.with_image(image, opts.read_only(), |cx, node| Ok(cx.digest(node)?))?,
         };
         writeln!(
             self.out,

@@ -46,17 +46,54 @@ impl Format {
             _ => fail(ErrorKind::Unsupported, "unsupported image format"),
         }
     }
+}
 
-    /// Detects the format of an image from its first bytes: qcow2 by its
-    /// magic, raw otherwise. Used only for images named by the user, never for
-    /// backing files.
-    pub fn detect(first_bytes: &[u8]) -> Self {
-        if first_bytes.len() >= 4 && first_bytes[..4] == qcow2::header::MAGIC.to_be_bytes() {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        }
+/// Bytes at the start of an image that format probing looks at (QEMU's
+/// `BLOCK_PROBE_BUF_SIZE`).
+pub const PROBE_BYTES: usize = 512;
+
+/// What the first bytes of an image look like to format probing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probed {
+    /// A qcow2 header.
+    Qcow2,
+    /// The magic of another image format QEMU knows (named here); this
+    /// crate would open it as raw, QEMU would not.
+    Foreign(&'static str),
+    /// Nothing recognisable: raw.
+    Raw,
+}
+
+/// Magics of image formats QEMU probes for, other than qcow2: `(offset,
+/// bytes, format)`. A raw image whose first sector starts to look like one
+/// of these would be opened as that format by QEMU.
+const FOREIGN_MAGICS: &[(usize, &[u8], &str)] = &[
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"COWD", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0x40, &[0x7f, 0x10, 0xda, 0xbe], "vdi"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format", "cloop"),
+];
+
+/// Classifies the first bytes of an image (at most [`PROBE_BYTES`] are
+/// looked at). Any version of the qcow2 magic is qcow2; the qcow (v1) magic
+/// shares it, so an image starting `QFI\xfb` is always qcow2 here.
+pub fn probe(first_bytes: &[u8]) -> Probed {
+    let bytes = &first_bytes[..first_bytes.len().min(PROBE_BYTES)];
+    if bytes.starts_with(&qcow2::header::MAGIC.to_be_bytes()) {
+        return Probed::Qcow2;
     }
+    FOREIGN_MAGICS
+        .iter()
+        .find(|(at, magic, _)| bytes.get(*at..).is_some_and(|b| b.starts_with(magic)))
+        .map_or(Probed::Raw, |&(_, _, name)| Probed::Foreign(name))
 }
 
 impl fmt::Display for Format {

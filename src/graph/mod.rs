@@ -33,7 +33,7 @@ use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
 use crate::format::qcow2::{Inflater, Qcow2, Tables};
-use crate::format::{raw, Format, Mapping};
+use crate::format::{probe, raw, Format, Mapping, Probed, PROBE_BYTES};
 use crate::jobs::Job;
 
 // The default graph must stay small enough for a unikernel's static memory.
@@ -41,8 +41,12 @@ static_assertions::const_assert!(
     core::mem::size_of::<Graph<crate::device::MemDevice<'static>>>() <= 768 * 1024
 );
 
-/// Longest backing chain [`Graph::open_image`] follows.
+/// Longest backing chain [`Graph::open_image`] follows, in images. A chain
+/// of N images also needs 2N nodes of the pool (a format node and a
+/// protocol node each): the default pool of 64 holds a chain of 32.
 pub const MAX_CHAIN_DEPTH: usize = 64;
+// The error message names the limit.
+static_assertions::const_assert_eq!(MAX_CHAIN_DEPTH, 64);
 
 /// A node of the graph: a protocol node (a device) or a format node (an
 /// image over a protocol node). Fields are reached through [`Graph`].
@@ -64,14 +68,25 @@ pub type NodeId = Handle<Node>;
 #[allow(clippy::large_enum_variant)]
 enum Driver {
     Protocol,
-    Raw,
+    /// A raw image; `probed` when its format was guessed, not named.
+    Raw {
+        probed: bool,
+    },
     Qcow2(Qcow2),
 }
 
 /// How [`Graph::open_image`] opens a chain.
+///
+/// The caller names the format of the image it opens
+/// ([`OpenOptions::new`]); guessing it from the content is a separate,
+/// explicit choice ([`OpenOptions::probing`]) because a guest controls the
+/// content of a raw disk. Backing formats always come from the overlay's
+/// header and are never guessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
-    /// Format of the named image; `None` detects it from its magic.
+    /// Format of the named image; `None` probes it from its first bytes
+    /// (a raw image found that way keeps its first sector from being made
+    /// to look like another format: see [`Graph::is_probed`]).
     pub format: Option<Format>,
     /// Open the named image read-only.
     pub read_only: bool,
@@ -85,13 +100,24 @@ pub struct OpenOptions {
     pub assume_raw_backing: bool,
 }
 
-impl Default for OpenOptions {
-    fn default() -> Self {
+impl OpenOptions {
+    /// Opens an image of the named `format`, read-only.
+    pub const fn new(format: Format) -> Self {
         Self {
-            format: None,
+            format: Some(format),
             read_only: true,
             writable_devices: false,
             assume_raw_backing: false,
+        }
+    }
+
+    /// Opens an image read-only after probing its format from its first
+    /// bytes (qcow2 by its magic, raw otherwise), as QEMU does when no format
+    /// is given.
+    pub const fn probing() -> Self {
+        Self {
+            format: None,
+            ..Self::new(Format::Raw)
         }
     }
 }
@@ -245,7 +271,7 @@ impl<
         self.check_access(file, Access::file(!read_only), None)?;
         let device = self.device_mut(file)?;
         let driver = match format {
-            Format::Raw => Driver::Raw,
+            Format::Raw => Driver::Raw { probed: false },
             Format::Qcow2 => {
                 let q = Qcow2::open(device)?;
                 if !read_only && q.is_dirty() {
@@ -298,8 +324,10 @@ impl<
     /// # Errors
     /// Any open error of any layer (nothing stays open then); a backing file
     /// without a recorded format ([`ErrorKind::Unsupported`], unless
-    /// [`OpenOptions::assume_raw_backing`]); a chain that loops or is deeper
-    /// than [`MAX_CHAIN_DEPTH`] ([`ErrorKind::Corrupt`]).
+    /// [`OpenOptions::assume_raw_backing`]); a chain that loops
+    /// ([`ErrorKind::Corrupt`]); a chain longer than [`MAX_CHAIN_DEPTH`]
+    /// images ([`ErrorKind::Unsupported`]) or than the node pool holds, two
+    /// nodes per image ([`ErrorKind::NoCapacity`]).
     pub fn open_image<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
@@ -318,7 +346,8 @@ impl<
         }
     }
 
-    /// Adds `device` as a protocol node and opens a format node over it.
+    /// Adds `device` as a protocol node and opens a format node over it,
+    /// probing the format when `format` is `None`.
     fn open_layer(
         &mut self,
         mut device: D,
@@ -326,19 +355,30 @@ impl<
         format: Option<Format>,
         read_only: bool,
     ) -> Result<NodeId> {
-        let format = match format {
-            Some(format) => format,
+        let (format, probed) = match format {
+            Some(format) => (format, false),
             None => {
-                let mut magic = [0u8; 4];
-                let n = device.size().min(4) as usize;
-                device.read_at(0, &mut magic[..n])?;
-                Format::detect(&magic[..n])
+                let mut first = [0u8; PROBE_BYTES];
+                let n = device.size().min(PROBE_BYTES as u64) as usize;
+                device.read_at(0, &mut first[..n])?;
+                match probe(&first[..n]) {
+                    Probed::Qcow2 => (Format::Qcow2, true),
+                    Probed::Raw => (Format::Raw, true),
+                    Probed::Foreign(_) => return fail(
+                        ErrorKind::Unsupported,
+                        "unsupported image format (it probes as neither qcow2 nor raw; name the format, e.g. -f raw, to open it anyway)",
+                    ),
+                }
             }
         };
         let file = self.add_device(device, name)?;
         let opened = self.open_format(file, format, read_only);
         self.unref(file)?;
-        opened
+        let id = opened?;
+        if let Driver::Raw { probed: mark } = &mut self.nodes.get_mut(id)?.driver {
+            *mark = probed;
+        }
+        Ok(id)
     }
 
     fn open_backing_chain<R: Resolver<D>>(
@@ -371,7 +411,16 @@ impl<
                 _ => return Ok(()),
             };
             if depth >= MAX_CHAIN_DEPTH {
-                return fail(ErrorKind::Corrupt, "backing chain is deeper than the limit");
+                return fail(
+                    ErrorKind::Unsupported,
+                    "unsupported: backing chain longer than 64 images (MAX_CHAIN_DEPTH)",
+                );
+            }
+            if self.nodes.len() + 2 > NODES {
+                return fail(
+                    ErrorKind::NoCapacity,
+                    "backing chain longer than this graph's node pool holds (2 nodes per image: raise NODES)",
+                );
             }
             let mut resolved = NameBuf::new();
             let overlay_name = self.nodes.get(current)?.name.clone();
@@ -496,9 +545,24 @@ impl<
     pub fn format(&self, id: NodeId) -> Result<Option<Format>> {
         Ok(match self.nodes.get(id)?.driver {
             Driver::Protocol => None,
-            Driver::Raw => Some(Format::Raw),
+            Driver::Raw { .. } => Some(Format::Raw),
             Driver::Qcow2(_) => Some(Format::Qcow2),
         })
+    }
+
+    /// Whether node `id` is a raw image whose format was probed rather than
+    /// named. Writes to its first [`PROBE_BYTES`] bytes that would make it
+    /// probe as another format are refused ([`ErrorKind::NotPermitted`]),
+    /// as QEMU restricts them: otherwise a guest could turn its disk into,
+    /// say, a qcow2 image whose backing file is any host file.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a freed node.
+    pub fn is_probed(&self, id: NodeId) -> Result<bool> {
+        Ok(matches!(
+            self.nodes.get(id)?.driver,
+            Driver::Raw { probed: true }
+        ))
     }
 
     /// The qcow2 state of a qcow2 node (header facts for `info`).
@@ -546,7 +610,7 @@ impl<
             Driver::Qcow2(q) => Ok(q.size()),
             // As QEMU: a raw image's size is its file's, rounded up to whole
             // 512-byte sectors (the tail reads as zeros).
-            Driver::Raw => {
+            Driver::Raw { .. } => {
                 let file = node
                     .file
                     .ok_or(Error::new(ErrorKind::Corrupt, "raw node without file"))?;
@@ -817,7 +881,7 @@ impl<
                     );
                     q.map(&mut tables, offset, run)?
                 }
-                Driver::Raw => raw::map(offset, run),
+                Driver::Raw { .. } => raw::map(offset, run),
                 Driver::Protocol => {
                     return fail(
                         ErrorKind::InvalidInput,

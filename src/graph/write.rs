@@ -12,7 +12,7 @@ use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
-use crate::format::Mapping;
+use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
 const BOUNCE: usize = 4096;
@@ -140,7 +140,7 @@ impl<
                 self.with_qcow2(id, |q, t| q.prepare_for_writes(t))?;
                 Ok(true)
             }
-            Driver::Raw => Ok(false),
+            Driver::Raw { .. } => Ok(false),
             Driver::Protocol => fail(
                 ErrorKind::InvalidInput,
                 "cannot write a protocol node as an image",
@@ -163,10 +163,36 @@ impl<
         let raw = !self.check_writable(id, offset, data.len() as u64)?;
         self.note_guest_write(id, offset, data.len() as u64);
         if raw {
-            let file = self.layer_file(id)?;
-            return self.device_mut(file)?.write_at(offset, data);
+            return self.write_raw(id, offset, Source::Data(data));
         }
         self.write_source(id, offset, Source::Data(data))
+    }
+
+    /// Writes `source` at `offset` of raw node `id`. On a raw image whose
+    /// format was probed, a write into the first [`PROBE_BYTES`] bytes that
+    /// would make them probe as another format is refused and nothing is
+    /// written (QEMU's rule for probed raw images).
+    fn write_raw(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+        let file = self.layer_file(id)?;
+        if offset < PROBE_BYTES as u64 && self.is_probed(id)? {
+            let device = self.device_mut(file)?;
+            let mut first = [0u8; PROBE_BYTES];
+            let present = device.size().min(PROBE_BYTES as u64) as usize;
+            device.read_at(0, &mut first[..present])?;
+            let start = offset as usize;
+            let end = offset.saturating_add(source.len()).min(PROBE_BYTES as u64) as usize;
+            match source {
+                Source::Data(data) => first[start..end].copy_from_slice(&data[..end - start]),
+                Source::Zeros(_) => first[start..end].fill(0),
+            }
+            if probe(&first[..present.max(end)]) != Probed::Raw {
+                return fail(
+                    ErrorKind::NotPermitted,
+                    "operation not permitted: the write would make this probed raw image look like another image format (name its format, -f raw, to write it)",
+                );
+            }
+        }
+        source.write_to(self.device_mut(file)?, offset)
     }
 
     /// Copies guest bytes `offset..offset + len` of `source`'s chain into
@@ -221,6 +247,10 @@ impl<
         len: u64,
     ) -> Result<Option<u64>> {
         let raw = !self.check_writable(id, offset, len)?;
+        if raw && offset < PROBE_BYTES as u64 && self.is_probed(id)? {
+            // The buffered path checks what the first sector becomes.
+            return Ok(None);
+        }
         let (located, run) = self.locate(source, offset, len)?;
         let Mapping::Data(source_host) = located.mapping else {
             return Ok(None);
@@ -273,17 +303,59 @@ impl<
     }
 
     /// Writes `source` at `offset` of qcow2 node `id`, in batches of at
-    /// most [`BATCH`] clusters.
+    /// most [`BATCH`] clusters. A request of several batches is validated
+    /// whole before its first batch is written.
     fn write_source(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
-        let cs = self.qcow2(id)?.cluster_size();
         let len = source.len();
+        let first = self.batch_at(id, offset, len)?;
+        if first < len {
+            self.validate_batches(id, offset, len)?;
+        }
         let mut done = 0u64;
         while done < len {
-            let pos = offset + done;
-            let span = ((pos % cs) + len - done).div_ceil(cs).min(BATCH as u64);
-            let n = (span * cs - pos % cs).min(len - done);
-            self.write_clusters(id, pos, source.slice(done, n))?;
+            let n = self.batch_at(id, offset + done, len - done)?;
+            self.write_clusters(id, offset + done, source.slice(done, n))?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// The bytes of the first batch of a request of `len` bytes at `pos` of
+    /// qcow2 node `id`.
+    fn batch_at(&self, id: NodeId, pos: u64, len: u64) -> Result<u64> {
+        let cs = self.qcow2(id)?.cluster_size();
+        let span = ((pos % cs) + len).div_ceil(cs).min(BATCH as u64);
+        Ok((span * cs - pos % cs).min(len))
+    }
+
+    /// Validates every batch of a write of `len` bytes at `offset` of qcow2
+    /// node `id` ([`Self::validate_clusters`]); nothing is written.
+    fn validate_batches(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let n = self.batch_at(id, offset + done, len - done)?;
+            self.validate_clusters(id, offset + done, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Checks, without writing anything, that a write of `len` bytes at
+    /// `offset` of format node `id` may go ahead as a whole: the range, the
+    /// node's permission, and for qcow2 every cluster it touches (valid
+    /// entries, storage clear of metadata). Callers that hand one guest
+    /// request to [`Graph::write`] in pieces call this first, so a request
+    /// that fails is refused before any of its bytes change. (Running out
+    /// of space can still stop such a request part way.)
+    ///
+    /// # Errors
+    /// As [`Graph::write`].
+    pub fn check_write(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.check_writable(id, offset, len)? {
+            self.validate_batches(id, offset, len)?;
         }
         Ok(())
     }
@@ -513,8 +585,7 @@ impl<
                 // mapped, so a crash leaves it old or new, never torn.
                 graph.write_source(id, pos, Source::Zeros(n))
             } else {
-                let file = graph.layer_file(id)?;
-                Source::Zeros(n).write_to(graph.device_mut(file)?, pos)
+                graph.write_raw(id, pos, Source::Zeros(n))
             }
         })
     }

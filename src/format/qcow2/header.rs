@@ -398,11 +398,18 @@ impl Header {
         Ok((header, backing))
     }
 
-    /// Stores the backing name read from the range [`Header::parse`] returned.
+    /// Stores the backing name read from the range [`Header::parse`]
+    /// returned. As in QEMU, the name is a C string: it ends at its first
+    /// NUL byte, and an empty name means no backing file.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] when the name is not UTF-8.
     pub fn set_backing_name(&mut self, bytes: &[u8]) -> Result<()> {
+        let bytes = bytes.split(|&b| b == 0).next().unwrap_or_default();
+        if bytes.is_empty() {
+            self.backing_name = None;
+            return Ok(());
+        }
         let Ok(name) = core::str::from_utf8(bytes) else {
             return fail(ErrorKind::Corrupt, "qcow2 backing file name is not UTF-8");
         };

@@ -7,9 +7,11 @@
 //! the output reaches.
 
 use blockgraph::cmd::{self, Environment};
-use blockgraph::{Device, Error, ErrorKind, Result, SharedGraph};
+use core::fmt;
 
-use crate::disk::{SerialResolver, VirtioDisk};
+use blockgraph::{Device, Error, ErrorKind, Format, Result, SharedGraph};
+
+use crate::disk::{self, SerialResolver, VirtioDisk, MAX_DISKS};
 use crate::serial::Serial;
 
 /// Data moved per step by commands and jobs.
@@ -20,6 +22,8 @@ static SCRATCH: spin::Mutex<[u8; SCRATCH_BYTES]> = spin::Mutex::new([0; SCRATCH_
 
 struct Kernel {
     resolver: SerialResolver,
+    /// Formats given by `image-format`, by disk index.
+    formats: [Option<Format>; MAX_DISKS],
 }
 
 impl Environment for Kernel {
@@ -32,6 +36,21 @@ impl Environment for Kernel {
 
     fn now_micros(&mut self) -> Option<u64> {
         crate::clock::now_micros()
+    }
+
+    fn warn(&mut self, message: fmt::Arguments<'_>) {
+        kprintln!("{message}");
+    }
+
+    fn pinned_format(&mut self, name: &str) -> Option<Format> {
+        disk::find(name).and_then(|d| self.formats[d.index])
+    }
+
+    fn pin_format(&mut self, name: &str, format: Format) -> Result<()> {
+        let disk =
+            disk::find(name).ok_or(Error::new(ErrorKind::NotFound, "no disk with that serial"))?;
+        self.formats[disk.index] = Some(format);
+        Ok(())
     }
 
     fn create(&mut self, name: &str, size: u64) -> Result<VirtioDisk> {
@@ -58,6 +77,7 @@ impl Environment for Kernel {
 pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
     let mut env = Kernel {
         resolver: SerialResolver,
+        formats: [None; MAX_DISKS],
     };
     let mut graph = graph.lock();
     let mut scratch = SCRATCH.lock();

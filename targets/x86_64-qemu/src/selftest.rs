@@ -172,10 +172,7 @@ fn writable_disk<const N: usize, const B: usize, const C: usize, const J: usize>
     let mut graph = graph.lock();
     let before = graph.node_count();
     let through_graph = (|| {
-        let options = OpenOptions {
-            format: Some(Format::Raw),
-            ..OpenOptions::default()
-        };
+        let options = OpenOptions::new(Format::Raw);
         let node = graph.open_image(&mut SerialResolver, info.serial.as_str(), options)?;
         let read = graph.read(node, 777, &mut back[..1000]);
         graph.unref(node)?;

@@ -209,10 +209,12 @@ fn selftest(kernel: &Path, dir: &Path, machine: Machine) -> Result<BootResult> {
         Disk {
             path: rw.clone(),
             read_only: false,
+            format: None,
         },
         Disk {
             path: ro.clone(),
             read_only: true,
+            format: None,
         },
     ];
     let result = qemu::boot(kernel, &boot)?;

@@ -327,6 +327,7 @@ impl Lab {
         Disk {
             path: self.path(name),
             read_only,
+            format: None,
         }
     }
 

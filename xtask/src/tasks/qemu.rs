@@ -136,9 +136,34 @@ pub struct Disk {
     pub path: PathBuf,
     /// Attach with `readonly=on`: the guest sees a read-only disk.
     pub read_only: bool,
+    /// The image format the kernel is told the disk has (`qcow2` or `raw`;
+    /// `--disk PATH,format=FMT`): the script starts with `image-format
+    /// SERIAL FMT`, so commands that name no format never probe it.
+    pub format: Option<String>,
 }
 
 impl Disk {
+    /// A disk attached as `--disk PATH[,format=FMT]` (or `--disk-ro`) says.
+    ///
+    /// # Errors
+    /// A format other than qcow2 or raw.
+    pub fn from_option(value: &str, read_only: bool) -> Result<Self> {
+        let (path, format) = match value.rsplit_once(",format=") {
+            Some((path, format @ ("qcow2" | "raw"))) => (path, Some(format.to_owned())),
+            Some((_, other)) => {
+                return Err(Error::msg(format!(
+                    "`{value}`: unknown disk format `{other}` (qcow2 or raw)"
+                )))
+            }
+            None => (value, None),
+        };
+        Ok(Self {
+            path: PathBuf::from(path),
+            read_only,
+            format,
+        })
+    }
+
     /// The virtio serial the kernel will know the disk by: its file name.
     ///
     /// # Errors
@@ -199,6 +224,22 @@ impl Boot {
             timeout: DEFAULT_TIMEOUT,
             live: false,
         }
+    }
+
+    /// The kernel command line: `image-format SERIAL FMT; ` for each disk
+    /// with a format, then [`Boot::cmdline`].
+    ///
+    /// # Errors
+    /// A disk whose file name cannot be its serial.
+    pub fn script(&self) -> Result<String> {
+        let mut script = String::new();
+        for disk in &self.disks {
+            if let Some(format) = &disk.format {
+                script.push_str(&format!("image-format {} {format}; ", disk.serial()?));
+            }
+        }
+        script.push_str(&self.cmdline);
+        Ok(script)
     }
 }
 
@@ -302,10 +343,11 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
         Machine::Microvm => MICROVM_CMDLINE_MAX,
         Machine::Q35 => CMDLINE_MAX,
     };
-    if boot.cmdline.len() > max {
+    let script = boot.script()?;
+    if script.len() > max {
         return Err(Error::msg(format!(
             "the script is {} bytes long; the kernel command line on {} holds at most {max}{}",
-            boot.cmdline.len(),
+            script.len(),
             boot.machine,
             if boot.machine == Machine::Microvm {
                 " (q35 takes up to 16 KiB)"
@@ -332,11 +374,7 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
             }
         }
     }
-    cmd = cmd
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-append")
-        .arg(&boot.cmdline);
+    cmd = cmd.arg("-kernel").arg(kernel).arg("-append").arg(&script);
     let mut serials: Vec<&str> = Vec::new();
     for (index, disk) in boot.disks.iter().enumerate() {
         let serial = disk.serial()?;
@@ -395,7 +433,8 @@ pub fn boot(kernel: &Path, boot: &Boot) -> Result<BootResult> {
 }
 
 const USAGE: &str = "\
-usage: cargo xtask qemu [--machine microvm|q35] [--disk PATH]... [--disk-ro PATH]...
+usage: cargo xtask qemu [--machine microvm|q35] [--disk PATH[,format=FMT]]...
+                        [--disk-ro PATH[,format=FMT]]...
                         [--release|--debug] [--accel tcg|kvm] [--timeout SECS]
                         [-- SCRIPT...]";
 
@@ -430,10 +469,14 @@ fn parse(args: &[OsString]) -> Result<Options> {
                 boot.machine = Machine::parse(&value(text, &mut rest)?.to_string_lossy())?
             }
             "--accel" => boot.accel = Accel::parse(&value(text, &mut rest)?.to_string_lossy())?,
-            "--disk" | "--disk-ro" => boot.disks.push(Disk {
-                path: PathBuf::from(value(text, &mut rest)?),
-                read_only: text == "--disk-ro",
-            }),
+            "--disk" | "--disk-ro" => {
+                let path = value(text, &mut rest)?;
+                let path = path.to_str().ok_or_else(|| {
+                    Error::msg(format!("disk `{}` is not UTF-8", path.to_string_lossy()))
+                })?;
+                boot.disks
+                    .push(Disk::from_option(path, text == "--disk-ro")?);
+            }
             "--release" => profile = Profile::Release,
             "--debug" => profile = Profile::Debug,
             "--timeout" => {
@@ -505,7 +548,7 @@ mod tests {
             "--machine",
             "q35",
             "--disk",
-            "a.raw",
+            "a.raw,format=raw",
             "--disk-ro",
             "dir/b.qcow2",
             "--timeout",
@@ -525,9 +568,13 @@ mod tests {
             .boot
             .disks
             .iter()
-            .map(|d| (d.serial().unwrap(), d.read_only))
+            .map(|d| (d.serial().unwrap(), d.read_only, d.format.as_deref()))
             .collect();
-        assert_eq!(disks, [("a.raw", false), ("b.qcow2", true)]);
+        assert_eq!(
+            disks,
+            [("a.raw", false, Some("raw")), ("b.qcow2", true, None)]
+        );
+        assert!(parse(&os(&["--disk", "a.raw,format=vmdk"])).is_err());
         let o = parse(&[]).unwrap();
         assert_eq!(
             (o.boot.machine, o.profile, o.boot.accel),
@@ -545,6 +592,7 @@ mod tests {
         let disk = |path: &str| Disk {
             path: PathBuf::from(path),
             read_only: false,
+            format: None,
         };
         assert_eq!(disk("x/12345678901234567890").serial().unwrap().len(), 20);
         let err = disk("x/123456789012345678901").serial().unwrap_err();
@@ -558,13 +606,15 @@ mod tests {
         let a = dir.join("a,b.raw");
         std::fs::write(&a, [0u8; 512]).unwrap();
         let mut boot = Boot::new(Machine::Microvm);
-        boot.cmdline = "selftest".into();
-        boot.disks.push(Disk {
-            path: a.clone(),
-            read_only: true,
-        });
+        boot.cmdline = "checksum a,b.raw".into();
+        boot.disks
+            .push(Disk::from_option(a.to_str().unwrap(), true).unwrap());
+        boot.disks[0].format = Some("raw".into());
         let line = qemu_command(Path::new("/k"), &boot).unwrap().to_string();
-        assert!(line.contains("-append selftest"), "{line}");
+        assert!(
+            line.contains("-append 'image-format a,b.raw raw; checksum a,b.raw'"),
+            "{line}"
+        );
         assert!(line.contains("virtio-mmio.force-legacy=false"), "{line}");
         assert!(
             line.contains("-device virtio-blk-device,drive=d0,serial=a,,b.raw"),
@@ -574,6 +624,7 @@ mod tests {
         boot.disks.push(Disk {
             path: a,
             read_only: false,
+            format: None,
         });
         let err = qemu_command(Path::new("/k"), &boot).unwrap_err();
         assert!(err.to_string().contains("two disks"), "{err}");
