@@ -292,6 +292,13 @@ impl Qcow2 {
             }
             (n, k) = (new_n, new_k);
         }
+        if n * cs > super::header::MAX_REFCOUNT_TABLE_BYTES {
+            // A larger table would make the image one QEMU refuses to open.
+            return fail(
+                ErrorKind::NoSpace,
+                "qcow2 refcount table would grow over 8 MiB",
+            );
+        }
         let table_at = start * cs;
         self.check_overlap(t, table_at, (n + k) * cs)?;
         let new_blocks_at = start + n;
