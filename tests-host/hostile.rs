@@ -756,13 +756,36 @@ fn metadata_regions(h: &Header, bytes: &[u8]) -> Vec<(&'static str, u64, u64)> {
 
 /// Whether a write of `len` bytes at `at` into metadata `what` is an update
 /// the write path makes: an entry or refcount (at most 8 bytes), the
-/// refcount table switch (12 bytes at 48), the autoclear field, or the
-/// write-back of one cached table slice (`slice` bytes, aligned, no guest
-/// data in it).
-fn metadata_update(what: &str, (at, len, guest): (u64, usize, bool), slice: u64) -> bool {
+/// refcount table switch (12 bytes at 48), the autoclear field, the
+/// incompatible features field when the request failed as corrupt (the
+/// corrupt bit, `marking`), or the write-back of one cached table slice
+/// (`slice` bytes, aligned, no guest data in it).
+fn metadata_update(
+    what: &str,
+    (at, len, guest): (u64, usize, bool),
+    slice: u64,
+    marking: bool,
+) -> bool {
     let table = matches!(what, "L1 table" | "L2 table" | "refcount block");
     let slice_write = table && len as u64 == slice && at.is_multiple_of(slice) && !guest;
-    len <= 8 || slice_write || (what == "header cluster" && matches!((at, len), (48, 12) | (88, 8)))
+    let header = match (at, len) {
+        (48, 12) | (88, 8) => true,
+        (72, 8) => marking,
+        _ => false,
+    };
+    len <= 8 || slice_write || (what == "header cluster" && header)
+}
+
+/// `bytes` (a qcow2 image) with the corrupt bit (incompatible bit 1) set in
+/// its header, as a request that finds corruption leaves a v3 image; `None`
+/// for v2, which has no such bit.
+fn with_corrupt_bit(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() < 80 || be(bytes, 4, 4) != 3 {
+        return None;
+    }
+    let mut marked = bytes.to_vec();
+    marked[79] |= 2;
+    Some(marked)
 }
 
 /// Runs [`write_ops`] on `top`. Each request must keep guest data and new
@@ -804,11 +827,12 @@ fn write_phase<const N: usize>(
             .collect();
         let request = format!("{op:?}");
         let kind = request.split('(').next().unwrap_or("").to_owned();
+        let marking = matches!(&result, Err(e) if e.kind() == ErrorKind::Corrupt);
         for &(at, n, guest) in &writes {
             let end = at + n as u64;
             for &(what, start, stop) in &regions {
-                if at < stop && end > start && !metadata_update(what, (at, n, guest), cs.min(4096))
-                {
+                let update = metadata_update(what, (at, n, guest), cs.min(4096), marking);
+                if at < stop && end > start && !update {
                     out.problem(
                         format!("METADATA OVERWRITTEN: a {kind} request wrote over a {what}"),
                         format!(
@@ -844,7 +868,12 @@ fn write_phase<const N: usize>(
                     );
                 }
                 let after = graph.device_mut(file).map(|d| d.contents().to_vec());
-                if err.kind() == ErrorKind::Corrupt && after.as_deref() != Ok(&before[..]) {
+                // The image as it was, or (v3) with only the corrupt bit set.
+                let marked = after.as_ref().ok() == with_corrupt_bit(&before).as_ref();
+                if err.kind() == ErrorKind::Corrupt
+                    && after.as_deref() != Ok(&before[..])
+                    && !marked
+                {
                     let after = after.unwrap_or_default();
                     let at = first_difference(&before, &after);
                     let how = match at {
@@ -3512,8 +3541,9 @@ fn cli_backing_file_that_is_a_fifo() {
 }
 
 /// A data cluster that the refcounts call free (a hostile or damaged
-/// image): reads work, but writes are refused before anything changes,
-/// since the allocator would hand that cluster out a second time.
+/// image): reads work, but writes are refused before anything changes but
+/// the corrupt bit in the header, since the allocator would hand that
+/// cluster out a second time. QEMU then sees the image as corrupt too.
 #[test]
 fn data_cluster_counted_free_refuses_writes() {
     let tmp = tmpdir("bg-hostile-counted-");
@@ -3540,18 +3570,46 @@ fn data_cluster_counted_free_refuses_writes() {
         Some(2),
         "qemu-img check finds the error"
     );
+    assert!(!qemu_info_corrupt(dir, "img.qcow2"), "not marked yet");
 
     bg_ok(dir, &["io", "-r", "img.qcow2", "-c", "read -P 0x5a 1M 64k"]);
+    let marked = with_corrupt_bit(&bytes).expect("a v3 image");
     for write in [
         "write -P 0x11 2M 4k",
         "write -P 0x22 1M 512",
         "write -z 3M 64k",
     ] {
+        // Each write starts from the unmarked image.
+        fs::write(&path, &bytes).expect("write the image");
         let err = bg_refused(dir, &["io", "img.qcow2", "-c", write]);
         assert!(err.contains("refcount"), "{write}: {err}");
-        assert!(
-            fs::read(&path).unwrap() == bytes,
-            "{write} changed the image"
+        let after = fs::read(&path).unwrap();
+        assert_eq!(
+            first_difference(&after, &marked),
+            None,
+            "{write}: the image changed beyond the corrupt bit"
         );
+        assert!(after == marked, "{write}: the image changed length");
+        assert!(qemu_info_corrupt(dir, "img.qcow2"), "{write}: QEMU sees it");
     }
+    // Marked: later writes are refused at once, and reads still work.
+    let err = bg_refused(dir, &["io", "img.qcow2", "-c", "write -P 0x33 0 4k"]);
+    assert!(err.contains("marked corrupt"), "{err}");
+    assert!(fs::read(&path).unwrap() == marked);
+    bg_ok(dir, &["io", "-r", "img.qcow2", "-c", "read -P 0x5a 1M 64k"]);
+}
+
+/// Whether `qemu-img info --output=json` reports the qcow2 image `name` as
+/// corrupt (`"corrupt": true` in its format-specific data).
+fn qemu_info_corrupt(dir: &Path, name: &str) -> bool {
+    let out = run(
+        dir,
+        "qemu-img",
+        &["info", "-U", "-f", "qcow2", "--output=json", name],
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "qemu-img info {name} failed: {json}");
+    let compact: String = json.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(compact.contains("\"corrupt\":"), "no corrupt field: {json}");
+    compact.contains("\"corrupt\":true")
 }
