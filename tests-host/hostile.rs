@@ -28,7 +28,8 @@
 //! `writes_on_hostile_images`) opens hostile images read-write and sends guest
 //! writes, zero writes and discards: no write may land on the image's metadata
 //! (QEMU's overlap check), a request that fails as corrupt must leave the image as
-//! it was, and a successful one must read back. Its cases run in a child process
+//! it was (a v3 image may gain exactly the corrupt bit in its header), and a
+//! successful one must read back. Its cases run in a child process
 //! (the test re-runs itself as a worker), so a hang is reported with its case and
 //! the remaining cases still run. The collapse phase ([`collapse_phase`]) drops the
 //! backing file of overlays with hostile headers.
@@ -39,7 +40,9 @@
 //!
 //! Sections: 1. harness (panic capture, watchdog, resolver, one case, write and
 //! collapse phases, findings), 2. seeds and their layout, 3. mutations, 4. tests
-//! (in-process), 5. tests of the `blockgraph` binary.
+//! (in-process), 5. tests of the `blockgraph` binary, 6. QEMU's open limits
+//! (judged by qemu-img), bounded open (bytes read counted, not timed), writes
+//! onto inactive L1 tables and the corrupt bit in the header.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

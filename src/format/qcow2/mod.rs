@@ -146,7 +146,28 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
 }
 
 impl Qcow2 {
-    /// Reads and validates the header of the image on `device`.
+    /// Reads and validates the image on `device`: the header (with QEMU's
+    /// limits: cluster bits 9..=21, L1 table at most 32 MiB, refcount table
+    /// at most 8 MiB, at most 65536 snapshots), the snapshot table (each
+    /// entry walked once: at most 1 KiB of extra data, inside the file and
+    /// the 64 MiB a table may use, its L1 table aligned, at most 32 MiB and
+    /// inside the file), every L1 and refcount table entry, and every entry
+    /// of every L2 table the L1 table names.
+    ///
+    /// The cost is bounded by the file, whatever its tables say. For a file
+    /// of `F` bytes with `cs`-byte clusters, an L1 table of `L1` bytes
+    /// (at most 32 MiB and inside the file) and a refcount table of `RT`
+    /// bytes (at most 8 MiB), open reads at most
+    /// `F + (F / (32768 * cs) + 3) * L1 + 2 * RT + 40 * nb_snapshots + 4 KiB`:
+    /// each distinct L2 table once (they lie inside the file, so at most
+    /// `F` in all, however many L1 entries name one), the L1 table twice
+    /// plus once per 32768-cluster window of the file that holds L2 tables,
+    /// the refcount table twice, 40 bytes per snapshot. That is at most
+    /// about `3F + 112 MiB` with 512-byte clusters, and `F + 4 L1 + 2 RT`
+    /// for files up to 2 GiB with 64 KiB clusters. The check before the
+    /// first write ([`Qcow2::prepare_for_writes`]) reads the same L1 passes
+    /// and L2 tables again, plus one refcount lookup (through the metadata
+    /// cache) per used cluster.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] or [`ErrorKind::Unsupported`] for images that

@@ -40,11 +40,15 @@ pub enum ClearMode {
 }
 
 impl Qcow2 {
-    /// Refuses writes to images marked corrupt and clears unknown autoclear
-    /// bits (with one header write and a flush) before the first write.
+    /// Refuses writes to images marked corrupt; before the first write,
+    /// checks that the refcounts count every cluster the active L2 tables
+    /// use (an image where they do not is marked corrupt, in the header on
+    /// v3) and clears unknown autoclear bits (with one header write and a
+    /// flush).
     ///
     /// # Errors
-    /// [`ErrorKind::Corrupt`] for an image marked corrupt, device errors.
+    /// [`ErrorKind::Corrupt`] for an image marked corrupt or found so,
+    /// device errors.
     pub fn prepare_for_writes<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
