@@ -28,7 +28,8 @@
 //! `writes_on_hostile_images`) opens hostile images read-write and sends guest
 //! writes, zero writes and discards: no write may land on the image's metadata
 //! (QEMU's overlap check), a request that fails as corrupt must leave the image as
-//! it was, and a successful one must read back. Its cases run in a child process
+//! it was (a v3 image may gain exactly the corrupt bit in its header), and a
+//! successful one must read back. Its cases run in a child process
 //! (the test re-runs itself as a worker), so a hang is reported with its case and
 //! the remaining cases still run. The collapse phase ([`collapse_phase`]) drops the
 //! backing file of overlays with hostile headers.
@@ -39,7 +40,9 @@
 //!
 //! Sections: 1. harness (panic capture, watchdog, resolver, one case, write and
 //! collapse phases, findings), 2. seeds and their layout, 3. mutations, 4. tests
-//! (in-process), 5. tests of the `blockgraph` binary.
+//! (in-process), 5. tests of the `blockgraph` binary, 6. QEMU's open limits
+//! (judged by qemu-img), bounded open (bytes read counted, not timed), writes
+//! onto inactive L1 tables and the corrupt bit in the header.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -47,15 +50,16 @@ use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blockgraph::device::{DeviceEvent, MemDevice};
+use blockgraph::device::{DeviceEvent, DeviceId, MemDevice};
 use blockgraph::format::qcow2::Header;
 use blockgraph::graph::{NameBuf, MAX_CHAIN_DEPTH};
-use blockgraph::{Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
+use blockgraph::{Device, Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
 
 mod common;
 use common::{be64, bg_ok, bg_refused, qemu_img, qemu_io, run, tmpdir, BLOCKGRAPH};
@@ -756,13 +760,36 @@ fn metadata_regions(h: &Header, bytes: &[u8]) -> Vec<(&'static str, u64, u64)> {
 
 /// Whether a write of `len` bytes at `at` into metadata `what` is an update
 /// the write path makes: an entry or refcount (at most 8 bytes), the
-/// refcount table switch (12 bytes at 48), the autoclear field, or the
-/// write-back of one cached table slice (`slice` bytes, aligned, no guest
-/// data in it).
-fn metadata_update(what: &str, (at, len, guest): (u64, usize, bool), slice: u64) -> bool {
+/// refcount table switch (12 bytes at 48), the autoclear field, the
+/// incompatible features field when the request failed as corrupt (the
+/// corrupt bit, `marking`), or the write-back of one cached table slice
+/// (`slice` bytes, aligned, no guest data in it).
+fn metadata_update(
+    what: &str,
+    (at, len, guest): (u64, usize, bool),
+    slice: u64,
+    marking: bool,
+) -> bool {
     let table = matches!(what, "L1 table" | "L2 table" | "refcount block");
     let slice_write = table && len as u64 == slice && at.is_multiple_of(slice) && !guest;
-    len <= 8 || slice_write || (what == "header cluster" && matches!((at, len), (48, 12) | (88, 8)))
+    let header = match (at, len) {
+        (48, 12) | (88, 8) => true,
+        (72, 8) => marking,
+        _ => false,
+    };
+    len <= 8 || slice_write || (what == "header cluster" && header)
+}
+
+/// `bytes` (a qcow2 image) with the corrupt bit (incompatible bit 1) set in
+/// its header, as a request that finds corruption leaves a v3 image; `None`
+/// for v2, which has no such bit.
+fn with_corrupt_bit(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() < 80 || be(bytes, 4, 4) != 3 {
+        return None;
+    }
+    let mut marked = bytes.to_vec();
+    marked[79] |= 2;
+    Some(marked)
 }
 
 /// Runs [`write_ops`] on `top`. Each request must keep guest data and new
@@ -804,11 +831,12 @@ fn write_phase<const N: usize>(
             .collect();
         let request = format!("{op:?}");
         let kind = request.split('(').next().unwrap_or("").to_owned();
+        let marking = matches!(&result, Err(e) if e.kind() == ErrorKind::Corrupt);
         for &(at, n, guest) in &writes {
             let end = at + n as u64;
             for &(what, start, stop) in &regions {
-                if at < stop && end > start && !metadata_update(what, (at, n, guest), cs.min(4096))
-                {
+                let update = metadata_update(what, (at, n, guest), cs.min(4096), marking);
+                if at < stop && end > start && !update {
                     out.problem(
                         format!("METADATA OVERWRITTEN: a {kind} request wrote over a {what}"),
                         format!(
@@ -844,7 +872,12 @@ fn write_phase<const N: usize>(
                     );
                 }
                 let after = graph.device_mut(file).map(|d| d.contents().to_vec());
-                if err.kind() == ErrorKind::Corrupt && after.as_deref() != Ok(&before[..]) {
+                // The image as it was, or (v3) with only the corrupt bit set.
+                let marked = after.as_ref().ok() == with_corrupt_bit(&before).as_ref();
+                if err.kind() == ErrorKind::Corrupt
+                    && after.as_deref() != Ok(&before[..])
+                    && !marked
+                {
                     let after = after.unwrap_or_default();
                     let at = first_difference(&before, &after);
                     let how = match at {
@@ -3504,8 +3537,9 @@ fn cli_backing_file_that_is_a_fifo() {
 }
 
 /// A data cluster that the refcounts call free (a hostile or damaged
-/// image): reads work, but writes are refused before anything changes,
-/// since the allocator would hand that cluster out a second time.
+/// image): reads work, but writes are refused before anything changes but
+/// the corrupt bit in the header, since the allocator would hand that
+/// cluster out a second time. QEMU then sees the image as corrupt too.
 #[test]
 fn data_cluster_counted_free_refuses_writes() {
     let tmp = tmpdir("bg-hostile-counted-");
@@ -3532,18 +3566,333 @@ fn data_cluster_counted_free_refuses_writes() {
         Some(2),
         "qemu-img check finds the error"
     );
+    assert!(!qemu_info_corrupt(dir, "img.qcow2"), "not marked yet");
 
     bg_ok(dir, &["io", "-r", "img.qcow2", "-c", "read -P 0x5a 1M 64k"]);
+    let marked = with_corrupt_bit(&bytes).expect("a v3 image");
     for write in [
         "write -P 0x11 2M 4k",
         "write -P 0x22 1M 512",
         "write -z 3M 64k",
     ] {
+        // Each write starts from the unmarked image.
+        fs::write(&path, &bytes).expect("write the image");
         let err = bg_refused(dir, &["io", "img.qcow2", "-c", write]);
         assert!(err.contains("refcount"), "{write}: {err}");
+        let after = fs::read(&path).unwrap();
+        assert_eq!(
+            first_difference(&after, &marked),
+            None,
+            "{write}: the image changed beyond the corrupt bit"
+        );
+        assert!(after == marked, "{write}: the image changed length");
+        assert!(qemu_info_corrupt(dir, "img.qcow2"), "{write}: QEMU sees it");
+    }
+    // Marked: later writes are refused at once, and reads still work.
+    let err = bg_refused(dir, &["io", "img.qcow2", "-c", "write -P 0x33 0 4k"]);
+    assert!(err.contains("marked corrupt"), "{err}");
+    assert!(fs::read(&path).unwrap() == marked);
+    bg_ok(dir, &["io", "-r", "img.qcow2", "-c", "read -P 0x5a 1M 64k"]);
+}
+
+/// Whether `qemu-img info --output=json` reports the qcow2 image `name` as
+/// corrupt (`"corrupt": true` in its format-specific data).
+fn qemu_info_corrupt(dir: &Path, name: &str) -> bool {
+    let out = run(
+        dir,
+        "qemu-img",
+        &["info", "-U", "-f", "qcow2", "--output=json", name],
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "qemu-img info {name} failed: {json}");
+    let compact: String = json.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(compact.contains("\"corrupt\":"), "no corrupt field: {json}");
+    compact.contains("\"corrupt\":true")
+}
+
+// ---------------------------------------------------------------------------
+// 6. QEMU's limits, bounded open, complete overlap checks
+// ---------------------------------------------------------------------------
+
+/// A [`MemDevice`] that counts what is read: all bytes, and the bytes read
+/// from `watched` (a device range).
+struct Counted<'a> {
+    inner: MemDevice<'a>,
+    watched: (u64, u64),
+    /// (bytes read, bytes read inside `watched`).
+    read: Rc<Cell<(u64, u64)>>,
+}
+
+impl Device for Counted<'_> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> blockgraph::Result<()> {
+        self.inner.read_at(offset, buf)?;
+        let (start, end) = self.watched;
+        let inside = (offset + buf.len() as u64)
+            .min(end)
+            .saturating_sub(offset.max(start));
+        let (all, watched) = self.read.get();
+        self.read.set((all + buf.len() as u64, watched + inside));
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> blockgraph::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+
+    fn flush(&mut self) -> blockgraph::Result<()> {
+        self.inner.flush()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+
+    fn identity(&self) -> DeviceId {
+        self.inner.identity()
+    }
+}
+
+/// Hands out one device, once.
+struct One<D>(Option<D>);
+
+impl<D: Device> Resolver<D> for One<D> {
+    fn open(&mut self, _name: &str, _writable: bool) -> blockgraph::Result<D> {
+        self.0
+            .take()
+            .ok_or(Error::new(ErrorKind::NotFound, "opened already"))
+    }
+
+    fn open_backing(
+        &mut self,
+        _overlay: &str,
+        _reference: &str,
+        _writable: bool,
+        _resolved: &mut NameBuf,
+    ) -> blockgraph::Result<D> {
+        Err(Error::new(ErrorKind::NotFound, "no backing files here"))
+    }
+
+    fn reference(
+        &mut self,
+        _overlay: &str,
+        target: &str,
+        out: &mut NameBuf,
+    ) -> blockgraph::Result<()> {
+        out.clear();
+        out.push_str(target)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
+    }
+}
+
+/// A hostile ~50 MB image whose L1 table names two L2 tables thousands of
+/// times (entry `i` names table `i % 2`), with 2 MiB and 64 KiB clusters:
+/// QEMU opens it; blockgraph opens it and checks it before the first write
+/// reading each L2 table once, not once per L1 entry (that took 30 minutes
+/// with 2 MiB clusters). Judged by bytes read, not by time.
+#[test]
+fn l1_naming_one_l2_table_thousands_of_times_is_read_once() {
+    let tmp = tmpdir("bg-hostile-l1-alias-");
+    let dir = tmp.path();
+    for (cluster, entries) in [(2u64 << 20, 2048u64), (64 << 10, 4096)] {
+        let coverage = cluster / 8 * cluster;
+        let name = format!("alias-{cluster}.qcow2");
+        let size = (entries * coverage).to_string();
+        let cs_opt = format!("cluster_size={cluster}");
+        qemu_img(
+            dir,
+            &["create", "-q", "-f", "qcow2", "-o", &cs_opt, &name, &size],
+        );
+        let second = format!("write -P 0x5a {coverage} 4k");
+        qemu_io(dir, "qcow2", &name, &["write -P 0x5a 0 4k", &second]);
+        let mut bytes = fs::read(dir.join(&name)).expect("read the image");
+        let l1 = be64(&bytes, 40) as usize;
+        assert_eq!(be64(&bytes, 36) >> 32, entries, "L1 entries");
+        let tables = [be64(&bytes, l1), be64(&bytes, l1 + 8)];
         assert!(
-            fs::read(&path).unwrap() == bytes,
-            "{write} changed the image"
+            tables.iter().all(|&t| t & OFFSET_MASK != 0),
+            "two L2 tables"
+        );
+        for i in 0..entries as usize {
+            bytes[l1 + 8 * i..l1 + 8 * i + 8].copy_from_slice(&tables[i % 2].to_be_bytes());
+        }
+        bytes.resize(50 << 20, 0);
+        fs::write(dir.join(&name), &bytes).expect("write the image");
+        qemu_img(dir, &["info", "-f", "qcow2", &name]);
+
+        let first = tables[0] & OFFSET_MASK;
+        let read = Rc::new(Cell::new((0, 0)));
+        let mut storage = bytes.clone();
+        storage.resize(bytes.len() + (16 << 20), 0);
+        let device = Counted {
+            inner: MemDevice::new(&mut storage, bytes.len() as u64, 1).expect("device"),
+            watched: (first, first + cluster),
+            read: Rc::clone(&read),
+        };
+        let mut graph: Box<Graph<Counted<'_>, 8>> = Box::default();
+        let top = graph
+            .open_image(&mut One(Some(device)), &name, READ_WRITE)
+            .expect("the image opens");
+        let (opened, table_at_open) = read.get();
+        // The first write runs the "used clusters counted" pass; in place.
+        graph
+            .write(top, 0, &[0xc3; 4096])
+            .expect("an in-place write");
+        graph.flush(top).expect("flush");
+        let (all, table) = read.get();
+        let file = bytes.len() as u64;
+        eprintln!(
+            "{name}: open read {opened} bytes ({table_at_open} of table 0); \
+             open + first write {all} ({table} of table 0); file {file}"
+        );
+        // Table 0: once at open, once before the first write, and what the
+        // write path's cache reads of it (at most the table again).
+        assert!(
+            table_at_open <= cluster,
+            "open read table 0 {table_at_open} bytes"
+        );
+        assert!(table <= 3 * cluster, "table 0 read {table} bytes in all");
+        assert!(all <= 2 * file, "read {all} bytes of a {file}-byte file");
+        drop(graph);
+        let l2 = &storage[first as usize..(first + cluster) as usize];
+        assert!(
+            !l2.windows(8).any(|w| w == [0xc3; 8]),
+            "guest data never lands on an L2 table"
         );
     }
+}
+
+/// Writes `bytes` as `name` in `dir`, checks that `qemu-img info` refuses it
+/// and that blockgraph refuses it too (info, and a write) with a message
+/// containing `want`, leaving the file as it was.
+fn refused_like_qemu(dir: &Path, name: &str, bytes: &[u8], want: &str) {
+    fs::write(dir.join(name), bytes).expect("write the image");
+    let qemu = run(dir, "qemu-img", &["info", "-f", "qcow2", name]);
+    assert!(
+        !qemu.status.success(),
+        "qemu-img info opens {name}: {}",
+        String::from_utf8_lossy(&qemu.stdout)
+    );
+    for args in [&["info", name][..], &["io", name, "-c", "write 0 512"][..]] {
+        let err = bg_refused(dir, args);
+        assert!(
+            err.contains(want),
+            "{args:?}: {err} (QEMU: {})",
+            String::from_utf8_lossy(&qemu.stderr).trim()
+        );
+    }
+    assert!(
+        fs::read(dir.join(name)).unwrap() == bytes,
+        "{name} was changed"
+    );
+}
+
+/// QEMU's limits at open: a refcount table over 8 MiB, 0xffffffff
+/// snapshots, a snapshot entry with 0xffffffff bytes of extra data, and a
+/// compression type other than zlib without its incompatible bit are all
+/// refused, by qemu-img and by blockgraph, and nothing is written.
+#[test]
+fn images_over_qemus_limits_are_refused_like_qemu() {
+    let tmp = tmpdir("bg-hostile-limits-");
+    let dir = tmp.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_io(dir, "qcow2", "base.qcow2", &["write -P 0x5a 0 64k"]);
+    let base = fs::read(dir.join("base.qcow2")).expect("read");
+    let cs = 65536u64;
+    let patched = |patches: &[(usize, &[u8])], len: u64| {
+        let mut b = base.clone();
+        b.resize(len.max(b.len() as u64) as usize, 0);
+        for &(at, v) in patches {
+            b[at..at + v.len()].copy_from_slice(v);
+        }
+        b
+    };
+
+    // 129 clusters of 64 KiB: 8 MiB + 64 KiB, all inside the file.
+    let rt = be64(&base, 48);
+    let clusters = (8 << 20) / cs as u32 + 1;
+    let big_rt = patched(
+        &[(56, &clusters.to_be_bytes())],
+        rt + u64::from(clusters) * cs,
+    );
+    refused_like_qemu(dir, "rt.qcow2", &big_rt, "refcount table too large");
+
+    // nb_snapshots 0xffffffff, the table at a fresh cluster.
+    let eof = (base.len() as u64).next_multiple_of(cs);
+    let many = patched(
+        &[(60, &u32::MAX.to_be_bytes()), (64, &eof.to_be_bytes())],
+        eof + cs,
+    );
+    refused_like_qemu(dir, "many.qcow2", &many, "too many snapshots");
+
+    // A real snapshot, then its entry claims 0xffffffff bytes of extra data.
+    fs::write(dir.join("snap.qcow2"), &base).expect("write");
+    qemu_img(dir, &["snapshot", "-c", "s1", "snap.qcow2"]);
+    let snap = fs::read(dir.join("snap.qcow2")).expect("read");
+    assert_eq!(be64(&snap, 56) & 0xffff_ffff, 1, "one snapshot");
+    let table = be64(&snap, 64) as usize;
+    let mut extra = snap.clone();
+    extra[table + 36..table + 40].copy_from_slice(&u32::MAX.to_be_bytes());
+    refused_like_qemu(dir, "extra.qcow2", &extra, "extra data");
+
+    // zstd (type 1) in a 112-byte header, incompatible bit 3 clear.
+    assert_eq!(be64(&base, 96) & 0xffff_ffff, 112, "header_length 112");
+    let zstd = patched(&[(104, &[1])], 0);
+    refused_like_qemu(dir, "zstd.qcow2", &zstd, "incompatible bit");
+}
+
+/// An active L2 entry (with COPIED, in an L2 table the L1 calls owned)
+/// that points a guest cluster at an internal snapshot's L1 table: a guest
+/// write there is refused, the corrupt bit is set in the header (and QEMU
+/// sees it), and nothing else in the file changes.
+#[test]
+fn write_onto_an_inactive_l1_table_is_refused_and_marks_the_image_corrupt() {
+    let tmp = tmpdir("bg-hostile-inactive-l1-");
+    let dir = tmp.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    qemu_io(dir, "qcow2", "img.qcow2", &["write -P 0x5a 0 128k"]);
+    qemu_img(dir, &["snapshot", "-c", "s1", "img.qcow2"]);
+    let path = dir.join("img.qcow2");
+    let mut bytes = fs::read(&path).expect("read the image");
+    let table = be64(&bytes, 64) as usize;
+    let snapshot_l1 = be64(&bytes, table);
+    let l1 = be64(&bytes, 40) as usize;
+    assert_ne!(snapshot_l1, be64(&bytes, 40), "the snapshot has its own L1");
+    let l2 = be64(&bytes, l1) & OFFSET_MASK;
+    // L1[0] claims the table (COPIED); L2[0] points at the snapshot's L1.
+    let owned = (l2 | COPIED).to_be_bytes();
+    bytes[l1..l1 + 8].copy_from_slice(&owned);
+    let alias = (snapshot_l1 | COPIED).to_be_bytes();
+    bytes[l2 as usize..l2 as usize + 8].copy_from_slice(&alias);
+    fs::write(&path, &bytes).expect("write the image");
+    assert!(!qemu_info_corrupt(dir, "img.qcow2"));
+
+    let err = bg_refused(dir, &["io", "img.qcow2", "-c", "write -P 0xc3 0 4k"]);
+    assert!(err.contains("metadata"), "{err}");
+    let after = fs::read(&path).expect("read the image");
+    let marked = with_corrupt_bit(&bytes).expect("v3");
+    assert_eq!(
+        first_difference(&after, &marked),
+        None,
+        "only the corrupt bit changed"
+    );
+    assert_eq!(after.len(), bytes.len(), "nothing appended");
+    assert_eq!(
+        be64(&after, 72) & 2,
+        2,
+        "incompatible bit 1 (corrupt) is set"
+    );
+    assert!(
+        qemu_info_corrupt(dir, "img.qcow2"),
+        "qemu-img info shows corrupt: true"
+    );
+    let err = bg_refused(dir, &["io", "img.qcow2", "-c", "write -P 0xc3 1M 4k"]);
+    assert!(err.contains("marked corrupt"), "{err}");
+    assert!(
+        fs::read(&path).unwrap() == after,
+        "a later write changed nothing"
+    );
 }

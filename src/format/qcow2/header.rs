@@ -20,6 +20,10 @@ pub const MAX_FORMAT_NAME: usize = 16;
 pub(crate) const MAX_L1_ENTRIES: u64 = 32 * 1024 * 1024 / 8;
 /// Largest virtual size accepted (QEMU's limit, 2^61 bytes).
 pub(crate) const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
+/// Largest refcount table accepted, in bytes (QEMU: 8 MiB).
+pub(crate) const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Most internal snapshots accepted (QEMU's limit).
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
 
 pub(crate) const V2_HEADER_LENGTH: usize = 72;
 pub(crate) const V3_HEADER_LENGTH: usize = 104;
@@ -259,14 +263,40 @@ impl Header {
                 "unsupported qcow2 feature: extended L2 entries",
             );
         }
-        if incompatible.contains(Incompatible::COMPRESSION_TYPE) {
-            let zlib =
-                header_length as usize > OFF_COMPRESSION_TYPE && area[OFF_COMPRESSION_TYPE] == 0;
-            if !zlib {
+        // The compression type byte exists when the header reaches it; it
+        // is zlib (0) otherwise. As in QEMU: an unknown type is unsupported,
+        // and the incompatible bit is set exactly when the type is not zlib.
+        let compression = if header_length as usize > OFF_COMPRESSION_TYPE {
+            area[OFF_COMPRESSION_TYPE]
+        } else {
+            0
+        };
+        let compression_bit = incompatible.contains(Incompatible::COMPRESSION_TYPE);
+        match (compression, compression_bit) {
+            (0, false) => {}
+            (0, true) => {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 compression type bit set for zlib compression",
+                )
+            }
+            (1, false) => {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 compression type is not zlib but its incompatible bit is clear",
+                )
+            }
+            (1, true) => {
                 return fail(
                     ErrorKind::Unsupported,
                     "unsupported qcow2 compression type (zstd)",
-                );
+                )
+            }
+            _ => {
+                return fail(
+                    ErrorKind::Unsupported,
+                    "unsupported qcow2 compression type (unknown)",
+                )
             }
         }
         if refcount_order > 6 {
@@ -295,7 +325,10 @@ impl Header {
         let l2_entries = cluster_size / 8;
         let bytes_per_l1_entry = l2_entries * cluster_size;
         let l1_needed = size.div_ceil(bytes_per_l1_entry);
-        if u64::from(l1_size) < l1_needed || u64::from(l1_size) > MAX_L1_ENTRIES {
+        if u64::from(l1_size) > MAX_L1_ENTRIES {
+            return fail(ErrorKind::Corrupt, "qcow2 L1 table too large (over 32 MiB)");
+        }
+        if u64::from(l1_size) < l1_needed {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 L1 table size does not match the image size",
@@ -309,6 +342,12 @@ impl Header {
         )?;
         let refcount_table_offset = be_u64(area, OFF_REFCOUNT_OFFSET);
         let refcount_table_clusters = be_u32(area, OFF_REFCOUNT_CLUSTERS);
+        if u64::from(refcount_table_clusters) * cluster_size > MAX_REFCOUNT_TABLE_BYTES {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 refcount table too large (over 8 MiB)",
+            );
+        }
         check_table(
             refcount_table_offset,
             u64::from(refcount_table_clusters) * cluster_size,
@@ -316,6 +355,12 @@ impl Header {
             Some(file_size),
         )?;
         let nb_snapshots = be_u32(area, OFF_NB_SNAPSHOTS);
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 has too many snapshots (over 65536)",
+            );
+        }
         if nb_snapshots > 0 && !be_u64(area, OFF_SNAPSHOTS_OFFSET).is_multiple_of(cluster_size) {
             return fail(
                 ErrorKind::Corrupt,
@@ -708,5 +753,54 @@ mod tests {
         assert_eq!(kind_of(&good[..50]), ErrorKind::Corrupt);
         let err = parse(&with(OFF_CRYPT, &1u32.to_be_bytes())).unwrap_err();
         assert!(err.message().contains("unsupported"));
+    }
+
+    #[test]
+    fn qemu_limits_are_enforced() {
+        let good = TestImage::new(1 << 20, None).bytes;
+        let with = |patches: &[(usize, &[u8])]| {
+            let mut bytes = good.clone();
+            for &(off, value) in patches {
+                bytes[off..off + value.len()].copy_from_slice(value);
+            }
+            parse(&bytes).unwrap_err()
+        };
+        // 8 MiB of 512-byte clusters, plus one.
+        let clusters = (MAX_REFCOUNT_TABLE_BYTES / CLUSTER as u64 + 1) as u32;
+        let err = with(&[(OFF_REFCOUNT_CLUSTERS, &clusters.to_be_bytes())]);
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.message().contains("refcount table too large"));
+        let err = with(&[(OFF_NB_SNAPSHOTS, &u32::MAX.to_be_bytes())]);
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.message().contains("too many snapshots"));
+        let l1 = (MAX_L1_ENTRIES + 1) as u32;
+        let err = with(&[(OFF_L1_SIZE, &l1.to_be_bytes())]);
+        assert!(err.message().contains("L1 table too large"));
+        // The compression type byte is read once the header covers it.
+        let long = 112u32.to_be_bytes();
+        let bit = 8u64.to_be_bytes();
+        for (patches, kind) in [
+            (
+                &[(OFF_COMPRESSION_TYPE, &[1u8][..])][..],
+                ErrorKind::Corrupt,
+            ),
+            (&[(OFF_INCOMPATIBLE, &bit[..])][..], ErrorKind::Corrupt),
+            (
+                &[(OFF_INCOMPATIBLE, &bit[..]), (OFF_COMPRESSION_TYPE, &[1])][..],
+                ErrorKind::Unsupported,
+            ),
+            (
+                &[(OFF_COMPRESSION_TYPE, &[2u8][..])][..],
+                ErrorKind::Unsupported,
+            ),
+        ] {
+            let mut all = vec![(OFF_HEADER_LENGTH, &long[..])];
+            all.extend_from_slice(patches);
+            assert_eq!(with(&all).kind(), kind, "{patches:?}");
+        }
+        // With a 104-byte header the byte is not part of it: zlib.
+        let mut short = good.clone();
+        short[OFF_COMPRESSION_TYPE] = 1;
+        parse(&short).unwrap();
     }
 }

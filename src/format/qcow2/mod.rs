@@ -9,6 +9,7 @@ pub mod create;
 pub mod header;
 mod inflate;
 mod refcount;
+mod snapshot;
 #[cfg(test)]
 pub(crate) mod testimg;
 mod write;
@@ -49,6 +50,8 @@ pub struct Qcow2 {
     l1_used: u64,
     /// Refcount table entries past this index are all zero.
     rt_used: u64,
+    /// The internal snapshot table (validated at open; never changed).
+    snapshots: snapshot::Table,
     /// Every cluster the active tables use was found counted (checked once,
     /// before the first write).
     counted: bool,
@@ -143,7 +146,28 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
 }
 
 impl Qcow2 {
-    /// Reads and validates the header of the image on `device`.
+    /// Reads and validates the image on `device`: the header (with QEMU's
+    /// limits: cluster bits 9..=21, L1 table at most 32 MiB, refcount table
+    /// at most 8 MiB, at most 65536 snapshots), the snapshot table (each
+    /// entry walked once: at most 1 KiB of extra data, inside the file and
+    /// the 64 MiB a table may use, its L1 table aligned, at most 32 MiB and
+    /// inside the file), every L1 and refcount table entry, and every entry
+    /// of every L2 table the L1 table names.
+    ///
+    /// The cost is bounded by the file, whatever its tables say. For a file
+    /// of `F` bytes with `cs`-byte clusters, an L1 table of `L1` bytes
+    /// (at most 32 MiB and inside the file) and a refcount table of `RT`
+    /// bytes (at most 8 MiB), open reads at most
+    /// `F + (F / (32768 * cs) + 3) * L1 + 2 * RT + 40 * nb_snapshots + 4 KiB`:
+    /// each distinct L2 table once (they lie inside the file, so at most
+    /// `F` in all, however many L1 entries name one), the L1 table twice
+    /// plus once per 32768-cluster window of the file that holds L2 tables,
+    /// the refcount table twice, 40 bytes per snapshot. That is at most
+    /// about `3F + 112 MiB` with 512-byte clusters, and `F + 4 L1 + 2 RT`
+    /// for files up to 2 GiB with 64 KiB clusters. The check before the
+    /// first write ([`Qcow2::prepare_for_writes`]) reads the same L1 passes
+    /// and L2 tables again, plus one refcount lookup (through the metadata
+    /// cache) per used cluster.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] or [`ErrorKind::Unsupported`] for images that
@@ -167,6 +191,8 @@ impl Qcow2 {
             header.set_backing_name(name)?;
         }
         let cs = header.cluster_size();
+        let snapshots =
+            snapshot::Table::check(&header, device.size(), |at, raw| device.read_at(at, raw))?;
         // Every table entry must point inside the image, cluster aligned,
         // with its reserved bits clear: checked once, before any use.
         let l1 = (header.l1_table_offset, u64::from(header.l1_size));
@@ -198,6 +224,7 @@ impl Qcow2 {
                 header.refcount_table_offset,
                 u64::from(header.refcount_table_clusters) * cs,
             ),
+            (snapshots.offset, snapshots.bytes.div_ceil(cs) * cs),
         ];
         let on_fixed = |offset: u64| {
             fixed
@@ -217,51 +244,39 @@ impl Qcow2 {
                 Ok(())
             })?;
         }
-        let probe = Self {
-            trusted_from: 0,
-            header: header.clone(),
-            free_hint: 0,
-            l1_used,
-            rt_used,
-            counted: false,
-            last_l1: Cell::new(None),
-        };
-        probe.check_l2_tables(device)?;
-        Ok(Self {
+        let opened = Self {
             trusted_from: device.size().div_ceil(cs),
             header,
             free_hint: 0,
             l1_used,
             rt_used,
+            snapshots,
             counted: false,
             last_l1: Cell::new(None),
-        })
+        };
+        opened.check_l2_tables(device)?;
+        Ok(opened)
     }
 
     /// Checks every entry of every L2 table the L1 table points to (as the
     /// read path decodes them: aligned, inside the image, no reserved bits),
     /// so that no entry can later alias a cluster the image grows into.
+    /// Each distinct table is read once ([`for_each_l2_table`]).
     fn check_l2_tables<D: Device>(&self, device: &mut D) -> Result<()> {
         let file_size = device.size();
         let l2_entries = self.cluster_size() / 8;
-        let mut l1 = [0u8; 4096];
-        let mut done = 0u64;
-        while done < self.l1_used {
-            let n = (self.l1_used - done).min(l1.len() as u64 / 8) as usize;
-            device.read_at(self.header.l1_table_offset + done * 8, &mut l1[..n * 8])?;
-            for raw in l1[..n * 8].chunks_exact(8) {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(raw);
-                let table = u64::from_be_bytes(bytes) & OFFSET_MASK;
-                if table != 0 {
-                    for_each_entry(device, (table, l2_entries), |entry| {
-                        self.decode_l2(entry, file_size).map(|_| ())
-                    })?;
-                }
-            }
-            done += n as u64;
-        }
-        Ok(())
+        let l1 = (self.header.l1_table_offset, self.l1_used);
+        for_each_l2_table(
+            device,
+            l1,
+            self.header.cluster_bits,
+            |device, at, buf| device.read_at(at, buf),
+            |device, table| {
+                for_each_entry(device, (table, l2_entries), |entry| {
+                    self.decode_l2(entry, file_size).map(|_| ())
+                })
+            },
+        )
     }
 
     /// The validated header.
@@ -543,6 +558,69 @@ impl Qcow2 {
         }
         self.header = updated;
         Ok(())
+    }
+}
+
+/// Clusters of the file one pass of [`for_each_l2_table`] covers (one bit
+/// each in a 4 KiB bitmap on the stack).
+const WINDOW_CLUSTERS: u64 = 4096 * 8;
+
+/// Calls `visit` once for each distinct L2 table named by the first `used`
+/// entries of the L1 table at `l1`, however many entries name it (a hostile
+/// L1 may name one table millions of times). No heap: a bitmap marks the
+/// tables visited in a window of [`WINDOW_CLUSTERS`] file clusters; each
+/// pass reads the L1 entries once (with `read`, 4 KiB at a time) and visits
+/// the unmarked tables of its window, and the next window starts at the
+/// lowest table past it, so windows holding no table cost nothing. Tables
+/// lie inside the file (checked at open), so a file of `F` bytes and
+/// `cs`-byte clusters takes at most `F / (cs * WINDOW_CLUSTERS) + 1` passes
+/// (one for files up to 16 MiB of 512-byte clusters, or 2 GiB of 64 KiB
+/// clusters). Table offsets are cluster aligned (checked at open).
+///
+/// # Errors
+/// The first error of `read` or `visit`.
+fn for_each_l2_table<C>(
+    ctx: &mut C,
+    (l1, used): (u64, u64),
+    cluster_bits: u32,
+    mut read: impl FnMut(&mut C, u64, &mut [u8]) -> Result<()>,
+    mut visit: impl FnMut(&mut C, u64) -> Result<()>,
+) -> Result<()> {
+    let mut seen = [0u8; (WINDOW_CLUSTERS / 8) as usize];
+    let mut buf = [0u8; 4096];
+    let mut window = 0u64;
+    loop {
+        seen.fill(0);
+        let mut next = u64::MAX;
+        let mut done = 0u64;
+        while done < used {
+            let n = (used - done).min(buf.len() as u64 / 8) as usize;
+            read(ctx, l1 + done * 8, &mut buf[..n * 8])?;
+            for raw in buf[..n * 8].chunks_exact(8) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(raw);
+                let table = u64::from_be_bytes(bytes) & OFFSET_MASK;
+                let cluster = table >> cluster_bits;
+                if table == 0 || cluster < window {
+                    continue;
+                }
+                let bit = cluster - window;
+                if bit >= WINDOW_CLUSTERS {
+                    next = next.min(cluster);
+                    continue;
+                }
+                let (byte, mask) = ((bit / 8) as usize, 1u8 << (bit % 8));
+                if seen[byte] & mask == 0 {
+                    seen[byte] |= mask;
+                    visit(ctx, table)?;
+                }
+            }
+            done += n as u64;
+        }
+        if next == u64::MAX {
+            return Ok(());
+        }
+        window = next;
     }
 }
 

@@ -8,6 +8,8 @@
 //! out twice. New refcount blocks and tables are written through, each with
 //! its own flushes.
 
+use super::header::{Incompatible, OFF_INCOMPATIBLE};
+use super::snapshot::{Entry, ENTRY_HEADER};
 use super::{Level, Qcow2, Tables, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -122,8 +124,8 @@ impl Qcow2 {
         self.update_table(t, at, &raw[..bytes], Level::Refcount)
     }
 
-    /// Reads `out.len()` metadata bytes at `offset` through the cache (they
-    /// never straddle a slice: entries are naturally aligned).
+    /// Reads `out.len()` metadata bytes at `offset` through the cache, from
+    /// as many slices as they span.
     fn read_bytes<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
@@ -131,10 +133,16 @@ impl Qcow2 {
         out: &mut [u8],
     ) -> Result<()> {
         let slice_len = self.slice_len();
-        let start = offset / slice_len * slice_len;
-        let slice = t.slice(start, slice_len as usize)?;
-        let at = (offset - start) as usize;
-        out.copy_from_slice(&slice[at..at + out.len()]);
+        let mut done = 0;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            let start = pos / slice_len * slice_len;
+            let slice = t.slice(start, slice_len as usize)?;
+            let at = (pos - start) as usize;
+            let n = (slice_len as usize - at).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&slice[at..at + n]);
+            done += n;
+        }
         Ok(())
     }
 
@@ -292,6 +300,13 @@ impl Qcow2 {
             }
             (n, k) = (new_n, new_k);
         }
+        if n * cs > super::header::MAX_REFCOUNT_TABLE_BYTES {
+            // A larger table would make the image one QEMU refuses to open.
+            return fail(
+                ErrorKind::NoSpace,
+                "qcow2 refcount table would grow over 8 MiB",
+            );
+        }
         let table_at = start * cs;
         self.check_overlap(t, table_at, (n + k) * cs)?;
         let new_blocks_at = start + n;
@@ -444,8 +459,13 @@ impl Qcow2 {
 impl Qcow2 {
     /// Refuses a write of `len` bytes at device offset `offset` that would
     /// land on metadata: the header cluster, the L1 and refcount tables, the
-    /// snapshot table, any L2 table of the active L1 or any refcount block
-    /// (QEMU's overlap check). Images whose refcounts or mappings point data
+    /// whole snapshot table, any L2 table of the active L1, any refcount
+    /// block or any snapshot's (inactive) L1 table (QEMU's default overlap
+    /// check). A write to a cluster that existed at open costs one pass
+    /// over the used L1 and refcount table entries and, when it falls where
+    /// inactive L1 tables lie, over the snapshot table, all through the
+    /// cache (each bounded by QEMU's table limits and the file size); a
+    /// write past the end of the file at open costs none. Images whose refcounts or mappings point data
     /// at metadata are hostile or corrupt: the write is refused and the image
     /// is treated as corrupt from then on.
     ///
@@ -486,10 +506,11 @@ impl Qcow2 {
         let h = &self.header;
         let l1_bytes = (u64::from(h.l1_size) * 8).div_ceil(cs) * cs;
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        let snapshots = self.snapshots;
         let mut overlap = hits(0, cs)
             || hits(h.l1_table_offset, l1_bytes)
             || hits(h.refcount_table_offset, rt_bytes)
-            || (h.nb_snapshots > 0 && hits(h.snapshots_offset, cs));
+            || hits(snapshots.offset, snapshots.bytes.div_ceil(cs) * cs);
         // Clusters that did not exist at open hold only metadata this driver
         // placed and counted: the fixed regions above are all they can hit.
         let trusted = offset >= self.trusted_from * cs;
@@ -515,13 +536,46 @@ impl Qcow2 {
                 !overlap && index < rt_len
             })?;
         }
+        // Inactive L1 tables (each snapshot's): walk the snapshot table only
+        // when the write reaches into the span they occupy.
+        let (lo, hi) = snapshots.l1_span;
+        if !trusted && !overlap && hits(lo, hi - lo) {
+            let mut at = snapshots.offset;
+            for _ in 0..snapshots.count {
+                let mut raw = [0u8; ENTRY_HEADER];
+                self.read_bytes(t, at, &mut raw)?;
+                let entry = Entry::parse(&raw, (snapshots.offset, at), cs, t.device_size())?;
+                let (l1, l1_len) = entry.l1;
+                if hits(l1, l1_len.div_ceil(cs) * cs) {
+                    overlap = true;
+                    break;
+                }
+                at = entry.next;
+            }
+        }
         if overlap {
-            self.header.incompatible |= super::header::Incompatible::CORRUPT;
+            self.mark_corrupt(t);
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 write would overwrite metadata: image is corrupt",
             );
         }
         Ok(())
+    }
+
+    /// Marks the image corrupt: in memory (every later write is refused)
+    /// and, on v3, in the header (incompatible bit 1: the 8-byte feature
+    /// field written through and flushed), so QEMU and later opens see it
+    /// too. v2 has no such bit. Nothing else is written. Best effort: the
+    /// caller fails its request as corrupt whether or not the header write
+    /// reached the disk.
+    pub(super) fn mark_corrupt<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>) {
+        self.header.incompatible |= Incompatible::CORRUPT;
+        if self.header.version >= 3 {
+            let bits = self.header.incompatible.bits().to_be_bytes();
+            let _ = t
+                .write_meta(OFF_INCOMPATIBLE as u64, &bits)
+                .and_then(|()| t.device()?.flush());
+        }
     }
 }

@@ -13,9 +13,10 @@
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{Level, Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{for_each_l2_table, Level, Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
+use core::cell::Cell;
 
 /// What a guest write to one cluster needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,11 +40,15 @@ pub enum ClearMode {
 }
 
 impl Qcow2 {
-    /// Refuses writes to images marked corrupt and clears unknown autoclear
-    /// bits (with one header write and a flush) before the first write.
+    /// Refuses writes to images marked corrupt; before the first write,
+    /// checks that the refcounts count every cluster the active L2 tables
+    /// use (an image where they do not is marked corrupt, in the header on
+    /// v3) and clears unknown autoclear bits (with one header write and a
+    /// flush).
     ///
     /// # Errors
-    /// [`ErrorKind::Corrupt`] for an image marked corrupt, device errors.
+    /// [`ErrorKind::Corrupt`] for an image marked corrupt or found so,
+    /// device errors.
     pub fn prepare_for_writes<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -71,7 +76,10 @@ impl Qcow2 {
     /// Refuses writes when the refcounts call a cluster that the active L2
     /// tables use (data or compressed) free: the allocator would hand it
     /// out again and two guest clusters would share storage. One pass over
-    /// the L2 tables, before the first write; nothing is written.
+    /// the distinct L2 tables ([`for_each_l2_table`]: each is read once,
+    /// however many L1 entries name it), before the first write. When one
+    /// is found the image is marked corrupt (the header bit on v3, see
+    /// [`Qcow2::mark_corrupt`]); nothing else is written.
     fn check_used_clusters_counted<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -79,38 +87,48 @@ impl Qcow2 {
         // The tables are read from the device: bring it up to date first.
         t.write_back()?;
         let cs = self.cluster_size();
-        let mut chunk = [0u8; CHUNK];
-        for l1_index in 0..self.l1_used {
-            let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
-            if table == 0 {
-                continue;
-            }
-            let mut done = 0;
-            while done < cs {
-                let n = (cs - done).min(CHUNK as u64) as usize;
-                t.device()?.read_at(table + done, &mut chunk[..n])?;
-                for raw in chunk[..n].chunks_exact(8) {
-                    let mut bytes = [0u8; 8];
-                    bytes.copy_from_slice(raw);
-                    let entry = u64::from_be_bytes(bytes);
-                    if !references_storage(entry) {
-                        continue;
-                    }
-                    let (mut cluster, end) = self.entry_storage(entry);
-                    while cluster < end {
-                        if self.refcount(t, cluster / cs)? == 0 {
-                            return fail(
-                                ErrorKind::Corrupt,
-                                "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
-                            );
+        let this = &*self;
+        let l1 = (this.header.l1_table_offset, this.l1_used);
+        let counted_free = Cell::new(false);
+        let result = for_each_l2_table(
+            t,
+            l1,
+            this.header.cluster_bits,
+            |t, at, buf| t.device()?.read_at(at, buf),
+            |t, table| {
+                let mut chunk = [0u8; CHUNK];
+                let mut done = 0;
+                while done < cs {
+                    let n = (cs - done).min(CHUNK as u64) as usize;
+                    t.device()?.read_at(table + done, &mut chunk[..n])?;
+                    for raw in chunk[..n].chunks_exact(8) {
+                        let mut bytes = [0u8; 8];
+                        bytes.copy_from_slice(raw);
+                        let entry = u64::from_be_bytes(bytes);
+                        if !references_storage(entry) {
+                            continue;
                         }
-                        cluster += cs;
+                        let (mut cluster, end) = this.entry_storage(entry);
+                        while cluster < end {
+                            if this.refcount(t, cluster / cs)? == 0 {
+                                counted_free.set(true);
+                                return fail(
+                                    ErrorKind::Corrupt,
+                                    "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
+                                );
+                            }
+                            cluster += cs;
+                        }
                     }
+                    done += n as u64;
                 }
-                done += n as u64;
-            }
+                Ok(())
+            },
+        );
+        if counted_free.get() {
+            self.mark_corrupt(t);
         }
-        Ok(())
+        result
     }
 
     /// The L1 index and L2 index of guest cluster `cluster`.
