@@ -61,7 +61,7 @@ const MACHINES: [Machine; 2] = [Machine::Microvm, Machine::Q35];
 /// An image test: a name (also its directory) and the test.
 type ImageTest = (&'static str, fn(&Lab) -> Result<String>);
 
-const IMAGE_TESTS: [ImageTest; 10] = [
+const IMAGE_TESTS: [ImageTest; 11] = [
     ("chain-reads", chain_reads),
     ("writes-vs-qemu-io", writes_vs_qemu_io),
     ("intermediate-commit", intermediate_commit),
@@ -72,6 +72,7 @@ const IMAGE_TESTS: [ImageTest; 10] = [
     ("read-only-disk", read_only_disk),
     ("no-space", no_space),
     ("wrong-pattern", wrong_pattern),
+    ("probed-raw", probed_raw),
 ];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
@@ -931,4 +932,54 @@ fn wrong_pattern(lab: &Lab) -> Result<String> {
     )?;
     verify(&run, || lab.unchanged(&saved))?;
     Ok(format!("{}, the read failed", kernel_time(&run)))
+}
+
+/// A raw disk whose format is probed: the guest builds a qcow2 magic in
+/// its first sector byte by byte and the last byte is refused; a second
+/// boot names the format (`--disk PATH,format=raw`, i.e. `image-format`)
+/// and the same write goes through without a probing warning.
+fn probed_raw(lab: &Lab) -> Result<String> {
+    const NAME: &str = "guest.raw";
+    create_disk(&lab.path(NAME), 1 << 20)?;
+    let magic = [0x51u8, 0x46, 0x49, 0xfb];
+    let writes: Vec<String> = magic
+        .iter()
+        .enumerate()
+        .map(|(i, byte)| format!("io {NAME} -c \"write -P {byte:#x} {i} 1\""))
+        .collect();
+    let probed = fail(
+        lab,
+        vec![lab.disk(NAME, false)],
+        &writes,
+        &[
+            "probing guessed raw",
+            "error: command 4: write -P 0xfb 3 1: operation not permitted",
+        ],
+    )?;
+    let first = |want: &[u8]| -> Result<()> {
+        let bytes = read(&lab.path(NAME))?;
+        if bytes[..4] == *want {
+            Ok(())
+        } else {
+            Err(Error::msg(format!(
+                "{NAME} starts {:02x?}, want {want:02x?}",
+                &bytes[..4]
+            )))
+        }
+    };
+    verify(&probed, || first(&[0x51, 0x46, 0x49, 0]))?;
+    let mut disk = lab.disk(NAME, false);
+    disk.format = Some("raw".into());
+    let named = succeed(lab, vec![disk], &writes[3..])?;
+    verify(&named, || {
+        if named.serial.contains("probing guessed raw") {
+            return Err(Error::msg("a disk with a named format was probed"));
+        }
+        first(&magic)
+    })?;
+    Ok(format!(
+        "{} and {}, refused then written",
+        kernel_time(&probed),
+        kernel_time(&named)
+    ))
 }
