@@ -1577,6 +1577,7 @@ const READ_ONLY: OpenOptions = OpenOptions {
     read_only: true,
     writable_devices: false,
     assume_raw_backing: false,
+    force_share: false,
 };
 
 const READ_WRITE: OpenOptions = OpenOptions {
@@ -1584,6 +1585,7 @@ const READ_WRITE: OpenOptions = OpenOptions {
     read_only: false,
     writable_devices: true,
     assume_raw_backing: true,
+    force_share: false,
 };
 
 /// Header fields: name, offset, width in bytes.

@@ -6,12 +6,14 @@
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::ExitCode;
 
 use blockgraph::cmd::{self, Environment};
-use blockgraph::device::FileDevice;
+use blockgraph::device::{DeviceId, FileDevice};
 use blockgraph::host::PathResolver;
+use blockgraph::Device;
 use blockgraph::{Graph, Result};
 
 /// Data moved per step by convert and io.
@@ -52,6 +54,9 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
 struct Host {
     resolver: PathResolver,
     started: std::time::Instant,
+    /// Files `create` made (they did not exist before), by name, with the
+    /// identity they had: only those may be removed again.
+    created: Vec<(String, DeviceId)>,
 }
 
 impl Environment for Host {
@@ -64,8 +69,29 @@ impl Environment for Host {
 
     fn create(&mut self, name: &str, size: u64) -> Result<FileDevice> {
         let mut device = FileDevice::create(Path::new(name))?;
-        device.set_len(size)?;
+        if device.created() {
+            self.created.push((name.to_owned(), device.identity()));
+        }
+        if let Err(err) = device.set_len(size) {
+            self.remove(name);
+            return Err(err);
+        }
         Ok(device)
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(index) = self.created.iter().position(|(n, _)| n == name) else {
+            return;
+        };
+        let (_, identity) = self.created.swap_remove(index);
+        // Only while the name still is the file made (not a symbolic link,
+        // not a file put there since).
+        let made = std::fs::symlink_metadata(name)
+            .is_ok_and(|m| m.is_file() && DeviceId(m.dev(), m.ino()) == identity);
+        if made {
+            // Best effort: the command's own failure is what gets reported.
+            let _ = std::fs::remove_file(name);
+        }
     }
 
     fn now_micros(&mut self) -> Option<u64> {
@@ -128,6 +154,7 @@ fn main() -> ExitCode {
     let mut env = Host {
         resolver,
         started: std::time::Instant::now(),
+        created: Vec::new(),
     };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();

@@ -57,6 +57,14 @@ pub trait Environment {
     /// As the back end reports (no space, not found, ...).
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Device>;
 
+    /// Undoes [`Environment::create`] of `name` after the command that
+    /// created it failed, so that a failed command leaves no new file:
+    /// removes it only when `create` made it (it did not exist before). The
+    /// default removes nothing (outputs that are not files, like disks).
+    fn remove(&mut self, name: &str) {
+        let _ = name;
+    }
+
     /// Microseconds from an arbitrary fixed point, for progress rates;
     /// `None` where no clock is available.
     fn now_micros(&mut self) -> Option<u64> {
@@ -267,15 +275,37 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         result
     }
 
-    /// Opens `name`'s chain, naming the image in the failure.
+    /// Opens `name`'s chain, naming the image in the failure. A read-only
+    /// open of an image the graph holds already (attached in a script)
+    /// takes another reference to that node instead: a second node over the
+    /// file would conflict with an attached writer, as QEMU's image locking
+    /// refuses a second user of an image in use.
     pub(crate) fn open<'a>(
         &mut self,
         name: &'a str,
         options: OpenOptions,
     ) -> core::result::Result<NodeId, Failure<'a>> {
+        let at = |err| Failure::new(err, name);
+        if let Some(node) = self.open_already(name, options) {
+            // What was written through it becomes visible to other readers
+            // of the file (a convert's workers), as an open would do.
+            self.graph.write_back_all().map_err(at)?;
+            self.graph.ref_node(node).map_err(at)?;
+            return Ok(node);
+        }
         self.graph
             .open_image(self.env.resolver(), name, options)
-            .map_err(|err| Failure::new(err, name))
+            .map_err(at)
+    }
+
+    /// The format node over the storage `name` names, when the graph has
+    /// one and the open is read-only.
+    fn open_already(&mut self, name: &str, options: OpenOptions) -> Option<NodeId> {
+        if self.graph.node_count() == 0 || !options.read_only || options.writable_devices {
+            return None;
+        }
+        let identity = self.env.resolver().open(name, false).ok()?.identity();
+        self.graph.image_on(identity)
     }
 
     /// Opens `name`'s chain with every device writable (headers may be

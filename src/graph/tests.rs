@@ -37,7 +37,10 @@ fn add(g: &mut TestGraph, image: TestImage, name: &str) -> NodeId {
     let mut storage = image.bytes;
     storage.resize(storage.len() + 4 * CLUSTER, 0);
     let storage: &'static mut [u8] = Box::leak(storage.into_boxed_slice());
-    let id = g.node_count() as u64;
+    // Distinct storage has distinct identities (the graph refuses one image
+    // open twice with conflicting permissions).
+    static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    let id = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     let file = g
         .add_device(MemDevice::new(storage, len, id).unwrap(), name)
         .unwrap();
