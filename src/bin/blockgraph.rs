@@ -25,8 +25,8 @@ const PARALLEL_FROM: u64 = 64 << 20;
 
 const USAGE: &str = "\
 usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
-  --max-file-size SIZE: image files opened for writing may not grow past SIZE
-  (like a fixed-size disk: a write needing more space fails with no space)
+  --max-file-size SIZE: image files opened for writing or created may not grow
+  past SIZE (like a fixed-size disk: a write needing more space fails with no space)
   info [--backing-chain] [--output=json|human] IMAGE
   map [--output=json|human] IMAGE
   convert [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
@@ -71,6 +71,9 @@ impl Environment for Host {
         let mut device = FileDevice::create(Path::new(name))?;
         if device.created() {
             self.created.push((name.to_owned(), device.identity()));
+        }
+        if let Some(max) = self.resolver.max_file_size {
+            device.limit_size(max);
         }
         if let Err(err) = device.set_len(size) {
             self.remove(name);
