@@ -552,3 +552,51 @@ fn corrupt_first_compressed_cluster(file: &Path) {
     bytes[payload..payload + 64].fill(0xff);
     fs::write(file, bytes).unwrap();
 }
+
+/// A script's read-only commands on an image it has attached (and on that
+/// image's backing file, which a running commit writes) use the attached
+/// nodes: a second open of the files would conflict with the attached
+/// writers. A parallel convert's workers share the source.
+#[test]
+fn a_script_reads_its_attached_images_through_their_nodes() {
+    let t = tmpdir("lock-script-");
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    qemu_io(d, "qcow2", "base.qcow2", &["write -P 0x71 32M 1M"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x72 0 1M"]);
+    qemu_img(d, &["convert", "-O", "raw", "top.qcow2", "expected.raw"]);
+    let out = bg_ok(
+        d,
+        &[
+            "script",
+            "job-start commit top.qcow2; job-step top.qcow2 2; info top.qcow2; \
+             map top.qcow2; checksum base.qcow2; convert top.qcow2 during.raw; \
+             io -r base.qcow2 -c \"read -P 0x72 0 1M\"; job-wait top.qcow2; \
+             info base.qcow2; convert base.qcow2 after.raw",
+        ],
+    );
+    assert!(out.contains("is now the active image"), "{out}");
+    let expected = fs::read(d.join("expected.raw")).unwrap();
+    for output in ["during.raw", "after.raw"] {
+        assert!(
+            fs::read(d.join(output)).unwrap() == expected,
+            "{output} differs from qemu-img's convert:\n{out}"
+        );
+    }
+    assert_eq!(locked_bytes(&d.join("base.qcow2")), [] as [u64; 0]);
+    qemu_img(d, &["check", "base.qcow2"]);
+}
