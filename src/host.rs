@@ -23,6 +23,12 @@ const WORKER_SCRATCH: usize = 1 << 20;
 /// each opens the chain read-only in its own graph and copies one part
 /// (split at 2 MiB boundaries) through its own scratch. The first failing part's error is
 /// returned.
+///
+/// The caller holds `image` open while the workers run and `output` as
+/// [`FileDevice::create`] made it. The workers open the chain with
+/// force-share (the caller's open already keeps other writers out, and
+/// nothing in this process writes it during the copy) and the output with
+/// [`FileDevice::open_output`] (the writers share it).
 pub fn copy_in_parallel<'a>(
     resolver: PathResolver,
     image: (&'a str, Format),
@@ -69,11 +75,15 @@ fn copy_part<'a>(
     part: Range<u64>,
 ) -> Outcome<'a> {
     let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let options = OpenOptions {
+        force_share: true,
+        ..OpenOptions::new(format)
+    };
     let top = graph
-        .open_image(&mut resolver, image, OpenOptions::new(format))
+        .open_image(&mut resolver, image, options)
         .map_err(|e| Failure::new(e, image))?;
     let mut target =
-        FileDevice::open(Path::new(output), true).map_err(|e| Failure::new(e, output))?;
+        FileDevice::open_output(Path::new(output)).map_err(|e| Failure::new(e, output))?;
     let mut scratch = vec![0u8; WORKER_SCRATCH];
     copy_range(&mut graph, top, part, (&mut target, output), &mut scratch)
 }

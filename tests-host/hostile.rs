@@ -1610,6 +1610,7 @@ const READ_ONLY: OpenOptions = OpenOptions {
     read_only: true,
     writable_devices: false,
     assume_raw_backing: false,
+    force_share: false,
 };
 
 const READ_WRITE: OpenOptions = OpenOptions {
@@ -1617,6 +1618,7 @@ const READ_WRITE: OpenOptions = OpenOptions {
     read_only: false,
     writable_devices: true,
     assume_raw_backing: true,
+    force_share: false,
 };
 
 /// Header fields: name, offset, width in bytes.

@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::ExitCode;
 
 use blockgraph::cmd::{self, Environment};
-use blockgraph::device::FileDevice;
+use blockgraph::device::{DeviceId, FileDevice};
 use blockgraph::host::PathResolver;
-use blockgraph::{Format, Graph, Result};
+use blockgraph::{Device, Format, Graph, Result};
 
 /// Data moved per step by convert and io.
 const SCRATCH_BYTES: usize = 1 << 20;
@@ -24,8 +25,8 @@ const PARALLEL_FROM: u64 = 64 << 20;
 
 const USAGE: &str = "\
 usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
-  --max-file-size SIZE: image files opened for writing may not grow past SIZE
-  (like a fixed-size disk: a write needing more space fails with no space)
+  --max-file-size SIZE: image files opened for writing or created may not grow
+  past SIZE (like a fixed-size disk: a write needing more space fails with no space)
   Every command that opens an image takes -f qcow2|raw (its format; without it
   the format is probed, and a raw disk's first sector may not be made to look
   like another format) and, where it only reads, -U (--force-share: read an
@@ -61,6 +62,9 @@ struct Host {
     started: std::time::Instant,
     /// Formats recorded by a script's `image-format`.
     formats: HashMap<String, Format>,
+    /// Files `create` made (they did not exist before), by name, with the
+    /// identity they had: only those may be removed again.
+    created: Vec<(String, DeviceId)>,
 }
 
 impl Environment for Host {
@@ -73,7 +77,16 @@ impl Environment for Host {
 
     fn create(&mut self, name: &str, size: u64) -> Result<FileDevice> {
         let mut device = FileDevice::create(Path::new(name))?;
-        device.set_len(size)?;
+        if device.created() {
+            self.created.push((name.to_owned(), device.identity()));
+        }
+        if let Some(max) = self.resolver.max_file_size {
+            device.limit_size(max);
+        }
+        if let Err(err) = device.set_len(size) {
+            self.remove(name);
+            return Err(err);
+        }
         Ok(device)
     }
 
@@ -88,6 +101,21 @@ impl Environment for Host {
     fn pin_format(&mut self, name: &str, format: Format) -> Result<()> {
         self.formats.insert(name.to_owned(), format);
         Ok(())
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(index) = self.created.iter().position(|(n, _)| n == name) else {
+            return;
+        };
+        let (_, identity) = self.created.swap_remove(index);
+        // Only while the name still is the file made (not a symbolic link,
+        // not a file put there since).
+        let made = std::fs::symlink_metadata(name)
+            .is_ok_and(|m| m.is_file() && DeviceId(m.dev(), m.ino()) == identity);
+        if made {
+            // Best effort: the command's own failure is what gets reported.
+            let _ = std::fs::remove_file(name);
+        }
     }
 
     fn now_micros(&mut self) -> Option<u64> {
@@ -151,6 +179,7 @@ fn main() -> ExitCode {
         resolver,
         started: std::time::Instant::now(),
         formats: HashMap::new(),
+        created: Vec::new(),
     };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();

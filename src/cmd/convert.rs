@@ -72,14 +72,20 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 .env
                 .create(output, size)
                 .map_err(|e| Failure::new(e, output))?;
-            match cx.env.copy_in_parallel((image, format), output, size) {
-                Some(copied) => copied?,
-                None => copy_range(cx.graph, top, 0..size, (&mut target, output), cx.scratch)?,
+            let copied = match cx.env.copy_in_parallel((image, format), output, size) {
+                Some(copied) => copied,
+                None => copy_range(cx.graph, top, 0..size, (&mut target, output), cx.scratch),
+            };
+            let done = copied.and_then(|()| {
+                if flush {
+                    target.flush().map_err(|e| Failure::new(e, output))?;
+                }
+                Ok(())
+            });
+            if done.is_err() {
+                cx.env.remove(output);
             }
-            if flush {
-                target.flush().map_err(|e| Failure::new(e, output))?;
-            }
-            Ok(())
+            done
         })
     }
 }

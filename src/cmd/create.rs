@@ -244,15 +244,15 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
 
         let at = |err| Failure::new(err, image);
-        match format {
-            Format::Raw => {
-                let mut device = self.env.create(image, size).map_err(at)?;
-                device.flush().map_err(at)
-            }
-            Format::Qcow2 => {
-                let mut device = self.env.create(image, 0).map_err(at)?;
-                create(&mut device, &options).map_err(at)
-            }
+        let initial = if format == Format::Raw { size } else { 0 };
+        let mut device = self.env.create(image, initial).map_err(at)?;
+        let formatted = match format {
+            Format::Raw => device.flush(),
+            Format::Qcow2 => create(&mut device, &options),
+        };
+        if formatted.is_err() {
+            self.env.remove(image);
         }
+        formatted.map_err(at)
     }
 }

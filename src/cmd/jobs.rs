@@ -193,7 +193,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             let overlay = self
                 .graph
                 .snapshot(self.env.resolver(), active, device, overlay_name)
-                .map_err(|e| Failure::new(e, overlay_name))?;
+                .map_err(|e| {
+                    self.env.remove(overlay_name);
+                    Failure::new(e, overlay_name)
+                })?;
             self.graph.unref(overlay)?;
             self.report_active(backend, image)
         })();

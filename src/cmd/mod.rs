@@ -58,6 +58,14 @@ pub trait Environment {
     /// As the back end reports (no space, not found, ...).
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Device>;
 
+    /// Undoes [`Environment::create`] of `name` after the command that
+    /// created it failed, so that a failed command leaves no new file:
+    /// removes it only when `create` made it (it did not exist before). The
+    /// default removes nothing (outputs that are not files, like disks).
+    fn remove(&mut self, name: &str) {
+        let _ = name;
+    }
+
     /// Microseconds from an arbitrary fixed point, for progress rates;
     /// `None` where no clock is available.
     fn now_micros(&mut self) -> Option<u64> {
@@ -295,25 +303,49 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// Opens `name`'s chain, naming the image in the failure. Without a
     /// named format, the environment's pinned format for `name` is used
     /// ([`Environment::pinned_format`]); without one, the format is probed
-    /// and a raw result is warned about, as qemu-img does.
+    /// and a raw result is warned about, as qemu-img does. A read-only
+    /// open of an image the graph holds already (attached in a script)
+    /// takes another reference to that node instead: a second node over the
+    /// file would conflict with an attached writer, as QEMU's image locking
+    /// refuses a second user of an image in use.
     pub(crate) fn open<'a>(
         &mut self,
         name: &'a str,
         mut options: OpenOptions,
     ) -> core::result::Result<NodeId, Failure<'a>> {
+        let at = |err| Failure::new(err, name);
         if options.format.is_none() {
             options.format = self.env.pinned_format(name);
+        }
+        if let Some(node) = self.open_already(name, options) {
+            // What was written through it becomes visible to other readers
+            // of the file (a convert's workers), as an open would do.
+            self.graph.write_back_all().map_err(at)?;
+            self.graph.ref_node(node).map_err(at)?;
+            return Ok(node);
         }
         let top = self
             .graph
             .open_image(self.env.resolver(), name, options)
-            .map_err(|err| Failure::new(err, name))?;
+            .map_err(at)?;
         if self.graph.is_probed(top)? {
             self.env.warn(format_args!(
                 "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
             ));
         }
         Ok(top)
+    }
+
+    /// The format node over the storage `name` names, when the graph has
+    /// one and the open is read-only.
+    fn open_already(&mut self, name: &str, options: OpenOptions) -> Option<NodeId> {
+        if self.graph.node_count() == 0 || !options.read_only || options.writable_devices {
+            return None;
+        }
+        let identity = self.env.resolver().open(name, false).ok()?.identity();
+        let node = self.graph.image_on(identity)?;
+        let format = self.graph.format(node).ok()?;
+        (options.format.is_none() || options.format == format).then_some(node)
     }
 
     /// Opens `name`'s chain (of `format`, probed when `None`) with every
@@ -375,10 +407,13 @@ impl ImageOpts {
         }
     }
 
-    /// Options to open the image read-only with.
+    /// Options to open the image read-only with (force-sharing with `-U`;
+    /// a caller that makes them writable gets the graph's refusal of `-U`
+    /// for writes, as qemu-img refuses it).
     pub(crate) fn read_only(self) -> OpenOptions {
         OpenOptions {
             format: self.format,
+            force_share: self.force_share,
             ..OpenOptions::probing()
         }
     }

@@ -1,11 +1,59 @@
 //! A host file as a device (feature `std`).
+//!
+//! Opening: the file is opened with `O_NONBLOCK` (a FIFO cannot block the
+//! open) and the descriptor obtained is checked with `fstat`: anything but a
+//! regular file or a block device is refused. Checking the path before
+//! opening it would race with a path that changes in between.
+//!
+//! Locking, as QEMU locks images (`block/file-posix.c`), so that QEMU and
+//! blockgraph refuse each other: open file description (OFD) read locks on
+//! single bytes of the file itself. For each permission bit `i`
+//! ([`Perm`]: consistent read 0, write 1, write unchanged 2, resize 3) the
+//! file holds byte `100 + i` while its users need that permission and byte
+//! `200 + i` while they do not share it. A new access conflicts when another
+//! open file description holds `200 + i` for a bit it needs, or `100 + i`
+//! for a bit it does not share. The locks live as long as the descriptor.
 
 use super::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
+use crate::graph::{Access, Perm};
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::libc;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Lock byte of "holds permission `i`" is `PERM_BASE + i` (QEMU's
+/// `RAW_LOCK_PERM_BASE`).
+const PERM_BASE: i64 = 100;
+/// Lock byte of "does not share permission `i`" is `SHARED_BASE + i` (QEMU's
+/// `RAW_LOCK_SHARED_BASE`).
+const SHARED_BASE: i64 = 200;
+
+/// What creating a file locks before it truncates (QEMU's
+/// `raw_co_create`): writing and resizing, sharing all but resizing.
+const CREATING: Access = Access {
+    perm: Perm::WRITE.union(Perm::RESIZE),
+    shared: Perm::all().difference(Perm::RESIZE),
+};
+
+/// Refusals when another user does not share a permission this one needs,
+/// by permission bit (QEMU's wording).
+const NOT_SHARED: [&str; 4] = [
+    "Failed to get \"consistent read\" lock: is another process using the image?",
+    "Failed to get \"write\" lock: is another process using the image?",
+    "Failed to get \"write unchanged\" lock: is another process using the image?",
+    "Failed to get \"resize\" lock: is another process using the image?",
+];
+
+/// Refusals when another user holds a permission this one does not share.
+const HELD: [&str; 4] = [
+    "Failed to get shared \"consistent read\" lock: is another process using the image?",
+    "Failed to get shared \"write\" lock: is another process using the image?",
+    "Failed to get shared \"write unchanged\" lock: is another process using the image?",
+    "Failed to get shared \"resize\" lock: is another process using the image?",
+];
 
 /// A host file opened read-only or read-write, optionally capped in size so
 /// it behaves like a fixed-size disk.
@@ -15,56 +63,126 @@ pub struct FileDevice {
     read_only: bool,
     max_len: Option<u64>,
     id: DeviceId,
+    /// The access the file's lock bytes stand for.
+    locked: Access,
+    /// [`FileDevice::create`] made the file (it did not exist before).
+    created: bool,
 }
 
 impl FileDevice {
-    /// Opens `path`; `writable` asks for read-write access.
+    /// Opens `path`; `writable` asks for read-write access. Takes no lock:
+    /// the graph sets the file's access ([`Device::set_access`]) when a node
+    /// uses it.
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] when the file does not exist,
     /// [`ErrorKind::InvalidInput`] when it is neither a regular file nor a
-    /// block device (a FIFO would block), otherwise [`ErrorKind::Io`].
+    /// block device (a FIFO, a directory) or the path is unusable (a symbolic
+    /// link loop, a name too long, a file used as a directory),
+    /// [`ErrorKind::ReadOnly`] when permission is denied, otherwise
+    /// [`ErrorKind::Io`].
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        // Opening a FIFO or a character device could block forever.
-        let kind = std::fs::metadata(path).map_err(io_error)?.file_type();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_error)?;
+        Self::from_file(file, !writable, false)
+    }
+
+    /// Opens `path` read-write as the output of a copy that several writers
+    /// (threads, each with its own descriptor) fill at once, after
+    /// [`FileDevice::create`] made it: it locks writing and shares
+    /// everything, so the writers and the creator coexist while a reader
+    /// that does not share writes (QEMU, a blockgraph node) is refused.
+    ///
+    /// # Errors
+    /// As [`FileDevice::open`]; [`ErrorKind::PermissionConflict`] when
+    /// another user of the file does not share writes.
+    pub fn open_output(path: &Path) -> Result<Self> {
+        let mut device = Self::open(path, true)?;
+        device.set_access(Access::READ_WRITE_DEVICE)?;
+        Ok(device)
+    }
+
+    /// Creates `path` as an empty read-write file, or empties it when it
+    /// exists, as QEMU creates images: the file is opened without
+    /// truncating, locked for writing and resizing (refused when another
+    /// user does not share that, for example when it is open as an image),
+    /// and only then truncated. [`FileDevice::created`] says whether the
+    /// file is new. The file keeps that lock (other writers may share it)
+    /// until a node's access replaces it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::PermissionConflict`] when the file is in use (nothing is
+    /// truncated then), otherwise as [`FileDevice::open`].
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut device = Self::create_or_open(path)?;
+        device.set_access(CREATING)?;
+        device.file.set_len(0).map_err(io_error)?;
+        device.len = 0;
+        Ok(device)
+    }
+
+    /// Opens `path` read-write, creating it when it does not exist, and
+    /// records which it did.
+    fn create_or_open(path: &Path) -> Result<Self> {
+        // The file may appear or vanish between the tries: a few rounds.
+        let mut last = Error::new(ErrorKind::NotFound, "no such file");
+        for _ in 0..3 {
+            let new = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path);
+            match new {
+                Ok(file) => return Self::from_file(file, false, true),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(io_error(err)),
+            }
+            match Self::open(path, true) {
+                Err(err) if err.kind() == ErrorKind::NotFound => last = err,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    fn from_file(file: File, read_only: bool, created: bool) -> Result<Self> {
+        let meta = file.metadata().map_err(io_error)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            return fail(ErrorKind::InvalidInput, "is a directory");
+        }
         if !kind.is_file() && !kind.is_block_device() {
             return fail(
                 ErrorKind::InvalidInput,
                 "not a regular file or block device",
             );
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(io_error)?;
-        Self::from_file(file, !writable)
-    }
-
-    /// Creates (or truncates) `path` as an empty read-write file.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Io`] when the file cannot be created.
-    pub fn create(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(io_error)?;
-        Self::from_file(file, false)
-    }
-
-    fn from_file(file: File, read_only: bool) -> Result<Self> {
-        let meta = file.metadata().map_err(io_error)?;
+        let len = if kind.is_block_device() {
+            // A block device's inode says nothing of its size.
+            (&file).seek(SeekFrom::End(0)).map_err(io_error)?
+        } else {
+            meta.len()
+        };
         Ok(Self {
             file,
-            len: meta.len(),
+            len,
             read_only,
             max_len: None,
             id: DeviceId(meta.dev(), meta.ino()),
+            locked: Access::UNUSED,
+            created,
         })
+    }
+
+    /// Whether [`FileDevice::create`] made the file, rather than emptying
+    /// one that existed.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Refuses to grow the file past `max_len` bytes ([`ErrorKind::NoSpace`]),
@@ -100,16 +218,99 @@ fn within(offset: u64, len: u64, size: u64) -> bool {
     offset.checked_add(len).is_some_and(|end| end <= size)
 }
 
+/// Names the cause of a failed file operation.
 fn io_error(err: std::io::Error) -> Error {
-    match err.kind() {
-        std::io::ErrorKind::NotFound => Error::new(ErrorKind::NotFound, "no such file"),
-        std::io::ErrorKind::PermissionDenied => {
-            Error::new(ErrorKind::ReadOnly, "permission denied")
+    let (kind, message) = match err.raw_os_error() {
+        Some(libc::ENOENT) => (ErrorKind::NotFound, "no such file"),
+        Some(libc::ELOOP) => (ErrorKind::InvalidInput, "too many levels of symbolic links"),
+        Some(libc::ENOTDIR) => (ErrorKind::InvalidInput, "not a directory"),
+        Some(libc::EISDIR) => (ErrorKind::InvalidInput, "is a directory"),
+        Some(libc::ENAMETOOLONG) => (ErrorKind::InvalidInput, "file name too long"),
+        Some(libc::ENXIO | libc::ENODEV) => (ErrorKind::InvalidInput, "no such device"),
+        Some(libc::EACCES | libc::EPERM) => (ErrorKind::ReadOnly, "permission denied"),
+        Some(libc::EROFS) => (ErrorKind::ReadOnly, "read-only file system"),
+        Some(libc::ENOSPC | libc::EDQUOT) => (ErrorKind::NoSpace, "no space left on the device"),
+        Some(libc::EFBIG) => (ErrorKind::NoSpace, "file too large"),
+        _ => (ErrorKind::Io, "file I/O failed"),
+    };
+    Error::new(kind, message)
+}
+
+/// The lock byte of permission bit `bit` in the range starting at `base`.
+fn lock_byte(base: i64, bit: usize) -> i64 {
+    base + bit as i64
+}
+
+/// Bits of `perm` as indexes 0..4.
+fn bits(perm: Perm) -> impl Iterator<Item = usize> {
+    (0..4).filter(move |&i| perm.bits() & (1 << i) != 0)
+}
+
+/// The bytes `access` holds: `100 + i` for what it needs, `200 + i` for
+/// what it does not share.
+fn held_bytes(access: Access) -> impl Iterator<Item = i64> {
+    let needed = bits(access.perm).map(|i| lock_byte(PERM_BASE, i));
+    let unshared = bits(access.shared.complement()).map(|i| lock_byte(SHARED_BASE, i));
+    needed.chain(unshared)
+}
+
+fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+fn lock_error(_: nix::Error) -> Error {
+    Error::new(ErrorKind::Io, "could not lock the image file")
+}
+
+impl FileDevice {
+    /// Takes (`lock`) or drops a shared lock on `byte`.
+    fn set_lock(&self, byte: i64, lock: bool) -> Result<()> {
+        let kind = if lock { libc::F_RDLCK } else { libc::F_UNLCK };
+        fcntl(&self.file, FcntlArg::F_OFD_SETLK(&flock(kind, byte))).map_err(lock_error)?;
+        Ok(())
+    }
+
+    /// Whether another open file description holds a lock on `byte`.
+    fn held_elsewhere(&self, byte: i64) -> Result<bool> {
+        let mut probe = flock(libc::F_WRLCK, byte);
+        fcntl(&self.file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(lock_error)?;
+        Ok(i32::from(probe.l_type) != libc::F_UNLCK)
+    }
+
+    /// Makes the lock bytes those of `target` (QEMU's
+    /// `raw_apply_lock_bytes`): bytes of `keep` stay locked as well.
+    fn apply_locks(&self, target: Access, keep: Access) -> Result<()> {
+        let wanted = |byte: i64| {
+            held_bytes(target)
+                .chain(held_bytes(keep))
+                .any(|b| b == byte)
+        };
+        for byte in (0..4).flat_map(|i| [lock_byte(PERM_BASE, i), lock_byte(SHARED_BASE, i)]) {
+            self.set_lock(byte, wanted(byte))?;
         }
-        std::io::ErrorKind::StorageFull => {
-            Error::new(ErrorKind::NoSpace, "no space left on the device")
+        Ok(())
+    }
+
+    /// Refuses `access` when another open file description's locks
+    /// conflict with it (QEMU's `raw_check_lock_bytes`).
+    fn check_locks(&self, access: Access) -> Result<()> {
+        for i in bits(access.perm) {
+            if self.held_elsewhere(lock_byte(SHARED_BASE, i))? {
+                return fail(ErrorKind::PermissionConflict, NOT_SHARED[i]);
+            }
         }
-        _ => Error::new(ErrorKind::Io, "file I/O failed"),
+        for i in bits(access.shared.complement()) {
+            if self.held_elsewhere(lock_byte(PERM_BASE, i))? {
+                return fail(ErrorKind::PermissionConflict, HELD[i]);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -172,6 +373,31 @@ impl Device for FileDevice {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Locks the file's bytes for `access` as QEMU does: the new bytes are
+    /// taken first (together with the old ones, so there is no moment
+    /// without a lock), then checked against other open file descriptions;
+    /// on a conflict the old bytes are restored. A pure downgrade (needing
+    /// less, sharing more) cannot conflict and is not checked.
+    fn set_access(&mut self, access: Access) -> Result<()> {
+        let old = self.locked;
+        if access == old {
+            return Ok(());
+        }
+        self.apply_locks(access, old)?;
+        let downgrade = old.perm.contains(access.perm) && access.shared.contains(old.shared);
+        if !downgrade {
+            if let Err(err) = self.check_locks(access) {
+                // Restoring only drops bytes: best effort, the refusal is
+                // what the caller needs to see.
+                let _ = self.apply_locks(old, old);
+                return Err(err);
+            }
+        }
+        self.apply_locks(access, access)?;
+        self.locked = access;
+        Ok(())
     }
 
     fn identity(&self) -> DeviceId {

@@ -18,6 +18,7 @@ mod file;
 pub use file::FileDevice;
 
 use crate::error::Result;
+use crate::graph::Access;
 
 /// Identifies the storage behind a device, so two opens of one image compare
 /// equal (a host file's device and inode numbers, a disk's index).
@@ -55,6 +56,22 @@ pub trait Device {
 
     /// Which storage this is; equal ids mean the same image.
     fn identity(&self) -> DeviceId;
+
+    /// Tells the device what the graph's users of it now need together
+    /// (`access.perm`: the union of their needs) and let others do
+    /// (`access.shared`: what all of them share). The graph calls it
+    /// whenever that changes, before it uses the new permissions. A device
+    /// that other programs can open too (a host file) locks its storage to
+    /// match; the default accepts anything.
+    ///
+    /// # Errors
+    /// [`ErrorKind::PermissionConflict`](crate::ErrorKind::PermissionConflict)
+    /// when another user of the storage conflicts; the device then keeps
+    /// its previous access.
+    fn set_access(&mut self, access: Access) -> Result<()> {
+        let _ = access;
+        Ok(())
+    }
 
     /// Whether [`Device::copy_from`] can ever copy on this device; when not,
     /// callers copy through a buffer without looking for runs to offload.

@@ -79,15 +79,22 @@ impl<
             return Ok(());
         }
         let plan = self.plan_drop(active, top, base)?;
-        self.rewrite_references(resolver, &plan.overlays, base)?;
+        // A base a writing device moves to is opened for writing first: its
+        // file's lock may be refused, and then nothing has changed.
+        let reopened = base.filter(|_| plan.make_base_writable);
+        if let Some(base) = reopened {
+            self.set_read_only(base, false)?;
+        }
+        if let Err(err) = self.rewrite_references(resolver, &plan.overlays, base) {
+            if let Some(base) = reopened {
+                // Closing again needs nothing new: it cannot be refused.
+                let _ = self.set_read_only(base, true);
+            }
+            return Err(err);
+        }
 
         // Commit point passed: relink in memory. Nothing below can fail for
         // live handles, which the plan verified.
-        if plan.make_base_writable {
-            if let Some(base) = base {
-                self.nodes.get_mut(base)?.read_only = false;
-            }
-        }
         let moved = plan.overlays.len() + plan.backends.len();
         for &overlay in &plan.overlays {
             self.nodes.get_mut(overlay)?.backing = base;
@@ -266,11 +273,18 @@ impl<
         for &overlay in overlays {
             self.write_back_chain(overlay)?;
         }
+        self.claim_writes(overlays)?;
         let mut done: Vec<(NodeId, StoredReference), NODES> = Vec::new();
+        let mut result = Ok(());
         for &overlay in overlays {
-            let old = self.stored_reference(overlay)?;
-            let result = self.rewrite_one(resolver, overlay, base);
-            match result {
+            let old = match self.stored_reference(overlay) {
+                Ok(old) => old,
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
+            match self.rewrite_one(resolver, overlay, base) {
                 Ok(()) => {
                     let _ = done.push((overlay, old));
                 }
@@ -280,11 +294,37 @@ impl<
                         // Best effort: the first failure is what the caller sees.
                         let _ = self.write_reference(*node, old);
                     }
-                    return Err(err);
+                    result = Err(err);
+                    break;
                 }
             }
         }
+        self.release_writes(overlays);
+        result
+    }
+
+    /// Takes write access on the files of `overlays` for the rewrite of
+    /// their headers (their nodes may be read-only: a collapse writes
+    /// nothing else); a user of one that does not share writes refuses it,
+    /// and then none is taken.
+    fn claim_writes(&mut self, overlays: &[NodeId]) -> Result<()> {
+        for (claimed, &overlay) in overlays.iter().enumerate() {
+            let file = self.layer_file(overlay)?;
+            if let Err(err) = self.update_access(file, Access::file(true)) {
+                self.release_writes(&overlays[..claimed]);
+                return Err(err);
+            }
+        }
         Ok(())
+    }
+
+    /// Gives back what [`Graph::claim_writes`] took.
+    fn release_writes(&mut self, overlays: &[NodeId]) {
+        for &overlay in overlays {
+            if let Ok(file) = self.layer_file(overlay) {
+                self.relax_access(file);
+            }
+        }
     }
 
     fn rewrite_one<R: Resolver<D>>(

@@ -57,7 +57,21 @@ pub struct Node {
     file: Option<NodeId>,
     backing: Option<NodeId>,
     read_only: bool,
+    /// Opened with [`OpenOptions::force_share`]: its file edge shares
+    /// everything.
+    force_share: bool,
     frozen: u32,
+}
+
+impl Node {
+    /// The access a format node's edge to its file holds.
+    fn file_access(&self) -> Access {
+        if self.force_share {
+            Access::FORCE_SHARE
+        } else {
+            Access::file(!self.read_only)
+        }
+    }
 }
 
 /// Handle of a node.
@@ -98,6 +112,11 @@ pub struct OpenOptions {
     /// Treat a backing file whose format the image does not record as raw
     /// instead of refusing it.
     pub assume_raw_backing: bool,
+    /// Share every layer's file with any other user, writers included, as
+    /// `qemu-img -U` does: each layer's file edge needs consistent reads
+    /// only and shares everything. Only valid for read-only opens (what is
+    /// read may change underneath).
+    pub force_share: bool,
 }
 
 impl OpenOptions {
@@ -108,6 +127,7 @@ impl OpenOptions {
             read_only: true,
             writable_devices: false,
             assume_raw_backing: false,
+            force_share: false,
         }
     }
 
@@ -253,8 +273,29 @@ impl<
     /// [`ErrorKind::InvalidInput`] when `file` is not a protocol node,
     /// [`ErrorKind::ReadOnly`] when a writable node is asked of a read-only
     /// device, [`ErrorKind::PermissionConflict`] when another user of `file`
-    /// conflicts, and the driver's errors for a bad image.
+    /// conflicts (in this graph, also through another protocol node over the
+    /// same storage, or outside it: the device's [`Device::set_access`]
+    /// refuses before the driver reads anything), and the driver's errors
+    /// for a bad image.
     pub fn open_format(&mut self, file: NodeId, format: Format, read_only: bool) -> Result<NodeId> {
+        self.open_format_shared(file, format, read_only, false)
+    }
+
+    /// [`Graph::open_format`], with `force_share` as in
+    /// [`OpenOptions::force_share`].
+    fn open_format_shared(
+        &mut self,
+        file: NodeId,
+        format: Format,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<NodeId> {
+        if force_share && !read_only {
+            return fail(
+                ErrorKind::InvalidInput,
+                "force-share can only be used with read-only images",
+            );
+        }
         let file_node = self.nodes.get(file)?;
         if !matches!(file_node.driver, Driver::Protocol) {
             return fail(
@@ -268,7 +309,31 @@ impl<
                 "cannot open read-write: the device is read-only",
             );
         }
-        self.check_access(file, Access::file(!read_only), None)?;
+        let edge = if force_share {
+            Access::FORCE_SHARE
+        } else {
+            Access::file(!read_only)
+        };
+        self.check_access(file, edge, None)?;
+        // Claimed before the driver reads anything: a conflicting open fails
+        // without touching the file.
+        self.update_access(file, edge)?;
+        let opened = self.new_format_node(file, format, read_only, force_share);
+        if opened.is_err() {
+            self.relax_access(file);
+        }
+        opened
+    }
+
+    /// The format node of [`Graph::open_format_shared`], once its access is
+    /// claimed.
+    fn new_format_node(
+        &mut self,
+        file: NodeId,
+        format: Format,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<NodeId> {
         let device = self.device_mut(file)?;
         let driver = match format {
             Format::Raw => Driver::Raw { probed: false },
@@ -287,6 +352,7 @@ impl<
         // Same capacity, cannot fail.
         let _ = name.push_str(&self.nodes.get(file)?.name);
         let id = self.insert(driver, &name, Some(file), read_only)?;
+        self.nodes.get_mut(id)?.force_share = force_share;
         self.nodes.get_mut(file)?.refs += 1;
         Ok(id)
     }
@@ -309,6 +375,7 @@ impl<
             file,
             backing: None,
             read_only,
+            force_share: false,
             frozen: 0,
         };
         self.nodes.insert(node).map_err(|(err, _)| err)
@@ -327,16 +394,31 @@ impl<
     /// [`OpenOptions::assume_raw_backing`]); a chain that loops
     /// ([`ErrorKind::Corrupt`]); a chain longer than [`MAX_CHAIN_DEPTH`]
     /// images ([`ErrorKind::Unsupported`]) or than the node pool holds, two
-    /// nodes per image ([`ErrorKind::NoCapacity`]).
+    /// nodes per image ([`ErrorKind::NoCapacity`]); a layer in use by a
+    /// conflicting user, in this graph or outside it
+    /// ([`ErrorKind::PermissionConflict`]); [`OpenOptions::force_share`]
+    /// with a writable open ([`ErrorKind::InvalidInput`]).
     pub fn open_image<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
         name: &str,
         options: OpenOptions,
     ) -> Result<NodeId> {
+        if options.force_share && (!options.read_only || options.writable_devices) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "force-share can only be used with read-only images",
+            );
+        }
         self.write_back_all()?;
         let device = resolver.open(name, !options.read_only || options.writable_devices)?;
-        let top = self.open_layer(device, name, options.format, options.read_only)?;
+        let top = self.open_layer(
+            device,
+            name,
+            options.format,
+            options.read_only,
+            options.force_share,
+        )?;
         match self.open_backing_chain(resolver, top, options) {
             Ok(()) => Ok(top),
             Err(err) => {
@@ -354,6 +436,7 @@ impl<
         name: &str,
         format: Option<Format>,
         read_only: bool,
+        force_share: bool,
     ) -> Result<NodeId> {
         let (format, probed) = match format {
             Some(format) => (format, false),
@@ -372,7 +455,7 @@ impl<
             }
         };
         let file = self.add_device(device, name)?;
-        let opened = self.open_format(file, format, read_only);
+        let opened = self.open_format_shared(file, format, read_only, force_share);
         self.unref(file)?;
         let id = opened?;
         if let Driver::Raw { probed: mark } = &mut self.nodes.get_mut(id)?.driver {
@@ -441,7 +524,8 @@ impl<
             if self.chain_contains_device(top, device.identity())? {
                 return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
             }
-            let layer = self.open_layer(device, &resolved, Some(format), true)?;
+            let layer =
+                self.open_layer(device, &resolved, Some(format), true, options.force_share)?;
             let linked = self.set_backing(current, Some(layer));
             self.unref(layer)?;
             linked?;
@@ -499,12 +583,15 @@ impl<
             self.cache.forget(id.key());
             self.devices[id.index()] = None;
             if let Some(file) = node.file {
-                // Files are protocol nodes: leaves, released right here.
+                // Files are protocol nodes: leaves, released right here (the
+                // device, and with it any lock, goes).
                 let file_node = self.nodes.get_mut(file)?;
                 file_node.refs -= 1;
                 if file_node.refs == 0 {
                     self.nodes.remove(file)?;
                     self.devices[file.index()] = None;
+                } else {
+                    self.relax_access(file);
                 }
             }
             next = node.backing;
@@ -620,6 +707,19 @@ impl<
         }
     }
 
+    /// A format node over the storage `identity` (the first one found), if
+    /// the graph has one.
+    pub fn image_on(&self, identity: DeviceId) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|(_, node)| {
+                node.file.is_some_and(|file| {
+                    self.devices[file.index()].as_ref().map(Device::identity) == Some(identity)
+                })
+            })
+            .map(|(id, _)| id)
+    }
+
     /// Identity of the device under node `id` (its own, for a protocol node).
     ///
     /// # Errors
@@ -662,7 +762,7 @@ impl<
     /// The access a parent holds on its child.
     fn parent_access(&self, parent: Parent) -> Result<Access> {
         Ok(match parent {
-            Parent::File(node) => Access::file(!self.nodes.get(node)?.read_only),
+            Parent::File(node) => self.nodes.get(node)?.file_access(),
             Parent::Backing(_) => Access::BACKING,
             Parent::Backend(b) => self.backends.get(b)?.access,
         })
@@ -689,6 +789,49 @@ impl<
 
     fn check_access(&self, id: NodeId, access: Access, except: Option<Parent>) -> Result<()> {
         self.check_access_except(id, access, |p| Some(p) == except)
+    }
+
+    /// What the users of protocol node `file` hold together.
+    fn users_access(&self, file: NodeId) -> Result<Access> {
+        let mut access = Access::UNUSED;
+        for parent in self.parents(file) {
+            access = access.combine(self.parent_access(parent)?);
+        }
+        Ok(access)
+    }
+
+    /// Gives the device of protocol node `file` the access of its users
+    /// plus `extra` (a user about to be added). Refused when another
+    /// protocol node over the same storage has users that conflict (the
+    /// image is open twice in this graph) or when the device refuses.
+    fn update_access(&mut self, file: NodeId, extra: Access) -> Result<()> {
+        let access = self.users_access(file)?.combine(extra);
+        let identity = self.identity(file)?;
+        for (other, node) in self.nodes.iter() {
+            let same_storage = other != file
+                && matches!(node.driver, Driver::Protocol)
+                && self.devices[other.index()].as_ref().map(Device::identity) == Some(identity);
+            if same_storage && self.users_access(other)?.conflicts_with(access) {
+                return fail(
+                    ErrorKind::PermissionConflict,
+                    "image is already open in this graph with conflicting permissions",
+                );
+            }
+        }
+        self.device_mut(file)?.set_access(access)
+    }
+
+    /// Gives the device of protocol node `file` the access its users now
+    /// hold (after one of them changed).
+    pub(crate) fn sync_access(&mut self, file: NodeId) -> Result<()> {
+        self.update_access(file, Access::UNUSED)
+    }
+
+    /// [`Graph::sync_access`] after users of `file` left or need less: that
+    /// cannot conflict with anyone, and a device that fails to drop a lock
+    /// only stays more locked than needed, so it is not an error.
+    pub(crate) fn relax_access(&mut self, file: NodeId) {
+        let _ = self.sync_access(file);
     }
 
     /// Sets (in memory only) `node`'s backing node, releasing the old one.
@@ -740,10 +883,19 @@ impl<
     ///
     /// # Errors
     /// [`ErrorKind::ReadOnly`] when its device is read-only,
-    /// [`ErrorKind::PermissionConflict`] when a user of its file objects, or
-    /// when closing it while a user (a writing backend) needs to write.
+    /// [`ErrorKind::PermissionConflict`] when a user of its file objects (in
+    /// this graph or outside it: the device's [`Device::set_access`]), or
+    /// when closing it while a user (a writing backend) needs to write;
+    /// [`ErrorKind::InvalidInput`] when opening a node opened with
+    /// [`OpenOptions::force_share`]. On error nothing changed.
     pub fn set_read_only(&mut self, id: NodeId, read_only: bool) -> Result<()> {
         let node = self.nodes.get(id)?;
+        if !read_only && node.force_share {
+            return fail(
+                ErrorKind::InvalidInput,
+                "force-share can only be used with read-only images",
+            );
+        }
         if read_only {
             for parent in self.parents(id) {
                 if self.parent_access(parent)?.perm.contains(Perm::WRITE) {
@@ -762,7 +914,15 @@ impl<
                 self.check_access(file, Access::file(true), Some(Parent::File(id)))?;
             }
         }
-        self.nodes.get_mut(id)?.read_only = read_only;
+        let node = self.nodes.get_mut(id)?;
+        let (was, file) = (node.read_only, node.file);
+        node.read_only = read_only;
+        if let Some(file) = file {
+            if let Err(err) = self.sync_access(file) {
+                self.nodes.get_mut(id)?.read_only = was;
+                return Err(err);
+            }
+        }
         Ok(())
     }
 

@@ -48,6 +48,16 @@ impl Access {
         shared: Perm::all(),
     };
 
+    /// Nothing needed, everything shared: a node without users.
+    pub const UNUSED: Access = Access {
+        perm: Perm::empty(),
+        shared: Perm::all(),
+    };
+
+    /// A format node's edge to its file when opened with force-share
+    /// (`qemu-img -U`): it reads and lets others do anything, even write.
+    pub const FORCE_SHARE: Access = Access::READ_ONLY_DEVICE;
+
     /// A format node's edge to its file: it owns the bytes, so nobody else
     /// may write them.
     pub const fn file(writable: bool) -> Access {
@@ -59,6 +69,15 @@ impl Access {
         Access {
             perm,
             shared: Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED),
+        }
+    }
+
+    /// What two users of one node hold together: the needs of either, what
+    /// both share.
+    pub const fn combine(self, other: Access) -> Access {
+        Access {
+            perm: self.perm.union(other.perm),
+            shared: self.shared.intersection(other.shared),
         }
     }
 
@@ -79,5 +98,16 @@ mod tests {
         assert!(!Access::BACKING.conflicts_with(Access::READ_ONLY_DEVICE));
         assert!(Access::file(false).conflicts_with(Access::READ_WRITE_DEVICE));
         assert!(!Access::READ_WRITE_DEVICE.conflicts_with(Access::READ_WRITE_DEVICE));
+    }
+
+    #[test]
+    fn combined_users_conflict_as_any_pair_of_them() {
+        let writer = Access::UNUSED.combine(Access::file(true));
+        assert_eq!(writer, Access::file(true));
+        let readers = Access::file(false).combine(Access::FORCE_SHARE);
+        assert_eq!(readers, Access::file(false));
+        assert!(readers.conflicts_with(writer));
+        assert!(!Access::FORCE_SHARE.conflicts_with(writer));
+        assert!(!Access::UNUSED.conflicts_with(writer));
     }
 }

@@ -104,7 +104,11 @@ impl<
             self.nodes.get_mut(overlay)?.refs += 1;
             self.nodes.get_mut(active)?.refs -= 1;
         }
-        self.nodes.get_mut(active)?.read_only = true;
+        let active_node = self.nodes.get_mut(active)?;
+        active_node.read_only = true;
+        if let Some(file) = active_node.file {
+            self.relax_access(file);
+        }
         Ok(())
     }
 }

@@ -37,7 +37,10 @@ fn add(g: &mut TestGraph, image: TestImage, name: &str) -> NodeId {
     let mut storage = image.bytes;
     storage.resize(storage.len() + 4 * CLUSTER, 0);
     let storage: &'static mut [u8] = Box::leak(storage.into_boxed_slice());
-    let id = g.node_count() as u64;
+    // Distinct storage has distinct identities (the graph refuses one image
+    // open twice with conflicting permissions).
+    static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    let id = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     let file = g
         .add_device(MemDevice::new(storage, len, id).unwrap(), name)
         .unwrap();
@@ -460,4 +463,40 @@ fn table_updates_stay_cached_until_a_flush_close_or_drop() {
         g.unref(node).unwrap();
     }
     assert_eq!(reopened_byte(&storage, 6 * 65536), 0x7c);
+}
+
+/// Adds a second device over "the same disk" as an earlier one (same
+/// identity, as the kernel's disk opened twice by serial) holding `image`.
+fn add_device_with_id(g: &mut TestGraph, image: &TestImage, id: u64) -> NodeId {
+    let storage: &'static mut [u8] = Box::leak(image.bytes.clone().into_boxed_slice());
+    let len = storage.len() as u64;
+    g.add_device(MemDevice::new(storage, len, id).unwrap(), "disk")
+        .unwrap()
+}
+
+#[test]
+fn one_storage_twice_is_refused_when_permissions_conflict_before_anything_is_read() {
+    let mut g = graph();
+    let image = TestImage::new(16 * CLUSTER as u64, None);
+    let first = add_device_with_id(&mut g, &image, 7000);
+    let second = add_device_with_id(&mut g, &image, 7000);
+    let writer = g.open_format(first, Format::Qcow2, false).unwrap();
+    for read_only in [false, true] {
+        let err = g.open_format(second, Format::Qcow2, read_only).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionConflict);
+        assert!(err.message().contains("already open in this graph"));
+    }
+    assert_eq!(g.device_mut(second).unwrap().reads(), 0, "refused unread");
+    // Readers coexist, and a reader cannot become a writer beside another.
+    g.set_read_only(writer, true).unwrap();
+    let reader = g.open_format(second, Format::Qcow2, true).unwrap();
+    let err = g.set_read_only(writer, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionConflict);
+    assert!(g.is_read_only(writer).unwrap());
+    g.unref(reader).unwrap();
+    g.set_read_only(writer, false).unwrap();
+    g.unref(writer).unwrap();
+    g.unref(first).unwrap();
+    g.unref(second).unwrap();
+    assert_eq!(g.node_count(), 0);
 }
