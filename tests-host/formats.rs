@@ -334,3 +334,50 @@ fn requests_are_refused_whole_before_any_byte_changes() {
     );
     assert_eq!(fs::read(dir.join("q.qcow2")).unwrap(), before.0);
 }
+
+#[test]
+fn errors_name_the_backing_image_at_fault_and_the_real_cause() {
+    let tmp = tmpdir("bg-formats-");
+    let dir = tmp.path();
+    fs::create_dir(dir.join("sub")).unwrap();
+    let create = |args: &[&str]| {
+        qemu_img(
+            dir,
+            &[&["create", "-q", "-u", "-f", "qcow2"][..], args].concat(),
+        )
+    };
+    create(&["-b", "gone.qcow2", "-F", "qcow2", "missing.qcow2", "1M"]);
+    std::os::unix::fs::symlink("loop2", dir.join("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", dir.join("loop2")).unwrap();
+    create(&["-b", "loop1", "-F", "qcow2", "looped.qcow2", "1M"]);
+    create(&["sub/bad.qcow2", "1M"]);
+    let mut bad = fs::read(dir.join("sub/bad.qcow2")).unwrap();
+    bad[..4].copy_from_slice(b"xxxx");
+    fs::write(dir.join("sub/bad.qcow2"), bad).unwrap();
+    create(&["-b", "bad.qcow2", "-F", "qcow2", "sub/top.qcow2", "1M"]);
+    create(&["-b", "top.qcow2", "-F", "qcow2", "sub/over.qcow2", "1M"]);
+    for (image, want) in [
+        (
+            "missing.qcow2",
+            "missing.qcow2: backing file 'gone.qcow2': no such file",
+        ),
+        (
+            "looped.qcow2",
+            "looped.qcow2: backing file 'loop1': too many levels of symbolic links",
+        ),
+        (
+            "sub/top.qcow2",
+            "sub/top.qcow2: backing file 'sub/bad.qcow2': not a qcow2 image",
+        ),
+        (
+            "sub/over.qcow2",
+            "sub/over.qcow2: backing file 'sub/bad.qcow2': not a qcow2 image",
+        ),
+    ] {
+        let err = bg_refused(dir, &["info", "--backing-chain", image]);
+        assert!(err.contains(want), "want `{want}`: {err}");
+        // qemu-img refuses the same chains.
+        let out = run(dir, QEMU_IMG, &["info", "--backing-chain", image]);
+        assert!(!out.status.success(), "qemu-img opened {image}");
+    }
+}

@@ -70,10 +70,10 @@ pub fn run(data: &[u8]) {
     let flags = tail.byte();
     let deep = tail.byte() % MAX_DEEP;
     let options = OpenOptions {
-        format: Some(Format::Qcow2),
         read_only: false,
         writable_devices: true,
         assume_raw_backing: flags & 1 != 0,
+        ..OpenOptions::new(Format::Qcow2)
     };
     let mut arena = vec![0u8; arena_size(data.len(), deep)];
     let expect = {

@@ -126,6 +126,8 @@ impl Environment for Host {
         std::io::stdout().is_terminal()
     }
 
+    // The interpreter's `Failure` type, as `cmd` accepts its size.
+    #[allow(clippy::result_large_err)]
     fn copy_in_parallel<'a>(
         &mut self,
         image: (&'a str, Format),

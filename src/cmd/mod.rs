@@ -20,6 +20,11 @@
 //! | `bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE` | qemu-img bench at queue depth 1, through a BlockBackend |
 //! | `sizes` | static memory: the graph, one slot of each kind, the session, the scratch |
 
+// A `Failure` carries the name of the backing image at fault (up to 256
+// bytes): failures are rare, and without a heap there is nothing to box it
+// in, so the size of the `Err` variant is accepted.
+#![allow(clippy::result_large_err)]
+
 pub mod args;
 mod bench;
 mod collapse;
@@ -40,7 +45,7 @@ use core::fmt;
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
-use crate::graph::{Graph, NodeId, OpenOptions, Resolver};
+use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 
 /// What a front end supplies to the interpreter.
 pub trait Environment {
@@ -116,19 +121,46 @@ pub trait Environment {
     }
 }
 
-/// A failed command: the error and the word of the command it concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Longest name of a backing image a [`Failure`] keeps (longer ones are
+/// cut short).
+const LAYER_NAME: usize = 256;
+
+/// A failed command: the error, the word of the command it concerned and,
+/// when a backing image below it was at fault, that image's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure<'a> {
     /// What went wrong.
     pub error: Error,
     /// What it went wrong with (an image name, an io command), possibly empty.
     pub subject: &'a str,
+    layer: heapless::String<LAYER_NAME>,
 }
 
 impl<'a> Failure<'a> {
     /// A failure of `error` concerning `subject`.
     pub fn new(error: Error, subject: &'a str) -> Self {
-        Self { error, subject }
+        Self {
+            error,
+            subject,
+            layer: heapless::String::new(),
+        }
+    }
+
+    /// The same failure, blaming backing image `layer` of `subject`.
+    pub fn in_backing_file(mut self, layer: &str) -> Self {
+        self.layer.clear();
+        let mut end = layer.len().min(LAYER_NAME);
+        while !layer.is_char_boundary(end) {
+            end -= 1;
+        }
+        // Fits: at most LAYER_NAME bytes.
+        let _ = self.layer.push_str(&layer[..end]);
+        self
+    }
+
+    /// The backing image at fault, or `""` when the subject itself is.
+    pub fn backing_file(&self) -> &str {
+        &self.layer
     }
 }
 
@@ -146,11 +178,13 @@ impl From<fmt::Error> for Failure<'_> {
 
 impl fmt::Display for Failure<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.subject.is_empty() {
-            write!(f, "{}", self.error)
-        } else {
-            write!(f, "{}: {}", self.subject, self.error)
+        if !self.subject.is_empty() {
+            write!(f, "{}: ", self.subject)?;
         }
+        if !self.layer.is_empty() {
+            write!(f, "backing file '{}': ", self.layer)?;
+        }
+        write!(f, "{}", self.error)
     }
 }
 
@@ -324,10 +358,11 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             self.graph.ref_node(node).map_err(at)?;
             return Ok(node);
         }
+        let mut at_fault = NameBuf::new();
         let top = self
             .graph
-            .open_image(self.env.resolver(), name, options)
-            .map_err(at)?;
+            .open_image_naming(self.env.resolver(), name, options, &mut at_fault)
+            .map_err(|err| at(err).in_backing_file(&at_fault))?;
         if self.graph.is_probed(top)? {
             self.env.warn(format_args!(
                 "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."

@@ -404,6 +404,25 @@ impl<
         name: &str,
         options: OpenOptions,
     ) -> Result<NodeId> {
+        self.open_image_naming(resolver, name, options, &mut NameBuf::new())
+    }
+
+    /// [`Graph::open_image`], saying which image an error is about: when a
+    /// layer below `name` is at fault (its backing file is missing, a loop,
+    /// a corrupt or locked backing image), that layer's name (as resolved,
+    /// else as stored in its overlay) is written into `at_fault`; it is left
+    /// empty when the error concerns `name` itself.
+    ///
+    /// # Errors
+    /// As [`Graph::open_image`].
+    pub fn open_image_naming<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        name: &str,
+        options: OpenOptions,
+        at_fault: &mut NameBuf,
+    ) -> Result<NodeId> {
+        at_fault.clear();
         if options.force_share && (!options.read_only || options.writable_devices) {
             return fail(
                 ErrorKind::InvalidInput,
@@ -419,7 +438,7 @@ impl<
             options.read_only,
             options.force_share,
         )?;
-        match self.open_backing_chain(resolver, top, options) {
+        match self.open_backing_chain(resolver, top, options, at_fault) {
             Ok(()) => Ok(top),
             Err(err) => {
                 self.unref(top)?;
@@ -464,13 +483,23 @@ impl<
         Ok(id)
     }
 
+    /// Opens the backing chain below `top`, layer by layer; on failure the
+    /// name of the image at fault goes into `at_fault` (empty for `top`).
     fn open_backing_chain<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
         top: NodeId,
         options: OpenOptions,
+        at_fault: &mut NameBuf,
     ) -> Result<()> {
         let mut current = top;
+        let blame = |graph: &Self, layer: NodeId, at_fault: &mut NameBuf| {
+            if layer != top {
+                if let Ok(node) = graph.nodes.get(layer) {
+                    at_fault.clone_from(&node.name);
+                }
+            }
+        };
         for depth in 1.. {
             let (reference, format) = match &self.nodes.get(current)?.driver {
                 Driver::Qcow2(q) => match q.backing_name() {
@@ -478,14 +507,12 @@ impl<
                         let mut reference = NameBuf::new();
                         let _ = reference.push_str(name);
                         let format = match q.backing_format() {
-                            Some(f) => Format::from_name(f)?,
-                            None if options.assume_raw_backing => Format::Raw,
-                            None => {
-                                return fail(
+                            Some(f) => Format::from_name(f),
+                            None if options.assume_raw_backing => Ok(Format::Raw),
+                            None => fail(
                                     ErrorKind::Unsupported,
                                     "backing file format is not recorded in the image (unsupported: formats are never probed)",
-                                )
-                            }
+                                ),
                         };
                         (reference, format)
                     }
@@ -493,45 +520,76 @@ impl<
                 },
                 _ => return Ok(()),
             };
-            if depth >= MAX_CHAIN_DEPTH {
-                return fail(
-                    ErrorKind::Unsupported,
-                    "unsupported: backing chain longer than 64 images (MAX_CHAIN_DEPTH)",
-                );
-            }
-            if self.nodes.len() + 2 > NODES {
-                return fail(
-                    ErrorKind::NoCapacity,
-                    "backing chain longer than this graph's node pool holds (2 nodes per image: raise NODES)",
-                );
-            }
-            let mut resolved = NameBuf::new();
-            let overlay_name = self.nodes.get(current)?.name.clone();
-            let opened = resolver.open_backing(
-                &overlay_name,
-                &reference,
-                options.writable_devices,
-                &mut resolved,
-            );
-            // A backing file on read-only storage is fine until someone needs
-            // to rewrite its header; that operation reports it then.
-            let device = match opened {
-                Err(err) if err.kind() == ErrorKind::ReadOnly && options.writable_devices => {
-                    resolver.open_backing(&overlay_name, &reference, false, &mut resolved)?
+            let checked = format.and_then(|format| {
+                if depth >= MAX_CHAIN_DEPTH {
+                    return fail(
+                        ErrorKind::Unsupported,
+                        "unsupported: backing chain longer than 64 images (MAX_CHAIN_DEPTH)",
+                    );
                 }
-                other => other?,
-            };
-            if self.chain_contains_device(top, device.identity())? {
-                return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
+                if self.nodes.len() + 2 > NODES {
+                    return fail(
+                        ErrorKind::NoCapacity,
+                        "backing chain longer than this graph's node pool holds (2 nodes per image: raise NODES)",
+                    );
+                }
+                Ok(format)
+            });
+            let format = checked.inspect_err(|_| blame(self, current, at_fault))?;
+            let mut resolved = NameBuf::new();
+            match self.open_backing_layer(
+                resolver,
+                (top, current),
+                &reference,
+                format,
+                options,
+                &mut resolved,
+            ) {
+                Ok(layer) => current = layer,
+                Err(err) => {
+                    at_fault.clone_from(if resolved.is_empty() {
+                        &reference
+                    } else {
+                        &resolved
+                    });
+                    return Err(err);
+                }
             }
-            let layer =
-                self.open_layer(device, &resolved, Some(format), true, options.force_share)?;
-            let linked = self.set_backing(current, Some(layer));
-            self.unref(layer)?;
-            linked?;
-            current = layer;
         }
         Ok(())
+    }
+
+    /// Resolves and opens the backing file `reference` of `format` named by
+    /// `overlay` (in the chain of `top`) and links it below `overlay`;
+    /// `resolved` receives its resolved name.
+    fn open_backing_layer<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        (top, overlay): (NodeId, NodeId),
+        reference: &str,
+        format: Format,
+        options: OpenOptions,
+        resolved: &mut NameBuf,
+    ) -> Result<NodeId> {
+        let overlay_name = self.nodes.get(overlay)?.name.clone();
+        let opened =
+            resolver.open_backing(&overlay_name, reference, options.writable_devices, resolved);
+        // A backing file on read-only storage is fine until someone needs
+        // to rewrite its header; that operation reports it then.
+        let device = match opened {
+            Err(err) if err.kind() == ErrorKind::ReadOnly && options.writable_devices => {
+                resolver.open_backing(&overlay_name, reference, false, resolved)?
+            }
+            other => other?,
+        };
+        if self.chain_contains_device(top, device.identity())? {
+            return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
+        }
+        let layer = self.open_layer(device, resolved, Some(format), true, options.force_share)?;
+        let linked = self.set_backing(overlay, Some(layer));
+        self.unref(layer)?;
+        linked?;
+        Ok(layer)
     }
 
     pub(crate) fn chain_contains_device(&self, top: NodeId, id: DeviceId) -> Result<bool> {
