@@ -120,8 +120,13 @@ impl FileDevice {
     pub fn create(path: &Path) -> Result<Self> {
         let mut device = Self::create_or_open(path)?;
         device.set_access(CREATING)?;
-        device.file.set_len(0).map_err(io_error)?;
-        device.len = 0;
+        // Only a file with content is truncated: on ext4 truncating even an
+        // empty file marks it for block allocation at every close, which
+        // makes closing a freshly written output wait for writeback.
+        if device.len > 0 {
+            device.file.set_len(0).map_err(io_error)?;
+            device.len = 0;
+        }
         Ok(device)
     }
 
