@@ -410,6 +410,18 @@ impl Device for FileDevice {
     }
 }
 
+/// Releases the lock bytes before the descriptor closes: a child process
+/// forked by another thread shares the open file description until it
+/// execs, and would otherwise keep the bytes locked until then.
+impl Drop for FileDevice {
+    fn drop(&mut self) {
+        if self.locked != Access::UNUSED {
+            // Best effort: closing releases them in the end anyway.
+            let _ = self.apply_locks(Access::UNUSED, Access::UNUSED);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
