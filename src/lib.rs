@@ -28,6 +28,7 @@
 pub mod backend;
 pub mod cmd;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod format;
 pub mod graph;

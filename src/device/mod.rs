@@ -12,6 +12,9 @@
 mod memory;
 pub use memory::{DeviceEvent, MemDevice};
 
+mod queue;
+pub use queue::{Completion, Op, Queue, Reorder, Submitted, Tag, REORDER_DEPTH};
+
 #[cfg(feature = "std")]
 mod file;
 #[cfg(feature = "std")]

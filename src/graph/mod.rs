@@ -18,6 +18,8 @@
 //! ([`Graph::block_status`]); format drivers only describe their own image.
 
 mod collapse;
+mod plan;
+pub(crate) use plan::ReadExtent;
 pub mod perm;
 pub mod pool;
 pub mod resolve;

@@ -1,0 +1,736 @@
+//! The request engine: many guest requests in flight on one graph, in fixed
+//! storage (design: `docs/engine.md`).
+//!
+//! A VMM *submits* requests ([`Engine::submit_read`], [`Engine::submit_write`],
+//! [`Engine::submit_write_zeroes`], [`Engine::submit_discard`],
+//! [`Engine::submit_flush`]) through a BlockBackend, each with its guest
+//! buffers (scatter-gather), gets a [`Ticket`], calls [`Engine::poll`] to
+//! make progress, and collects finished requests with [`Engine::complete`]
+//! or [`Engine::take`] (or waits for one with [`Engine::wait`]). A finished
+//! read gives its buffers back ([`Done::buffers`]), in guest order, cut at
+//! the extents the chain mapped them to.
+//!
+//! - **Reads** and **writes to clusters the image owns** are planned through
+//!   the metadata cache and go to the devices as split-phase operations
+//!   ([`Queue`]): many are in flight at once, from many requests, and
+//!   complete in any order. Zero ranges are filled at once.
+//! - Everything else — allocating writes, zero writes, discards, compressed
+//!   reads, flushes — is **exclusive**: it starts when no device operation
+//!   of the engine is in flight and runs the graph's synchronous path, with
+//!   its crash-ordering rules. Overlapping allocations are therefore never
+//!   in flight together, and a flush covers every write that completed
+//!   before it was submitted.
+//! - Requests start in submission order; none starts before an earlier
+//!   exclusive request has finished.
+//!
+//! Chain changes (collapse, pivot, snapshot, job steps) must not happen
+//! while requests are in flight: [`Engine::drain`] first.
+//!
+//! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
+//! are borrowed, not stored); the default engine (64 slots, 16 segments, 32
+//! pieces) is about 54 KiB. A read that the chain cuts into more than
+//! `PIECES` pieces takes the synchronous path.
+
+use crate::backend::BackendId;
+use crate::device::{Op, Queue, Submitted, Tag};
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::graph::{Graph, NodeId, Perm, ReadExtent};
+
+/// Default number of requests an [`Engine`] keeps in flight.
+pub const DEFAULT_SLOTS: usize = 64;
+/// Default number of guest buffers one request may carry.
+pub const DEFAULT_SEGMENTS: usize = 16;
+/// Default number of pieces a read's buffers may be cut into.
+pub const DEFAULT_PIECES: usize = 32;
+
+/// Names a submitted request until it is collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    slot: u16,
+    generation: u16,
+}
+
+/// A finished request: its result and, for a read, its buffers.
+#[derive(Debug)]
+pub struct Done<'b, const PIECES: usize = DEFAULT_PIECES> {
+    /// The request's result.
+    pub result: Result<()>,
+    pieces: [Option<&'b mut [u8]>; PIECES],
+}
+
+impl<'b, const PIECES: usize> Done<'b, PIECES> {
+    /// A read's buffers, given back in guest order (cut where the chain's
+    /// extents begin); nothing for other requests.
+    pub fn buffers(&mut self) -> impl Iterator<Item = &mut [u8]> + use<'_, 'b, PIECES> {
+        self.pieces.iter_mut().flatten().map(|piece| &mut **piece)
+    }
+
+    /// The buffers, for keeping beyond this value.
+    pub fn into_buffers(self) -> impl Iterator<Item = &'b mut [u8]> {
+        self.pieces.into_iter().flatten()
+    }
+}
+
+/// What a request does, with its buffers.
+enum Payload<'b, const S: usize> {
+    Read(heapless::Vec<&'b mut [u8], S>),
+    Write(heapless::Vec<&'b [u8], S>),
+    WriteZeroes(u64),
+    Discard(u64),
+    Flush,
+}
+
+/// Where a request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Submitted, not started.
+    Queued,
+    /// Device operations in flight.
+    Running,
+    /// Finished, waiting to be collected.
+    Done,
+}
+
+struct Slot<'b, const S: usize, const P: usize> {
+    generation: u16,
+    seq: u64,
+    backend: BackendId,
+    offset: u64,
+    len: u64,
+    payload: Payload<'b, S>,
+    /// A read's buffers as cut, by piece index; in flight ones are `None`.
+    pieces: [Option<&'b mut [u8]>; P],
+    state: State,
+    /// Device operations in flight.
+    ops: u32,
+    /// The first error met.
+    error: Option<Error>,
+}
+
+impl<const S: usize, const P: usize> Slot<'_, S, P> {
+    fn fail(&mut self, err: Error) {
+        self.error.get_or_insert(err);
+    }
+}
+
+/// Requests in flight on a graph: `SLOTS` of them, each with up to
+/// `SEGMENTS` guest buffers that live for `'b`, cut into at most `PIECES`
+/// pieces.
+pub struct Engine<
+    'b,
+    const SLOTS: usize = DEFAULT_SLOTS,
+    const SEGMENTS: usize = DEFAULT_SEGMENTS,
+    const PIECES: usize = DEFAULT_PIECES,
+> {
+    slots: [Option<Slot<'b, SEGMENTS, PIECES>>; SLOTS],
+    generations: [u16; SLOTS],
+    next_seq: u64,
+    /// Device operations in flight, over all slots.
+    ops: usize,
+}
+
+impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
+    for Engine<'_, SLOTS, SEGMENTS, PIECES>
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
+    Engine<'b, SLOTS, SEGMENTS, PIECES>
+{
+    /// An engine with no requests; `const` so it can live in a `static`.
+    pub const fn new() -> Self {
+        Self {
+            slots: [const { None }; SLOTS],
+            generations: [0; SLOTS],
+            next_seq: 0,
+            ops: 0,
+        }
+    }
+
+    /// Requests submitted and not yet collected.
+    pub fn len(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Whether no request is held.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// Requests submitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| s.state != State::Done)
+            .count()
+    }
+
+    /// Device operations in flight.
+    pub fn operations(&self) -> usize {
+        self.ops
+    }
+
+    /// Submits a read of guest bytes at `offset` of `backend` into
+    /// `segments`, in order.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when every slot is in use,
+    /// [`ErrorKind::InvalidInput`] for more than `SEGMENTS` buffers.
+    pub fn submit_read(
+        &mut self,
+        backend: BackendId,
+        offset: u64,
+        segments: impl IntoIterator<Item = &'b mut [u8]>,
+    ) -> Result<Ticket> {
+        let mut list = heapless::Vec::new();
+        for segment in segments {
+            if list.push(segment).is_err() {
+                return too_many_segments();
+            }
+        }
+        let len = list.iter().map(|s| s.len() as u64).sum();
+        self.submit(backend, (offset, len), Payload::Read(list))
+    }
+
+    /// Submits a write of `segments`, in order, at guest `offset` of
+    /// `backend`.
+    ///
+    /// # Errors
+    /// As [`Engine::submit_read`].
+    pub fn submit_write(
+        &mut self,
+        backend: BackendId,
+        offset: u64,
+        segments: impl IntoIterator<Item = &'b [u8]>,
+    ) -> Result<Ticket> {
+        let mut list = heapless::Vec::new();
+        for segment in segments {
+            if list.push(segment).is_err() {
+                return too_many_segments();
+            }
+        }
+        let len = list.iter().map(|s| s.len() as u64).sum();
+        self.submit(backend, (offset, len), Payload::Write(list))
+    }
+
+    /// Submits a write of `len` zero bytes at `offset` of `backend`
+    /// ([`Graph::write_zeroes`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when every slot is in use.
+    pub fn submit_write_zeroes(
+        &mut self,
+        backend: BackendId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Ticket> {
+        self.submit(backend, (offset, len), Payload::WriteZeroes(len))
+    }
+
+    /// Submits a discard of `len` bytes at `offset` of `backend`
+    /// ([`Graph::discard`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when every slot is in use.
+    pub fn submit_discard(&mut self, backend: BackendId, offset: u64, len: u64) -> Result<Ticket> {
+        self.submit(backend, (offset, len), Payload::Discard(len))
+    }
+
+    /// Submits a flush of `backend`: it completes when every write that
+    /// completed before it was submitted is durable.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoCapacity`] when every slot is in use.
+    pub fn submit_flush(&mut self, backend: BackendId) -> Result<Ticket> {
+        self.submit(backend, (0, 0), Payload::Flush)
+    }
+
+    fn submit(
+        &mut self,
+        backend: BackendId,
+        (offset, len): (u64, u64),
+        payload: Payload<'b, SEGMENTS>,
+    ) -> Result<Ticket> {
+        let Some(index) = self.slots.iter().position(Option::is_none) else {
+            return fail(ErrorKind::NoCapacity, "every request slot is in use");
+        };
+        let generation = self.generations[index];
+        self.slots[index] = Some(Slot {
+            generation,
+            seq: self.next_seq,
+            backend,
+            offset,
+            len,
+            payload,
+            pieces: [const { None }; PIECES],
+            state: State::Queued,
+            ops: 0,
+            error: None,
+        });
+        self.next_seq += 1;
+        Ok(Ticket {
+            slot: index as u16,
+            generation,
+        })
+    }
+
+    /// Takes finished request `ticket`, freeing its slot; `None` while it
+    /// is not finished.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a ticket already collected.
+    pub fn take(&mut self, ticket: Ticket) -> Result<Option<Done<'b, PIECES>>> {
+        let index = usize::from(ticket.slot);
+        match self.slots.get(index) {
+            Some(Some(slot)) if slot.generation == ticket.generation => {
+                Ok((slot.state == State::Done).then(|| self.release(index)))
+            }
+            _ => fail(ErrorKind::StaleHandle, "request ticket already collected"),
+        }
+    }
+
+    /// Collects the earliest-submitted finished request, if any.
+    pub fn complete(&mut self) -> Option<(Ticket, Done<'b, PIECES>)> {
+        let (index, generation) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| s.state == State::Done)
+            .min_by_key(|(_, s)| s.seq)
+            .map(|(i, s)| (i, s.generation))?;
+        let ticket = Ticket {
+            slot: index as u16,
+            generation,
+        };
+        Some((ticket, self.release(index)))
+    }
+
+    fn release(&mut self, index: usize) -> Done<'b, PIECES> {
+        self.generations[index] = self.generations[index].wrapping_add(1);
+        let slot = self.slots[index].take();
+        slot.map_or(
+            Done {
+                result: Ok(()),
+                pieces: [const { None }; PIECES],
+            },
+            |slot| Done {
+                result: slot.error.map_or(Ok(()), Err),
+                pieces: slot.pieces,
+            },
+        )
+    }
+
+    /// Makes progress: collects device completions and starts the requests
+    /// that can start. Returns the number of requests still in flight.
+    pub fn poll<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) -> usize {
+        if self.ops > 0 {
+            self.collect(graph);
+        }
+        while let Some(index) = self.next_queued() {
+            if !self.start(graph, index) {
+                break;
+            }
+        }
+        self.in_flight()
+    }
+
+    /// Polls until request `ticket` finishes and takes it (other finished
+    /// requests stay to be collected).
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a collected ticket; the request's own
+    /// error is in [`Done::result`].
+    pub fn wait<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+        ticket: Ticket,
+    ) -> Result<Done<'b, PIECES>> {
+        loop {
+            if let Some(done) = self.take(ticket)? {
+                return Ok(done);
+            }
+            self.poll(graph);
+        }
+    }
+
+    /// Polls until no request is in flight (finished ones stay to be
+    /// collected). Call it before changing the graph's chains.
+    pub fn drain<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) {
+        while self.poll(graph) > 0 {}
+    }
+
+    /// The queued request submitted first.
+    fn next_queued(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| s.state == State::Queued)
+            .min_by_key(|(_, s)| s.seq)
+            .map(|(i, _)| i)
+    }
+
+    /// Takes the completed device operations of every busy device.
+    fn collect<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) {
+        let (slots, ops) = (&mut self.slots, &mut self.ops);
+        for device in graph.devices.iter_mut().flatten() {
+            if !device.busy() {
+                continue;
+            }
+            device.poll(&mut |tag, result, buf| {
+                let (index, piece) = untag(tag);
+                let Some(Some(slot)) = slots.get_mut(index) else {
+                    return;
+                };
+                if let Err(err) = result {
+                    slot.fail(err);
+                }
+                if let (Some(buf), Some(place)) = (buf, slot.pieces.get_mut(piece)) {
+                    *place = Some(buf);
+                }
+                slot.ops -= 1;
+                *ops -= 1;
+                if slot.ops == 0 && slot.state == State::Running {
+                    slot.state = State::Done;
+                }
+            });
+        }
+    }
+
+    /// Starts queued request `index`; `false` when it must wait (an
+    /// exclusive request while device operations are in flight).
+    fn start<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+        index: usize,
+    ) -> bool {
+        let Some(slot) = self.slots[index].as_mut() else {
+            return true;
+        };
+        let fast = match plan(graph, slot) {
+            Ok(fast) => fast,
+            Err(err) => {
+                slot.fail(err);
+                slot.state = State::Done;
+                return true;
+            }
+        };
+        if fast {
+            let queued = issue(graph, slot, index);
+            self.ops += queued;
+            slot.state = State::Done;
+            return true;
+        }
+        if self.ops > 0 {
+            return false;
+        }
+        if let Err(err) = run_exclusive(graph, slot) {
+            slot.fail(err);
+        }
+        slot.state = State::Done;
+        true
+    }
+}
+
+/// Device operation `piece` of request slot `index`.
+fn tag(index: usize, piece: usize) -> Tag {
+    Tag(((index as u32) << 16) | piece as u32)
+}
+
+/// The slot and piece of a device operation.
+fn untag(tag: Tag) -> (usize, usize) {
+    ((tag.0 >> 16) as usize, (tag.0 & 0xffff) as usize)
+}
+
+fn too_many_segments<T>() -> Result<T> {
+    fail(
+        ErrorKind::InvalidInput,
+        "more guest buffers than a request may carry",
+    )
+}
+
+/// The format node a request goes to, after the backend's permission check.
+fn root_for<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &Graph<D, N, B, C, J>,
+    backend: BackendId,
+    write: bool,
+) -> Result<NodeId> {
+    if write && !graph.backend_access(backend)?.perm.contains(Perm::WRITE) {
+        return fail(ErrorKind::ReadOnly, "backend is attached read-only");
+    }
+    graph.root(backend)
+}
+
+/// Whether `slot` can go to the devices as split-phase operations (`true`)
+/// or needs the synchronous path (`false`). Nothing is written.
+fn plan<
+    'b,
+    D: Queue<'b>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+    const P: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    slot: &Slot<'b, S, P>,
+) -> Result<bool> {
+    let (offset, len) = (slot.offset, slot.len);
+    match &slot.payload {
+        Payload::Read(segments) => {
+            let root = root_for(graph, slot.backend, false)?;
+            if len == 0 {
+                return Ok(true);
+            }
+            graph.check_request_range(root, offset, len)?;
+            // Pieces: one per extent, plus one per segment boundary inside.
+            let mut pieces = segments.len();
+            let mut pos = offset;
+            while pos < offset + len {
+                let (extent, run) = graph.read_extent(root, pos, offset + len - pos)?;
+                if extent == ReadExtent::Slow {
+                    return Ok(false);
+                }
+                pieces += 1;
+                pos += run;
+            }
+            Ok(pieces <= P)
+        }
+        Payload::Write(_) => {
+            let root = root_for(graph, slot.backend, true)?;
+            if len == 0 {
+                return Ok(true);
+            }
+            // The whole request is validated before any of it is written.
+            graph.check_write(root, offset, len)?;
+            let mut pos = offset;
+            while pos < offset + len {
+                match graph.in_place_extent(root, pos, offset + len - pos)? {
+                    Some((_, _, run)) => pos += run,
+                    None => return Ok(false),
+                }
+            }
+            Ok(true)
+        }
+        Payload::WriteZeroes(_) | Payload::Discard(_) | Payload::Flush => Ok(false),
+    }
+}
+
+/// Hands a planned request's extents to the devices; returns how many
+/// operations went in flight (the others completed at once).
+fn issue<
+    'b,
+    D: Queue<'b>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+    const P: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    slot: &mut Slot<'b, S, P>,
+    index: usize,
+) -> usize {
+    let (offset, len) = (slot.offset, slot.len);
+    let write = matches!(slot.payload, Payload::Write(_));
+    let mut queued = 0;
+    let result = root_for(graph, slot.backend, write).and_then(|root| match &mut slot.payload {
+        Payload::Read(segments) => {
+            let segments = core::mem::take(segments);
+            let target = Target {
+                root,
+                index,
+                pieces: &mut slot.pieces,
+            };
+            issue_read(graph, target, offset, segments, &mut queued)
+        }
+        Payload::Write(segments) => {
+            graph.note_guest_write(root, offset, len);
+            let segments = core::mem::take(segments);
+            issue_write(graph, (root, tag(index, 0)), offset, &segments, &mut queued)
+        }
+        _ => Ok(()),
+    });
+    if let Err(err) = result {
+        slot.fail(err);
+    }
+    slot.ops += queued as u32;
+    queued
+}
+
+/// Where a read's pieces go: the chain's top, the request's slot, and the
+/// places its pieces come back to.
+struct Target<'s, 'b, const P: usize> {
+    root: NodeId,
+    index: usize,
+    pieces: &'s mut [Option<&'b mut [u8]>; P],
+}
+
+/// Submits `op` (tagged `tag`) to the device of protocol node `file`;
+/// counts it in `queued` when it stays in flight. What completed at once
+/// gives back a read's buffer.
+fn submit<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (file, tag): (NodeId, Tag),
+    op: Op<'b>,
+    queued: &mut usize,
+) -> Result<Option<&'b mut [u8]>> {
+    match graph.device_mut(file)?.submit(tag, op) {
+        Submitted::Done(result, buf) => result.map(|()| buf),
+        Submitted::Queued => {
+            *queued += 1;
+            Ok(None)
+        }
+    }
+}
+
+/// Reads `target.root`'s chain at `offset` into `segments`: zero ranges
+/// filled here, stored ranges submitted to the layers' devices; every
+/// piece gets a place in `target.pieces`, in guest order.
+fn issue_read<
+    'b,
+    D: Queue<'b>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+    const P: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    target: Target<'_, 'b, P>,
+    offset: u64,
+    segments: heapless::Vec<&'b mut [u8], S>,
+    queued: &mut usize,
+) -> Result<()> {
+    let mut pos = offset;
+    let mut next = 0;
+    for segment in segments {
+        let mut rest = segment;
+        while !rest.is_empty() {
+            let (extent, run) = graph.read_extent(target.root, pos, rest.len() as u64)?;
+            let piece = core::mem::take(&mut rest);
+            let (head, tail) = piece.split_at_mut(run as usize);
+            rest = tail;
+            let place = next;
+            next += 1;
+            match extent {
+                ReadExtent::Data {
+                    file,
+                    host,
+                    present,
+                } if present > 0 => {
+                    // Past the device's end the chain reads zeros.
+                    head[present as usize..].fill(0);
+                    let op = Op::Read {
+                        offset: host,
+                        buf: head,
+                    };
+                    let at = (file, tag(target.index, place));
+                    target.pieces[place] = submit(graph, at, op, queued)?;
+                }
+                // Planned: no compressed range (`Slow`) is left.
+                _ => {
+                    head.fill(0);
+                    target.pieces[place] = Some(head);
+                }
+            }
+            pos += run;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `segments` at `offset` of `root`, whose clusters it owns, in
+/// place.
+fn issue_write<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (root, tag): (NodeId, Tag),
+    offset: u64,
+    segments: &[&'b [u8]],
+    queued: &mut usize,
+) -> Result<()> {
+    let mut pos = offset;
+    for &segment in segments {
+        let mut rest = segment;
+        while !rest.is_empty() {
+            let Some((file, host, run)) = graph.in_place_extent(root, pos, rest.len() as u64)?
+            else {
+                return fail(ErrorKind::Busy, "a planned write lost its place");
+            };
+            let (head, tail) = rest.split_at(run as usize);
+            rest = tail;
+            let op = Op::Write {
+                offset: host,
+                buf: head,
+            };
+            submit(graph, (file, tag), op, queued)?;
+            pos += run;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `slot` through the graph's synchronous path (no device operation
+/// of the engine is in flight).
+fn run_exclusive<
+    'b,
+    D: Queue<'b>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+    const S: usize,
+    const P: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    slot: &mut Slot<'b, S, P>,
+) -> Result<()> {
+    let (backend, offset, len) = (slot.backend, slot.offset, slot.len);
+    match &mut slot.payload {
+        Payload::Read(segments) => {
+            let mut pos = offset;
+            for (place, segment) in core::mem::take(segments).into_iter().enumerate() {
+                let read = graph.backend_read(backend, pos, segment);
+                pos += segment.len() as u64;
+                slot.pieces[place] = Some(segment);
+                read?;
+            }
+            Ok(())
+        }
+        Payload::Write(segments) => {
+            graph.backend_check_write(backend, offset, len)?;
+            let mut pos = offset;
+            for segment in segments.iter() {
+                graph.backend_write(backend, pos, segment)?;
+                pos += segment.len() as u64;
+            }
+            Ok(())
+        }
+        Payload::WriteZeroes(len) => {
+            let root = root_for(graph, backend, true)?;
+            graph.write_zeroes(root, offset, *len)
+        }
+        Payload::Discard(len) => {
+            let root = root_for(graph, backend, true)?;
+            graph.discard(root, offset, *len)
+        }
+        Payload::Flush => graph.backend_flush(backend),
+    }
+}

@@ -1,0 +1,116 @@
+//! What the request engine ([`crate::engine`]) asks of the graph: where a
+//! request's bytes are on the devices, without doing its I/O.
+
+use super::{Driver, Graph, NodeId};
+use crate::device::Device;
+use crate::error::{fail, ErrorKind, Result};
+use crate::format::qcow2::WriteTarget;
+use crate::format::{Mapping, PROBE_BYTES};
+
+/// Where the start of a read lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadExtent {
+    /// Reads as zeros.
+    Zeros,
+    /// Stored on protocol node `file` at `host`; the device holds the first
+    /// `present` bytes (the rest reads as zeros).
+    Data {
+        /// The protocol node.
+        file: NodeId,
+        /// Device offset.
+        host: u64,
+        /// Bytes the device holds.
+        present: u64,
+    },
+    /// Needs the synchronous path (compressed data).
+    Slow,
+}
+
+impl<
+        D: Device,
+        const NODES: usize,
+        const BACKENDS: usize,
+        const CACHE: usize,
+        const JOBS: usize,
+    > Graph<D, NODES, BACKENDS, CACHE, JOBS>
+{
+    /// What BlockBackend `id` may do with its root.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a detached backend.
+    pub(crate) fn backend_access(&self, id: crate::BackendId) -> Result<crate::graph::Access> {
+        Ok(self.backends.get(id)?.access)
+    }
+
+    /// Checks that `offset..offset + len` lies inside format node `id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] otherwise.
+    pub(crate) fn check_request_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+        self.check_range(id, offset, len)
+    }
+
+    /// The first extent of a read of `len` bytes at `pos` of `id`'s chain,
+    /// and how many bytes it covers.
+    ///
+    /// # Errors
+    /// Metadata and device errors of the lookup.
+    pub(crate) fn read_extent(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        len: u64,
+    ) -> Result<(ReadExtent, u64)> {
+        let (located, run) = self.locate(id, pos, len)?;
+        let extent = match located.mapping {
+            Mapping::Zero | Mapping::Unallocated => ReadExtent::Zeros,
+            Mapping::Data(host) => {
+                let file = self.layer_file(located.layer)?;
+                let size = self.device_mut(file)?.size();
+                ReadExtent::Data {
+                    file,
+                    host,
+                    present: size.saturating_sub(host).min(run),
+                }
+            }
+            Mapping::Compressed(_) => ReadExtent::Slow,
+        };
+        Ok((extent, run))
+    }
+
+    /// Where the start of a write of `len` bytes at `pos` of format node
+    /// `id` goes when it can be written in place, without allocating: the
+    /// protocol node, the device offset and the bytes of the run (up to the
+    /// end of the cluster). `None` when it needs the synchronous path (an
+    /// allocation, or the first sector of a probed raw image).
+    ///
+    /// # Errors
+    /// Metadata errors, and the overlap check of a cluster written in place.
+    pub(crate) fn in_place_extent(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        len: u64,
+    ) -> Result<Option<(NodeId, u64, u64)>> {
+        let file = self.layer_file(id)?;
+        match &self.nodes.get(id)?.driver {
+            Driver::Raw { probed } => {
+                let guarded = *probed && pos < PROBE_BYTES as u64;
+                Ok((!guarded).then_some((file, pos, len)))
+            }
+            Driver::Qcow2(q) => {
+                let cs = q.cluster_size();
+                let (cluster, within) = (pos / cs, pos % cs);
+                let run = (cs - within).min(len);
+                match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
+                    WriteTarget::InPlace(host) => Ok(Some((file, host + within, run))),
+                    WriteTarget::Allocate { .. } => Ok(None),
+                }
+            }
+            Driver::Protocol => fail(
+                ErrorKind::InvalidInput,
+                "cannot write a protocol node as an image",
+            ),
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The request engine with many requests in flight on devices that complete
+//! out of order: random overlapping reads, writes, zero writes, discards
+//! and flushes against a model, then qemu-img on the result.
+
+mod common;
+
+use std::fs;
+
+use blockgraph::device::{MemDevice, Reorder};
+use blockgraph::engine::{Engine, Ticket};
+use blockgraph::graph::NameBuf;
+use blockgraph::{Access, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver};
+use common::*;
+
+const SECTOR: usize = 512;
+const SIZE: u64 = 4 << 20;
+/// Requests submitted together in one batch, before any is polled.
+const BATCH: usize = 48;
+const BATCHES: usize = 30;
+/// Longest request, in sectors.
+const MAX_SECTORS: usize = 48;
+
+type Disk<'a, 'b> = Reorder<'b, MemDevice<'a>>;
+
+/// In-memory images by name; each opens once, on a reordering device.
+struct Images<'a> {
+    slots: Vec<(String, Option<&'a mut [u8]>, u64)>,
+    seed: u64,
+}
+
+impl<'a> Images<'a> {
+    fn take<'b>(&mut self, name: &str) -> blockgraph::Result<Disk<'a, 'b>> {
+        self.seed += 1;
+        let seed = self.seed;
+        let Some((_, storage, len)) = self.slots.iter_mut().find(|s| s.0 == name) else {
+            return Err(Error::new(ErrorKind::NotFound, "no such in-memory image"));
+        };
+        let storage = storage
+            .take()
+            .ok_or(Error::new(ErrorKind::Busy, "image already open"))?;
+        Ok(Reorder::new(MemDevice::new(storage, *len, seed)?, seed))
+    }
+}
+
+fn store(name: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
+    out.clear();
+    out.push_str(name)
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
+}
+
+impl<'a, 'b> Resolver<Disk<'a, 'b>> for Images<'a> {
+    fn open(&mut self, name: &str, _writable: bool) -> blockgraph::Result<Disk<'a, 'b>> {
+        self.take(name)
+    }
+
+    fn open_backing(
+        &mut self,
+        _overlay: &str,
+        reference: &str,
+        _writable: bool,
+        resolved: &mut NameBuf,
+    ) -> blockgraph::Result<Disk<'a, 'b>> {
+        store(reference, resolved)?;
+        self.take(reference)
+    }
+
+    fn reference(&mut self, _: &str, target: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
+        store(target, out)
+    }
+}
+
+/// xorshift64
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What one request of a batch does to the model.
+enum Kind {
+    Read,
+    Write(u8),
+    Zero,
+    Discard,
+    Flush,
+}
+
+/// Builds `top.qcow2` over `base.qcow2` (both with `cluster_size`) whose
+/// every sector holds one byte value; returns the files' bytes and the
+/// guest view, one byte per sector.
+fn chain(dir: &std::path::Path, cluster_size: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let opts = format!("cluster_size={cluster_size}");
+    let size = SIZE.to_string();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "base.qcow2",
+            &size,
+        ],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "base.qcow2",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x12 1536k 1M",
+            "write -P 0x13 3M 512k",
+        ],
+    );
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "top.qcow2",
+        &[
+            "write -P 0x21 512k 512k",
+            "write -P 0x22 2M 64k",
+            "write -z 3M 128k",
+        ],
+    );
+    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "view.raw"]);
+    let view = fs::read(dir.join("view.raw")).unwrap();
+    let sectors = view.chunks(SECTOR).map(|s| s[0]).collect();
+    let read = |name: &str| fs::read(dir.join(name)).unwrap();
+    (read("top.qcow2"), read("base.qcow2"), sectors)
+}
+
+fn run(cluster_size: &str, seed: u64) {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
+    let mut top_store = top_bytes.clone();
+    top_store.resize(top_bytes.len() + (16 << 20), 0);
+    let mut base_store = base_bytes.clone();
+    base_store.resize(base_bytes.len() + (1 << 20), 0);
+    let requests = BATCH * BATCHES;
+    let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
+    let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
+
+    let mut images = Images {
+        slots: vec![
+            (
+                "top.qcow2".into(),
+                Some(&mut top_store[..]),
+                top_bytes.len() as u64,
+            ),
+            (
+                "base.qcow2".into(),
+                Some(&mut base_store[..]),
+                base_bytes.len() as u64,
+            ),
+        ],
+        seed,
+    };
+    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let options = OpenOptions {
+        read_only: false,
+        ..OpenOptions::new(Format::Qcow2)
+    };
+    let top = graph.open_image(&mut images, "top.qcow2", options).unwrap();
+    let backend = graph
+        .attach_backend(top, Access::READ_WRITE_DEVICE)
+        .unwrap();
+    graph.unref(top).unwrap();
+    let mut engine: Engine<'_> = Engine::new();
+    let mut rng = Rng(seed);
+    let mut most_ops = 0;
+    let sectors = SIZE as usize / SECTOR;
+
+    for batch in 0..BATCHES {
+        // Values each sector may show during and after the batch.
+        let mut allowed: Vec<Vec<u8>> = model.iter().map(|&v| vec![v]).collect();
+        let mut writers = vec![0u32; sectors];
+        let mut submitted: Vec<(Ticket, Kind, usize, usize)> = Vec::new();
+        for i in 0..BATCH {
+            let start = rng.below(sectors as u64) as usize;
+            let count = (1 + rng.below(MAX_SECTORS as u64) as usize).min(sectors - start);
+            let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
+            let kind = match rng.below(20) {
+                0..=8 => Kind::Read,
+                9..=15 => Kind::Write((batch * BATCH + i) as u8 | 0x80),
+                16 => Kind::Zero,
+                17..=18 => Kind::Discard,
+                _ => Kind::Flush,
+            };
+            let chunk = chunks.next().unwrap();
+            let ticket = match kind {
+                Kind::Read => {
+                    // Two segments, split at a random sector.
+                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
+                    let (a, b) = chunk[..len].split_at_mut(cut);
+                    engine.submit_read(backend, offset, [a, b])
+                }
+                Kind::Write(value) => {
+                    chunk[..len].fill(value);
+                    let data: &[u8] = chunk;
+                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
+                    let (a, b) = data[..len].split_at(cut);
+                    engine.submit_write(backend, offset, [a, b])
+                }
+                Kind::Zero => engine.submit_write_zeroes(backend, offset, len as u64),
+                Kind::Discard => engine.submit_discard(backend, offset, len as u64),
+                Kind::Flush => engine.submit_flush(backend),
+            }
+            .unwrap();
+            match kind {
+                Kind::Write(value) => {
+                    for s in start..start + count {
+                        allowed[s].push(value);
+                        writers[s] += 1;
+                    }
+                }
+                Kind::Zero | Kind::Discard => {
+                    for s in start..start + count {
+                        allowed[s].push(0);
+                        writers[s] += 1;
+                    }
+                }
+                _ => {}
+            }
+            submitted.push((ticket, kind, start, count));
+        }
+        let mut finished = 0;
+        while finished < submitted.len() {
+            engine.poll(&mut graph);
+            most_ops = most_ops.max(engine.operations());
+            while let Some((ticket, mut done)) = engine.complete() {
+                finished += 1;
+                done.result
+                    .unwrap_or_else(|e| panic!("batch {batch}: request failed: {e}"));
+                let (_, kind, start, count) =
+                    submitted.iter().find(|(t, ..)| *t == ticket).unwrap();
+                if let Kind::Read = kind {
+                    let bytes: Vec<u8> = done.buffers().flat_map(|b| b.iter().copied()).collect();
+                    assert_eq!(bytes.len(), count * SECTOR);
+                    for (k, sector) in bytes.chunks(SECTOR).enumerate() {
+                        let s = start + k;
+                        assert!(
+                            sector.iter().all(|&b| b == sector[0]),
+                            "batch {batch}: sector {s} read torn"
+                        );
+                        assert!(
+                            allowed[s].contains(&sector[0]),
+                            "batch {batch}: sector {s} read {:#x}, allowed {:x?}",
+                            sector[0],
+                            allowed[s]
+                        );
+                    }
+                }
+            }
+        }
+        // After the batch: each sector holds an allowed value, and the only
+        // write that touched it if there was one.
+        let mut view = vec![0u8; SIZE as usize];
+        let root = graph.root(backend).unwrap();
+        graph.read(root, 0, &mut view).unwrap();
+        for (s, sector) in view.chunks(SECTOR).enumerate() {
+            let value = sector[0];
+            assert!(sector.iter().all(|&b| b == value), "sector {s} torn");
+            assert!(
+                allowed[s].contains(&value),
+                "batch {batch}: sector {s} holds {value:#x}, allowed {:x?}",
+                allowed[s]
+            );
+            model[s] = value;
+        }
+        let _ = writers;
+    }
+    assert!(
+        most_ops >= 8,
+        "the engine never had many device operations in flight ({most_ops})"
+    );
+
+    // On disk, as qemu-img sees it: consistent, and the model's view.
+    graph.flush(graph.root(backend).unwrap()).unwrap();
+    let root = graph.root(backend).unwrap();
+    let files: Vec<(NodeId, &str)> = vec![
+        (graph.file(root).unwrap().unwrap(), "top.qcow2"),
+        (
+            graph
+                .file(graph.backing(root).unwrap().unwrap())
+                .unwrap()
+                .unwrap(),
+            "base.qcow2",
+        ),
+    ];
+    for (file, name) in files {
+        let bytes = graph.device_mut(file).unwrap().inner().contents().to_vec();
+        fs::write(dir.join(name), bytes).unwrap();
+    }
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    qemu_img(dir, &["check", "top.qcow2"]);
+    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "after.raw"]);
+    let after = fs::read(dir.join("after.raw")).unwrap();
+    for (s, sector) in after.chunks(SECTOR).enumerate() {
+        assert!(
+            sector.iter().all(|&b| b == model[s]),
+            "qemu-img reads sector {s} differently from the model"
+        );
+    }
+}
+
+/// Runs `test` on a thread with a stack large enough for a graph built in
+/// a `Box::default()` (it passes through the stack).
+fn big_stack(test: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(test)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn many_requests_in_flight_64k_clusters() {
+    big_stack(|| run("65536", 0x5eed_0001));
+}
+
+#[test]
+fn many_requests_in_flight_4k_clusters() {
+    big_stack(|| run("4096", 0x5eed_0002));
+}
