@@ -18,6 +18,10 @@
 //!  device     Device trait: host file, memory (tests), virtio-blk (kernel)
 //! ```
 //!
+//! Crash safety rests on numbered ordering rules (R1, R2, ...) kept in
+//! `docs/crash-ordering.md`; the code cites them by number at each ordering
+//! point.
+//!
 //! Built with the default `std` feature it also provides the host pieces: a
 //! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver)
 //! and the `blockgraph` command-line tool.

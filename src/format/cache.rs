@@ -14,7 +14,8 @@
 //! disk before the data and the refcounts it depends on, however late the
 //! write-back happens (eviction, a guest flush, a chain change, close).
 //! Structural changes (new tables, header fields) are written through and
-//! [`MetaCache::patch`]ed in.
+//! [`MetaCache::patch`]ed in. This is rule R3 of `docs/crash-ordering.md`
+//! (R1 and R2 rest on it; R14 on failed write-backs keeping slices dirty).
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -59,10 +60,11 @@ pub(crate) fn device_at<'d, D>(
 /// What a dirty slice holds, in write-back order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    /// Refcounts: written first (an early refcount increase only leaks).
+    /// Refcounts: written first (an early refcount increase only leaks;
+    /// R1).
     Refcount,
     /// L1/L2 entries: written after a flush has made data and refcounts
-    /// durable.
+    /// durable (R2, R3).
     Mapping,
 }
 
@@ -196,6 +198,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         let mapping =
             |t: &Tag| t.valid && t.image.owner == owner && t.dirty == Some(Level::Mapping);
         if self.tags.iter().any(mapping) {
+            // R3: refcounts and earlier data durable before any mapping.
             device.flush()?;
             self.write_level(owner, device, Level::Mapping)?;
         }
@@ -206,6 +209,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         for (tag, data) in self.tags.iter_mut().zip(self.data.iter()) {
             if tag.valid && tag.image.owner == owner && tag.dirty == Some(level) {
                 device.write_at(tag.offset, &data[..tag.len as usize])?;
+                // R14: clean only once written; a failure leaves it dirty.
                 tag.dirty = None;
             }
         }
@@ -252,6 +256,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                 let slot = self.victim(set);
                 let evicted = self.tags[slot];
                 if evicted.valid && evicted.dirty.is_some() {
+                    // R3: the evicted slice's image is written back whole.
                     let device = device_at(
                         devices,
                         evicted.image.device,

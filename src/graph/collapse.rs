@@ -12,8 +12,9 @@
 //!
 //! The operation is a plan, then a commit. The plan validates everything and
 //! has no side effects. The commit point is the on-disk rewrite of every
-//! overlay's backing reference (one header write plus flush each); if one
-//! fails, the ones already rewritten are restored and the graph is untouched.
+//! overlay's backing reference (one header write plus flush each; R11 of
+//! `docs/crash-ordering.md`); if one fails, the ones already rewritten are
+//! restored and the graph is untouched (R12).
 //! Only then are links changed in memory, which cannot fail, and dropped nodes
 //! released by refcount (a node another chain still uses stays alive).
 
@@ -93,8 +94,8 @@ impl<
             return Err(err);
         }
 
-        // Commit point passed: relink in memory. Nothing below can fail for
-        // live handles, which the plan verified.
+        // R11: commit point passed: relink in memory. Nothing below can fail
+        // for live handles, which the plan verified.
         let moved = plan.overlays.len() + plan.backends.len();
         for &overlay in &plan.overlays {
             self.nodes.get_mut(overlay)?.backing = base;
@@ -268,8 +269,8 @@ impl<
         overlays: &[NodeId],
         base: Option<NodeId>,
     ) -> Result<()> {
-        // What the new chains read must be durable before any header names
-        // them (qcow2.md, rule 5).
+        // R11: what the new chains read is durable before any header names
+        // them.
         for &overlay in overlays {
             self.write_back_chain(overlay)?;
         }
@@ -289,6 +290,7 @@ impl<
                     let _ = done.push((overlay, old));
                 }
                 Err(err) => {
+                    // R12: restore the overlays already rewritten.
                     for (node, old) in done.iter().rev() {
                         let old = old.as_ref().map(|(n, f)| (n.as_str(), f.as_deref()));
                         // Best effort: the first failure is what the caller sees.

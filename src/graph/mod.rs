@@ -341,6 +341,7 @@ impl<
             Format::Raw => Driver::Raw { probed: false },
             Format::Qcow2 => {
                 let q = Qcow2::open(device)?;
+                // R1: refcounts are eager; a dirty (lazy) image stays read-only.
                 if !read_only && q.is_dirty() {
                     return fail(
                         ErrorKind::Unsupported,
@@ -1243,8 +1244,9 @@ impl<
 
     /// Makes every completed write to `id`'s chain durable: each layer's
     /// cached table updates are written back (data and refcounts before
-    /// mappings) and its device flushed; `id`'s device and every writable
-    /// layer's are flushed even when nothing was cached.
+    /// mappings: R3 of `docs/crash-ordering.md`) and its device flushed;
+    /// `id`'s device and every writable layer's are flushed even when
+    /// nothing was cached.
     ///
     /// # Errors
     /// Device errors as returned (what was not written back stays cached,
@@ -1264,7 +1266,8 @@ impl<
     }
 
     /// Writes back and flushes the cached table updates of every layer of
-    /// `id`'s chain that has any (before a chain change depends on them).
+    /// `id`'s chain that has any (before a chain change depends on them:
+    /// R11).
     pub(crate) fn write_back_chain(&mut self, id: NodeId) -> Result<()> {
         let mut layer = Some(id);
         while let Some(node) = layer {

@@ -55,8 +55,8 @@ impl<
                 "the new overlay's device holds an image of the chain",
             );
         }
-        // As QEMU, the old active layer is flushed before the overlay
-        // goes on top of it.
+        // R13: as QEMU, the old active layer is flushed before the overlay
+        // goes on top of it; the overlay is created header last.
         self.flush(active)?;
         let mut reference = NameBuf::new();
         let active_name = self.name(active)?;

@@ -137,6 +137,7 @@ impl<
         }
         match node.driver {
             Driver::Qcow2(_) => {
+                // R9: refcounts checked, autoclear cleared before a first write.
                 self.with_qcow2(id, |q, t| q.prepare_for_writes(t))?;
                 Ok(true)
             }
@@ -370,12 +371,13 @@ impl<
         let mut fresh = [Fresh::default(); BATCH];
         let mut count = 0;
         let mut mapped = 0;
+        // R2: every new cluster is filled before any of them is mapped.
         let result = self
             .fill_clusters(id, pos, data, &mut fresh, &mut count)
             .and_then(|()| self.map_fresh(id, &fresh[..count], &mut mapped));
         if result.is_err() {
-            // Nothing references the clusters not yet mapped: give them back
-            // (best effort; a crash here would only leak them).
+            // R14: nothing references the clusters not yet mapped: give them
+            // back (best effort; a crash here would only leak them).
             for f in &fresh[mapped..count] {
                 let _ = self.with_qcow2(id, |q, t| q.release_entry(t, f.new | COPIED));
             }
@@ -536,6 +538,7 @@ impl<
             *mapped += 1;
         }
         if fresh.iter().any(|f| references_storage(f.old)) {
+            // R5: the new mappings durable before the old storage is freed.
             self.with_qcow2(id, |_, t| t.sync())?;
             for f in fresh {
                 self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
@@ -581,7 +584,7 @@ impl<
                 return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
             }
             if qcow2 {
-                // One request per piece: a new cluster is filled, then
+                // R2: one request per piece: a new cluster is filled, then
                 // mapped, so a crash leaves it old or new, never torn.
                 graph.write_source(id, pos, Source::Zeros(n))
             } else {

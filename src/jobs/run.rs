@@ -200,6 +200,7 @@ impl<
             return Ok(());
         }
         match self.format(node)? {
+            // R8: a larger L1 table switched in first, the size last.
             Some(crate::Format::Qcow2) => self.with_qcow2(node, |q, t| q.grow(t, size)),
             _ => {
                 let file = self.layer_file(node)?;
@@ -441,8 +442,9 @@ impl<
         let (skipped, reopened) = (job.skipped_chunks, job.reopened);
         let pivots = kind == JobKind::Commit && top == active && !aborted;
         self.set_frozen(from, base, false)?;
-        // Whatever was copied is made durable, cancelled or not: a cancelled
-        // ready active commit leaves base consistent.
+        // R11: whatever was copied is made durable (cancelled or not: a
+        // cancelled ready active commit leaves base consistent) before the
+        // chain change writes a header.
         let target = if kind == JobKind::Commit {
             base
         } else {

@@ -316,6 +316,7 @@ pub fn create<D: Device>(device: &mut D, options: &CreateOptions<'_>) -> Result<
     let header_area = cluster_size.min(HEADER_AREA as u64);
     let mut chunk = [0u8; CHUNK];
 
+    // R13: an old header is wiped first, the new one goes last.
     if device.size() > 0 {
         write_region(device, &mut chunk, (0, header_area), |_, _| {})?;
         device.flush()?;
@@ -390,7 +391,7 @@ pub fn create<D: Device>(device: &mut D, options: &CreateOptions<'_>) -> Result<
     )?;
     device.flush()?;
 
-    // The header, last and in one write.
+    // R13: the header, last and in one write, after the tables are durable.
     let area = &mut chunk[..header_area as usize];
     area.fill(0);
     emit_header(options, &layout, area);

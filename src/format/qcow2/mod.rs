@@ -130,7 +130,7 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     }
 
     /// Writes the dirty slices back and flushes: everything written so far
-    /// is durable.
+    /// is durable (R3; what R5, R7 and R8 wait for).
     ///
     /// # Errors
     /// Device errors.
@@ -545,12 +545,13 @@ impl Qcow2 {
                 updated.backing_format = None;
             }
         }
+        // R11: the commit point: cluster 0 in one write, then a flush.
         let committed = device
             .write_at(0, &area[..len])
             .and_then(|()| device.flush());
         if let Err(err) = committed {
-            // The new header may have reached the disk: put the old one back
-            // (best effort; the caller sees the original error either way).
+            // R12: the new header may have reached the disk: put the old one
+            // back (best effort; the caller sees the original error anyway).
             let _ = device
                 .write_at(0, &original[..len])
                 .and_then(|()| device.flush());

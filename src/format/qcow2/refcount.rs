@@ -6,7 +6,7 @@
 //! a reference is removed (and that made durable) before the refcount it
 //! held is decreased. A crash can therefore leak a cluster, never hand one
 //! out twice. New refcount blocks and tables are written through, each with
-//! its own flushes.
+//! its own flushes. Rules R1, R5, R6, R7 and R10 of `docs/crash-ordering.md`.
 
 use super::header::{Incompatible, OFF_INCOMPATIBLE};
 use super::snapshot::{Entry, ENTRY_HEADER};
@@ -161,6 +161,8 @@ impl Qcow2 {
             if self.block_for(t, cluster)?.is_some() {
                 let offset = cluster << self.header.cluster_bits;
                 self.check_overlap(t, offset, self.cluster_size())?;
+                // R1: counted (a cached Level::Refcount update) before
+                // anything can point at it.
                 self.set_refcount(t, cluster, 1)?;
                 self.free_hint = cluster + 1;
                 return Ok(offset);
@@ -264,6 +266,7 @@ impl Qcow2 {
             done += slice as u64;
             chunk += 1;
         }
+        // R6: the block, counting itself, durable before the table names it.
         t.device()?.flush()?;
         let entry_at = self.header.refcount_table_offset + index * 8;
         t.write_meta(entry_at, &offset.to_be_bytes())?;
@@ -361,10 +364,12 @@ impl Qcow2 {
             t.write_meta(table_at + done, &buf[..len])?;
             done += len as u64;
         }
-        // The refcounts of the new area must be on disk before the switch.
+        // R7: the new table, its blocks and every refcount durable before
+        // the switch.
         t.write_back()?;
         t.device()?.flush()?;
-        // Commit: offset (8 bytes) and cluster count (4 bytes) in one write.
+        // R7: the switch: offset (8 bytes) and cluster count (4 bytes) in
+        // one write, then a flush.
         let old_offset = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
         let mut fields = [0u8; 12];
@@ -382,7 +387,7 @@ impl Qcow2 {
                 .get(placed_count.wrapping_sub(1))
                 .map_or(0, |b| b + 1),
         );
-        // The old table is unreferenced now (durably): release its clusters.
+        // R5: the old table is durably unreferenced: release its clusters.
         for c in 0..old_clusters {
             self.release_cluster(t, old_offset + c * cs)?;
         }
@@ -434,7 +439,7 @@ impl Qcow2 {
     }
 
     /// Drops one reference to the cluster at device offset `offset`. The
-    /// caller has made the removal of the reference durable first.
+    /// caller has made the removal of the reference durable first (R5).
     pub(super) fn release_cluster<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -572,6 +577,7 @@ impl Qcow2 {
     pub(super) fn mark_corrupt<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>) {
         self.header.incompatible |= Incompatible::CORRUPT;
         if self.header.version >= 3 {
+            // R10: the feature field alone, written through and flushed.
             let bits = self.header.incompatible.bits().to_be_bytes();
             let _ = t
                 .write_meta(OFF_INCOMPATIBLE as u64, &bits)

@@ -64,7 +64,8 @@ impl Qcow2 {
             self.counted = true;
         }
         if self.header.version >= 3 && self.header.autoclear != 0 {
-            // We maintain none of the autoclear features (e.g. bitmaps).
+            // R9: we maintain none of the autoclear features (e.g. bitmaps):
+            // cleared durably before the first write.
             let device = t.device()?;
             device.write_at(88, &0u64.to_be_bytes())?;
             device.flush()?;
@@ -251,6 +252,7 @@ impl Qcow2 {
         entry: u64,
     ) -> Result<()> {
         let at = self.owned_l2_entry(t, cluster)?;
+        // R2, R3: a cached mapping, written back after data and refcounts.
         self.update_table(t, at, &entry.to_be_bytes(), Level::Mapping)
     }
 
@@ -268,6 +270,7 @@ impl Qcow2 {
     ) -> Result<()> {
         self.set_entry(t, cluster, entry)?;
         if references_storage(old) {
+            // R5: the new entry durable before the old storage is freed.
             t.sync()?;
             self.release_entry(t, old)?;
         }
@@ -463,6 +466,7 @@ impl Qcow2 {
             t.write_meta(new_table + done, &buf[..chunk])?;
             done += chunk as u64;
         }
+        // R4: the table is written through before its L1 entry is cached.
         let l1_at = self.header.l1_table_offset + l1_index * 8;
         self.update_table(
             t,
@@ -472,6 +476,7 @@ impl Qcow2 {
         )?;
         self.l1_used = self.l1_used.max(l1_index + 1);
         if table != 0 {
+            // R5: the shared table is released once the new entry is durable.
             t.sync()?;
             self.release_cluster(t, table)?;
         }
@@ -555,7 +560,8 @@ impl Qcow2 {
                 t.write_meta(table + done, &buf[..n])?;
                 done += n as u64;
             }
-            // The new table's refcounts and contents are durable first.
+            // R8: the new table's refcounts and contents are durable first,
+            // then one header write switches to it.
             t.sync()?;
             let mut fields = [0u8; 12];
             fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
@@ -566,12 +572,14 @@ impl Qcow2 {
             self.header.l1_size = needed as u32;
             self.header.l1_table_offset = table;
             self.last_l1.set(None);
+            // R5: the old table is durably unreferenced.
             let mut cluster = old_offset;
             while old_bytes > 0 && cluster < old_offset + old_bytes {
                 self.release_cluster(t, cluster)?;
                 cluster += cs;
             }
         }
+        // R8: the size last: a larger L1 table than it needs is valid.
         let device = t.device()?;
         device.write_at(24, &new_size.to_be_bytes())?;
         device.flush()?;
