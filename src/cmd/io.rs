@@ -3,16 +3,57 @@
 //!
 //! `read [-P PATTERN] OFF LEN` (with `-P` every byte is verified),
 //! `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`.
+//!
+//! A pattern write goes down as one scatter-gather request
+//! ([`Graph::writev`](crate::Graph::writev)): the pattern-filled scratch,
+//! repeated as segments, so the library cuts it only at cluster boundaries
+//! and writes no byte twice. A write needing more than
+//! [`MAX_SEGMENTS`] scratch buffers is split into requests at boundaries
+//! aligned to the image's cluster size (at least 4 KiB), after the whole
+//! range is checked. Reads go through the scratch in pieces whose
+//! boundaries lie on multiples of the largest power of two that fits in it.
 
 use super::args::{parse_pattern, parse_size, split_words};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, OpenOptions};
+use crate::graph::{piece_len, Access, OpenOptions, MAX_SEGMENTS};
 
 const USAGE: &str = "usage: io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
+/// Least alignment, in guest offsets, of the boundaries a write too long
+/// for one request is split at.
+const MIN_ALIGN: u64 = 4096;
+
+/// The segments of the first request of a pattern write of `len` bytes at
+/// guest `offset`, all views of `pattern` (a filled buffer): cut as
+/// [`piece_len`] cuts, so segment boundaries lie on multiples of the
+/// largest power of two that fits in `pattern`. When the write needs more
+/// than [`MAX_SEGMENTS`] segments the request ends at the last segment
+/// boundary aligned to `align` (the image's cluster size, at least 4 KiB),
+/// where there is one.
+fn request_segments(
+    pattern: &[u8],
+    offset: u64,
+    len: u64,
+    align: u64,
+) -> heapless::Vec<&[u8], MAX_SEGMENTS> {
+    let mut segments = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
+    let mut n = 0;
+    while n < len && !segments.is_full() {
+        let k = piece_len(offset + n, len - n, pattern.len() as u64);
+        // Cannot fail: the loop stops when the list is full.
+        let _ = segments.push(&pattern[..k as usize]);
+        n += k;
+    }
+    if n < len {
+        while segments.len() > 1 && !(offset + n).is_multiple_of(align) {
+            n -= segments.pop().map_or(0, |s| s.len() as u64);
+        }
+    }
+    segments
+}
 
 /// Options and operands of one qemu-io command.
 struct Request {
@@ -135,7 +176,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 let r = parse_request(rest, false)?;
                 let mut done = 0;
                 while done < r.len {
-                    let n = (r.len - done).min(scratch.len() as u64) as usize;
+                    let n = piece_len(r.offset + done, r.len - done, scratch.len() as u64);
+                    let n = n as usize;
                     graph
                         .backend_read(backend, r.offset + done, &mut scratch[..n])
                         .map_err(in_command)?;
@@ -167,20 +209,32 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                         .write_zeroes(root, r.offset, r.len)
                         .map_err(in_command)?;
                 } else {
-                    // The whole request is checked before its first piece.
-                    graph
-                        .backend_check_write(backend, r.offset, r.len)
-                        .map_err(in_command)?;
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
-                    let chunk = (r.len.min(scratch.len() as u64)) as usize;
-                    scratch[..chunk].fill(pattern);
+                    let filled = (r.len.min(scratch.len() as u64)) as usize;
+                    scratch[..filled].fill(pattern);
+                    let align = match graph.qcow2(root) {
+                        Ok(q) => q.cluster_size().max(MIN_ALIGN),
+                        Err(_) => MIN_ALIGN,
+                    };
                     let mut done = 0;
                     while done < r.len {
-                        let n = (r.len - done).min(chunk as u64) as usize;
+                        let segments = request_segments(
+                            &scratch[..filled],
+                            r.offset + done,
+                            r.len - done,
+                            align,
+                        );
+                        let n: u64 = segments.iter().map(|s| s.len() as u64).sum();
+                        if done == 0 && n < r.len {
+                            // Several requests: the whole is checked first.
+                            graph
+                                .backend_check_write(backend, r.offset, r.len)
+                                .map_err(in_command)?;
+                        }
                         graph
-                            .backend_write(backend, r.offset + done, &scratch[..n])
+                            .backend_writev(backend, r.offset + done, &segments)
                             .map_err(in_command)?;
-                        done += n as u64;
+                        done += n;
                     }
                 }
                 writeln!(
