@@ -31,8 +31,8 @@ const MIN_ALIGN: u64 = 4096;
 /// [`piece_len`] cuts, so segment boundaries lie on multiples of the
 /// largest power of two that fits in `pattern`. When the write needs more
 /// than [`MAX_SEGMENTS`] segments the request ends at the last segment
-/// boundary aligned to `align` (the image's cluster size, at least 4 KiB),
-/// where there is one.
+/// boundary aligned to `align` (the image's cluster size), or failing that
+/// to [`MIN_ALIGN`], where there is one.
 fn request_segments(
     pattern: &[u8],
     offset: u64,
@@ -48,8 +48,18 @@ fn request_segments(
         n += k;
     }
     if n < len {
-        while segments.len() > 1 && !(offset + n).is_multiple_of(align) {
-            n -= segments.pop().map_or(0, |s| s.len() as u64);
+        for align in [align, MIN_ALIGN] {
+            // The longest prefix of the segments that ends aligned.
+            let mut end = n;
+            let mut keep = segments.len();
+            while keep > 0 && !(offset + end).is_multiple_of(align) {
+                keep -= 1;
+                end -= segments[keep].len() as u64;
+            }
+            if keep > 0 {
+                segments.truncate(keep);
+                break;
+            }
         }
     }
     segments
@@ -261,5 +271,50 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(pattern: &[u8], offset: u64, len: u64, align: u64) -> Vec<u64> {
+        let mut at = offset;
+        let mut ends = Vec::new();
+        while at < offset + len {
+            let segments = request_segments(pattern, at, offset + len - at, align);
+            at += segments.iter().map(|s| s.len() as u64).sum::<u64>();
+            ends.push(at);
+        }
+        ends
+    }
+
+    #[test]
+    fn one_request_when_the_segments_suffice() {
+        let pattern = [0x55u8; 1 << 20];
+        let segments = request_segments(&pattern, 12345, 6 << 20, 1 << 16);
+        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
+        let first = (1 << 20) - 12345;
+        assert_eq!(
+            lens,
+            [first, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 12345]
+        );
+    }
+
+    #[test]
+    fn long_writes_split_at_cluster_boundaries() {
+        let pattern = [0x55u8; 4096];
+        let (offset, len) = (12345, 6 << 20);
+        let ends = ends(&pattern, offset, len, 64 << 10);
+        assert!(ends.len() > 1);
+        for end in &ends[..ends.len() - 1] {
+            assert_eq!(end % (64 << 10), 0, "{ends:?}");
+        }
+        assert_eq!(ends.last(), Some(&(offset + len)));
+        // A cluster larger than a request: 4 KiB boundaries.
+        let ends = self::ends(&pattern, offset, len, 2 << 20);
+        for end in &ends[..ends.len() - 1] {
+            assert_eq!(end % 4096, 0, "{ends:?}");
+        }
     }
 }
