@@ -1297,9 +1297,13 @@ fn scatter_gather_2m() {
 /// Every write the observed image's device made: offset and length.
 type WriteLog = RefCell<Vec<(u64, u64)>>;
 
+/// An in-memory image: its name, and its buffer with the content's length
+/// until it is opened.
+type MemImage<'a> = (String, Option<(&'a mut [u8], u64)>);
+
 /// In-memory images by name; `img.qcow2`'s device is observed.
 struct MemImages<'a> {
-    images: Vec<(String, Option<(&'a mut [u8], u64)>)>,
+    images: Vec<MemImage<'a>>,
     observer: Option<&'a mut dyn FnMut(DeviceEvent<'_>)>,
 }
 

@@ -346,7 +346,7 @@ impl Device for FileDevice {
         Ok(())
     }
 
-    /// One `pwritev` per [`IOV_GROUP`] buffers (more when the kernel
+    /// One `pwritev` per 64 buffers (more when the kernel
     /// writes less than asked).
     fn write_vectored_at(&mut self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         let len = bufs
