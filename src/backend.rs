@@ -106,8 +106,22 @@ impl<
     /// # Errors
     /// As [`Graph::read`].
     pub fn backend_read(&mut self, id: BackendId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.backend_readv(id, offset, &mut [buf])
+    }
+
+    /// Reads guest bytes through backend `id` into a scatter-gather list
+    /// ([`Graph::readv`]).
+    ///
+    /// # Errors
+    /// As [`Graph::readv`].
+    pub fn backend_readv(
+        &mut self,
+        id: BackendId,
+        offset: u64,
+        segments: &mut [&mut [u8]],
+    ) -> Result<()> {
         let root = self.root(id)?;
-        self.read(root, offset, buf)
+        self.readv(root, offset, segments)
     }
 
     /// Writes guest bytes through backend `id`.
@@ -116,12 +130,22 @@ impl<
     /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
     /// [`Graph::write`].
     pub fn backend_write(&mut self, id: BackendId, offset: u64, data: &[u8]) -> Result<()> {
+        self.backend_writev(id, offset, &[data])
+    }
+
+    /// Writes a scatter-gather list through backend `id` as one request
+    /// ([`Graph::writev`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
+    /// [`Graph::writev`].
+    pub fn backend_writev(&mut self, id: BackendId, offset: u64, segments: &[&[u8]]) -> Result<()> {
         let backend = self.backends.get(id)?;
         if !backend.access.perm.contains(Perm::WRITE) {
             return fail(ErrorKind::ReadOnly, "backend is attached read-only");
         }
         let root = backend.root;
-        self.write(root, offset, data)
+        self.writev(root, offset, segments)
     }
 
     /// Checks, without writing, that a write of `len` bytes at `offset`

@@ -284,6 +284,15 @@ impl Device for Disk<'_> {
         result
     }
 
+    fn write_vectored_at(&mut self, offset: u64, bufs: &[&[u8]]) -> blockgraph::Result<()> {
+        // One operation, as MemDevice counts it.
+        let counted = !self.mem.is_read_only();
+        self.before_op(counted);
+        let result = self.mem.write_vectored_at(offset, bufs);
+        self.st.len.set(self.mem.size());
+        result
+    }
+
     fn flush(&mut self) -> blockgraph::Result<()> {
         self.before_op(true);
         self.mem.flush()
@@ -695,6 +704,14 @@ struct GuestWrite {
 enum Step {
     /// Guest write through the backend, then a backend flush.
     Write { off: u64, len: u64, seed: u64 },
+    /// The same as one scatter-gather request of `segments` buffers (cut
+    /// at seeded points, some empty).
+    WriteV {
+        off: u64,
+        len: u64,
+        seed: u64,
+        segments: usize,
+    },
     /// `write -z` on the backend's root, then a flush.
     Zero { off: u64, len: u64 },
     /// Discard on the backend's root, then a flush.
@@ -1041,6 +1058,31 @@ impl<'g, 'a> Live<'g, 'a> {
         self.pending = None;
         match step {
             Step::Write { off, len, seed } => self.guest_write(*off, *len, *seed),
+            Step::WriteV {
+                off,
+                len,
+                seed,
+                segments,
+            } => {
+                let data = pattern(*seed, *len);
+                let mut rng = Rng::new(*seed);
+                let mut cuts: Vec<usize> = (1..*segments)
+                    .map(|_| (rng.next() % (*len + 1)) as usize)
+                    .collect();
+                cuts.sort_unstable();
+                let mut list: Vec<&[u8]> = Vec::new();
+                let mut at = 0;
+                for cut in cuts {
+                    list.push(&data[at..cut]);
+                    at = cut;
+                }
+                list.push(&data[at..]);
+                self.begin(*off, data.clone());
+                self.graph.backend_writev(self.backend, *off, &list)?;
+                self.graph.backend_flush(self.backend)?;
+                self.acknowledge();
+                Ok(())
+            }
             Step::Zero { off, len } => {
                 self.begin(*off, vec![0u8; *len as usize]);
                 let root = self.root()?;
@@ -2161,6 +2203,29 @@ fn copy_on_write_over_backing_data() {
                 write(MIB - 300, 600, 3),
             ])
             .faults(&["top.qcow2", "base.qcow2"])
+            .qemu_sample(2),
+    );
+}
+
+#[test]
+fn scatter_gather_write() {
+    // One request of many segments: an unaligned copy-on-write head and
+    // tail over backing data, whole clusters between, one batch boundary.
+    let images = base_and_top(
+        6 * MIB,
+        64 * KIB,
+        &["write -P 0x24 0 3M", "write -P 0x25 3M 3M"],
+        &[],
+    );
+    prove(
+        Scenario::new("scatter-gather write", images, "top.qcow2")
+            .steps(vec![Step::WriteV {
+                off: 12345,
+                len: 4 * MIB + 777,
+                seed: 4,
+                segments: 40,
+            }])
+            .faults(&["top.qcow2"])
             .qemu_sample(2),
     );
 }

@@ -11,6 +11,12 @@
 //! and without a backing file (qcow2 or raw, shorter or longer than the
 //! overlay), plus a refcount table that must grow.
 //!
+//! Scatter-gather requests (the last section): the library's `writev` with
+//! random segment splits must leave the same image as one-buffer writes and
+//! as qemu-io writing the same bytes; a long unaligned pattern write as the
+//! CLI issues it must write no device byte twice and cut its data writes
+//! only at 4 KiB-aligned guest offsets (watched by a MemDevice observer).
+//!
 //! Reproduce: every failure prints the configuration, its seed and the batches
 //! run so far. `DIFFERENTIAL_SEED=N` changes the base seed, `DIFFERENTIAL_ROUNDS=N`
 //! runs N seeds per configuration (default 3) and `DIFFERENTIAL_KEEP=1` keeps the
@@ -20,6 +26,13 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::cell::RefCell;
+
+use blockgraph::cmd::{Environment, Session};
+use blockgraph::device::{DeviceEvent, FileDevice, MemDevice};
+use blockgraph::graph::{NameBuf, MAX_SEGMENTS};
+use blockgraph::host::PathResolver;
+use blockgraph::{Access, Error, ErrorKind, Graph, OpenOptions, Resolver};
 use tempfile::TempDir;
 
 mod common;
@@ -1064,4 +1077,482 @@ fn device_full_is_no_space_and_consistent() {
         base_before,
         "backing file changed"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Scatter-gather requests through the library
+// ---------------------------------------------------------------------------
+
+/// Size of the images of the scatter-gather tests.
+const SG_SIZE: u64 = 8 * MIB;
+
+fn writable() -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        writable_devices: true,
+        ..OpenOptions::probing()
+    }
+}
+
+/// Makes `img.qcow2` (`SG_SIZE`, `cluster`-byte clusters) in `dir`, over a
+/// patterned `base.qcow2` when `backing`.
+fn sg_images(dir: &Path, cluster: u64, backing: bool) {
+    let size = SG_SIZE.to_string();
+    let opts = format!("cluster_size={cluster}");
+    if backing {
+        qemu_img(dir, &["create", "-f", "qcow2", "base.qcow2", &size]);
+        let writes = ["write -P 0x5a 0 3M", "write -P 0x6b 3333333 2M"];
+        qemu_io(dir, "qcow2", "base.qcow2", &writes);
+        let args = ["create", "-f", "qcow2", "-o", &opts, "-b", "base.qcow2"];
+        let mut args = args.to_vec();
+        args.extend(["-F", "qcow2", IMG, &size]);
+        qemu_img(dir, &args);
+    } else {
+        qemu_img(dir, &["create", "-f", "qcow2", "-o", &opts, IMG, &size]);
+    }
+}
+
+/// Random requests: odd lengths, within a cluster, across a few clusters,
+/// up to 2 MiB and more.
+fn sg_requests(rng: &mut Rng, cluster: u64) -> Vec<(u64, Vec<u8>)> {
+    (0..10)
+        .map(|_| {
+            let len = match rng.below(4) {
+                0 => rng.range(1, 700),
+                1 => rng.range(1, 3 * cluster + 1),
+                2 => rng.range(cluster, 2 * MIB + 777),
+                _ => rng.range(1, 40_000),
+            }
+            .min(SG_SIZE);
+            let off = rng.below(SG_SIZE - len + 1);
+            let data = (0..len).map(|_| rng.next() as u8).collect();
+            (off, data)
+        })
+        .collect()
+}
+
+/// `data` cut at random points into at most `max` segments (cuts may
+/// coincide: empty segments, at the ends too).
+fn sg_split<'d>(rng: &mut Rng, data: &'d [u8], max: usize) -> Vec<&'d [u8]> {
+    let count = rng.range(1, max as u64) as usize;
+    let mut cuts: Vec<usize> = (1..count)
+        .map(|_| rng.below(data.len() as u64 + 1) as usize)
+        .collect();
+    cuts.sort_unstable();
+    let mut segments = Vec::with_capacity(count);
+    let mut at = 0;
+    for cut in cuts {
+        segments.push(&data[at..cut]);
+        at = cut;
+    }
+    segments.push(&data[at..]);
+    segments
+}
+
+/// Opens `dir/img.qcow2` through the library with a read-write backend.
+fn sg_open(dir: &Path) -> (Box<Graph<FileDevice>>, blockgraph::BackendId) {
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let path = dir.join(IMG).to_str().unwrap().to_string();
+    let node = graph
+        .open_image(&mut PathResolver::default(), &path, writable())
+        .unwrap();
+    let backend = graph
+        .attach_backend(node, Access::READ_WRITE_DEVICE)
+        .unwrap();
+    graph.unref(node).unwrap();
+    (graph, backend)
+}
+
+fn sg_close(mut graph: Box<Graph<FileDevice>>, backend: blockgraph::BackendId) {
+    graph.backend_flush(backend).unwrap();
+    graph.detach_backend(backend).unwrap();
+    assert_eq!(graph.node_count(), 0);
+}
+
+fn qemu_compare(dir: &Path, a: &str, b: &str, what: &str) {
+    let args = ["compare", "-f", "qcow2", "-F", "qcow2", a, b];
+    let out = run(dir, "qemu-img", &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}",
+        render(dir, "qemu-img", &args, &out)
+    );
+}
+
+fn scatter_gather(cluster: u64, backing: bool) {
+    let dir = scratch();
+    let root = &dir.path;
+    let orig = root.join("orig");
+    fs::create_dir_all(&orig).unwrap();
+    sg_images(&orig, cluster, backing);
+    let [a, b, c] = ["A", "B", "C"].map(|d| root.join(d));
+    for d in [&a, &b, &c] {
+        copy_dir(&orig, d);
+    }
+    let mut rng = Rng::new(seed_for("scatter-gather", cluster + u64::from(backing)));
+    let requests = sg_requests(&mut rng, cluster);
+
+    // A: qemu-io writes the same bytes, each request from a file.
+    let mut cmds = Vec::new();
+    for (i, (off, data)) in requests.iter().enumerate() {
+        let name = format!("req{i}.bin");
+        fs::write(a.join(&name), data).unwrap();
+        cmds.push(format!("write -q -s {name} {off} {}", data.len()));
+    }
+    qemu_io(&a, "qcow2", IMG, &cmds);
+
+    // B: one buffer per request.
+    let (mut graph, backend) = sg_open(&b);
+    for (off, data) in &requests {
+        graph.backend_write(backend, *off, data).unwrap();
+    }
+    sg_close(graph, backend);
+
+    // C: random segment lists.
+    let (mut graph, backend) = sg_open(&c);
+    for (i, (off, data)) in requests.iter().enumerate() {
+        let max = if i % 2 == 0 { 8 } else { MAX_SEGMENTS };
+        let segments = sg_split(&mut rng, data, max);
+        graph.backend_writev(backend, *off, &segments).unwrap();
+    }
+    // Reads: a segment list reads what one buffer reads.
+    for _ in 0..8 {
+        let len = rng.range(1, 3 * MIB) as usize;
+        let off = rng.below(SG_SIZE - len as u64 + 1);
+        let mut whole = vec![0u8; len];
+        graph.backend_read(backend, off, &mut whole).unwrap();
+        let mut parts = vec![0xeeu8; len];
+        let lens: Vec<usize> = sg_split(&mut rng, &parts, MAX_SEGMENTS)
+            .iter()
+            .map(|s| s.len())
+            .collect();
+        let mut segments: Vec<&mut [u8]> = Vec::new();
+        let mut rest = &mut parts[..];
+        for n in lens {
+            let (head, tail) = rest.split_at_mut(n);
+            segments.push(head);
+            rest = tail;
+        }
+        graph.backend_readv(backend, off, &mut segments).unwrap();
+        assert!(whole == parts, "readv at {off} of {len} bytes differs");
+    }
+    // Too many segments: refused, nothing written, nothing read.
+    graph.backend_flush(backend).unwrap();
+    let before = fs::read(c.join(IMG)).unwrap();
+    let byte = [0x77u8];
+    let many = vec![&byte[..]; MAX_SEGMENTS + 1];
+    let err = graph.backend_writev(backend, 4096, &many).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let mut one = [[0u8; 1]; MAX_SEGMENTS + 1];
+    let mut out: Vec<&mut [u8]> = one.iter_mut().map(|b| &mut b[..]).collect();
+    let err = graph.backend_readv(backend, 4096, &mut out).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    graph.backend_flush(backend).unwrap();
+    assert!(
+        before == fs::read(c.join(IMG)).unwrap(),
+        "a refused writev changed the image"
+    );
+    sg_close(graph, backend);
+
+    qemu_compare(
+        root,
+        &format!("A/{IMG}"),
+        &format!("B/{IMG}"),
+        "one-buffer writes",
+    );
+    qemu_compare(
+        root,
+        &format!("A/{IMG}"),
+        &format!("C/{IMG}"),
+        "scatter-gather writes",
+    );
+    qemu_img(&c, &["check", IMG]);
+    assert!(
+        fs::read(b.join(IMG)).unwrap() == fs::read(c.join(IMG)).unwrap(),
+        "scatter-gather and one-buffer writes left different image files"
+    );
+}
+
+#[test]
+fn scatter_gather_512() {
+    scatter_gather(512, false);
+    scatter_gather(512, true);
+}
+
+#[test]
+fn scatter_gather_64k() {
+    scatter_gather(64 * KIB, false);
+    scatter_gather(64 * KIB, true);
+}
+
+#[test]
+fn scatter_gather_2m() {
+    scatter_gather(2 * MIB, false);
+    scatter_gather(2 * MIB, true);
+}
+
+// --- the CLI's pattern write, watched on a MemDevice ------------------------
+
+/// Every write the observed image's device made: offset and length.
+type WriteLog = RefCell<Vec<(u64, u64)>>;
+
+/// An in-memory image: its name, and its buffer with the content's length
+/// until it is opened.
+type MemImage<'a> = (String, Option<(&'a mut [u8], u64)>);
+
+/// In-memory images by name; `img.qcow2`'s device is observed.
+struct MemImages<'a> {
+    images: Vec<MemImage<'a>>,
+    observer: Option<&'a mut dyn FnMut(DeviceEvent<'_>)>,
+}
+
+impl<'a> Resolver<MemDevice<'a>> for MemImages<'a> {
+    fn open(&mut self, name: &str, writable: bool) -> blockgraph::Result<MemDevice<'a>> {
+        let Some(index) = self.images.iter().position(|(n, _)| n == name) else {
+            return Err(Error::new(ErrorKind::NotFound, "no such in-memory image"));
+        };
+        let Some((buf, len)) = self.images[index].1.take() else {
+            return Err(Error::new(ErrorKind::Busy, "in-memory image already open"));
+        };
+        let mut device = MemDevice::new(buf, len, index as u64 + 1)?;
+        device.set_read_only(!writable);
+        if name == IMG {
+            if let Some(observer) = self.observer.take() {
+                device.observe(observer);
+            }
+        }
+        Ok(device)
+    }
+
+    fn open_backing(
+        &mut self,
+        _overlay: &str,
+        reference: &str,
+        writable: bool,
+        resolved: &mut NameBuf,
+    ) -> blockgraph::Result<MemDevice<'a>> {
+        resolved.clear();
+        let _ = resolved.push_str(reference);
+        self.open(reference, writable)
+    }
+
+    fn reference(
+        &mut self,
+        _overlay: &str,
+        target: &str,
+        out: &mut NameBuf,
+    ) -> blockgraph::Result<()> {
+        out.clear();
+        out.push_str(target)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
+    }
+}
+
+struct MemEnv<'a> {
+    resolver: MemImages<'a>,
+}
+
+impl<'a> Environment for MemEnv<'a> {
+    type Device = MemDevice<'a>;
+    type Resolver = MemImages<'a>;
+
+    fn resolver(&mut self) -> &mut MemImages<'a> {
+        &mut self.resolver
+    }
+
+    fn create(&mut self, _name: &str, _size: u64) -> blockgraph::Result<MemDevice<'a>> {
+        Err(Error::new(ErrorKind::Unsupported, "no new images here"))
+    }
+
+    fn warn(&mut self, message: std::fmt::Arguments<'_>) {
+        eprintln!("{message}");
+    }
+}
+
+/// The number after `"key": ` in a qemu-img map JSON entry.
+fn json_number(entry: &str, key: &str) -> Option<u64> {
+    let at = entry.find(&format!("\"{key}\": "))? + key.len() + 4;
+    let digits: String = entry[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The data extents of `img` itself (depth 0): guest start, length, host
+/// offset.
+fn own_data_extents(dir: &Path, img: &str) -> Vec<(u64, u64, u64)> {
+    let map = qemu_img(dir, &["map", "--output=json", "-f", "qcow2", img]);
+    map.split('{')
+        .skip(1)
+        .filter(|e| e.contains("\"data\": true") && json_number(e, "depth") == Some(0))
+        .map(|e| {
+            let field = |k| json_number(e, k).unwrap_or_else(|| panic!("no {k} in {e}"));
+            (field("start"), field("length"), field("offset"))
+        })
+        .collect()
+}
+
+/// `write -P 0x55 12345 6M` through the CLI's library path on an in-memory
+/// image with `scratch` bytes of scratch: no data write overlaps another,
+/// data writes start and end only at the request's ends or at aligned guest
+/// offsets (4 KiB; with 512-byte clusters the partly written first and last
+/// clusters are written whole, so cluster-aligned), and the image equals
+/// qemu-io's.
+fn pattern_write_observed(cluster: u64, backing: bool, scratch_len: usize) {
+    const OFF: u64 = 12345;
+    const LEN: u64 = 6 * MIB;
+    let command = format!("write -P 0x55 {OFF} {LEN}");
+    let what = format!("{cluster}-byte clusters, backing {backing}, scratch {scratch_len}");
+    let dir = scratch();
+    let root = &dir.path;
+    let orig = root.join("orig");
+    fs::create_dir_all(&orig).unwrap();
+    sg_images(&orig, cluster, backing);
+    let (a, b) = (root.join("A"), root.join("B"));
+    copy_dir(&orig, &a);
+    copy_dir(&orig, &b);
+    qemu_io(&a, "qcow2", IMG, &[command.as_str()]);
+
+    let top = fs::read(orig.join(IMG)).unwrap();
+    let top_len = top.len() as u64;
+    let mut top_buf = top.clone();
+    top_buf.resize(top.len() + 24 * MIB as usize, 0);
+    let mut base_buf = match backing {
+        true => fs::read(orig.join("base.qcow2")).unwrap(),
+        false => Vec::new(),
+    };
+    let base_len = base_buf.len() as u64;
+    let log: WriteLog = RefCell::new(Vec::new());
+    let mut observer = |event: DeviceEvent<'_>| {
+        if let DeviceEvent::Write { offset, data } = event {
+            log.borrow_mut().push((offset, data.len() as u64));
+        }
+    };
+    {
+        let mut images = vec![(IMG.to_string(), Some((&mut top_buf[..], top_len)))];
+        if backing {
+            images.push((
+                "base.qcow2".to_string(),
+                Some((&mut base_buf[..], base_len)),
+            ));
+        }
+        let mut env = MemEnv {
+            resolver: MemImages {
+                images,
+                observer: Some(&mut observer),
+            },
+        };
+        let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
+        let mut session: Session = Session::new();
+        let mut scratch = vec![0u8; scratch_len];
+        let mut out = String::new();
+        let words = ["io", IMG, "-c", command.as_str()];
+        blockgraph::cmd::run(
+            &mut env,
+            &mut graph,
+            &mut session,
+            &words,
+            &mut scratch,
+            &mut out,
+        )
+        .unwrap_or_else(|f| panic!("{what}: io failed: {f:?}"));
+        assert_eq!(graph.node_count(), 0);
+    }
+    let log = log.into_inner();
+    let end = log.iter().map(|&(o, l)| o + l).fold(top_len, u64::max);
+    fs::write(b.join(IMG), &top_buf[..end as usize]).unwrap();
+    qemu_compare(root, &format!("A/{IMG}"), &format!("B/{IMG}"), &what);
+    qemu_img(&b, &["check", IMG]);
+
+    // Data writes: no byte of the device written twice, cut only at
+    // aligned guest offsets. (Metadata tables are written back as the
+    // cache needs, a 512-byte L2 table more than once as it fills.)
+    let extents = own_data_extents(&b, IMG);
+    let align = cluster.min(4096);
+    let mut data_writes = Vec::new();
+    for &(offset, len) in &log {
+        let Some(&(start, elen, host)) = extents
+            .iter()
+            .find(|&&(_, elen, host)| offset < host + elen && host < offset + len)
+        else {
+            continue;
+        };
+        assert!(
+            offset >= host && offset + len <= host + elen,
+            "{what}: write {offset}+{len} straddles a data extent's edge"
+        );
+        let guest = start + (offset - host);
+        for edge in [guest, guest + len] {
+            assert!(
+                edge == OFF || edge == OFF + LEN || edge % align == 0,
+                "{what}: data write at guest {guest}+{len} ends unaligned ({log:?})"
+            );
+        }
+        data_writes.push((offset, len));
+    }
+    data_writes.sort_unstable();
+    for pair in data_writes.windows(2) {
+        let ((o1, l1), (o2, _)) = (pair[0], pair[1]);
+        assert!(
+            o1 + l1 <= o2,
+            "{what}: data writes {:?} and {:?} overlap",
+            pair[0],
+            pair[1]
+        );
+    }
+    let data_bytes: u64 = data_writes.iter().map(|w| w.1).sum();
+    assert!(
+        data_bytes >= LEN,
+        "{what}: only {data_bytes} data bytes seen"
+    );
+}
+
+#[test]
+fn pattern_write_no_torn_or_repeated_writes() {
+    for cluster in [512, 64 * KIB, 2 * MIB] {
+        for backing in [false, true] {
+            pattern_write_observed(cluster, backing, 1 << 20);
+        }
+    }
+    // Several requests (a 4 KiB scratch needs 1500 segments): split at
+    // cluster boundaries.
+    for cluster in [512, 64 * KIB] {
+        pattern_write_observed(cluster, true, 4096);
+    }
+}
+
+#[test]
+fn cli_pattern_write_is_one_request() {
+    let dir = scratch();
+    let root = &dir.path;
+    for cluster in [64 * KIB, 2 * MIB] {
+        let orig = root.join(format!("orig-{cluster}"));
+        fs::create_dir_all(&orig).unwrap();
+        sg_images(&orig, cluster, true);
+        let (a, b) = (
+            root.join(format!("A-{cluster}")),
+            root.join(format!("B-{cluster}")),
+        );
+        copy_dir(&orig, &a);
+        copy_dir(&orig, &b);
+        let cmds = ["write -P 0x55 12345 6M".to_string()];
+        qemu_io(&a, "qcow2", IMG, &cmds);
+        let args = bg_io_args(IMG, &cmds);
+        let out = run(&b, BLOCKGRAPH, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            render(&b, BLOCKGRAPH, &args, &out)
+        );
+        let (x, y) = (a.join(IMG), b.join(IMG));
+        qemu_compare(
+            root,
+            x.to_str().unwrap(),
+            y.to_str().unwrap(),
+            "blockgraph io write",
+        );
+        qemu_img(&b, &["check", IMG]);
+    }
 }

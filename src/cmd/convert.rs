@@ -10,7 +10,7 @@ use core::ops::Range;
 
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
 use crate::format::Format;
-use crate::graph::{Graph, NodeId};
+use crate::graph::{piece_len, Graph, NodeId};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
@@ -92,7 +92,11 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
 /// Copies guest bytes `range` of `top`'s chain to the same offsets of
 /// `target` (named `output` in errors) through `scratch`, skipping ranges that
-/// read as zeros: the target must read zeros there already.
+/// read as zeros: the target must read zeros there already. A run is cut
+/// into pieces only at multiples of the largest power of two that fits in
+/// `scratch` (1 MiB for the CLI's scratch; at least 4 KiB for any scratch
+/// of 4 KiB or more), so no target write starts or ends inside a sector
+/// but at the ends of a run.
 ///
 /// # Errors
 /// Read errors name the image's node; write errors name `output`.
@@ -117,7 +121,7 @@ pub fn copy_range<
         if !status.zero {
             let mut done = 0;
             while done < run {
-                let n = (run - done).min(scratch.len() as u64) as usize;
+                let n = piece_len(offset + done, run - done, scratch.len() as u64) as usize;
                 graph.read(top, offset + done, &mut scratch[..n])?;
                 target
                     .write_at(offset + done, &scratch[..n])

@@ -3,16 +3,67 @@
 //!
 //! `read [-P PATTERN] OFF LEN` (with `-P` every byte is verified),
 //! `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`.
+//!
+//! A pattern write goes down as one scatter-gather request
+//! ([`Graph::writev`](crate::Graph::writev)): the pattern-filled scratch,
+//! repeated as segments, so the library cuts it only at cluster boundaries
+//! and writes no byte twice. A write needing more than
+//! [`MAX_SEGMENTS`] scratch buffers is split into requests at boundaries
+//! aligned to the image's cluster size (at least 4 KiB), after the whole
+//! range is checked. Reads go through the scratch in pieces whose
+//! boundaries lie on multiples of the largest power of two that fits in it.
 
 use super::args::{parse_pattern, parse_size, split_words};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, OpenOptions};
+use crate::graph::{piece_len, Access, OpenOptions, MAX_SEGMENTS};
 
 const USAGE: &str = "usage: io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
+/// Least alignment, in guest offsets, of the boundaries a write too long
+/// for one request is split at.
+const MIN_ALIGN: u64 = 4096;
+
+/// The segments of the first request of a pattern write of `len` bytes at
+/// guest `offset`, all views of `pattern` (a filled buffer): cut as
+/// [`piece_len`] cuts, so segment boundaries lie on multiples of the
+/// largest power of two that fits in `pattern`. When the write needs more
+/// than [`MAX_SEGMENTS`] segments the request ends at the last segment
+/// boundary aligned to `align` (the image's cluster size), or failing that
+/// to [`MIN_ALIGN`], where there is one.
+fn request_segments(
+    pattern: &[u8],
+    offset: u64,
+    len: u64,
+    align: u64,
+) -> heapless::Vec<&[u8], MAX_SEGMENTS> {
+    let mut segments = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
+    let mut n = 0;
+    while n < len && !segments.is_full() {
+        let k = piece_len(offset + n, len - n, pattern.len() as u64);
+        // Cannot fail: the loop stops when the list is full.
+        let _ = segments.push(&pattern[..k as usize]);
+        n += k;
+    }
+    if n < len {
+        for align in [align, MIN_ALIGN] {
+            // The longest prefix of the segments that ends aligned.
+            let mut end = n;
+            let mut keep = segments.len();
+            while keep > 0 && !(offset + end).is_multiple_of(align) {
+                keep -= 1;
+                end -= segments[keep].len() as u64;
+            }
+            if keep > 0 {
+                segments.truncate(keep);
+                break;
+            }
+        }
+    }
+    segments
+}
 
 /// Options and operands of one qemu-io command.
 struct Request {
@@ -135,7 +186,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 let r = parse_request(rest, false)?;
                 let mut done = 0;
                 while done < r.len {
-                    let n = (r.len - done).min(scratch.len() as u64) as usize;
+                    let n = piece_len(r.offset + done, r.len - done, scratch.len() as u64);
+                    let n = n as usize;
                     graph
                         .backend_read(backend, r.offset + done, &mut scratch[..n])
                         .map_err(in_command)?;
@@ -167,20 +219,32 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                         .write_zeroes(root, r.offset, r.len)
                         .map_err(in_command)?;
                 } else {
-                    // The whole request is checked before its first piece.
-                    graph
-                        .backend_check_write(backend, r.offset, r.len)
-                        .map_err(in_command)?;
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
-                    let chunk = (r.len.min(scratch.len() as u64)) as usize;
-                    scratch[..chunk].fill(pattern);
+                    let filled = (r.len.min(scratch.len() as u64)) as usize;
+                    scratch[..filled].fill(pattern);
+                    let align = match graph.qcow2(root) {
+                        Ok(q) => q.cluster_size().max(MIN_ALIGN),
+                        Err(_) => MIN_ALIGN,
+                    };
                     let mut done = 0;
                     while done < r.len {
-                        let n = (r.len - done).min(chunk as u64) as usize;
+                        let segments = request_segments(
+                            &scratch[..filled],
+                            r.offset + done,
+                            r.len - done,
+                            align,
+                        );
+                        let n: u64 = segments.iter().map(|s| s.len() as u64).sum();
+                        if done == 0 && n < r.len {
+                            // Several requests: the whole is checked first.
+                            graph
+                                .backend_check_write(backend, r.offset, r.len)
+                                .map_err(in_command)?;
+                        }
                         graph
-                            .backend_write(backend, r.offset + done, &scratch[..n])
+                            .backend_writev(backend, r.offset + done, &segments)
                             .map_err(in_command)?;
-                        done += n as u64;
+                        done += n;
                     }
                 }
                 writeln!(
@@ -207,5 +271,50 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(pattern: &[u8], offset: u64, len: u64, align: u64) -> Vec<u64> {
+        let mut at = offset;
+        let mut ends = Vec::new();
+        while at < offset + len {
+            let segments = request_segments(pattern, at, offset + len - at, align);
+            at += segments.iter().map(|s| s.len() as u64).sum::<u64>();
+            ends.push(at);
+        }
+        ends
+    }
+
+    #[test]
+    fn one_request_when_the_segments_suffice() {
+        let pattern = [0x55u8; 1 << 20];
+        let segments = request_segments(&pattern, 12345, 6 << 20, 1 << 16);
+        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
+        let first = (1 << 20) - 12345;
+        assert_eq!(
+            lens,
+            [first, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 12345]
+        );
+    }
+
+    #[test]
+    fn long_writes_split_at_cluster_boundaries() {
+        let pattern = [0x55u8; 4096];
+        let (offset, len) = (12345, 6 << 20);
+        let ends = ends(&pattern, offset, len, 64 << 10);
+        assert!(ends.len() > 1);
+        for end in &ends[..ends.len() - 1] {
+            assert_eq!(end % (64 << 10), 0, "{ends:?}");
+        }
+        assert_eq!(ends.last(), Some(&(offset + len)));
+        // A cluster larger than a request: 4 KiB boundaries.
+        let ends = self::ends(&pattern, offset, len, 2 << 20);
+        for end in &ends[..ends.len() - 1] {
+            assert_eq!(end % 4096, 0, "{ends:?}");
+        }
     }
 }

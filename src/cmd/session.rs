@@ -312,7 +312,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
         let mut offset = 0;
         while offset < size {
-            let n = (size - offset).min(self.scratch.len() as u64) as usize;
+            let n = crate::graph::piece_len(offset, size - offset, self.scratch.len() as u64);
+            let n = n as usize;
             self.graph.read(node, offset, &mut self.scratch[..n])?;
             for &byte in &self.scratch[..n] {
                 hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);

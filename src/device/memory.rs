@@ -130,21 +130,38 @@ impl Device for MemDevice<'_> {
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_vectored_at(offset, &[buf])
+    }
+
+    /// One operation and one reported write, however many buffers.
+    fn write_vectored_at(&mut self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         if self.read_only {
             return fail(ErrorKind::ReadOnly, "device is read-only");
         }
         self.begin_operation()?;
-        let end = match offset.checked_add(buf.len() as u64) {
+        let len = bufs
+            .iter()
+            .try_fold(0u64, |sum, b| sum.checked_add(b.len() as u64));
+        let end = match len.and_then(|len| offset.checked_add(len)) {
             Some(end) if end <= self.storage.len() as u64 => end,
             _ => return fail(ErrorKind::NoSpace, "no space left on the device"),
         };
         if offset > self.len {
             self.storage[self.len as usize..offset as usize].fill(0);
         }
-        self.storage[offset as usize..end as usize].copy_from_slice(buf);
+        let mut at = offset as usize;
+        for buf in bufs {
+            self.storage[at..at + buf.len()].copy_from_slice(buf);
+            at += buf.len();
+        }
         self.len = self.len.max(end);
         self.writes += 1;
-        self.notify(DeviceEvent::Write { offset, data: buf });
+        if let Some(observer) = self.observer.as_mut() {
+            observer(DeviceEvent::Write {
+                offset,
+                data: &self.storage[offset as usize..end as usize],
+            });
+        }
         Ok(())
     }
 
@@ -191,6 +208,25 @@ mod tests {
         assert_eq!(dev.flush().unwrap_err().kind(), ErrorKind::Io);
         dev.flush().unwrap();
         assert_eq!((dev.reads(), dev.flushes()), (1, 1));
+    }
+
+    #[test]
+    fn vectored_write_is_one_operation() {
+        let mut seen = [0u64; 2];
+        let mut observer = |event: DeviceEvent<'_>| {
+            if let DeviceEvent::Write { offset, data } = event {
+                seen = [offset, data.len() as u64];
+            }
+        };
+        let mut buf = [0u8; 8];
+        {
+            let mut dev = MemDevice::new(&mut buf, 0, 1).unwrap();
+            dev.observe(&mut observer);
+            dev.write_vectored_at(2, &[&[1, 2], &[], &[3]]).unwrap();
+            assert_eq!(dev.writes(), 1);
+            assert_eq!(dev.contents(), &[0, 0, 1, 2, 3]);
+        }
+        assert_eq!(seen, [2, 3]);
     }
 
     #[test]

@@ -48,6 +48,25 @@ pub trait Device {
     /// grow that far, [`ErrorKind::Io`](crate::ErrorKind::Io) on failure.
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
 
+    /// Writes the buffers of `bufs` one after the other from `offset`, as
+    /// one write where the back end can (a host file: `pwritev`; the graph
+    /// hands a scatter-gather request's pieces down this way, so they need
+    /// no bounce copy). The default writes each buffer with
+    /// [`Device::write_at`] in turn: the boundaries between buffers become
+    /// boundaries between device writes.
+    ///
+    /// # Errors
+    /// As [`Device::write_at`]; on error a prefix of the bytes may have
+    /// been written.
+    fn write_vectored_at(&mut self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(at, buf)?;
+            at = at.saturating_add(buf.len() as u64);
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     ///
     /// # Errors

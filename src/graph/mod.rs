@@ -23,12 +23,15 @@ pub(crate) use plan::ReadExtent;
 pub mod perm;
 pub mod pool;
 pub mod resolve;
+mod segments;
 mod snapshot;
 mod write;
 
 pub use perm::{Access, Perm};
 pub use pool::{Handle, Pool};
 pub use resolve::{NameBuf, Resolver, NAME_CAPACITY};
+pub(crate) use segments::piece_len;
+pub use segments::MAX_SEGMENTS;
 
 use crate::backend::{Backend, BackendId};
 use crate::device::{Device, DeviceId};
@@ -1197,16 +1200,49 @@ impl<
         }
     }
 
-    /// Reads guest bytes of `id`'s chain at `offset` into `buf`.
+    /// Reads guest bytes of `id`'s chain at `offset` into `buf`: the
+    /// one-buffer case of [`Graph::readv`].
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a range outside the image, metadata
     /// and device errors as found.
     pub fn read(&mut self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.is_empty() {
+        self.readv(id, offset, &mut [buf])
+    }
+
+    /// Reads guest bytes of `id`'s chain from `offset` into `segments` (at
+    /// most [`MAX_SEGMENTS`] buffers, any lengths, empty ones too), one
+    /// after the other, as one request: the whole range is checked before
+    /// any buffer is filled. Each buffer is filled in place, no bounce
+    /// copy.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`] segments
+    /// or a range outside the image, metadata and device errors as found.
+    pub fn readv(&mut self, id: NodeId, offset: u64, segments: &mut [&mut [u8]]) -> Result<()> {
+        segments::check_count(segments.len())?;
+        let len = segments
+            .iter()
+            .try_fold(0u64, |sum, s| sum.checked_add(s.len() as u64))
+            .ok_or(Error::new(
+                ErrorKind::InvalidInput,
+                "request length overflows",
+            ))?;
+        if len == 0 {
             return Ok(());
         }
-        self.check_range(id, offset, buf.len() as u64)?;
+        self.check_range(id, offset, len)?;
+        let mut at = offset;
+        for segment in segments.iter_mut() {
+            self.read_in_range(id, at, segment)?;
+            at += segment.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads guest bytes of `id`'s chain at `offset` into `buf`, a range
+    /// already checked to lie inside the image.
+    fn read_in_range(&mut self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;

@@ -8,6 +8,7 @@
 //! after a flush has made the data durable. Reading the current view through
 //! the graph is what makes copy-on-write right for every kind of old entry.
 
+use super::segments::{piece_len, Segments, MAX_SEGMENTS};
 use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -27,17 +28,18 @@ const COPIED: u64 = 1 << 63;
 /// L2 entry flag of a compressed cluster.
 const COMPRESSED: u64 = 1 << 62;
 
-/// What a write puts down: guest bytes, or zeros.
+/// What a write puts down: guest bytes (a scatter-gather list's, sliced
+/// without copying), or zeros.
 #[derive(Clone, Copy)]
 enum Source<'a> {
-    Data(&'a [u8]),
+    Data(Segments<'a>),
     Zeros(u64),
 }
 
 impl<'a> Source<'a> {
     fn len(self) -> u64 {
         match self {
-            Source::Data(data) => data.len() as u64,
+            Source::Data(data) => data.len(),
             Source::Zeros(len) => len,
         }
     }
@@ -45,23 +47,45 @@ impl<'a> Source<'a> {
     /// The `len` bytes from `start`.
     fn slice(self, start: u64, len: u64) -> Source<'a> {
         match self {
-            Source::Data(data) => Source::Data(&data[start as usize..(start + len) as usize]),
+            Source::Data(data) => Source::Data(data.slice(start, len)),
             Source::Zeros(_) => Source::Zeros(len),
         }
     }
 
-    /// Writes the bytes at device offset `at` (zeros up to 64 KiB in one
-    /// device write).
+    /// Copies the bytes into `out` (exactly [`Self::len`] bytes long).
+    fn copy_to(self, out: &mut [u8]) {
+        match self {
+            Source::Data(data) => data.copy_to(out),
+            Source::Zeros(_) => out.fill(0),
+        }
+    }
+
+    /// Writes the bytes at device offset `at` as one vectored device write
+    /// (zeros: up to [`MAX_SEGMENTS`] × 64 KiB per write, the pieces cut at
+    /// 64 KiB boundaries of the device).
     fn write_to<D: Device>(self, device: &mut D, at: u64) -> Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut list = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
+        let full = || Error::new(ErrorKind::InvalidInput, "too many segments in one request");
         match self {
-            Source::Data(data) => device.write_at(at, data),
+            Source::Data(data) => {
+                for piece in data.pieces() {
+                    list.push(piece).map_err(|_| full())?;
+                }
+                device.write_vectored_at(at, &list)
+            }
             Source::Zeros(len) => {
-                let mut done = 0;
+                let (mut start, mut done) = (0, 0);
                 while done < len {
-                    let n = (len - done).min(ZEROS.len() as u64) as usize;
-                    device.write_at(at + done, &ZEROS[..n])?;
-                    done += n as u64;
+                    let pos = at + done;
+                    let n = (ZEROS.len() as u64 - pos % ZEROS.len() as u64).min(len - done);
+                    list.push(&ZEROS[..n as usize]).map_err(|_| full())?;
+                    done += n;
+                    if list.is_full() || done == len {
+                        device.write_vectored_at(at + start, &list)?;
+                        list.clear();
+                        start = done;
+                    }
                 }
                 Ok(())
             }
@@ -150,7 +174,8 @@ impl<
     }
 
     /// Writes guest bytes at `offset` of format node `id` (its own layer;
-    /// the backing chain is only read, for copy-on-write).
+    /// the backing chain is only read, for copy-on-write): the one-buffer
+    /// case of [`Graph::writev`].
     ///
     /// # Errors
     /// [`ErrorKind::ReadOnly`] for a read-only node,
@@ -158,11 +183,33 @@ impl<
     /// [`ErrorKind::NoSpace`] when the device is full (the image stays
     /// consistent; leaked clusters at most), metadata and device errors.
     pub fn write(&mut self, id: NodeId, offset: u64, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
+        self.writev(id, offset, &[data])
+    }
+
+    /// Writes the concatenation of `segments` (at most [`MAX_SEGMENTS`]
+    /// buffers, any lengths, empty ones too) at guest `offset` of format
+    /// node `id`, as one request: validated whole before any byte is
+    /// written, and executed as [`Graph::write`] of one buffer holding the
+    /// same bytes would be, without copying the segments anywhere first.
+    /// Within the request each byte of the device is written at most once;
+    /// a qcow2 cluster the request only partly covers is assembled (or, for
+    /// clusters over 64 KiB, copied) with its old head and tail around the
+    /// new bytes. Device writes start and end only at the request's ends,
+    /// at cluster boundaries, at the boundaries of 64-cluster batches and, for
+    /// the copied head and tail of a large cluster, at 64 KiB boundaries;
+    /// the segment boundaries are not among them (the pieces of one run go
+    /// to the device in one [`Device::write_vectored_at`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`] segments
+    /// (nothing is written), else as [`Graph::write`].
+    pub fn writev(&mut self, id: NodeId, offset: u64, segments: &[&[u8]]) -> Result<()> {
+        let data = Segments::new(segments)?;
+        if data.len() == 0 {
             return Ok(());
         }
-        let raw = !self.check_writable(id, offset, data.len() as u64)?;
-        self.note_guest_write(id, offset, data.len() as u64);
+        let raw = !self.check_writable(id, offset, data.len())?;
+        self.note_guest_write(id, offset, data.len());
         if raw {
             return self.write_raw(id, offset, Source::Data(data));
         }
@@ -182,10 +229,9 @@ impl<
             device.read_at(0, &mut first[..present])?;
             let start = offset as usize;
             let end = offset.saturating_add(source.len()).min(PROBE_BYTES as u64) as usize;
-            match source {
-                Source::Data(data) => first[start..end].copy_from_slice(&data[..end - start]),
-                Source::Zeros(_) => first[start..end].fill(0),
-            }
+            source
+                .slice(0, (end - start) as u64)
+                .copy_to(&mut first[start..end]);
             if probe(&first[..present.max(end)]) != Probed::Raw {
                 return fail(
                     ErrorKind::NotPermitted,
@@ -202,7 +248,10 @@ impl<
     /// run of the source is stored data of one layer and `id` holds those
     /// clusters in place, one after the other on its device, the devices
     /// copy it themselves ([`Device::copy_from`]); `scratch` carries the
-    /// rest.
+    /// rest, in pieces cut as [`piece_len`] cuts them: at multiples of the
+    /// largest power of two that fits in `scratch` (whole clusters whenever
+    /// `scratch` holds a cluster; at least 4 KiB-aligned guest offsets for
+    /// a scratch of 4 KiB or more).
     ///
     /// # Errors
     /// As [`Graph::read`] and [`Graph::write`].
@@ -226,7 +275,7 @@ impl<
             done += match copied {
                 Some(copied) => copied,
                 None => {
-                    let n = (len - done).min(scratch.len() as u64);
+                    let n = piece_len(at, len - done, scratch.len() as u64);
                     let buf = &mut scratch[..n as usize];
                     self.read(source, at, buf)?;
                     self.write(id, at, buf)?;
@@ -512,9 +561,7 @@ impl<
         let (head, rest) = buf[..cs as usize].split_at_mut(in_cluster as usize);
         let (middle, end) = rest.split_at_mut(piece.len() as usize);
         self.read_view(id, guest, head)?;
-        if let Source::Data(bytes) = piece {
-            middle.copy_from_slice(bytes);
-        }
+        piece.copy_to(middle);
         self.read_view(id, guest + tail, end)?;
         self.device_mut(file)?.write_at(host, &buf[..cs as usize])
     }
@@ -548,13 +595,16 @@ impl<
     }
 
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device
-    /// offset `host` of its file (bytes past the virtual size as zeros).
+    /// offset `host` of its file (bytes past the virtual size as zeros), in
+    /// writes cut at [`COW_BUFFER`] boundaries of the device (of the guest
+    /// too: `host` and `guest` lie alike in a cluster larger than that).
     fn copy_view(&mut self, id: NodeId, guest: u64, len: u64, host: u64) -> Result<()> {
         let file = self.layer_file(id)?;
         let mut buf = [0u8; COW_BUFFER];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(COW_BUFFER as u64) as usize;
+            let to_boundary = COW_BUFFER as u64 - (host + done) % COW_BUFFER as u64;
+            let n = (len - done).min(to_boundary) as usize;
             self.read_view(id, guest + done, &mut buf[..n])?;
             self.device_mut(file)?.write_at(host + done, &buf[..n])?;
             done += n as u64;

@@ -6,7 +6,7 @@ use super::{
 };
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::graph::{Access, Graph, NodeId, Parent, Perm, Resolver};
+use crate::graph::{piece_len, Access, Graph, NodeId, Parent, Perm, Resolver};
 
 /// What a job's writer needs on the node it writes into.
 const JOB_WRITER: Access = Access {
@@ -215,6 +215,13 @@ impl<
     /// after the step. I/O failures are handled by the job's `on-error`
     /// policy and show in [`Graph::job_info`], not here.
     ///
+    /// Copies are cut into steps and writes only at multiples of the
+    /// largest power of two that fits in `scratch` (and where what the
+    /// layers hold changes, at their cluster boundaries): whole clusters of
+    /// the target whenever `scratch` holds one, guest offsets aligned to at
+    /// least 4 KiB for any `scratch` of 4 KiB or more. A target cluster
+    /// larger than `scratch` is filled by several writes.
+    ///
     /// # Errors
     /// [`ErrorKind::StaleHandle`] for a dismissed job,
     /// [`ErrorKind::InvalidInput`] for an empty `scratch`.
@@ -249,7 +256,9 @@ impl<
         let job = self.jobs.get(id)?;
         let (cursor, size, kind) = (job.cursor, job.size, job.kind);
         if cursor < size {
-            let want = (size - cursor).min(scratch.len() as u64);
+            // Steps end on multiples of the largest power of two that fits
+            // in `scratch` (whole clusters when it holds one of the target's).
+            let want = piece_len(cursor, size - cursor, scratch.len() as u64);
             let copied = match kind {
                 JobKind::Commit => self.commit_chunk(id, cursor, want, scratch),
                 JobKind::Stream => self.stream_chunk(id, cursor, want, scratch),
@@ -363,7 +372,7 @@ impl<
     ) -> Result<()> {
         let mut done = 0;
         while done < len {
-            let want = (len - done).min(scratch.len() as u64);
+            let want = piece_len(offset + done, len - done, scratch.len() as u64);
             done += self.commit_chunk(id, offset + done, want, scratch)?;
         }
         Ok(())
