@@ -432,7 +432,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         if fast {
             let queued = issue(graph, slot, index);
             self.ops += queued;
-            slot.state = State::Done;
+            slot.state = if slot.ops == 0 {
+                State::Done
+            } else {
+                State::Running
+            };
             return true;
         }
         if self.ops > 0 {
@@ -702,27 +706,16 @@ fn run_exclusive<
     graph: &mut Graph<D, N, B, C, J>,
     slot: &mut Slot<'b, S, P>,
 ) -> Result<()> {
-    let (backend, offset, len) = (slot.backend, slot.offset, slot.len);
+    let (backend, offset) = (slot.backend, slot.offset);
     match &mut slot.payload {
         Payload::Read(segments) => {
-            let mut pos = offset;
+            let read = graph.backend_readv(backend, offset, segments);
             for (place, segment) in core::mem::take(segments).into_iter().enumerate() {
-                let read = graph.backend_read(backend, pos, segment);
-                pos += segment.len() as u64;
                 slot.pieces[place] = Some(segment);
-                read?;
             }
-            Ok(())
+            read
         }
-        Payload::Write(segments) => {
-            graph.backend_check_write(backend, offset, len)?;
-            let mut pos = offset;
-            for segment in segments.iter() {
-                graph.backend_write(backend, pos, segment)?;
-                pos += segment.len() as u64;
-            }
-            Ok(())
-        }
+        Payload::Write(segments) => graph.backend_writev(backend, offset, segments),
         Payload::WriteZeroes(len) => {
             let root = root_for(graph, backend, true)?;
             graph.write_zeroes(root, offset, *len)
