@@ -10,6 +10,7 @@
 //!
 //! ```text
 //!  cmd        one command interpreter: host CLI and kernel scripts
+//!  engine     many requests in flight: slots, scatter-gather, split-phase
 //!  backend    BlockBackend slots: the root a device uses
 //!  graph      node pool, refcounts, file/backing edges, permissions,
 //!             chain walk, drop_intermediate
