@@ -328,6 +328,79 @@ fn run(cluster_size: &str, seed: u64) {
     }
 }
 
+/// Refusals: a full engine, too many buffers, collected tickets; failing
+/// requests report their error and do not stop the others.
+fn refusals() {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, view) = chain(dir, "65536");
+    let mut top_store = top_bytes.clone();
+    top_store.resize(top_bytes.len() + (1 << 20), 0);
+    let mut base_store = base_bytes.clone();
+    let mut arena = vec![0u8; 70 * SECTOR];
+    let mut chunks: Vec<&mut [u8]> = arena.chunks_mut(SECTOR).collect();
+    let mut images = Images {
+        slots: vec![
+            (
+                "top.qcow2".into(),
+                Some(&mut top_store[..]),
+                top_bytes.len() as u64,
+            ),
+            (
+                "base.qcow2".into(),
+                Some(&mut base_store[..]),
+                base_bytes.len() as u64,
+            ),
+        ],
+        seed: 7,
+    };
+    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let top = graph
+        .open_image(&mut images, "top.qcow2", OpenOptions::new(Format::Qcow2))
+        .unwrap();
+    let backend = graph.attach_backend(top, Access::READ_ONLY_DEVICE).unwrap();
+    graph.unref(top).unwrap();
+    let mut engine: Engine<'_, 4, 2> = Engine::new();
+
+    let three: Vec<&mut [u8]> = chunks.drain(..3).collect();
+    let err = engine.submit_read(backend, 0, three).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let outside = engine
+        .submit_read(backend, SIZE, [chunks.pop().unwrap()])
+        .unwrap();
+    let denied = engine
+        .submit_write(backend, 0, [&[0x55u8; 512][..]])
+        .unwrap();
+    let good = engine
+        .submit_read(backend, 512 << 10, [chunks.pop().unwrap()])
+        .unwrap();
+    let _fourth = engine.submit_flush(backend).unwrap();
+    let err = engine.submit_flush(backend).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoCapacity);
+
+    let done = engine.wait(&mut graph, outside).unwrap();
+    assert_eq!(done.result.unwrap_err().kind(), ErrorKind::InvalidInput);
+    let done = engine.wait(&mut graph, denied).unwrap();
+    assert_eq!(done.result.unwrap_err().kind(), ErrorKind::ReadOnly);
+    let mut done = engine.wait(&mut graph, good).unwrap();
+    done.result.unwrap();
+    let sector = (512 << 10) / SECTOR;
+    assert!(done.buffers().flatten().all(|b| *b == view[sector]));
+    let err = engine.take(good).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::StaleHandle);
+    engine.drain(&mut graph);
+    assert_eq!(engine.in_flight(), 0);
+    assert_eq!(engine.len(), 1, "the flush waits to be collected");
+    let (_, flushed) = engine.complete().unwrap();
+    flushed.result.unwrap();
+    assert!(engine.is_empty());
+}
+
+#[test]
+fn refusals_and_failures_are_per_request() {
+    big_stack(refusals);
+}
+
 /// Runs `test` on a thread with a stack large enough for a graph built in
 /// a `Box::default()` (it passes through the stack).
 fn big_stack(test: impl FnOnce() + Send + 'static) {

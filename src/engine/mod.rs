@@ -186,13 +186,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         offset: u64,
         segments: impl IntoIterator<Item = &'b mut [u8]>,
     ) -> Result<Ticket> {
-        let mut list = heapless::Vec::new();
-        for segment in segments {
-            if list.push(segment).is_err() {
-                return too_many_segments();
-            }
-        }
-        let len = list.iter().map(|s| s.len() as u64).sum();
+        let (list, len) = gather(segments)?;
         self.submit(backend, (offset, len), Payload::Read(list))
     }
 
@@ -207,13 +201,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         offset: u64,
         segments: impl IntoIterator<Item = &'b [u8]>,
     ) -> Result<Ticket> {
-        let mut list = heapless::Vec::new();
-        for segment in segments {
-            if list.push(segment).is_err() {
-                return too_many_segments();
-            }
-        }
-        let len = list.iter().map(|s| s.len() as u64).sum();
+        let (list, len) = gather(segments)?;
         self.submit(backend, (offset, len), Payload::Write(list))
     }
 
@@ -460,11 +448,22 @@ fn untag(tag: Tag) -> (usize, usize) {
     ((tag.0 >> 16) as usize, (tag.0 & 0xffff) as usize)
 }
 
-fn too_many_segments<T>() -> Result<T> {
-    fail(
-        ErrorKind::InvalidInput,
-        "more guest buffers than a request may carry",
-    )
+/// A request's buffers (at most `S`) and their total length.
+fn gather<T: AsRef<[u8]>, const S: usize>(
+    segments: impl IntoIterator<Item = T>,
+) -> Result<(heapless::Vec<T, S>, u64)> {
+    let mut list = heapless::Vec::new();
+    let mut len = 0u64;
+    for segment in segments {
+        len += segment.as_ref().len() as u64;
+        if list.push(segment).is_err() {
+            return fail(
+                ErrorKind::InvalidInput,
+                "more guest buffers than a request may carry",
+            );
+        }
+    }
+    Ok((list, len))
 }
 
 /// The format node a request goes to, after the backend's permission check.
