@@ -51,8 +51,8 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
                                              lazy_refcounts=on|off
-  bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
-                                       qemu-img bench at queue depth 1 (defaults: 75000
+  bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
+                                       qemu-img bench, DEPTH (1-64) in flight (defaults: 75000
                                        requests of 4k from offset 0, step SIZE, reads;
                                        -w writes pattern N, default 0)
   sizes                                static memory: graph, slots, session, scratch";

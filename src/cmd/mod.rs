@@ -17,7 +17,7 @@
 //! | `stream [--base BASE] [-p] IMAGE` | block-stream into IMAGE |
 //! | `snapshot IMAGE NEW_OVERLAY` | live external snapshot |
 //! | `create [-f qcow2\|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]` | a new empty image (qemu-img create) |
-//! | `bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE` | qemu-img bench at queue depth 1, through a BlockBackend |
+//! | `bench [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE` | qemu-img bench through a BlockBackend, up to DEPTH (≤ 64) requests in flight through the request engine |
 //! | `sizes` | static memory: the graph, one slot of each kind, the session, the scratch |
 
 // A `Failure` carries the name of the backing image at fault (up to 256
@@ -42,15 +42,17 @@ pub use session::Session;
 
 use core::fmt;
 
-use crate::device::Device;
+use crate::device::{Device, Queue};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 
 /// What a front end supplies to the interpreter.
 pub trait Environment {
-    /// The devices images live on.
-    type Device: Device;
+    /// The devices images live on, with split-phase access for the request
+    /// engine (`bench -d DEPTH`); a synchronous device takes
+    /// [`Queue`]'s defaults.
+    type Device: for<'b> Queue<'b>;
     /// How image names become devices.
     type Resolver: Resolver<Self::Device>;
 
