@@ -4,7 +4,7 @@
 //! (through the request engine); a write bench leaves the same guest view
 //! as `qemu-img bench -w` with the same arguments on a copy of the chain
 //! (`qemu-img compare`), offsets wrapping at the end of the image as
-//! qemu-img wraps them; a queue depth above the engine's 64 slots, or
+//! qemu-img wraps them, also with `-t none` (O_DIRECT); a queue depth above the engine's 64 slots, or
 //! buffers (size × depth) beyond the scratch memory, are refused; bad
 //! arguments exit with status 1 and
 //! one line on stderr, writing nothing. Every test works in its own
@@ -255,6 +255,8 @@ fn bad_arguments_exit_1_and_write_nothing() {
         &["bench", "-s", "0", "top.qcow2"],
         &["bench", "-s", "2M", "top.qcow2"],
         &["bench", "-d", "0", "top.qcow2"],
+        &["bench", "-w", "-t", "unsafe", "top.qcow2"],
+        &["bench", "-t", "directsync", "top.qcow2"],
         &["bench", "-d", "65", "top.qcow2"],
         &["bench", "-w", "-d", "100", "top.qcow2"],
         // 1 MiB of scratch: 8 × 256 KiB and 32 × 64 KiB do not fit.
@@ -540,4 +542,73 @@ fn a_queued_request_past_the_end_fails() {
             "read -P 9 750k 64k",
         ],
     );
+}
+
+#[test]
+fn cache_mode_none_equals_qemu_img_s() {
+    // O_DIRECT on the image files (the temporary directory must be on a
+    // file system that supports it, not tmpfs): aligned and unaligned
+    // requests, reads and writes, depths 1, 8 and 32, chain and raw file.
+    let cases: [&[&str]; 4] = [
+        &["-d", "1", "-c", "200", "-s", "4k"],
+        &[
+            "-d",
+            "8",
+            "-c",
+            "100",
+            "-s",
+            "64k",
+            "-S",
+            "128k",
+            "--pattern",
+            "0x44",
+        ],
+        &["-d", "8", "-c", "60", "-s", "3000", "-o", "5", "-S", "7001"],
+        &[
+            "-d",
+            "32",
+            "-c",
+            "300",
+            "-s",
+            "4k",
+            "-S",
+            "12k",
+            "--pattern",
+            "2",
+        ],
+    ];
+    for args in cases {
+        let tmp = tmpdir();
+        let dir = tmp.path();
+        three_layers(dir);
+        copy_three_layers(dir);
+        for (image, format) in [("top.qcow2", "qcow2"), ("raw.img", "raw")] {
+            let mut reads = vec!["bench", "-t", "none", "-f", format];
+            reads.extend_from_slice(args);
+            reads.push(image);
+            let out = ok(dir, BLOCKGRAPH, &reads);
+            let qemu = ok(dir, "qemu-img", &reads);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{reads:?}: {out}");
+            assert_eq!(lines[0], qemu.lines().next().unwrap(), "{reads:?}");
+            assert_completed(lines[1]);
+            let expected = format!("expected-{image}");
+            let mut theirs = vec!["bench", "-w", "-t", "none", "-f", format];
+            theirs.extend_from_slice(args);
+            theirs.push(&expected);
+            ok(dir, "qemu-img", &theirs);
+            let mut ours = vec!["bench", "-w", "-t", "none", "-f", format];
+            ours.extend_from_slice(args);
+            ours.push(image);
+            ok(dir, BLOCKGRAPH, &ours);
+            let compare = ["compare", "-f", format, "-F", format, image, &expected];
+            let out = run(dir, "qemu-img", &compare);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                render(dir, "qemu-img", &compare, &out)
+            );
+        }
+        ok(dir, "qemu-img", &["check", "top.qcow2"]);
+    }
 }
