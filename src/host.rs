@@ -99,11 +99,18 @@ pub struct PathResolver {
     /// (they behave like a fixed-size disk: writes beyond fail with
     /// [`ErrorKind::NoSpace`]).
     pub max_file_size: Option<u64>,
+    /// Cache mode `none`: files are opened with
+    /// [`FileDevice::open_direct`] (`O_DIRECT` for aligned transfers).
+    pub direct: bool,
 }
 
 impl PathResolver {
     fn open_file(&self, path: &str, writable: bool) -> Result<FileDevice> {
-        let mut device = FileDevice::open(Path::new(path), writable)?;
+        let mut device = if self.direct {
+            FileDevice::open_direct(Path::new(path), writable)?
+        } else {
+            FileDevice::open(Path::new(path), writable)?
+        };
         if let (true, Some(max)) = (writable, self.max_file_size) {
             device.limit_size(max);
         }

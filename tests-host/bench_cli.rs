@@ -1,9 +1,12 @@
 //! `blockgraph bench` and `blockgraph sizes` against `qemu-img bench`.
 //!
-//! The output is qemu-img's (at queue depth 1); a write bench leaves the
-//! same guest view as `qemu-img bench -w -d 1` with the same arguments on a
-//! copy of the chain (`qemu-img compare`), offsets wrapping at the end of
-//! the image as qemu-img wraps them; bad arguments exit with status 1 and
+//! The output is qemu-img's, at queue depth 1 and at depths 8 and 32
+//! (through the request engine); a write bench leaves the same guest view
+//! as `qemu-img bench -w` with the same arguments on a copy of the chain
+//! (`qemu-img compare`), offsets wrapping at the end of the image as
+//! qemu-img wraps them, also with `-t none` (O_DIRECT); a queue depth above the engine's 64 slots, or
+//! buffers (size × depth) beyond the scratch memory, are refused; bad
+//! arguments exit with status 1 and
 //! one line on stderr, writing nothing. Every test works in its own
 //! temporary directory with small images; a missing QEMU tool fails the
 //! test.
@@ -251,7 +254,14 @@ fn bad_arguments_exit_1_and_write_nothing() {
         &["bench", "-c", "x", "top.qcow2"],
         &["bench", "-s", "0", "top.qcow2"],
         &["bench", "-s", "2M", "top.qcow2"],
-        &["bench", "-d", "4", "top.qcow2"],
+        &["bench", "-d", "0", "top.qcow2"],
+        &["bench", "-w", "-t", "unsafe", "top.qcow2"],
+        &["bench", "-t", "directsync", "top.qcow2"],
+        &["bench", "-d", "65", "top.qcow2"],
+        &["bench", "-w", "-d", "100", "top.qcow2"],
+        // 1 MiB of scratch: 8 × 256 KiB and 32 × 64 KiB do not fit.
+        &["bench", "-d", "8", "-s", "256k", "top.qcow2"],
+        &["bench", "-w", "-d", "32", "-s", "64k", "top.qcow2"],
         &["bench", "-w", "--pattern", "256", "top.qcow2"],
         &["bench", "-S", "4G", "top.qcow2"],
         &["bench", "-x", "top.qcow2"],
@@ -307,4 +317,298 @@ fn sizes_add_up() {
             || verdict.ends_with("of a 2097152-byte budget: exceeded"),
         "{out}"
     );
+}
+
+/// base.qcow2 (0x11 @0 512k, 0x12 @700k 100k) <- mid.qcow2 (0x33 @64k
+/// 200k, 0x34 @900k 30000) <- top.qcow2 (0x22 @256k 512k): three layers,
+/// 1 MiB, 64 KiB clusters; and raw.img, 1 MiB of the same top layer's
+/// view.
+fn three_layers(dir: &Path) {
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
+    );
+    let writes = ["write -P 0x11 0 512k", "write -P 0x12 700k 100k"];
+    qemu_io(dir, "qcow2", "base.qcow2", &writes);
+    for (name, backing, writes) in [
+        (
+            "mid.qcow2",
+            "base.qcow2",
+            &["write -P 0x33 64k 200k", "write -P 0x34 900k 30000"][..],
+        ),
+        ("top.qcow2", "mid.qcow2", &["write -P 0x22 256k 512k"]),
+    ] {
+        let args = [
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", name,
+        ];
+        ok(dir, "qemu-img", &args);
+        qemu_io(dir, "qcow2", name, writes);
+    }
+    let args = ["convert", "-O", "raw", "top.qcow2", "raw.img"];
+    ok(dir, "qemu-img", &args);
+}
+
+/// `expected-NAME` copies of [`three_layers`]'s files, the copied chain
+/// naming the copied backing files.
+fn copy_three_layers(dir: &Path) {
+    for name in ["base.qcow2", "mid.qcow2", "top.qcow2", "raw.img"] {
+        fs::copy(dir.join(name), dir.join(format!("expected-{name}"))).unwrap();
+    }
+    for (name, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        let (name, backing) = (format!("expected-{name}"), format!("expected-{backing}"));
+        let args = ["rebase", "-u", "-b", &backing, "-F", "qcow2", &name];
+        ok(dir, "qemu-img", &args);
+    }
+}
+
+#[test]
+fn queued_output_is_qemu_img_s() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    three_layers(dir);
+    for depth in ["8", "32"] {
+        for image in [&["top.qcow2"][..], &["-f", "raw", "raw.img"]] {
+            for args in [
+                &["-c", "2000", "-s", "4k"][..],
+                &["-c", "100", "-s", "16k", "-o", "3", "-S", "100000"],
+                &["-c", "5", "-s", "32k", "-S", "192k"],
+                &["-w", "-c", "300", "--pattern", "0x5a"],
+            ] {
+                let mut ours = vec!["bench", "-d", depth];
+                ours.extend_from_slice(args);
+                ours.extend_from_slice(image);
+                let out = ok(dir, BLOCKGRAPH, &ours);
+                let lines: Vec<&str> = out.lines().collect();
+                assert_eq!(lines.len(), 2, "{ours:?}: {out}");
+                let qemu = ok(dir, "qemu-img", &ours);
+                assert_eq!(
+                    lines[0],
+                    qemu.lines().next().unwrap(),
+                    "{ours:?}: the Sending line"
+                );
+                assert!(
+                    lines[0].contains(&format!(" {depth} in parallel ")),
+                    "{out}"
+                );
+                assert_completed(lines[1]);
+            }
+        }
+    }
+    // The deepest queue the engine holds, with buffers filling the scratch
+    // memory exactly.
+    let out = ok(
+        dir,
+        BLOCKGRAPH,
+        &["bench", "-d", "64", "-s", "16k", "-c", "500", "top.qcow2"],
+    );
+    assert!(out.contains(", 64 in parallel "), "{out}");
+}
+
+#[test]
+fn queued_reads_leave_every_file_alone() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    three_layers(dir);
+    let names = ["base.qcow2", "mid.qcow2", "top.qcow2", "raw.img"];
+    let before: Vec<Vec<u8>> = names
+        .iter()
+        .map(|name| fs::read(dir.join(name)).unwrap())
+        .collect();
+    for depth in ["8", "32"] {
+        let args = ["bench", "-d", depth, "-c", "300", "-s", "4000", "-S", "12k"];
+        ok(dir, BLOCKGRAPH, &[&args[..], &["top.qcow2"]].concat());
+        ok(
+            dir,
+            BLOCKGRAPH,
+            &[&args[..], &["-f", "raw", "raw.img"]].concat(),
+        );
+    }
+    for (name, bytes) in names.iter().zip(&before) {
+        assert!(
+            fs::read(dir.join(name)).unwrap() == *bytes,
+            "{name} changed"
+        );
+    }
+}
+
+#[test]
+fn queued_writes_equal_qemu_img_bench_writes() {
+    // qemu-img writes at queue depth 8; blockgraph at 8 and 32, on the
+    // three-layer chain and on a raw file: allocating and in-place writes,
+    // wrapping offsets, unaligned requests.
+    let cases: [&[&str]; 4] = [
+        &["-c", "40", "-s", "4k", "-S", "1028k"],
+        &["-c", "9", "-s", "16k", "-S", "300k", "--pattern", "0x33"],
+        &[
+            "-c",
+            "30",
+            "-s",
+            "3000",
+            "-o",
+            "5",
+            "-S",
+            "70001",
+            "--pattern",
+            "7",
+        ],
+        &[
+            "-c",
+            "600",
+            "-s",
+            "512",
+            "-o",
+            "300k",
+            "-S",
+            "1536",
+            "--pattern",
+            "1",
+        ],
+    ];
+    for depth in ["8", "32"] {
+        for args in cases {
+            let tmp = tmpdir();
+            let dir = tmp.path();
+            three_layers(dir);
+            copy_three_layers(dir);
+            let backing = ["base.qcow2", "mid.qcow2"].map(|name| fs::read(dir.join(name)).unwrap());
+            for (image, format) in [("top.qcow2", "qcow2"), ("raw.img", "raw")] {
+                let expected = format!("expected-{image}");
+                let mut theirs = vec!["bench", "-w", "-d", "8", "-f", format];
+                theirs.extend_from_slice(args);
+                theirs.push(&expected);
+                ok(dir, "qemu-img", &theirs);
+                let mut ours = vec!["bench", "-w", "-d", depth, "-f", format];
+                ours.extend_from_slice(args);
+                ours.push(image);
+                ok(dir, BLOCKGRAPH, &ours);
+                let compare = ["compare", "-f", format, "-F", format, image, &expected];
+                let out = run(dir, "qemu-img", &compare);
+                assert!(
+                    out.status.success(),
+                    "-d {depth} {args:?}: {}",
+                    render(dir, "qemu-img", &compare, &out)
+                );
+            }
+            ok(dir, "qemu-img", &["check", "top.qcow2"]);
+            for (name, before) in ["base.qcow2", "mid.qcow2"].iter().zip(&backing) {
+                let after = fs::read(dir.join(name)).unwrap();
+                assert!(after == *before, "-d {depth} {args:?}: {name} was written");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_queued_request_past_the_end_fails() {
+    // As at depth 1: the fifth request (64 KiB at 1000k) reaches past
+    // the end; the run fails after the requests in flight complete, leaving
+    // a consistent image.
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    three_layers(dir);
+    let args = [
+        "bench",
+        "-w",
+        "-d",
+        "8",
+        "-c",
+        "5",
+        "-s",
+        "64k",
+        "-S",
+        "250k",
+        "--pattern",
+        "9",
+        "top.qcow2",
+    ];
+    let out = run(dir, BLOCKGRAPH, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        render(dir, BLOCKGRAPH, &args, &out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past the end of the image"), "{err}");
+    ok(dir, "qemu-img", &["check", "top.qcow2"]);
+    qemu_io(
+        dir,
+        "qcow2",
+        "top.qcow2",
+        &[
+            "read -P 9 0 64k",
+            "read -P 9 250k 64k",
+            "read -P 9 750k 64k",
+        ],
+    );
+}
+
+#[test]
+fn cache_mode_none_equals_qemu_img_s() {
+    // O_DIRECT on the image files (the temporary directory must be on a
+    // file system that supports it, not tmpfs): aligned and unaligned
+    // requests, reads and writes, depths 1, 8 and 32, chain and raw file.
+    let cases: [&[&str]; 4] = [
+        &["-d", "1", "-c", "200", "-s", "4k"],
+        &[
+            "-d",
+            "8",
+            "-c",
+            "100",
+            "-s",
+            "64k",
+            "-S",
+            "128k",
+            "--pattern",
+            "0x44",
+        ],
+        &["-d", "8", "-c", "60", "-s", "3000", "-o", "5", "-S", "7001"],
+        &[
+            "-d",
+            "32",
+            "-c",
+            "300",
+            "-s",
+            "4k",
+            "-S",
+            "12k",
+            "--pattern",
+            "2",
+        ],
+    ];
+    for args in cases {
+        let tmp = tmpdir();
+        let dir = tmp.path();
+        three_layers(dir);
+        copy_three_layers(dir);
+        for (image, format) in [("top.qcow2", "qcow2"), ("raw.img", "raw")] {
+            let mut reads = vec!["bench", "-t", "none", "-f", format];
+            reads.extend_from_slice(args);
+            reads.push(image);
+            let out = ok(dir, BLOCKGRAPH, &reads);
+            let qemu = ok(dir, "qemu-img", &reads);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{reads:?}: {out}");
+            assert_eq!(lines[0], qemu.lines().next().unwrap(), "{reads:?}");
+            assert_completed(lines[1]);
+            let expected = format!("expected-{image}");
+            let mut theirs = vec!["bench", "-w", "-t", "none", "-f", format];
+            theirs.extend_from_slice(args);
+            theirs.push(&expected);
+            ok(dir, "qemu-img", &theirs);
+            let mut ours = vec!["bench", "-w", "-t", "none", "-f", format];
+            ours.extend_from_slice(args);
+            ours.push(image);
+            ok(dir, BLOCKGRAPH, &ours);
+            let compare = ["compare", "-f", format, "-F", format, image, &expected];
+            let out = run(dir, "qemu-img", &compare);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                render(dir, "qemu-img", &compare, &out)
+            );
+        }
+        ok(dir, "qemu-img", &["check", "top.qcow2"]);
+    }
 }

@@ -149,6 +149,9 @@ impl Device for SharedDisk {
     }
 }
 
+/// The synchronous defaults: every operation completes inside `submit`.
+impl<'b> blockgraph::device::Queue<'b> for SharedDisk {}
+
 /// The disks by name: `a` and `b`.
 struct Disks {
     a: Disk,

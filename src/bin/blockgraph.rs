@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use blockgraph::cmd::{self, Environment};
-use blockgraph::device::{DeviceId, FileDevice};
+use blockgraph::device::{DeviceId, FileDevice, DIRECT_ALIGN};
 use blockgraph::host::PathResolver;
 use blockgraph::{Device, Format, Graph, Result};
 
@@ -51,10 +51,11 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
                                              lazy_refcounts=on|off
-  bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE
-                                       qemu-img bench at queue depth 1 (defaults: 75000
+  bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback]
+        [-w] [--pattern N] IMAGE
+                                       qemu-img bench, DEPTH (1-64) in flight (defaults: 75000
                                        requests of 4k from offset 0, step SIZE, reads;
-                                       -w writes pattern N, default 0)
+                                       -w writes pattern N, default 0; -t none: O_DIRECT)
   sizes                                static memory: graph, slots, session, scratch";
 
 struct Host {
@@ -116,6 +117,11 @@ impl Environment for Host {
             // Best effort: the command's own failure is what gets reported.
             let _ = std::fs::remove_file(name);
         }
+    }
+
+    fn set_direct(&mut self, direct: bool) -> Result<()> {
+        self.resolver.direct = direct;
+        Ok(())
     }
 
     fn now_micros(&mut self) -> Option<u64> {
@@ -185,10 +191,15 @@ fn main() -> ExitCode {
     };
     // The graph is large (fixed caches): keep it off the stack.
     let mut graph: Box<Graph<FileDevice>> = Box::default();
-    let mut scratch = vec![0u8; SCRATCH_BYTES];
+    // Aligned for `O_DIRECT` (`bench -t none`): the aligned part of a
+    // slightly larger allocation (unaligned only if the platform cannot say
+    // where alignment starts; transfers then take the page cache).
+    let mut memory = vec![0u8; SCRATCH_BYTES + DIRECT_ALIGN];
+    let skip = memory.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let scratch = &mut memory[skip..skip + SCRATCH_BYTES];
     let mut out = Stdout(std::io::stdout().lock());
     let result = match words.as_slice() {
-        ["script", script] => cmd::run_script(&mut env, &mut graph, script, &mut scratch, &mut out)
+        ["script", script] => cmd::run_script(&mut env, &mut graph, script, scratch, &mut out)
             .map(|_| ())
             .map_err(|(_, failure)| failure),
         ["script", ..] => Err(cmd::Failure::new(
@@ -205,10 +216,10 @@ fn main() -> ExitCode {
                 &mut graph,
                 &mut session,
                 &words,
-                &mut scratch,
+                scratch,
                 &mut out,
             );
-            let closed = session.close(&mut env, &mut graph, &mut scratch);
+            let closed = session.close(&mut env, &mut graph, scratch);
             result.and(closed.map_err(Into::into))
         }
     };

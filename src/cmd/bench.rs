@@ -1,6 +1,7 @@
-//! `bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE`:
-//! `qemu-img bench` at queue depth 1, through a BlockBackend; and `sizes`,
-//! the static memory of the configuration the interpreter runs with.
+//! `bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] IMAGE`:
+//! `qemu-img bench` through a BlockBackend, with up to DEPTH requests in
+//! flight; and `sizes`, the static memory of the configuration the
+//! interpreter runs with.
 //!
 //! As `qemu-img bench`: COUNT requests (default 75000) of SIZE bytes
 //! (default 4 KiB), the first at OFFSET (default 0), each next one STEP
@@ -19,8 +20,29 @@
 //! Run completed in 0.512 seconds.
 //! ```
 //!
-//! The request buffer is the interpreter's scratch memory, so SIZE must fit
-//! in it. Where the environment has no clock the command fails
+//! Queue depth (`-d`, default 1) as in qemu-img: at most DEPTH requests
+//! are outstanding; when one completes the next is submitted, with the next
+//! offset of the same sequence. DEPTH 1 runs the requests one at a time
+//! through the synchronous path; a greater DEPTH (up to [`MAX_DEPTH`], the
+//! request engine's slots) keeps them in flight through
+//! [`Engine`](crate::engine::Engine), so they overlap where the devices
+//! queue them (host files and virtio disks still complete every operation
+//! at once). A larger DEPTH fails ("unsupported queue depth").
+//!
+//! Cache mode (`-t`, default `writeback`): `none` bypasses the host's page
+//! cache (`O_DIRECT` for transfers aligned to 4 KiB: the scratch memory is
+//! aligned, so requests of whole 4 KiB blocks at aligned offsets go
+//! direct; metadata and unaligned requests still take the page cache);
+//! where the front end has no such mode (the kernel) `none` fails
+//! ("unsupported cache mode"). It applies to the image `bench` opens, not
+//! to one attached in the session.
+//!
+//! The request buffers are the interpreter's scratch memory: DEPTH disjoint
+//! buffers of SIZE bytes, so SIZE × DEPTH must fit in it. A read's buffer
+//! comes back from the engine in pieces cut where the chain's extents
+//! begin; the next request on it is submitted with those pieces as its
+//! segments (the engine offers no join, and a read cut into more pieces
+//! than a request may carry runs exclusively and keeps its segments). Where the environment has no clock the command fails
 //! ("unsupported: no clock"). An image attached in the session is measured
 //! through its own BlockBackend.
 
@@ -29,11 +51,25 @@ use core::mem::size_of;
 use super::args::{parse_pattern, parse_size};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
+use crate::device::{Device, Queue};
+use crate::engine::{Engine, Ticket, DEFAULT_SLOTS};
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
 
 const USAGE: &str =
-    "usage: bench [-f FMT] [-U] [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE";
+    "usage: bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] IMAGE";
+
+/// The deepest queue `bench -d` runs: the request engine's slots.
+pub const MAX_DEPTH: usize = DEFAULT_SLOTS;
+/// Buffers one request may carry, and pieces a read may come back in: equal,
+/// so that a read's pieces can always go out again as the next request's
+/// segments.
+const SEGMENTS: usize = 16;
+// The "unsupported queue depth" message names the limit.
+const _: () = assert!(MAX_DEPTH == 64);
+
+/// The engine `bench -d` runs its requests through.
+type BenchEngine<'b> = Engine<'b, MAX_DEPTH, SEGMENTS, SEGMENTS>;
 const SIZES_USAGE: &str = "usage: sizes";
 
 /// qemu-img's default request count.
@@ -51,11 +87,15 @@ const MEMORY_BUDGET: usize = 2 << 20;
 struct Plan<'a> {
     count: u64,
     len: u64,
+    /// `-d`: requests in flight, 1 to [`MAX_DEPTH`].
+    depth: usize,
     offset: u64,
     /// 0: the request size.
     step: u64,
     write: bool,
     pattern: u8,
+    /// `-t none`: bypass the host's page cache.
+    direct: bool,
     image: &'a str,
     /// `-f FMT`, `-U`.
     opts: ImageOpts,
@@ -65,10 +105,12 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
     let mut plan = Plan {
         count: DEFAULT_COUNT,
         len: DEFAULT_SIZE,
+        depth: 1,
         offset: 0,
         step: 0,
         write: false,
         pattern: 0,
+        direct: false,
         image: "",
         opts: ImageOpts::default(),
     };
@@ -88,14 +130,34 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
             "-S" => plan.step = size(value()?)?,
             "-d" => {
                 let text = value()?;
-                if size(text)? != 1 {
+                let depth = size(text)?;
+                if !(1..=INT_MAX).contains(&depth) {
+                    return Err(invalid("queue depth must be between 1 and 2147483647"));
+                }
+                if depth > MAX_DEPTH as u64 {
                     return Err(Failure::new(
                         Error::new(
                             ErrorKind::Unsupported,
-                            "unsupported queue depth (only 1: requests run one at a time)",
+                            "unsupported queue depth (at most 64 requests in flight)",
                         ),
                         text,
                     ));
+                }
+                plan.depth = depth as usize;
+            }
+            "-t" => {
+                plan.direct = match value()? {
+                    "none" => true,
+                    "writeback" => false,
+                    _ => {
+                        return Err(Failure::new(
+                            Error::new(
+                                ErrorKind::Unsupported,
+                                "unsupported cache mode (none or writeback)",
+                            ),
+                            "-t",
+                        ))
+                    }
                 }
             }
             "-w" => plan.write = true,
@@ -150,9 +212,41 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         if plan.len as usize > self.scratch.len() {
             return Err(invalid("request size is larger than the scratch memory"));
         }
+        if plan.len as usize * plan.depth > self.scratch.len() {
+            return Err(invalid(
+                "request size × queue depth is larger than the scratch memory",
+            ));
+        }
         if let Some(backend) = session.backend(plan.image) {
+            if plan.direct {
+                return Err(Failure::new(
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        "-t none applies to images bench opens, not to attached ones",
+                    ),
+                    plan.image,
+                ));
+            }
             return self.measure(backend, &plan);
         }
+        if plan.direct {
+            self.env
+                .set_direct(true)
+                .map_err(|e| Failure::new(e, "-t"))?;
+        }
+        let result = self.bench_image(&plan);
+        if plan.direct {
+            // Back to the default for the commands after this one.
+            self.env
+                .set_direct(false)
+                .map_err(|e| Failure::new(e, "-t"))?;
+        }
+        result
+    }
+
+    /// Opens the plan's image and measures it through a BlockBackend of its
+    /// own.
+    fn bench_image<'a>(&mut self, plan: &Plan<'a>) -> Outcome<'a> {
         let options = OpenOptions {
             read_only: !plan.write,
             ..plan.opts.read_only()
@@ -167,50 +261,40 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 .graph
                 .attach_backend(top, access)
                 .map_err(|e| Failure::new(e, plan.image))?;
-            let result = cx.measure(backend, &plan);
+            let result = cx.measure(backend, plan);
             let detached = cx.graph.detach_backend(backend);
             result.and(detached.map_err(Into::into))
         })
     }
 
-    /// Runs the plan's requests on `backend` one at a time, with the first
-    /// `plan.len` bytes of the scratch memory as the buffer, and reports the
-    /// time.
+    /// Runs the plan's requests on `backend`, `plan.depth` in flight, with
+    /// the scratch memory as the buffers, and reports the time.
     fn measure<'a>(&mut self, backend: BackendId, plan: &Plan<'a>) -> Outcome<'a> {
         let (env, graph, out) = (&mut *self.env, &mut *self.graph, &mut *self.out);
-        let buffer = &mut self.scratch[..plan.len as usize];
         let image_size = graph.size(graph.root(backend)?)?;
-        let past_end = Failure::new(
-            Error::new(
-                ErrorKind::InvalidInput,
-                "request reaches past the end of the image",
-            ),
-            plan.image,
-        );
         writeln!(
             out,
-            "Sending {} {} requests, {} bytes each, 1 in parallel (starting at offset {}, step size {})",
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
             plan.count,
             if plan.write { "write" } else { "read" },
             plan.len,
+            plan.depth,
             plan.offset,
             plan.step
         )?;
-        buffer.fill(plan.pattern);
+        let memory = &mut self.scratch[..plan.len as usize * plan.depth];
+        memory.fill(plan.pattern);
+        let mut offsets = Offsets {
+            next: plan.offset,
+            plan,
+            image_size,
+        };
         let no_clock = || Error::new(ErrorKind::Unsupported, "unsupported: no clock");
         let started = env.now_micros().ok_or_else(no_clock)?;
-        let mut offset = plan.offset;
-        for _ in 0..plan.count {
-            if offset.saturating_add(plan.len) > image_size {
-                return Err(past_end);
-            }
-            let done = if plan.write {
-                graph.backend_write(backend, offset, buffer)
-            } else {
-                graph.backend_read(backend, offset, buffer)
-            };
-            done.map_err(|e| Failure::new(e, plan.image))?;
-            offset = next_offset(offset, plan.step, image_size);
+        if plan.depth == 1 {
+            run_serial(graph, backend, &mut offsets, memory)?;
+        } else {
+            run_queued(graph, backend, &mut offsets, memory)?;
         }
         let ended = env.now_micros().ok_or_else(no_clock)?;
         if plan.write {
@@ -267,6 +351,173 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     }
 }
 
+/// The offsets of a plan's requests, in submission order.
+struct Offsets<'p, 'a> {
+    plan: &'p Plan<'a>,
+    image_size: u64,
+    /// The next request's offset.
+    next: u64,
+}
+
+impl<'a> Offsets<'_, 'a> {
+    /// The next request's offset; a request reaching past the end of the
+    /// image fails the run, as in qemu-img.
+    fn take(&mut self) -> Result<u64, Failure<'a>> {
+        let offset = self.next;
+        if offset.saturating_add(self.plan.len) > self.image_size {
+            return Err(Failure::new(
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "request reaches past the end of the image",
+                ),
+                self.plan.image,
+            ));
+        }
+        self.next = next_offset(offset, self.plan.step, self.image_size);
+        Ok(offset)
+    }
+
+    /// `err` as the run's failure.
+    fn fail(&self, err: Error) -> Failure<'a> {
+        Failure::new(err, self.plan.image)
+    }
+}
+
+/// Runs the requests one at a time through the synchronous path, with
+/// `buffer` (filled with the pattern) as the buffer.
+fn run_serial<'a, D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    backend: BackendId,
+    offsets: &mut Offsets<'_, 'a>,
+    buffer: &mut [u8],
+) -> Result<(), Failure<'a>> {
+    for _ in 0..offsets.plan.count {
+        let offset = offsets.take()?;
+        let done = if offsets.plan.write {
+            graph.backend_write(backend, offset, buffer)
+        } else {
+            graph.backend_read(backend, offset, buffer)
+        };
+        done.map_err(|e| offsets.fail(e))?;
+    }
+    Ok(())
+}
+
+/// Runs the requests through a request engine, `offsets.plan.depth` in
+/// flight, each with its own `plan.len`-byte piece of `memory` (filled with
+/// the pattern). Returns with nothing in flight, also on an error.
+fn run_queued<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    backend: BackendId,
+    offsets: &mut Offsets<'_, 'a>,
+    memory: &'b mut [u8],
+) -> Result<(), Failure<'a>>
+where
+    D: Queue<'b>,
+{
+    let mut engine = BenchEngine::new();
+    let result = if offsets.plan.write {
+        queue_writes(&mut engine, graph, backend, offsets, memory)
+    } else {
+        queue_reads(&mut engine, graph, backend, offsets, memory)
+    };
+    // An engine is never dropped with device operations in flight.
+    engine.drain(graph);
+    result
+}
+
+/// The write loop of [`run_queued`]: request buffers are shared, so each
+/// lane (a piece of `memory`) remembers the request it carries and goes out
+/// again when that completes.
+fn queue_writes<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize>(
+    engine: &mut BenchEngine<'b>,
+    graph: &mut Graph<D, N, B, C, J>,
+    backend: BackendId,
+    offsets: &mut Offsets<'_, 'a>,
+    memory: &'b [u8],
+) -> Result<(), Failure<'a>>
+where
+    D: Queue<'b>,
+{
+    let (count, len) = (offsets.plan.count, offsets.plan.len as usize);
+    let mut lanes: [Option<Ticket>; MAX_DEPTH] = [None; MAX_DEPTH];
+    let (mut submitted, mut finished) = (0, 0);
+    while finished < count {
+        for (lane, buffer) in lanes.iter_mut().zip(memory.chunks_exact(len)) {
+            if lane.is_none() && submitted < count {
+                let offset = offsets.take()?;
+                let ticket = engine.submit_write(backend, offset, [buffer]);
+                *lane = Some(ticket.map_err(|e| offsets.fail(e))?);
+                submitted += 1;
+            }
+        }
+        engine.poll(graph);
+        while let Some((ticket, done)) = engine.complete() {
+            done.result.map_err(|e| offsets.fail(e))?;
+            finished += 1;
+            if let Some(lane) = lanes.iter_mut().find(|lane| **lane == Some(ticket)) {
+                *lane = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The read loop of [`run_queued`]: a completed read's buffer, in the
+/// pieces the engine gives back, goes out again as the next request.
+fn queue_reads<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize>(
+    engine: &mut BenchEngine<'b>,
+    graph: &mut Graph<D, N, B, C, J>,
+    backend: BackendId,
+    offsets: &mut Offsets<'_, 'a>,
+    memory: &'b mut [u8],
+) -> Result<(), Failure<'a>>
+where
+    D: Queue<'b>,
+{
+    let (count, len) = (offsets.plan.count, offsets.plan.len);
+    let mut submitted = 0;
+    for buffer in memory.chunks_exact_mut(len as usize) {
+        if submitted == count {
+            break;
+        }
+        let offset = offsets.take()?;
+        let ticket = engine.submit_read(backend, offset, [buffer]);
+        ticket.map_err(|e| offsets.fail(e))?;
+        submitted += 1;
+    }
+    let mut finished = 0;
+    while finished < count {
+        engine.poll(graph);
+        while let Some((_, done)) = engine.complete() {
+            done.result.map_err(|e| offsets.fail(e))?;
+            finished += 1;
+            if submitted == count {
+                continue;
+            }
+            let mut pieces = heapless::Vec::<&'b mut [u8], SEGMENTS>::new();
+            for piece in done.into_buffers() {
+                pieces
+                    .push(piece)
+                    .map_err(|_| offsets.fail(lost_buffer()))?;
+            }
+            if pieces.iter().map(|piece| piece.len() as u64).sum::<u64>() != len {
+                return Err(offsets.fail(lost_buffer()));
+            }
+            let offset = offsets.take()?;
+            let ticket = engine.submit_read(backend, offset, pieces);
+            ticket.map_err(|e| offsets.fail(e))?;
+            submitted += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A read's buffer did not come back whole from the engine.
+fn lost_buffer() -> Error {
+    Error::new(ErrorKind::Busy, "a read's buffer did not come back whole")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,10 +530,12 @@ mod tests {
             Plan {
                 count: 75_000,
                 len: 4096,
+                depth: 1,
                 offset: 0,
                 step: 4096,
                 write: false,
                 pattern: 0,
+                direct: false,
                 image: "a.qcow2",
                 opts: ImageOpts::default(),
             }
@@ -303,6 +556,10 @@ mod tests {
         assert_eq!((plan.write, plan.pattern, plan.count), (true, 0xa5, 3));
         assert_eq!((plan.len, plan.step), (65536, 65536));
         assert_eq!(parse(&["-d", "1", "-S", "1M", "x"]).unwrap().step, 1 << 20);
+        assert_eq!(parse(&["-d", "8", "x"]).unwrap().depth, 8);
+        assert!(parse(&["-t", "none", "x"]).unwrap().direct);
+        assert!(!parse(&["-t", "writeback", "x"]).unwrap().direct);
+        assert_eq!(parse(&["-d", "64", "x"]).unwrap().depth, MAX_DEPTH);
     }
 
     #[test]
@@ -313,10 +570,14 @@ mod tests {
             &["-c", "0", "a"],
             &["-s", "0", "a"],
             &["-c"],
-            &["-d", "4", "a"],
+            &["-d", "0", "a"],
+            &["-d", "65", "a"],
+            &["-d", "x", "a"],
             &["--pattern", "256", "a"],
             &["-S", "4G", "a"],
             &["-x", "a"],
+            &["-t", "unsafe", "a"],
+            &["-t"],
         ] {
             assert!(parse(words).is_err(), "{words:?}");
         }

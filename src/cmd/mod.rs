@@ -17,7 +17,7 @@
 //! | `stream [--base BASE] [-p] IMAGE` | block-stream into IMAGE |
 //! | `snapshot IMAGE NEW_OVERLAY` | live external snapshot |
 //! | `create [-f qcow2\|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]` | a new empty image (qemu-img create) |
-//! | `bench [-c COUNT] [-d 1] [-s SIZE] [-o OFFSET] [-S STEP] [-w] [--pattern N] IMAGE` | qemu-img bench at queue depth 1, through a BlockBackend |
+//! | `bench [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none\|writeback] [-w] [--pattern N] IMAGE` | qemu-img bench through a BlockBackend, up to DEPTH (≤ 64) requests in flight through the request engine |
 //! | `sizes` | static memory: the graph, one slot of each kind, the session, the scratch |
 
 // A `Failure` carries the name of the backing image at fault (up to 256
@@ -42,15 +42,17 @@ pub use session::Session;
 
 use core::fmt;
 
-use crate::device::Device;
+use crate::device::{Device, Queue};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 
 /// What a front end supplies to the interpreter.
 pub trait Environment {
-    /// The devices images live on.
-    type Device: Device;
+    /// The devices images live on, with split-phase access for the request
+    /// engine (`bench -d DEPTH`); a synchronous device takes
+    /// [`Queue`]'s defaults.
+    type Device: for<'b> Queue<'b>;
     /// How image names become devices.
     type Resolver: Resolver<Self::Device>;
 
@@ -80,6 +82,23 @@ pub trait Environment {
     /// Shows `message` to the user apart from the command's output (the
     /// host's stderr, the kernel's console), as qemu-img's warnings.
     fn warn(&mut self, message: fmt::Arguments<'_>);
+
+    /// Sets the cache mode of the images opened from now on: `direct`
+    /// bypasses the host's page cache (qemu-img's `-t none`), otherwise
+    /// `writeback`, the mode every command starts with.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`], the default, for `direct` where the
+    /// front end has no such mode (the kernel's disks have no page cache).
+    fn set_direct(&mut self, direct: bool) -> Result<()> {
+        match direct {
+            true => Err(Error::new(
+                ErrorKind::Unsupported,
+                "unsupported cache mode (only writeback)",
+            )),
+            false => Ok(()),
+        }
+    }
 
     /// The format the front end was told image `name` has (a kernel disk
     /// attached with `format=raw`, or a script's `image-format` command),

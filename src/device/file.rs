@@ -14,6 +14,8 @@
 //! open file description holds `200 + i` for a bit it needs, or `100 + i`
 //! for a bit it does not share. The locks live as long as the descriptor.
 
+use core::fmt::Write as _;
+
 use super::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::graph::{Access, Perm};
@@ -23,11 +25,25 @@ use nix::libc;
 use nix::sys::uio::pwritev;
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Buffers one `pwritev` takes (Linux allows 1024, `IOV_MAX`).
 const IOV_GROUP: usize = 64;
+
+/// The alignment of buffer address, offset and length that an `O_DIRECT`
+/// transfer needs: 4096 covers devices of 512- and 4096-byte logical
+/// blocks alike.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Whether a transfer of `buf` at `offset` may bypass the page cache.
+fn aligned(offset: u64, buf: &[u8]) -> bool {
+    let align = DIRECT_ALIGN as u64;
+    offset.is_multiple_of(align)
+        && (buf.len() as u64).is_multiple_of(align)
+        && buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN)
+}
 
 /// Lock byte of "holds permission `i`" is `PERM_BASE + i` (QEMU's
 /// `RAW_LOCK_PERM_BASE`).
@@ -72,6 +88,10 @@ pub struct FileDevice {
     locked: Access,
     /// [`FileDevice::create`] made the file (it did not exist before).
     created: bool,
+    /// The same file opened again with `O_DIRECT` (cache mode `none`):
+    /// transfers aligned to [`DIRECT_ALIGN`] go through it, bypassing the
+    /// page cache; the others, and the locks, use `file`.
+    direct: Option<File>,
 }
 
 impl FileDevice {
@@ -94,6 +114,42 @@ impl FileDevice {
             .open(path)
             .map_err(io_error)?;
         Self::from_file(file, !writable, false)
+    }
+
+    /// Opens `path` as [`FileDevice::open`] does, for cache mode `none`
+    /// (QEMU's `cache=none`): data transfers whose buffer, offset and length
+    /// are aligned to [`DIRECT_ALIGN`] bypass the page cache (`O_DIRECT`,
+    /// on a second descriptor of the same file); unaligned ones (metadata,
+    /// odd requests) still go through it, which Linux keeps coherent with
+    /// the direct ones.
+    ///
+    /// # Errors
+    /// As [`FileDevice::open`]; [`ErrorKind::Unsupported`] when the file
+    /// system does not support `O_DIRECT` (tmpfs).
+    pub fn open_direct(path: &Path, writable: bool) -> Result<Self> {
+        let mut device = Self::open(path, writable)?;
+        // The descriptor's own file, whatever the path names by now.
+        let mut again = heapless::String::<32>::new();
+        write!(again, "/proc/self/fd/{}", device.file.as_raw_fd())
+            .map_err(|_| Error::new(ErrorKind::Io, "descriptor number too long"))?;
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK | libc::O_DIRECT)
+            .open(Path::new(again.as_str()))
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::EINVAL) => Error::new(
+                    ErrorKind::Unsupported,
+                    "the file system does not support O_DIRECT (cache mode none)",
+                ),
+                _ => io_error(err),
+            })?;
+        let meta = direct.metadata().map_err(io_error)?;
+        if DeviceId(meta.dev(), meta.ino()) != device.id {
+            return fail(ErrorKind::Io, "the file changed while it was opened");
+        }
+        device.direct = Some(direct);
+        Ok(device)
     }
 
     /// Opens `path` read-write as the output of a copy that several writers
@@ -186,6 +242,7 @@ impl FileDevice {
             id: DeviceId(meta.dev(), meta.ino()),
             locked: Access::UNUSED,
             created,
+            direct: None,
         })
     }
 
@@ -331,7 +388,13 @@ impl Device for FileDevice {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.len => self.file.read_exact_at(buf, offset).map_err(io_error),
+            Some(end) if end <= self.len => {
+                let file = match &self.direct {
+                    Some(direct) if aligned(offset, buf) => direct,
+                    _ => &self.file,
+                };
+                file.read_exact_at(buf, offset).map_err(io_error)
+            }
             _ => fail(ErrorKind::Io, "read past the end of the file"),
         }
     }
@@ -341,7 +404,11 @@ impl Device for FileDevice {
             return fail(ErrorKind::InvalidInput, "write offset overflows");
         };
         self.check_writable(end)?;
-        self.file.write_all_at(buf, offset).map_err(io_error)?;
+        let file = match &self.direct {
+            Some(direct) if aligned(offset, buf) => direct,
+            _ => &self.file,
+        };
+        file.write_all_at(buf, offset).map_err(io_error)?;
         self.len = self.len.max(end);
         Ok(())
     }
@@ -356,6 +423,10 @@ impl Device for FileDevice {
             return fail(ErrorKind::InvalidInput, "write offset overflows");
         };
         self.check_writable(end)?;
+        let file = match &self.direct {
+            Some(direct) if bufs.iter().all(|buf| aligned(offset, buf)) => direct,
+            _ => &self.file,
+        };
         let mut at = offset;
         let mut bufs = bufs.iter().filter(|b| !b.is_empty()).peekable();
         while bufs.peek().is_some() {
@@ -369,7 +440,7 @@ impl Device for FileDevice {
             while !rest.is_empty() {
                 let pos = libc::off_t::try_from(at)
                     .map_err(|_| Error::new(ErrorKind::InvalidInput, "write offset overflows"))?;
-                match pwritev(&self.file, rest, pos) {
+                match pwritev(file, rest, pos) {
                     Ok(0) => return fail(ErrorKind::Io, "the file took no bytes"),
                     Ok(n) => {
                         at += n as u64;
@@ -490,6 +561,50 @@ mod tests {
         let mut read_only = FileDevice::open(&b, false).unwrap();
         let refused = read_only.copy_from(0, &source, 0, 10).unwrap_err();
         assert_eq!(refused.kind(), ErrorKind::ReadOnly);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// 4 KiB-aligned memory for `O_DIRECT` transfers.
+    #[repr(align(4096))]
+    struct Block([u8; 8192]);
+
+    #[test]
+    fn direct_transfers_see_the_buffered_ones() {
+        // In the target directory: the system's temporary one may be tmpfs,
+        // which has no O_DIRECT.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(format!("blockgraph-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a");
+        std::fs::write(&path, vec![0u8; 3 * 4096 + 100]).unwrap();
+        let mut device = match FileDevice::open_direct(&path, true) {
+            Err(err) if err.kind() == ErrorKind::Unsupported => {
+                std::fs::remove_dir_all(&dir).unwrap();
+                return;
+            }
+            other => other.unwrap(),
+        };
+        assert!(device.direct.is_some());
+        let mut block = Block([0; 8192]);
+        // Aligned: direct; unaligned: buffered; each sees the other.
+        block.0.fill(7);
+        device.write_at(4096, &block.0).unwrap();
+        device.write_at(5000, &[9; 10]).unwrap();
+        device.write_vectored_at(0, &[&block.0[..4096]]).unwrap();
+        block.0.fill(0);
+        device.read_at(4096, &mut block.0).unwrap();
+        assert!(block.0[..904].iter().all(|&b| b == 7));
+        assert_eq!(&block.0[904..914], &[9; 10]);
+        assert!(block.0[914..].iter().all(|&b| b == 7));
+        let mut odd = [0u8; 50];
+        device.read_at(3 * 4096 + 50, &mut odd).unwrap();
+        assert_eq!(odd, [0; 50]);
+        device.read_at(4090, &mut odd[..10]).unwrap();
+        assert_eq!(&odd[..10], &[7; 10]);
+        device.flush().unwrap();
+        assert_eq!(device.size(), 3 * 4096 + 100);
+        drop(device);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

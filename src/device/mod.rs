@@ -18,7 +18,7 @@ pub use queue::{Completion, Op, Queue, Reorder, Submitted, Tag, REORDER_DEPTH};
 #[cfg(feature = "std")]
 mod file;
 #[cfg(feature = "std")]
-pub use file::FileDevice;
+pub use file::{FileDevice, DIRECT_ALIGN};
 
 use crate::error::Result;
 use crate::graph::Access;

@@ -291,6 +291,11 @@ impl Device for VirtioDisk {
     }
 }
 
+/// Split-phase access for the request engine (`bench -d`), with the
+/// synchronous defaults: every operation completes inside `submit`
+/// (virtio-blk's non-blocking calls come later, docs/engine.md).
+impl<'b> blockgraph::device::Queue<'b> for VirtioDisk {}
+
 /// Resolves image names as disk serials: the kernel's [`Resolver`].
 ///
 /// All disks share one flat namespace, so a backing reference stored in an

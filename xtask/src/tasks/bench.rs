@@ -23,6 +23,7 @@
 //! | case | qemu-img | blockgraph | time |
 //! |---|---|---|---|
 //! | reads, QD 1, 4 and 64 KiB | `bench -d 1 -c N -s S top` | `bench -c N -s S top` | as printed |
+//! | reads, QD 32, 4 KiB | `bench -d 32 -c N -s 4k top` | `bench -d 32 -c N -s 4k top` | as printed |
 //! | convert | `convert -O raw top` | `convert top` | wall |
 //! | commit top+mid into base | `commit -b base top` | `commit --base base top` | wall |
 //! | stream into top | `rebase -b '' top` | `stream top` | wall |
@@ -48,6 +49,8 @@ use crate::{prereq, Context, Error, Result, Workspace};
 const ROUNDS: usize = 7;
 /// Requests of the read cases (and of the pread loop).
 const READ_COUNT: u64 = 20_000;
+/// Requests of the queued read case (QD 32: fewer, to keep the run time).
+const QUEUED_READ_COUNT: u64 = 10_000;
 /// Requests of the scattered write case.
 const WRITE_COUNT: u64 = 10_000;
 /// Its step: 1 MiB + 4 KiB, so that successive writes land in different
@@ -194,10 +197,14 @@ pub fn run(ws: &Workspace) -> Result<()> {
 
     let phase = Instant::now();
     let mut rows = Vec::new();
-    for (size, label) in [("4k", "4 KiB"), ("64k", "64 KiB")] {
-        let count = READ_COUNT.to_string();
+    for (size, label, depth, count) in [
+        ("4k", "4 KiB", "1", READ_COUNT),
+        ("64k", "64 KiB", "1", READ_COUNT),
+        ("4k", "4 KiB", "32", QUEUED_READ_COUNT),
+    ] {
+        let count = count.to_string();
         rows.push(bench.side_by_side(
-            &format!("read {label}, QD 1, {READ_COUNT} sequential requests, 3-deep chain"),
+            &format!("read {label}, QD {depth}, {count} sequential requests, 3-deep chain"),
             Timing::Reported,
             Fresh::Nothing,
             None,
@@ -207,14 +214,16 @@ pub fn run(ws: &Workspace) -> Result<()> {
                     "-f",
                     "qcow2",
                     "-d",
-                    "1",
+                    depth,
                     "-c",
                     &count,
                     "-s",
                     size,
                     "top.qcow2",
                 ]),
-                Tool::Blockgraph => words(&["bench", "-c", &count, "-s", size, "top.qcow2"]),
+                Tool::Blockgraph => {
+                    words(&["bench", "-d", depth, "-c", &count, "-s", size, "top.qcow2"])
+                }
             },
         )?);
     }
