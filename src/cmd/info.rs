@@ -1,7 +1,7 @@
 //! `info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE`: image facts with
 //! qemu-img's field names.
 
-use super::{json, output_option, single_image, Ctx, Environment, ImageOpts, Outcome};
+use super::{image_command, json, json_option, Ctx, Environment, Outcome};
 use crate::format::Format;
 use crate::graph::{Graph, NodeId};
 
@@ -12,23 +12,14 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 {
     /// Runs `info`.
     pub(crate) fn info<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
-        let mut chain = false;
-        let mut as_json = false;
-        let mut opts = ImageOpts::default();
-        let mut images = heapless::Vec::<&str, 1>::new();
-        let mut words = words.iter().copied();
-        while let Some(word) = words.next() {
-            if let Some(taken) = opts.take(word, &mut words) {
-                taken?;
-            } else if let Some(choice) = output_option(word, &mut words) {
-                as_json = choice?;
-            } else if word == "--backing-chain" {
+        let (mut chain, mut as_json) = (false, false);
+        let (image, opts) = image_command(words, USAGE, |word, rest| {
+            if word == "--backing-chain" {
                 chain = true;
-            } else if word.starts_with('-') || images.push(word).is_err() {
-                return Err(super::invalid(USAGE));
+                return Some(Ok(()));
             }
-        }
-        let image = single_image(&images, USAGE)?;
+            json_option(word, rest, &mut as_json)
+        })?;
         self.with_image(image, opts.read_only(), |cx, top| {
             let layers = cx
                 .graph

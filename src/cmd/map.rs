@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use super::{output_option, single_image, Ctx, Environment, ImageOpts, Outcome};
+use super::{image_command, json_option, Ctx, Environment, Outcome};
 use crate::graph::BlockStatus;
 
 const USAGE: &str = "usage: map [-f FMT] [-U] [--output=json|human] IMAGE";
@@ -14,19 +14,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// Runs `map`.
     pub(crate) fn map<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut as_json = false;
-        let mut opts = ImageOpts::default();
-        let mut images = heapless::Vec::<&str, 1>::new();
-        let mut words = words.iter().copied();
-        while let Some(word) = words.next() {
-            if let Some(taken) = opts.take(word, &mut words) {
-                taken?;
-            } else if let Some(choice) = output_option(word, &mut words) {
-                as_json = choice?;
-            } else if word.starts_with('-') || images.push(word).is_err() {
-                return Err(super::invalid(USAGE));
-            }
-        }
-        let image = single_image(&images, USAGE)?;
+        let (image, opts) = image_command(words, USAGE, |word, rest| {
+            json_option(word, rest, &mut as_json)
+        })?;
         self.with_image(image, opts.read_only(), |cx, top| {
             let (graph, out) = (&mut *cx.graph, &mut *cx.out);
             let size = graph.size(top)?;

@@ -493,13 +493,43 @@ pub(crate) fn output_option<'a>(
     })
 }
 
-/// The one positional argument left, or an error naming the usage.
-pub(crate) fn single_image<'a>(
-    images: &[&'a str],
+/// The words of a command, as [`image_command`] hands them on.
+pub(crate) type WordIter<'w, 'a> = core::iter::Copied<core::slice::Iter<'w, &'a str>>;
+
+/// Parses the words of a command on one image: `-f FMT` and `-U`
+/// ([`ImageOpts`]), the command's own options through `option` (`None` for
+/// a word it does not know; it may take a value from the words) and exactly
+/// one IMAGE.
+pub(crate) fn image_command<'a>(
+    words: &[&'a str],
     usage: &'static str,
-) -> core::result::Result<&'a str, Failure<'a>> {
-    match images {
-        [image] => Ok(image),
-        _ => Err(invalid(usage)),
+    mut option: impl FnMut(&'a str, &mut WordIter<'_, 'a>) -> Option<Outcome<'a>>,
+) -> core::result::Result<(&'a str, ImageOpts), Failure<'a>> {
+    let mut opts = ImageOpts::default();
+    let mut image = None;
+    let mut words = words.iter().copied();
+    while let Some(word) = words.next() {
+        let taken = match opts.take(word, &mut words) {
+            Some(taken) => Some(taken),
+            None => option(word, &mut words),
+        };
+        if let Some(taken) = taken {
+            taken?;
+        } else if word.starts_with('-') || image.replace(word).is_some() {
+            return Err(invalid(usage));
+        }
     }
+    Ok((image.ok_or_else(|| invalid(usage))?, opts))
+}
+
+/// `--output=json|human` as an [`image_command`] option: sets `as_json`.
+pub(crate) fn json_option<'a>(
+    word: &str,
+    rest: &mut WordIter<'_, 'a>,
+    as_json: &mut bool,
+) -> Option<Outcome<'a>> {
+    output_option(word, rest).map(|choice| {
+        *as_json = choice?;
+        Ok(())
+    })
 }

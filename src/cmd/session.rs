@@ -20,7 +20,7 @@
 //! writes reach whatever node the device is on (after a pivot: the base).
 
 use super::jobs::{parse_format, parse_job_args};
-use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
+use super::{image_command, invalid, Ctx, Environment, Failure, Outcome};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::format::Format;
@@ -278,19 +278,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         words: &[&'a str],
     ) -> Outcome<'a> {
         const USAGE: &str = "usage: checksum [-f FMT] [-U] IMAGE";
-        let mut opts = ImageOpts::default();
-        let mut images = heapless::Vec::<&str, 1>::new();
-        let mut words = words.iter().copied();
-        while let Some(word) = words.next() {
-            if let Some(taken) = opts.take(word, &mut words) {
-                taken?;
-            } else if word.starts_with('-') || images.push(word).is_err() {
-                return Err(invalid(USAGE));
-            }
-        }
-        let [image] = images.as_slice() else {
-            return Err(invalid(USAGE));
-        };
+        let (image, opts) = image_command(words, USAGE, |_, _| None)?;
         let digest = match session.backend(image) {
             Some(backend) => {
                 let root = self.graph.root(backend)?;
