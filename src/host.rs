@@ -183,9 +183,12 @@ impl Resolver<FileDevice> for PathResolver {
         writable: bool,
         resolved: &mut NameBuf,
     ) -> Result<FileDevice> {
-        let path = combine(file_path(overlay)?, file_path(reference)?);
-        store(&path, resolved)?;
-        self.open_file(&path, writable)
+        self.resolve_backing(overlay, reference, resolved)?;
+        self.open_file(resolved, writable)
+    }
+
+    fn resolve_backing(&mut self, overlay: &str, reference: &str, out: &mut NameBuf) -> Result<()> {
+        store(&combine(file_path(overlay)?, file_path(reference)?), out)
     }
 
     fn reference(&mut self, overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {

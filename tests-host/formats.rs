@@ -381,3 +381,62 @@ fn errors_name_the_backing_image_at_fault_and_the_real_cause() {
         assert!(!out.status.success(), "qemu-img opened {image}");
     }
 }
+
+/// The value of `"key": "..."` in `json`.
+fn json_field<'j>(json: &'j str, key: &str) -> Option<&'j str> {
+    let start = json.find(&format!("\"{key}\": \""))? + key.len() + 5;
+    Some(&json[start..start + json[start..].find('"')?])
+}
+
+#[test]
+fn info_without_the_chain_does_not_open_backing_files() {
+    let tmp = tmpdir("bg-formats-");
+    let dir = tmp.path();
+    fs::create_dir(dir.join("sub")).unwrap();
+    qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "sub/base.qcow2", "1M"],
+    );
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "sub/top.qcow2",
+        ],
+    );
+    let with_base = bg_ok(dir, &["info", "--output=json", "sub/top.qcow2"]);
+    fs::remove_file(dir.join("sub/base.qcow2")).unwrap();
+    // As qemu-img: the header is shown, the backing file resolved, not opened.
+    let ours = bg_ok(dir, &["info", "--output=json", "sub/top.qcow2"]);
+    let theirs = qemu_img(dir, &["info", "--output=json", "sub/top.qcow2"]);
+    assert_eq!(ours, with_base, "missing backing file changed the output");
+    for key in [
+        "backing-filename",
+        "backing-filename-format",
+        "full-backing-filename",
+    ] {
+        let value = json_field(&ours, key);
+        assert!(value.is_some(), "{key} missing: {ours}");
+        assert_eq!(value, json_field(&theirs, key), "{key}: {ours} vs {theirs}");
+    }
+    let human = bg_ok(dir, &["info", "sub/top.qcow2"]);
+    assert!(
+        human.contains("backing file: base.qcow2 (actual path: sub/base.qcow2)"),
+        "{human}"
+    );
+    // The chain still needs every layer.
+    let err = bg_refused(dir, &["info", "--backing-chain", "sub/top.qcow2"]);
+    assert!(
+        err.contains("backing file 'sub/base.qcow2': no such file"),
+        "{err}"
+    );
+    // Reads need the chain too.
+    bg_refused(dir, &["map", "sub/top.qcow2"]);
+}

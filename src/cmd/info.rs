@@ -3,7 +3,7 @@
 
 use super::{image_command, json, json_option, Ctx, Environment, Outcome};
 use crate::format::Format;
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 
 const USAGE: &str = "usage: info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE";
 
@@ -20,7 +20,13 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
             json_option(word, rest, &mut as_json)
         })?;
-        self.with_image(image, opts.read_only(), |cx, top| {
+        // Without --backing-chain only IMAGE's header is shown: its backing
+        // files are not opened (they may be missing), as in qemu-img.
+        let options = OpenOptions {
+            no_backing: !chain,
+            ..opts.read_only()
+        };
+        self.with_image(image, options, |cx, top| {
             let layers = cx
                 .graph
                 .chain_from(top)
@@ -47,14 +53,34 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         })
     }
 
-    /// Facts about `layer`.
-    fn facts(graph: &Graph<E::Device, N, B, C, J>, layer: NodeId) -> crate::Result<Facts<'_>> {
+    /// The name `layer`'s backing file resolves to: its node's when the
+    /// chain is open, else as the resolver would resolve it.
+    fn full_backing(&mut self, layer: NodeId, out: &mut NameBuf) -> crate::Result<()> {
+        let graph = &*self.graph;
+        if let Some(backing) = graph.backing(layer)? {
+            out.clear();
+            // Same capacity, cannot fail.
+            let _ = out.push_str(graph.name(backing)?);
+            return Ok(());
+        }
+        match graph.qcow2(layer).ok().and_then(|q| q.backing_name()) {
+            Some(reference) => {
+                self.env
+                    .resolver()
+                    .resolve_backing(graph.name(layer)?, reference, out)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Facts about `layer`, whose backing file resolves to `full_backing`.
+    fn facts<'g>(
+        graph: &'g Graph<E::Device, N, B, C, J>,
+        layer: NodeId,
+        full_backing: &'g str,
+    ) -> crate::Result<Facts<'g>> {
         let format = graph.format(layer)?.unwrap_or(Format::Raw);
         let qcow2 = graph.qcow2(layer).ok();
-        let full_backing = match graph.backing(layer)? {
-            Some(b) => graph.name(b)?,
-            None => "",
-        };
         Ok(Facts {
             filename: graph.name(layer)?,
             format,
@@ -70,7 +96,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
     /// Writes `layer`'s facts as a qemu-img JSON object (no newline after it).
     fn describe_json(&mut self, layer: NodeId) -> Outcome<'static> {
-        let f = Self::facts(self.graph, layer)?;
+        let mut full = NameBuf::new();
+        self.full_backing(layer, &mut full)?;
+        let f = Self::facts(self.graph, layer, &full)?;
         let out = &mut *self.out;
         out.write_str("{\n    \"filename\": ")?;
         json::string(out, f.filename)?;
@@ -101,7 +129,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
     /// Writes `layer`'s facts as qemu-img's human-readable lines.
     fn describe_human(&mut self, layer: NodeId) -> Outcome<'static> {
-        let f = Self::facts(self.graph, layer)?;
+        let mut full = NameBuf::new();
+        self.full_backing(layer, &mut full)?;
+        let f = Self::facts(self.graph, layer, &full)?;
         let out = &mut *self.out;
         writeln!(out, "image: {}", f.filename)?;
         writeln!(out, "file format: {}", f.format)?;

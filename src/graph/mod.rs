@@ -122,6 +122,12 @@ pub struct OpenOptions {
     /// only and shares everything. Only valid for read-only opens (what is
     /// read may change underneath).
     pub force_share: bool,
+    /// Open only the named image, not its backing chain (QEMU's
+    /// `BDRV_O_NO_BACKING`, what `qemu-img info` without `--backing-chain`
+    /// does): for looking at its header, which works while a backing file
+    /// is missing. Only valid for read-only opens; what the backing chain
+    /// would supply reads as zeros.
+    pub no_backing: bool,
 }
 
 impl OpenOptions {
@@ -133,6 +139,7 @@ impl OpenOptions {
             writable_devices: false,
             assume_raw_backing: false,
             force_share: false,
+            no_backing: false,
         }
     }
 
@@ -435,6 +442,12 @@ impl<
                 "force-share can only be used with read-only images",
             );
         }
+        if options.no_backing && (!options.read_only || options.writable_devices) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "an image opened without its backing chain must be read-only",
+            );
+        }
         self.write_back_all()?;
         let device = resolver.open(name, !options.read_only || options.writable_devices)?;
         let top = self.open_layer(
@@ -444,6 +457,9 @@ impl<
             options.read_only,
             options.force_share,
         )?;
+        if options.no_backing {
+            return Ok(top);
+        }
         match self.open_backing_chain(resolver, top, options, at_fault) {
             Ok(()) => Ok(top),
             Err(err) => {

@@ -37,6 +37,21 @@ pub trait Resolver<D> {
         resolved: &mut NameBuf,
     ) -> Result<D>;
 
+    /// Writes into `out` the name the backing reference `reference` stored
+    /// in `overlay` resolves to, without opening it (for `info`). The
+    /// default is the reference itself.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a
+    /// name the resolver does not accept or that does not fit.
+    fn resolve_backing(&mut self, overlay: &str, reference: &str, out: &mut NameBuf) -> Result<()> {
+        let _ = overlay;
+        out.clear();
+        out.push_str(reference).map_err(|_| {
+            crate::Error::new(crate::ErrorKind::InvalidInput, "image name is too long")
+        })
+    }
+
     /// Writes into `out` the reference to store in `overlay`'s header so that
     /// it resolves to the image named `target`.
     ///

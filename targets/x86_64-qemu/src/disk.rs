@@ -320,11 +320,21 @@ impl Resolver<VirtioDisk> for SerialResolver {
 
     fn open_backing(
         &mut self,
-        _overlay: &str,
+        overlay: &str,
         reference: &str,
         writable: bool,
         resolved: &mut NameBuf,
     ) -> Result<VirtioDisk> {
+        self.resolve_backing(overlay, reference, resolved)?;
+        VirtioDisk::by_serial(resolved, writable)
+    }
+
+    fn resolve_backing(
+        &mut self,
+        _overlay: &str,
+        reference: &str,
+        out: &mut NameBuf,
+    ) -> Result<()> {
         let name = reference.rsplit('/').next().unwrap_or(reference);
         if name.is_empty() || reference.contains("://") || reference.starts_with("json:") {
             return Err(Error::new(
@@ -332,9 +342,7 @@ impl Resolver<VirtioDisk> for SerialResolver {
                 "backing reference is not a disk name",
             ));
         }
-        let disk = VirtioDisk::by_serial(name, writable)?;
-        store(name, resolved)?;
-        Ok(disk)
+        store(name, out)
     }
 
     fn reference(&mut self, _overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {
