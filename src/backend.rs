@@ -72,6 +72,7 @@ impl<
     /// # Errors
     /// [`ErrorKind::StaleHandle`] for a detached backend.
     pub fn detach_backend(&mut self, id: BackendId) -> Result<()> {
+        self.check_not_held(self.root(id)?)?;
         let backend = self.backends.remove(id)?;
         self.unref(backend.root)
     }
@@ -90,6 +91,7 @@ impl<
     /// # Errors
     /// As [`Graph::attach_backend`]; on error nothing changed.
     pub fn replace_root(&mut self, id: BackendId, new_root: NodeId) -> Result<()> {
+        self.check_not_held(self.root(id)?)?;
         let backend = self.backends.get(id)?;
         let (old, access) = (backend.root, backend.access);
         if old == new_root {

@@ -396,6 +396,66 @@ fn refusals() {
     assert!(engine.is_empty());
 }
 
+/// While requests are in flight, chain changes that touch their chain are
+/// refused; after a drain they go ahead.
+fn chain_changes_wait_for_a_drain() {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, _) = chain(dir, "65536");
+    let mut top_store = top_bytes.clone();
+    top_store.resize(top_bytes.len() + (1 << 20), 0);
+    let mut base_store = base_bytes.clone();
+    let mut arena = vec![0u8; 8 * 4096];
+    let mut images = Images {
+        slots: vec![
+            (
+                "top.qcow2".into(),
+                Some(&mut top_store[..]),
+                top_bytes.len() as u64,
+            ),
+            (
+                "base.qcow2".into(),
+                Some(&mut base_store[..]),
+                base_bytes.len() as u64,
+            ),
+        ],
+        seed: 9,
+    };
+    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let top = graph
+        .open_image(&mut images, "top.qcow2", OpenOptions::new(Format::Qcow2))
+        .unwrap();
+    let backend = graph.attach_backend(top, Access::READ_ONLY_DEVICE).unwrap();
+    graph.unref(top).unwrap();
+    let base = graph.backing(top).unwrap().unwrap();
+    let mut engine: Engine<'_> = Engine::new();
+    for (i, buf) in arena.chunks_mut(4096).enumerate() {
+        engine
+            .submit_read(backend, i as u64 * (256 << 10), [buf])
+            .unwrap();
+    }
+    engine.poll(&mut graph);
+    assert!(engine.operations() > 0, "nothing went in flight");
+    assert!(graph.has_requests_in_flight(top) && graph.has_requests_in_flight(base));
+    let busy = |r: blockgraph::Result<()>| assert_eq!(r.unwrap_err().kind(), ErrorKind::Busy);
+    busy(graph.detach_backend(backend));
+    busy(graph.replace_root(backend, base));
+    busy(graph.set_backing(top, None));
+    busy(graph.drop_intermediate(&mut images, top, top, Some(base)));
+    engine.drain(&mut graph);
+    assert!(!graph.has_requests_in_flight(top) && !graph.has_requests_in_flight(base));
+    while let Some((_, done)) = engine.complete() {
+        done.result.unwrap();
+    }
+    graph.detach_backend(backend).unwrap();
+    assert_eq!(graph.node_count(), 0);
+}
+
+#[test]
+fn chain_changes_are_refused_until_a_drain() {
+    big_stack(chain_changes_wait_for_a_drain);
+}
+
 #[test]
 fn refusals_and_failures_are_per_request() {
     big_stack(refusals);

@@ -23,8 +23,10 @@
 //! - Requests start in submission order; none starts before an earlier
 //!   exclusive request has finished.
 //!
-//! Chain changes (collapse, pivot, snapshot, job steps) must not happen
-//! while requests are in flight: [`Engine::drain`] first.
+//! Chain changes (collapse, pivot, snapshot, detaching the backend) and job
+//! steps are refused with [`ErrorKind::Busy`] while requests are in flight
+//! through the chain they touch ([`Graph::has_requests_in_flight`]):
+//! [`Engine::drain`] first.
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored); the default engine (64 slots, 16 segments, 32
@@ -105,6 +107,9 @@ struct Slot<'b, const S: usize, const P: usize> {
     ops: u32,
     /// The first error met.
     error: Option<Error>,
+    /// The node whose chain this request holds while its operations are in
+    /// flight ([`Graph::has_requests_in_flight`]).
+    held: Option<NodeId>,
 }
 
 impl<const S: usize, const P: usize> Slot<'_, S, P> {
@@ -258,6 +263,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             state: State::Queued,
             ops: 0,
             error: None,
+            held: None,
         });
         self.next_seq += 1;
         Ok(Ticket {
@@ -321,6 +327,14 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> usize {
         if self.ops > 0 {
             self.collect(graph);
+            // Finished requests let go of their chains.
+            for slot in self.slots.iter_mut().flatten() {
+                if slot.state == State::Done {
+                    if let Some(root) = slot.held.take() {
+                        graph.hold_chain(root, false);
+                    }
+                }
+            }
         }
         while let Some(index) = self.next_queued() {
             if !self.start(graph, index) {
@@ -420,6 +434,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         if fast {
             let queued = issue(graph, slot, index);
             self.ops += queued;
+            if queued > 0 {
+                // Until they complete, no chain change may touch the chain.
+                if let Ok(root) = graph.root(slot.backend) {
+                    graph.hold_chain(root, true);
+                    slot.held = Some(root);
+                }
+            }
             slot.state = if slot.ops == 0 {
                 State::Done
             } else {

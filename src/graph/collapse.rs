@@ -67,6 +67,8 @@ impl<
     ) -> Result<()> {
         self.nodes.get(active)?;
         self.nodes.get(top)?;
+        self.check_not_held(active)?;
+        self.check_not_held(top)?;
         if let Some(base) = base {
             self.nodes.get(base)?;
         }

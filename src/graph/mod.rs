@@ -207,6 +207,9 @@ pub struct Graph<
     pub(crate) backends: Pool<Backend, BACKENDS>,
     pub(crate) jobs: Pool<Job, JOBS>,
     cache: MetaCache<CACHE>,
+    /// Requests of a request engine in flight through each node's chain
+    /// ([`Graph::has_requests_in_flight`]).
+    held: [u32; NODES],
     inflater: Inflater,
 }
 
@@ -258,6 +261,7 @@ impl<
             backends: Pool::new(),
             jobs: Pool::new(),
             cache: MetaCache::new(),
+            held: [0; NODES],
             inflater: Inflater::new(),
         }
     }
@@ -921,6 +925,7 @@ impl<
     /// the link would make a cycle, [`ErrorKind::Busy`] when the link is
     /// frozen by a job, [`ErrorKind::PermissionConflict`].
     pub fn set_backing(&mut self, node: NodeId, backing: Option<NodeId>) -> Result<()> {
+        self.check_not_held(node)?;
         let n = self.nodes.get(node)?;
         if !matches!(n.driver, Driver::Qcow2(_)) {
             return fail(

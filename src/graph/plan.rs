@@ -34,6 +34,47 @@ impl<
         const JOBS: usize,
     > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
+    /// Whether requests of a request engine ([`crate::engine`]) are in
+    /// flight through node `id` (they go through the chain below the node
+    /// they were submitted to). Chain changes that touch such a node —
+    /// [`Graph::detach_backend`], [`Graph::replace_root`],
+    /// [`Graph::drop_intermediate`], [`Graph::snapshot`],
+    /// [`Graph::set_backing`], a job step — are refused
+    /// ([`ErrorKind::Busy`]) until the engine is drained, so a request in
+    /// flight is never dropped or sent to another node.
+    pub fn has_requests_in_flight(&self, id: NodeId) -> bool {
+        self.nodes.get(id).is_ok() && self.held[id.index()] > 0
+    }
+
+    /// Refuses a chain change at `id` while requests are in flight there.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Busy`] then.
+    pub(crate) fn check_not_held(&self, id: NodeId) -> Result<()> {
+        if self.has_requests_in_flight(id) {
+            return fail(
+                ErrorKind::Busy,
+                "requests are in flight on this chain: drain the request engine first",
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts one more (`hold`) or one fewer request in flight through every
+    /// node of `root`'s chain.
+    pub(crate) fn hold_chain(&mut self, root: NodeId, hold: bool) {
+        let mut layer = Some(root);
+        while let Some(node) = layer {
+            let count = &mut self.held[node.index()];
+            *count = if hold {
+                *count + 1
+            } else {
+                count.saturating_sub(1)
+            };
+            layer = self.nodes.get(node).ok().and_then(|n| n.backing);
+        }
+    }
+
     /// What BlockBackend `id` may do with its root.
     ///
     /// # Errors

@@ -42,6 +42,7 @@ impl<
         mut device: D,
         name: &str,
     ) -> Result<NodeId> {
+        self.check_not_held(active)?;
         let format = self.format(active)?.ok_or(Error::new(
             ErrorKind::InvalidInput,
             "only an image can be snapshotted",

@@ -234,6 +234,9 @@ impl<
         if scratch.is_empty() {
             return fail(ErrorKind::InvalidInput, "a job step needs a scratch buffer");
         }
+        // A guest write in flight is marked dirty but not yet on the disk:
+        // a step could copy the old data and call it clean.
+        self.check_not_held(self.jobs.get(id)?.active)?;
         match self.jobs.get(id)?.status {
             JobStatus::Created => {
                 self.jobs.get_mut(id)?.status = JobStatus::Running;
