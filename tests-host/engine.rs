@@ -9,7 +9,9 @@ use std::fs;
 use blockgraph::device::{MemDevice, Reorder};
 use blockgraph::engine::{Engine, Ticket};
 use blockgraph::graph::NameBuf;
-use blockgraph::{Access, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver};
+use blockgraph::{
+    Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver,
+};
 use common::*;
 
 const SECTOR: usize = 512;
@@ -156,43 +158,71 @@ fn chain(dir: &std::path::Path, cluster_size: &str) -> (Vec<u8>, Vec<u8>, Vec<u8
     (read("top.qcow2"), read("base.qcow2"), sectors)
 }
 
+/// The chain's two files in memory, each with `room` bytes to grow into.
+struct Files {
+    top: (Vec<u8>, u64),
+    base: (Vec<u8>, u64),
+}
+
+impl Files {
+    fn new(top: &[u8], base: &[u8], room: usize) -> Self {
+        let grown = |bytes: &[u8]| {
+            let mut store = bytes.to_vec();
+            store.resize(bytes.len() + room, 0);
+            (store, bytes.len() as u64)
+        };
+        Self {
+            top: grown(top),
+            base: grown(base),
+        }
+    }
+
+    /// A resolver over the files, their devices completing in an order
+    /// `seed` picks.
+    fn images(&mut self, seed: u64) -> Images<'_> {
+        Images {
+            slots: vec![
+                ("top.qcow2".into(), Some(&mut self.top.0[..]), self.top.1),
+                ("base.qcow2".into(), Some(&mut self.base.0[..]), self.base.1),
+            ],
+            seed,
+        }
+    }
+}
+
+/// Opens `top.qcow2`'s chain in `graph` behind a backend (writable or
+/// not); returns the backend and the top node.
+fn attach<'a, 'b>(
+    graph: &mut Graph<Disk<'a, 'b>>,
+    images: &mut Images<'a>,
+    writable: bool,
+) -> (BackendId, NodeId) {
+    let options = OpenOptions {
+        read_only: !writable,
+        ..OpenOptions::new(Format::Qcow2)
+    };
+    let access = if writable {
+        Access::READ_WRITE_DEVICE
+    } else {
+        Access::READ_ONLY_DEVICE
+    };
+    let top = graph.open_image(images, "top.qcow2", options).unwrap();
+    let backend = graph.attach_backend(top, access).unwrap();
+    graph.unref(top).unwrap();
+    (backend, top)
+}
+
 fn run(cluster_size: &str, seed: u64) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
-    let mut top_store = top_bytes.clone();
-    top_store.resize(top_bytes.len() + (16 << 20), 0);
-    let mut base_store = base_bytes.clone();
-    base_store.resize(base_bytes.len() + (1 << 20), 0);
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
     let requests = BATCH * BATCHES;
     let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
     let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
-
-    let mut images = Images {
-        slots: vec![
-            (
-                "top.qcow2".into(),
-                Some(&mut top_store[..]),
-                top_bytes.len() as u64,
-            ),
-            (
-                "base.qcow2".into(),
-                Some(&mut base_store[..]),
-                base_bytes.len() as u64,
-            ),
-        ],
-        seed,
-    };
+    let mut images = files.images(seed);
     let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
-    let options = OpenOptions {
-        read_only: false,
-        ..OpenOptions::new(Format::Qcow2)
-    };
-    let top = graph.open_image(&mut images, "top.qcow2", options).unwrap();
-    let backend = graph
-        .attach_backend(top, Access::READ_WRITE_DEVICE)
-        .unwrap();
-    graph.unref(top).unwrap();
+    let (backend, _) = attach(&mut graph, &mut images, true);
     let mut engine: Engine<'_> = Engine::new();
     let mut rng = Rng(seed);
     let mut most_ops = 0;
@@ -334,32 +364,12 @@ fn refusals() {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, view) = chain(dir, "65536");
-    let mut top_store = top_bytes.clone();
-    top_store.resize(top_bytes.len() + (1 << 20), 0);
-    let mut base_store = base_bytes.clone();
+    let mut files = Files::new(&top_bytes, &base_bytes, 1 << 20);
     let mut arena = vec![0u8; 70 * SECTOR];
     let mut chunks: Vec<&mut [u8]> = arena.chunks_mut(SECTOR).collect();
-    let mut images = Images {
-        slots: vec![
-            (
-                "top.qcow2".into(),
-                Some(&mut top_store[..]),
-                top_bytes.len() as u64,
-            ),
-            (
-                "base.qcow2".into(),
-                Some(&mut base_store[..]),
-                base_bytes.len() as u64,
-            ),
-        ],
-        seed: 7,
-    };
+    let mut images = files.images(7);
     let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
-    let top = graph
-        .open_image(&mut images, "top.qcow2", OpenOptions::new(Format::Qcow2))
-        .unwrap();
-    let backend = graph.attach_backend(top, Access::READ_ONLY_DEVICE).unwrap();
-    graph.unref(top).unwrap();
+    let (backend, _) = attach(&mut graph, &mut images, false);
     let mut engine: Engine<'_, 4, 2> = Engine::new();
 
     let three: Vec<&mut [u8]> = chunks.drain(..3).collect();
@@ -402,31 +412,11 @@ fn chain_changes_wait_for_a_drain() {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, _) = chain(dir, "65536");
-    let mut top_store = top_bytes.clone();
-    top_store.resize(top_bytes.len() + (1 << 20), 0);
-    let mut base_store = base_bytes.clone();
+    let mut files = Files::new(&top_bytes, &base_bytes, 1 << 20);
     let mut arena = vec![0u8; 8 * 4096];
-    let mut images = Images {
-        slots: vec![
-            (
-                "top.qcow2".into(),
-                Some(&mut top_store[..]),
-                top_bytes.len() as u64,
-            ),
-            (
-                "base.qcow2".into(),
-                Some(&mut base_store[..]),
-                base_bytes.len() as u64,
-            ),
-        ],
-        seed: 9,
-    };
+    let mut images = files.images(9);
     let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
-    let top = graph
-        .open_image(&mut images, "top.qcow2", OpenOptions::new(Format::Qcow2))
-        .unwrap();
-    let backend = graph.attach_backend(top, Access::READ_ONLY_DEVICE).unwrap();
-    graph.unref(top).unwrap();
+    let (backend, top) = attach(&mut graph, &mut images, false);
     let base = graph.backing(top).unwrap().unwrap();
     let mut engine: Engine<'_> = Engine::new();
     for (i, buf) in arena.chunks_mut(4096).enumerate() {
