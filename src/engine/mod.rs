@@ -521,7 +521,7 @@ fn plan<
             if len == 0 {
                 return Ok(true);
             }
-            graph.check_request_range(root, offset, len)?;
+            graph.check_range(root, offset, len)?;
             // Pieces: one per extent, plus one per segment boundary inside.
             let mut pieces = segments.len();
             let mut pos = offset;

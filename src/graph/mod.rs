@@ -1214,7 +1214,8 @@ impl<
         Ok((status, run))
     }
 
-    fn check_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {
+    /// Checks that `offset..offset + len` (not empty) lies inside `id`.
+    pub(crate) fn check_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size(id)? && len > 0 => Ok(()),
             _ => fail(ErrorKind::InvalidInput, "range lies outside the image"),

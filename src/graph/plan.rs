@@ -83,14 +83,6 @@ impl<
         Ok(self.backends.get(id)?.access)
     }
 
-    /// Checks that `offset..offset + len` lies inside format node `id`.
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidInput`] otherwise.
-    pub(crate) fn check_request_range(&self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        self.check_range(id, offset, len)
-    }
-
     /// The first extent of a read of `len` bytes at `pos` of `id`'s chain,
     /// and how many bytes it covers.
     ///
