@@ -9,6 +9,7 @@ use std::fs;
 use blockgraph::device::{MemDevice, Reorder};
 use blockgraph::engine::{Engine, Ticket};
 use blockgraph::graph::NameBuf;
+use blockgraph::jobs::{CommitRequest, JobStatus, OnError, StreamRequest};
 use blockgraph::{
     Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver,
 };
@@ -193,7 +194,7 @@ impl Files {
 /// Opens `top.qcow2`'s chain in `graph` behind a backend (writable or
 /// not); returns the backend and the top node.
 fn attach<'a, 'b>(
-    graph: &mut Graph<Disk<'a, 'b>>,
+    graph: &mut TestGraph<'a, 'b>,
     images: &mut Images<'a>,
     writable: bool,
 ) -> (BackendId, NodeId) {
@@ -212,6 +213,149 @@ fn attach<'a, 'b>(
     (backend, top)
 }
 
+type TestGraph<'a, 'b> = Graph<Disk<'a, 'b>>;
+
+/// One batch of random requests in flight together, and the values each
+/// sector may show while they run and after.
+struct Batch {
+    number: usize,
+    allowed: Vec<Vec<u8>>,
+    submitted: Vec<(Ticket, Kind, usize, usize)>,
+    finished: usize,
+}
+
+impl Batch {
+    fn new(number: usize, model: &[u8]) -> Self {
+        Self {
+            number,
+            allowed: model.iter().map(|&v| vec![v]).collect(),
+            submitted: Vec::new(),
+            finished: 0,
+        }
+    }
+
+    /// Submits one random request (a write stores `value`) using `chunk`.
+    fn submit<'b>(
+        &mut self,
+        engine: &mut Engine<'b>,
+        backend: BackendId,
+        rng: &mut Rng,
+        chunk: &'b mut [u8],
+        value: u8,
+    ) {
+        let sectors = SIZE as usize / SECTOR;
+        let start = rng.below(sectors as u64) as usize;
+        let count = (1 + rng.below(MAX_SECTORS as u64) as usize).min(sectors - start);
+        let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
+        let kind = match rng.below(20) {
+            0..=8 => Kind::Read,
+            9..=15 => Kind::Write(value),
+            16 => Kind::Zero,
+            17..=18 => Kind::Discard,
+            _ => Kind::Flush,
+        };
+        let ticket = match kind {
+            Kind::Read => {
+                // Two segments, split at a random sector.
+                let cut = rng.below(count as u64 + 1) as usize * SECTOR;
+                let (a, b) = chunk[..len].split_at_mut(cut);
+                engine.submit_read(backend, offset, [a, b])
+            }
+            Kind::Write(value) => {
+                chunk[..len].fill(value);
+                let data: &[u8] = chunk;
+                let cut = rng.below(count as u64 + 1) as usize * SECTOR;
+                let (a, b) = data[..len].split_at(cut);
+                engine.submit_write(backend, offset, [a, b])
+            }
+            Kind::Zero => engine.submit_write_zeroes(backend, offset, len as u64),
+            Kind::Discard => engine.submit_discard(backend, offset, len as u64),
+            Kind::Flush => engine.submit_flush(backend),
+        }
+        .unwrap();
+        let written = match kind {
+            Kind::Write(value) => Some(value),
+            Kind::Zero | Kind::Discard => Some(0),
+            Kind::Read | Kind::Flush => None,
+        };
+        if let Some(value) = written {
+            for values in &mut self.allowed[start..start + count] {
+                values.push(value);
+            }
+        }
+        self.submitted.push((ticket, kind, start, count));
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished == self.submitted.len()
+    }
+
+    /// Collects the engine's finished requests; a read must show, per
+    /// sector, a value some order of the batch's requests allows.
+    fn collect(&mut self, engine: &mut Engine<'_>) {
+        let batch = self.number;
+        while let Some((ticket, mut done)) = engine.complete() {
+            self.finished += 1;
+            done.result
+                .unwrap_or_else(|e| panic!("batch {batch}: request failed: {e}"));
+            let (_, kind, start, count) =
+                self.submitted.iter().find(|(t, ..)| *t == ticket).unwrap();
+            if let Kind::Read = kind {
+                let bytes: Vec<u8> = done.buffers().flat_map(|b| b.iter().copied()).collect();
+                assert_eq!(bytes.len(), count * SECTOR);
+                for (k, sector) in bytes.chunks(SECTOR).enumerate() {
+                    let s = start + k;
+                    assert!(
+                        sector.iter().all(|&b| b == sector[0]),
+                        "batch {batch}: sector {s} read torn"
+                    );
+                    assert!(
+                        self.allowed[s].contains(&sector[0]),
+                        "batch {batch}: sector {s} read {:#x}, allowed {:x?}",
+                        sector[0],
+                        self.allowed[s]
+                    );
+                }
+            }
+        }
+    }
+
+    /// After the batch: each sector holds an allowed value (the only write
+    /// that touched it, if there was one); the model takes the view.
+    fn settle(self, graph: &mut TestGraph<'_, '_>, backend: BackendId, model: &mut [u8]) {
+        let mut view = vec![0u8; SIZE as usize];
+        let root = graph.root(backend).unwrap();
+        graph.read(root, 0, &mut view).unwrap();
+        for (s, sector) in view.chunks(SECTOR).enumerate() {
+            let value = sector[0];
+            assert!(sector.iter().all(|&b| b == value), "sector {s} torn");
+            assert!(
+                self.allowed[s].contains(&value),
+                "batch {}: sector {s} holds {value:#x}, allowed {:x?}",
+                self.number,
+                self.allowed[s]
+            );
+            model[s] = value;
+        }
+    }
+}
+
+/// Writes the in-memory files back to `dir`, checks `image` with qemu-img
+/// and compares its guest view with `model`.
+fn check_on_disk(dir: &std::path::Path, files: &Files, image: &str, model: &[u8]) {
+    fs::write(dir.join("top.qcow2"), &files.top.0).unwrap();
+    fs::write(dir.join("base.qcow2"), &files.base.0).unwrap();
+    qemu_img(dir, &["check", image]);
+    qemu_img(dir, &["convert", "-O", "raw", image, "after.raw"]);
+    let after = fs::read(dir.join("after.raw")).unwrap();
+    for (s, sector) in after.chunks(SECTOR).enumerate() {
+        assert!(
+            sector.iter().all(|&b| b == model[s]),
+            "qemu-img reads sector {s} of {image} differently from the model"
+        );
+    }
+}
+
 fn run(cluster_size: &str, seed: u64) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
@@ -221,107 +365,28 @@ fn run(cluster_size: &str, seed: u64) {
     let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
     let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
     let mut images = files.images(seed);
-    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
     let mut engine: Engine<'_> = Engine::new();
     let mut rng = Rng(seed);
     let mut most_ops = 0;
-    let sectors = SIZE as usize / SECTOR;
 
-    for batch in 0..BATCHES {
-        // Values each sector may show during and after the batch.
-        let mut allowed: Vec<Vec<u8>> = model.iter().map(|&v| vec![v]).collect();
-        let mut submitted: Vec<(Ticket, Kind, usize, usize)> = Vec::new();
+    for number in 0..BATCHES {
+        let mut batch = Batch::new(number, &model);
         for i in 0..BATCH {
-            let start = rng.below(sectors as u64) as usize;
-            let count = (1 + rng.below(MAX_SECTORS as u64) as usize).min(sectors - start);
-            let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
-            let kind = match rng.below(20) {
-                0..=8 => Kind::Read,
-                9..=15 => Kind::Write((batch * BATCH + i) as u8 | 0x80),
-                16 => Kind::Zero,
-                17..=18 => Kind::Discard,
-                _ => Kind::Flush,
-            };
+            let value = (number * BATCH + i) as u8 | 0x80;
             let chunk = chunks.next().unwrap();
-            let ticket = match kind {
-                Kind::Read => {
-                    // Two segments, split at a random sector.
-                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
-                    let (a, b) = chunk[..len].split_at_mut(cut);
-                    engine.submit_read(backend, offset, [a, b])
-                }
-                Kind::Write(value) => {
-                    chunk[..len].fill(value);
-                    let data: &[u8] = chunk;
-                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
-                    let (a, b) = data[..len].split_at(cut);
-                    engine.submit_write(backend, offset, [a, b])
-                }
-                Kind::Zero => engine.submit_write_zeroes(backend, offset, len as u64),
-                Kind::Discard => engine.submit_discard(backend, offset, len as u64),
-                Kind::Flush => engine.submit_flush(backend),
-            }
-            .unwrap();
-            let value = match kind {
-                Kind::Write(value) => Some(value),
-                Kind::Zero | Kind::Discard => Some(0),
-                Kind::Read | Kind::Flush => None,
-            };
-            if let Some(value) = value {
-                for values in &mut allowed[start..start + count] {
-                    values.push(value);
-                }
-            }
-            submitted.push((ticket, kind, start, count));
+            batch.submit(&mut engine, backend, &mut rng, chunk, value);
         }
-        let mut finished = 0;
         let mut polls = 0;
-        while finished < submitted.len() {
+        while !batch.is_finished() {
             polls += 1;
-            assert!(polls < 100_000, "batch {batch}: requests never finish");
+            assert!(polls < 100_000, "batch {number}: requests never finish");
             engine.poll(&mut graph);
             most_ops = most_ops.max(engine.operations());
-            while let Some((ticket, mut done)) = engine.complete() {
-                finished += 1;
-                done.result
-                    .unwrap_or_else(|e| panic!("batch {batch}: request failed: {e}"));
-                let (_, kind, start, count) =
-                    submitted.iter().find(|(t, ..)| *t == ticket).unwrap();
-                if let Kind::Read = kind {
-                    let bytes: Vec<u8> = done.buffers().flat_map(|b| b.iter().copied()).collect();
-                    assert_eq!(bytes.len(), count * SECTOR);
-                    for (k, sector) in bytes.chunks(SECTOR).enumerate() {
-                        let s = start + k;
-                        assert!(
-                            sector.iter().all(|&b| b == sector[0]),
-                            "batch {batch}: sector {s} read torn"
-                        );
-                        assert!(
-                            allowed[s].contains(&sector[0]),
-                            "batch {batch}: sector {s} read {:#x}, allowed {:x?}",
-                            sector[0],
-                            allowed[s]
-                        );
-                    }
-                }
-            }
+            batch.collect(&mut engine);
         }
-        // After the batch: each sector holds an allowed value, and the only
-        // write that touched it if there was one.
-        let mut view = vec![0u8; SIZE as usize];
-        let root = graph.root(backend).unwrap();
-        graph.read(root, 0, &mut view).unwrap();
-        for (s, sector) in view.chunks(SECTOR).enumerate() {
-            let value = sector[0];
-            assert!(sector.iter().all(|&b| b == value), "sector {s} torn");
-            assert!(
-                allowed[s].contains(&value),
-                "batch {batch}: sector {s} holds {value:#x}, allowed {:x?}",
-                allowed[s]
-            );
-            model[s] = value;
-        }
+        batch.settle(&mut graph, backend, &mut model);
     }
     assert!(
         most_ops >= 8,
@@ -330,32 +395,125 @@ fn run(cluster_size: &str, seed: u64) {
 
     // On disk, as qemu-img sees it: consistent, and the model's view.
     graph.flush(graph.root(backend).unwrap()).unwrap();
-    let root = graph.root(backend).unwrap();
-    let files: Vec<(NodeId, &str)> = vec![
-        (graph.file(root).unwrap().unwrap(), "top.qcow2"),
-        (
-            graph
-                .file(graph.backing(root).unwrap().unwrap())
-                .unwrap()
-                .unwrap(),
-            "base.qcow2",
-        ),
-    ];
-    for (file, name) in files {
-        let bytes = graph.device_mut(file).unwrap().inner().contents().to_vec();
-        fs::write(dir.join(name), bytes).unwrap();
-    }
     graph.detach_backend(backend).unwrap();
     drop(graph);
-    qemu_img(dir, &["check", "top.qcow2"]);
-    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "after.raw"]);
-    let after = fs::read(dir.join("after.raw")).unwrap();
-    for (s, sector) in after.chunks(SECTOR).enumerate() {
-        assert!(
-            sector.iter().all(|&b| b == model[s]),
-            "qemu-img reads sector {s} differently from the model"
-        );
+    drop(images);
+    check_on_disk(dir, &files, "top.qcow2", &model);
+}
+
+/// A block job under load: batches of [`IN_FLIGHT`] random guest requests,
+/// the job stepped in drained sections ([`Engine::drained`]) while they
+/// are submitted and in flight, until it concludes (an active commit is
+/// completed as soon as it is ready: the pivot happens under load). No
+/// request is lost or misrouted: reads match the model throughout, and at
+/// the end the image the backend uses holds the model's view.
+fn job_under_load(commit: bool, seed: u64) {
+    const IN_FLIGHT: usize = 32;
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, "65536");
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
+    /// Batches after the job concluded; most batches in all.
+    const AFTER: usize = 4;
+    const STEPS_PER_SECTION: usize = 4;
+    const MOST: usize = 80;
+    let mut arena = vec![0u8; IN_FLIGHT * MOST * MAX_SECTORS * SECTOR];
+    let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
+    let mut images = files.images(seed);
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let (backend, top) = attach(&mut graph, &mut images, true);
+    let base = graph.backing(top).unwrap().unwrap();
+    let job = if commit {
+        graph.start_commit(CommitRequest {
+            active: top,
+            top,
+            base,
+            on_error: OnError::Report,
+        })
+    } else {
+        graph.start_stream(StreamRequest {
+            active: top,
+            base: None,
+            on_error: OnError::Report,
+        })
     }
+    .unwrap();
+    let mut engine: Engine<'_> = Engine::new();
+    let mut rng = Rng(seed);
+    let mut scratch = vec![0u8; 256 << 10];
+    let (mut steps, mut steps_with_requests_waiting) = (0, 0);
+    let mut concluded_in_batch = None;
+
+    for number in 0.. {
+        match concluded_in_batch {
+            Some(concluded) if number == concluded + AFTER => break,
+            None => assert!(number < MOST, "the job never concluded"),
+            _ => {}
+        }
+        let mut batch = Batch::new(number, &model);
+        for i in 0..IN_FLIGHT {
+            let value = (number * IN_FLIGHT + i) as u8 | 0x80;
+            let chunk = chunks.next().unwrap();
+            batch.submit(&mut engine, backend, &mut rng, chunk, value);
+            engine.poll(&mut graph);
+        }
+        let mut polls = 0;
+        while !batch.is_finished() {
+            polls += 1;
+            assert!(polls < 100_000, "batch {number}: requests never finish");
+            if concluded_in_batch.is_none() {
+                let waiting = engine.in_flight();
+                // The VMM's policy: a few steps per drained section; once
+                // the job is ready, complete it and finish in the same
+                // section (no guest write comes in: the final copy is
+                // bounded, as in QEMU's mirror completion).
+                let section = engine.drained(&mut graph, |g| {
+                    let mut completing = false;
+                    for taken in 1..1000 {
+                        let status = g.job_step(job, &mut images, &mut scratch).unwrap();
+                        assert_eq!(g.job_info(job).unwrap().error, None, "the job failed");
+                        if status == JobStatus::Ready && !completing {
+                            g.job_complete(job).unwrap();
+                            completing = true;
+                        }
+                        if status == JobStatus::Concluded
+                            || !completing && taken == STEPS_PER_SECTION
+                        {
+                            return (status, taken);
+                        }
+                    }
+                    panic!("the job does not finish in a drained section");
+                });
+                if let Some((status, taken)) = section {
+                    steps += taken;
+                    steps_with_requests_waiting += taken * usize::from(waiting > 0);
+                    if status == JobStatus::Concluded {
+                        graph.job_dismiss(job).unwrap();
+                        concluded_in_batch = Some(number);
+                    }
+                }
+            }
+            engine.poll(&mut graph);
+            batch.collect(&mut engine);
+        }
+        batch.settle(&mut graph, backend, &mut model);
+    }
+    assert!(
+        steps_with_requests_waiting * 2 > steps,
+        "too few job steps ran with guest requests in flight: {steps_with_requests_waiting} of {steps}"
+    );
+
+    // The backend reached the job's result: base after the pivot, the
+    // stand-alone top after the stream; qemu-img agrees with the model.
+    let root = graph.root(backend).unwrap();
+    assert_eq!(root, if commit { base } else { top });
+    assert_eq!(graph.backing(root).unwrap(), None);
+    graph.flush(root).unwrap();
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    drop(images);
+    let image = if commit { "base.qcow2" } else { "top.qcow2" };
+    check_on_disk(dir, &files, image, &model);
 }
 
 /// Refusals: a full engine, too many buffers, collected tickets; failing
@@ -368,7 +526,7 @@ fn refusals() {
     let mut arena = vec![0u8; 70 * SECTOR];
     let mut chunks: Vec<&mut [u8]> = arena.chunks_mut(SECTOR).collect();
     let mut images = files.images(7);
-    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, false);
     let mut engine: Engine<'_, 4, 2> = Engine::new();
 
@@ -415,7 +573,7 @@ fn chain_changes_wait_for_a_drain() {
     let mut files = Files::new(&top_bytes, &base_bytes, 1 << 20);
     let mut arena = vec![0u8; 8 * 4096];
     let mut images = files.images(9);
-    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
     let (backend, top) = attach(&mut graph, &mut images, false);
     let base = graph.backing(top).unwrap().unwrap();
     let mut engine: Engine<'_> = Engine::new();
@@ -470,4 +628,14 @@ fn many_requests_in_flight_64k_clusters() {
 #[test]
 fn many_requests_in_flight_4k_clusters() {
     big_stack(|| run("4096", 0x5eed_0002));
+}
+
+#[test]
+fn active_commit_under_load_pivots_without_losing_a_request() {
+    big_stack(|| job_under_load(true, 0x5eed_0003));
+}
+
+#[test]
+fn stream_under_load_loses_no_request() {
+    big_stack(|| job_under_load(false, 0x5eed_0004));
 }

@@ -25,8 +25,10 @@
 //!
 //! Chain changes (collapse, pivot, snapshot, detaching the backend) and job
 //! steps are refused with [`ErrorKind::Busy`] while requests are in flight
-//! through the chain they touch ([`Graph::has_requests_in_flight`]):
-//! [`Engine::drain`] first.
+//! through the chain they touch ([`Graph::has_requests_in_flight`]): run
+//! them in a drained section, [`Engine::drained`] (non-blocking: requests
+//! submitted meanwhile wait and start after it) or after [`Engine::drain`]
+//! (blocking).
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored); the default engine (64 slots, 16 segments, 32
@@ -132,6 +134,8 @@ pub struct Engine<
     next_seq: u64,
     /// Device operations in flight, over all slots.
     ops: usize,
+    /// A drained section waits ([`Engine::drained`]): no request starts.
+    draining: bool,
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -152,6 +156,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             generations: [0; SLOTS],
             next_seq: 0,
             ops: 0,
+            draining: false,
         }
     }
 
@@ -337,7 +342,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             }
         }
         while let Some(index) = self.next_queued() {
-            if !self.start(graph, index) {
+            if self.draining || !self.start(graph, index) {
                 break;
             }
         }
@@ -345,7 +350,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     }
 
     /// Polls until request `ticket` finishes and takes it (other finished
-    /// requests stay to be collected).
+    /// requests stay to be collected). A pending [`Engine::drained`]
+    /// section is given up: every request may start.
     ///
     /// # Errors
     /// [`ErrorKind::StaleHandle`] for a collected ticket; the request's own
@@ -355,6 +361,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
         ticket: Ticket,
     ) -> Result<Done<'b, PIECES>> {
+        self.draining = false;
         loop {
             if let Some(done) = self.take(ticket)? {
                 return Ok(done);
@@ -370,6 +377,40 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
     ) {
         while self.poll(graph) > 0 {}
+    }
+
+    /// Runs `change` on the graph in a drained section, without blocking:
+    /// once no device operation of the engine is in flight, so that no
+    /// request holds a chain. Returns `None` while operations are in
+    /// flight; from then on the engine starts no new request (queued ones
+    /// wait, in order) until a later call runs `change`: poll and call
+    /// again.
+    ///
+    /// This is how a VMM runs chain changes (snapshot, pivot, collapse)
+    /// and job steps ([`Graph::job_step`]) while its guest keeps submitting:
+    /// requests queued meanwhile start after `change`, through the chain as
+    /// `change` left it (a pivoted backend reaches its new root).
+    pub fn drained<
+        T,
+        D: Queue<'b>,
+        const N: usize,
+        const B: usize,
+        const C: usize,
+        const J: usize,
+    >(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+        change: impl FnOnce(&mut Graph<D, N, B, C, J>) -> T,
+    ) -> Option<T> {
+        self.draining = true;
+        self.poll(graph);
+        if self.ops > 0 {
+            return None;
+        }
+        self.draining = false;
+        let changed = change(graph);
+        self.poll(graph);
+        Some(changed)
     }
 
     /// The queued request submitted first.
