@@ -193,8 +193,8 @@ impl Files {
 
 /// Opens `top.qcow2`'s chain in `graph` behind a backend (writable or
 /// not); returns the backend and the top node.
-fn attach<'a, 'b>(
-    graph: &mut TestGraph<'a, 'b>,
+fn attach<'a, 'b, const CACHE: usize>(
+    graph: &mut TestGraph<'a, 'b, CACHE>,
     images: &mut Images<'a>,
     writable: bool,
 ) -> (BackendId, NodeId) {
@@ -213,7 +213,13 @@ fn attach<'a, 'b>(
     (backend, top)
 }
 
-type TestGraph<'a, 'b> = Graph<Disk<'a, 'b>>;
+/// A graph over reordering in-memory devices with a metadata cache of
+/// `CACHE` table slices.
+type TestGraph<'a, 'b, const CACHE: usize = 128> = Graph<Disk<'a, 'b>, 64, 8, CACHE>;
+
+/// The smallest cache: two table slices, evicted and written back all the
+/// time while requests are in flight.
+const TINY_CACHE: usize = 2;
 
 /// One batch of random requests in flight together, and the values each
 /// sector may show while they run and after.
@@ -322,7 +328,12 @@ impl Batch {
 
     /// After the batch: each sector holds an allowed value (the only write
     /// that touched it, if there was one); the model takes the view.
-    fn settle(self, graph: &mut TestGraph<'_, '_>, backend: BackendId, model: &mut [u8]) {
+    fn settle<const CACHE: usize>(
+        self,
+        graph: &mut TestGraph<'_, '_, CACHE>,
+        backend: BackendId,
+        model: &mut [u8],
+    ) {
         let mut view = vec![0u8; SIZE as usize];
         let root = graph.root(backend).unwrap();
         graph.read(root, 0, &mut view).unwrap();
@@ -356,7 +367,7 @@ fn check_on_disk(dir: &std::path::Path, files: &Files, image: &str, model: &[u8]
     }
 }
 
-fn run(cluster_size: &str, seed: u64) {
+fn run<const CACHE: usize>(cluster_size: &str, seed: u64) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
@@ -365,7 +376,7 @@ fn run(cluster_size: &str, seed: u64) {
     let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
     let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
     let mut images = files.images(seed);
-    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let mut graph: Box<TestGraph<'_, '_, CACHE>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
     let mut engine: Engine<'_> = Engine::new();
     let mut rng = Rng(seed);
@@ -622,12 +633,17 @@ fn big_stack(test: impl FnOnce() + Send + 'static) {
 
 #[test]
 fn many_requests_in_flight_64k_clusters() {
-    big_stack(|| run("65536", 0x5eed_0001));
+    big_stack(|| run::<128>("65536", 0x5eed_0001));
 }
 
 #[test]
 fn many_requests_in_flight_4k_clusters() {
-    big_stack(|| run("4096", 0x5eed_0002));
+    big_stack(|| run::<128>("4096", 0x5eed_0002));
+}
+
+#[test]
+fn many_requests_in_flight_with_a_two_slice_cache() {
+    big_stack(|| run::<TINY_CACHE>("4096", 0x5eed_0005));
 }
 
 #[test]

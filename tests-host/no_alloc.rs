@@ -1,15 +1,17 @@
 //! Proves the library does not allocate on the heap once images are open:
 //! reads (plain, compressed, through a backing chain), writes (allocating,
 //! copy-on-write, in place), zero writes, discards and flushes run with a
-//! counting global allocator that must see no allocation on this thread.
+//! counting global allocator that must see no allocation on this thread,
+//! called directly and through the request engine.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blockgraph::device::FileDevice;
+use blockgraph::engine::Engine;
 use blockgraph::host::PathResolver;
-use blockgraph::{Access, Graph, OpenOptions};
+use blockgraph::{Access, BackendId, Graph, NodeId, OpenOptions};
 
 mod common;
 use common::{qemu_img, qemu_io};
@@ -53,10 +55,26 @@ fn allocations_during(work: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::Relaxed) - before
 }
 
-#[test]
-fn reads_writes_and_flushes_do_not_allocate() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Opens `path` writable behind a backend: the graph, the image's node
+/// and the backend.
+fn open_writable(path: &str) -> (Box<Graph<FileDevice>>, NodeId, BackendId) {
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let mut resolver = PathResolver::default();
+    let options = OpenOptions {
+        read_only: false,
+        ..OpenOptions::probing()
+    };
+    let node = graph.open_image(&mut resolver, path, options).unwrap();
+    let backend = graph
+        .attach_backend(node, Access::READ_WRITE_DEVICE)
+        .unwrap();
+    (graph, node, backend)
+}
+
+/// Builds, in `d`, `top.qcow2` (4 KiB clusters, data at 8k..72k, an
+/// internal snapshot) over a compressed `base.qcow2` holding 0x5a in its
+/// first 2 MiB; returns the path of `top.qcow2`.
+fn chain(d: &std::path::Path) -> String {
     qemu_img(d, &["create", "-q", "-f", "qcow2", "raw-src.qcow2", "4M"]);
     qemu_io(d, "qcow2", "raw-src.qcow2", &["write -P 0x5a 0 2M"]);
     // A compressed base under a small-cluster overlay with an internal snapshot.
@@ -91,19 +109,17 @@ fn reads_writes_and_flushes_do_not_allocate() {
     );
     qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x21 8k 64k"]);
     qemu_img(d, &["snapshot", "-c", "s1", "top.qcow2"]);
-    let top = d.join("top.qcow2");
-    let top = top.to_str().unwrap();
+    d.join("top.qcow2").to_str().unwrap().to_owned()
+}
 
-    let mut graph: Box<Graph<FileDevice>> = Box::default();
-    let mut resolver = PathResolver::default();
-    let options = OpenOptions {
-        read_only: false,
-        ..OpenOptions::probing()
-    };
-    let node = graph.open_image(&mut resolver, top, options).unwrap();
-    let backend = graph
-        .attach_backend(node, Access::READ_WRITE_DEVICE)
-        .unwrap();
+#[test]
+fn reads_writes_and_flushes_do_not_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let top = chain(d);
+    let top = top.as_str();
+
+    let (mut graph, node, backend) = open_writable(top);
     let mut buf = vec![0u8; 300_000];
     let data = vec![0x77u8; 100_000];
 
@@ -129,6 +145,74 @@ fn reads_writes_and_flushes_do_not_allocate() {
     assert_eq!(&buf[5_000..105_000], &data[..]);
     assert!(buf[..5_000].iter().all(|&b| b == 0x5a));
     assert!(buf[105_000..].iter().all(|&b| b == 0x5a));
+    graph.detach_backend(backend).unwrap();
+    graph.unref(node).unwrap();
+    assert_eq!(graph.node_count(), 0);
+    qemu_img(d, &["check", "-q", "top.qcow2"]);
+}
+
+/// The same kinds of request through the request engine, many in flight
+/// at once: submitting, polling and collecting allocate nothing either.
+#[test]
+fn requests_through_the_engine_do_not_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let top = chain(d);
+    let (mut graph, node, backend) = open_writable(&top);
+    let mut reads = vec![0u8; 8 * 65536];
+    let data = vec![0x77u8; 100_000];
+    let mut engine: Engine<'_> = Engine::new();
+    let mut results = Vec::with_capacity(64);
+    let mut seen_writes = true;
+
+    let count = allocations_during(|| {
+        let mut buffers = reads.chunks_mut(65536);
+        for i in 0..4u64 {
+            let buf = buffers.next().unwrap();
+            engine.submit_read(backend, i * 300_000, [buf]).unwrap();
+        }
+        let (head, tail) = data.split_at(40_000);
+        engine.submit_write(backend, 5_000, [head, tail]).unwrap(); // COW
+        engine.submit_write(backend, 9_000, [&data[..10]]).unwrap(); // in place
+        engine
+            .submit_write(backend, 1_500_000, [&data[..]])
+            .unwrap(); // over compressed base
+        engine
+            .submit_write_zeroes(backend, 2_000_000, 300_000)
+            .unwrap();
+        engine.submit_discard(backend, 3_000_000, 100_000).unwrap();
+        engine.submit_flush(backend).unwrap();
+        let mut last = None;
+        for buf in buffers {
+            last = Some(engine.submit_read(backend, 0, [buf]).unwrap());
+        }
+        engine.drain(&mut graph);
+        while let Some((ticket, mut done)) = engine.complete() {
+            if Some(ticket) == last {
+                // It came after the writes: it sees them.
+                let mut pos = 0;
+                for piece in done.buffers() {
+                    for &byte in piece.iter() {
+                        seen_writes &= byte == if pos < 5_000 { 0x5a } else { 0x77 };
+                        pos += 1;
+                    }
+                }
+            }
+            results.push(done.result);
+        }
+    });
+    assert_eq!(
+        count,
+        0,
+        "heap allocations in the request engine (last of {} bytes)",
+        LAST_SIZE.load(Ordering::Relaxed)
+    );
+    assert_eq!(results.len(), 14);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(
+        seen_writes,
+        "the last read does not see the writes before it"
+    );
     graph.detach_backend(backend).unwrap();
     graph.unref(node).unwrap();
     assert_eq!(graph.node_count(), 0);
