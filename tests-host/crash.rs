@@ -1,7 +1,9 @@
 //! Crash safety, proven by replay (issue "Prove crash safety").
 //!
 //! Every operation of the write path runs on in-memory images
-//! ([`MemDevice`]) made by qemu-img/qemu-io: guest writes of every kind,
+//! ([`MemDevice`]) made by qemu-img/qemu-io: guest writes of every kind
+//! (one at a time, and many in flight through the request engine with
+//! their device writes completing out of order),
 //! `drop_intermediate`, commit, active commit with pivot, stream and live
 //! snapshot. Two attacks follow.
 //!
@@ -43,7 +45,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 
-use blockgraph::device::{DeviceEvent, DeviceId, MemDevice};
+use blockgraph::device::{Completion, DeviceEvent, DeviceId, MemDevice, Op, Queue, Submitted, Tag};
+use blockgraph::engine::Engine;
 use blockgraph::graph::NameBuf;
 use blockgraph::jobs::{CommitRequest, JobId, JobStatus, OnError, StreamRequest};
 use blockgraph::{
@@ -240,10 +243,14 @@ struct DiskState {
     hit: Cell<bool>,
 }
 
-/// A MemDevice plus the bookkeeping the test needs.
+/// A MemDevice plus the bookkeeping the test needs. Writes the request
+/// engine submits stay queued (as copies: the device took the bytes) and
+/// are performed, and completed, a few per poll in a pseudo-random order.
 struct Disk<'a> {
     mem: MemDevice<'a>,
     st: Rc<DiskState>,
+    queued: Vec<(Tag, u64, Vec<u8>)>,
+    order: Rng,
 }
 
 impl Disk<'_> {
@@ -304,6 +311,32 @@ impl Device for Disk<'_> {
 
     fn identity(&self) -> DeviceId {
         self.mem.identity()
+    }
+}
+
+impl<'b> Queue<'b> for Disk<'_> {
+    fn submit(&mut self, tag: Tag, op: Op<'b>) -> Submitted<'b> {
+        match op {
+            Op::Write { offset, buf } => {
+                self.queued.push((tag, offset, buf.to_vec()));
+                Submitted::Queued
+            }
+            Op::Read { offset, buf } => Submitted::Done(self.read_at(offset, buf), Some(buf)),
+            Op::Flush => Submitted::Done(self.flush(), None),
+        }
+    }
+
+    fn poll(&mut self, done: Completion<'_, 'b>) {
+        let count = self.queued.len().div_ceil(2);
+        for _ in 0..count {
+            let pick = (self.order.next() % self.queued.len() as u64) as usize;
+            let (tag, offset, data) = self.queued.swap_remove(pick);
+            done(tag, self.write_at(offset, &data), None);
+        }
+    }
+
+    fn busy(&self) -> bool {
+        !self.queued.is_empty()
     }
 }
 
@@ -443,6 +476,8 @@ impl<'a> LiveResolver<'a> {
         Ok(Disk {
             mem,
             st: Rc::clone(&slot.disk),
+            queued: Vec::new(),
+            order: Rng::new(img as u64 + 1),
         })
     }
 }
@@ -712,6 +747,10 @@ enum Step {
         seed: u64,
         segments: usize,
     },
+    /// Guest writes `(off, len, seed)`, not overlapping, all in flight at
+    /// once through the request engine (their device writes completing
+    /// out of order), then a flush.
+    Requests(Vec<(u64, u64, u64)>),
     /// `write -z` on the backend's root, then a flush.
     Zero { off: u64, len: u64 },
     /// Discard on the backend's root, then a flush.
@@ -1045,6 +1084,44 @@ impl<'g, 'a> Live<'g, 'a> {
         self.mark();
     }
 
+    /// [`Step::Requests`]: the writes and a flush through a request
+    /// engine, drained before returning (also on failure: nothing stays in
+    /// flight); the first failure is returned.
+    fn requests_in_flight(&mut self, writes: &[(u64, u64, u64)]) -> blockgraph::Result<()> {
+        let data: Vec<Vec<u8>> = writes
+            .iter()
+            .map(|&(_, len, seed)| pattern(seed, len))
+            .collect();
+        let mut new = self.shadow.clone();
+        for (&(off, ..), bytes) in writes.iter().zip(&data) {
+            new[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+        }
+        self.begin(0, new);
+        let mut engine: Engine<'_> = Engine::new();
+        for (&(off, ..), bytes) in writes.iter().zip(&data) {
+            engine.submit_write(self.backend, off, [&bytes[..]])?;
+        }
+        let flush = engine.submit_flush(self.backend)?;
+        let mut most = 0;
+        let flushed = loop {
+            engine.poll(self.graph);
+            most = most.max(engine.operations());
+            if let Some(done) = engine.take(flush)? {
+                break done.result;
+            }
+        };
+        // The guest learns its writes are durable when the flush completes.
+        let mut result = flushed;
+        engine.drain(self.graph);
+        while let Some((_, done)) = engine.complete() {
+            result = result.and(done.result);
+        }
+        result?;
+        assert!(most > 1, "the requests never had device writes in flight together");
+        self.acknowledge();
+        Ok(())
+    }
+
     fn guest_write(&mut self, off: u64, len: u64, seed: u64) -> blockgraph::Result<()> {
         let data = pattern(seed, len);
         self.begin(off, data.clone());
@@ -1083,6 +1160,7 @@ impl<'g, 'a> Live<'g, 'a> {
                 self.acknowledge();
                 Ok(())
             }
+            Step::Requests(writes) => self.requests_in_flight(writes),
             Step::Zero { off, len } => {
                 self.begin(*off, vec![0u8; *len as usize]);
                 let root = self.root()?;
@@ -2225,6 +2303,30 @@ fn scatter_gather_write() {
                 seed: 4,
                 segments: 40,
             }])
+            .faults(&["top.qcow2"])
+            .qemu_sample(2),
+    );
+}
+
+#[test]
+fn many_writes_in_flight() {
+    // In place (clusters top owns) and allocating (over backing data and
+    // over nothing), all submitted together; the engine sends the in-place
+    // ones to the device at once, which completes them out of order.
+    let images = base_and_top(
+        4 * MIB,
+        64 * KIB,
+        &["write -P 0x26 0 2M"],
+        &["write -P 0x27 0 1M"],
+    );
+    let mut writes: Vec<(u64, u64, u64)> = (0..8u64)
+        .map(|i| (i * 128 * KIB + 512 * i, 4 * KIB + 512 * i, 10 + i))
+        .collect();
+    writes.push((MIB + 1000, 70_000, 20));
+    writes.push((3 * MIB, 64 * KIB, 21));
+    prove(
+        Scenario::new("requests in flight", images, "top.qcow2")
+            .steps(vec![Step::Requests(writes)])
             .faults(&["top.qcow2"])
             .qemu_sample(2),
     );
