@@ -6,7 +6,10 @@
 //!    size (a sample when it is over [`READ_CAP`]);
 //! 2. up to [`OPS`] writes, zero writes, discards or flushes chosen by the
 //!    input's last bytes; a write or zero write that succeeds must read
-//!    back;
+//!    back; then the same through the request engine, on a BlockBackend: reads in
+//!    flight together (each must equal the synchronous read of its range),
+//!    then writes, zero writes, discards and flushes in flight together;
+//!    every request must finish;
 //! 3. a `drop_intermediate` when the image has a backing file: drop the
 //!    backing file, drop an intermediate layer, or drop the active layer
 //!    under a BlockBackend (a writing one that is the image's only holder,
@@ -31,12 +34,15 @@
 //! The last byte's bit 0 sets `assume_raw_backing`.
 
 use blockgraph::device::MemDevice;
+use blockgraph::engine::Engine;
 use blockgraph::graph::{Access, NameBuf};
 use blockgraph::{Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver};
 
 use crate::Tail;
 
 type G<'a> = Graph<MemDevice<'a>>;
+/// The request engine of step 2: a slot per request, two buffers each.
+type Requests<'b> = Engine<'b, OPS, 2, 16>;
 
 /// The name the input is opened by.
 const TOP: &str = "top";
@@ -225,6 +231,7 @@ fn exercise<'a>(
     };
     read_view(graph, top);
     guest_requests(graph, top, tail);
+    engine_requests(graph, top, tail);
     // Keep the image file's node (a protocol node) alive to look at its
     // bytes even when the collapse gives the image node away.
     let file = graph
@@ -336,6 +343,74 @@ fn guest_requests(graph: &mut G<'_>, top: NodeId, tail: &mut Tail<'_>) {
             }
         }
     }
+}
+
+/// The request engine on a BlockBackend of `top`: [`OPS`] reads in flight
+/// together, each of which, when it and the synchronous read of its range
+/// succeed, must read the same bytes; then [`OPS`] writes, zero writes,
+/// discards or flushes in flight together. Every request must finish.
+fn engine_requests(graph: &mut G<'_>, top: NodeId, tail: &mut Tail<'_>) {
+    let (Ok(size), Ok(backend)) = (
+        graph.size(top),
+        graph.attach_backend(top, Access::READ_WRITE_DEVICE),
+    ) else {
+        return;
+    };
+    let mut ranges = [(0u64, 0usize); OPS];
+    for range in &mut ranges {
+        let offset = (u64::from(tail.u16()) << (tail.byte() % 32)) % size.max(1);
+        let len = ((u64::from(tail.u16()) + 1) << (tail.byte() % 3)).min(size - offset);
+        *range = (offset, len as usize);
+    }
+    let mut reads = vec![0u8; OPS * (256 << 10)];
+    let data = vec![0x5au8; 256 << 10];
+    {
+        let mut engine: Requests<'_> = Engine::new();
+        let mut tickets = [None; OPS];
+        for ((&(offset, len), buf), ticket) in ranges
+            .iter()
+            .zip(reads.chunks_mut(256 << 10))
+            .zip(&mut tickets)
+        {
+            let (a, b) = buf[..len].split_at_mut(len / 3);
+            *ticket = engine.submit_read(backend, offset, [a, b]).ok();
+        }
+        finish(&mut engine, graph);
+        for (&(offset, len), ticket) in ranges.iter().zip(tickets) {
+            let Some(Ok(Some(mut done))) = ticket.map(|t| engine.take(t)) else {
+                continue;
+            };
+            let mut direct = vec![0u8; len];
+            if done.result.is_ok() && graph.read(top, offset, &mut direct).is_ok() {
+                let got: Vec<u8> = done.buffers().flat_map(|b| b.iter().copied()).collect();
+                assert!(got == direct, "the engine reads {offset}+{len} differently");
+            }
+        }
+    }
+    let mut engine: Requests<'_> = Engine::new();
+    for &(offset, len) in &ranges {
+        let _ = match tail.byte() % 4 {
+            0 => engine.submit_write(backend, offset, [&data[..len]]),
+            1 => engine.submit_write_zeroes(backend, offset, len as u64),
+            2 => engine.submit_discard(backend, offset, len as u64),
+            _ => engine.submit_flush(backend),
+        };
+    }
+    finish(&mut engine, graph);
+    while engine.complete().is_some() {}
+    graph
+        .detach_backend(backend)
+        .expect("detach the engine's backend");
+}
+
+/// Polls `engine` until no request is in flight; it must get there.
+fn finish<'b>(engine: &mut Requests<'b>, graph: &mut G<'_>) {
+    for _ in 0..10_000 {
+        if engine.poll(graph) == 0 {
+            return;
+        }
+    }
+    panic!("requests in the engine never finish");
 }
 
 /// A successful request's range must read back as `expected` (when it can
