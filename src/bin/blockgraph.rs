@@ -189,14 +189,16 @@ fn main() -> ExitCode {
         formats: HashMap::new(),
         created: Vec::new(),
     };
-    // The graph is large (fixed caches): keep it off the stack.
-    let mut graph: Box<Graph<FileDevice>> = Box::default();
     // Aligned for `O_DIRECT` (`bench -t none`): the aligned part of a
     // slightly larger allocation (unaligned only if the platform cannot say
-    // where alignment starts; transfers then take the page cache).
+    // where alignment starts; transfers then take the page cache). Made
+    // before the graph, so that it is freed after it: the graph's devices
+    // may hold scratch buffers in flight until they are dropped.
     let mut memory = vec![0u8; SCRATCH_BYTES + DIRECT_ALIGN];
     let skip = memory.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
     let scratch = &mut memory[skip..skip + SCRATCH_BYTES];
+    // The graph is large (fixed caches): keep it off the stack.
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
     let mut out = Stdout(std::io::stdout().lock());
     let result = match words.as_slice() {
         ["script", script] => cmd::run_script(&mut env, &mut graph, script, scratch, &mut out)

@@ -26,8 +26,11 @@
 //! through the synchronous path; a greater DEPTH (up to [`MAX_DEPTH`], the
 //! request engine's slots) keeps them in flight through
 //! [`Engine`](crate::engine::Engine), so they overlap where the devices
-//! queue them (host files and virtio disks still complete every operation
-//! at once). A larger DEPTH fails ("unsupported queue depth").
+//! queue them (host files: io_uring, where the kernel offers it; virtio
+//! disks still complete every operation at once), waiting in the devices
+//! ([`Engine::advance`](crate::engine::Engine::advance)) rather than
+//! spinning while none has completed. A larger DEPTH fails ("unsupported
+//! queue depth").
 //!
 //! Cache mode (`-t`, default `writeback`): `none` bypasses the host's page
 //! cache (`O_DIRECT` for transfers aligned to 4 KiB: the scratch memory is
@@ -451,7 +454,7 @@ where
                 submitted += 1;
             }
         }
-        engine.poll(graph);
+        engine.advance(graph);
         while let Some((ticket, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
             finished += 1;
@@ -488,7 +491,7 @@ where
     }
     let mut finished = 0;
     while finished < count {
-        engine.poll(graph);
+        engine.advance(graph);
         while let Some((_, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
             finished += 1;
