@@ -1,14 +1,19 @@
 //! The request engine with many requests in flight on devices that complete
 //! out of order: random overlapping reads, writes, zero writes, discards
-//! and flushes against a model, then qemu-img on the result.
+//! and flushes against a model, then qemu-img on the result; the same
+//! on host files through io_uring (`FileDevice`'s queue), buffered and
+//! with cache mode `none` (`O_DIRECT`), where requests of one batch do not
+//! overlap (real concurrent transfers may tear overlapping ones).
 
 mod common;
 
 use std::fs;
 
-use blockgraph::device::{MemDevice, Reorder};
+use blockgraph::device::FileDevice;
+use blockgraph::device::{MemDevice, Queue, Reorder, DIRECT_ALIGN};
 use blockgraph::engine::{Engine, Ticket};
 use blockgraph::graph::NameBuf;
+use blockgraph::host::PathResolver;
 use blockgraph::{
     Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver,
 };
@@ -212,18 +217,74 @@ fn attach<'a, 'b>(
     (backend, top)
 }
 
-fn run(cluster_size: &str, seed: u64) {
-    let tmp = tmpdir("bg-engine-");
-    let dir = tmp.path();
-    let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
-    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
-    let requests = BATCH * BATCHES;
-    let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
-    let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
-    let mut images = files.images(seed);
-    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
-    let (backend, _) = attach(&mut graph, &mut images, true);
-    let mut engine: Engine<'_> = Engine::new();
+/// The requests a run draws.
+#[derive(Clone, Copy)]
+struct Mix {
+    /// Offsets, lengths and segment cuts are multiples of this many
+    /// sectors (8: 4 KiB, so that `O_DIRECT` can take them).
+    grain: usize,
+    /// Requests of one batch never overlap a write, zero write or discard
+    /// of the same batch (reads may overlap reads).
+    disjoint: bool,
+}
+
+/// Overlapping requests of a batch, completing in any order.
+const ANY: Mix = Mix {
+    grain: 1,
+    disjoint: false,
+};
+
+/// What a sector is claimed by in a batch of a disjoint [`Mix`].
+#[derive(Clone, Copy, PartialEq)]
+enum Claim {
+    Free,
+    Read,
+    Written,
+}
+
+/// Draws the range of a request of `kind` (start sector, count): for a
+/// disjoint mix one that does not overlap what `claims` forbids (claimed
+/// then), `None` when none was found.
+fn draw(rng: &mut Rng, mix: Mix, kind: &Kind, claims: &mut [Claim]) -> Option<(usize, usize)> {
+    let units = claims.len() / mix.grain;
+    let most = MAX_SECTORS / mix.grain;
+    for _ in 0..50 {
+        let start = rng.below(units as u64) as usize;
+        let count = (1 + rng.below(most as u64) as usize).min(units - start);
+        let (start, count) = (start * mix.grain, count * mix.grain);
+        if !mix.disjoint {
+            return Some((start, count));
+        }
+        let claim = match kind {
+            Kind::Read => Claim::Read,
+            _ => Claim::Written,
+        };
+        let range = &mut claims[start..start + count];
+        let free = match claim {
+            Claim::Read => range.iter().all(|&c| c != Claim::Written),
+            _ => range.iter().all(|&c| c == Claim::Free),
+        };
+        if free {
+            range.fill(claim);
+            return Some((start, count));
+        }
+    }
+    None
+}
+
+/// Runs [`BATCHES`] batches of [`BATCH`] random requests through `engine`
+/// on `backend`, each with its own chunk of `chunks`, checking reads and
+/// then the whole guest view against `model` (one byte per sector), which
+/// it keeps up to date. Returns the most device operations that were in
+/// flight at once.
+fn batches<'a, 'b, D: Queue<'b>>(
+    graph: &mut Graph<D>,
+    engine: &mut Engine<'b>,
+    backend: BackendId,
+    chunks: &mut impl Iterator<Item = &'b mut [u8]>,
+    model: &mut [u8],
+    (mix, seed): (Mix, u64),
+) -> usize {
     let mut rng = Rng(seed);
     let mut most_ops = 0;
     let sectors = SIZE as usize / SECTOR;
@@ -231,30 +292,35 @@ fn run(cluster_size: &str, seed: u64) {
     for batch in 0..BATCHES {
         // Values each sector may show during and after the batch.
         let mut allowed: Vec<Vec<u8>> = model.iter().map(|&v| vec![v]).collect();
+        let mut claims = vec![Claim::Free; sectors];
         let mut submitted: Vec<(Ticket, Kind, usize, usize)> = Vec::new();
         for i in 0..BATCH {
-            let start = rng.below(sectors as u64) as usize;
-            let count = (1 + rng.below(MAX_SECTORS as u64) as usize).min(sectors - start);
-            let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
-            let kind = match rng.below(20) {
+            let mut kind = match rng.below(20) {
                 0..=8 => Kind::Read,
                 9..=15 => Kind::Write((batch * BATCH + i) as u8 | 0x80),
                 16 => Kind::Zero,
                 17..=18 => Kind::Discard,
                 _ => Kind::Flush,
             };
+            let (start, count) = match draw(&mut rng, mix, &kind, &mut claims) {
+                Some(range) => range,
+                None => {
+                    kind = Kind::Flush;
+                    (0, 0)
+                }
+            };
+            let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
             let chunk = chunks.next().unwrap();
+            // Two segments, split at a random place of the grain.
+            let cut = rng.below((count / mix.grain) as u64 + 1) as usize * mix.grain * SECTOR;
             let ticket = match kind {
                 Kind::Read => {
-                    // Two segments, split at a random sector.
-                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
                     let (a, b) = chunk[..len].split_at_mut(cut);
                     engine.submit_read(backend, offset, [a, b])
                 }
                 Kind::Write(value) => {
                     chunk[..len].fill(value);
                     let data: &[u8] = chunk;
-                    let cut = rng.below(count as u64 + 1) as usize * SECTOR;
                     let (a, b) = data[..len].split_at(cut);
                     engine.submit_write(backend, offset, [a, b])
                 }
@@ -280,7 +346,7 @@ fn run(cluster_size: &str, seed: u64) {
         while finished < submitted.len() {
             polls += 1;
             assert!(polls < 100_000, "batch {batch}: requests never finish");
-            engine.poll(&mut graph);
+            engine.advance(graph);
             most_ops = most_ops.max(engine.operations());
             while let Some((ticket, mut done)) = engine.complete() {
                 finished += 1;
@@ -323,6 +389,43 @@ fn run(cluster_size: &str, seed: u64) {
             model[s] = value;
         }
     }
+    most_ops
+}
+
+/// What qemu-img reads from `top.qcow2` in `dir` equals `model` (one byte
+/// per sector), and the image is consistent.
+fn qemu_img_agrees(dir: &std::path::Path, model: &[u8]) {
+    qemu_img(dir, &["check", "top.qcow2"]);
+    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "after.raw"]);
+    let after = fs::read(dir.join("after.raw")).unwrap();
+    for (s, sector) in after.chunks(SECTOR).enumerate() {
+        assert!(
+            sector.iter().all(|&b| b == model[s]),
+            "qemu-img reads sector {s} differently from the model"
+        );
+    }
+}
+
+fn run(cluster_size: &str, seed: u64) {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
+    let requests = BATCH * BATCHES;
+    let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
+    let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
+    let mut images = files.images(seed);
+    let mut graph: Box<Graph<Disk<'_, '_>>> = Box::default();
+    let (backend, _) = attach(&mut graph, &mut images, true);
+    let mut engine: Engine<'_> = Engine::new();
+    let most_ops = batches(
+        &mut graph,
+        &mut engine,
+        backend,
+        &mut chunks,
+        &mut model,
+        (ANY, seed),
+    );
     assert!(
         most_ops >= 8,
         "the engine never had many device operations in flight ({most_ops})"
@@ -347,15 +450,65 @@ fn run(cluster_size: &str, seed: u64) {
     }
     graph.detach_backend(backend).unwrap();
     drop(graph);
-    qemu_img(dir, &["check", "top.qcow2"]);
-    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "after.raw"]);
-    let after = fs::read(dir.join("after.raw")).unwrap();
-    for (s, sector) in after.chunks(SECTOR).enumerate() {
-        assert!(
-            sector.iter().all(|&b| b == model[s]),
-            "qemu-img reads sector {s} differently from the model"
-        );
-    }
+    qemu_img_agrees(dir, &model);
+}
+
+/// [`batches`] on the chain's host files, through io_uring, buffered or
+/// with cache mode `none` (4 KiB-aligned requests and buffers, so that
+/// data transfers go direct), then qemu-img on the files.
+fn run_on_files(direct: bool, seed: u64) {
+    // Not tmpfs: it has no O_DIRECT.
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (_, _, mut model) = chain(dir, "65536");
+    let mix = Mix {
+        grain: if direct { DIRECT_ALIGN / SECTOR } else { 1 },
+        disjoint: true,
+    };
+    let chunk = MAX_SECTORS * SECTOR;
+    let mut memory = vec![0u8; BATCH * BATCHES * chunk + DIRECT_ALIGN];
+    let skip = memory.as_ptr().align_offset(DIRECT_ALIGN);
+    let mut chunks = memory[skip..skip + BATCH * BATCHES * chunk].chunks_mut(chunk);
+    let mut resolver = PathResolver {
+        direct,
+        ..PathResolver::default()
+    };
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
+    let top = dir.join("top.qcow2");
+    let top = graph
+        .open_image(
+            &mut resolver,
+            top.to_str().unwrap(),
+            OpenOptions {
+                read_only: false,
+                ..OpenOptions::new(Format::Qcow2)
+            },
+        )
+        .unwrap();
+    let backend = graph
+        .attach_backend(top, Access::READ_WRITE_DEVICE)
+        .unwrap();
+    graph.unref(top).unwrap();
+    let mut engine: Engine<'_> = Engine::new();
+    let most_ops = batches(
+        &mut graph,
+        &mut engine,
+        backend,
+        &mut chunks,
+        &mut model,
+        (mix, seed),
+    );
+    // Only operations io_uring holds stay in flight: synchronous ones
+    // complete in `submit`.
+    assert!(
+        most_ops >= 8,
+        "the engine never had many device operations in flight ({most_ops}): io_uring unavailable?"
+    );
+    let root = graph.root(backend).unwrap();
+    graph.flush(root).unwrap();
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    qemu_img_agrees(dir, &model);
 }
 
 /// Refusals: a full engine, too many buffers, collected tickets; failing
@@ -470,4 +623,14 @@ fn many_requests_in_flight_64k_clusters() {
 #[test]
 fn many_requests_in_flight_4k_clusters() {
     big_stack(|| run("4096", 0x5eed_0002));
+}
+
+#[test]
+fn many_requests_in_flight_on_host_files() {
+    big_stack(|| run_on_files(false, 0x5eed_0003));
+}
+
+#[test]
+fn many_requests_in_flight_on_host_files_direct() {
+    big_stack(|| run_on_files(true, 0x5eed_0004));
 }

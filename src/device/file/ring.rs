@@ -447,3 +447,53 @@ impl<'b> Queue<'b> for FileDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+
+    #[test]
+    fn without_a_ring_operations_complete_at_once() {
+        let dir = std::env::temp_dir().join(format!("blockgraph-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a");
+        std::fs::write(&path, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        let mut device = FileDevice::open(&path, true).unwrap();
+        // As where io_uring_setup fails (seccomp, io_uring_disabled).
+        device.ring = RingState::Unavailable;
+        let mut buf = [0u8; 100];
+        match device.submit(
+            Tag(1),
+            Op::Read {
+                offset: 1000,
+                buf: &mut buf,
+            },
+        ) {
+            Submitted::Done(Ok(()), Some(back)) => {
+                assert!(back
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == ((1000 + i) % 256) as u8));
+            }
+            other => panic!("{other:?}"),
+        }
+        let write = Op::Write {
+            offset: 8190,
+            buf: &[7; 4],
+        };
+        assert!(matches!(
+            device.submit(Tag(2), write),
+            Submitted::Done(Ok(()), None)
+        ));
+        assert_eq!(device.size(), 8194);
+        assert!(matches!(
+            device.submit(Tag(3), Op::Flush),
+            Submitted::Done(Ok(()), None)
+        ));
+        assert!(!device.busy());
+        device.wait();
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
