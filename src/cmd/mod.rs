@@ -51,7 +51,10 @@ use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 pub trait Environment {
     /// The devices images live on, with split-phase access for the request
     /// engine (`bench -d DEPTH`); a synchronous device takes
-    /// [`Queue`]'s defaults.
+    /// [`Queue`]'s defaults. A device that really queues (a host file's
+    /// io_uring) holds the buffers of its operations until they complete,
+    /// which its type does not record: the interpreter drains every engine
+    /// before its buffers go.
     type Device: for<'b> Queue<'b>;
     /// How image names become devices.
     type Resolver: Resolver<Self::Device>;
