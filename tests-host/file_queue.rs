@@ -14,6 +14,7 @@ use blockgraph::device::{Device, FileDevice, Op, Queue, Submitted, Tag, DIRECT_A
 use blockgraph::{ErrorKind, Result};
 
 mod common;
+use common::Rng;
 
 /// The tests count the process's storage reads: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -22,20 +23,9 @@ const FILE_LEN: usize = 8 << 20;
 /// More operations than one ring holds (128).
 const OPS: usize = 300;
 
-/// xorshift64
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// A number below `n`.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.below(n as u64) as usize
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -115,8 +105,8 @@ fn queued_reads_and_writes_equal_the_file() {
     let ops = arena
         .chunks_mut(1 << 16)
         .map(|chunk| {
-            let len = 1 + rng.below(1 << 16);
-            let offset = rng.below(FILE_LEN - len);
+            let len = 1 + below(&mut rng, 1 << 16);
+            let offset = below(&mut rng, FILE_LEN - len);
             expected.push(&model[offset..offset + len]);
             Op::Read {
                 offset: offset as u64,
@@ -139,8 +129,8 @@ fn queued_reads_and_writes_equal_the_file() {
     let mut ops = Vec::new();
     let stride = FILE_LEN / OPS;
     for (i, chunk) in data.chunks(1 << 14).enumerate() {
-        let len = 1 + rng.below(1 << 14);
-        let offset = i * stride + rng.below(stride - len);
+        let len = 1 + below(&mut rng, 1 << 14);
+        let offset = i * stride + below(&mut rng, stride - len);
         model[offset..offset + len].copy_from_slice(&chunk[..len]);
         ops.push(Op::Write {
             offset: offset as u64,

@@ -596,13 +596,57 @@ impl Drop for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{Op, Queue, Submitted, Tag};
+
+    /// A fresh directory `blockgraph-NAME-PID` under the system's temporary
+    /// one, with file `a` of 8 KiB counting 0, 1, ... 255, 0, ...
+    fn counting_file(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("blockgraph-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a");
+        std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        (dir, a)
+    }
+
+    #[test]
+    fn without_a_ring_operations_complete_at_once() {
+        let (dir, path) = counting_file("ring");
+        let mut device = FileDevice::open(&path, true).unwrap();
+        // As where io_uring_setup fails (seccomp, io_uring_disabled).
+        device.ring = RingState::Unavailable;
+        let mut buf = [0u8; 100];
+        let read = Op::Read {
+            offset: 1000,
+            buf: &mut buf,
+        };
+        match device.submit(Tag(1), read) {
+            Submitted::Done(Ok(()), Some(back)) => {
+                assert!(back
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == ((1000 + i) % 256) as u8));
+            }
+            other => panic!("{other:?}"),
+        }
+        let write = Op::Write {
+            offset: 8190,
+            buf: &[7; 4],
+        };
+        let done = device.submit(Tag(2), write);
+        assert!(matches!(done, Submitted::Done(Ok(()), None)));
+        assert_eq!(device.size(), 8194);
+        let done = device.submit(Tag(3), Op::Flush);
+        assert!(matches!(done, Submitted::Done(Ok(()), None)));
+        assert!(!device.busy());
+        device.wait();
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn copies_between_files_inside_both_sizes_only() {
-        let dir = std::env::temp_dir().join(format!("blockgraph-file-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("a"), dir.join("b"));
-        std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        let (dir, a) = counting_file("file");
+        let b = dir.join("b");
         std::fs::write(&b, vec![0u8; 4096]).unwrap();
         let source = FileDevice::open(&a, false).unwrap();
         let mut target = FileDevice::open(&b, true).unwrap();
