@@ -1117,7 +1117,10 @@ impl<'g, 'a> Live<'g, 'a> {
             result = result.and(done.result);
         }
         result?;
-        assert!(most > 1, "the requests never had device writes in flight together");
+        assert!(
+            most > 1,
+            "the requests never had device writes in flight together"
+        );
         self.acknowledge();
         Ok(())
     }

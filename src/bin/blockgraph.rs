@@ -119,6 +119,19 @@ impl Environment for Host {
         }
     }
 
+    /// As large as the scratch memory (`bench -d` has the same limit as in
+    /// the kernel), leaked for the process's life: io_uring may write into
+    /// a buffer until its operation completes, so it must outlive every
+    /// device. Each `bench -d` of a run leaks its own.
+    fn queue_memory(&mut self, len: usize) -> Option<&'static mut [u8]> {
+        if len > SCRATCH_BYTES {
+            return None;
+        }
+        let memory = Box::leak(vec![0u8; len + DIRECT_ALIGN].into_boxed_slice());
+        let skip = memory.as_ptr().align_offset(DIRECT_ALIGN);
+        memory.get_mut(skip..skip + len)
+    }
+
     fn set_direct(&mut self, direct: bool) -> Result<()> {
         self.resolver.direct = direct;
         Ok(())
@@ -189,14 +202,14 @@ fn main() -> ExitCode {
         formats: HashMap::new(),
         created: Vec::new(),
     };
-    // The graph is large (fixed caches): keep it off the stack.
-    let mut graph: Box<Graph<FileDevice>> = Box::default();
     // Aligned for `O_DIRECT` (`bench -t none`): the aligned part of a
     // slightly larger allocation (unaligned only if the platform cannot say
     // where alignment starts; transfers then take the page cache).
     let mut memory = vec![0u8; SCRATCH_BYTES + DIRECT_ALIGN];
     let skip = memory.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
     let scratch = &mut memory[skip..skip + SCRATCH_BYTES];
+    // The graph is large (fixed caches): keep it off the stack.
+    let mut graph: Box<Graph<FileDevice>> = Box::default();
     let mut out = Stdout(std::io::stdout().lock());
     let result = match words.as_slice() {
         ["script", script] => cmd::run_script(&mut env, &mut graph, script, scratch, &mut out)

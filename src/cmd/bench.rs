@@ -26,8 +26,11 @@
 //! through the synchronous path; a greater DEPTH (up to [`MAX_DEPTH`], the
 //! request engine's slots) keeps them in flight through
 //! [`Engine`](crate::engine::Engine), so they overlap where the devices
-//! queue them (host files and virtio disks still complete every operation
-//! at once). A larger DEPTH fails ("unsupported queue depth").
+//! queue them (host files: io_uring, where the kernel offers it; virtio
+//! disks still complete every operation at once), waiting in the devices
+//! ([`Engine::advance`](crate::engine::Engine::advance)) rather than
+//! spinning while none has completed. A larger DEPTH fails ("unsupported
+//! queue depth").
 //!
 //! Cache mode (`-t`, default `writeback`): `none` bypasses the host's page
 //! cache (`O_DIRECT` for transfers aligned to 4 KiB: the scratch memory is
@@ -37,8 +40,11 @@
 //! ("unsupported cache mode"). It applies to the image `bench` opens, not
 //! to one attached in the session.
 //!
-//! The request buffers are the interpreter's scratch memory: DEPTH disjoint
-//! buffers of SIZE bytes, so SIZE × DEPTH must fit in it. A read's buffer
+//! The request buffers are DEPTH disjoint buffers of SIZE bytes: at DEPTH
+//! 1 in the interpreter's scratch memory, above it in the environment's
+//! memory for requests in flight ([`Environment::queue_memory`], `'static`
+//! because a device that queues holds its buffers until they complete), so
+//! SIZE × DEPTH must fit there. A read's buffer
 //! comes back from the engine in pieces cut where the chain's extents
 //! begin; the next request on it is submitted with those pieces as its
 //! segments (the engine offers no join, and a read cut into more pieces
@@ -212,11 +218,6 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         if plan.len as usize > self.scratch.len() {
             return Err(invalid("request size is larger than the scratch memory"));
         }
-        if plan.len as usize * plan.depth > self.scratch.len() {
-            return Err(invalid(
-                "request size × queue depth is larger than the scratch memory",
-            ));
-        }
         if let Some(backend) = session.backend(plan.image) {
             if plan.direct {
                 return Err(Failure::new(
@@ -282,20 +283,36 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             plan.offset,
             plan.step
         )?;
-        let memory = &mut self.scratch[..plan.len as usize * plan.depth];
-        memory.fill(plan.pattern);
+        let len = plan.len as usize * plan.depth;
+        let queued = if plan.depth == 1 {
+            None
+        } else {
+            let memory = env.queue_memory(len).ok_or(invalid(
+                "request size × queue depth is larger than the memory for requests in flight",
+            ))?;
+            Some(memory)
+        };
         let mut offsets = Offsets {
             next: plan.offset,
             plan,
             image_size,
         };
         let no_clock = || Error::new(ErrorKind::Unsupported, "unsupported: no clock");
-        let started = env.now_micros().ok_or_else(no_clock)?;
-        if plan.depth == 1 {
-            run_serial(graph, backend, &mut offsets, memory)?;
-        } else {
-            run_queued(graph, backend, &mut offsets, memory)?;
-        }
+        let started = match queued {
+            Some(memory) => {
+                memory.fill(plan.pattern);
+                let started = env.now_micros().ok_or_else(no_clock)?;
+                run_queued(graph, backend, &mut offsets, memory)?;
+                started
+            }
+            None => {
+                let memory = &mut self.scratch[..len];
+                memory.fill(plan.pattern);
+                let started = env.now_micros().ok_or_else(no_clock)?;
+                run_serial(graph, backend, &mut offsets, memory)?;
+                started
+            }
+        };
         let ended = env.now_micros().ok_or_else(no_clock)?;
         if plan.write {
             graph
@@ -451,7 +468,7 @@ where
                 submitted += 1;
             }
         }
-        engine.poll(graph);
+        engine.advance(graph);
         while let Some((ticket, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
             finished += 1;
@@ -488,7 +505,7 @@ where
     }
     let mut finished = 0;
     while finished < count {
-        engine.poll(graph);
+        engine.advance(graph);
         while let Some((_, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
             finished += 1;

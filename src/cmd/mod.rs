@@ -50,9 +50,10 @@ use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 /// What a front end supplies to the interpreter.
 pub trait Environment {
     /// The devices images live on, with split-phase access for the request
-    /// engine (`bench -d DEPTH`); a synchronous device takes
+    /// engine (`bench -d DEPTH`) on `'static` buffers
+    /// ([`Environment::queue_memory`]); a synchronous device takes
     /// [`Queue`]'s defaults.
-    type Device: for<'b> Queue<'b>;
+    type Device: Queue<'static>;
     /// How image names become devices.
     type Resolver: Resolver<Self::Device>;
 
@@ -64,6 +65,18 @@ pub trait Environment {
     /// # Errors
     /// As the back end reports (no space, not found, ...).
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Device>;
+
+    /// Memory for the buffers of requests in flight (`bench -d DEPTH`):
+    /// `len` bytes, aligned to 4 KiB. `'static`, because a device that
+    /// queues (io_uring, virtio) may hold a buffer until its operation
+    /// completes, beyond any borrow ([`Queue`]). The interpreter uses it
+    /// for one command, drains its engine and drops every piece before the
+    /// command returns. `None` (the default) when the environment has no
+    /// memory that large.
+    fn queue_memory(&mut self, len: usize) -> Option<&'static mut [u8]> {
+        let _ = len;
+        None
+    }
 
     /// Undoes [`Environment::create`] of `name` after the command that
     /// created it failed, so that a failed command leaves no new file:

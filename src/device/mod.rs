@@ -7,7 +7,8 @@
 //!
 //! Implementations here: [`MemDevice`] (a caller-provided buffer with fault
 //! injection, operation counters and a write observer, for tests) and, with the
-//! `std` feature, [`FileDevice`] (a host file).
+//! `std` feature, [`FileDevice`] (a host file, with an io_uring queue for
+//! split-phase operations).
 
 mod memory;
 pub use memory::{DeviceEvent, MemDevice};

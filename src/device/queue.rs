@@ -2,11 +2,12 @@
 //! order ([`Queue`]), and [`Reorder`], a device that completes them out of
 //! order for tests.
 //!
-//! A device that works synchronously (a host file read with `pread`, a
-//! [`MemDevice`](super::MemDevice)) implements [`Queue`] with its defaults:
-//! every operation completes inside [`Queue::submit`]. A device with a real
-//! queue (virtio-blk, io_uring) keeps the buffers it was handed until the
-//! operation completes and reports it from [`Queue::poll`].
+//! A device that works synchronously (a [`MemDevice`](super::MemDevice), a
+//! virtio disk today) implements [`Queue`] with its defaults: every
+//! operation completes inside [`Queue::submit`]. A device with a real queue
+//! (a host file over io_uring) keeps the buffers it was handed until the
+//! operation completes, reports it from [`Queue::poll`], and can block in
+//! [`Queue::wait`] until one does.
 
 use super::{Device, DeviceId};
 use crate::error::Result;
@@ -71,10 +72,18 @@ pub trait Queue<'b>: Device {
     fn busy(&self) -> bool {
         false
     }
+
+    /// Blocks until [`Queue::poll`] has something to report, when an
+    /// operation is in flight that has not completed; returns at once
+    /// otherwise (a completion is waiting to be reported, or nothing is in
+    /// flight). A caller with nothing else to do waits here instead of
+    /// polling in a loop. The default returns at once: a device that
+    /// completes operations on its own only when polled never blocks.
+    fn wait(&mut self) {}
 }
 
 /// Runs `op` synchronously on `device`; a read's buffer comes back.
-fn perform<'b, D: Device + ?Sized>(
+pub(super) fn perform<'b, D: Device + ?Sized>(
     device: &mut D,
     op: Op<'b>,
 ) -> (Result<()>, Option<&'b mut [u8]>) {
@@ -86,9 +95,6 @@ fn perform<'b, D: Device + ?Sized>(
 }
 
 impl<'b> Queue<'b> for super::MemDevice<'_> {}
-
-#[cfg(feature = "std")]
-impl<'b> Queue<'b> for super::FileDevice {}
 
 /// Most operations a [`Reorder`] device holds in flight; more complete at
 /// once.

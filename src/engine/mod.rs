@@ -5,8 +5,10 @@
 //! [`Engine::submit_write_zeroes`], [`Engine::submit_discard`],
 //! [`Engine::submit_flush`]) through a BlockBackend, each with its guest
 //! buffers (scatter-gather), gets a [`Ticket`], calls [`Engine::poll`] to
-//! make progress, and collects finished requests with [`Engine::complete`]
-//! or [`Engine::take`] (or waits for one with [`Engine::wait`]). A finished
+//! make progress (or [`Engine::advance`], which blocks in the devices when
+//! nothing can progress without them), and collects finished requests with
+//! [`Engine::complete`] or [`Engine::take`] (or waits for one with
+//! [`Engine::wait`]). A finished
 //! read gives its buffers back ([`Done::buffers`]), in guest order, cut at
 //! the extents the chain mapped them to.
 //!
@@ -326,12 +328,40 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Makes progress: collects device completions and starts the requests
     /// that can start. Returns the number of requests still in flight.
+    /// Never blocks.
     pub fn poll<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
     ) -> usize {
+        self.step(graph);
+        self.in_flight()
+    }
+
+    /// Polls; when that collected no completion and started no request,
+    /// first blocks until a device completes an operation ([`Queue::wait`])
+    /// and polls again. Returns the number of requests still in flight.
+    /// For a VMM with nothing else to do until a request finishes: it
+    /// waits for the kernel instead of spinning.
+    pub fn advance<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) -> usize {
+        if !self.step(graph) && self.ops > 0 {
+            block(graph);
+            self.step(graph);
+        }
+        self.in_flight()
+    }
+
+    /// One round of [`Engine::poll`]: whether it collected a completion or
+    /// started a request.
+    fn step<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) -> bool {
+        let mut progressed = false;
         if self.ops > 0 {
-            self.collect(graph);
+            progressed = self.collect(graph) > 0;
             // Finished requests let go of their chains.
             for slot in self.slots.iter_mut().flatten() {
                 if slot.state == State::Done {
@@ -345,8 +375,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             if self.draining || !self.start(graph, index) {
                 break;
             }
+            progressed = true;
         }
-        self.in_flight()
+        progressed
     }
 
     /// Polls until request `ticket` finishes and takes it (other finished
@@ -366,17 +397,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             if let Some(done) = self.take(ticket)? {
                 return Ok(done);
             }
-            self.poll(graph);
+            self.advance(graph);
         }
     }
 
     /// Polls until no request is in flight (finished ones stay to be
-    /// collected). Call it before changing the graph's chains.
+    /// collected), blocking in the devices while nothing else can progress
+    /// ([`Engine::advance`]). Call it before changing the graph's chains.
     pub fn drain<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
     ) {
-        while self.poll(graph) > 0 {}
+        while self.advance(graph) > 0 {}
     }
 
     /// Runs `change` on the graph in a drained section, without blocking:
@@ -424,11 +456,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             .map(|(i, _)| i)
     }
 
-    /// Takes the completed device operations of every busy device.
+    /// Takes the completed device operations of every busy device; returns
+    /// how many.
     fn collect<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
-    ) {
+    ) -> usize {
+        let before = self.ops;
         let (slots, ops) = (&mut self.slots, &mut self.ops);
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
@@ -452,6 +486,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 }
             });
         }
+        before - self.ops
     }
 
     /// Starts queued request `index`; `false` when it must wait (an
@@ -497,6 +532,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         }
         slot.state = State::Done;
         true
+    }
+}
+
+/// Blocks until the first busy device of `graph` has a completion to report
+/// ([`Queue::wait`]). One device is enough: the caller polls them all
+/// afterwards, and a device that completes operations on its own returns
+/// at once.
+fn block<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+) {
+    if let Some(device) = graph.devices.iter_mut().flatten().find(|d| d.busy()) {
+        device.wait();
     }
 }
 

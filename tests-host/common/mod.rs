@@ -176,3 +176,32 @@ pub fn be32(bytes: &[u8], at: usize) -> u32 {
 pub fn be64(bytes: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
 }
+
+/// A seeded xorshift64 generator: reproducible random test inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (not 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `len` zero bytes aligned to 4 KiB (`O_DIRECT` takes them), leaked:
+/// buffers of requests in flight on host files must be `'static`
+/// (`FileDevice`'s io_uring queue may use them until they complete).
+#[allow(dead_code)]
+pub fn leaked_buffer(len: usize) -> &'static mut [u8] {
+    const ALIGN: usize = 4096;
+    let memory = Box::leak(vec![0u8; len + ALIGN].into_boxed_slice());
+    let skip = memory.as_ptr().align_offset(ALIGN);
+    &mut memory[skip..skip + len]
+}

@@ -20,6 +20,14 @@ const SCRATCH_BYTES: usize = 1 << 20;
 /// The interpreter's working memory (in `.bss`).
 static SCRATCH: spin::Mutex<[u8; SCRATCH_BYTES]> = spin::Mutex::new([0; SCRATCH_BYTES]);
 
+/// Memory for the buffers of requests in flight (`bench -d`), as large as
+/// the scratch memory, page-aligned, in `.bss`.
+#[repr(C, align(4096))]
+struct QueueMemory([u8; SCRATCH_BYTES]);
+
+/// Lent whole to one command at a time ([`Environment::queue_memory`]).
+static mut QUEUE_MEMORY: QueueMemory = QueueMemory([0; SCRATCH_BYTES]);
+
 struct Kernel {
     resolver: SerialResolver,
     /// Formats given by `image-format`, by disk index.
@@ -51,6 +59,15 @@ impl Environment for Kernel {
             disk::find(name).ok_or(Error::new(ErrorKind::NotFound, "no disk with that serial"))?;
         self.formats[disk.index] = Some(format);
         Ok(())
+    }
+
+    fn queue_memory(&mut self, len: usize) -> Option<&'static mut [u8]> {
+        // SAFETY: the interpreter uses this memory for one command and
+        // drops every piece of it before the command returns (its engine
+        // drained: no device holds a piece); commands run one at a time on
+        // the one kernel thread, so no other reference to it is alive.
+        let memory = unsafe { &mut (*core::ptr::addr_of_mut!(QUEUE_MEMORY)).0 };
+        memory.get_mut(..len)
     }
 
     fn create(&mut self, name: &str, size: u64) -> Result<VirtioDisk> {

@@ -24,6 +24,8 @@
 //! |---|---|---|---|
 //! | reads, QD 1, 4 and 64 KiB | `bench -d 1 -c N -s S top` | `bench -c N -s S top` | as printed |
 //! | reads, QD 32, 4 KiB | `bench -d 32 -c N -s 4k top` | `bench -d 32 -c N -s 4k top` | as printed |
+//! | reads, QD 1 and 32, 4 KiB, cache none | `bench -t none -d D -c N -s 4k -S 1028k top` | the same | as printed |
+//! | in-place writes, QD 1 and 32, 4 KiB, cache none | `bench -w -t none -d D -c N -s 4k` on an allocated overlay | the same | as printed |
 //! | convert | `convert -O raw top` | `convert top` | wall |
 //! | commit top+mid into base | `commit -b base top` | `commit --base base top` | wall |
 //! | stream into top | `rebase -b '' top` | `stream top` | wall |
@@ -51,8 +53,14 @@ const ROUNDS: usize = 7;
 const READ_COUNT: u64 = 20_000;
 /// Requests of the queued read case (QD 32: fewer, to keep the run time).
 const QUEUED_READ_COUNT: u64 = 10_000;
-/// Requests of the scattered write case.
+/// Requests of the scattered write case and of the in-place write cases.
 const WRITE_COUNT: u64 = 10_000;
+/// What an allocated overlay has written (from 0): the in-place write
+/// cases' requests, [`WRITE_COUNT`] × 4 KiB from 0, stay inside.
+const ALLOCATED: &str = "40M";
+/// The step of the cache-none read cases: 1 MiB + 4 KiB, so that requests
+/// scatter over every layer and the unallocated ranges, wrapping.
+const SCATTER_STEP: &str = "1028k";
 /// Its step: 1 MiB + 4 KiB, so that successive writes land in different
 /// clusters and offsets wrap around the disk.
 const WRITE_STEP: &str = "1028k";
@@ -120,6 +128,10 @@ enum Fresh {
     Chain,
     /// An empty overlay `PREFIX-overlay.qcow2` on top.qcow2.
     Overlay,
+    /// An overlay `PREFIX-overlay.qcow2` on top.qcow2 (64 KiB clusters)
+    /// whose first [`ALLOCATED`] bytes are written (0x44): writes there
+    /// overwrite allocated clusters in place.
+    AllocatedOverlay,
 }
 
 /// One line of a table: the times of both sides.
@@ -291,6 +303,50 @@ pub fn run(ws: &Workspace) -> Result<()> {
             }
         },
     )?);
+    let count = QUEUED_READ_COUNT.to_string();
+    for depth in ["1", "32"] {
+        rows.push(bench.side_by_side(
+            &format!(
+                "read 4 KiB, cache none, QD {depth}, {count} requests 1 MiB + 4 KiB apart \
+                 (wrapping), 3-deep chain"
+            ),
+            Timing::Reported,
+            Fresh::Nothing,
+            None,
+            |tool| {
+                let common = ["-t", "none", "-d", depth, "-c", &count, "-s", "4k"];
+                let image = ["-S", SCATTER_STEP, "top.qcow2"];
+                match tool {
+                    Tool::QemuImg => {
+                        words(&[&["bench", "-f", "qcow2"], &common[..], &image].concat())
+                    }
+                    Tool::Blockgraph => words(&[&["bench"], &common[..], &image].concat()),
+                }
+            },
+        )?);
+    }
+    let count = WRITE_COUNT.to_string();
+    for depth in ["1", "32"] {
+        rows.push(bench.side_by_side(
+            &format!(
+                "write 4 KiB in place, cache none, QD {depth}, {count} sequential requests \
+                 over allocated clusters (overlay on the chain)"
+            ),
+            Timing::Reported,
+            Fresh::AllocatedOverlay,
+            Some("overlay.qcow2"),
+            |tool| {
+                let overlay = format!("{}-overlay.qcow2", tool.prefix());
+                let common = ["-w", "-t", "none", "-d", depth, "-c", &count, "-s", "4k"];
+                match tool {
+                    Tool::QemuImg => {
+                        words(&[&["bench", "-f", "qcow2"], &common[..], &[&overlay]].concat())
+                    }
+                    Tool::Blockgraph => words(&[&["bench"], &common[..], &[&overlay]].concat()),
+                }
+            },
+        )?);
+    }
     let mut limits = Vec::new();
     for (step, what) in [
         (None, "sequential requests"),
@@ -516,6 +572,13 @@ impl Bench {
                 let overlay = format!("{}-overlay.qcow2", tool.prefix());
                 self.lab
                     .create(&overlay, "1G", Some("top.qcow2"), None, &[])
+            }
+            Fresh::AllocatedOverlay => {
+                let overlay = format!("{}-overlay.qcow2", tool.prefix());
+                let fill = format!("write -P 0x44 0 {ALLOCATED}");
+                let options = Some("cluster_size=65536");
+                self.lab
+                    .create(&overlay, "1G", Some("top.qcow2"), options, &[&fill])
             }
         }
     }
@@ -754,7 +817,8 @@ impl Report {
             out,
             "- chain: base.qcow2 (512 MiB of data) <- mid.qcow2 (128 MiB) <- top.qcow2 \
              (128 MiB), 1 GiB virtual, 64 KiB clusters; in every 8 MiB: base 0x11 @0 4M, \
-             mid 0x22 @2M 1M, top 0x33 @2.5M 1M, 4M..8M unallocated; files in the page cache"
+             mid 0x22 @2M 1M, top 0x33 @2.5M 1M, 4M..8M unallocated; files in the page cache \
+             (the cache-none rows bypass it: `-t none`, O_DIRECT on both sides)"
         )?;
         writeln!(
             out,

@@ -13,6 +13,12 @@
 //! `200 + i` while they do not share it. A new access conflicts when another
 //! open file description holds `200 + i` for a bit it needs, or `100 + i`
 //! for a bit it does not share. The locks live as long as the descriptor.
+//!
+//! Split-phase access ([`Queue`](super::Queue)): reads, writes and flushes
+//! submitted through the queue go to an io_uring of the device's own
+//! (module `ring`), many in flight at once; the [`Device`] methods stay
+//! synchronous (`pread`/`pwrite`). Both choose the descriptor (direct or
+//! buffered) by the same rule and report errors alike.
 
 use core::fmt::Write as _;
 
@@ -29,6 +35,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+mod ring;
+use ring::RingState;
+
 /// Buffers one `pwritev` takes (Linux allows 1024, `IOV_MAX`).
 const IOV_GROUP: usize = 64;
 
@@ -43,6 +52,21 @@ fn aligned(offset: u64, buf: &[u8]) -> bool {
     offset.is_multiple_of(align)
         && (buf.len() as u64).is_multiple_of(align)
         && buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN)
+}
+
+/// The descriptor a transfer of `buf` at `offset` goes through: `direct`
+/// (cache mode `none`) when there is one and the transfer is aligned,
+/// otherwise `buffered`. A file or its raw descriptor number alike.
+fn through<'f, F: ?Sized>(
+    buffered: &'f F,
+    direct: Option<&'f F>,
+    offset: u64,
+    buf: &[u8],
+) -> &'f F {
+    match direct {
+        Some(direct) if aligned(offset, buf) => direct,
+        _ => buffered,
+    }
 }
 
 /// Lock byte of "holds permission `i`" is `PERM_BASE + i` (QEMU's
@@ -92,6 +116,8 @@ pub struct FileDevice {
     /// transfers aligned to [`DIRECT_ALIGN`] go through it, bypassing the
     /// page cache; the others, and the locks, use `file`.
     direct: Option<File>,
+    /// The io_uring of split-phase operations, made at the first one.
+    ring: RingState,
 }
 
 impl FileDevice {
@@ -144,6 +170,7 @@ impl FileDevice {
                 ),
                 _ => io_error(err),
             })?;
+        blocking(&direct)?;
         let meta = direct.metadata().map_err(io_error)?;
         if DeviceId(meta.dev(), meta.ino()) != device.id {
             return fail(ErrorKind::Io, "the file changed while it was opened");
@@ -228,6 +255,7 @@ impl FileDevice {
                 "not a regular file or block device",
             );
         }
+        blocking(&file)?;
         let len = if kind.is_block_device() {
             // A block device's inode says nothing of its size.
             (&file).seek(SeekFrom::End(0)).map_err(io_error)?
@@ -243,6 +271,7 @@ impl FileDevice {
             locked: Access::UNUSED,
             created,
             direct: None,
+            ring: RingState::Untried,
         })
     }
 
@@ -269,6 +298,31 @@ impl FileDevice {
         Ok(())
     }
 
+    /// Refuses a read of `len` bytes at `offset` that reaches past the end
+    /// of the file.
+    fn check_read(&self, offset: u64, len: usize) -> Result<()> {
+        if within(offset, len as u64, self.len) {
+            Ok(())
+        } else {
+            fail(ErrorKind::Io, "read past the end of the file")
+        }
+    }
+
+    /// The end of a write of `len` bytes at `offset`, when the file may
+    /// take it.
+    fn write_end(&self, offset: u64, len: usize) -> Result<u64> {
+        let Some(end) = offset.checked_add(len as u64) else {
+            return fail(ErrorKind::InvalidInput, "write offset overflows");
+        };
+        self.check_writable(end)?;
+        Ok(end)
+    }
+
+    /// The descriptor a transfer of `buf` at `offset` goes through.
+    fn transfer_file(&self, offset: u64, buf: &[u8]) -> &File {
+        through(&self.file, self.direct.as_ref(), offset, buf)
+    }
+
     fn check_writable(&self, end: u64) -> Result<()> {
         if self.read_only {
             return fail(ErrorKind::ReadOnly, "file is open read-only");
@@ -278,6 +332,17 @@ impl FileDevice {
         }
         Ok(())
     }
+}
+
+/// Clears `O_NONBLOCK` from `file`, a regular file or block device by now:
+/// it kept the open from blocking on a FIFO, but io_uring would answer a
+/// transfer that has to wait with `EAGAIN` instead of waiting.
+fn blocking(file: &File) -> Result<()> {
+    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(|errno| io_error(errno.into()))?;
+    let flags =
+        nix::fcntl::OFlag::from_bits_retain(flags).difference(nix::fcntl::OFlag::O_NONBLOCK);
+    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(|errno| io_error(errno.into()))?;
+    Ok(())
 }
 
 /// Whether `offset..offset + len` lies inside `size` bytes.
@@ -387,27 +452,14 @@ impl Device for FileDevice {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.len => {
-                let file = match &self.direct {
-                    Some(direct) if aligned(offset, buf) => direct,
-                    _ => &self.file,
-                };
-                file.read_exact_at(buf, offset).map_err(io_error)
-            }
-            _ => fail(ErrorKind::Io, "read past the end of the file"),
-        }
+        self.check_read(offset, buf.len())?;
+        let file = self.transfer_file(offset, buf);
+        file.read_exact_at(buf, offset).map_err(io_error)
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        let Some(end) = offset.checked_add(buf.len() as u64) else {
-            return fail(ErrorKind::InvalidInput, "write offset overflows");
-        };
-        self.check_writable(end)?;
-        let file = match &self.direct {
-            Some(direct) if aligned(offset, buf) => direct,
-            _ => &self.file,
-        };
+        let end = self.write_end(offset, buf.len())?;
+        let file = self.transfer_file(offset, buf);
         file.write_all_at(buf, offset).map_err(io_error)?;
         self.len = self.len.max(end);
         Ok(())
@@ -455,6 +507,7 @@ impl Device for FileDevice {
         Ok(())
     }
 
+    /// `fdatasync` (nothing on a read-only file).
     fn flush(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -516,6 +569,11 @@ impl Device for FileDevice {
         }
         self.apply_locks(access, access)?;
         self.locked = access;
+        if access != Access::UNUSED {
+            // The ring is made when a node starts using the file, not at
+            // its first operation: I/O allocates nothing.
+            self.prepare_ring();
+        }
         Ok(())
     }
 
@@ -524,11 +582,15 @@ impl Device for FileDevice {
     }
 }
 
-/// Releases the lock bytes before the descriptor closes: a child process
-/// forked by another thread shares the open file description until it
-/// execs, and would otherwise keep the bytes locked until then.
+/// Waits for the operations in flight (the kernel still uses their buffers
+/// and may still write the file), then releases the lock bytes before the
+/// descriptor closes: a child process forked by another thread shares the
+/// open file description until it execs, and would otherwise keep the
+/// bytes locked until then.
 impl Drop for FileDevice {
     fn drop(&mut self) {
+        // Dropping the ring waits for its operations.
+        self.ring = RingState::Unavailable;
         if self.locked != Access::UNUSED {
             // Best effort: closing releases them in the end anyway.
             let _ = self.apply_locks(Access::UNUSED, Access::UNUSED);
@@ -539,13 +601,57 @@ impl Drop for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{Op, Queue, Submitted, Tag};
+
+    /// A fresh directory `blockgraph-NAME-PID` under the system's temporary
+    /// one, with file `a` of 8 KiB counting 0, 1, ... 255, 0, ...
+    fn counting_file(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("blockgraph-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a");
+        std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        (dir, a)
+    }
+
+    #[test]
+    fn without_a_ring_operations_complete_at_once() {
+        let (dir, path) = counting_file("ring");
+        let mut device = FileDevice::open(&path, true).unwrap();
+        // As where io_uring_setup fails (seccomp, io_uring_disabled).
+        device.ring = RingState::Unavailable;
+        let buf = Box::leak(Box::new([0u8; 100]));
+        let read = Op::Read {
+            offset: 1000,
+            buf: &mut buf[..],
+        };
+        match device.submit(Tag(1), read) {
+            Submitted::Done(Ok(()), Some(back)) => {
+                assert!(back
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == ((1000 + i) % 256) as u8));
+            }
+            other => panic!("{other:?}"),
+        }
+        let write = Op::Write {
+            offset: 8190,
+            buf: &[7; 4],
+        };
+        let done = device.submit(Tag(2), write);
+        assert!(matches!(done, Submitted::Done(Ok(()), None)));
+        assert_eq!(device.size(), 8194);
+        let done = device.submit(Tag(3), Op::Flush);
+        assert!(matches!(done, Submitted::Done(Ok(()), None)));
+        assert!(!device.busy());
+        device.wait();
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn copies_between_files_inside_both_sizes_only() {
-        let dir = std::env::temp_dir().join(format!("blockgraph-file-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("a"), dir.join("b"));
-        std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
+        let (dir, a) = counting_file("file");
+        let b = dir.join("b");
         std::fs::write(&b, vec![0u8; 4096]).unwrap();
         let source = FileDevice::open(&a, false).unwrap();
         let mut target = FileDevice::open(&b, true).unwrap();
