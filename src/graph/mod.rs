@@ -25,6 +25,7 @@ pub mod pool;
 pub mod resolve;
 mod segments;
 mod snapshot;
+mod source;
 mod write;
 
 pub use perm::{Access, Perm};
@@ -744,6 +745,19 @@ impl<
         match &self.nodes.get(id)?.driver {
             Driver::Qcow2(q) => Ok(q),
             _ => fail(ErrorKind::InvalidInput, "node is not a qcow2 image"),
+        }
+    }
+
+    /// The allocation unit of format node `id`'s own layer: its cluster
+    /// size for qcow2, 1 for raw.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a protocol node.
+    pub(crate) fn cluster_size(&self, id: NodeId) -> Result<u64> {
+        match &self.nodes.get(id)?.driver {
+            Driver::Qcow2(q) => Ok(q.cluster_size()),
+            Driver::Raw { .. } => Ok(1),
+            Driver::Protocol => fail(ErrorKind::InvalidInput, "a protocol node is not an image"),
         }
     }
 

@@ -1,14 +1,16 @@
 //! Guest writes, zero writes and discards on a format node.
 //!
 //! For qcow2 the graph drives each cluster: an owned cluster is written in
-//! place; otherwise a new cluster is allocated and filled (the untouched
-//! head and tail copied from the node's *current* guest view — old data, a
-//! compressed cluster, zeros or the backing chain — then the new bytes), and
-//! then mapped in the metadata cache, which writes the mapping back only
-//! after a flush has made the data durable. Reading the current view through
-//! the graph is what makes copy-on-write right for every kind of old entry.
+//! place; otherwise a new cluster is allocated and filled (the new bytes,
+//! and the untouched head and tail copied from the node's *current* guest
+//! view — old data, a compressed cluster, zeros or the backing chain — each
+//! byte written once), and then mapped in the metadata cache, which writes
+//! the mapping back only after a flush has made the data durable. Reading
+//! the current view through the graph is what makes copy-on-write right for
+//! every kind of old entry.
 
-use super::segments::{piece_len, Segments, MAX_SEGMENTS};
+use super::segments::{piece_len, Segments};
+use super::source::{Source, View};
 use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -17,9 +19,13 @@ use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
 const BOUNCE: usize = 4096;
-/// Buffer a partly written new cluster is assembled in (on the stack);
-/// larger clusters are filled piece by piece.
+/// Buffer a partly written new cluster is assembled in (on the stack, when
+/// the request brings no larger scratch); larger clusters are filled piece
+/// by piece.
 const COW_BUFFER: usize = 64 * 1024;
+/// Least alignment, in guest offsets, of the boundaries the write path cuts
+/// a request at (batches of clusters under 4 KiB end on it too).
+const BLOCK: u64 = 4096;
 /// Clusters a request allocates and maps together (the bound of the
 /// per-batch bookkeeping on the stack).
 const BATCH: usize = 64;
@@ -28,93 +34,27 @@ const COPIED: u64 = 1 << 63;
 /// L2 entry flag of a compressed cluster.
 const COMPRESSED: u64 = 1 << 62;
 
-/// What a write puts down: guest bytes (a scatter-gather list's, sliced
-/// without copying), or zeros.
-#[derive(Clone, Copy)]
-enum Source<'a> {
-    Data(Segments<'a>),
-    Zeros(u64),
-}
-
-impl<'a> Source<'a> {
-    fn len(self) -> u64 {
-        match self {
-            Source::Data(data) => data.len(),
-            Source::Zeros(len) => len,
-        }
-    }
-
-    /// The `len` bytes from `start`.
-    fn slice(self, start: u64, len: u64) -> Source<'a> {
-        match self {
-            Source::Data(data) => Source::Data(data.slice(start, len)),
-            Source::Zeros(_) => Source::Zeros(len),
-        }
-    }
-
-    /// Copies the bytes into `out` (exactly [`Self::len`] bytes long).
-    fn copy_to(self, out: &mut [u8]) {
-        match self {
-            Source::Data(data) => data.copy_to(out),
-            Source::Zeros(_) => out.fill(0),
-        }
-    }
-
-    /// Writes the bytes at device offset `at` as one vectored device write
-    /// (zeros: up to [`MAX_SEGMENTS`] × 64 KiB per write, the pieces cut at
-    /// 64 KiB boundaries of the device).
-    fn write_to<D: Device>(self, device: &mut D, at: u64) -> Result<()> {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        let mut list = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
-        let full = || Error::new(ErrorKind::InvalidInput, "too many segments in one request");
-        match self {
-            Source::Data(data) => {
-                for piece in data.pieces() {
-                    list.push(piece).map_err(|_| full())?;
-                }
-                device.write_vectored_at(at, &list)
-            }
-            Source::Zeros(len) => {
-                let (mut start, mut done) = (0, 0);
-                while done < len {
-                    let pos = at + done;
-                    let n = (ZEROS.len() as u64 - pos % ZEROS.len() as u64).min(len - done);
-                    list.push(&ZEROS[..n as usize]).map_err(|_| full())?;
-                    done += n;
-                    if list.is_full() || done == len {
-                        device.write_vectored_at(at + start, &list)?;
-                        list.clear();
-                        start = done;
-                    }
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Consecutive pieces of a request that lie next to each other on the
-/// device: where they start there, and which bytes of the request they are.
+/// device: where they start there, which bytes of the request they are,
+/// and how many bytes of the node's current view a new cluster at either
+/// end copies around them (its untouched head and tail).
 #[derive(Clone, Copy, Default)]
 struct Run {
     host: u64,
     start: u64,
     len: u64,
+    head: u64,
+    tail: u64,
 }
 
 impl Run {
     /// Whether the piece at device offset `host`, request byte `start`,
-    /// continues this run.
+    /// continues this run (a run with a copied tail ends there).
     fn extends(self, host: u64, start: u64) -> bool {
-        self.len > 0 && self.host + self.len == host && self.start + self.len == start
-    }
-
-    /// Writes the run's bytes of `data` (nothing for an empty run).
-    fn write<D: Device>(self, device: &mut D, data: Source<'_>) -> Result<()> {
-        if self.len == 0 {
-            return Ok(());
-        }
-        data.slice(self.start, self.len).write_to(device, self.host)
+        self.len > 0
+            && self.tail == 0
+            && self.host + self.len == host
+            && self.start + self.len == start
     }
 }
 
@@ -186,7 +126,7 @@ impl<
         self.writev(id, offset, &[data])
     }
 
-    /// Writes the concatenation of `segments` (at most [`MAX_SEGMENTS`]
+    /// Writes the concatenation of `segments` (at most [`MAX_SEGMENTS`](super::MAX_SEGMENTS)
     /// buffers, any lengths, empty ones too) at guest `offset` of format
     /// node `id`, as one request: validated whole before any byte is
     /// written, and executed as [`Graph::write`] of one buffer holding the
@@ -195,32 +135,52 @@ impl<
     /// a qcow2 cluster the request only partly covers is assembled (or, for
     /// clusters over 64 KiB, copied) with its old head and tail around the
     /// new bytes. Device writes start and end only at the request's ends,
-    /// at cluster boundaries, at the boundaries of 64-cluster batches and, for
-    /// the copied head and tail of a large cluster, at 64 KiB boundaries;
-    /// the segment boundaries are not among them (the pieces of one run go
-    /// to the device in one [`Device::write_vectored_at`]).
+    /// at cluster boundaries, at the boundaries of 64-cluster batches (4
+    /// KiB-aligned guest offsets, also for smaller clusters) and, for the
+    /// copied head and tail of a large cluster, at 64 KiB boundaries; the
+    /// segment boundaries are not among them (the pieces of one run go to
+    /// the device in one [`Device::write_vectored_at`]).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`] segments
+    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`](super::MAX_SEGMENTS) segments
     /// (nothing is written), else as [`Graph::write`].
     pub fn writev(&mut self, id: NodeId, offset: u64, segments: &[&[u8]]) -> Result<()> {
         let data = Segments::new(segments)?;
-        if data.len() == 0 {
+        self.write_request(id, offset, Source::Data(data), &mut [])
+    }
+
+    /// Writes `source` at `offset` of format node `id` as one request
+    /// (nothing for an empty one); `scratch` carries a view's bytes and,
+    /// when it holds [`COW_BUFFER`] bytes, a new cluster's assembly.
+    fn write_request(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        if source.len() == 0 {
             return Ok(());
         }
-        let raw = !self.check_writable(id, offset, data.len())?;
-        self.note_guest_write(id, offset, data.len());
+        let raw = !self.check_writable(id, offset, source.len())?;
+        self.note_guest_write(id, offset, source.len());
         if raw {
-            return self.write_raw(id, offset, Source::Data(data));
+            return self.write_raw(id, offset, source, scratch);
         }
-        self.write_source(id, offset, Source::Data(data))
+        self.write_source(id, offset, source, scratch)
     }
 
     /// Writes `source` at `offset` of raw node `id`. On a raw image whose
     /// format was probed, a write into the first [`PROBE_BYTES`] bytes that
     /// would make them probe as another format is refused and nothing is
     /// written (QEMU's rule for probed raw images).
-    fn write_raw(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+    fn write_raw(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let file = self.layer_file(id)?;
         if offset < PROBE_BYTES as u64 && self.is_probed(id)? {
             let device = self.device_mut(file)?;
@@ -229,9 +189,10 @@ impl<
             device.read_at(0, &mut first[..present])?;
             let start = offset as usize;
             let end = offset.saturating_add(source.len()).min(PROBE_BYTES as u64) as usize;
-            source
-                .slice(0, (end - start) as u64)
-                .copy_to(&mut first[start..end]);
+            self.fill_from(
+                source.slice(0, (end - start) as u64),
+                &mut first[start..end],
+            )?;
             if probe(&first[..present.max(end)]) != Probed::Raw {
                 return fail(
                     ErrorKind::NotPermitted,
@@ -239,7 +200,7 @@ impl<
                 );
             }
         }
-        source.write_to(self.device_mut(file)?, offset)
+        self.put(file, offset, source, scratch)
     }
 
     /// Copies guest bytes `offset..offset + len` of `source`'s chain into
@@ -247,14 +208,18 @@ impl<
     /// [`Graph::write`] of what [`Graph::read`] returns would do. Where a
     /// run of the source is stored data of one layer and `id` holds those
     /// clusters in place, one after the other on its device, the devices
-    /// copy it themselves ([`Device::copy_from`]); `scratch` carries the
-    /// rest, in pieces cut as [`piece_len`] cuts them: at multiples of the
-    /// largest power of two that fits in `scratch` (whole clusters whenever
-    /// `scratch` holds a cluster; at least 4 KiB-aligned guest offsets for
-    /// a scratch of 4 KiB or more).
+    /// copy it themselves ([`Device::copy_from`]). The rest goes as write
+    /// requests of whole clusters of `id` where `scratch` holds less than
+    /// one, else of pieces cut as [`piece_len`] cuts them (whole clusters
+    /// whenever `scratch` holds a cluster); the bytes are read into
+    /// `scratch` as they are written, in pieces whose guest offsets are
+    /// multiples of the largest power of two that fits in it (at least 4
+    /// KiB-aligned for a scratch of 4 KiB or more). So a new cluster is
+    /// filled once: no copied head or tail is written over again.
     ///
     /// # Errors
-    /// As [`Graph::read`] and [`Graph::write`].
+    /// As [`Graph::read`] and [`Graph::write`]; [`ErrorKind::InvalidInput`]
+    /// for an empty `scratch`.
     pub(crate) fn copy_into(
         &mut self,
         id: NodeId,
@@ -263,8 +228,12 @@ impl<
         len: u64,
         scratch: &mut [u8],
     ) -> Result<()> {
+        if scratch.is_empty() {
+            return fail(ErrorKind::InvalidInput, "a copy needs a scratch buffer");
+        }
         let file = self.layer_file(id)?;
         let offloads = self.device_mut(file)?.can_copy();
+        let piece = (scratch.len() as u64).max(self.cluster_size(id)?);
         let mut done = 0;
         while done < len {
             let at = offset + done;
@@ -275,10 +244,13 @@ impl<
             done += match copied {
                 Some(copied) => copied,
                 None => {
-                    let n = piece_len(at, len - done, scratch.len() as u64);
-                    let buf = &mut scratch[..n as usize];
-                    self.read(source, at, buf)?;
-                    self.write(id, at, buf)?;
+                    let n = piece_len(at, len - done, piece);
+                    let view = View {
+                        node: source,
+                        guest: at,
+                        len: n,
+                    };
+                    self.write_request(id, at, Source::View(view), scratch)?;
                     n
                 }
             };
@@ -355,7 +327,13 @@ impl<
     /// Writes `source` at `offset` of qcow2 node `id`, in batches of at
     /// most [`BATCH`] clusters. A request of several batches is validated
     /// whole before its first batch is written.
-    fn write_source(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+    fn write_source(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let len = source.len();
         let first = self.batch_at(id, offset, len)?;
         if first < len {
@@ -364,18 +342,24 @@ impl<
         let mut done = 0u64;
         while done < len {
             let n = self.batch_at(id, offset + done, len - done)?;
-            self.write_clusters(id, offset + done, source.slice(done, n))?;
+            self.write_clusters(id, offset + done, source.slice(done, n), scratch)?;
             done += n;
         }
         Ok(())
     }
 
     /// The bytes of the first batch of a request of `len` bytes at `pos` of
-    /// qcow2 node `id`.
+    /// qcow2 node `id`: at most [`BATCH`] clusters, ending at a cluster
+    /// boundary that is also a [`BLOCK`] boundary of the guest (a batch of
+    /// 64 clusters spans at least 32 KiB).
     fn batch_at(&self, id: NodeId, pos: u64, len: u64) -> Result<u64> {
         let cs = self.qcow2(id)?.cluster_size();
         let span = ((pos % cs) + len).div_ceil(cs).min(BATCH as u64);
-        Ok((span * cs - pos % cs).min(len))
+        let end = pos + (span * cs - pos % cs).min(len);
+        if end == pos + len {
+            return Ok(len);
+        }
+        Ok(end / BLOCK * BLOCK - pos)
     }
 
     /// Validates every batch of a write of `len` bytes at `offset` of qcow2
@@ -415,14 +399,20 @@ impl<
     /// filled, one flush makes data and refcounts durable, then the L2
     /// entries are set, and after another flush the replaced storage is
     /// released.
-    fn write_clusters(&mut self, id: NodeId, pos: u64, data: Source<'_>) -> Result<()> {
+    fn write_clusters(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        data: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         self.validate_clusters(id, pos, data.len())?;
         let mut fresh = [Fresh::default(); BATCH];
         let mut count = 0;
         let mut mapped = 0;
         // R2: every new cluster is filled before any of them is mapped.
         let result = self
-            .fill_clusters(id, pos, data, &mut fresh, &mut count)
+            .fill_clusters(id, pos, data, scratch, (&mut fresh, &mut count))
             .and_then(|()| self.map_fresh(id, &fresh[..count], &mut mapped));
         if result.is_err() {
             // R14: nothing references the clusters not yet mapped: give them
@@ -482,98 +472,117 @@ impl<
 
     /// Writes owned clusters in place and allocates and fills the others,
     /// recording each allocation in `fresh[..count]` as soon as it exists.
-    /// Pieces that land next to each other on the device go out as one
-    /// write; a new cluster only partly written is assembled with its
-    /// copy-on-write head and tail and written whole.
+    /// Pieces that land next to each other on the device go out together
+    /// ([`Self::write_run`]), with the copied head and tail of a new
+    /// cluster the batch only partly covers (only its first and last
+    /// clusters can be).
     fn fill_clusters(
         &mut self,
         id: NodeId,
         pos: u64,
         data: Source<'_>,
-        fresh: &mut [Fresh; BATCH],
-        count: &mut usize,
+        scratch: &mut [u8],
+        (fresh, count): (&mut [Fresh; BATCH], &mut usize),
     ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
-        let file = self.layer_file(id)?;
-        // Pieces not yet written: device offset, and their range of `data`.
+        // Pieces not yet written.
         let mut run = Run::default();
         let mut done = 0u64;
         while done < data.len() {
             let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
             let len = (cs - in_cluster).min(data.len() - done);
-            let host = match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-                WriteTarget::InPlace(host) => host + in_cluster,
+            let (host, head, tail) = match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
+                WriteTarget::InPlace(host) => (host + in_cluster, 0, 0),
                 WriteTarget::Allocate { old } => {
                     let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
                     fresh[*count] = Fresh { cluster, new, old };
                     *count += 1;
-                    if len < cs {
-                        run.write(self.device_mut(file)?, data)?;
-                        run = Run::default();
-                        self.fill_partial(
-                            id,
-                            cluster * cs,
-                            in_cluster,
-                            data.slice(done, len),
-                            new,
-                        )?;
-                        done += len;
-                        continue;
-                    }
-                    new
+                    (new + in_cluster, in_cluster, cs - in_cluster - len)
                 }
             };
-            if !run.extends(host, done) {
-                run.write(self.device_mut(file)?, data)?;
+            if head > 0 || !run.extends(host, done) {
+                self.write_run(id, pos, run, data, scratch)?;
                 run = Run {
                     host,
                     start: done,
-                    len: 0,
+                    head,
+                    ..Run::default()
                 };
             }
             run.len += len;
+            run.tail = tail;
             done += len;
         }
-        run.write(self.device_mut(file)?, data)
+        self.write_run(id, pos, run, data, scratch)
     }
 
-    /// Fills the new cluster at device offset `host` for guest cluster
-    /// `guest`: its current view, with `piece` at `in_cluster`. Clusters up
-    /// to [`COW_BUFFER`] bytes are assembled and written in one write.
-    fn fill_partial(
+    /// Writes `run` (nothing for an empty one) of the batch `data` at guest
+    /// `pos` of `id`: the bytes of `data` alone as one write; with a copied
+    /// head or tail, all of it assembled in one write when it fits the
+    /// buffer — `scratch` when it holds [`COW_BUFFER`] bytes or the whole
+    /// run, else one of [`COW_BUFFER`] bytes on the stack — and otherwise
+    /// as the head, the bytes of `data` and the tail, the copies carried
+    /// through that buffer. Each byte is written once.
+    fn write_run(
         &mut self,
         id: NodeId,
-        guest: u64,
-        in_cluster: u64,
-        piece: Source<'_>,
-        host: u64,
+        pos: u64,
+        run: Run,
+        data: Source<'_>,
+        scratch: &mut [u8],
     ) -> Result<()> {
-        let cs = self.qcow2(id)?.cluster_size();
-        let tail = in_cluster + piece.len();
+        if run.len == 0 {
+            return Ok(());
+        }
         let file = self.layer_file(id)?;
-        if cs > COW_BUFFER as u64 {
-            self.copy_view(id, guest, in_cluster, host)?;
-            piece.write_to(self.device_mut(file)?, host + in_cluster)?;
-            return self.copy_view(id, guest + tail, cs - tail, host + tail);
+        let body = data.slice(run.start, run.len);
+        if run.head == 0 && run.tail == 0 {
+            return self.put(file, run.host, body, scratch);
+        }
+        let whole = (run.head + run.len + run.tail) as usize;
+        if scratch.len() >= COW_BUFFER.min(whole) {
+            return self.write_copied_run(id, pos, run, body, scratch);
         }
         let mut buf = [0u8; COW_BUFFER];
-        let (head, rest) = buf[..cs as usize].split_at_mut(in_cluster as usize);
-        let (middle, end) = rest.split_at_mut(piece.len() as usize);
-        self.read_view(id, guest, head)?;
-        piece.copy_to(middle);
-        self.read_view(id, guest + tail, end)?;
-        self.device_mut(file)?.write_at(host, &buf[..cs as usize])
+        self.write_copied_run(id, pos, run, body, &mut buf)
     }
 
-    /// Reads `id`'s current guest view at `guest` into `buf`; bytes past the
-    /// virtual size read as zeros.
-    fn read_view(&mut self, id: NodeId, guest: u64, buf: &mut [u8]) -> Result<()> {
-        let readable = self.size(id)?.saturating_sub(guest).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(readable);
-        self.read(id, guest, inside)?;
-        past.fill(0);
-        Ok(())
+    /// [`Self::write_run`] of a run with a copied head or tail (`body`: its
+    /// bytes of the batch), with the buffer `buf`.
+    fn write_copied_run(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        run: Run,
+        body: Source<'_>,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let file = self.layer_file(id)?;
+        let guest = pos + run.start;
+        let head = Source::View(View {
+            node: id,
+            guest: guest - run.head,
+            len: run.head,
+        });
+        let tail = Source::View(View {
+            node: id,
+            guest: guest + run.len,
+            len: run.tail,
+        });
+        let start = run.host - run.head;
+        let whole = (run.head + run.len + run.tail) as usize;
+        let Some(assembly) = buf.get_mut(..whole) else {
+            self.put(file, start, head, buf)?;
+            self.put(file, run.host, body, buf)?;
+            return self.put(file, run.host + run.len, tail, buf);
+        };
+        let (head_bytes, rest) = assembly.split_at_mut(run.head as usize);
+        let (body_bytes, tail_bytes) = rest.split_at_mut(run.len as usize);
+        self.fill_from(head, head_bytes)?;
+        self.fill_from(body, body_bytes)?;
+        self.fill_from(tail, tail_bytes)?;
+        self.device_mut(file)?.write_at(start, assembly)
     }
 
     /// Maps the filled clusters in the metadata cache (counting in
@@ -590,24 +599,6 @@ impl<
             for f in fresh {
                 self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
             }
-        }
-        Ok(())
-    }
-
-    /// Copies `len` bytes of `id`'s current guest view at `guest` to device
-    /// offset `host` of its file (bytes past the virtual size as zeros), in
-    /// writes cut at [`COW_BUFFER`] boundaries of the device (of the guest
-    /// too: `host` and `guest` lie alike in a cluster larger than that).
-    fn copy_view(&mut self, id: NodeId, guest: u64, len: u64, host: u64) -> Result<()> {
-        let file = self.layer_file(id)?;
-        let mut buf = [0u8; COW_BUFFER];
-        let mut done = 0;
-        while done < len {
-            let to_boundary = COW_BUFFER as u64 - (host + done) % COW_BUFFER as u64;
-            let n = (len - done).min(to_boundary) as usize;
-            self.read_view(id, guest + done, &mut buf[..n])?;
-            self.device_mut(file)?.write_at(host + done, &buf[..n])?;
-            done += n as u64;
         }
         Ok(())
     }
@@ -636,9 +627,9 @@ impl<
             if qcow2 {
                 // R2: one request per piece: a new cluster is filled, then
                 // mapped, so a crash leaves it old or new, never torn.
-                graph.write_source(id, pos, Source::Zeros(n))
+                graph.write_source(id, pos, Source::Zeros(n), &mut [])
             } else {
-                graph.write_raw(id, pos, Source::Zeros(n))
+                graph.write_raw(id, pos, Source::Zeros(n), &mut [])
             }
         })
     }
