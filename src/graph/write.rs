@@ -14,7 +14,7 @@ use super::source::{Source, View};
 use super::{Driver, Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
+use crate::format::qcow2::{ClearMode, L2Entry, Qcow2, Tables, WriteTarget};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
@@ -29,10 +29,6 @@ const BLOCK: u64 = 4096;
 /// Clusters a request allocates and maps together (the bound of the
 /// per-batch bookkeeping on the stack).
 const BATCH: usize = 64;
-/// L2 entry flag of an owned cluster.
-const COPIED: u64 = 1 << 63;
-/// L2 entry flag of a compressed cluster.
-const COMPRESSED: u64 = 1 << 62;
 
 /// Consecutive pieces of a request that lie next to each other on the
 /// device: where they start there, which bytes of the request they are,
@@ -60,11 +56,11 @@ impl Run {
 
 /// A cluster allocated for a write: guest cluster, new device offset, and
 /// the L2 entry it replaces.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Fresh {
     cluster: u64,
     new: u64,
-    old: u64,
+    old: L2Entry,
 }
 
 impl<
@@ -407,7 +403,12 @@ impl<
         scratch: &mut [u8],
     ) -> Result<()> {
         self.validate_clusters(id, pos, data.len())?;
-        let mut fresh = [Fresh::default(); BATCH];
+        let unused = Fresh {
+            cluster: 0,
+            new: 0,
+            old: L2Entry::Unallocated,
+        };
+        let mut fresh = [unused; BATCH];
         let mut count = 0;
         let mut mapped = 0;
         // R2: every new cluster is filled before any of them is mapped.
@@ -418,7 +419,7 @@ impl<
             // R14: nothing references the clusters not yet mapped: give them
             // back (best effort; a crash here would only leak them).
             for f in &fresh[mapped..count] {
-                let _ = self.with_qcow2(id, |q, t| q.release_entry(t, f.new | COPIED));
+                let _ = self.with_qcow2(id, |q, t| q.release_entry(t, L2Entry::owned(f.new)));
             }
         }
         result
@@ -432,7 +433,7 @@ impl<
         let end = pos + len;
         let mut at = pos;
         let mut allocations = 0;
-        let mut replaced = [0u64; BATCH];
+        let mut replaced = [L2Entry::Unallocated; BATCH];
         while at < end {
             let cluster = at / cs;
             let target = self.with_qcow2(id, |q, t| {
@@ -443,7 +444,7 @@ impl<
             if let WriteTarget::Allocate { old } = target {
                 replaced[allocations] = old;
                 allocations += 1;
-                if old & COMPRESSED != 0 {
+                if let L2Entry::Compressed(_) = old {
                     self.verify_view(id, cluster * cs, at - cluster * cs)?;
                     self.verify_view(id, piece_end, (cluster + 1) * cs - piece_end)?;
                 }
@@ -590,10 +591,11 @@ impl<
     /// releases what they replaced once the new mapping is durable.
     fn map_fresh(&mut self, id: NodeId, fresh: &[Fresh], mapped: &mut usize) -> Result<()> {
         for f in fresh {
-            self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, f.new | COPIED))?;
+            self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, L2Entry::owned(f.new)))?;
             *mapped += 1;
         }
-        if fresh.iter().any(|f| references_storage(f.old)) {
+        let cs = self.qcow2(id)?.cluster_size();
+        if fresh.iter().any(|f| f.old.storage(cs).is_some()) {
             // R5: the new mappings durable before the old storage is freed.
             self.with_qcow2(id, |_, t| t.sync())?;
             for f in fresh {
@@ -672,7 +674,7 @@ impl<
     /// before a zero write or discard changes any of them: each entry valid,
     /// and each window of [`BATCH`] clusters releasable together.
     fn validate_clears(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        let mut window = [0u64; BATCH];
+        let mut window = [L2Entry::Unallocated; BATCH];
         let mut count = 0;
         self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
             if !whole {

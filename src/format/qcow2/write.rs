@@ -13,7 +13,7 @@
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{for_each_l2_table, Level, Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{for_each_l2_table, L2Entry, Level, Qcow2, Tables, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::cell::Cell;
@@ -25,8 +25,8 @@ pub enum WriteTarget {
     InPlace(u64),
     /// A new cluster must be allocated; `old` is the current L2 entry.
     Allocate {
-        /// The L2 entry being replaced (0 when unallocated).
-        old: u64,
+        /// The L2 entry being replaced.
+        old: L2Entry,
     },
 }
 
@@ -105,11 +105,11 @@ impl Qcow2 {
                     for raw in chunk[..n].chunks_exact(8) {
                         let mut bytes = [0u8; 8];
                         bytes.copy_from_slice(raw);
-                        let entry = u64::from_be_bytes(bytes);
-                        if !references_storage(entry) {
+                        let entry =
+                            L2Entry::parse(u64::from_be_bytes(bytes), this.header.cluster_bits);
+                        let Some((mut cluster, end)) = entry.storage(cs) else {
                             continue;
-                        }
-                        let (mut cluster, end) = this.entry_storage(entry);
+                        };
                         while cluster < end {
                             if this.refcount(t, cluster / cs)? == 0 {
                                 counted_free.set(true);
@@ -157,18 +157,20 @@ impl Qcow2 {
     }
 
     /// The L2 entry of guest cluster `cluster` (0 when its table is absent).
+    /// The L2 entry of guest `cluster`, decoded ([`L2Entry::decode`]).
     fn l2_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-    ) -> Result<u64> {
+    ) -> Result<L2Entry> {
         let (l1_index, l2_index) = self.indices(cluster);
         let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
         if table == 0 {
-            return Ok(0);
+            return Ok(L2Entry::Unallocated);
         }
         self.check_offset(t, table, "qcow2 L2 table")?;
-        self.read_entry(t, table, l2_index)
+        let raw = self.read_entry(t, table, l2_index)?;
+        self.decode_l2(raw, t.device_size())
     }
 
     fn check_offset<D: Device, const S: usize>(
@@ -197,19 +199,15 @@ impl Qcow2 {
     ) -> Result<WriteTarget> {
         let (l1_index, _) = self.indices(cluster);
         let l1 = self.l1_entry(t, l1_index)?;
+        // Decoded with the same checks as the read path: alignment, bounds.
         let entry = self.l2_entry(t, cluster)?;
-        // The same checks as the read path: reserved bits, alignment, bounds.
-        self.decode_l2(entry, t.device_size())?;
-        let owned = l1 & COPIED != 0
-            && entry & COPIED != 0
-            && entry & (COMPRESSED | ZERO) == 0
-            && entry & OFFSET_MASK != 0;
-        if owned {
-            let host = entry & OFFSET_MASK;
-            self.check_overlap(t, host, self.cluster_size())?;
-            return Ok(WriteTarget::InPlace(host));
+        match entry.in_place() {
+            Some(host) if l1 & COPIED != 0 => {
+                self.check_overlap(t, host, self.cluster_size())?;
+                Ok(WriteTarget::InPlace(host))
+            }
+            _ => Ok(WriteTarget::Allocate { old: entry }),
         }
-        Ok(WriteTarget::Allocate { old: entry })
     }
 
     /// Checks that `count` clusters can be allocated without touching
@@ -236,8 +234,8 @@ impl Qcow2 {
         self.allocate(t)
     }
 
-    /// Points guest `cluster` at `entry` (a data offset with COPIED, the
-    /// zero flag, or 0), in the cache: the entry reaches the disk only after
+    /// Points guest `cluster` at `entry` (an owned data cluster, zero, or
+    /// unallocated), in the cache: the entry reaches the disk only after
     /// a flush has made the data written so far and the refcounts durable.
     /// The caller releases what the old entry referenced with
     /// [`Qcow2::release_entry`] once the change is durable
@@ -249,11 +247,12 @@ impl Qcow2 {
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
         let at = self.owned_l2_entry(t, cluster)?;
+        let raw = entry.raw(self.header.cluster_bits);
         // R2, R3: a cached mapping, written back after data and refcounts.
-        self.update_table(t, at, &entry.to_be_bytes(), Level::Mapping)
+        self.update_table(t, at, &raw.to_be_bytes(), Level::Mapping)
     }
 
     /// Points guest `cluster` at `entry` and releases what the old entry
@@ -265,11 +264,11 @@ impl Qcow2 {
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-        entry: u64,
-        old: u64,
+        entry: L2Entry,
+        old: L2Entry,
     ) -> Result<()> {
         self.set_entry(t, cluster, entry)?;
-        if references_storage(old) {
+        if old.storage(self.cluster_size()).is_some() {
             // R5: the new entry durable before the old storage is freed.
             t.sync()?;
             self.release_entry(t, old)?;
@@ -290,14 +289,17 @@ impl Qcow2 {
     ) -> Result<()> {
         let old = self.l2_entry(t, cluster)?;
         let entry = match mode {
-            ClearMode::Zero => ZERO,
-            ClearMode::Unallocated => 0,
+            ClearMode::Zero => L2Entry::Zero {
+                host: 0,
+                copied: false,
+            },
+            ClearMode::Unallocated => L2Entry::Unallocated,
         };
         if old == entry {
             return Ok(());
         }
         let (l1_index, _) = self.indices(cluster);
-        if entry == 0 && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
+        if entry == L2Entry::Unallocated && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
             return Ok(());
         }
         self.map_cluster(t, cluster, entry, old)
@@ -312,33 +314,16 @@ impl Qcow2 {
     pub fn release_entry<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
-        if !references_storage(entry) {
+        let Some((mut cluster, end)) = entry.storage(self.cluster_size()) else {
             return Ok(());
-        }
-        let (mut cluster, end) = self.entry_storage(entry);
+        };
         while cluster < end {
             self.release_cluster(t, cluster)?;
             cluster += self.cluster_size();
         }
         Ok(())
-    }
-
-    /// The host clusters an L2 entry that references storage uses, as the
-    /// device range `start..end` (start cluster aligned).
-    fn entry_storage(&self, entry: u64) -> (u64, u64) {
-        let cs = self.cluster_size();
-        if entry & COMPRESSED != 0 {
-            let bits = self.header.cluster_bits;
-            let offset_bits = 62 - (bits - 8);
-            let host = entry & ((1u64 << offset_bits) - 1);
-            let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
-            let start = host & !511;
-            return (start / cs * cs, start + sectors * 512);
-        }
-        let host = entry & OFFSET_MASK;
-        (host, host + cs)
     }
 
     /// Checks, without writing, that guest `cluster`'s current entry is
@@ -358,7 +343,6 @@ impl Qcow2 {
             self.check_l2_overlap(t, table)?;
         }
         let old = self.l2_entry(t, cluster)?;
-        self.decode_l2(old, t.device_size())?;
         self.check_releasable(t, old)
     }
 
@@ -372,12 +356,11 @@ impl Qcow2 {
     pub fn check_releases<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
-        entries: &[u64],
+        entries: &[L2Entry],
     ) -> Result<()> {
         let cs = self.cluster_size();
         let mut uses: heapless::LinearMap<u64, u64, 256> = heapless::LinearMap::new();
-        for &entry in entries.iter().filter(|&&e| references_storage(e)) {
-            let (mut cluster, end) = self.entry_storage(entry);
+        for (mut cluster, end) in entries.iter().filter_map(|e| e.storage(cs)) {
             while cluster < end {
                 let count = uses.get(&cluster).copied().unwrap_or(0) + 1;
                 if uses.insert(cluster, count).is_err() {
@@ -408,7 +391,7 @@ impl Qcow2 {
         &self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-    ) -> Result<u64> {
+    ) -> Result<L2Entry> {
         self.l2_entry(t, cluster)
     }
 
@@ -417,13 +400,12 @@ impl Qcow2 {
     fn check_releasable<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
-        if !references_storage(entry) {
-            return Ok(());
-        }
         let cs = self.cluster_size();
-        let (mut cluster, end) = self.entry_storage(entry);
+        let Some((mut cluster, end)) = entry.storage(cs) else {
+            return Ok(());
+        };
         while cluster < end {
             if self.refcount(t, cluster / cs)? == 0 {
                 return fail(ErrorKind::Corrupt, "qcow2 cluster in use has refcount zero");
@@ -482,12 +464,6 @@ impl Qcow2 {
         }
         Ok(new_table + l2_index * 8)
     }
-}
-
-/// Whether an L2 entry holds storage (a data, zero-allocated or compressed
-/// cluster) that must be released when it is replaced.
-pub fn references_storage(entry: u64) -> bool {
-    entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
 }
 
 impl Qcow2 {
