@@ -11,9 +11,9 @@
 
 use super::segments::{piece_len, Segments};
 use super::source::{Source, View};
-use super::{Driver, Graph, NodeId};
+use super::{Graph, NodeId};
 use crate::device::Device;
-use crate::error::{fail, Error, ErrorKind, Result};
+use crate::error::{fail, ErrorKind, Result};
 use crate::format::qcow2::{ClearMode, L2Entry, Qcow2, Tables, WriteTarget};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
@@ -77,36 +77,18 @@ impl<
         id: NodeId,
         work: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>) -> Result<T>,
     ) -> Result<T> {
-        let node = self.nodes.get_mut(id)?;
-        let file = node
-            .file
-            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
-        let Driver::Qcow2(q) = &mut node.driver else {
-            return fail(ErrorKind::InvalidInput, "node is not a qcow2 image");
-        };
-        let mut tables = Tables::new(&mut self.cache, &mut self.devices, id.key(), file.index());
-        work(q, &mut tables)
+        let (driver, tables) = self.driver_and_tables(id)?;
+        work(driver.qcow2_mut()?, &mut tables.open())
     }
 
     /// Checks that guest bytes `offset..offset + len` of `id` may be written.
     fn check_writable(&mut self, id: NodeId, offset: u64, len: u64) -> Result<bool> {
         self.check_range(id, offset, len)?;
-        let node = self.nodes.get(id)?;
-        if node.read_only {
+        if self.nodes.get(id)?.read_only {
             return fail(ErrorKind::ReadOnly, "image is open read-only");
         }
-        match node.driver {
-            Driver::Qcow2(_) => {
-                // R9: refcounts checked, autoclear cleared before a first write.
-                self.with_qcow2(id, |q, t| q.prepare_for_writes(t))?;
-                Ok(true)
-            }
-            Driver::Raw { .. } => Ok(false),
-            Driver::Protocol => fail(
-                ErrorKind::InvalidInput,
-                "cannot write a protocol node as an image",
-            ),
-        }
+        let (driver, tables) = self.driver_and_tables(id)?;
+        driver.prepare_for_writes(tables)
     }
 
     /// Writes guest bytes at `offset` of format node `id` (its own layer;
