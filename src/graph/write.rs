@@ -13,8 +13,10 @@ use super::segments::{piece_len, Segments};
 use super::source::{Source, View};
 use super::{Graph, NodeId};
 use crate::device::Device;
-use crate::error::{fail, ErrorKind, Result};
-use crate::format::qcow2::{ClearMode, L2Entry, Qcow2, Tables, WriteTarget};
+use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::qcow2::{
+    Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, WriteTarget, BATCH,
+};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
@@ -26,9 +28,6 @@ const COW_BUFFER: usize = 64 * 1024;
 /// Least alignment, in guest offsets, of the boundaries the write path cuts
 /// a request at (batches of clusters under 4 KiB end on it too).
 const BLOCK: u64 = 4096;
-/// Clusters a request allocates and maps together (the bound of the
-/// per-batch bookkeeping on the stack).
-const BATCH: usize = 64;
 
 /// Consecutive pieces of a request that lie next to each other on the
 /// device: where they start there, which bytes of the request they are,
@@ -52,15 +51,6 @@ impl Run {
             && self.host + self.len == host
             && self.start + self.len == start
     }
-}
-
-/// A cluster allocated for a write: guest cluster, new device offset, and
-/// the L2 entry it replaces.
-#[derive(Clone, Copy)]
-struct Fresh {
-    cluster: u64,
-    new: u64,
-    old: L2Entry,
 }
 
 impl<
@@ -374,9 +364,8 @@ impl<
 
     /// Writes `data` (at most [`BATCH`] clusters) at guest `pos`: owned
     /// clusters in place; for the others, every new cluster is allocated and
-    /// filled, one flush makes data and refcounts durable, then the L2
-    /// entries are set, and after another flush the replaced storage is
-    /// released.
+    /// filled, then the batch is linked ([`Qcow2::link`]: mapped in the
+    /// cache, what it replaced released once durable).
     fn write_clusters(
         &mut self,
         id: NodeId,
@@ -385,24 +374,17 @@ impl<
         scratch: &mut [u8],
     ) -> Result<()> {
         self.validate_clusters(id, pos, data.len())?;
-        let unused = Fresh {
-            cluster: 0,
-            new: 0,
-            old: L2Entry::Unallocated,
-        };
-        let mut fresh = [unused; BATCH];
-        let mut count = 0;
-        let mut mapped = 0;
+        let mut batch = Batch::new();
         // R2: every new cluster is filled before any of them is mapped.
         let result = self
-            .fill_clusters(id, pos, data, scratch, (&mut fresh, &mut count))
-            .and_then(|()| self.map_fresh(id, &fresh[..count], &mut mapped));
+            .fill_clusters(id, pos, data, scratch, &mut batch)
+            .and_then(|()| self.with_qcow2(id, |q, t| q.link(t, &mut batch)));
         if result.is_err() {
-            // R14: nothing references the clusters not yet mapped: give them
-            // back (best effort; a crash here would only leak them).
-            for f in &fresh[mapped..count] {
-                let _ = self.with_qcow2(id, |q, t| q.release_entry(t, L2Entry::owned(f.new)));
-            }
+            // R14: nothing references the clusters not yet mapped.
+            let _ = self.with_qcow2(id, |q, t| {
+                q.abandon(t, &batch);
+                Ok(())
+            });
         }
         result
     }
@@ -414,18 +396,14 @@ impl<
         let cs = self.qcow2(id)?.cluster_size();
         let end = pos + len;
         let mut at = pos;
-        let mut allocations = 0;
-        let mut replaced = [L2Entry::Unallocated; BATCH];
+        let mut replaced = heapless::Vec::<L2Entry, BATCH>::new();
         while at < end {
             let cluster = at / cs;
-            let target = self.with_qcow2(id, |q, t| {
-                q.check_replaceable(t, cluster)?;
-                q.write_target(t, cluster)
-            })?;
+            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster))?;
             let piece_end = ((cluster + 1) * cs).min(end);
-            if let WriteTarget::Allocate { old } = target {
-                replaced[allocations] = old;
-                allocations += 1;
+            if let Some(old) = old {
+                let full = Error::new(ErrorKind::NoCapacity, "more than 64 clusters in a batch");
+                replaced.push(old).map_err(|_| full)?;
                 if let L2Entry::Compressed(_) = old {
                     self.verify_view(id, cluster * cs, at - cluster * cs)?;
                     self.verify_view(id, piece_end, (cluster + 1) * cs - piece_end)?;
@@ -433,11 +411,7 @@ impl<
             }
             at = piece_end;
         }
-        // Each allocation may also need a new L2 table.
-        self.with_qcow2(id, |q, t| {
-            q.check_releases(t, &replaced[..allocations])?;
-            q.check_allocations(t, 2 * allocations as u64)
-        })
+        self.with_qcow2(id, |q, t| q.check_replacements(t, &replaced))
     }
 
     /// Reads (and drops) `len` bytes of `id`'s guest view at `guest`.
@@ -454,7 +428,7 @@ impl<
     }
 
     /// Writes owned clusters in place and allocates and fills the others,
-    /// recording each allocation in `fresh[..count]` as soon as it exists.
+    /// recording each allocation in `batch` as soon as it exists.
     /// Pieces that land next to each other on the device go out together
     /// ([`Self::write_run`]), with the copied head and tail of a new
     /// cluster the batch only partly covers (only its first and last
@@ -465,7 +439,7 @@ impl<
         pos: u64,
         data: Source<'_>,
         scratch: &mut [u8],
-        (fresh, count): (&mut [Fresh; BATCH], &mut usize),
+        batch: &mut Batch,
     ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
         // Pieces not yet written.
@@ -475,14 +449,10 @@ impl<
             let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
             let len = (cs - in_cluster).min(data.len() - done);
-            let (host, head, tail) = match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-                WriteTarget::InPlace(host) => (host + in_cluster, 0, 0),
-                WriteTarget::Allocate { old } => {
-                    let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
-                    fresh[*count] = Fresh { cluster, new, old };
-                    *count += 1;
-                    (new + in_cluster, in_cluster, cs - in_cluster - len)
-                }
+            let placed = self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster))?;
+            let (host, head, tail) = match placed {
+                Placement::InPlace(host) => (host + in_cluster, 0, 0),
+                Placement::Fresh(new) => (new + in_cluster, in_cluster, cs - in_cluster - len),
             };
             if head > 0 || !run.extends(host, done) {
                 self.write_run(id, pos, run, data, scratch)?;
@@ -568,25 +538,6 @@ impl<
         self.device_mut(file)?.write_at(start, assembly)
     }
 
-    /// Maps the filled clusters in the metadata cache (counting in
-    /// `mapped`: the cache writes them back after the data is durable), and
-    /// releases what they replaced once the new mapping is durable.
-    fn map_fresh(&mut self, id: NodeId, fresh: &[Fresh], mapped: &mut usize) -> Result<()> {
-        for f in fresh {
-            self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, L2Entry::owned(f.new)))?;
-            *mapped += 1;
-        }
-        let cs = self.qcow2(id)?.cluster_size();
-        if fresh.iter().any(|f| f.old.storage(cs).is_some()) {
-            // R5: the new mappings durable before the old storage is freed.
-            self.with_qcow2(id, |_, t| t.sync())?;
-            for f in fresh {
-                self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Makes guest range `offset..offset + len` of format node `id` read as
     /// zeros. qcow2 v3 sets the zero flag on whole clusters (freeing their
     /// storage) and writes zeros into partial ones; v2 and raw write zeros.
@@ -656,25 +607,10 @@ impl<
     /// before a zero write or discard changes any of them: each entry valid,
     /// and each window of [`BATCH`] clusters releasable together.
     fn validate_clears(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        let mut window = [L2Entry::Unallocated; BATCH];
-        let mut count = 0;
-        self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
-            if !whole {
-                return Ok(());
-            }
-            let cluster = pos / graph.qcow2(id)?.cluster_size();
-            window[count] = graph.with_qcow2(id, |q, t| {
-                q.check_replaceable(t, cluster)?;
-                q.entry(t, cluster)
-            })?;
-            count += 1;
-            if count == BATCH {
-                count = 0;
-                graph.with_qcow2(id, |q, t| q.check_releases(t, &window))?;
-            }
-            Ok(())
-        })?;
-        self.with_qcow2(id, |q, t| q.check_releases(t, &window[..count]))
+        self.with_qcow2(id, |q, t| {
+            let clusters = q.whole_clusters(offset, len);
+            q.check_clears(t, clusters)
+        })
     }
 
     /// Splits `offset..offset + len` at cluster boundaries (qcow2) and calls

@@ -6,6 +6,7 @@
 //! in *this* image ([`Mapping`])? It never calls its backing image; the graph
 //! walks the chain.
 
+mod alloc;
 pub mod create;
 pub mod header;
 mod inflate;
@@ -16,6 +17,7 @@ mod snapshot;
 pub(crate) mod testimg;
 mod write;
 
+pub use alloc::{Batch, Placement, BATCH};
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
 pub use l2::L2Entry;

@@ -1,22 +1,22 @@
 //! The qcow2 write side: L2 tables and entries, and what a guest write,
 //! zero write or discard does to one cluster.
 //!
-//! The graph drives a guest write cluster by cluster:
-//! 1. [`Qcow2::write_target`]: write in place (an owned data cluster), or
-//!    allocate;
-//! 2. when allocating, [`Qcow2::allocate_data`] counts the new cluster; the
-//!    graph fills it (copy-on-write of the untouched head and tail from the
-//!    current guest view, then the new data);
-//! 3. [`Qcow2::set_entry`] points the L2 entry at it in the metadata cache,
-//!    which writes it back only after a flush (see `format::cache`); what the
-//!    entry referenced before is released once the change is durable.
+//! [`Qcow2::write_target`] says whether a guest write to a cluster goes in
+//! place (an owned data cluster) or needs a new cluster (the batch of
+//! `alloc.rs` allocates, the caller fills it, [`Qcow2::link`] maps it);
+//! [`Qcow2::set_entry`] points an L2 entry at a cluster in the metadata
+//! cache, which writes it back only after a flush (see `format::cache`);
+//! what the entry referenced before is released once the change is
+//! durable. Zero writes and discards of whole clusters change the entry
+//! alone ([`Qcow2::clear_cluster`]).
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{for_each_l2_table, L2Entry, Level, Qcow2, Tables, COPIED, OFFSET_MASK};
+use super::{for_each_l2_table, L2Entry, Level, Qcow2, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::cell::Cell;
+use core::ops::Range;
 
 /// What a guest write to one cluster needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,30 +210,6 @@ impl Qcow2 {
         }
     }
 
-    /// Checks that `count` clusters can be allocated without touching
-    /// metadata (see the allocator), writing nothing.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Corrupt`] for hostile refcounts.
-    pub fn check_allocations<D: Device, const S: usize>(
-        &mut self,
-        t: &mut Tables<'_, D, S>,
-        count: u64,
-    ) -> Result<()> {
-        self.check_allocatable(t, count)
-    }
-
-    /// Allocates a data cluster (its refcount written, not yet flushed).
-    ///
-    /// # Errors
-    /// [`ErrorKind::NoSpace`] on a full device, metadata errors.
-    pub fn allocate_data<D: Device, const S: usize>(
-        &mut self,
-        t: &mut Tables<'_, D, S>,
-    ) -> Result<u64> {
-        self.allocate(t)
-    }
-
     /// Points guest `cluster` at `entry` (an owned data cluster, zero, or
     /// unallocated), in the cache: the entry reaches the disk only after
     /// a flush has made the data written so far and the refcounts durable.
@@ -303,6 +279,42 @@ impl Qcow2 {
             return Ok(());
         }
         self.map_cluster(t, cluster, entry, old)
+    }
+
+    /// The guest clusters that `offset..offset + len` covers whole (a
+    /// cluster that ends at the virtual size counts as whole).
+    pub fn whole_clusters(&self, offset: u64, len: u64) -> Range<u64> {
+        let cs = self.cluster_size();
+        let end = offset.saturating_add(len);
+        let last = match end == self.size() {
+            true => end.div_ceil(cs),
+            false => end / cs,
+        };
+        offset.div_ceil(cs)..last
+    }
+
+    /// Checks, without writing, that every guest cluster of `clusters` may
+    /// be cleared ([`Qcow2::clear_cluster`]): each entry valid, and the
+    /// storage of each window of [`BATCH`] clusters releasable together.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for hostile entries or refcounts.
+    pub fn check_clears<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        clusters: Range<u64>,
+    ) -> Result<()> {
+        let mut window = heapless::Vec::<L2Entry, BATCH>::new();
+        for cluster in clusters {
+            self.check_replaceable(t, cluster)?;
+            let entry = self.l2_entry(t, cluster)?;
+            if window.push(entry).is_err() {
+                self.check_releases(t, &window)?;
+                window.clear();
+                let _ = window.push(entry);
+            }
+        }
+        self.check_releases(t, &window)
     }
 
     /// Releases the clusters an L2 entry referenced (nothing for entries
@@ -381,18 +393,6 @@ impl Qcow2 {
             }
         }
         Ok(())
-    }
-
-    /// The current L2 entry of guest `cluster`.
-    ///
-    /// # Errors
-    /// Metadata and device errors.
-    pub fn entry<D: Device, const S: usize>(
-        &self,
-        t: &mut Tables<'_, D, S>,
-        cluster: u64,
-    ) -> Result<L2Entry> {
-        self.l2_entry(t, cluster)
     }
 
     /// Refuses when the storage of `entry` has a zero refcount (releasing it
