@@ -5,7 +5,7 @@
 //! A node is a protocol node (a device, no format) or a format node (a raw
 //! or qcow2 image over a protocol node).
 
-use super::cache::MetaCache;
+use super::cache::{device_at, MetaCache};
 use super::qcow2::{Qcow2, Tables, WriteTarget};
 use super::{raw, Format, Mapping, PROBE_BYTES};
 use crate::device::Device;
@@ -222,6 +222,35 @@ impl Driver {
                 ErrorKind::InvalidInput,
                 "cannot write a protocol node as an image",
             ),
+        }
+    }
+}
+
+impl Driver {
+    /// Grows the image to a virtual size of at least `size` bytes: qcow2
+    /// switches to a larger L1 table first and writes the size last (R8);
+    /// a raw image's device gets its last byte written.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a protocol node or a size over the
+    /// format's limits, metadata and device errors.
+    pub(crate) fn grow<D: Device, const S: usize>(
+        &mut self,
+        tables: ImageTables<'_, D, S>,
+        size: u64,
+    ) -> Result<()> {
+        match self {
+            // R8: a larger L1 table switched in first, the size last.
+            Driver::Qcow2(q) => q.grow(&mut tables.open(), size),
+            Driver::Raw { .. } => {
+                let device =
+                    device_at(tables.devices, tables.file.index(), "image without device")?;
+                match size.checked_sub(1) {
+                    Some(last) if last >= device.size() => device.write_at(last, &[0]),
+                    _ => Ok(()),
+                }
+            }
+            Driver::Protocol => fail(ErrorKind::InvalidInput, NOT_AN_IMAGE),
         }
     }
 }

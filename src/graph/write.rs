@@ -550,7 +550,10 @@ impl<
         }
         let qcow2 = self.check_writable(id, offset, len)?;
         self.note_guest_write(id, offset, len);
-        let zero_flag = qcow2 && self.qcow2(id)?.header().version >= 3;
+        if !qcow2 {
+            return self.write_raw(id, offset, Source::Zeros(len), &mut []);
+        }
+        let zero_flag = self.qcow2(id)?.has_zero_flag();
         if zero_flag {
             self.validate_clears(id, offset, len)?;
         }
@@ -559,13 +562,9 @@ impl<
                 let cluster = pos / graph.qcow2(id)?.cluster_size();
                 return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
             }
-            if qcow2 {
-                // R2: one request per piece: a new cluster is filled, then
-                // mapped, so a crash leaves it old or new, never torn.
-                graph.write_source(id, pos, Source::Zeros(n), &mut [])
-            } else {
-                graph.write_raw(id, pos, Source::Zeros(n), &mut [])
-            }
+            // R2: one request per piece: a new cluster is filled, then
+            // mapped, so a crash leaves it old or new, never torn.
+            graph.write_source(id, pos, Source::Zeros(n), &mut [])
         })
     }
 
@@ -587,11 +586,8 @@ impl<
         }
         self.note_guest_write(id, offset, len);
         let has_backing = self.nodes.get(id)?.backing.is_some();
-        let mode = match (self.qcow2(id)?.header().version >= 3, has_backing) {
-            (true, true) => ClearMode::Zero,
-            (_, false) => ClearMode::Unallocated,
-            // v2 cannot hide backing data: QEMU ignores the discard.
-            (false, true) => return Ok(()),
+        let Some(mode) = self.qcow2(id)?.discard_mode(has_backing) else {
+            return Ok(());
         };
         self.validate_clears(id, offset, len)?;
         self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
@@ -613,9 +609,9 @@ impl<
         })
     }
 
-    /// Splits `offset..offset + len` at cluster boundaries (qcow2) and calls
-    /// `each(graph, pos, len, whole_cluster)`; raw images are one piece. A
-    /// cluster that ends at the virtual size counts as whole.
+    /// Splits `offset..offset + len` of qcow2 node `id` at cluster
+    /// boundaries and calls `each(graph, pos, len, whole_cluster)`, a piece
+    /// being whole as [`Qcow2::whole_clusters`] counts it.
     fn for_each_piece(
         &mut self,
         id: NodeId,
@@ -623,18 +619,14 @@ impl<
         len: u64,
         mut each: impl FnMut(&mut Self, u64, u64, bool) -> Result<()>,
     ) -> Result<()> {
-        let size = self.size(id)?;
-        let cs = match self.qcow2(id) {
-            Ok(q) => q.cluster_size(),
-            Err(_) => return each(self, offset, len, false),
-        };
+        let q = self.qcow2(id)?;
+        let (cs, whole) = (q.cluster_size(), q.whole_clusters(offset, len));
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let cluster_end = (pos / cs + 1) * cs;
-            let piece_end = cluster_end.min(end);
-            let whole = pos.is_multiple_of(cs) && (piece_end == cluster_end || piece_end == size);
-            each(self, pos, piece_end - pos, whole)?;
+            let piece_end = ((pos / cs + 1) * cs).min(end);
+            let is_whole = pos.is_multiple_of(cs) && whole.contains(&(pos / cs));
+            each(self, pos, piece_end - pos, is_whole)?;
             pos = piece_end;
         }
         Ok(())

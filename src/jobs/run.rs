@@ -199,14 +199,8 @@ impl<
         if current >= size {
             return Ok(());
         }
-        match self.format(node)? {
-            // R8: a larger L1 table switched in first, the size last.
-            Some(crate::Format::Qcow2) => self.with_qcow2(node, |q, t| q.grow(t, size)),
-            _ => {
-                let file = self.layer_file(node)?;
-                self.device_mut(file)?.write_at(size - 1, &[0])
-            }
-        }
+        let (driver, tables) = self.driver_and_tables(node)?;
+        driver.grow(tables, size)
     }
 
     /// Advances job `id` by one bounded step, using `scratch` (any non-empty

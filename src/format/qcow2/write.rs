@@ -281,6 +281,24 @@ impl Qcow2 {
         self.map_cluster(t, cluster, entry, old)
     }
 
+    /// Whether a zero write of whole clusters sets the zero flag (v3)
+    /// rather than writing zeros (v2 has no such flag).
+    pub fn has_zero_flag(&self) -> bool {
+        self.header.version >= 3
+    }
+
+    /// What a discard leaves in the whole clusters it covers: unallocated
+    /// without a backing file; with one, the zero flag (v3), so backing
+    /// data never shows through, or nothing on v2, which cannot hide it
+    /// (`None`: QEMU ignores the discard).
+    pub fn discard_mode(&self, has_backing: bool) -> Option<ClearMode> {
+        match (self.has_zero_flag(), has_backing) {
+            (_, false) => Some(ClearMode::Unallocated),
+            (true, true) => Some(ClearMode::Zero),
+            (false, true) => None,
+        }
+    }
+
     /// The guest clusters that `offset..offset + len` covers whole (a
     /// cluster that ends at the virtual size counts as whole).
     pub fn whole_clusters(&self, offset: u64, len: u64) -> Range<u64> {
