@@ -6,7 +6,7 @@
 //! or qcow2 image over a protocol node).
 
 use super::cache::{device_at, MetaCache};
-use super::qcow2::{Qcow2, Tables, WriteTarget};
+use super::qcow2::{Qcow2, Tables};
 use super::{raw, Format, Mapping, PROBE_BYTES};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -191,9 +191,10 @@ impl Driver {
 
     /// Where the start of a write of `len` bytes at guest `pos` goes when
     /// it can be written in place, without allocating: the device offset
-    /// and the bytes of the run (up to the end of the cluster). `None`
-    /// when it needs the write path: an allocation, or the first sector
-    /// of a probed raw image (whose new content must be checked).
+    /// and how many of the bytes follow on from there on the device
+    /// ([`Qcow2::in_place_run`]). `None` when it needs the write path: an
+    /// allocation, or the first sector of a probed raw image (whose new
+    /// content must be checked).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a protocol node, metadata errors and
@@ -209,15 +210,7 @@ impl Driver {
                 let guarded = *probed && pos < PROBE_BYTES as u64;
                 Ok((!guarded).then_some((pos, len)))
             }
-            Driver::Qcow2(q) => {
-                let cs = q.cluster_size();
-                let (cluster, within) = (pos / cs, pos % cs);
-                let run = (cs - within).min(len);
-                match q.write_target(&mut tables.open(), cluster)? {
-                    WriteTarget::InPlace(host) => Ok(Some((host + within, run))),
-                    WriteTarget::Allocate { .. } => Ok(None),
-                }
-            }
+            Driver::Qcow2(q) => q.in_place_run(&mut tables.open(), pos, len),
             Driver::Protocol => fail(
                 ErrorKind::InvalidInput,
                 "cannot write a protocol node as an image",

@@ -112,9 +112,10 @@ impl<
 
     /// Where the start of a write of `len` bytes at `pos` of format node
     /// `id` goes when it can be written in place, without allocating: the
-    /// protocol node, the device offset and the bytes of the run (up to the
-    /// end of the cluster). `None` when it needs the synchronous path (an
-    /// allocation, or the first sector of a probed raw image).
+    /// protocol node, the device offset and the bytes of the run (clusters
+    /// that follow on from there on the device). `None` when it needs the
+    /// synchronous path (an allocation, or the first sector of a probed raw
+    /// image).
     ///
     /// # Errors
     /// Metadata errors, and the overlap check of a cluster written in place.

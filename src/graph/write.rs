@@ -14,9 +14,7 @@ use super::source::{Source, View};
 use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::{
-    Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, WriteTarget, BATCH,
-};
+use crate::format::qcow2::{Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, BATCH};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
@@ -236,23 +234,17 @@ impl<
         offset: u64,
         len: u64,
     ) -> Result<Option<u64>> {
-        let raw = !self.check_writable(id, offset, len)?;
-        if raw && offset < PROBE_BYTES as u64 && self.is_probed(id)? {
-            // The buffered path checks what the first sector becomes.
-            return Ok(None);
-        }
+        self.check_writable(id, offset, len)?;
         let (located, run) = self.locate(source, offset, len)?;
         let Mapping::Data(source_host) = located.mapping else {
             return Ok(None);
         };
         let (source_file, file) = (self.layer_file(located.layer)?, self.layer_file(id)?);
-        let (target_host, run) = if raw {
-            (offset, run)
-        } else {
-            match self.in_place_run(id, offset, run)? {
-                Some(found) => found,
-                None => return Ok(None),
-            }
+        // Not in place (or the first sector of a probed raw image, whose new
+        // content the buffered path checks): no offload.
+        let (driver, tables) = self.driver_and_tables(id)?;
+        let Some((target_host, run)) = driver.in_place(tables, offset, run)? else {
+            return Ok(None);
         };
         let Ok([Some(target), Some(from)]) = self
             .devices
@@ -265,31 +257,6 @@ impl<
         }
         self.note_guest_write(id, offset, run);
         Ok(Some(run))
-    }
-
-    /// Where qcow2 node `id` holds guest bytes from `offset` in place: the
-    /// device offset and how many of the `len` bytes follow on from there
-    /// (`None` when the first cluster is not written in place).
-    fn in_place_run(&mut self, id: NodeId, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
-        let cs = self.qcow2(id)?.cluster_size();
-        let mut first = None;
-        let mut at = offset;
-        while at < offset + len {
-            let cluster = at / cs;
-            let WriteTarget::InPlace(host) =
-                self.with_qcow2(id, |q, t| q.write_target(t, cluster))?
-            else {
-                break;
-            };
-            let host = host + at % cs;
-            match first {
-                None => first = Some(host),
-                Some(start) if start + (at - offset) == host => {}
-                Some(_) => break,
-            }
-            at = ((cluster + 1) * cs).min(offset + len);
-        }
-        Ok(first.map(|start| (start, at - offset)))
     }
 
     /// Writes `source` at `offset` of qcow2 node `id`, in batches of at

@@ -356,6 +356,39 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Where this image holds guest bytes from `offset` in place: the
+    /// device offset and how many of the `len` bytes follow on from there,
+    /// cluster after cluster on the device (`None` when the first cluster
+    /// is not written in place).
+    ///
+    /// # Errors
+    /// Metadata errors, and the overlap check of a cluster written in
+    /// place.
+    pub fn in_place_run<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let cs = self.cluster_size();
+        let mut first = None;
+        let mut at = offset;
+        while at < offset + len {
+            let cluster = at / cs;
+            let WriteTarget::InPlace(host) = self.write_target(t, cluster)? else {
+                break;
+            };
+            let host = host + at % cs;
+            match first {
+                None => first = Some(host),
+                Some(start) if start + (at - offset) == host => {}
+                Some(_) => break,
+            }
+            at = ((cluster + 1) * cs).min(offset + len);
+        }
+        Ok(first.map(|start| (start, at - offset)))
+    }
+
     /// Checks, without writing, that guest `cluster`'s current entry is
     /// valid and its storage can be released: a request validates every
     /// cluster this way before it changes any.
