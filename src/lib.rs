@@ -14,8 +14,9 @@
 //!  backend    BlockBackend slots: the root a device uses
 //!  graph      node pool, refcounts, file/backing edges, permissions,
 //!             chain walk, drop_intermediate
-//!  format     qcow2 (header, L1/L2 slices, compressed clusters), raw;
-//!             the shared metadata cache
+//!  format     each node's driver (all format dispatch), qcow2 (header,
+//!             L1/L2 slices, typed L2 entries, allocation, compressed
+//!             clusters), raw; the shared metadata cache
 //!  device     Device trait: host file, memory (tests), virtio-blk (kernel)
 //! ```
 //!

@@ -36,7 +36,10 @@ use blockgraph::{Access, Error, ErrorKind, Graph, OpenOptions, Resolver};
 use tempfile::TempDir;
 
 mod common;
-use common::{be32, be64, copy_dir, qemu_img, qemu_io, render, run, BLOCKGRAPH};
+use common::{
+    be32, be64, copy_dir, own_data_extents, qemu_compare, qemu_img, qemu_io, render, run,
+    BLOCKGRAPH,
+};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -1169,17 +1172,6 @@ fn sg_close(mut graph: Box<Graph<FileDevice>>, backend: blockgraph::BackendId) {
     assert_eq!(graph.node_count(), 0);
 }
 
-fn qemu_compare(dir: &Path, a: &str, b: &str, what: &str) {
-    let args = ["compare", "-f", "qcow2", "-F", "qcow2", a, b];
-    let out = run(dir, "qemu-img", &args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: {}",
-        render(dir, "qemu-img", &args, &out)
-    );
-}
-
 fn scatter_gather(cluster: u64, backing: bool) {
     let dir = scratch();
     let root = &dir.path;
@@ -1368,30 +1360,6 @@ impl<'a> Environment for MemEnv<'a> {
     fn warn(&mut self, message: std::fmt::Arguments<'_>) {
         eprintln!("{message}");
     }
-}
-
-/// The number after `"key": ` in a qemu-img map JSON entry.
-fn json_number(entry: &str, key: &str) -> Option<u64> {
-    let at = entry.find(&format!("\"{key}\": "))? + key.len() + 4;
-    let digits: String = entry[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-/// The data extents of `img` itself (depth 0): guest start, length, host
-/// offset.
-fn own_data_extents(dir: &Path, img: &str) -> Vec<(u64, u64, u64)> {
-    let map = qemu_img(dir, &["map", "--output=json", "-f", "qcow2", img]);
-    map.split('{')
-        .skip(1)
-        .filter(|e| e.contains("\"data\": true") && json_number(e, "depth") == Some(0))
-        .map(|e| {
-            let field = |k| json_number(e, k).unwrap_or_else(|| panic!("no {k} in {e}"));
-            (field("start"), field("length"), field("offset"))
-        })
-        .collect()
 }
 
 /// `write -P 0x55 12345 6M` through the CLI's library path on an in-memory

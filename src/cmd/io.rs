@@ -222,10 +222,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
                     let filled = (r.len.min(scratch.len() as u64)) as usize;
                     scratch[..filled].fill(pattern);
-                    let align = match graph.qcow2(root) {
-                        Ok(q) => q.cluster_size().max(MIN_ALIGN),
-                        Err(_) => MIN_ALIGN,
-                    };
+                    let align = graph.cluster_size(root).unwrap_or(1).max(MIN_ALIGN);
                     let mut done = 0;
                     while done < r.len {
                         let segments = request_segments(

@@ -623,13 +623,18 @@ fn plan<
             }
             Ok(pieces <= P)
         }
-        Payload::Write(_) => {
+        Payload::Write(segments) => {
             let root = root_for(graph, slot.backend, true)?;
             if len == 0 {
                 return Ok(true);
             }
             // The whole request is validated before any of it is written.
             graph.check_write(root, offset, len)?;
+            if !segments_end_aligned(offset, segments) {
+                // Each segment would be a device write of its own: the
+                // synchronous path writes them as one.
+                return Ok(false);
+            }
             let mut pos = offset;
             while pos < offset + len {
                 match graph.in_place_extent(root, pos, offset + len - pos)? {
@@ -641,6 +646,18 @@ fn plan<
         }
         Payload::WriteZeroes(_) | Payload::Discard(_) | Payload::Flush => Ok(false),
     }
+}
+
+/// Whether every boundary between `segments` of a write at guest `offset`
+/// lies on a 4 KiB boundary of the guest, so that device writes cut there
+/// never split a block (or a 512-byte sector).
+fn segments_end_aligned(offset: u64, segments: &[&[u8]]) -> bool {
+    let mut at = offset;
+    let inner = segments.len().saturating_sub(1);
+    segments[..inner].iter().all(|segment| {
+        at += segment.len() as u64;
+        at.is_multiple_of(4096)
+    })
 }
 
 /// Hands a planned request's extents to the devices; returns how many

@@ -20,7 +20,7 @@
 
 use heapless::{String, Vec};
 
-use super::{Driver, Graph, NodeId, Parent, Resolver};
+use super::{Graph, NodeId, Parent, Resolver};
 use crate::backend::BackendId;
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -170,7 +170,7 @@ impl<
         }
         for &overlay in &overlays {
             let node = self.nodes.get(overlay)?;
-            if !matches!(node.driver, Driver::Qcow2(_)) {
+            if !node.driver.has_backing_reference() {
                 return fail(
                     ErrorKind::Unsupported,
                     "unsupported: only qcow2 overlays carry backing references",
@@ -379,7 +379,7 @@ impl<
         let file = node
             .file
             .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
-        let Driver::Qcow2(q) = &mut node.driver else {
+        let Ok(q) = node.driver.qcow2_mut() else {
             return fail(
                 ErrorKind::Unsupported,
                 "unsupported: only qcow2 overlays carry backing references",

@@ -25,6 +25,7 @@ pub mod pool;
 pub mod resolve;
 mod segments;
 mod snapshot;
+mod source;
 mod write;
 
 pub use perm::{Access, Perm};
@@ -37,8 +38,9 @@ use crate::backend::{Backend, BackendId};
 use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
-use crate::format::qcow2::{Inflater, Qcow2, Tables};
-use crate::format::{probe, raw, Format, Mapping, Probed, PROBE_BYTES};
+use crate::format::driver::{Driver, ImageTables};
+use crate::format::qcow2::{Inflater, Qcow2};
+use crate::format::{probe, Format, Mapping, Probed, PROBE_BYTES};
 use crate::jobs::Job;
 
 // The default graph must stay small enough for a unikernel's static memory.
@@ -81,18 +83,6 @@ impl Node {
 
 /// Handle of a node.
 pub type NodeId = Handle<Node>;
-
-// No heap: nodes are stored inline in the fixed pool, so the large qcow2
-// variant cannot be boxed.
-#[allow(clippy::large_enum_variant)]
-enum Driver {
-    Protocol,
-    /// A raw image; `probed` when its format was guessed, not named.
-    Raw {
-        probed: bool,
-    },
-    Qcow2(Qcow2),
-}
 
 /// How [`Graph::open_image`] opens a chain.
 ///
@@ -313,7 +303,7 @@ impl<
             );
         }
         let file_node = self.nodes.get(file)?;
-        if !matches!(file_node.driver, Driver::Protocol) {
+        if !file_node.driver.is_protocol() {
             return fail(
                 ErrorKind::InvalidInput,
                 "a format node's file must be a protocol node",
@@ -350,21 +340,7 @@ impl<
         read_only: bool,
         force_share: bool,
     ) -> Result<NodeId> {
-        let device = self.device_mut(file)?;
-        let driver = match format {
-            Format::Raw => Driver::Raw { probed: false },
-            Format::Qcow2 => {
-                let q = Qcow2::open(device)?;
-                // R1: refcounts are eager; a dirty (lazy) image stays read-only.
-                if !read_only && q.is_dirty() {
-                    return fail(
-                        ErrorKind::Unsupported,
-                        "unsupported: dirty image (lazy refcounts) cannot be opened read-write; repair it with qemu-img check -r all or open it read-only",
-                    );
-                }
-                Driver::Qcow2(q)
-            }
-        };
+        let driver = Driver::open(format, self.device_mut(file)?, read_only)?;
         let mut name = NameBuf::new();
         // Same capacity, cannot fail.
         let _ = name.push_str(&self.nodes.get(file)?.name);
@@ -503,9 +479,7 @@ impl<
         let opened = self.open_format_shared(file, format, read_only, force_share);
         self.unref(file)?;
         let id = opened?;
-        if let Driver::Raw { probed: mark } = &mut self.nodes.get_mut(id)?.driver {
-            *mark = probed;
-        }
+        self.nodes.get_mut(id)?.driver.set_probed(probed);
         Ok(id)
     }
 
@@ -527,24 +501,18 @@ impl<
             }
         };
         for depth in 1.. {
-            let (reference, format) = match &self.nodes.get(current)?.driver {
-                Driver::Qcow2(q) => match q.backing_name() {
-                    Some(name) => {
-                        let mut reference = NameBuf::new();
-                        let _ = reference.push_str(name);
-                        let format = match q.backing_format() {
-                            Some(f) => Format::from_name(f),
-                            None if options.assume_raw_backing => Ok(Format::Raw),
-                            None => fail(
-                                    ErrorKind::Unsupported,
-                                    "backing file format is not recorded in the image (unsupported: formats are never probed)",
-                                ),
-                        };
-                        (reference, format)
-                    }
-                    None => return Ok(()),
-                },
-                _ => return Ok(()),
+            let Some((name, format)) = self.nodes.get(current)?.driver.backing_reference() else {
+                return Ok(());
+            };
+            let mut reference = NameBuf::new();
+            let _ = reference.push_str(name);
+            let format = match format {
+                Some(f) => Format::from_name(f),
+                None if options.assume_raw_backing => Ok(Format::Raw),
+                None => fail(
+                    ErrorKind::Unsupported,
+                    "backing file format is not recorded in the image (unsupported: formats are never probed)",
+                ),
             };
             let checked = format.and_then(|format| {
                 if depth >= MAX_CHAIN_DEPTH {
@@ -714,11 +682,7 @@ impl<
     /// # Errors
     /// [`ErrorKind::StaleHandle`] for a released node.
     pub fn format(&self, id: NodeId) -> Result<Option<Format>> {
-        Ok(match self.nodes.get(id)?.driver {
-            Driver::Protocol => None,
-            Driver::Raw { .. } => Some(Format::Raw),
-            Driver::Qcow2(_) => Some(Format::Qcow2),
-        })
+        Ok(self.nodes.get(id)?.driver.format())
     }
 
     /// Whether node `id` is a raw image whose format was probed rather than
@@ -730,10 +694,7 @@ impl<
     /// # Errors
     /// [`ErrorKind::StaleHandle`] for a freed node.
     pub fn is_probed(&self, id: NodeId) -> Result<bool> {
-        Ok(matches!(
-            self.nodes.get(id)?.driver,
-            Driver::Raw { probed: true }
-        ))
+        Ok(self.nodes.get(id)?.driver.is_probed())
     }
 
     /// The qcow2 state of a qcow2 node (header facts for `info`).
@@ -741,10 +702,16 @@ impl<
     /// # Errors
     /// [`ErrorKind::InvalidInput`] when the node is not qcow2.
     pub fn qcow2(&self, id: NodeId) -> Result<&Qcow2> {
-        match &self.nodes.get(id)?.driver {
-            Driver::Qcow2(q) => Ok(q),
-            _ => fail(ErrorKind::InvalidInput, "node is not a qcow2 image"),
-        }
+        self.nodes.get(id)?.driver.qcow2()
+    }
+
+    /// The allocation unit of format node `id`'s own layer: its cluster
+    /// size for qcow2, 1 for raw.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a protocol node.
+    pub(crate) fn cluster_size(&self, id: NodeId) -> Result<u64> {
+        self.nodes.get(id)?.driver.cluster_size()
     }
 
     /// The node's backing node.
@@ -777,18 +744,8 @@ impl<
     /// [`ErrorKind::StaleHandle`] for a released node.
     pub fn size(&self, id: NodeId) -> Result<u64> {
         let node = self.nodes.get(id)?;
-        match &node.driver {
-            Driver::Qcow2(q) => Ok(q.size()),
-            // As QEMU: a raw image's size is its file's, rounded up to whole
-            // 512-byte sectors (the tail reads as zeros).
-            Driver::Raw { .. } => {
-                let file = node
-                    .file
-                    .ok_or(Error::new(ErrorKind::Corrupt, "raw node without file"))?;
-                Ok(self.size(file)?.next_multiple_of(512))
-            }
-            Driver::Protocol => Ok(self.devices[id.index()].as_ref().map_or(0, Device::size)),
-        }
+        let device = self.devices[node.file.unwrap_or(id).index()].as_ref();
+        Ok(node.driver.size(device.map_or(0, Device::size)))
     }
 
     /// A format node over the storage `identity` (the first one found), if
@@ -893,7 +850,7 @@ impl<
         let identity = self.identity(file)?;
         for (other, node) in self.nodes.iter() {
             let same_storage = other != file
-                && matches!(node.driver, Driver::Protocol)
+                && node.driver.is_protocol()
                 && self.devices[other.index()].as_ref().map(Device::identity) == Some(identity);
             if same_storage && self.users_access(other)?.conflicts_with(access) {
                 return fail(
@@ -927,7 +884,7 @@ impl<
     pub fn set_backing(&mut self, node: NodeId, backing: Option<NodeId>) -> Result<()> {
         self.check_not_held(node)?;
         let n = self.nodes.get(node)?;
-        if !matches!(n.driver, Driver::Qcow2(_)) {
+        if !n.driver.has_backing_reference() {
             return fail(
                 ErrorKind::InvalidInput,
                 "only qcow2 nodes have backing files",
@@ -941,7 +898,7 @@ impl<
             return Ok(());
         }
         if let Some(b) = backing {
-            if matches!(self.nodes.get(b)?.driver, Driver::Protocol) {
+            if self.nodes.get(b)?.driver.is_protocol() {
                 return fail(
                     ErrorKind::InvalidInput,
                     "a backing node must be a format node",
@@ -1080,11 +1037,8 @@ impl<
                 };
                 return Ok((located, run));
             }
+            let size = self.size(layer)?;
             let node = self.nodes.get(layer)?;
-            let size = match &node.driver {
-                Driver::Qcow2(q) => q.size(),
-                _ => self.size(layer)?,
-            };
             let beyond = Located {
                 status: BlockStatus {
                     depth,
@@ -1113,27 +1067,13 @@ impl<
                 return Ok((located, run));
             }
             run = run.min(size - offset);
-            let (mapping, mapped) = match &node.driver {
-                Driver::Qcow2(q) => {
-                    let file = node
-                        .file
-                        .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
-                    let mut tables = Tables::new(
-                        &mut self.cache,
-                        &mut self.devices,
-                        layer.key(),
-                        file.index(),
-                    );
-                    q.map(&mut tables, offset, run)?
-                }
-                Driver::Raw { .. } => raw::map(offset, run),
-                Driver::Protocol => {
-                    return fail(
-                        ErrorKind::InvalidInput,
-                        "cannot read a protocol node as an image",
-                    )
-                }
+            let tables = ImageTables {
+                cache: &mut self.cache,
+                devices: &mut self.devices,
+                node: layer,
+                file: node.file.unwrap_or(layer),
             };
+            let (mapping, mapped) = node.driver.map(tables, offset, run)?;
             run = mapped;
             let status = |present, zero, data, compressed| BlockStatus {
                 depth,
@@ -1356,6 +1296,24 @@ impl<
             }
         }
         dirty
+    }
+
+    /// Node `id`'s driver, with what its metadata lives in.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node.
+    pub(crate) fn driver_and_tables(
+        &mut self,
+        id: NodeId,
+    ) -> Result<(&mut Driver, ImageTables<'_, D, CACHE>)> {
+        let node = self.nodes.get_mut(id)?;
+        let tables = ImageTables {
+            cache: &mut self.cache,
+            devices: &mut self.devices,
+            node: id,
+            file: node.file.unwrap_or(id),
+        };
+        Ok((&mut node.driver, tables))
     }
 
     /// Writes back and flushes `id`'s cached table updates, if it has any;

@@ -1,11 +1,10 @@
 //! What the request engine ([`crate::engine`]) asks of the graph: where a
 //! request's bytes are on the devices, without doing its I/O.
 
-use super::{Driver, Graph, NodeId};
+use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
-use crate::format::qcow2::WriteTarget;
-use crate::format::{Mapping, PROBE_BYTES};
+use crate::format::Mapping;
 
 /// Where the start of a read lies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,9 +112,10 @@ impl<
 
     /// Where the start of a write of `len` bytes at `pos` of format node
     /// `id` goes when it can be written in place, without allocating: the
-    /// protocol node, the device offset and the bytes of the run (up to the
-    /// end of the cluster). `None` when it needs the synchronous path (an
-    /// allocation, or the first sector of a probed raw image).
+    /// protocol node, the device offset and the bytes of the run (clusters
+    /// that follow on from there on the device). `None` when it needs the
+    /// synchronous path (an allocation, or the first sector of a probed raw
+    /// image).
     ///
     /// # Errors
     /// Metadata errors, and the overlap check of a cluster written in place.
@@ -126,24 +126,8 @@ impl<
         len: u64,
     ) -> Result<Option<(NodeId, u64, u64)>> {
         let file = self.layer_file(id)?;
-        match &self.nodes.get(id)?.driver {
-            Driver::Raw { probed } => {
-                let guarded = *probed && pos < PROBE_BYTES as u64;
-                Ok((!guarded).then_some((file, pos, len)))
-            }
-            Driver::Qcow2(q) => {
-                let cs = q.cluster_size();
-                let (cluster, within) = (pos / cs, pos % cs);
-                let run = (cs - within).min(len);
-                match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-                    WriteTarget::InPlace(host) => Ok(Some((file, host + within, run))),
-                    WriteTarget::Allocate { .. } => Ok(None),
-                }
-            }
-            Driver::Protocol => fail(
-                ErrorKind::InvalidInput,
-                "cannot write a protocol node as an image",
-            ),
-        }
+        let (driver, tables) = self.driver_and_tables(id)?;
+        let extent = driver.in_place(tables, pos, len)?;
+        Ok(extent.map(|(host, run)| (file, host, run)))
     }
 }

@@ -1,130 +1,54 @@
 //! Guest writes, zero writes and discards on a format node.
 //!
 //! For qcow2 the graph drives each cluster: an owned cluster is written in
-//! place; otherwise a new cluster is allocated and filled (the untouched
-//! head and tail copied from the node's *current* guest view — old data, a
-//! compressed cluster, zeros or the backing chain — then the new bytes), and
-//! then mapped in the metadata cache, which writes the mapping back only
-//! after a flush has made the data durable. Reading the current view through
-//! the graph is what makes copy-on-write right for every kind of old entry.
+//! place; otherwise a new cluster is allocated and filled (the new bytes,
+//! and the untouched head and tail copied from the node's *current* guest
+//! view — old data, a compressed cluster, zeros or the backing chain — each
+//! byte written once), and then mapped in the metadata cache, which writes
+//! the mapping back only after a flush has made the data durable. Reading
+//! the current view through the graph is what makes copy-on-write right for
+//! every kind of old entry.
 
-use super::segments::{piece_len, Segments, MAX_SEGMENTS};
-use super::{Driver, Graph, NodeId};
+use super::segments::{piece_len, Segments};
+use super::source::{Source, View};
+use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::{references_storage, ClearMode, Qcow2, Tables, WriteTarget};
+use crate::format::qcow2::{Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, BATCH};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
 /// Bounce buffer for checking compressed sources (on the stack).
 const BOUNCE: usize = 4096;
-/// Buffer a partly written new cluster is assembled in (on the stack);
-/// larger clusters are filled piece by piece.
+/// Buffer a partly written new cluster is assembled in (on the stack, when
+/// the request brings no larger scratch); larger clusters are filled piece
+/// by piece.
 const COW_BUFFER: usize = 64 * 1024;
-/// Clusters a request allocates and maps together (the bound of the
-/// per-batch bookkeeping on the stack).
-const BATCH: usize = 64;
-/// L2 entry flag of an owned cluster.
-const COPIED: u64 = 1 << 63;
-/// L2 entry flag of a compressed cluster.
-const COMPRESSED: u64 = 1 << 62;
-
-/// What a write puts down: guest bytes (a scatter-gather list's, sliced
-/// without copying), or zeros.
-#[derive(Clone, Copy)]
-enum Source<'a> {
-    Data(Segments<'a>),
-    Zeros(u64),
-}
-
-impl<'a> Source<'a> {
-    fn len(self) -> u64 {
-        match self {
-            Source::Data(data) => data.len(),
-            Source::Zeros(len) => len,
-        }
-    }
-
-    /// The `len` bytes from `start`.
-    fn slice(self, start: u64, len: u64) -> Source<'a> {
-        match self {
-            Source::Data(data) => Source::Data(data.slice(start, len)),
-            Source::Zeros(_) => Source::Zeros(len),
-        }
-    }
-
-    /// Copies the bytes into `out` (exactly [`Self::len`] bytes long).
-    fn copy_to(self, out: &mut [u8]) {
-        match self {
-            Source::Data(data) => data.copy_to(out),
-            Source::Zeros(_) => out.fill(0),
-        }
-    }
-
-    /// Writes the bytes at device offset `at` as one vectored device write
-    /// (zeros: up to [`MAX_SEGMENTS`] × 64 KiB per write, the pieces cut at
-    /// 64 KiB boundaries of the device).
-    fn write_to<D: Device>(self, device: &mut D, at: u64) -> Result<()> {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        let mut list = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
-        let full = || Error::new(ErrorKind::InvalidInput, "too many segments in one request");
-        match self {
-            Source::Data(data) => {
-                for piece in data.pieces() {
-                    list.push(piece).map_err(|_| full())?;
-                }
-                device.write_vectored_at(at, &list)
-            }
-            Source::Zeros(len) => {
-                let (mut start, mut done) = (0, 0);
-                while done < len {
-                    let pos = at + done;
-                    let n = (ZEROS.len() as u64 - pos % ZEROS.len() as u64).min(len - done);
-                    list.push(&ZEROS[..n as usize]).map_err(|_| full())?;
-                    done += n;
-                    if list.is_full() || done == len {
-                        device.write_vectored_at(at + start, &list)?;
-                        list.clear();
-                        start = done;
-                    }
-                }
-                Ok(())
-            }
-        }
-    }
-}
+/// Least alignment, in guest offsets, of the boundaries the write path cuts
+/// a request at (batches of clusters under 4 KiB end on it too).
+const BLOCK: u64 = 4096;
 
 /// Consecutive pieces of a request that lie next to each other on the
-/// device: where they start there, and which bytes of the request they are.
+/// device: where they start there, which bytes of the request they are,
+/// and how many bytes of the node's current view a new cluster at either
+/// end copies around them (its untouched head and tail).
 #[derive(Clone, Copy, Default)]
 struct Run {
     host: u64,
     start: u64,
     len: u64,
+    head: u64,
+    tail: u64,
 }
 
 impl Run {
     /// Whether the piece at device offset `host`, request byte `start`,
-    /// continues this run.
+    /// continues this run (a run with a copied tail ends there).
     fn extends(self, host: u64, start: u64) -> bool {
-        self.len > 0 && self.host + self.len == host && self.start + self.len == start
+        self.len > 0
+            && self.tail == 0
+            && self.host + self.len == host
+            && self.start + self.len == start
     }
-
-    /// Writes the run's bytes of `data` (nothing for an empty run).
-    fn write<D: Device>(self, device: &mut D, data: Source<'_>) -> Result<()> {
-        if self.len == 0 {
-            return Ok(());
-        }
-        data.slice(self.start, self.len).write_to(device, self.host)
-    }
-}
-
-/// A cluster allocated for a write: guest cluster, new device offset, and
-/// the L2 entry it replaces.
-#[derive(Clone, Copy, Default)]
-struct Fresh {
-    cluster: u64,
-    new: u64,
-    old: u64,
 }
 
 impl<
@@ -141,36 +65,18 @@ impl<
         id: NodeId,
         work: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>) -> Result<T>,
     ) -> Result<T> {
-        let node = self.nodes.get_mut(id)?;
-        let file = node
-            .file
-            .ok_or(Error::new(ErrorKind::Corrupt, "qcow2 node without file"))?;
-        let Driver::Qcow2(q) = &mut node.driver else {
-            return fail(ErrorKind::InvalidInput, "node is not a qcow2 image");
-        };
-        let mut tables = Tables::new(&mut self.cache, &mut self.devices, id.key(), file.index());
-        work(q, &mut tables)
+        let (driver, tables) = self.driver_and_tables(id)?;
+        work(driver.qcow2_mut()?, &mut tables.open())
     }
 
     /// Checks that guest bytes `offset..offset + len` of `id` may be written.
     fn check_writable(&mut self, id: NodeId, offset: u64, len: u64) -> Result<bool> {
         self.check_range(id, offset, len)?;
-        let node = self.nodes.get(id)?;
-        if node.read_only {
+        if self.nodes.get(id)?.read_only {
             return fail(ErrorKind::ReadOnly, "image is open read-only");
         }
-        match node.driver {
-            Driver::Qcow2(_) => {
-                // R9: refcounts checked, autoclear cleared before a first write.
-                self.with_qcow2(id, |q, t| q.prepare_for_writes(t))?;
-                Ok(true)
-            }
-            Driver::Raw { .. } => Ok(false),
-            Driver::Protocol => fail(
-                ErrorKind::InvalidInput,
-                "cannot write a protocol node as an image",
-            ),
-        }
+        let (driver, tables) = self.driver_and_tables(id)?;
+        driver.prepare_for_writes(tables)
     }
 
     /// Writes guest bytes at `offset` of format node `id` (its own layer;
@@ -186,7 +92,7 @@ impl<
         self.writev(id, offset, &[data])
     }
 
-    /// Writes the concatenation of `segments` (at most [`MAX_SEGMENTS`]
+    /// Writes the concatenation of `segments` (at most [`MAX_SEGMENTS`](super::MAX_SEGMENTS)
     /// buffers, any lengths, empty ones too) at guest `offset` of format
     /// node `id`, as one request: validated whole before any byte is
     /// written, and executed as [`Graph::write`] of one buffer holding the
@@ -195,32 +101,52 @@ impl<
     /// a qcow2 cluster the request only partly covers is assembled (or, for
     /// clusters over 64 KiB, copied) with its old head and tail around the
     /// new bytes. Device writes start and end only at the request's ends,
-    /// at cluster boundaries, at the boundaries of 64-cluster batches and, for
-    /// the copied head and tail of a large cluster, at 64 KiB boundaries;
-    /// the segment boundaries are not among them (the pieces of one run go
-    /// to the device in one [`Device::write_vectored_at`]).
+    /// at cluster boundaries, at the boundaries of 64-cluster batches (4
+    /// KiB-aligned guest offsets, also for smaller clusters) and, for the
+    /// copied head and tail of a large cluster, at 64 KiB boundaries; the
+    /// segment boundaries are not among them (the pieces of one run go to
+    /// the device in one [`Device::write_vectored_at`]).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`] segments
+    /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`](super::MAX_SEGMENTS) segments
     /// (nothing is written), else as [`Graph::write`].
     pub fn writev(&mut self, id: NodeId, offset: u64, segments: &[&[u8]]) -> Result<()> {
         let data = Segments::new(segments)?;
-        if data.len() == 0 {
+        self.write_request(id, offset, Source::Data(data), &mut [])
+    }
+
+    /// Writes `source` at `offset` of format node `id` as one request
+    /// (nothing for an empty one); `scratch` carries a view's bytes and,
+    /// when it holds [`COW_BUFFER`] bytes, a new cluster's assembly.
+    fn write_request(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        if source.len() == 0 {
             return Ok(());
         }
-        let raw = !self.check_writable(id, offset, data.len())?;
-        self.note_guest_write(id, offset, data.len());
+        let raw = !self.check_writable(id, offset, source.len())?;
+        self.note_guest_write(id, offset, source.len());
         if raw {
-            return self.write_raw(id, offset, Source::Data(data));
+            return self.write_raw(id, offset, source, scratch);
         }
-        self.write_source(id, offset, Source::Data(data))
+        self.write_source(id, offset, source, scratch)
     }
 
     /// Writes `source` at `offset` of raw node `id`. On a raw image whose
     /// format was probed, a write into the first [`PROBE_BYTES`] bytes that
     /// would make them probe as another format is refused and nothing is
     /// written (QEMU's rule for probed raw images).
-    fn write_raw(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+    fn write_raw(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let file = self.layer_file(id)?;
         if offset < PROBE_BYTES as u64 && self.is_probed(id)? {
             let device = self.device_mut(file)?;
@@ -229,9 +155,10 @@ impl<
             device.read_at(0, &mut first[..present])?;
             let start = offset as usize;
             let end = offset.saturating_add(source.len()).min(PROBE_BYTES as u64) as usize;
-            source
-                .slice(0, (end - start) as u64)
-                .copy_to(&mut first[start..end]);
+            self.fill_from(
+                source.slice(0, (end - start) as u64),
+                &mut first[start..end],
+            )?;
             if probe(&first[..present.max(end)]) != Probed::Raw {
                 return fail(
                     ErrorKind::NotPermitted,
@@ -239,7 +166,7 @@ impl<
                 );
             }
         }
-        source.write_to(self.device_mut(file)?, offset)
+        self.put(file, offset, source, scratch)
     }
 
     /// Copies guest bytes `offset..offset + len` of `source`'s chain into
@@ -247,14 +174,18 @@ impl<
     /// [`Graph::write`] of what [`Graph::read`] returns would do. Where a
     /// run of the source is stored data of one layer and `id` holds those
     /// clusters in place, one after the other on its device, the devices
-    /// copy it themselves ([`Device::copy_from`]); `scratch` carries the
-    /// rest, in pieces cut as [`piece_len`] cuts them: at multiples of the
-    /// largest power of two that fits in `scratch` (whole clusters whenever
-    /// `scratch` holds a cluster; at least 4 KiB-aligned guest offsets for
-    /// a scratch of 4 KiB or more).
+    /// copy it themselves ([`Device::copy_from`]). The rest goes as write
+    /// requests of whole clusters of `id` where `scratch` holds less than
+    /// one, else of pieces cut as [`piece_len`] cuts them (whole clusters
+    /// whenever `scratch` holds a cluster); the bytes are read into
+    /// `scratch` as they are written, in pieces whose guest offsets are
+    /// multiples of the largest power of two that fits in it (at least 4
+    /// KiB-aligned for a scratch of 4 KiB or more). So a new cluster is
+    /// filled once: no copied head or tail is written over again.
     ///
     /// # Errors
-    /// As [`Graph::read`] and [`Graph::write`].
+    /// As [`Graph::read`] and [`Graph::write`]; [`ErrorKind::InvalidInput`]
+    /// for an empty `scratch`.
     pub(crate) fn copy_into(
         &mut self,
         id: NodeId,
@@ -263,8 +194,12 @@ impl<
         len: u64,
         scratch: &mut [u8],
     ) -> Result<()> {
+        if scratch.is_empty() {
+            return fail(ErrorKind::InvalidInput, "a copy needs a scratch buffer");
+        }
         let file = self.layer_file(id)?;
         let offloads = self.device_mut(file)?.can_copy();
+        let piece = (scratch.len() as u64).max(self.cluster_size(id)?);
         let mut done = 0;
         while done < len {
             let at = offset + done;
@@ -275,10 +210,13 @@ impl<
             done += match copied {
                 Some(copied) => copied,
                 None => {
-                    let n = piece_len(at, len - done, scratch.len() as u64);
-                    let buf = &mut scratch[..n as usize];
-                    self.read(source, at, buf)?;
-                    self.write(id, at, buf)?;
+                    let n = piece_len(at, len - done, piece);
+                    let view = View {
+                        node: source,
+                        guest: at,
+                        len: n,
+                    };
+                    self.write_request(id, at, Source::View(view), scratch)?;
                     n
                 }
             };
@@ -296,23 +234,17 @@ impl<
         offset: u64,
         len: u64,
     ) -> Result<Option<u64>> {
-        let raw = !self.check_writable(id, offset, len)?;
-        if raw && offset < PROBE_BYTES as u64 && self.is_probed(id)? {
-            // The buffered path checks what the first sector becomes.
-            return Ok(None);
-        }
+        self.check_writable(id, offset, len)?;
         let (located, run) = self.locate(source, offset, len)?;
         let Mapping::Data(source_host) = located.mapping else {
             return Ok(None);
         };
         let (source_file, file) = (self.layer_file(located.layer)?, self.layer_file(id)?);
-        let (target_host, run) = if raw {
-            (offset, run)
-        } else {
-            match self.in_place_run(id, offset, run)? {
-                Some(found) => found,
-                None => return Ok(None),
-            }
+        // Not in place (or the first sector of a probed raw image, whose new
+        // content the buffered path checks): no offload.
+        let (driver, tables) = self.driver_and_tables(id)?;
+        let Some((target_host, run)) = driver.in_place(tables, offset, run)? else {
+            return Ok(None);
         };
         let Ok([Some(target), Some(from)]) = self
             .devices
@@ -327,35 +259,16 @@ impl<
         Ok(Some(run))
     }
 
-    /// Where qcow2 node `id` holds guest bytes from `offset` in place: the
-    /// device offset and how many of the `len` bytes follow on from there
-    /// (`None` when the first cluster is not written in place).
-    fn in_place_run(&mut self, id: NodeId, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
-        let cs = self.qcow2(id)?.cluster_size();
-        let mut first = None;
-        let mut at = offset;
-        while at < offset + len {
-            let cluster = at / cs;
-            let WriteTarget::InPlace(host) =
-                self.with_qcow2(id, |q, t| q.write_target(t, cluster))?
-            else {
-                break;
-            };
-            let host = host + at % cs;
-            match first {
-                None => first = Some(host),
-                Some(start) if start + (at - offset) == host => {}
-                Some(_) => break,
-            }
-            at = ((cluster + 1) * cs).min(offset + len);
-        }
-        Ok(first.map(|start| (start, at - offset)))
-    }
-
     /// Writes `source` at `offset` of qcow2 node `id`, in batches of at
     /// most [`BATCH`] clusters. A request of several batches is validated
     /// whole before its first batch is written.
-    fn write_source(&mut self, id: NodeId, offset: u64, source: Source<'_>) -> Result<()> {
+    fn write_source(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        source: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let len = source.len();
         let first = self.batch_at(id, offset, len)?;
         if first < len {
@@ -364,18 +277,24 @@ impl<
         let mut done = 0u64;
         while done < len {
             let n = self.batch_at(id, offset + done, len - done)?;
-            self.write_clusters(id, offset + done, source.slice(done, n))?;
+            self.write_clusters(id, offset + done, source.slice(done, n), scratch)?;
             done += n;
         }
         Ok(())
     }
 
     /// The bytes of the first batch of a request of `len` bytes at `pos` of
-    /// qcow2 node `id`.
+    /// qcow2 node `id`: at most [`BATCH`] clusters, ending at a cluster
+    /// boundary that is also a [`BLOCK`] boundary of the guest (a batch of
+    /// 64 clusters spans at least 32 KiB).
     fn batch_at(&self, id: NodeId, pos: u64, len: u64) -> Result<u64> {
         let cs = self.qcow2(id)?.cluster_size();
         let span = ((pos % cs) + len).div_ceil(cs).min(BATCH as u64);
-        Ok((span * cs - pos % cs).min(len))
+        let end = pos + (span * cs - pos % cs).min(len);
+        if end == pos + len {
+            return Ok(len);
+        }
+        Ok(end / BLOCK * BLOCK - pos)
     }
 
     /// Validates every batch of a write of `len` bytes at `offset` of qcow2
@@ -412,24 +331,27 @@ impl<
 
     /// Writes `data` (at most [`BATCH`] clusters) at guest `pos`: owned
     /// clusters in place; for the others, every new cluster is allocated and
-    /// filled, one flush makes data and refcounts durable, then the L2
-    /// entries are set, and after another flush the replaced storage is
-    /// released.
-    fn write_clusters(&mut self, id: NodeId, pos: u64, data: Source<'_>) -> Result<()> {
+    /// filled, then the batch is linked ([`Qcow2::link`]: mapped in the
+    /// cache, what it replaced released once durable).
+    fn write_clusters(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        data: Source<'_>,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         self.validate_clusters(id, pos, data.len())?;
-        let mut fresh = [Fresh::default(); BATCH];
-        let mut count = 0;
-        let mut mapped = 0;
+        let mut batch = Batch::new();
         // R2: every new cluster is filled before any of them is mapped.
         let result = self
-            .fill_clusters(id, pos, data, &mut fresh, &mut count)
-            .and_then(|()| self.map_fresh(id, &fresh[..count], &mut mapped));
+            .fill_clusters(id, pos, data, scratch, &mut batch)
+            .and_then(|()| self.with_qcow2(id, |q, t| q.link(t, &mut batch)));
         if result.is_err() {
-            // R14: nothing references the clusters not yet mapped: give them
-            // back (best effort; a crash here would only leak them).
-            for f in &fresh[mapped..count] {
-                let _ = self.with_qcow2(id, |q, t| q.release_entry(t, f.new | COPIED));
-            }
+            // R14: nothing references the clusters not yet mapped.
+            let _ = self.with_qcow2(id, |q, t| {
+                q.abandon(t, &batch);
+                Ok(())
+            });
         }
         result
     }
@@ -441,30 +363,22 @@ impl<
         let cs = self.qcow2(id)?.cluster_size();
         let end = pos + len;
         let mut at = pos;
-        let mut allocations = 0;
-        let mut replaced = [0u64; BATCH];
+        let mut replaced = heapless::Vec::<L2Entry, BATCH>::new();
         while at < end {
             let cluster = at / cs;
-            let target = self.with_qcow2(id, |q, t| {
-                q.check_replaceable(t, cluster)?;
-                q.write_target(t, cluster)
-            })?;
+            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster))?;
             let piece_end = ((cluster + 1) * cs).min(end);
-            if let WriteTarget::Allocate { old } = target {
-                replaced[allocations] = old;
-                allocations += 1;
-                if old & COMPRESSED != 0 {
+            if let Some(old) = old {
+                let full = Error::new(ErrorKind::NoCapacity, "more than 64 clusters in a batch");
+                replaced.push(old).map_err(|_| full)?;
+                if let L2Entry::Compressed(_) = old {
                     self.verify_view(id, cluster * cs, at - cluster * cs)?;
                     self.verify_view(id, piece_end, (cluster + 1) * cs - piece_end)?;
                 }
             }
             at = piece_end;
         }
-        // Each allocation may also need a new L2 table.
-        self.with_qcow2(id, |q, t| {
-            q.check_releases(t, &replaced[..allocations])?;
-            q.check_allocations(t, 2 * allocations as u64)
-        })
+        self.with_qcow2(id, |q, t| q.check_replacements(t, &replaced))
     }
 
     /// Reads (and drops) `len` bytes of `id`'s guest view at `guest`.
@@ -481,135 +395,114 @@ impl<
     }
 
     /// Writes owned clusters in place and allocates and fills the others,
-    /// recording each allocation in `fresh[..count]` as soon as it exists.
-    /// Pieces that land next to each other on the device go out as one
-    /// write; a new cluster only partly written is assembled with its
-    /// copy-on-write head and tail and written whole.
+    /// recording each allocation in `batch` as soon as it exists.
+    /// Pieces that land next to each other on the device go out together
+    /// ([`Self::write_run`]), with the copied head and tail of a new
+    /// cluster the batch only partly covers (only its first and last
+    /// clusters can be).
     fn fill_clusters(
         &mut self,
         id: NodeId,
         pos: u64,
         data: Source<'_>,
-        fresh: &mut [Fresh; BATCH],
-        count: &mut usize,
+        scratch: &mut [u8],
+        batch: &mut Batch,
     ) -> Result<()> {
         let cs = self.qcow2(id)?.cluster_size();
-        let file = self.layer_file(id)?;
-        // Pieces not yet written: device offset, and their range of `data`.
+        // Pieces not yet written.
         let mut run = Run::default();
         let mut done = 0u64;
         while done < data.len() {
             let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
             let len = (cs - in_cluster).min(data.len() - done);
-            let host = match self.with_qcow2(id, |q, t| q.write_target(t, cluster))? {
-                WriteTarget::InPlace(host) => host + in_cluster,
-                WriteTarget::Allocate { old } => {
-                    let new = self.with_qcow2(id, |q, t| q.allocate_data(t))?;
-                    fresh[*count] = Fresh { cluster, new, old };
-                    *count += 1;
-                    if len < cs {
-                        run.write(self.device_mut(file)?, data)?;
-                        run = Run::default();
-                        self.fill_partial(
-                            id,
-                            cluster * cs,
-                            in_cluster,
-                            data.slice(done, len),
-                            new,
-                        )?;
-                        done += len;
-                        continue;
-                    }
-                    new
-                }
+            let placed = self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster))?;
+            let (host, head, tail) = match placed {
+                Placement::InPlace(host) => (host + in_cluster, 0, 0),
+                Placement::Fresh(new) => (new + in_cluster, in_cluster, cs - in_cluster - len),
             };
-            if !run.extends(host, done) {
-                run.write(self.device_mut(file)?, data)?;
+            if head > 0 || !run.extends(host, done) {
+                self.write_run(id, pos, run, data, scratch)?;
                 run = Run {
                     host,
                     start: done,
-                    len: 0,
+                    head,
+                    ..Run::default()
                 };
             }
             run.len += len;
+            run.tail = tail;
             done += len;
         }
-        run.write(self.device_mut(file)?, data)
+        self.write_run(id, pos, run, data, scratch)
     }
 
-    /// Fills the new cluster at device offset `host` for guest cluster
-    /// `guest`: its current view, with `piece` at `in_cluster`. Clusters up
-    /// to [`COW_BUFFER`] bytes are assembled and written in one write.
-    fn fill_partial(
+    /// Writes `run` (nothing for an empty one) of the batch `data` at guest
+    /// `pos` of `id`: the bytes of `data` alone as one write; with a copied
+    /// head or tail, all of it assembled in one write when it fits the
+    /// buffer — `scratch` when it holds [`COW_BUFFER`] bytes or the whole
+    /// run, else one of [`COW_BUFFER`] bytes on the stack — and otherwise
+    /// as the head, the bytes of `data` and the tail, the copies carried
+    /// through that buffer. Each byte is written once.
+    fn write_run(
         &mut self,
         id: NodeId,
-        guest: u64,
-        in_cluster: u64,
-        piece: Source<'_>,
-        host: u64,
+        pos: u64,
+        run: Run,
+        data: Source<'_>,
+        scratch: &mut [u8],
     ) -> Result<()> {
-        let cs = self.qcow2(id)?.cluster_size();
-        let tail = in_cluster + piece.len();
+        if run.len == 0 {
+            return Ok(());
+        }
         let file = self.layer_file(id)?;
-        if cs > COW_BUFFER as u64 {
-            self.copy_view(id, guest, in_cluster, host)?;
-            piece.write_to(self.device_mut(file)?, host + in_cluster)?;
-            return self.copy_view(id, guest + tail, cs - tail, host + tail);
+        let body = data.slice(run.start, run.len);
+        if run.head == 0 && run.tail == 0 {
+            return self.put(file, run.host, body, scratch);
+        }
+        let whole = (run.head + run.len + run.tail) as usize;
+        if scratch.len() >= COW_BUFFER.min(whole) {
+            return self.write_copied_run(id, pos, run, body, scratch);
         }
         let mut buf = [0u8; COW_BUFFER];
-        let (head, rest) = buf[..cs as usize].split_at_mut(in_cluster as usize);
-        let (middle, end) = rest.split_at_mut(piece.len() as usize);
-        self.read_view(id, guest, head)?;
-        piece.copy_to(middle);
-        self.read_view(id, guest + tail, end)?;
-        self.device_mut(file)?.write_at(host, &buf[..cs as usize])
+        self.write_copied_run(id, pos, run, body, &mut buf)
     }
 
-    /// Reads `id`'s current guest view at `guest` into `buf`; bytes past the
-    /// virtual size read as zeros.
-    fn read_view(&mut self, id: NodeId, guest: u64, buf: &mut [u8]) -> Result<()> {
-        let readable = self.size(id)?.saturating_sub(guest).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(readable);
-        self.read(id, guest, inside)?;
-        past.fill(0);
-        Ok(())
-    }
-
-    /// Maps the filled clusters in the metadata cache (counting in
-    /// `mapped`: the cache writes them back after the data is durable), and
-    /// releases what they replaced once the new mapping is durable.
-    fn map_fresh(&mut self, id: NodeId, fresh: &[Fresh], mapped: &mut usize) -> Result<()> {
-        for f in fresh {
-            self.with_qcow2(id, |q, t| q.set_entry(t, f.cluster, f.new | COPIED))?;
-            *mapped += 1;
-        }
-        if fresh.iter().any(|f| references_storage(f.old)) {
-            // R5: the new mappings durable before the old storage is freed.
-            self.with_qcow2(id, |_, t| t.sync())?;
-            for f in fresh {
-                self.with_qcow2(id, |q, t| q.release_entry(t, f.old))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Copies `len` bytes of `id`'s current guest view at `guest` to device
-    /// offset `host` of its file (bytes past the virtual size as zeros), in
-    /// writes cut at [`COW_BUFFER`] boundaries of the device (of the guest
-    /// too: `host` and `guest` lie alike in a cluster larger than that).
-    fn copy_view(&mut self, id: NodeId, guest: u64, len: u64, host: u64) -> Result<()> {
+    /// [`Self::write_run`] of a run with a copied head or tail (`body`: its
+    /// bytes of the batch), with the buffer `buf`.
+    fn write_copied_run(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        run: Run,
+        body: Source<'_>,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let file = self.layer_file(id)?;
-        let mut buf = [0u8; COW_BUFFER];
-        let mut done = 0;
-        while done < len {
-            let to_boundary = COW_BUFFER as u64 - (host + done) % COW_BUFFER as u64;
-            let n = (len - done).min(to_boundary) as usize;
-            self.read_view(id, guest + done, &mut buf[..n])?;
-            self.device_mut(file)?.write_at(host + done, &buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        let guest = pos + run.start;
+        let head = Source::View(View {
+            node: id,
+            guest: guest - run.head,
+            len: run.head,
+        });
+        let tail = Source::View(View {
+            node: id,
+            guest: guest + run.len,
+            len: run.tail,
+        });
+        let start = run.host - run.head;
+        let whole = (run.head + run.len + run.tail) as usize;
+        let Some(assembly) = buf.get_mut(..whole) else {
+            self.put(file, start, head, buf)?;
+            self.put(file, run.host, body, buf)?;
+            return self.put(file, run.host + run.len, tail, buf);
+        };
+        let (head_bytes, rest) = assembly.split_at_mut(run.head as usize);
+        let (body_bytes, tail_bytes) = rest.split_at_mut(run.len as usize);
+        self.fill_from(head, head_bytes)?;
+        self.fill_from(body, body_bytes)?;
+        self.fill_from(tail, tail_bytes)?;
+        self.device_mut(file)?.write_at(start, assembly)
     }
 
     /// Makes guest range `offset..offset + len` of format node `id` read as
@@ -624,7 +517,10 @@ impl<
         }
         let qcow2 = self.check_writable(id, offset, len)?;
         self.note_guest_write(id, offset, len);
-        let zero_flag = qcow2 && self.qcow2(id)?.header().version >= 3;
+        if !qcow2 {
+            return self.write_raw(id, offset, Source::Zeros(len), &mut []);
+        }
+        let zero_flag = self.qcow2(id)?.has_zero_flag();
         if zero_flag {
             self.validate_clears(id, offset, len)?;
         }
@@ -633,13 +529,9 @@ impl<
                 let cluster = pos / graph.qcow2(id)?.cluster_size();
                 return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
             }
-            if qcow2 {
-                // R2: one request per piece: a new cluster is filled, then
-                // mapped, so a crash leaves it old or new, never torn.
-                graph.write_source(id, pos, Source::Zeros(n))
-            } else {
-                graph.write_raw(id, pos, Source::Zeros(n))
-            }
+            // R2: one request per piece: a new cluster is filled, then
+            // mapped, so a crash leaves it old or new, never torn.
+            graph.write_source(id, pos, Source::Zeros(n), &mut [])
         })
     }
 
@@ -661,11 +553,8 @@ impl<
         }
         self.note_guest_write(id, offset, len);
         let has_backing = self.nodes.get(id)?.backing.is_some();
-        let mode = match (self.qcow2(id)?.header().version >= 3, has_backing) {
-            (true, true) => ClearMode::Zero,
-            (_, false) => ClearMode::Unallocated,
-            // v2 cannot hide backing data: QEMU ignores the discard.
-            (false, true) => return Ok(()),
+        let Some(mode) = self.qcow2(id)?.discard_mode(has_backing) else {
+            return Ok(());
         };
         self.validate_clears(id, offset, len)?;
         self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
@@ -681,30 +570,15 @@ impl<
     /// before a zero write or discard changes any of them: each entry valid,
     /// and each window of [`BATCH`] clusters releasable together.
     fn validate_clears(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
-        let mut window = [0u64; BATCH];
-        let mut count = 0;
-        self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
-            if !whole {
-                return Ok(());
-            }
-            let cluster = pos / graph.qcow2(id)?.cluster_size();
-            window[count] = graph.with_qcow2(id, |q, t| {
-                q.check_replaceable(t, cluster)?;
-                q.entry(t, cluster)
-            })?;
-            count += 1;
-            if count == BATCH {
-                count = 0;
-                graph.with_qcow2(id, |q, t| q.check_releases(t, &window))?;
-            }
-            Ok(())
-        })?;
-        self.with_qcow2(id, |q, t| q.check_releases(t, &window[..count]))
+        self.with_qcow2(id, |q, t| {
+            let clusters = q.whole_clusters(offset, len);
+            q.check_clears(t, clusters)
+        })
     }
 
-    /// Splits `offset..offset + len` at cluster boundaries (qcow2) and calls
-    /// `each(graph, pos, len, whole_cluster)`; raw images are one piece. A
-    /// cluster that ends at the virtual size counts as whole.
+    /// Splits `offset..offset + len` of qcow2 node `id` at cluster
+    /// boundaries and calls `each(graph, pos, len, whole_cluster)`, a piece
+    /// being whole as [`Qcow2::whole_clusters`] counts it.
     fn for_each_piece(
         &mut self,
         id: NodeId,
@@ -712,18 +586,14 @@ impl<
         len: u64,
         mut each: impl FnMut(&mut Self, u64, u64, bool) -> Result<()>,
     ) -> Result<()> {
-        let size = self.size(id)?;
-        let cs = match self.qcow2(id) {
-            Ok(q) => q.cluster_size(),
-            Err(_) => return each(self, offset, len, false),
-        };
+        let q = self.qcow2(id)?;
+        let (cs, whole) = (q.cluster_size(), q.whole_clusters(offset, len));
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let cluster_end = (pos / cs + 1) * cs;
-            let piece_end = cluster_end.min(end);
-            let whole = pos.is_multiple_of(cs) && (piece_end == cluster_end || piece_end == size);
-            each(self, pos, piece_end - pos, whole)?;
+            let piece_end = ((pos / cs + 1) * cs).min(end);
+            let is_whole = pos.is_multiple_of(cs) && whole.contains(&(pos / cs));
+            each(self, pos, piece_end - pos, is_whole)?;
             pos = piece_end;
         }
         Ok(())

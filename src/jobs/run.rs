@@ -199,14 +199,8 @@ impl<
         if current >= size {
             return Ok(());
         }
-        match self.format(node)? {
-            // R8: a larger L1 table switched in first, the size last.
-            Some(crate::Format::Qcow2) => self.with_qcow2(node, |q, t| q.grow(t, size)),
-            _ => {
-                let file = self.layer_file(node)?;
-                self.device_mut(file)?.write_at(size - 1, &[0])
-            }
-        }
+        let (driver, tables) = self.driver_and_tables(node)?;
+        driver.grow(tables, size)
     }
 
     /// Advances job `id` by one bounded step, using `scratch` (any non-empty
@@ -260,8 +254,9 @@ impl<
         let (cursor, size, kind) = (job.cursor, job.size, job.kind);
         if cursor < size {
             // Steps end on multiples of the largest power of two that fits
-            // in `scratch` (whole clusters when it holds one of the target's).
-            let want = piece_len(cursor, size - cursor, scratch.len() as u64);
+            // in `scratch`, or of the target's cluster when `scratch` is
+            // smaller: a step fills a new cluster of the target whole.
+            let want = piece_len(cursor, size - cursor, self.step_bytes(id, scratch)?);
             let copied = match kind {
                 JobKind::Commit => self.commit_chunk(id, cursor, want, scratch),
                 JobKind::Stream => self.stream_chunk(id, cursor, want, scratch),
@@ -373,12 +368,29 @@ impl<
         len: u64,
         scratch: &mut [u8],
     ) -> Result<()> {
+        let step = self.step_bytes(id, scratch)?;
         let mut done = 0;
         while done < len {
-            let want = piece_len(offset + done, len - done, scratch.len() as u64);
+            let want = piece_len(offset + done, len - done, step);
             done += self.commit_chunk(id, offset + done, want, scratch)?;
         }
         Ok(())
+    }
+
+    /// The most bytes one step of job `id` copies with `scratch`: the
+    /// scratch's length, or the target's cluster size when larger (the copy
+    /// then streams through `scratch`: [`Graph::copy_into`]).
+    fn step_bytes(&self, id: JobId, scratch: &[u8]) -> Result<u64> {
+        let job = self.jobs.get(id)?;
+        let target = match job.kind {
+            JobKind::Commit => job.base,
+            JobKind::Stream => Some(job.active),
+        };
+        let cluster = match target {
+            Some(target) => self.cluster_size(target)?,
+            None => 1,
+        };
+        Ok((scratch.len() as u64).max(cluster))
     }
 
     /// Stream: copies into the active layer what it lacks at `offset` from
@@ -406,9 +418,7 @@ impl<
                 self.write_zeroes(active, offset, run)?;
             }
         } else {
-            let buf = &mut scratch[..run as usize];
-            self.read(active, offset, buf)?;
-            self.write(active, offset, buf)?;
+            self.copy_into(active, active, offset, run, scratch)?;
         }
         Ok(run)
     }

@@ -152,6 +152,43 @@ pub fn bg_refused(dir: &Path, args: &[&str]) -> String {
     err
 }
 
+/// `qemu-img compare` of the qcow2 images `a` and `b` (paths from `dir`)
+/// must find their guest views equal; `what` names the case.
+pub fn qemu_compare(dir: &Path, a: &str, b: &str, what: &str) {
+    let args = ["compare", "-f", "qcow2", "-F", "qcow2", a, b];
+    let out = run(dir, QEMU_IMG, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}",
+        render(dir, QEMU_IMG, &args, &out)
+    );
+}
+
+/// The number after `"key": ` in a qemu-img map JSON entry.
+fn json_number(entry: &str, key: &str) -> Option<u64> {
+    let at = entry.find(&format!("\"{key}\": "))? + key.len() + 4;
+    let digits: String = entry[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The data extents of the qcow2 image `img` itself (depth 0), as
+/// `qemu-img map` reports them: guest start, length, host offset.
+pub fn own_data_extents(dir: &Path, img: &str) -> Vec<(u64, u64, u64)> {
+    let map = qemu_img(dir, &["map", "--output=json", "-f", "qcow2", img]);
+    map.split('{')
+        .skip(1)
+        .filter(|e| e.contains("\"data\": true") && json_number(e, "depth") == Some(0))
+        .map(|e| {
+            let field = |k| json_number(e, k).unwrap_or_else(|| panic!("no {k} in {e}"));
+            (field("start"), field("length"), field("offset"))
+        })
+        .collect()
+}
+
 /// Copies the directory `src` to `dst` with everything below it; `dst` is
 /// created if missing.
 pub fn copy_dir(src: &Path, dst: &Path) {

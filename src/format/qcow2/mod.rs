@@ -1,22 +1,27 @@
 //! The qcow2 format driver: header, guest-to-host mapping through L1/L2
-//! slices, compressed clusters, and the backing-reference rewrite.
+//! slices (each L2 entry decoded once into an [`L2Entry`]), compressed
+//! clusters, and the backing-reference rewrite.
 //!
 //! The driver answers one question for the graph: how is a guest range mapped
 //! in *this* image ([`Mapping`])? It never calls its backing image; the graph
 //! walks the chain.
 
+mod alloc;
 pub mod create;
 pub mod header;
 mod inflate;
+mod l2;
 mod refcount;
 mod snapshot;
 #[cfg(test)]
 pub(crate) mod testimg;
 mod write;
 
+pub use alloc::{Batch, Placement, BATCH};
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
-pub use write::{references_storage, ClearMode, WriteTarget};
+pub use l2::L2Entry;
+pub use write::{ClearMode, WriteTarget};
 
 use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
 use core::cell::Cell;
@@ -439,7 +444,7 @@ impl Qcow2 {
                 return false;
             }
             let mapping = match self.decode_l2(entry, device_size) {
-                Ok(mapping) => mapping,
+                Ok(entry) => entry.mapping(),
                 Err(err) => {
                     error = Some(err);
                     return false;
@@ -469,40 +474,10 @@ impl Qcow2 {
         }
     }
 
-    fn decode_l2(&self, entry: u64, device_size: u64) -> Result<Mapping> {
-        if entry & COMPRESSED != 0 {
-            let bits = self.header.cluster_bits;
-            let offset_bits = 62 - (bits - 8);
-            let host = entry & ((1u64 << offset_bits) - 1);
-            let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
-            if host >= device_size {
-                return fail(
-                    ErrorKind::Corrupt,
-                    "qcow2 compressed cluster lies past the end of the image",
-                );
-            }
-            return Ok(Mapping::Compressed(CompressedExtent {
-                host_offset: host,
-                length: sectors * 512 - (host & 511),
-            }));
-        }
-        if entry & ZERO != 0 {
-            return Ok(Mapping::Zero);
-        }
-        let host = entry & OFFSET_MASK;
-        if host == 0 {
-            return Ok(Mapping::Unallocated);
-        }
-        if host & (self.cluster_size() - 1) != 0 {
-            return fail(ErrorKind::Corrupt, "qcow2 data cluster offset is unaligned");
-        }
-        if host >= device_size {
-            return fail(
-                ErrorKind::Corrupt,
-                "qcow2 data cluster lies past the end of the image",
-            );
-        }
-        Ok(Mapping::Data(host))
+    /// L2 entry `raw` of this image, checked against a device of
+    /// `device_size` bytes ([`L2Entry::decode`]).
+    fn decode_l2(&self, raw: u64, device_size: u64) -> Result<L2Entry> {
+        L2Entry::decode(raw, self.header.cluster_bits, device_size)
     }
 
     /// Rewrites the image's backing reference to `backing` (name, format if

@@ -1,22 +1,22 @@
 //! The qcow2 write side: L2 tables and entries, and what a guest write,
 //! zero write or discard does to one cluster.
 //!
-//! The graph drives a guest write cluster by cluster:
-//! 1. [`Qcow2::write_target`]: write in place (an owned data cluster), or
-//!    allocate;
-//! 2. when allocating, [`Qcow2::allocate_data`] counts the new cluster; the
-//!    graph fills it (copy-on-write of the untouched head and tail from the
-//!    current guest view, then the new data);
-//! 3. [`Qcow2::set_entry`] points the L2 entry at it in the metadata cache,
-//!    which writes it back only after a flush (see `format::cache`); what the
-//!    entry referenced before is released once the change is durable.
+//! [`Qcow2::write_target`] says whether a guest write to a cluster goes in
+//! place (an owned data cluster) or needs a new cluster (the batch of
+//! `alloc.rs` allocates, the caller fills it, [`Qcow2::link`] maps it);
+//! [`Qcow2::set_entry`] points an L2 entry at a cluster in the metadata
+//! cache, which writes it back only after a flush (see `format::cache`);
+//! what the entry referenced before is released once the change is
+//! durable. Zero writes and discards of whole clusters change the entry
+//! alone ([`Qcow2::clear_cluster`]).
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{for_each_l2_table, Level, Qcow2, Tables, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{for_each_l2_table, L2Entry, Level, Qcow2, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::cell::Cell;
+use core::ops::Range;
 
 /// What a guest write to one cluster needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +25,8 @@ pub enum WriteTarget {
     InPlace(u64),
     /// A new cluster must be allocated; `old` is the current L2 entry.
     Allocate {
-        /// The L2 entry being replaced (0 when unallocated).
-        old: u64,
+        /// The L2 entry being replaced.
+        old: L2Entry,
     },
 }
 
@@ -105,11 +105,11 @@ impl Qcow2 {
                     for raw in chunk[..n].chunks_exact(8) {
                         let mut bytes = [0u8; 8];
                         bytes.copy_from_slice(raw);
-                        let entry = u64::from_be_bytes(bytes);
-                        if !references_storage(entry) {
+                        let entry =
+                            L2Entry::parse(u64::from_be_bytes(bytes), this.header.cluster_bits);
+                        let Some((mut cluster, end)) = entry.storage(cs) else {
                             continue;
-                        }
-                        let (mut cluster, end) = this.entry_storage(entry);
+                        };
                         while cluster < end {
                             if this.refcount(t, cluster / cs)? == 0 {
                                 counted_free.set(true);
@@ -157,18 +157,20 @@ impl Qcow2 {
     }
 
     /// The L2 entry of guest cluster `cluster` (0 when its table is absent).
+    /// The L2 entry of guest `cluster`, decoded ([`L2Entry::decode`]).
     fn l2_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-    ) -> Result<u64> {
+    ) -> Result<L2Entry> {
         let (l1_index, l2_index) = self.indices(cluster);
         let table = self.l1_entry(t, l1_index)? & OFFSET_MASK;
         if table == 0 {
-            return Ok(0);
+            return Ok(L2Entry::Unallocated);
         }
         self.check_offset(t, table, "qcow2 L2 table")?;
-        self.read_entry(t, table, l2_index)
+        let raw = self.read_entry(t, table, l2_index)?;
+        self.decode_l2(raw, t.device_size())
     }
 
     fn check_offset<D: Device, const S: usize>(
@@ -197,47 +199,19 @@ impl Qcow2 {
     ) -> Result<WriteTarget> {
         let (l1_index, _) = self.indices(cluster);
         let l1 = self.l1_entry(t, l1_index)?;
+        // Decoded with the same checks as the read path: alignment, bounds.
         let entry = self.l2_entry(t, cluster)?;
-        // The same checks as the read path: reserved bits, alignment, bounds.
-        self.decode_l2(entry, t.device_size())?;
-        let owned = l1 & COPIED != 0
-            && entry & COPIED != 0
-            && entry & (COMPRESSED | ZERO) == 0
-            && entry & OFFSET_MASK != 0;
-        if owned {
-            let host = entry & OFFSET_MASK;
-            self.check_overlap(t, host, self.cluster_size())?;
-            return Ok(WriteTarget::InPlace(host));
+        match entry.in_place() {
+            Some(host) if l1 & COPIED != 0 => {
+                self.check_overlap(t, host, self.cluster_size())?;
+                Ok(WriteTarget::InPlace(host))
+            }
+            _ => Ok(WriteTarget::Allocate { old: entry }),
         }
-        Ok(WriteTarget::Allocate { old: entry })
     }
 
-    /// Checks that `count` clusters can be allocated without touching
-    /// metadata (see the allocator), writing nothing.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Corrupt`] for hostile refcounts.
-    pub fn check_allocations<D: Device, const S: usize>(
-        &mut self,
-        t: &mut Tables<'_, D, S>,
-        count: u64,
-    ) -> Result<()> {
-        self.check_allocatable(t, count)
-    }
-
-    /// Allocates a data cluster (its refcount written, not yet flushed).
-    ///
-    /// # Errors
-    /// [`ErrorKind::NoSpace`] on a full device, metadata errors.
-    pub fn allocate_data<D: Device, const S: usize>(
-        &mut self,
-        t: &mut Tables<'_, D, S>,
-    ) -> Result<u64> {
-        self.allocate(t)
-    }
-
-    /// Points guest `cluster` at `entry` (a data offset with COPIED, the
-    /// zero flag, or 0), in the cache: the entry reaches the disk only after
+    /// Points guest `cluster` at `entry` (an owned data cluster, zero, or
+    /// unallocated), in the cache: the entry reaches the disk only after
     /// a flush has made the data written so far and the refcounts durable.
     /// The caller releases what the old entry referenced with
     /// [`Qcow2::release_entry`] once the change is durable
@@ -249,11 +223,12 @@ impl Qcow2 {
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
         let at = self.owned_l2_entry(t, cluster)?;
+        let raw = entry.raw(self.header.cluster_bits);
         // R2, R3: a cached mapping, written back after data and refcounts.
-        self.update_table(t, at, &entry.to_be_bytes(), Level::Mapping)
+        self.update_table(t, at, &raw.to_be_bytes(), Level::Mapping)
     }
 
     /// Points guest `cluster` at `entry` and releases what the old entry
@@ -265,11 +240,11 @@ impl Qcow2 {
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
-        entry: u64,
-        old: u64,
+        entry: L2Entry,
+        old: L2Entry,
     ) -> Result<()> {
         self.set_entry(t, cluster, entry)?;
-        if references_storage(old) {
+        if old.storage(self.cluster_size()).is_some() {
             // R5: the new entry durable before the old storage is freed.
             t.sync()?;
             self.release_entry(t, old)?;
@@ -290,17 +265,74 @@ impl Qcow2 {
     ) -> Result<()> {
         let old = self.l2_entry(t, cluster)?;
         let entry = match mode {
-            ClearMode::Zero => ZERO,
-            ClearMode::Unallocated => 0,
+            ClearMode::Zero => L2Entry::Zero {
+                host: 0,
+                copied: false,
+            },
+            ClearMode::Unallocated => L2Entry::Unallocated,
         };
         if old == entry {
             return Ok(());
         }
         let (l1_index, _) = self.indices(cluster);
-        if entry == 0 && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
+        if entry == L2Entry::Unallocated && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
             return Ok(());
         }
         self.map_cluster(t, cluster, entry, old)
+    }
+
+    /// Whether a zero write of whole clusters sets the zero flag (v3)
+    /// rather than writing zeros (v2 has no such flag).
+    pub fn has_zero_flag(&self) -> bool {
+        self.header.version >= 3
+    }
+
+    /// What a discard leaves in the whole clusters it covers: unallocated
+    /// without a backing file; with one, the zero flag (v3), so backing
+    /// data never shows through, or nothing on v2, which cannot hide it
+    /// (`None`: QEMU ignores the discard).
+    pub fn discard_mode(&self, has_backing: bool) -> Option<ClearMode> {
+        match (self.has_zero_flag(), has_backing) {
+            (_, false) => Some(ClearMode::Unallocated),
+            (true, true) => Some(ClearMode::Zero),
+            (false, true) => None,
+        }
+    }
+
+    /// The guest clusters that `offset..offset + len` covers whole (a
+    /// cluster that ends at the virtual size counts as whole).
+    pub fn whole_clusters(&self, offset: u64, len: u64) -> Range<u64> {
+        let cs = self.cluster_size();
+        let end = offset.saturating_add(len);
+        let last = match end == self.size() {
+            true => end.div_ceil(cs),
+            false => end / cs,
+        };
+        offset.div_ceil(cs)..last
+    }
+
+    /// Checks, without writing, that every guest cluster of `clusters` may
+    /// be cleared ([`Qcow2::clear_cluster`]): each entry valid, and the
+    /// storage of each window of [`BATCH`] clusters releasable together.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for hostile entries or refcounts.
+    pub fn check_clears<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        clusters: Range<u64>,
+    ) -> Result<()> {
+        let mut window = heapless::Vec::<L2Entry, BATCH>::new();
+        for cluster in clusters {
+            self.check_replaceable(t, cluster)?;
+            let entry = self.l2_entry(t, cluster)?;
+            if window.push(entry).is_err() {
+                self.check_releases(t, &window)?;
+                window.clear();
+                let _ = window.push(entry);
+            }
+        }
+        self.check_releases(t, &window)
     }
 
     /// Releases the clusters an L2 entry referenced (nothing for entries
@@ -312,12 +344,11 @@ impl Qcow2 {
     pub fn release_entry<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
-        if !references_storage(entry) {
+        let Some((mut cluster, end)) = entry.storage(self.cluster_size()) else {
             return Ok(());
-        }
-        let (mut cluster, end) = self.entry_storage(entry);
+        };
         while cluster < end {
             self.release_cluster(t, cluster)?;
             cluster += self.cluster_size();
@@ -325,20 +356,37 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The host clusters an L2 entry that references storage uses, as the
-    /// device range `start..end` (start cluster aligned).
-    fn entry_storage(&self, entry: u64) -> (u64, u64) {
+    /// Where this image holds guest bytes from `offset` in place: the
+    /// device offset and how many of the `len` bytes follow on from there,
+    /// cluster after cluster on the device (`None` when the first cluster
+    /// is not written in place).
+    ///
+    /// # Errors
+    /// Metadata errors, and the overlap check of a cluster written in
+    /// place.
+    pub fn in_place_run<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, u64)>> {
         let cs = self.cluster_size();
-        if entry & COMPRESSED != 0 {
-            let bits = self.header.cluster_bits;
-            let offset_bits = 62 - (bits - 8);
-            let host = entry & ((1u64 << offset_bits) - 1);
-            let sectors = ((entry & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
-            let start = host & !511;
-            return (start / cs * cs, start + sectors * 512);
+        let mut first = None;
+        let mut at = offset;
+        while at < offset + len {
+            let cluster = at / cs;
+            let WriteTarget::InPlace(host) = self.write_target(t, cluster)? else {
+                break;
+            };
+            let host = host + at % cs;
+            match first {
+                None => first = Some(host),
+                Some(start) if start + (at - offset) == host => {}
+                Some(_) => break,
+            }
+            at = ((cluster + 1) * cs).min(offset + len);
         }
-        let host = entry & OFFSET_MASK;
-        (host, host + cs)
+        Ok(first.map(|start| (start, at - offset)))
     }
 
     /// Checks, without writing, that guest `cluster`'s current entry is
@@ -358,7 +406,6 @@ impl Qcow2 {
             self.check_l2_overlap(t, table)?;
         }
         let old = self.l2_entry(t, cluster)?;
-        self.decode_l2(old, t.device_size())?;
         self.check_releasable(t, old)
     }
 
@@ -372,12 +419,11 @@ impl Qcow2 {
     pub fn check_releases<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
-        entries: &[u64],
+        entries: &[L2Entry],
     ) -> Result<()> {
         let cs = self.cluster_size();
         let mut uses: heapless::LinearMap<u64, u64, 256> = heapless::LinearMap::new();
-        for &entry in entries.iter().filter(|&&e| references_storage(e)) {
-            let (mut cluster, end) = self.entry_storage(entry);
+        for (mut cluster, end) in entries.iter().filter_map(|e| e.storage(cs)) {
             while cluster < end {
                 let count = uses.get(&cluster).copied().unwrap_or(0) + 1;
                 if uses.insert(cluster, count).is_err() {
@@ -400,30 +446,17 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The current L2 entry of guest `cluster`.
-    ///
-    /// # Errors
-    /// Metadata and device errors.
-    pub fn entry<D: Device, const S: usize>(
-        &self,
-        t: &mut Tables<'_, D, S>,
-        cluster: u64,
-    ) -> Result<u64> {
-        self.l2_entry(t, cluster)
-    }
-
     /// Refuses when the storage of `entry` has a zero refcount (releasing it
     /// would underflow).
     fn check_releasable<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
-        entry: u64,
+        entry: L2Entry,
     ) -> Result<()> {
-        if !references_storage(entry) {
-            return Ok(());
-        }
         let cs = self.cluster_size();
-        let (mut cluster, end) = self.entry_storage(entry);
+        let Some((mut cluster, end)) = entry.storage(cs) else {
+            return Ok(());
+        };
         while cluster < end {
             if self.refcount(t, cluster / cs)? == 0 {
                 return fail(ErrorKind::Corrupt, "qcow2 cluster in use has refcount zero");
@@ -482,12 +515,6 @@ impl Qcow2 {
         }
         Ok(new_table + l2_index * 8)
     }
-}
-
-/// Whether an L2 entry holds storage (a data, zero-allocated or compressed
-/// cluster) that must be released when it is replaced.
-pub fn references_storage(entry: u64) -> bool {
-    entry & COMPRESSED != 0 || entry & OFFSET_MASK != 0
 }
 
 impl Qcow2 {

@@ -1,0 +1,181 @@
+//! Allocating writes: the clusters one batch of a guest write needs, from
+//! the checks before anything is written to the link that maps them.
+//!
+//! A guest write reaches a qcow2 image in batches of at most [`BATCH`]
+//! clusters (the bound of the bookkeeping on the stack):
+//! 1. [`Qcow2::check_cluster_write`] for every cluster, then
+//!    [`Qcow2::check_replacements`]: nothing is written before the whole
+//!    batch is known to go through (R14);
+//! 2. [`Qcow2::place_cluster`]: an owned cluster is written in place; any
+//!    other gets a new cluster, counted (R1) and recorded in the [`Batch`];
+//! 3. the caller fills every new cluster — its bytes and the untouched head
+//!    and tail copied from the current guest view — before any is mapped
+//!    (R2);
+//! 4. [`Qcow2::link`] maps them in the metadata cache (R2, R3) and releases
+//!    what they replaced once that is durable (R5); a failed batch gives
+//!    back what it did not map with [`Qcow2::abandon`] (R14).
+
+use super::{L2Entry, Qcow2, Tables, WriteTarget};
+use crate::device::Device;
+use crate::error::Result;
+
+/// Clusters a request allocates and maps together.
+pub const BATCH: usize = 64;
+
+/// A cluster allocated for a write: guest cluster, new device offset, and
+/// the L2 entry it replaces.
+#[derive(Clone, Copy)]
+struct Fresh {
+    cluster: u64,
+    new: u64,
+    old: L2Entry,
+}
+
+/// The new clusters of one batch, in fixed storage: each is linked
+/// ([`Qcow2::link`]) or given back ([`Qcow2::abandon`]).
+#[must_use = "a batch's new clusters must be linked or abandoned"]
+pub struct Batch {
+    fresh: [Fresh; BATCH],
+    count: usize,
+    mapped: usize,
+}
+
+impl Batch {
+    /// A batch with no cluster yet.
+    pub const fn new() -> Self {
+        let unused = Fresh {
+            cluster: 0,
+            new: 0,
+            old: L2Entry::Unallocated,
+        };
+        Self {
+            fresh: [unused; BATCH],
+            count: 0,
+            mapped: 0,
+        }
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where [`Qcow2::place_cluster`] puts a guest cluster's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The image owns it: write at this device offset.
+    InPlace(u64),
+    /// A new cluster at this device offset, to be filled whole (its
+    /// untouched head and tail copied) before the batch is linked.
+    Fresh(u64),
+}
+
+impl Qcow2 {
+    /// Checks, without writing, one cluster a write touches: its entry
+    /// valid and its storage releasable, an owned cluster clear of
+    /// metadata. Returns the entry a new cluster will replace, `None` when
+    /// the cluster is written in place.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt) for a hostile
+    /// entry, metadata and device errors.
+    pub fn check_cluster_write<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+    ) -> Result<Option<L2Entry>> {
+        self.check_replaceable(t, cluster)?;
+        match self.write_target(t, cluster)? {
+            WriteTarget::InPlace(_) => Ok(None),
+            WriteTarget::Allocate { old } => Ok(Some(old)),
+        }
+    }
+
+    /// Checks, without writing, that a batch replacing `replaced` (one new
+    /// cluster each) can go ahead: their storage releasable together, and
+    /// room for the new clusters and an L2 table each clear of metadata.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt) for hostile
+    /// refcounts.
+    pub fn check_replacements<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        replaced: &[L2Entry],
+    ) -> Result<()> {
+        self.check_releases(t, replaced)?;
+        // Each allocation may also need a new L2 table.
+        self.check_allocatable(t, 2 * replaced.len() as u64)
+    }
+
+    /// Where guest `cluster`'s bytes go: in place, or a new cluster
+    /// allocated now (its refcount a cached update, R1) and recorded in
+    /// `batch`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace) on a full device,
+    /// [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity) when the
+    /// batch holds [`BATCH`] clusters already, metadata errors.
+    pub fn place_cluster<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        batch: &mut Batch,
+        cluster: u64,
+    ) -> Result<Placement> {
+        let old = match self.write_target(t, cluster)? {
+            WriteTarget::InPlace(host) => return Ok(Placement::InPlace(host)),
+            WriteTarget::Allocate { old } => old,
+        };
+        let Some(slot) = batch.fresh.get_mut(batch.count) else {
+            return crate::error::fail(
+                crate::ErrorKind::NoCapacity,
+                "a write batch holds at most 64 new clusters",
+            );
+        };
+        let new = self.allocate(t)?;
+        *slot = Fresh { cluster, new, old };
+        batch.count += 1;
+        Ok(Placement::Fresh(new))
+    }
+
+    /// Maps every new cluster of `batch`, filled by now, in the metadata
+    /// cache, which writes the entries back only after a flush has made
+    /// the data and the refcounts durable (R2, R3); then, when any of them
+    /// replaced storage, makes the new entries durable and releases it
+    /// (R5).
+    ///
+    /// # Errors
+    /// Metadata and device errors; the clusters not yet mapped stay for
+    /// [`Qcow2::abandon`].
+    pub fn link<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let fresh = &batch.fresh[..batch.count];
+        for f in &fresh[batch.mapped..] {
+            self.set_entry(t, f.cluster, L2Entry::owned(f.new))?;
+            batch.mapped += 1;
+        }
+        let cs = self.cluster_size();
+        if fresh.iter().any(|f| f.old.storage(cs).is_some()) {
+            // R5: the new mappings durable before the old storage is freed.
+            t.sync()?;
+            for f in fresh {
+                self.release_entry(t, f.old)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back the new clusters of a failed batch that nothing maps
+    /// (R14: best effort; a crash here only leaks them). Those it mapped
+    /// stay mapped.
+    pub fn abandon<D: Device, const S: usize>(&mut self, t: &mut Tables<'_, D, S>, batch: &Batch) {
+        for f in &batch.fresh[batch.mapped..batch.count] {
+            let _ = self.release_entry(t, L2Entry::owned(f.new));
+        }
+    }
+}
