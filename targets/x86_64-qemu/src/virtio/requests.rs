@@ -1,0 +1,367 @@
+//! The requests in flight on one virtio-blk disk: split-phase operations
+//! from the request engine (`blockgraph::device::Queue`), their completions
+//! until `poll` reports them, and synchronous requests among them.
+//!
+//! [`Requests`] has one record per request the disk's ring holds (42 with
+//! a ring of 128 descriptors). A record keeps the request's header and
+//! status (the device reads and writes them: records live in the static
+//! disk table and never move), the engine's tag, and the buffer as a raw
+//! pointer: the engine lent it for `'b`, and gets it back from `poll`.
+//!
+//! ```text
+//!  queue(tag, op) --> InFlight(token) --reap--> Finished(result) --take--> Free
+//!                     (the device is told at the next reap or run)
+//!        | no free record, not whole sectors, too long: Err(op), the caller
+//!        | runs it synchronously (Submitted::Done)
+//!  run(sector, transfer): start, then reap others until its own token completes
+//! ```
+//!
+//! A full ring never fails an operation: `queue` only takes one while a
+//! record is free, and every record free means room in the ring (a record
+//! per request the ring holds). Otherwise the operation runs synchronously
+//! through [`Requests::run`], which waits for room (reaping completions into
+//! their records, reported later) and then for its own completion. So the
+//! engine needs no cap on operations in flight.
+//!
+//! A device that completes a request the driver never started breaks the
+//! protocol: it is reset, every request in flight fails, and the disk
+//! refuses I/O from then on (no panic).
+
+use core::hint::spin_loop;
+use core::ptr::NonNull;
+
+use blockgraph::device::{Op, Tag};
+use virtio_drivers::Error;
+
+use super::blk::{Driver, Request, Transfer, DESCRIPTORS_PER_REQUEST, SECTOR};
+use super::ring::MAX_SIZE;
+
+/// Most requests one disk keeps in flight.
+pub const MAX_REQUESTS: usize = MAX_SIZE / DESCRIPTORS_PER_REQUEST;
+/// Largest transfer queued as one request (larger ones run synchronously,
+/// split by the caller).
+pub const MAX_TRANSFER: usize = 1 << 20;
+
+/// Where a record is.
+#[derive(Clone, Copy, Debug)]
+enum State {
+    /// Unused.
+    Free,
+    /// In the device's ring, as this token.
+    InFlight(u16),
+    /// Completed, not yet reported.
+    Finished(Result<(), Error>),
+}
+
+/// What a record's buffer is.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// One operation from the engine.
+struct Record {
+    state: State,
+    tag: Tag,
+    kind: Kind,
+    /// The engine's buffer (dangling for a flush).
+    data: NonNull<u8>,
+    len: usize,
+    request: Request,
+}
+
+impl Record {
+    const FREE: Record = Record {
+        state: State::Free,
+        tag: Tag(0),
+        kind: Kind::Flush,
+        data: NonNull::dangling(),
+        len: 0,
+        request: Request::new(),
+    };
+
+    /// The transfer the record's request was started with.
+    ///
+    /// # Safety
+    /// The record holds a buffer the engine lent (`queue`) and nothing else
+    /// uses it: the device is done with it or gets it only through the
+    /// driver's `start`/`finish`.
+    unsafe fn transfer<'t>(&self) -> Transfer<'t> {
+        // SAFETY: `data`/`len` describe the buffer lent in `queue`, valid
+        // until the engine gets it back (the caller's promise).
+        unsafe {
+            match self.kind {
+                Kind::Read => Transfer::Read(core::slice::from_raw_parts_mut(
+                    self.data.as_ptr(),
+                    self.len,
+                )),
+                Kind::Write => {
+                    Transfer::Write(core::slice::from_raw_parts(self.data.as_ptr(), self.len))
+                }
+                Kind::Flush => Transfer::Flush,
+            }
+        }
+    }
+}
+
+/// A completed operation for the engine: tag, result and, for a read, its
+/// buffer.
+pub type Completion<'b> = (Tag, Result<(), Error>, Option<&'b mut [u8]>);
+
+/// The requests in flight on one disk.
+pub struct Requests {
+    records: [Record; MAX_REQUESTS],
+    /// Records in use: the requests the disk's ring holds.
+    capacity: usize,
+    /// Records in flight now, and at most so far.
+    in_flight: usize,
+    peak: usize,
+    /// Records finished and not yet taken.
+    finished: usize,
+    /// The device broke the protocol and was reset.
+    broken: bool,
+}
+
+// SAFETY: the raw buffer pointers are only dereferenced by the owner of
+// the `Requests` (the disk table's lock serialises that), and the buffers
+// they point to were lent to this disk by whoever submitted them.
+unsafe impl Send for Requests {}
+
+impl Requests {
+    /// No requests, for a disk whose ring holds `capacity` requests (at
+    /// most [`MAX_REQUESTS`] are used).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            records: [Record::FREE; MAX_REQUESTS],
+            capacity: capacity.min(MAX_REQUESTS),
+            in_flight: 0,
+            peak: 0,
+            finished: 0,
+            broken: false,
+        }
+    }
+
+    /// Whether an operation is in flight or completed and not yet
+    /// reported.
+    pub fn busy(&self) -> bool {
+        self.in_flight + self.finished > 0
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    /// Puts `op` (tag `tag`) in the device's ring as a request of its own,
+    /// reported later by [`Requests::take`]; the device is told at the
+    /// next [`Requests::reap`] (the engine's next poll). Gives the
+    /// operation back when it must run synchronously instead: no free
+    /// record, a transfer that is not whole sectors in range or longer
+    /// than [`MAX_TRANSFER`], a flush the device does not need, a broken
+    /// device.
+    ///
+    /// # Safety
+    /// The buffer of `op` stays valid and untouched until
+    /// [`Requests::take`] reports `tag` (the engine's contract: it never
+    /// forgets an operation, `drain` before its buffers go).
+    pub unsafe fn queue<'b>(
+        &mut self,
+        driver: &mut Driver,
+        tag: Tag,
+        mut op: Op<'b>,
+    ) -> Result<(), Op<'b>> {
+        let Some(index) = self.records[..self.capacity]
+            .iter()
+            .position(|record| matches!(record.state, State::Free))
+        else {
+            return Err(op);
+        };
+        let (kind, offset, data, len) = match &mut op {
+            Op::Read { offset, buf } => (Kind::Read, *offset, buf.as_mut_ptr(), buf.len()),
+            Op::Write { offset, buf } => (Kind::Write, *offset, buf.as_ptr().cast_mut(), buf.len()),
+            Op::Flush => (Kind::Flush, 0, NonNull::dangling().as_ptr(), 0),
+        };
+        let whole = match kind {
+            Kind::Flush => driver.has_write_cache(),
+            _ => whole_sectors(offset, len, driver.sectors()),
+        };
+        if self.broken || !whole || !driver.has_room() {
+            return Err(op);
+        }
+        let record = &mut self.records[index];
+        record.tag = tag;
+        record.kind = kind;
+        record.data = NonNull::new(data).unwrap_or(NonNull::dangling());
+        record.len = len;
+        // SAFETY: the record holds the engine's buffer, lent until `take`
+        // reports it (this function's contract), and its request storage
+        // stays in place in the static disk table.
+        let started = unsafe {
+            let transfer = record.transfer();
+            driver.start(&mut record.request, offset / SECTOR as u64, transfer)
+        };
+        record.state = match started {
+            Ok(token) => {
+                self.in_flight += 1;
+                self.peak = self.peak.max(self.in_flight);
+                State::InFlight(token)
+            }
+            Err(err) => {
+                self.finished += 1;
+                State::Finished(Err(err))
+            }
+        };
+        Ok(())
+    }
+
+    /// Tells the device about the requests queued since the last call, and
+    /// moves every request it completed into its record.
+    pub fn reap(&mut self, driver: &mut Driver) {
+        driver.kick();
+        while let Some(token) = driver.peek() {
+            if self.reap_one(driver, token).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Takes the next completion to report, freeing its record.
+    ///
+    /// # Safety
+    /// `'b` is the lifetime the operation's buffer was lent for in
+    /// [`Requests::queue`].
+    pub unsafe fn take<'b>(&mut self) -> Option<Completion<'b>> {
+        if self.finished == 0 {
+            return None;
+        }
+        let record = self
+            .records
+            .iter_mut()
+            .find(|record| matches!(record.state, State::Finished(_)))?;
+        let State::Finished(result) = record.state else {
+            return None;
+        };
+        record.state = State::Free;
+        self.finished -= 1;
+        let (data, len) = (record.data.as_ptr(), record.len);
+        let buf = match record.kind {
+            Kind::Read => {
+                // SAFETY: the engine lent this buffer for `'b` (the
+                // caller's promise) and the device is done with it: it is
+                // handed back once, and the record forgets it.
+                Some(unsafe { core::slice::from_raw_parts_mut(data, len) })
+            }
+            Kind::Write | Kind::Flush => None,
+        };
+        Some((record.tag, result, buf))
+    }
+
+    /// Runs `transfer` at `sector` and waits for it; requests in flight
+    /// that complete meanwhile are kept for [`Requests::take`]. A flush the
+    /// device does not need succeeds at once.
+    ///
+    /// # Errors
+    /// The device's, or `IoError` on a broken device.
+    pub fn run(
+        &mut self,
+        driver: &mut Driver,
+        sector: u64,
+        mut transfer: Transfer<'_>,
+    ) -> Result<(), Error> {
+        if matches!(transfer, Transfer::Flush) && !driver.has_write_cache() {
+            return Ok(());
+        }
+        if self.broken {
+            return Err(Error::IoError);
+        }
+        while !driver.has_room() {
+            self.reap_next(driver)?;
+        }
+        let mut request = Request::new();
+        // SAFETY: `request` and the buffer stay borrowed by this function
+        // until `finish` below, or until a reset stops the device.
+        let token = unsafe { driver.start(&mut request, sector, reborrow(&mut transfer))? };
+        driver.kick();
+        loop {
+            match driver.peek() {
+                Some(done) if done == token => {
+                    // SAFETY: the buffers `start` was given for `token`.
+                    return unsafe { driver.finish(token, &mut request, transfer) };
+                }
+                Some(other) => self.reap_one(driver, other)?,
+                None => spin_loop(),
+            }
+        }
+    }
+
+    /// Waits for the next completion and moves it into its record.
+    fn reap_next(&mut self, driver: &mut Driver) -> Result<(), Error> {
+        loop {
+            match driver.peek() {
+                Some(token) => return self.reap_one(driver, token),
+                None => spin_loop(),
+            }
+        }
+    }
+
+    /// Moves completed request `token` (the next one) into its record; a
+    /// token that is no request in flight resets the device.
+    fn reap_one(&mut self, driver: &mut Driver, token: u16) -> Result<(), Error> {
+        let Some(record) = self
+            .records
+            .iter_mut()
+            .find(|record| matches!(record.state, State::InFlight(t) if t == token))
+        else {
+            self.fail(driver);
+            return Err(Error::WrongToken);
+        };
+        // SAFETY: the record's request and buffer are those `start` was
+        // given for `token`, still lent by the engine.
+        let result = unsafe {
+            let transfer = record.transfer();
+            driver.finish(token, &mut record.request, transfer)
+        };
+        record.state = State::Finished(result);
+        self.in_flight -= 1;
+        self.finished += 1;
+        Ok(())
+    }
+
+    /// Resets a device that broke the protocol and fails its requests.
+    fn fail(&mut self, driver: &mut Driver) {
+        driver.reset();
+        self.broken = true;
+        self.finished += self.in_flight;
+        self.in_flight = 0;
+        for record in &mut self.records {
+            if let State::InFlight(_) = record.state {
+                record.state = State::Finished(Err(Error::IoError));
+            }
+        }
+    }
+}
+
+/// Whether `len` bytes at byte `offset` are whole sectors within a disk of
+/// `sectors` sectors, and at most [`MAX_TRANSFER`].
+fn whole_sectors(offset: u64, len: usize, sectors: u64) -> bool {
+    let size = sectors.saturating_mul(SECTOR as u64);
+    len != 0
+        && len <= MAX_TRANSFER
+        && offset.is_multiple_of(SECTOR as u64)
+        && len.is_multiple_of(SECTOR)
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size)
+}
+
+/// The same transfer again, for a shorter borrow.
+fn reborrow<'t>(transfer: &'t mut Transfer<'_>) -> Transfer<'t> {
+    match transfer {
+        Transfer::Read(buf) => Transfer::Read(buf),
+        Transfer::Write(buf) => Transfer::Write(buf),
+        Transfer::Flush => Transfer::Flush,
+        Transfer::Serial(id) => Transfer::Serial(id),
+    }
+}
