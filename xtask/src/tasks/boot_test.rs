@@ -33,7 +33,7 @@
 //! | no space | a write needing more room than the disk has fails ("no space"); a second boot writes what fits | `check` finds no corruption (leaks are reported), the old data reads back, the second write equals qemu-io's |
 //! | wrong pattern | a pattern read of other data fails | "Pattern verification failed", files untouched |
 //! | probed raw | a qcow2 magic built byte by byte on a probed raw disk is refused; named raw, written | the first bytes |
-//! | requests in flight | `bench -w -d 32` allocating, then in place (32 virtio requests in flight), `bench -d 32` reads, `checksum -d 32` | `compare` with `qemu-img bench` on a copy, `check`, the checksum, 32 requests in flight on the disk |
+//! | requests in flight | `bench -w -d 32` allocating, then in place (32 virtio requests in flight), at depth 64 (beyond the ring) and unaligned; `bench -d 32` reads, `checksum -d 32` | `compare` with `qemu-img bench` on a copy, `check`, the checksum, at least 32 requests in flight on the disk |
 //!
 //! Checksums: the kernel's `checksum NAME` line (FNV-1a 64 of the guest
 //! view) must equal the FNV-1a 64 of `qemu-img convert -O raw` computed on
@@ -1008,14 +1008,21 @@ fn probed_raw(lab: &Lab) -> Result<String> {
 /// The request engine in the kernel, many virtio-blk requests in flight:
 /// `bench -w -d 32` writes that allocate (over a backing file), the same
 /// writes again with another pattern, now in place (32 requests in flight
-/// on top.qcow2's disk), `bench -d 32` reads and `checksum -d 32` (the
-/// chain read with 32 requests in flight, hashed in order). The image
-/// equals `qemu-img bench` doing the same writes on a copy, the kernel's
-/// checksum equals the host's of the view, and the kernel saw 32 requests
-/// in flight at once on top.qcow2.
+/// on top.qcow2's disk), again at depth 64 (more than the disk's ring
+/// holds: the rest complete synchronously), unaligned in-place writes
+/// (read-modify-write, synchronous), `bench -d 32` reads and `checksum -d
+/// 32` (the chain read with 32 requests in flight, hashed in order). The
+/// image equals `qemu-img bench` doing the same writes on a copy, the
+/// kernel's checksum equals the host's of the view, and the kernel saw at
+/// least 32 requests in flight at once on top.qcow2.
 fn requests_in_flight(lab: &Lab) -> Result<String> {
-    const WRITES: [&str; 9] = ["-w", "-d", "32", "-c", "256", "-s", "4k", "-S", "36k"];
-    const PATTERNS: [&str; 2] = ["0x44", "0x55"];
+    /// `bench` arguments of the writes, without the image.
+    const WRITES: [&str; 4] = [
+        "-w -d 32 -c 256 -s 4k -S 36k --pattern 0x44",
+        "-w -d 32 -c 256 -s 4k -S 36k --pattern 0x55",
+        "-w -d 64 -c 256 -s 4k -S 36k --pattern 0x66",
+        "-w -d 32 -c 200 -s 3000 -o 4195081 -S 5000 --pattern 0x77",
+    ];
     lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 8M"])?;
     lab.create(
         "top.qcow2",
@@ -1026,9 +1033,9 @@ fn requests_in_flight(lab: &Lab) -> Result<String> {
     )?;
     lab.copy("top.qcow2", "ref-top.qcow2")?;
     lab.pad("top.qcow2", 32 << 20)?;
-    let mut script: Vec<String> = PATTERNS
+    let mut script: Vec<String> = WRITES
         .iter()
-        .map(|pattern| format!("bench {} --pattern {pattern} top.qcow2", WRITES.join(" ")))
+        .map(|args| format!("bench {args} top.qcow2"))
         .collect();
     script.extend([
         "bench -d 32 -c 1024 -s 4k -S 12k top.qcow2".into(),
@@ -1042,11 +1049,13 @@ fn requests_in_flight(lab: &Lab) -> Result<String> {
     let mut peak = 0;
     verify(&run, || {
         expect_output(&run, "256 write requests, 4096 bytes each, 32 in parallel")?;
+        expect_output(&run, "256 write requests, 4096 bytes each, 64 in parallel")?;
+        expect_output(&run, "200 write requests, 3000 bytes each, 32 in parallel")?;
         expect_output(&run, "1024 read requests, 4096 bytes each, 32 in parallel")?;
-        for pattern in PATTERNS {
-            let mut args = vec!["bench"];
-            args.extend(WRITES);
-            args.extend(["--pattern", pattern, "ref-top.qcow2"]);
+        for args in WRITES {
+            let mut args: Vec<&str> = args.split(' ').collect();
+            args.insert(0, "bench");
+            args.push("ref-top.qcow2");
             lab.qemu_img(&args)?;
         }
         lab.check(&["top.qcow2"])?;

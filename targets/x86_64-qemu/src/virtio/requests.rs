@@ -296,8 +296,11 @@ impl Requests {
         }
     }
 
-    /// Waits for the next completion and moves it into its record.
+    /// Waits for the next completion and moves it into its record (the
+    /// device is told about queued requests first: they may be the ones to
+    /// complete).
     fn reap_next(&mut self, driver: &mut Driver) -> Result<(), Error> {
+        driver.kick();
         loop {
             match driver.peek() {
                 Some(token) => return self.reap_one(driver, token),
