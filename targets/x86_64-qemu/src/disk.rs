@@ -40,7 +40,7 @@ use virtio_drivers::transport::SomeTransport;
 
 use crate::sectors::{self, SectorIo, SECTOR};
 use crate::virtio::blk::{Driver, Transfer};
-use crate::virtio::requests::{self, Requests, MAX_REQUESTS};
+use crate::virtio::requests::Requests;
 
 pub use crate::virtio::blk::SERIAL_LEN;
 
@@ -368,25 +368,21 @@ impl<'b> Queue<'b> for VirtioDisk {
     }
 
     fn poll(&mut self, done: Completion<'_, 'b>) {
-        let mut batch: [Option<requests::Completion<'b>>; MAX_REQUESTS] =
-            [const { None }; MAX_REQUESTS];
-        {
-            let mut slot = SLOTS[self.index].lock();
-            let Some(disk) = slot.as_mut() else {
-                return;
-            };
+        if let Some(disk) = SLOTS[self.index].lock().as_mut() {
             disk.requests.reap(&mut disk.driver);
-            for place in &mut batch {
+        }
+        loop {
+            let next = {
+                let mut slot = SLOTS[self.index].lock();
                 // SAFETY: the buffers were lent for `'b` (see the impl's
                 // docs: one engine at a time).
-                *place = unsafe { disk.requests.take() };
-                if place.is_none() {
-                    break;
-                }
-            }
-        }
-        // Reported without the disk locked: `done` may use the disk.
-        for (tag, result, buf) in batch.into_iter().flatten() {
+                slot.as_mut()
+                    .and_then(|disk| unsafe { disk.requests.take() })
+            };
+            // Reported without the disk locked: `done` may use the disk.
+            let Some((tag, result, buf)) = next else {
+                return;
+            };
             done(tag, result.map_err(driver_error), buf);
         }
     }

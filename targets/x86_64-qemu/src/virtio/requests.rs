@@ -7,9 +7,11 @@
 //! status (the device reads and writes them: records live in the static
 //! disk table and never move), the engine's tag, and the buffer as a raw
 //! pointer: the engine lent it for `'b`, and gets it back from `poll`.
+//! Every step is O(1): free and finished records are kept on stacks, the
+//! record of a request in flight is found by its virtio token.
 //!
 //! ```text
-//!  queue(tag, op) --> InFlight(token) --reap--> Finished(result) --take--> Free
+//!  queue(tag, op) --> in flight (token) --reap--> finished (result) --take--> free
 //!                     (the device is told at the next reap or run)
 //!        | no free record, not whole sectors, too long: Err(op), the caller
 //!        | runs it synchronously (Submitted::Done)
@@ -42,17 +44,6 @@ pub const MAX_REQUESTS: usize = MAX_SIZE / DESCRIPTORS_PER_REQUEST;
 /// split by the caller).
 pub const MAX_TRANSFER: usize = 1 << 20;
 
-/// Where a record is.
-#[derive(Clone, Copy, Debug)]
-enum State {
-    /// Unused.
-    Free,
-    /// In the device's ring, as this token.
-    InFlight(u16),
-    /// Completed, not yet reported.
-    Finished(Result<(), Error>),
-}
-
 /// What a record's buffer is.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -63,23 +54,24 @@ enum Kind {
 
 /// One operation from the engine.
 struct Record {
-    state: State,
     tag: Tag,
     kind: Kind,
     /// The engine's buffer (dangling for a flush).
     data: NonNull<u8>,
     len: usize,
     request: Request,
+    /// The result, once finished.
+    result: Result<(), Error>,
 }
 
 impl Record {
     const FREE: Record = Record {
-        state: State::Free,
         tag: Tag(0),
         kind: Kind::Flush,
         data: NonNull::dangling(),
         len: 0,
         request: Request::new(),
+        result: Ok(()),
     };
 
     /// The transfer the record's request was started with.
@@ -106,6 +98,39 @@ impl Record {
     }
 }
 
+/// Record indices, last in first out.
+struct Stack {
+    items: [u8; MAX_REQUESTS],
+    len: usize,
+}
+
+impl Stack {
+    /// Indices `0..count`, `0` on top.
+    fn counting(count: usize) -> Self {
+        let mut stack = Stack {
+            items: [0; MAX_REQUESTS],
+            len: 0,
+        };
+        for index in (0..count.min(MAX_REQUESTS)).rev() {
+            stack.push(index);
+        }
+        stack
+    }
+
+    /// Pushes `index`; there is room for every record.
+    fn push(&mut self, index: usize) {
+        if let Some(place) = self.items.get_mut(self.len) {
+            *place = index as u8;
+            self.len += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        self.len = self.len.checked_sub(1)?;
+        Some(usize::from(self.items[self.len]))
+    }
+}
+
 /// A completed operation for the engine: tag, result and, for a read, its
 /// buffer.
 pub type Completion<'b> = (Tag, Result<(), Error>, Option<&'b mut [u8]>);
@@ -113,13 +138,15 @@ pub type Completion<'b> = (Tag, Result<(), Error>, Option<&'b mut [u8]>);
 /// The requests in flight on one disk.
 pub struct Requests {
     records: [Record; MAX_REQUESTS],
-    /// Records in use: the requests the disk's ring holds.
-    capacity: usize,
-    /// Records in flight now, and at most so far.
+    /// Records not in use (as many as the disk's ring holds requests).
+    free: Stack,
+    /// Records finished and not yet taken.
+    finished: Stack,
+    /// The record of each token in flight.
+    by_token: [Option<u8>; MAX_SIZE],
+    /// Requests in flight now, and at most so far.
     in_flight: usize,
     peak: usize,
-    /// Records finished and not yet taken.
-    finished: usize,
     /// The device broke the protocol and was reset.
     broken: bool,
 }
@@ -135,10 +162,11 @@ impl Requests {
     pub fn new(capacity: usize) -> Self {
         Self {
             records: [Record::FREE; MAX_REQUESTS],
-            capacity: capacity.min(MAX_REQUESTS),
+            free: Stack::counting(capacity),
+            finished: Stack::counting(0),
+            by_token: [None; MAX_SIZE],
             in_flight: 0,
             peak: 0,
-            finished: 0,
             broken: false,
         }
     }
@@ -146,7 +174,7 @@ impl Requests {
     /// Whether an operation is in flight or completed and not yet
     /// reported.
     pub fn busy(&self) -> bool {
-        self.in_flight + self.finished > 0
+        self.in_flight + self.finished.len > 0
     }
 
     /// The most requests that were in flight at once.
@@ -172,12 +200,6 @@ impl Requests {
         tag: Tag,
         mut op: Op<'b>,
     ) -> Result<(), Op<'b>> {
-        let Some(index) = self.records[..self.capacity]
-            .iter()
-            .position(|record| matches!(record.state, State::Free))
-        else {
-            return Err(op);
-        };
         let (kind, offset, data, len) = match &mut op {
             Op::Read { offset, buf } => (Kind::Read, *offset, buf.as_mut_ptr(), buf.len()),
             Op::Write { offset, buf } => (Kind::Write, *offset, buf.as_ptr().cast_mut(), buf.len()),
@@ -190,6 +212,9 @@ impl Requests {
         if self.broken || !whole || !driver.has_room() {
             return Err(op);
         }
+        let Some(index) = self.free.pop() else {
+            return Err(op);
+        };
         let record = &mut self.records[index];
         record.tag = tag;
         record.kind = kind;
@@ -202,17 +227,19 @@ impl Requests {
             let transfer = record.transfer();
             driver.start(&mut record.request, offset / SECTOR as u64, transfer)
         };
-        record.state = match started {
+        match started {
             Ok(token) => {
+                if let Some(place) = self.by_token.get_mut(usize::from(token)) {
+                    *place = Some(index as u8);
+                }
                 self.in_flight += 1;
                 self.peak = self.peak.max(self.in_flight);
-                State::InFlight(token)
             }
             Err(err) => {
-                self.finished += 1;
-                State::Finished(Err(err))
+                record.result = Err(err);
+                self.finished.push(index);
             }
-        };
+        }
         Ok(())
     }
 
@@ -233,29 +260,20 @@ impl Requests {
     /// `'b` is the lifetime the operation's buffer was lent for in
     /// [`Requests::queue`].
     pub unsafe fn take<'b>(&mut self) -> Option<Completion<'b>> {
-        if self.finished == 0 {
-            return None;
-        }
-        let record = self
-            .records
-            .iter_mut()
-            .find(|record| matches!(record.state, State::Finished(_)))?;
-        let State::Finished(result) = record.state else {
-            return None;
-        };
-        record.state = State::Free;
-        self.finished -= 1;
+        let index = self.finished.pop()?;
+        self.free.push(index);
+        let record = &self.records[index];
         let (data, len) = (record.data.as_ptr(), record.len);
         let buf = match record.kind {
             Kind::Read => {
                 // SAFETY: the engine lent this buffer for `'b` (the
                 // caller's promise) and the device is done with it: it is
-                // handed back once, and the record forgets it.
+                // handed back once, and the record is free now.
                 Some(unsafe { core::slice::from_raw_parts_mut(data, len) })
             }
             Kind::Write | Kind::Flush => None,
         };
-        Some((record.tag, result, buf))
+        Some((record.tag, record.result, buf))
     }
 
     /// Runs `transfer` at `sector` and waits for it; requests in flight
@@ -312,23 +330,20 @@ impl Requests {
     /// Moves completed request `token` (the next one) into its record; a
     /// token that is no request in flight resets the device.
     fn reap_one(&mut self, driver: &mut Driver, token: u16) -> Result<(), Error> {
-        let Some(record) = self
-            .records
-            .iter_mut()
-            .find(|record| matches!(record.state, State::InFlight(t) if t == token))
-        else {
+        let slot = self.by_token.get_mut(usize::from(token));
+        let Some(index) = slot.and_then(Option::take).map(usize::from) else {
             self.fail(driver);
             return Err(Error::WrongToken);
         };
+        let record = &mut self.records[index];
         // SAFETY: the record's request and buffer are those `start` was
         // given for `token`, still lent by the engine.
-        let result = unsafe {
+        record.result = unsafe {
             let transfer = record.transfer();
             driver.finish(token, &mut record.request, transfer)
         };
-        record.state = State::Finished(result);
         self.in_flight -= 1;
-        self.finished += 1;
+        self.finished.push(index);
         Ok(())
     }
 
@@ -336,12 +351,11 @@ impl Requests {
     fn fail(&mut self, driver: &mut Driver) {
         driver.reset();
         self.broken = true;
-        self.finished += self.in_flight;
         self.in_flight = 0;
-        for record in &mut self.records {
-            if let State::InFlight(_) = record.state {
-                record.state = State::Finished(Err(Error::IoError));
-            }
+        for index in self.by_token.iter_mut().filter_map(Option::take) {
+            let index = usize::from(index);
+            self.records[index].result = Err(Error::IoError);
+            self.finished.push(index);
         }
     }
 }
