@@ -4,9 +4,9 @@
 //!
 //! A virtio-blk request takes three descriptors (header, data, status):
 //! without the `alloc` feature virtio-drivers has no indirect descriptors.
-//! QEMU's virtio-blk offers 256 descriptors by default (`queue-size`, on
-//! virtio-mmio and virtio-pci alike), so a disk gets [`MAX_SIZE`] = 128:
-//! 42 requests in flight.
+//! QEMU 10.0's virtio-blk-pci offers its `queue-size` (256 by default),
+//! virtio-mmio always 1024, so a disk gets [`MAX_SIZE`] = 128 (42 requests
+//! in flight) unless `queue-size` is set below 128 on PCI.
 
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{SomeTransport, Transport};
