@@ -39,10 +39,8 @@ use spin::Mutex;
 use virtio_drivers::transport::SomeTransport;
 
 use crate::sectors::{self, SectorIo, SECTOR};
-use crate::virtio::blk::{Driver, Transfer};
+use crate::virtio::blk::{Driver, Transfer, SERIAL_LEN};
 use crate::virtio::requests::Requests;
-
-pub use crate::virtio::blk::SERIAL_LEN;
 
 /// Most disks the kernel attaches.
 pub const MAX_DISKS: usize = 8;

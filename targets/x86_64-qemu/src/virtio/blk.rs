@@ -27,11 +27,10 @@ use virtio_drivers::transport::{DeviceStatus, SomeTransport, Transport};
 use virtio_drivers::Error;
 
 use super::ring::Ring;
+use crate::sectors::SECTOR;
 
 /// The request queue.
 const QUEUE: u16 = 0;
-/// Bytes of a sector, the unit of request offsets.
-pub const SECTOR: usize = 512;
 /// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_LEN: usize = 20;
 /// Descriptors of a read or write request: header, data, status.

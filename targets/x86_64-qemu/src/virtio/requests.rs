@@ -35,8 +35,9 @@ use core::ptr::NonNull;
 use blockgraph::device::{Op, Tag};
 use virtio_drivers::Error;
 
-use super::blk::{Driver, Request, Transfer, DESCRIPTORS_PER_REQUEST, SECTOR};
+use super::blk::{Driver, Request, Transfer, DESCRIPTORS_PER_REQUEST};
 use super::ring::MAX_SIZE;
+use crate::sectors::SECTOR;
 
 /// Most requests one disk keeps in flight.
 pub const MAX_REQUESTS: usize = MAX_SIZE / DESCRIPTORS_PER_REQUEST;
