@@ -1,4 +1,5 @@
-//! `blockgraph bench` and `blockgraph sizes` against `qemu-img bench`.
+//! `blockgraph bench` and `blockgraph sizes` against `qemu-img bench`, and
+//! `checksum -d DEPTH` (reads in flight) against the guest view.
 //!
 //! The output is qemu-img's, at queue depth 1 and at depths 8 and 32
 //! (through the request engine); a write bench leaves the same guest view
@@ -429,6 +430,38 @@ fn queued_reads_leave_every_file_alone() {
             fs::read(dir.join(name)).unwrap() == *bytes,
             "{name} changed"
         );
+    }
+}
+
+/// FNV-1a 64, as `checksum` prints it.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[test]
+fn checksum_at_any_depth_is_the_guest_view_s() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    three_layers(dir);
+    let view = fs::read(dir.join("raw.img")).unwrap();
+    let line = format!(
+        "checksum top.qcow2: {:016x} ({} bytes)",
+        fnv1a(&view),
+        view.len()
+    );
+    for depth in ["1", "2", "7", "32", "64"] {
+        let out = ok(dir, BLOCKGRAPH, &["checksum", "-d", depth, "top.qcow2"]);
+        assert_eq!(out.trim_end(), line, "-d {depth}");
+    }
+    // Through the BlockBackend of an image attached in the session.
+    let script = "job-start stream --base mid.qcow2 top.qcow2; checksum -d 8 top.qcow2; \
+                  job-cancel top.qcow2";
+    let out = ok(dir, BLOCKGRAPH, &["script", script]);
+    assert!(out.lines().any(|l| l == line), "{out}");
+    for depth in ["0", "65", "x"] {
+        bg_refused(dir, &["checksum", "-d", depth, "top.qcow2"]);
     }
 }
 

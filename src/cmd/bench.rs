@@ -70,12 +70,12 @@ pub const MAX_DEPTH: usize = DEFAULT_SLOTS;
 /// Buffers one request may carry, and pieces a read may come back in: equal,
 /// so that a read's pieces can always go out again as the next request's
 /// segments.
-const SEGMENTS: usize = 16;
+pub(super) const SEGMENTS: usize = 16;
 // The "unsupported queue depth" message names the limit.
 const _: () = assert!(MAX_DEPTH == 64);
 
 /// The engine `bench -d` runs its requests through.
-type BenchEngine<'b> = Engine<'b, MAX_DEPTH, SEGMENTS, SEGMENTS>;
+pub(super) type BenchEngine<'b> = Engine<'b, MAX_DEPTH, SEGMENTS, SEGMENTS>;
 const SIZES_USAGE: &str = "usage: sizes";
 
 /// qemu-img's default request count.
@@ -531,7 +531,7 @@ where
 }
 
 /// A read's buffer did not come back whole from the engine.
-fn lost_buffer() -> Error {
+pub(super) fn lost_buffer() -> Error {
     Error::new(ErrorKind::Busy, "a read's buffer did not come back whole")
 }
 

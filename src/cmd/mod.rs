@@ -27,6 +27,7 @@
 
 pub mod args;
 mod bench;
+mod checksum;
 mod collapse;
 mod convert;
 mod create;

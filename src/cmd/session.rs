@@ -13,14 +13,14 @@
 //! | `job-step IMAGE [COUNT]` | steps IMAGE's job up to COUNT times (default 1), while it runs |
 //! | `job-pause`, `job-resume`, `job-complete`, `job-cancel`, `job-info` `IMAGE` | QMP verbs |
 //! | `job-wait IMAGE` | steps to the end (completing when ready) and reports |
-//! | `checksum [-f FMT] [-U] IMAGE` | FNV-1a 64 of the guest view |
+//! | `checksum [-f FMT] [-U] [-d DEPTH] IMAGE` | FNV-1a 64 of the guest view (DEPTH requests in flight) |
 //! | `image-format NAME FMT` | from now on, commands that name no format open NAME as FMT |
 //!
 //! `io IMAGE` on an attached image goes through its BlockBackend, so guest
 //! writes reach whatever node the device is on (after a pivot: the base).
 
 use super::jobs::{parse_format, parse_job_args};
-use super::{image_command, invalid, Ctx, Environment, Failure, Outcome};
+use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::format::Format;
@@ -269,45 +269,5 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             info.len
         )?;
         Ok(())
-    }
-
-    /// `checksum IMAGE`: FNV-1a 64 over every byte of the guest view.
-    fn checksum<'a, const S: usize>(
-        &mut self,
-        session: &mut Session<S>,
-        words: &[&'a str],
-    ) -> Outcome<'a> {
-        const USAGE: &str = "usage: checksum [-f FMT] [-U] IMAGE";
-        let (image, opts) = image_command(words, USAGE, |_, _| None)?;
-        let digest = match session.backend(image) {
-            Some(backend) => {
-                let root = self.graph.root(backend)?;
-                self.digest(root)?
-            }
-            None => self.with_image(image, opts.read_only(), |cx, node| Ok(cx.digest(node)?))?,
-        };
-        writeln!(
-            self.out,
-            "checksum {image}: {:016x} ({} bytes)",
-            digest.0, digest.1
-        )?;
-        Ok(())
-    }
-
-    /// FNV-1a 64 of `node`'s guest view, and its size.
-    fn digest(&mut self, node: crate::NodeId) -> crate::Result<(u64, u64)> {
-        let size = self.graph.size(node)?;
-        let mut hash = 0xcbf2_9ce4_8422_2325u64;
-        let mut offset = 0;
-        while offset < size {
-            let n = crate::graph::piece_len(offset, size - offset, self.scratch.len() as u64);
-            let n = n as usize;
-            self.graph.read(node, offset, &mut self.scratch[..n])?;
-            for &byte in &self.scratch[..n] {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-            offset += n as u64;
-        }
-        Ok((hash, size))
     }
 }

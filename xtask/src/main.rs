@@ -49,7 +49,9 @@ Commands:
                          (microvm and q35), boots that must fail, and image
                          tests (chain reads, writes, commit, stream, collapse,
                          snapshot, read-only, no space) checked with qemu-img
-  boot-test            only the boot tests (after the prerequisites)
+  boot-test [FILTER]   only the boot tests (after the prerequisites); with
+                       FILTER only those whose name contains it (e.g.
+                       `requests-in-flight`, `on microvm`)
   demo                 build the kernel and the host CLI, build a qcow2 chain
                        with qemu-img in target/demo/, boot the kernel on it
                        running guest writes while a stream and a live active
@@ -112,15 +114,16 @@ fn run(args: &[OsString]) -> Result<()> {
         }
         "qemu" => tasks::qemu::run(&Workspace::locate(), rest),
         "fuzz" => tasks::fuzz::run(&Workspace::locate(), rest),
-        "boot-test" => match rest.first() {
-            Some(arg) => Err(Error::msg(format!(
-                "`boot-test` takes no arguments (got `{}`)",
-                arg.to_string_lossy()
-            ))),
-            None => {
+        "boot-test" => match rest {
+            [] | [_] => {
+                let filter = rest.first().map(|arg| arg.to_string_lossy());
                 let ws = Workspace::locate();
-                prereq::ensure_all(&ws).and_then(|()| tasks::boot_test::run(&ws))
+                prereq::ensure_all(&ws).and_then(|()| tasks::boot_test::run(&ws, filter.as_deref()))
             }
+            [_, extra, ..] => Err(Error::msg(format!(
+                "`boot-test` takes at most one filter (got `{}` too)",
+                extra.to_string_lossy()
+            ))),
         },
         "bench" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(

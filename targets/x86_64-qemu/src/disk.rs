@@ -1,42 +1,51 @@
 //! The kernel's disks: a fixed table of virtio-blk devices and
 //! [`VirtioDisk`], the `blockgraph::Device` over one of them.
 //!
-//! The table owns the drivers (`static`, [`MAX_DISKS`] slots, each with a
-//! 64 KiB sector-aligned bounce buffer). A [`VirtioDisk`] is a small handle
-//! (disk index, access mode), so the graph can hold as many devices on one
-//! disk as it opens, and dropping them closes nothing. Disks are known by
-//! their virtio serial (QEMU's `-device ...,serial=NAME`, at most 20 bytes),
-//! which is how a resolver finds an image by name:
+//! The table owns the drivers (`static`, [`MAX_DISKS`] slots, each with
+//! its requests in flight and a 64 KiB sector-aligned bounce buffer). A
+//! [`VirtioDisk`] is a small handle (disk index, access mode), so the graph
+//! can hold as many devices on one disk as it opens, and dropping them
+//! closes nothing. Disks are known by their virtio serial (QEMU's
+//! `-device ...,serial=NAME`, at most 20 bytes), which is how a resolver
+//! finds an image by name:
 //!
 //! ```text
 //!  SerialResolver.open("base.qcow2", w) -> disk::find("base.qcow2")
 //!                                       -> VirtioDisk::open(index, w)
 //! ```
 //!
-//! Requests of any offset and length are split by [`crate::sectors`]; every
-//! request waits for its completion (one core, no interrupts).
+//! Two ways to the device (one core, no interrupts: the kernel polls):
+//!
+//! - `Device` calls (metadata, the synchronous path) wait for their
+//!   completion; requests of any offset and length are split by
+//!   [`crate::sectors`] (read-modify-write for partial sectors).
+//! - `Queue` (the request engine, `bench -d`): whole-sector reads, writes
+//!   and flushes go in flight, many per disk, and `poll` reports them in
+//!   the order the device completes them ([`crate::virtio::requests`]);
+//!   other operations (partial sectors, more than 1 MiB, no free record)
+//!   complete synchronously inside `submit`.
+//!
+//! A `VirtioDisk` is `Copy` and cannot drain in `Drop`: whoever submits
+//! drains (the engine's `drain`, which `bench -d` always calls, also after
+//! an error); the script runner checks that no disk is left busy.
 
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use blockgraph::device::DeviceId;
+use blockgraph::device::{Completion, DeviceId, Op, Queue, Submitted, Tag};
 use blockgraph::graph::NameBuf;
 use blockgraph::{Device, Error, ErrorKind, Resolver, Result};
 use spin::Mutex;
-use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::SomeTransport;
 
 use crate::sectors::{self, SectorIo, SECTOR};
-use crate::virtio::hal::KernelHal;
+use crate::virtio::blk::{Driver, Transfer, SERIAL_LEN};
+use crate::virtio::requests::Requests;
 
 /// Most disks the kernel attaches.
 pub const MAX_DISKS: usize = 8;
 /// Bytes of each disk's bounce buffer (unaligned heads and tails).
 pub const BOUNCE_LEN: usize = 64 * 1024;
-/// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
-pub const SERIAL_LEN: usize = 20;
-
-type Blk = VirtIOBlk<KernelHal, SomeTransport<'static>>;
 
 /// A disk's serial: what QEMU's `serial=` said, without trailing NULs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -84,7 +93,8 @@ pub struct DiskInfo {
 }
 
 struct Attached {
-    blk: Blk,
+    driver: Driver,
+    requests: Requests,
     info: DiskInfo,
 }
 
@@ -105,8 +115,8 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 pub enum AttachError {
     /// The table is full.
     TooMany,
-    /// virtio-drivers refused the device (feature negotiation, queue setup,
-    /// DMA pool, the serial request).
+    /// The device failed its setup (feature negotiation, queue setup, DMA
+    /// pool, the serial request).
     Driver(virtio_drivers::Error),
 }
 
@@ -129,21 +139,27 @@ pub fn attach(transport: SomeTransport<'static>) -> core::result::Result<usize, 
     if index == MAX_DISKS {
         return Err(AttachError::TooMany);
     }
-    let mut blk = Blk::new(transport).map_err(AttachError::Driver)?;
+    let mut driver = Driver::new(transport).map_err(AttachError::Driver)?;
+    let mut requests = Requests::new(driver.capacity());
     let mut id = [0u8; SERIAL_LEN];
-    let len = blk.device_id(&mut id).map_err(AttachError::Driver)?;
-    let len = len.min(SERIAL_LEN);
-    id[len..].fill(0);
+    requests
+        .run(&mut driver, 0, Transfer::Serial(&mut id))
+        .map_err(AttachError::Driver)?;
+    let len = id.iter().position(|&b| b == 0).unwrap_or(SERIAL_LEN);
     let info = DiskInfo {
         index,
         serial: Serial {
             bytes: id,
             len: len as u8,
         },
-        size: blk.capacity().saturating_mul(SECTOR as u64),
-        read_only: blk.readonly(),
+        size: driver.sectors().saturating_mul(SECTOR as u64),
+        read_only: driver.read_only(),
     };
-    *SLOTS[index].lock() = Some(Attached { blk, info });
+    *SLOTS[index].lock() = Some(Attached {
+        driver,
+        requests,
+        info,
+    });
     COUNT.store(index + 1, Ordering::Release);
     Ok(index)
 }
@@ -185,20 +201,38 @@ fn driver_error(err: virtio_drivers::Error) -> Error {
     }
 }
 
-/// The sector interface of one attached disk.
-struct Sectors<'a>(&'a mut Blk);
+/// The most requests that were in flight at once on disk `index` (0 for
+/// no such disk).
+pub fn peak_in_flight(index: usize) -> usize {
+    SLOTS.get(index).map_or(0, |slot| {
+        slot.lock().as_ref().map_or(0, |disk| disk.requests.peak())
+    })
+}
 
-impl SectorIo for Sectors<'_> {
+/// Whether some disk has split-phase operations in flight or unreported:
+/// an engine was left undrained.
+pub fn any_busy() -> bool {
+    (0..count()).any(|index| {
+        SLOTS[index]
+            .lock()
+            .as_ref()
+            .is_some_and(|disk| disk.requests.busy())
+    })
+}
+
+/// The sector interface of one attached disk: each request waits for its
+/// completion (others in flight keep going).
+impl SectorIo for Attached {
     fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<()> {
-        let sector = usize::try_from(sector)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "sector out of range"))?;
-        self.0.read_blocks(sector, buf).map_err(driver_error)
+        let transfer = Transfer::Read(buf);
+        let result = self.requests.run(&mut self.driver, sector, transfer);
+        result.map_err(driver_error)
     }
 
     fn write_sectors(&mut self, sector: u64, buf: &[u8]) -> Result<()> {
-        let sector = usize::try_from(sector)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "sector out of range"))?;
-        self.0.write_blocks(sector, buf).map_err(driver_error)
+        let transfer = Transfer::Write(buf);
+        let result = self.requests.run(&mut self.driver, sector, transfer);
+        result.map_err(driver_error)
     }
 }
 
@@ -244,13 +278,27 @@ impl VirtioDisk {
         self.index
     }
 
-    /// Runs `body` on the disk's driver and bounce buffer.
-    fn with<T>(&self, body: impl FnOnce(&mut Blk, &mut [u8]) -> Result<T>) -> Result<T> {
+    /// Runs `body` on the disk and its bounce buffer.
+    fn with<T>(&self, body: impl FnOnce(&mut Attached, &mut [u8]) -> Result<T>) -> Result<T> {
         let mut slot = SLOTS[self.index].lock();
         let disk = slot
             .as_mut()
             .ok_or(Error::new(ErrorKind::NotFound, "no such disk"))?;
-        body(&mut disk.blk, &mut BOUNCE[self.index].lock().0)
+        body(disk, &mut BOUNCE[self.index].lock().0)
+    }
+
+    /// Starts `op` as a request in flight; gives it back when it must run
+    /// synchronously (see [`Requests::queue`]) or the handle may not
+    /// write.
+    fn queue(&self, tag: Tag, op: Op<'static>) -> core::result::Result<(), Op<'static>> {
+        if !self.writable && !matches!(op, Op::Read { .. }) {
+            return Err(op);
+        }
+        let mut slot = SLOTS[self.index].lock();
+        let Some(disk) = slot.as_mut() else {
+            return Err(op);
+        };
+        disk.requests.queue(&mut disk.driver, tag, op)
     }
 }
 
@@ -261,7 +309,7 @@ impl Device for VirtioDisk {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.size;
-        self.with(|blk, bounce| sectors::read_at(&mut Sectors(blk), bounce, size, offset, buf))
+        self.with(|disk, bounce| sectors::read_at(disk, bounce, size, offset, buf))
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
@@ -272,14 +320,17 @@ impl Device for VirtioDisk {
             ));
         }
         let size = self.size;
-        self.with(|blk, bounce| sectors::write_at(&mut Sectors(blk), bounce, size, offset, buf))
+        self.with(|disk, bounce| sectors::write_at(disk, bounce, size, offset, buf))
     }
 
     fn flush(&mut self) -> Result<()> {
         if !self.writable {
             return Ok(()); // nothing was written through this device
         }
-        self.with(|blk, _| blk.flush().map_err(driver_error))
+        self.with(|disk, _| {
+            let result = disk.requests.run(&mut disk.driver, 0, Transfer::Flush);
+            result.map_err(driver_error)
+        })
     }
 
     fn is_read_only(&self) -> bool {
@@ -291,10 +342,47 @@ impl Device for VirtioDisk {
     }
 }
 
-/// Split-phase access for the request engine (`bench -d`), with the
-/// synchronous defaults: every operation completes inside `submit`
-/// (virtio-blk's non-blocking calls come later, docs/engine.md).
-impl<'b> blockgraph::device::Queue<'b> for VirtioDisk {}
+/// Split-phase access for the request engine (`bench -d`): whole-sector
+/// reads and writes (and flushes) go in flight, up to the disk's ring (42
+/// requests with QEMU's defaults); the rest completes in `submit`.
+///
+/// Only for `'static` buffers: the device reads and writes them by DMA
+/// until the request completes, whatever becomes of a borrow, and the
+/// handle is `Copy` (it cannot wait in `Drop`).
+impl Queue<'static> for VirtioDisk {
+    fn submit(&mut self, tag: Tag, op: Op<'static>) -> Submitted<'static> {
+        match self.queue(tag, op) {
+            Ok(()) => Submitted::Queued,
+            Err(Op::Read { offset, buf }) => Submitted::Done(self.read_at(offset, buf), Some(buf)),
+            Err(Op::Write { offset, buf }) => Submitted::Done(self.write_at(offset, buf), None),
+            Err(Op::Flush) => Submitted::Done(self.flush(), None),
+        }
+    }
+
+    fn poll(&mut self, done: Completion<'_, 'static>) {
+        if let Some(disk) = SLOTS[self.index].lock().as_mut() {
+            disk.requests.reap(&mut disk.driver);
+        }
+        loop {
+            let next = {
+                let mut slot = SLOTS[self.index].lock();
+                slot.as_mut().and_then(|disk| disk.requests.take())
+            };
+            // Reported without the disk locked: `done` may use the disk.
+            let Some((tag, result, buf)) = next else {
+                return;
+            };
+            done(tag, result.map_err(driver_error), buf);
+        }
+    }
+
+    fn busy(&self) -> bool {
+        SLOTS[self.index]
+            .lock()
+            .as_ref()
+            .is_some_and(|disk| disk.requests.busy())
+    }
+}
 
 /// Resolves image names as disk serials: the kernel's [`Resolver`].
 ///

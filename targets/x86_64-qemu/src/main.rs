@@ -14,9 +14,11 @@
 //!  serial      COM1 console (core::fmt::Write), kprint!/kprintln!
 //!  exit        leave QEMU through isa-debug-exit with a pass/fail status
 //!  virtio      DMA pages (Hal), transports (virtio-mmio on microvm,
-//!              virtio-pci on q35), the disk table
+//!              virtio-pci on q35), the virtio-blk driver (a ring sized
+//!              to the device) and its requests in flight
 //!  disk        VirtioDisk: blockgraph::Device over a virtio-blk disk,
-//!              byte-granular through `sectors` (read-modify-write)
+//!              byte-granular through `sectors` (read-modify-write), and
+//!              blockgraph::device::Queue for the request engine
 //!  script      the command line run through blockgraph's interpreter
 //!  selftest    the built-in check run for the command line `selftest`
 //! ```

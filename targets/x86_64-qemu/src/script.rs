@@ -90,7 +90,9 @@ impl Environment for Kernel {
 }
 
 /// Runs `script` (commands separated by `;`) on `graph`, printing to the
-/// serial console. Returns whether every command succeeded.
+/// serial console, then the most requests each disk had in flight at
+/// once. Returns whether every command succeeded and no disk was left with
+/// requests in flight (an engine that was not drained).
 pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
     let mut env = Kernel {
         resolver: SerialResolver,
@@ -99,7 +101,7 @@ pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
     let mut graph = graph.lock();
     let mut scratch = SCRATCH.lock();
     let mut out = Serial;
-    match cmd::run_script(&mut env, &mut graph, script, &mut scratch[..], &mut out) {
+    let ok = match cmd::run_script(&mut env, &mut graph, script, &mut scratch[..], &mut out) {
         Ok(count) => {
             kprintln!("script: {count} commands succeeded");
             true
@@ -108,5 +110,18 @@ pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
             kprintln!("error: command {}: {failure}", index + 1);
             false
         }
+    };
+    for info in disk::disks() {
+        kprintln!(
+            "disk {} ({}): at most {} requests in flight",
+            info.index,
+            info.serial.as_str(),
+            disk::peak_in_flight(info.index)
+        );
     }
+    if disk::any_busy() {
+        kprintln!("error: requests still in flight after the script (an engine was not drained)");
+        return false;
+    }
+    ok
 }

@@ -328,6 +328,7 @@ impl Lab {
             path: self.path(name),
             read_only,
             format: None,
+            queue_size: None,
         }
     }
 

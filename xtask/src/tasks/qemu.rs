@@ -140,6 +140,9 @@ pub struct Disk {
     /// `--disk PATH,format=FMT`): the script starts with `image-format
     /// SERIAL FMT`, so commands that name no format never probe it.
     pub format: Option<String>,
+    /// The descriptors of the disk's virtio-blk ring QEMU offers
+    /// (`queue-size=`); `None`: QEMU's default (256).
+    pub queue_size: Option<u16>,
 }
 
 impl Disk {
@@ -161,6 +164,7 @@ impl Disk {
             path: PathBuf::from(path),
             read_only,
             format,
+            queue_size: None,
         })
     }
 
@@ -394,6 +398,9 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
             Error::msg(format!("disk path `{}` is not UTF-8", disk.path.display()))
         })?;
         let readonly = if disk.read_only { ",readonly=on" } else { "" };
+        let queue_size = disk
+            .queue_size
+            .map_or(String::new(), |size| format!(",queue-size={size}"));
         cmd = cmd
             .arg("-drive")
             .arg(format!(
@@ -402,7 +409,7 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
             ))
             .arg("-device")
             .arg(format!(
-                "{},drive=d{index},serial={}",
+                "{},drive=d{index},serial={}{queue_size}",
                 boot.machine.virtio_blk_device(),
                 option_value(serial)
             ));
@@ -593,6 +600,7 @@ mod tests {
             path: PathBuf::from(path),
             read_only: false,
             format: None,
+            queue_size: None,
         };
         assert_eq!(disk("x/12345678901234567890").serial().unwrap().len(), 20);
         let err = disk("x/123456789012345678901").serial().unwrap_err();
@@ -621,10 +629,14 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(",readonly=on"), "{line}");
+        boot.disks[0].queue_size = Some(16);
+        let line = qemu_command(Path::new("/k"), &boot).unwrap().to_string();
+        assert!(line.ends_with(",serial=a,,b.raw,queue-size=16"), "{line}");
         boot.disks.push(Disk {
             path: a,
             read_only: false,
             format: None,
+            queue_size: None,
         });
         let err = qemu_command(Path::new("/k"), &boot).unwrap_err();
         assert!(err.to_string().contains("two disks"), "{err}");

@@ -22,7 +22,7 @@ pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
     }
     // Each fuzz target for a few seconds: a crash fails the run.
     fuzz::smoke(ws, fuzz_toolchain).map_err(|err| step_failed("fuzz smoke run", err))?;
-    boot_test::run(ws).map_err(|err| step_failed("boot tests", err))?;
+    boot_test::run(ws, None).map_err(|err| step_failed("boot tests", err))?;
     println!("xtask test: all {} steps passed", steps.len() + 3);
     Ok(())
 }

@@ -17,8 +17,8 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
-/// Pages in the DMA pool: a virtio-blk queue of 16 takes 2 (legacy or
-/// modern layout), so 8 disks need 16.
+/// Pages in the DMA pool: a virtio-blk ring of 128 descriptors takes 2
+/// (legacy or modern layout), so 8 disks need 16.
 pub const DMA_PAGES: usize = 64;
 
 #[repr(C, align(4096))]

@@ -6,10 +6,17 @@
 //! is scanned. Every block device found is handed to
 //! [`disk::attach`](crate::disk::attach), in the order of QEMU's `-device`
 //! options, so `disk N` is the Nth disk given to `cargo xtask qemu`.
+//!
+//! The block driver itself: [`blk`] (the virtio-blk protocol over a ring
+//! sized to the device, `ring`) and [`requests`] (the requests in flight on
+//! one disk, for the request engine).
 
+pub mod blk;
 pub mod hal;
 mod mmio;
 mod pci;
+pub mod requests;
+mod ring;
 
 use core::fmt;
 
