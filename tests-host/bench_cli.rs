@@ -465,6 +465,31 @@ fn checksum_at_any_depth_is_the_guest_view_s() {
     }
 }
 
+/// A raw image whose file ends inside its last sector: the view reads
+/// zeros past the file's end, with requests in flight as without.
+#[test]
+fn checksum_in_flight_reads_zeros_past_the_end_of_the_file() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.join("odd.raw"), &bytes).unwrap();
+    let mut view = bytes;
+    view.resize(100_000usize.next_multiple_of(512), 0);
+    let line = format!(
+        "checksum odd.raw: {:016x} ({} bytes)",
+        fnv1a(&view),
+        view.len()
+    );
+    for depth in ["1", "3", "8"] {
+        let out = ok(
+            dir,
+            BLOCKGRAPH,
+            &["checksum", "-f", "raw", "-d", depth, "odd.raw"],
+        );
+        assert_eq!(out.trim_end(), line, "-d {depth}");
+    }
+}
+
 #[test]
 fn queued_writes_equal_qemu_img_bench_writes() {
     // qemu-img writes at queue depth 8; blockgraph at 8 and 32, on the

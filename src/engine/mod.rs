@@ -760,13 +760,7 @@ fn issue_read<
             let place = next;
             next += 1;
             match extent {
-                ReadExtent::Data {
-                    file,
-                    host,
-                    present,
-                } if present > 0 => {
-                    // Past the device's end the chain reads zeros.
-                    head[present as usize..].fill(0);
+                ReadExtent::Data { file, host } => {
                     let op = Op::Read {
                         offset: host,
                         buf: head,

@@ -11,15 +11,13 @@ use crate::format::Mapping;
 pub(crate) enum ReadExtent {
     /// Reads as zeros.
     Zeros,
-    /// Stored on protocol node `file` at `host`; the device holds the first
-    /// `present` bytes (the rest reads as zeros).
+    /// Stored on protocol node `file` at `host`, every byte of the run on
+    /// the device.
     Data {
         /// The protocol node.
         file: NodeId,
         /// Device offset.
         host: u64,
-        /// Bytes the device holds.
-        present: u64,
     },
     /// Needs the synchronous path (compressed data).
     Slow,
@@ -83,7 +81,8 @@ impl<
     }
 
     /// The first extent of a read of `len` bytes at `pos` of `id`'s chain,
-    /// and how many bytes it covers.
+    /// and how many bytes it covers. Stored data that reaches past its
+    /// device's end is cut there: the rest reads as zeros (the next extent).
     ///
     /// # Errors
     /// Metadata and device errors of the lookup.
@@ -94,20 +93,17 @@ impl<
         len: u64,
     ) -> Result<(ReadExtent, u64)> {
         let (located, run) = self.locate(id, pos, len)?;
-        let extent = match located.mapping {
-            Mapping::Zero | Mapping::Unallocated => ReadExtent::Zeros,
+        Ok(match located.mapping {
+            Mapping::Zero | Mapping::Unallocated => (ReadExtent::Zeros, run),
             Mapping::Data(host) => {
                 let file = self.layer_file(located.layer)?;
-                let size = self.device_mut(file)?.size();
-                ReadExtent::Data {
-                    file,
-                    host,
-                    present: size.saturating_sub(host).min(run),
+                match self.device_mut(file)?.size().saturating_sub(host).min(run) {
+                    0 => (ReadExtent::Zeros, run),
+                    present => (ReadExtent::Data { file, host }, present),
                 }
             }
-            Mapping::Compressed(_) => ReadExtent::Slow,
-        };
-        Ok((extent, run))
+            Mapping::Compressed(_) => (ReadExtent::Slow, run),
+        })
     }
 
     /// Where the start of a write of `len` bytes at `pos` of format node
