@@ -737,6 +737,85 @@ fn chain_changes_wait_for_a_drain() {
     assert_eq!(graph.node_count(), 0);
 }
 
+/// The check before an image's first write (every cluster in use
+/// counted) runs a bounded step per poll when the write comes through the
+/// engine: no poll reads every L2 table of the image, reads submitted
+/// before the write complete meanwhile, and the write then lands.
+fn first_write_check_in_steps() {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    // 128 L2 tables of 4 KiB (4 KiB clusters: 2 MiB of guest each).
+    let create = "create -q -f qcow2 -o cluster_size=4096 top.qcow2 256M";
+    qemu_img(dir, &create.split(' ').collect::<Vec<_>>());
+    let writes: Vec<String> = (0..128)
+        .map(|i| format!("write -P 0x5a {}M 4k", 2 * i))
+        .collect();
+    qemu_io(dir, "qcow2", "top.qcow2", &writes);
+    let top_bytes = fs::read(dir.join("top.qcow2")).unwrap();
+    let mut files = Files::new(&top_bytes, &[], 1 << 20);
+    // The buffers outlive the graph, whose devices may hold them.
+    let mut arena = vec![0u8; 4 * 4096];
+    let data = [0x77u8; 4096];
+    let mut images = files.images(11);
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let (backend, top) = attach(&mut graph, &mut images, true);
+    let file = graph.file(top).unwrap().unwrap();
+    let reads = |graph: &mut TestGraph<'_, '_>| graph.device_mut(file).unwrap().inner().reads();
+
+    let mut buffers = arena.chunks_mut(4096);
+    let mut engine: Engine<'_> = Engine::new();
+    let mut early: Vec<Option<Ticket>> = (0..3u64)
+        .map(|i| {
+            let buf = buffers.next().unwrap();
+            Some(engine.submit_read(backend, i * (2 << 20), [buf]).unwrap())
+        })
+        .collect();
+    let write = engine
+        .submit_write(backend, 100 << 20, [&data[..]])
+        .unwrap();
+    let (mut polls, mut most) = (0, 0);
+    let mut early_done = 0;
+    let written = loop {
+        let before = reads(&mut graph);
+        engine.poll(&mut graph);
+        polls += 1;
+        most = most.max(reads(&mut graph) - before);
+        assert!(polls < 10_000, "the write never goes");
+        for ticket in &mut early {
+            let Some(waiting) = *ticket else {
+                continue;
+            };
+            if let Some(mut done) = engine.take(waiting).unwrap() {
+                *ticket = None;
+                done.result.unwrap();
+                assert!(done.buffers().flatten().all(|b| *b == 0x5a));
+                early_done += 1;
+            }
+        }
+        if let Some(done) = engine.take(write).unwrap() {
+            break done.result;
+        }
+    };
+    written.unwrap();
+    assert_eq!(early_done, 3, "the reads before the write finished first");
+    assert!(polls >= 8, "the check ran in {polls} polls: not in steps");
+    assert!(most <= 64, "one poll made {most} device reads");
+    let mut back = [0u8; 4096];
+    graph.backend_read(backend, 100 << 20, &mut back).unwrap();
+    assert_eq!(back, data);
+    graph.flush(top).unwrap();
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    drop(images);
+    fs::write(dir.join("top.qcow2"), &files.top.0).unwrap();
+    qemu_img(dir, &["check", "top.qcow2"]);
+}
+
+#[test]
+fn the_first_write_check_runs_in_steps_between_requests() {
+    big_stack(first_write_check_in_steps);
+}
+
 #[test]
 fn chain_changes_are_refused_until_a_drain() {
     big_stack(chain_changes_wait_for_a_drain);

@@ -116,9 +116,34 @@ struct Slot<'b, const S: usize, const P: usize> {
     held: Option<NodeId>,
 }
 
-impl<const S: usize, const P: usize> Slot<'_, S, P> {
+impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
     fn fail(&mut self, err: Error) {
         self.error.get_or_insert(err);
+    }
+
+    /// Whether this request, if it writes, may be planned now: its image's
+    /// check before a first write has run. Otherwise one bounded step of
+    /// it runs here (so no poll reads every L2 table of a large image) and
+    /// the request waits. An error lets the plan report it.
+    fn writes_prepared<
+        D: Queue<'b>,
+        const N: usize,
+        const B: usize,
+        const C: usize,
+        const J: usize,
+    >(
+        &self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) -> bool {
+        if matches!(self.payload, Payload::Read(_) | Payload::Flush) {
+            return true;
+        }
+        match root_for(graph, self.backend, true) {
+            Ok(root) => graph
+                .prepare_writes_step(root, PREPARE_STEP)
+                .unwrap_or(true),
+            Err(_) => true,
+        }
     }
 }
 
@@ -499,6 +524,12 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let Some(slot) = self.slots[index].as_mut() else {
             return true;
         };
+        if !slot.writes_prepared(graph) {
+            // A step of the image's check before its first write is done;
+            // the request waits for the next poll (the check's errors are
+            // the request's, met again in the plan).
+            return false;
+        }
         let fast = match plan(graph, slot) {
             Ok(fast) => fast,
             Err(err) => {
@@ -586,6 +617,10 @@ fn root_for<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, co
     }
     graph.root(backend)
 }
+
+/// Table entries one poll examines of an image's check before its first
+/// write ([`Graph::prepare_writes_step`]): a few 4 KiB reads.
+const PREPARE_STEP: u64 = 4096;
 
 /// Whether `slot` can go to the devices as split-phase operations (`true`)
 /// or needs the synchronous path (`false`). Nothing is written.

@@ -39,7 +39,7 @@ use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
 use crate::format::driver::{Driver, ImageTables};
-use crate::format::qcow2::{Inflater, Qcow2};
+use crate::format::qcow2::{Inflater, Qcow2, UsageCheck};
 use crate::format::{probe, Format, Mapping, Probed, PROBE_BYTES};
 use crate::jobs::Job;
 
@@ -200,6 +200,9 @@ pub struct Graph<
     /// Requests of a request engine in flight through each node's chain
     /// ([`Graph::has_requests_in_flight`]).
     held: [u32; NODES],
+    /// The check before a first write in progress, step by step, and its
+    /// node ([`Graph::prepare_writes_step`]).
+    usage_check: Option<(NodeId, UsageCheck)>,
     inflater: Inflater,
 }
 
@@ -252,6 +255,7 @@ impl<
             jobs: Pool::new(),
             cache: MetaCache::new(),
             held: [0; NODES],
+            usage_check: None,
             inflater: Inflater::new(),
         }
     }

@@ -79,6 +79,41 @@ impl<
         driver.prepare_for_writes(tables)
     }
 
+    /// One step of the check qcow2 node `id` needs before its first write
+    /// (the refcounts count every cluster its L2 tables use, R9):
+    /// examines at most about `budget` table entries and returns whether
+    /// writes may go ahead without a scan (always, for raw images and once
+    /// the check has run). A write runs whatever is left of the check
+    /// itself; calling this first, in idle time or between requests (the
+    /// request engine does), spreads a large image's scan over many short
+    /// calls. One node's check is kept at a time: starting another's starts
+    /// over when the first is taken up again.
+    ///
+    /// # Errors
+    /// As [`Graph::write`]'s first-write check: [`ErrorKind::Corrupt`] for
+    /// a cluster in use counted free (the image is marked corrupt), device
+    /// errors.
+    pub fn prepare_writes_step(&mut self, id: NodeId, budget: u64) -> Result<bool> {
+        if !self
+            .nodes
+            .get(id)?
+            .driver
+            .qcow2()
+            .is_ok_and(|q| !q.counted())
+        {
+            return Ok(true);
+        }
+        let mut check = match self.usage_check.take() {
+            Some((node, check)) if node == id => check,
+            _ => super::UsageCheck::new(),
+        };
+        let done = self.with_qcow2(id, |q, t| q.check_counted_step(t, &mut check, budget))?;
+        if !done {
+            self.usage_check = Some((id, check));
+        }
+        Ok(done)
+    }
+
     /// Writes guest bytes at `offset` of format node `id` (its own layer;
     /// the backing chain is only read, for copy-on-write): the one-buffer
     /// case of [`Graph::writev`].

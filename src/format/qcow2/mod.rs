@@ -15,13 +15,15 @@ mod refcount;
 mod snapshot;
 #[cfg(test)]
 pub(crate) mod testimg;
+mod walk;
 mod write;
 
 pub use alloc::{Batch, Placement, BATCH};
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
 pub use l2::L2Entry;
-pub use write::{ClearMode, WriteTarget};
+pub use walk::L2Walk;
+pub use write::{ClearMode, UsageCheck, WriteTarget};
 
 use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
 use core::cell::Cell;
@@ -266,12 +268,12 @@ impl Qcow2 {
     /// Checks every entry of every L2 table the L1 table points to (as the
     /// read path decodes them: aligned, inside the image, no reserved bits),
     /// so that no entry can later alias a cluster the image grows into.
-    /// Each distinct table is read once ([`for_each_l2_table`]).
+    /// Each distinct table is read once ([`walk::for_each_l2_table`]).
     fn check_l2_tables<D: Device>(&self, device: &mut D) -> Result<()> {
         let file_size = device.size();
         let l2_entries = self.cluster_size() / 8;
         let l1 = (self.header.l1_table_offset, self.l1_used);
-        for_each_l2_table(
+        walk::for_each_l2_table(
             device,
             l1,
             self.header.cluster_bits,
@@ -534,69 +536,6 @@ impl Qcow2 {
         }
         self.header = updated;
         Ok(())
-    }
-}
-
-/// Clusters of the file one pass of [`for_each_l2_table`] covers (one bit
-/// each in a 4 KiB bitmap on the stack).
-const WINDOW_CLUSTERS: u64 = 4096 * 8;
-
-/// Calls `visit` once for each distinct L2 table named by the first `used`
-/// entries of the L1 table at `l1`, however many entries name it (a hostile
-/// L1 may name one table millions of times). No heap: a bitmap marks the
-/// tables visited in a window of [`WINDOW_CLUSTERS`] file clusters; each
-/// pass reads the L1 entries once (with `read`, 4 KiB at a time) and visits
-/// the unmarked tables of its window, and the next window starts at the
-/// lowest table past it, so windows holding no table cost nothing. Tables
-/// lie inside the file (checked at open), so a file of `F` bytes and
-/// `cs`-byte clusters takes at most `F / (cs * WINDOW_CLUSTERS) + 1` passes
-/// (one for files up to 16 MiB of 512-byte clusters, or 2 GiB of 64 KiB
-/// clusters). Table offsets are cluster aligned (checked at open).
-///
-/// # Errors
-/// The first error of `read` or `visit`.
-fn for_each_l2_table<C>(
-    ctx: &mut C,
-    (l1, used): (u64, u64),
-    cluster_bits: u32,
-    mut read: impl FnMut(&mut C, u64, &mut [u8]) -> Result<()>,
-    mut visit: impl FnMut(&mut C, u64) -> Result<()>,
-) -> Result<()> {
-    let mut seen = [0u8; (WINDOW_CLUSTERS / 8) as usize];
-    let mut buf = [0u8; 4096];
-    let mut window = 0u64;
-    loop {
-        seen.fill(0);
-        let mut next = u64::MAX;
-        let mut done = 0u64;
-        while done < used {
-            let n = (used - done).min(buf.len() as u64 / 8) as usize;
-            read(ctx, l1 + done * 8, &mut buf[..n * 8])?;
-            for raw in buf[..n * 8].chunks_exact(8) {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(raw);
-                let table = u64::from_be_bytes(bytes) & OFFSET_MASK;
-                let cluster = table >> cluster_bits;
-                if table == 0 || cluster < window {
-                    continue;
-                }
-                let bit = cluster - window;
-                if bit >= WINDOW_CLUSTERS {
-                    next = next.min(cluster);
-                    continue;
-                }
-                let (byte, mask) = ((bit / 8) as usize, 1u8 << (bit % 8));
-                if seen[byte] & mask == 0 {
-                    seen[byte] |= mask;
-                    visit(ctx, table)?;
-                }
-            }
-            done += n as u64;
-        }
-        if next == u64::MAX {
-            return Ok(());
-        }
-        window = next;
     }
 }
 

@@ -12,10 +12,10 @@
 
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{for_each_l2_table, L2Entry, Level, Qcow2, Tables, BATCH, COPIED, OFFSET_MASK};
+use super::walk::{Found, L2Walk};
+use super::{L2Entry, Level, Qcow2, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
-use core::cell::Cell;
 use core::ops::Range;
 
 /// What a guest write to one cluster needs.
@@ -37,6 +37,31 @@ pub enum ClearMode {
     Zero,
     /// Unallocated: the backing file shows through (or zeros without one).
     Unallocated,
+}
+
+/// Where the check before a first write is
+/// ([`Qcow2::check_counted_step`]): the walk over the L2 tables and the
+/// table being read. About 4 KiB.
+pub struct UsageCheck {
+    walk: L2Walk,
+    /// The table being checked, and its bytes done.
+    table: Option<(u64, u64)>,
+}
+
+impl Default for UsageCheck {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UsageCheck {
+    /// A check at its start.
+    pub const fn new() -> Self {
+        Self {
+            walk: L2Walk::new(),
+            table: None,
+        }
+    }
 }
 
 impl Qcow2 {
@@ -77,59 +102,92 @@ impl Qcow2 {
     /// Refuses writes when the refcounts call a cluster that the active L2
     /// tables use (data or compressed) free: the allocator would hand it
     /// out again and two guest clusters would share storage. One pass over
-    /// the distinct L2 tables ([`for_each_l2_table`]: each is read once,
-    /// however many L1 entries name it), before the first write. When one
-    /// is found the image is marked corrupt (the header bit on v3, see
-    /// [`Qcow2::mark_corrupt`]); nothing else is written.
+    /// the distinct L2 tables (an [`L2Walk`]: each is read once, however
+    /// many L1 entries name it), before the first write: all of it here,
+    /// or step by step with [`Qcow2::check_counted_step`].
     fn check_used_clusters_counted<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
     ) -> Result<()> {
+        let mut check = UsageCheck::new();
+        while !self.check_counted_step(t, &mut check, u64::MAX)? {}
+        Ok(())
+    }
+
+    /// Whether the check before the first write
+    /// ([`Qcow2::prepare_for_writes`]) has run: a write then costs no scan.
+    pub fn counted(&self) -> bool {
+        self.counted
+    }
+
+    /// One step of the check before the first write (the refcounts count
+    /// every cluster the active L2 tables use), resumed from `check`:
+    /// examines at most about `budget` L1 and L2 entries (4 KiB device
+    /// reads, and for each L2 entry that holds data its refcount, through
+    /// the metadata cache). Returns `true` once the check is complete; a
+    /// first write then goes ahead without it. A VMM runs these steps in
+    /// idle time, the request engine between requests, so that no single
+    /// call reads every L2 table of a large image. When a cluster in use is
+    /// found counted free the image is marked corrupt (the header bit on
+    /// v3); nothing else is written.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for a cluster in use counted free, device
+    /// errors.
+    pub fn check_counted_step<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        check: &mut UsageCheck,
+        mut budget: u64,
+    ) -> Result<bool> {
+        if self.counted {
+            return Ok(true);
+        }
         // The tables are read from the device: bring it up to date first.
         t.write_back()?;
         let cs = self.cluster_size();
-        let this = &*self;
-        let l1 = (this.header.l1_table_offset, this.l1_used);
-        let counted_free = Cell::new(false);
-        let result = for_each_l2_table(
-            t,
-            l1,
-            this.header.cluster_bits,
-            |t, at, buf| t.device()?.read_at(at, buf),
-            |t, table| {
-                let mut chunk = [0u8; CHUNK];
-                let mut done = 0;
-                while done < cs {
-                    let n = (cs - done).min(CHUNK as u64) as usize;
-                    t.device()?.read_at(table + done, &mut chunk[..n])?;
-                    for raw in chunk[..n].chunks_exact(8) {
-                        let mut bytes = [0u8; 8];
-                        bytes.copy_from_slice(raw);
-                        let entry =
-                            L2Entry::parse(u64::from_be_bytes(bytes), this.header.cluster_bits);
-                        let Some((mut cluster, end)) = entry.storage(cs) else {
-                            continue;
-                        };
-                        while cluster < end {
-                            if this.refcount(t, cluster / cs)? == 0 {
-                                counted_free.set(true);
-                                return fail(
-                                    ErrorKind::Corrupt,
-                                    "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
-                                );
-                            }
-                            cluster += cs;
-                        }
+        let l1 = (self.header.l1_table_offset, self.l1_used);
+        let bits = self.header.cluster_bits;
+        while budget > 0 {
+            let Some((table, done)) = check.table else {
+                let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| {
+                    t.device()?.read_at(at, buf)
+                };
+                match check.walk.next_table(t, l1, bits, read, &mut budget)? {
+                    Found::Table(table) => check.table = Some((table, 0)),
+                    Found::Later => return Ok(false),
+                    Found::Done => {
+                        self.counted = true;
+                        return Ok(true);
                     }
-                    done += n as u64;
                 }
-                Ok(())
-            },
-        );
-        if counted_free.get() {
-            self.mark_corrupt(t);
+                continue;
+            };
+            let mut chunk = [0u8; CHUNK];
+            let n = (cs - done).min(CHUNK as u64) as usize;
+            t.device()?.read_at(table + done, &mut chunk[..n])?;
+            for raw in chunk[..n].chunks_exact(8) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(raw);
+                let entry = L2Entry::parse(u64::from_be_bytes(bytes), bits);
+                let Some((mut cluster, end)) = entry.storage(cs) else {
+                    continue;
+                };
+                while cluster < end {
+                    if self.refcount(t, cluster / cs)? == 0 {
+                        self.mark_corrupt(t);
+                        return fail(
+                            ErrorKind::Corrupt,
+                            "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
+                        );
+                    }
+                    cluster += cs;
+                }
+            }
+            check.table = (done + (n as u64) < cs).then_some((table, done + n as u64));
+            budget = budget.saturating_sub(n as u64 / 8);
         }
-        result
+        Ok(false)
     }
 
     /// The L1 index and L2 index of guest cluster `cluster`.
