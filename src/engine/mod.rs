@@ -114,6 +114,9 @@ struct Slot<'b, const S: usize, const P: usize> {
     /// The node whose chain this request holds while its operations are in
     /// flight ([`Graph::has_requests_in_flight`]).
     held: Option<NodeId>,
+    /// A read that the plan found in one extent: issued without walking
+    /// the chain again.
+    extent: Option<ReadExtent>,
 }
 
 impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
@@ -296,6 +299,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             ops: 0,
             error: None,
             held: None,
+            extent: None,
         });
         self.next_seq += 1;
         Ok(Ticket {
@@ -635,7 +639,7 @@ fn plan<
     const P: usize,
 >(
     graph: &mut Graph<D, N, B, C, J>,
-    slot: &Slot<'b, S, P>,
+    slot: &mut Slot<'b, S, P>,
 ) -> Result<bool> {
     let (offset, len) = (slot.offset, slot.len);
     match &slot.payload {
@@ -652,6 +656,9 @@ fn plan<
                 let (extent, run) = graph.read_extent(root, pos, offset + len - pos)?;
                 if extent == ReadExtent::Slow {
                     return Ok(false);
+                }
+                if run == len {
+                    slot.extent = Some(extent);
                 }
                 pieces += 1;
                 pos += run;
@@ -720,6 +727,7 @@ fn issue<
             let target = Target {
                 root,
                 index,
+                whole: slot.extent.map(|extent| (extent, offset)),
                 pieces: &mut slot.pieces,
             };
             issue_read(graph, target, offset, segments, &mut queued)
@@ -743,7 +751,32 @@ fn issue<
 struct Target<'s, 'b, const P: usize> {
     root: NodeId,
     index: usize,
+    /// The one extent the whole read maps to, and where the read starts.
+    whole: Option<(ReadExtent, u64)>,
     pieces: &'s mut [Option<&'b mut [u8]>; P],
+}
+
+impl<const P: usize> Target<'_, '_, P> {
+    /// The first extent of the `len` bytes at `pos` of the read: from the
+    /// plan when it found the read in one extent, else from the chain.
+    fn extent<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &self,
+        graph: &mut Graph<D, N, B, C, J>,
+        pos: u64,
+        len: u64,
+    ) -> Result<(ReadExtent, u64)> {
+        match self.whole {
+            Some((ReadExtent::Data { file, host }, start)) => Ok((
+                ReadExtent::Data {
+                    file,
+                    host: host + (pos - start),
+                },
+                len,
+            )),
+            Some((extent, _)) => Ok((extent, len)),
+            None => graph.read_extent(self.root, pos, len),
+        }
+    }
 }
 
 /// Submits `op` (tagged `tag`) to the device of protocol node `file`;
@@ -788,7 +821,7 @@ fn issue_read<
     for segment in segments {
         let mut rest = segment;
         while !rest.is_empty() {
-            let (extent, run) = graph.read_extent(target.root, pos, rest.len() as u64)?;
+            let (extent, run) = target.extent(graph, pos, rest.len() as u64)?;
             let piece = core::mem::take(&mut rest);
             let (head, tail) = piece.split_at_mut(run as usize);
             rest = tail;
