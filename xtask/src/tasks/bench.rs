@@ -925,7 +925,7 @@ impl Report {
              flight); median per row. Random offsets reach the chain's unallocated half \
              too (zeros from metadata, no disk read); the 8 MiB-apart rows read base data \
              under two overlays only, the chain's worst case (every request walks three \
-             layers' metadata, under the engine twice: to plan it, then to issue it). \
+             layers' metadata). \
              Targets (set for random reads; shown for both): chain at least \
              {KERNEL_CHAIN_VS_RAW:.1}x the raw disk's IOPS at each depth, chain QD 32 at \
              least {KERNEL_DEEP_VS_QD1:.0}x chain QD 1:"
