@@ -311,6 +311,12 @@ fn sizes_add_up() {
         assert!(bytes(slot) > 0, "{out}");
     }
     assert!(bytes("  cache slot: ") >= 4096, "{out}");
+    // The request engine: its slots, each well under a kilobyte.
+    let (engine, request) = (bytes("engine: "), bytes("  request slot: "));
+    assert!(
+        request > 0 && request < 1024 && engine >= 64 * request,
+        "{out}"
+    );
     assert_eq!(bytes("total: "), graph + session + scratch, "{out}");
     let verdict = out.lines().last().unwrap();
     assert!(

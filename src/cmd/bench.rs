@@ -58,7 +58,7 @@ use super::args::{parse_pattern, parse_size};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::device::{Device, Queue};
-use crate::engine::{Engine, Ticket, DEFAULT_SLOTS};
+use crate::engine::{Engine, Ticket, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS};
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
 
@@ -355,6 +355,15 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         writeln!(self.out, "  job slot: {job} bytes")?;
         writeln!(self.out, "session: {session} bytes ({S} slots)")?;
         writeln!(self.out, "scratch: {} bytes", self.scratch.len())?;
+        // A VMM's request engine (the default one), outside this budget.
+        let engine = size_of::<Engine<'static>>();
+        let request = size_of::<Engine<'static, 2>>() - size_of::<Engine<'static, 1>>();
+        writeln!(
+            self.out,
+            "engine: {engine} bytes ({DEFAULT_SLOTS} requests in flight, {DEFAULT_SEGMENTS} \
+             segments, {DEFAULT_PIECES} pieces; not in the total)"
+        )?;
+        writeln!(self.out, "  request slot: {request} bytes")?;
         writeln!(
             self.out,
             "total: {total} bytes of a {MEMORY_BUDGET}-byte budget: {}",
