@@ -33,9 +33,9 @@
 //! (blocking).
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
-//! are borrowed, not stored); the default engine (64 slots, 16 segments, 32
-//! pieces) is about 56 KiB (`blockgraph sizes`). A read that the chain cuts into more than
-//! `PIECES` pieces takes the synchronous path.
+//! are borrowed, not stored); the default engine (64 slots, 16 segments,
+//! 32 pieces) is about 56 KiB (`blockgraph sizes`). A read that the chain
+//! cuts into more than `PIECES` pieces takes the synchronous path.
 
 use crate::backend::BackendId;
 use crate::device::{Op, Queue, Submitted, Tag};
