@@ -376,6 +376,15 @@ fn requests(cluster: u64) -> Vec<Request> {
             byte: 0x99,
             cuts: &[1000, 3000, 4096, 100_000],
         },
+        // Allocating (copy-on-write from the backing file or zeros), one
+        // batch: the engine's allocating path, its data as device writes,
+        // the copied head and tail apart from it.
+        Request::Engine {
+            offset: 11 * MIB + 1000,
+            len: (32 * cluster).min(MIB) - 5000,
+            byte: 0xaa,
+            cuts: &[3096, 8192],
+        },
         Request::Zeroes {
             offset: 13 * MIB + 512,
             len: (3 * cluster.max(64 * KIB) + 1000).min(3 * MIB - 512),
@@ -506,10 +515,19 @@ fn guest_requests(cluster: u64, backing: bool) {
     }
 }
 
-/// [`guest_requests`] without and with a backing file.
+/// [`guest_requests`] without and with a backing file, on a thread with a
+/// stack large enough for a graph and a request engine built on it in
+/// debug builds.
 fn both_backings(cluster: u64) {
-    guest_requests(cluster, false);
-    guest_requests(cluster, true);
+    std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(move || {
+            guest_requests(cluster, false);
+            guest_requests(cluster, true);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 #[test]
