@@ -420,11 +420,8 @@ impl Batch {
     }
 }
 
-/// Runs [`BATCHES`] batches of [`BATCH`] random requests through an engine
-/// on `backend`, each with its own chunk of `chunks`, checking reads and
-/// then the whole guest view against `model` (one byte per sector), which
-/// it keeps up to date. At some point 8 or more device operations, and two
-/// or more allocating writes, must be in flight at once.
+/// Runs [`BATCHES`] batches of [`BATCH`] random requests drawn from `mix`
+/// through an engine on `backend` ([`batches_of`]).
 fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     graph: &mut Graph<D, 64, 8, CACHE>,
     backend: BackendId,
@@ -432,11 +429,27 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     model: &mut [u8],
     (mix, seed): (Mix, u64),
 ) {
+    batches_of(graph, (backend, chunks), model, (BATCHES, &|_| mix), seed);
+}
+
+/// Runs `count` batches of [`BATCH`] random requests through an engine on
+/// `backend`, batch `n` drawn from `mix(n)`, each request with its own
+/// chunk of `chunks`, checking reads and then the whole guest view against
+/// `model` (one byte per sector), which it keeps up to date. At some point
+/// 8 or more device operations, and two or more allocating writes, must be
+/// in flight at once.
+fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
+    graph: &mut Graph<D, 64, 8, CACHE>,
+    (backend, chunks): (BackendId, &mut impl Iterator<Item = &'b mut [u8]>),
+    model: &mut [u8],
+    (count, mix): (usize, &dyn Fn(usize) -> Mix),
+    seed: u64,
+) {
     let mut engine: Engine<'b> = Engine::new();
     let mut rng = Rng(seed);
     let (mut most_ops, mut most_allocations) = (0, 0);
-    for number in 0..BATCHES {
-        let mut batch = Batch::new(number, mix, model);
+    for number in 0..count {
+        let mut batch = Batch::new(number, mix(number), model);
         for i in 0..BATCH {
             let value = (number * BATCH + i) as u8 | 0x80;
             let chunk = chunks.next().unwrap();
@@ -526,40 +539,20 @@ fn overlapping_allocations<const CACHE: usize>(cluster: usize, seed: u64) {
     let mut images = files.images(seed);
     let mut graph: Box<TestGraph<'_, '_, CACHE>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
-    let mut engine: Engine<'_> = Engine::new();
-    let mut rng = Rng(seed);
     // Windows the top does not own: over nothing (1M, 2.5M, 3.5M), over
     // backing data (1.5M, 0, 3M + 128k) and over zero clusters (3M).
     let window = 4 * cluster / SECTOR;
     let starts = [1 << 20, 3 << 19, 5 << 19, 0, 3 << 20, 7 << 19];
-    let mut most_allocations = 0;
-    for number in 0..ROUNDS {
-        let first = starts[number % starts.len()] / SECTOR + number / starts.len() * window;
-        let mix = Mix {
-            kinds: 16,
-            within: Some((first, window)),
-            ..ANY
-        };
-        let mut batch = Batch::new(number, mix, &model);
-        for i in 0..BATCH {
-            let value = (number * BATCH + i) as u8 | 0x80;
-            let chunk = chunks.next().unwrap();
-            batch.submit(&mut engine, backend, &mut rng, chunk, value);
-        }
-        let mut polls = 0;
-        while !batch.is_finished() {
-            polls += 1;
-            assert!(polls < 100_000, "round {number}: requests never finish");
-            engine.advance(&mut graph);
-            most_allocations = most_allocations.max(engine.allocations_in_flight());
-            batch.collect(&mut engine);
-        }
-        batch.settle(&mut graph, backend, &mut model);
-    }
-    assert!(
-        most_allocations >= 2,
-        "allocating writes never went to the devices together ({most_allocations})"
-    );
+    let mix = |round: usize| Mix {
+        kinds: 16,
+        within: Some((
+            starts[round % starts.len()] / SECTOR + round / starts.len() * window,
+            window,
+        )),
+        ..ANY
+    };
+    let rounds = (ROUNDS, &mix as &dyn Fn(usize) -> Mix);
+    batches_of(&mut graph, (backend, &mut chunks), &mut model, rounds, seed);
     graph.flush(graph.root(backend).unwrap()).unwrap();
     graph.detach_backend(backend).unwrap();
     drop(graph);

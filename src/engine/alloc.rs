@@ -189,3 +189,15 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The memory the module's documentation states.
+    #[test]
+    fn an_allocation_in_flight_is_about_2_6_kib() {
+        let size = core::mem::size_of::<Option<Allocation>>();
+        assert!((2_500..=2_700).contains(&size), "{size} bytes");
+    }
+}

@@ -16,12 +16,19 @@
 //!   the metadata cache and go to the devices as split-phase operations
 //!   ([`Queue`]): many are in flight at once, from many requests, and
 //!   complete in any order. Zero ranges are filled at once.
-//! - Everything else — allocating writes, zero writes, discards, compressed
-//!   reads, flushes — is **exclusive**: it starts when no device operation
-//!   of the engine is in flight and runs the graph's synchronous path, with
-//!   its crash-ordering rules. Overlapping allocations are therefore never
-//!   in flight together, and a flush covers every write that completed
-//!   before it was submitted.
+//! - **Allocating writes** on qcow2 that fit one allocation batch and
+//!   replace no storage (module `alloc`) allocate at start and send the
+//!   guest's buffers to the devices too; their new clusters are mapped in
+//!   the metadata cache once all of that data has completed, in the poll
+//!   that collects the last operation, before any later request starts. At
+//!   most [`ALLOCATIONS`] are in flight; a request overlapping the
+//!   clusters of one on its chain waits for it (QEMU's dependent-request
+//!   rule), and the requests behind it wait too (head-of-line).
+//! - Everything else — other allocating writes, zero writes, discards,
+//!   compressed reads, flushes — is **exclusive**: it starts when no
+//!   device operation of the engine is in flight and runs the graph's
+//!   synchronous path, with its crash-ordering rules. A flush covers every
+//!   write that completed before it was submitted.
 //! - Requests start in submission order; none starts before an earlier
 //!   exclusive request has finished.
 //!
@@ -33,9 +40,11 @@
 //! (blocking).
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
-//! are borrowed, not stored); the default engine (64 slots, 16 segments, 32
-//! pieces) is about 54 KiB. A read that the chain cuts into more than
-//! `PIECES` pieces takes the synchronous path.
+//! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
+//! allocating writes in flight about 2.6 KiB (its batch of new clusters);
+//! the default engine (64 slots, 16 segments, 32 pieces, 4 allocations) is
+//! about 65 KiB. A read that the chain cuts into more than `PIECES` pieces
+//! takes the synchronous path.
 
 mod alloc;
 
@@ -501,8 +510,10 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         before - self.ops
     }
 
-    /// Starts queued request `index`; `false` when it must wait (an
-    /// exclusive request while device operations are in flight).
+    /// Starts queued request `index`; `false` when it must wait: it
+    /// overlaps an allocation in flight, it allocates and every entry for
+    /// allocations is taken, or it is exclusive and device operations are
+    /// in flight.
     fn start<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
