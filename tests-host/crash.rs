@@ -2461,6 +2461,31 @@ fn refcount_growth() -> Scenario {
     sc
 }
 
+/// [`refcount_growth`] with the writes in flight together through the
+/// request engine: new refcount blocks and a new table placed while the
+/// data of other allocating writes has not reached the device yet (the
+/// device's end lags behind the clusters counted), new L2 tables at link;
+/// the fault phase fails data writes in flight too.
+fn refcount_growth_in_flight() -> Scenario {
+    let mut sc = refcount_growth();
+    sc.name = "refcount growth, writes in flight";
+    let writes = (0..8u64)
+        .map(|i| (1960 * KIB + i * 70 * KIB + 1024, 8 * KIB, 200 + i))
+        .collect();
+    sc.steps = vec![Step::Requests(writes)];
+    sc
+}
+
+#[test]
+fn refcount_growth_with_writes_in_flight_faults() {
+    prove_phases(refcount_growth_in_flight(), Phases::Faults);
+}
+
+#[test]
+fn refcount_growth_with_writes_in_flight_power_cuts() {
+    prove_phases(refcount_growth_in_flight(), Phases::PowerCuts);
+}
+
 // The largest scenario runs as two tests, so that they share the cores.
 #[test]
 fn refcount_block_and_table_growth_power_cuts() {
