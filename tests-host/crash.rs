@@ -749,7 +749,8 @@ enum Step {
     },
     /// Guest writes `(off, len, seed)`, not overlapping, all in flight at
     /// once through the request engine (their device writes completing
-    /// out of order), then a flush.
+    /// out of order; allocating ones too, several of them in flight
+    /// together), then a flush.
     Requests(Vec<(u64, u64, u64)>),
     /// `write -z` on the backend's root, then a flush.
     Zero { off: u64, len: u64 },
@@ -1102,10 +1103,11 @@ impl<'g, 'a> Live<'g, 'a> {
             engine.submit_write(self.backend, off, [&bytes[..]])?;
         }
         let flush = engine.submit_flush(self.backend)?;
-        let mut most = 0;
+        let (mut most, mut most_allocations) = (0, 0);
         let flushed = loop {
             engine.poll(self.graph);
             most = most.max(engine.operations());
+            most_allocations = most_allocations.max(engine.allocations_in_flight());
             if let Some(done) = engine.take(flush)? {
                 break done.result;
             }
@@ -1120,6 +1122,11 @@ impl<'g, 'a> Live<'g, 'a> {
         assert!(
             most > 1,
             "the requests never had device writes in flight together"
+        );
+        // (A retry after a fault may find the clusters mapped already.)
+        assert!(
+            !self.recording || most_allocations > 1,
+            "allocating writes never had their data in flight together"
         );
         self.acknowledge();
         Ok(())
@@ -2314,8 +2321,11 @@ fn scatter_gather_write() {
 #[test]
 fn many_writes_in_flight() {
     // In place (clusters top owns) and allocating (over backing data and
-    // over nothing), all submitted together; the engine sends the in-place
-    // ones to the device at once, which completes them out of order.
+    // over nothing, partial and whole clusters), all submitted together;
+    // the engine sends the in-place writes and the data of the allocating
+    // ones (more of them than it keeps in flight at once) to the device,
+    // which completes them out of order; the new clusters are mapped as
+    // their data completes.
     let images = base_and_top(
         4 * MIB,
         64 * KIB,
@@ -2327,6 +2337,10 @@ fn many_writes_in_flight() {
         .collect();
     writes.push((MIB + 1000, 70_000, 20));
     writes.push((3 * MIB, 64 * KIB, 21));
+    writes.push((MIB + 256 * KIB + 512, 512, 22));
+    writes.push((3 * MIB / 2, 128 * KIB, 23));
+    writes.push((2 * MIB + 4 * KIB, 8 * KIB, 24));
+    writes.push((5 * MIB / 2 - 1000, 3000, 25));
     prove(
         Scenario::new("requests in flight", images, "top.qcow2")
             .steps(vec![Step::Requests(writes)])
@@ -2445,6 +2459,31 @@ fn refcount_growth() -> Scenario {
         assert!(after.2 >= before.2 + 2, "no new refcount block besides");
     });
     sc
+}
+
+/// [`refcount_growth`] with the writes in flight together through the
+/// request engine: new refcount blocks and a new table placed while the
+/// data of other allocating writes has not reached the device yet (the
+/// device's end lags behind the clusters counted), new L2 tables at link;
+/// the fault phase fails data writes in flight too.
+fn refcount_growth_in_flight() -> Scenario {
+    let mut sc = refcount_growth();
+    sc.name = "refcount growth, writes in flight";
+    let writes = (0..8u64)
+        .map(|i| (1960 * KIB + i * 70 * KIB + 1024, 8 * KIB, 200 + i))
+        .collect();
+    sc.steps = vec![Step::Requests(writes)];
+    sc
+}
+
+#[test]
+fn refcount_growth_with_writes_in_flight_faults() {
+    prove_phases(refcount_growth_in_flight(), Phases::Faults);
+}
+
+#[test]
+fn refcount_growth_with_writes_in_flight_power_cuts() {
+    prove_phases(refcount_growth_in_flight(), Phases::PowerCuts);
 }
 
 // The largest scenario runs as two tests, so that they share the cores.

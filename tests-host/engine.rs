@@ -212,12 +212,19 @@ struct Mix {
     /// Requests of one batch never overlap a write, zero write or discard
     /// of the same batch (reads may overlap reads).
     disjoint: bool,
+    /// The requests drawn: the first `kinds` of [`Batch::submit`]'s 20
+    /// (16: reads and writes only).
+    kinds: u64,
+    /// The sectors requests fall in: first and count (`None`: all).
+    within: Option<(usize, usize)>,
 }
 
 /// Overlapping requests of a batch, completing in any order.
 const ANY: Mix = Mix {
     grain: 1,
     disjoint: false,
+    kinds: 20,
+    within: None,
 };
 
 /// What a sector is claimed by in a batch of a disjoint [`Mix`].
@@ -232,12 +239,13 @@ enum Claim {
 /// disjoint mix one that does not overlap what `claims` forbids (claimed
 /// then), `None` when none was found.
 fn draw(rng: &mut Rng, mix: Mix, kind: &Kind, claims: &mut [Claim]) -> Option<(usize, usize)> {
-    let units = claims.len() / mix.grain;
+    let (first, sectors) = mix.within.unwrap_or((0, claims.len()));
+    let units = sectors / mix.grain;
     let most = MAX_SECTORS / mix.grain;
     for _ in 0..50 {
         let start = rng.below(units as u64) as usize;
         let count = (1 + rng.below(most as u64) as usize).min(units - start);
-        let (start, count) = (start * mix.grain, count * mix.grain);
+        let (start, count) = (first + start * mix.grain, count * mix.grain);
         if !mix.disjoint {
             return Some((start, count));
         }
@@ -299,7 +307,7 @@ impl Batch {
         value: u8,
     ) {
         let mix = self.mix;
-        let mut kind = match rng.below(20) {
+        let mut kind = match rng.below(mix.kinds) {
             0..=8 => Kind::Read,
             9..=15 => Kind::Write(value),
             16 => Kind::Zero,
@@ -314,8 +322,16 @@ impl Batch {
             }
         };
         let (offset, len) = ((start * SECTOR) as u64, count * SECTOR);
-        // Two segments, split at a random place of the grain.
-        let cut = rng.below((count / mix.grain) as u64 + 1) as usize * mix.grain * SECTOR;
+        // Two segments, split at a random place of the grain or, every
+        // other request, of a 4 KiB block of the guest (a write cut inside
+        // a block takes the synchronous path).
+        let cut = match rng.below(2) {
+            0 => rng.below((count / mix.grain) as u64 + 1) as usize * mix.grain * SECTOR,
+            _ => {
+                let at = offset + rng.below(len as u64 + 1);
+                ((at / 4096 * 4096).max(offset) - offset) as usize
+            }
+        };
         let ticket = match kind {
             Kind::Read => {
                 let (a, b) = chunk[..len].split_at_mut(cut);
@@ -390,25 +406,30 @@ impl Batch {
         let mut view = vec![0u8; SIZE as usize];
         let root = graph.root(backend).unwrap();
         graph.read(root, 0, &mut view).unwrap();
+        // Without discards (which may leave partial clusters alone), a
+        // sector the batch wrote holds one of the values written: none is
+        // lost.
+        let discards = self.mix.kinds > 16;
         for (s, sector) in view.chunks(SECTOR).enumerate() {
             let value = sector[0];
             assert!(sector.iter().all(|&b| b == value), "sector {s} torn");
+            let written = &self.allowed[s][1..];
+            let allowed = match written.is_empty() || discards {
+                true => &self.allowed[s][..],
+                false => written,
+            };
             assert!(
-                self.allowed[s].contains(&value),
-                "batch {}: sector {s} holds {value:#x}, allowed {:x?}",
+                allowed.contains(&value),
+                "batch {}: sector {s} holds {value:#x}, allowed {allowed:x?}",
                 self.number,
-                self.allowed[s]
             );
             model[s] = value;
         }
     }
 }
 
-/// Runs [`BATCHES`] batches of [`BATCH`] random requests through an engine
-/// on `backend`, each with its own chunk of `chunks`, checking reads and
-/// then the whole guest view against `model` (one byte per sector), which
-/// it keeps up to date. At some point 8 or more device operations must be
-/// in flight at once.
+/// Runs [`BATCHES`] batches of [`BATCH`] random requests drawn from `mix`
+/// through an engine on `backend` ([`batches_of`]).
 fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     graph: &mut Graph<D, 64, 8, CACHE>,
     backend: BackendId,
@@ -416,11 +437,27 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     model: &mut [u8],
     (mix, seed): (Mix, u64),
 ) {
+    batches_of(graph, (backend, chunks), model, (BATCHES, &|_| mix), seed);
+}
+
+/// Runs `count` batches of [`BATCH`] random requests through an engine on
+/// `backend`, batch `n` drawn from `mix(n)`, each request with its own
+/// chunk of `chunks`, checking reads and then the whole guest view against
+/// `model` (one byte per sector), which it keeps up to date. At some point
+/// 8 or more device operations, and two or more allocating writes, must be
+/// in flight at once.
+fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
+    graph: &mut Graph<D, 64, 8, CACHE>,
+    (backend, chunks): (BackendId, &mut impl Iterator<Item = &'b mut [u8]>),
+    model: &mut [u8],
+    (count, mix): (usize, &dyn Fn(usize) -> Mix),
+    seed: u64,
+) {
     let mut engine: Engine<'b> = Engine::new();
     let mut rng = Rng(seed);
-    let mut most_ops = 0;
-    for number in 0..BATCHES {
-        let mut batch = Batch::new(number, mix, model);
+    let (mut most_ops, mut most_allocations) = (0, 0);
+    for number in 0..count {
+        let mut batch = Batch::new(number, mix(number), model);
         for i in 0..BATCH {
             let value = (number * BATCH + i) as u8 | 0x80;
             let chunk = chunks.next().unwrap();
@@ -432,6 +469,7 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
             assert!(polls < 100_000, "batch {number}: requests never finish");
             engine.advance(graph);
             most_ops = most_ops.max(engine.operations());
+            most_allocations = most_allocations.max(engine.allocations_in_flight());
             batch.collect(&mut engine);
         }
         batch.settle(graph, backend, model);
@@ -439,6 +477,10 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     assert!(
         most_ops >= 8,
         "the engine never had many device operations in flight ({most_ops})"
+    );
+    assert!(
+        most_allocations >= 2,
+        "allocating writes never went to the devices together ({most_allocations})"
     );
 }
 
@@ -484,6 +526,48 @@ fn run<const CACHE: usize>(cluster_size: &str, seed: u64) {
     check_on_disk(dir, &files, "top.qcow2", &model);
 }
 
+/// Allocating writes in flight together, on fresh clusters: round after
+/// round, a batch of overlapping reads and writes inside a window of four
+/// clusters `top.qcow2` does not own yet (over nothing, over backing data,
+/// over zero clusters), all submitted before any is polled, on reordering
+/// devices. Writes to the same new clusters must wait for the allocation in
+/// flight (each would otherwise allocate its own, and one be lost), reads
+/// of them too (or they would see a half-built cluster); every read shows,
+/// per sector, a value some order allows, the view after each round holds
+/// an allowed value, and at the end qemu-img finds the image consistent
+/// and reads the model's view.
+fn overlapping_allocations<const CACHE: usize>(cluster: usize, seed: u64) {
+    const ROUNDS: usize = 12;
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, &cluster.to_string());
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
+    let mut arena = vec![0u8; BATCH * ROUNDS * MAX_SECTORS * SECTOR];
+    let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
+    let mut images = files.images(seed);
+    let mut graph: Box<TestGraph<'_, '_, CACHE>> = Box::default();
+    let (backend, _) = attach(&mut graph, &mut images, true);
+    // Windows the top does not own: over nothing (1M, 2.5M, 3.5M), over
+    // backing data (1.5M, 0, 3M + 128k) and over zero clusters (3M).
+    let window = 4 * cluster / SECTOR;
+    let starts = [1 << 20, 3 << 19, 5 << 19, 0, 3 << 20, 7 << 19];
+    let mix = |round: usize| Mix {
+        kinds: 16,
+        within: Some((
+            starts[round % starts.len()] / SECTOR + round / starts.len() * window,
+            window,
+        )),
+        ..ANY
+    };
+    let rounds = (ROUNDS, &mix as &dyn Fn(usize) -> Mix);
+    batches_of(&mut graph, (backend, &mut chunks), &mut model, rounds, seed);
+    graph.flush(graph.root(backend).unwrap()).unwrap();
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    drop(images);
+    check_on_disk(dir, &files, "top.qcow2", &model);
+}
+
 /// [`batches`] on the chain's host files, through io_uring, buffered or
 /// with cache mode `none` (4 KiB-aligned requests and buffers, so that
 /// data transfers go direct), then qemu-img on the files.
@@ -495,6 +579,7 @@ fn run_on_files(direct: bool, seed: u64) {
     let mix = Mix {
         grain: if direct { DIRECT_ALIGN / SECTOR } else { 1 },
         disjoint: true,
+        ..ANY
     };
     let chunk = MAX_SECTORS * SECTOR;
     let mut chunks = leaked_buffer(BATCH * BATCHES * chunk).chunks_mut(chunk);
@@ -850,6 +935,16 @@ fn many_requests_in_flight_4k_clusters() {
 #[test]
 fn many_requests_in_flight_with_a_two_slice_cache() {
     big_stack(|| run::<TINY_CACHE>("4096", 0x5eed_0005));
+}
+
+#[test]
+fn overlapping_allocating_writes_in_flight_64k_clusters() {
+    big_stack(|| overlapping_allocations::<128>(64 << 10, 0x5eed_0008));
+}
+
+#[test]
+fn overlapping_allocating_writes_in_flight_with_a_two_slice_cache() {
+    big_stack(|| overlapping_allocations::<TINY_CACHE>(4 << 10, 0x5eed_0009));
 }
 
 #[test]

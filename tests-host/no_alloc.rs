@@ -186,7 +186,12 @@ fn engine_requests() {
         let (head, tail) = data.split_at(40_000);
         engine.submit_write(backend, 5_000, [head, tail]).unwrap(); // COW
         engine.submit_write(backend, 9_000, [&data[..10]]).unwrap(); // in place
-        engine.submit_write(backend, 1_500_000, [data]).unwrap(); // over compressed base
+                                                                     // Allocating, data in flight: over a compressed base, over nothing.
+        engine.submit_write(backend, 1_500_000, [data]).unwrap();
+        let (head, tail) = data[..20_000].split_at(3_096);
+        engine
+            .submit_write(backend, 2_401_000, [head, tail])
+            .unwrap();
         engine
             .submit_write_zeroes(backend, 2_000_000, 300_000)
             .unwrap();
@@ -217,7 +222,7 @@ fn engine_requests() {
         "heap allocations in the request engine (last of {} bytes)",
         LAST_SIZE.load(Ordering::Relaxed)
     );
-    assert_eq!(results.len(), 14);
+    assert_eq!(results.len(), 15);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert!(
         seen_writes,

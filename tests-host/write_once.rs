@@ -308,12 +308,15 @@ enum Request {
     },
     /// Zeros.
     Zeroes { offset: u64, len: u64 },
-    /// As `Write`, through the request engine.
+    /// As `Write`, through the request engine; `fresh` when the engine
+    /// allocates its clusters with the data in flight (its copied head then
+    /// goes to the device apart from its data).
     Engine {
         offset: u64,
         len: u64,
         byte: u8,
         cuts: &'static [u64],
+        fresh: bool,
     },
 }
 
@@ -375,6 +378,18 @@ fn requests(cluster: u64) -> Vec<Request> {
             len: 200_000,
             byte: 0x99,
             cuts: &[1000, 3000, 4096, 100_000],
+            fresh: false,
+        },
+        // Allocating (copy-on-write from the backing file or zeros), one
+        // batch: the engine's allocating path, its data as device writes,
+        // the copied head and tail apart from it (small enough for the
+        // synchronous path to assemble them, for clusters up to 64 KiB).
+        Request::Engine {
+            offset: 11 * MIB + 1000,
+            len: (32 * cluster).min(40 * KIB) - 5000,
+            byte: 0xaa,
+            cuts: &[3096, 8192],
+            fresh: true,
         },
         Request::Zeroes {
             offset: 13 * MIB + 512,
@@ -434,6 +449,7 @@ fn run_request(dir: &Path, names: &[&'static str], request: Request) -> Vec<Logg
                 len,
                 byte,
                 cuts,
+                ..
             } => {
                 let data = vec![byte; len as usize];
                 let mut engine: Engine<'_> = Engine::new();
@@ -501,15 +517,36 @@ fn guest_requests(cluster: u64, backing: bool) {
         if let Request::Write { len, .. } | Request::Engine { len, .. } = request {
             assert!(data >= len, "{what}: only {data} data bytes written");
         }
+        if let Request::Engine { fresh: true, .. } = request {
+            // The synchronous path would have assembled head and data in
+            // one write (clusters up to 64 KiB); the engine's allocating
+            // path writes the copied head on its own, up to the data.
+            let extents = own_data_extents(&b, IMG);
+            let start = host_of(&extents, offset);
+            let head = writes.iter().any(|w| Some(w.offset + w.len) == start);
+            assert!(
+                head || cluster > 64 * KIB,
+                "{what}: the write did not allocate with its data in flight"
+            );
+        }
         qemu_compare(root.path(), "A/img.qcow2", "B/img.qcow2", &what);
         qemu_img(&b, &["check", IMG]);
     }
 }
 
-/// [`guest_requests`] without and with a backing file.
+/// [`guest_requests`] without and with a backing file, on a thread with a
+/// stack large enough for a graph and a request engine built on it in
+/// debug builds.
 fn both_backings(cluster: u64) {
-    guest_requests(cluster, false);
-    guest_requests(cluster, true);
+    std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(move || {
+            guest_requests(cluster, false);
+            guest_requests(cluster, true);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 #[test]

@@ -58,7 +58,7 @@ use super::args::{parse_pattern, parse_size};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::device::{Device, Queue};
-use crate::engine::{Engine, Ticket, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS};
+use crate::engine::{Engine, Ticket, ALLOCATIONS, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS};
 use crate::error::{Error, ErrorKind};
 use crate::graph::{Access, Graph, OpenOptions};
 
@@ -361,7 +361,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         writeln!(
             self.out,
             "engine: {engine} bytes ({DEFAULT_SLOTS} requests in flight, {DEFAULT_SEGMENTS} \
-             segments, {DEFAULT_PIECES} pieces; not in the total)"
+             segments, {DEFAULT_PIECES} pieces, {ALLOCATIONS} allocating writes; not in the \
+             total)"
         )?;
         writeln!(self.out, "  request slot: {request} bytes")?;
         writeln!(

@@ -16,12 +16,19 @@
 //!   the metadata cache and go to the devices as split-phase operations
 //!   ([`Queue`]): many are in flight at once, from many requests, and
 //!   complete in any order. Zero ranges are filled at once.
-//! - Everything else — allocating writes, zero writes, discards, compressed
-//!   reads, flushes — is **exclusive**: it starts when no device operation
-//!   of the engine is in flight and runs the graph's synchronous path, with
-//!   its crash-ordering rules. Overlapping allocations are therefore never
-//!   in flight together, and a flush covers every write that completed
-//!   before it was submitted.
+//! - **Allocating writes** on qcow2 that fit one allocation batch and
+//!   replace no storage (module `alloc`) allocate at start and send the
+//!   guest's buffers to the devices too; their new clusters are mapped in
+//!   the metadata cache once all of that data has completed, in the poll
+//!   that collects the last operation, before any later request starts. At
+//!   most [`ALLOCATIONS`] are in flight; a request overlapping the
+//!   clusters of one on its chain waits for it (QEMU's dependent-request
+//!   rule), and the requests behind it wait too (head-of-line).
+//! - Everything else — other allocating writes, zero writes, discards,
+//!   compressed reads, flushes — is **exclusive**: it starts when no
+//!   device operation of the engine is in flight and runs the graph's
+//!   synchronous path, with its crash-ordering rules. A flush covers every
+//!   write that completed before it was submitted.
 //! - Requests start in submission order; none starts before an earlier
 //!   exclusive request has finished.
 //!
@@ -33,14 +40,22 @@
 //! (blocking).
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
-//! are borrowed, not stored); the default engine (64 slots, 16 segments,
-//! 32 pieces) is about 56 KiB (`blockgraph sizes`). A read that the chain
-//! cuts into more than `PIECES` pieces takes the synchronous path.
+//! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
+//! allocating writes in flight about 2.6 KiB (its batch of new clusters);
+//! the default engine (64 slots, 16 segments, 32 pieces, 4 allocations) is
+//! about 65 KiB (`blockgraph sizes`). A read that the chain cuts into more
+//! than `PIECES` pieces takes the synchronous path.
+
+mod alloc;
 
 use crate::backend::BackendId;
 use crate::device::{Op, Queue, Submitted, Tag};
 use crate::error::{fail, Error, ErrorKind, Result};
+use crate::format::qcow2::Batch;
 use crate::graph::{Graph, NodeId, Perm, ReadExtent};
+
+use alloc::Allocation;
+pub use alloc::ALLOCATIONS;
 
 /// Default number of requests an [`Engine`] keeps in flight.
 pub const DEFAULT_SLOTS: usize = 64;
@@ -166,6 +181,8 @@ pub struct Engine<
     ops: usize,
     /// A drained section waits ([`Engine::drained`]): no request starts.
     draining: bool,
+    /// Allocating writes whose data operations are in flight.
+    allocations: [Option<Allocation>; ALLOCATIONS],
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -187,6 +204,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             next_seq: 0,
             ops: 0,
             draining: false,
+            allocations: [const { None }; ALLOCATIONS],
         }
     }
 
@@ -391,6 +409,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let mut progressed = false;
         if self.ops > 0 {
             progressed = self.collect(graph) > 0;
+            // Before any later request starts: a flush or a read after
+            // them sees the new clusters mapped.
+            self.finish_allocations(graph);
             // Finished requests let go of their chains.
             for slot in self.slots.iter_mut().flatten() {
                 if slot.state == State::Done {
@@ -518,13 +539,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         before - self.ops
     }
 
-    /// Starts queued request `index`; `false` when it must wait (an
-    /// exclusive request while device operations are in flight).
+    /// Starts queued request `index`; `false` when it must wait: it
+    /// overlaps an allocation in flight, it allocates and every entry for
+    /// allocations is taken, or it is exclusive and device operations are
+    /// in flight.
     fn start<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
         index: usize,
     ) -> bool {
+        if self.waits_for_allocation(graph, index) {
+            return false;
+        }
         let Some(slot) = self.slots[index].as_mut() else {
             return true;
         };
@@ -534,15 +560,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             // the request's, met again in the plan).
             return false;
         }
-        let fast = match plan(graph, slot) {
-            Ok(fast) => fast,
+        let route = match plan(graph, slot) {
+            Ok(route) => route,
             Err(err) => {
                 slot.fail(err);
                 slot.state = State::Done;
                 return true;
             }
         };
-        if fast {
+        if let Route::Allocate(root) = route {
+            return self.start_allocating(graph, index, root);
+        }
+        if route == Route::Direct {
             let queued = issue(graph, slot, index);
             self.ops += queued;
             if queued > 0 {
@@ -626,8 +655,19 @@ fn root_for<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, co
 /// write ([`Graph::prepare_writes_step`]): a few 4 KiB reads.
 const PREPARE_STEP: u64 = 4096;
 
-/// Whether `slot` can go to the devices as split-phase operations (`true`)
-/// or needs the synchronous path (`false`). Nothing is written.
+/// How a request goes to the devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// As split-phase operations, the cache's mappings as they are.
+    Direct,
+    /// A write allocating in this qcow2 node, its data operations in flight
+    /// (module `alloc`).
+    Allocate(NodeId),
+    /// Through the synchronous path, once no operation is in flight.
+    Exclusive,
+}
+
+/// How `slot` goes to the devices. Nothing is written.
 fn plan<
     'b,
     D: Queue<'b>,
@@ -640,13 +680,13 @@ fn plan<
 >(
     graph: &mut Graph<D, N, B, C, J>,
     slot: &mut Slot<'b, S, P>,
-) -> Result<bool> {
+) -> Result<Route> {
     let (offset, len) = (slot.offset, slot.len);
     match &slot.payload {
         Payload::Read(segments) => {
             let root = root_for(graph, slot.backend, false)?;
             if len == 0 {
-                return Ok(true);
+                return Ok(Route::Direct);
             }
             graph.check_range(root, offset, len)?;
             // Pieces: one per extent, plus one per segment boundary inside.
@@ -655,7 +695,7 @@ fn plan<
             while pos < offset + len {
                 let (extent, run) = graph.read_extent(root, pos, offset + len - pos)?;
                 if extent == ReadExtent::Slow {
-                    return Ok(false);
+                    return Ok(Route::Exclusive);
                 }
                 if run == len {
                     slot.extent = Some(extent);
@@ -663,42 +703,50 @@ fn plan<
                 pieces += 1;
                 pos += run;
             }
-            Ok(pieces <= P)
+            Ok(match pieces <= P {
+                true => Route::Direct,
+                false => Route::Exclusive,
+            })
         }
         Payload::Write(segments) => {
             let root = root_for(graph, slot.backend, true)?;
             if len == 0 {
-                return Ok(true);
+                return Ok(Route::Direct);
             }
             // The whole request is validated before any of it is written.
             graph.check_write(root, offset, len)?;
             if !segments_end_aligned(offset, segments) {
                 // Each segment would be a device write of its own: the
                 // synchronous path writes them as one.
-                return Ok(false);
+                return Ok(Route::Exclusive);
             }
             let mut pos = offset;
             while pos < offset + len {
                 match graph.in_place_extent(root, pos, offset + len - pos)? {
                     Some((_, _, run)) => pos += run,
-                    None => return Ok(false),
+                    None if graph.allocates_in_flight(root, offset, len)? => {
+                        return Ok(Route::Allocate(root))
+                    }
+                    None => return Ok(Route::Exclusive),
                 }
             }
-            Ok(true)
+            Ok(Route::Direct)
         }
-        Payload::WriteZeroes(_) | Payload::Discard(_) | Payload::Flush => Ok(false),
+        Payload::WriteZeroes(_) | Payload::Discard(_) | Payload::Flush => Ok(Route::Exclusive),
     }
 }
 
 /// Whether every boundary between `segments` of a write at guest `offset`
-/// lies on a 4 KiB boundary of the guest, so that device writes cut there
-/// never split a block (or a 512-byte sector).
+/// lies on a 4 KiB boundary of the guest or at one of the write's ends
+/// (empty segments), so that device writes cut there never split a block
+/// (or a 512-byte sector) the write does not split anyway.
 fn segments_end_aligned(offset: u64, segments: &[&[u8]]) -> bool {
+    let end = offset + segments.iter().map(|s| s.len() as u64).sum::<u64>();
     let mut at = offset;
     let inner = segments.len().saturating_sub(1);
     segments[..inner].iter().all(|segment| {
         at += segment.len() as u64;
-        at.is_multiple_of(4096)
+        at.is_multiple_of(4096) || at == offset || at == end
     })
 }
 
@@ -735,7 +783,8 @@ fn issue<
         Payload::Write(segments) => {
             graph.note_guest_write(root, offset, len);
             let segments = core::mem::take(segments);
-            issue_write(graph, (root, tag(index, 0)), offset, &segments, &mut queued)
+            let at = (root, tag(index, 0));
+            issue_write(graph, at, (offset, None), &segments, &mut queued)
         }
         _ => Ok(()),
     });
@@ -848,12 +897,14 @@ fn issue_read<
     Ok(())
 }
 
-/// Writes `segments` at `offset` of `root`, whose clusters it owns, in
-/// place.
+/// Writes `segments` at `offset` of `root`: into the new clusters of
+/// `fresh` (an allocating write's batch, its clusters placed) and, for the
+/// rest, in place (clusters `root` owns), one device operation per run of
+/// a segment that lies in one piece on the device.
 fn issue_write<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
     graph: &mut Graph<D, N, B, C, J>,
     (root, tag): (NodeId, Tag),
-    offset: u64,
+    (offset, fresh): (u64, Option<&Batch>),
     segments: &[&'b [u8]],
     queued: &mut usize,
 ) -> Result<()> {
@@ -861,8 +912,8 @@ fn issue_write<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize,
     for &segment in segments {
         let mut rest = segment;
         while !rest.is_empty() {
-            let Some((file, host, run)) = graph.in_place_extent(root, pos, rest.len() as u64)?
-            else {
+            let extent = graph.write_extent(root, fresh, pos, rest.len() as u64)?;
+            let Some((file, host, run)) = extent else {
                 return fail(ErrorKind::Busy, "a planned write lost its place");
             };
             let (head, tail) = rest.split_at(run as usize);

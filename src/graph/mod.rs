@@ -17,6 +17,7 @@
 //! Reads walk from a node down its backing chain one layer at a time
 //! ([`Graph::block_status`]); format drivers only describe their own image.
 
+mod alloc;
 mod collapse;
 mod plan;
 pub(crate) use plan::ReadExtent;

@@ -22,7 +22,7 @@ const BOUNCE: usize = 4096;
 /// Buffer a partly written new cluster is assembled in (on the stack, when
 /// the request brings no larger scratch); larger clusters are filled piece
 /// by piece.
-const COW_BUFFER: usize = 64 * 1024;
+pub(super) const COW_BUFFER: usize = 64 * 1024;
 /// Least alignment, in guest offsets, of the boundaries the write path cuts
 /// a request at (batches of clusters under 4 KiB end on it too).
 const BLOCK: u64 = 4096;
@@ -322,7 +322,7 @@ impl<
     /// qcow2 node `id`: at most [`BATCH`] clusters, ending at a cluster
     /// boundary that is also a [`BLOCK`] boundary of the guest (a batch of
     /// 64 clusters spans at least 32 KiB).
-    fn batch_at(&self, id: NodeId, pos: u64, len: u64) -> Result<u64> {
+    pub(super) fn batch_at(&self, id: NodeId, pos: u64, len: u64) -> Result<u64> {
         let cs = self.qcow2(id)?.cluster_size();
         let span = ((pos % cs) + len).div_ceil(cs).min(BATCH as u64);
         let end = pos + (span * cs - pos % cs).min(len);

@@ -54,6 +54,15 @@ impl Batch {
             mapped: 0,
         }
     }
+
+    /// The new cluster allocated for guest `cluster`, if this batch holds
+    /// one.
+    pub fn fresh_host(&self, cluster: u64) -> Option<u64> {
+        self.fresh[..self.count]
+            .iter()
+            .find(|f| f.cluster == cluster)
+            .map(|f| f.new)
+    }
 }
 
 impl Default for Batch {
