@@ -824,8 +824,9 @@ fn chain_changes_wait_for_a_drain() {
 
 /// The check before an image's first write (every cluster in use
 /// counted) runs a bounded step per poll when the write comes through the
-/// engine: no poll reads every L2 table of the image, reads submitted
-/// before the write complete meanwhile, and the write then lands.
+/// engine: no poll reads every L2 table of the image; reads that do not
+/// overlap the waiting write — submitted before it or after it — complete
+/// meanwhile; a read after it that overlaps it waits, and sees it.
 fn first_write_check_in_steps() {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
@@ -839,7 +840,7 @@ fn first_write_check_in_steps() {
     let top_bytes = fs::read(dir.join("top.qcow2")).unwrap();
     let mut files = Files::new(&top_bytes, &[], 1 << 20);
     // The buffers outlive the graph, whose devices may hold them.
-    let mut arena = vec![0u8; 4 * 4096];
+    let mut arena = vec![0u8; 6 * 4096];
     let data = [0x77u8; 4096];
     let mut images = files.images(11);
     let mut graph: Box<TestGraph<'_, '_>> = Box::default();
@@ -858,6 +859,14 @@ fn first_write_check_in_steps() {
     let write = engine
         .submit_write(backend, 100 << 20, [&data[..]])
         .unwrap();
+    for i in 3..5u64 {
+        let buf = buffers.next().unwrap();
+        early.push(Some(
+            engine.submit_read(backend, i * (2 << 20), [buf]).unwrap(),
+        ));
+    }
+    let buf = buffers.next().unwrap();
+    let overlapping = engine.submit_read(backend, 100 << 20, [buf]).unwrap();
     let (mut polls, mut most) = (0, 0);
     let mut early_done = 0;
     let written = loop {
@@ -880,9 +889,19 @@ fn first_write_check_in_steps() {
         if let Some(done) = engine.take(write).unwrap() {
             break done.result;
         }
+        assert!(
+            engine.take(overlapping).unwrap().is_none(),
+            "a read overtook the write it overlaps"
+        );
     };
     written.unwrap();
-    assert_eq!(early_done, 3, "the reads before the write finished first");
+    assert_eq!(
+        early_done, 5,
+        "the reads that do not overlap the write finished first"
+    );
+    let mut after = engine.wait(&mut graph, overlapping).unwrap();
+    after.result.unwrap();
+    assert!(after.buffers().flatten().all(|b| *b == 0x77));
     assert!(polls >= 8, "the check ran in {polls} polls: not in steps");
     assert!(most <= 64, "one poll made {most} device reads");
     let mut back = [0u8; 4096];

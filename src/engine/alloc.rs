@@ -12,9 +12,9 @@
 //!    new clusters and in place. Nothing is mapped yet (R2).
 //! 2. **In flight**: a later request whose guest range overlaps the
 //!    clusters of an allocation in flight on a layer of its chain waits
-//!    ([`Engine::waits_for_allocation`]), queued; since requests start in
-//!    submission order, the requests behind it wait too (head-of-line).
-//!    Others — reads, in-place writes, other allocating writes — go ahead.
+//!    ([`Engine::waits_for_allocation`]), queued, and so does any later
+//!    request of its backend that overlaps it. Others — reads, in-place
+//!    writes, other allocating writes — go ahead.
 //!    Exclusive requests (flushes, zero writes, discards, writes that do
 //!    not qualify) wait, as always, until no operation is in flight.
 //! 3. **Finish** ([`Engine::finish_allocations`]), in the same poll that

@@ -23,14 +23,18 @@
 //!   that collects the last operation, before any later request starts. At
 //!   most [`ALLOCATIONS`] are in flight; a request overlapping the
 //!   clusters of one on its chain waits for it (QEMU's dependent-request
-//!   rule), and the requests behind it wait too (head-of-line).
+//!   rule).
 //! - Everything else — other allocating writes, zero writes, discards,
 //!   compressed reads, flushes — is **exclusive**: it starts when no
 //!   device operation of the engine is in flight and runs the graph's
 //!   synchronous path, with its crash-ordering rules. A flush covers every
 //!   write that completed before it was submitted.
-//! - Requests start in submission order; none starts before an earlier
-//!   exclusive request has finished.
+//! - Requests start in submission order, except that one waiting for a
+//!   dependency (an overlapping allocation in flight, a free allocation
+//!   entry, its image's check before a first write) lets later requests
+//!   start that overlap no waiting request of the same backend: a request
+//!   never overtakes an earlier one it overlaps. None starts before an
+//!   earlier exclusive request has finished.
 //!
 //! Chain changes (collapse, pivot, snapshot, detaching the backend) and job
 //! steps are refused with [`ErrorKind::Busy`] while requests are in flight
@@ -99,6 +103,20 @@ enum Payload<'b, const S: usize> {
     WriteZeroes(u64),
     Discard(u64),
     Flush,
+}
+
+/// What starting a queued request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// It started (or finished at once).
+    Started,
+    /// It waits for a dependency (an overlapping allocation in flight, a
+    /// free allocation entry, its image's first-write check); later
+    /// requests that do not overlap it may start.
+    Wait,
+    /// It is exclusive and device operations are in flight: nothing later
+    /// starts either.
+    Barrier,
 }
 
 /// Where a request is.
@@ -421,11 +439,38 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 }
             }
         }
-        while let Some(index) = self.next_queued() {
-            if self.draining || !self.start(graph, index) {
+        // Queued requests in submission order. One that waits for a
+        // dependency lets later ones start unless they overlap it (or
+        // another waiting one) on the same backend; an exclusive request
+        // that must wait for the devices stops the round.
+        let mut waiting = heapless::Vec::<(BackendId, u64, u64), SLOTS>::new();
+        let mut after = None;
+        while let Some(index) = self.next_queued(after) {
+            let Some(slot) = self.slots[index].as_ref() else {
                 break;
+            };
+            after = Some(slot.seq);
+            let range = (
+                slot.backend,
+                slot.offset,
+                slot.offset.saturating_add(slot.len),
+            );
+            let behind = waiting
+                .iter()
+                .any(|w| w.0 == range.0 && range.1 < w.2 && w.1 < range.2);
+            let started = match self.draining {
+                true => Start::Barrier,
+                false if behind => Start::Wait,
+                false => self.start(graph, index),
+            };
+            match started {
+                Start::Started => progressed = true,
+                // Never full: one entry per slot.
+                Start::Wait => {
+                    let _ = waiting.push(range);
+                }
+                Start::Barrier => break,
             }
-            progressed = true;
         }
         progressed
     }
@@ -495,13 +540,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         Some(changed)
     }
 
-    /// The queued request submitted first.
-    fn next_queued(&self) -> Option<usize> {
+    /// The queued request submitted first (after sequence number `after`).
+    fn next_queued(&self, after: Option<u64>) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-            .filter(|(_, s)| s.state == State::Queued)
+            .filter(|(_, s)| s.state == State::Queued && after.is_none_or(|a| s.seq > a))
             .min_by_key(|(_, s)| s.seq)
             .map(|(i, _)| i)
     }
@@ -547,29 +592,32 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
         index: usize,
-    ) -> bool {
+    ) -> Start {
         if self.waits_for_allocation(graph, index) {
-            return false;
+            return Start::Wait;
         }
         let Some(slot) = self.slots[index].as_mut() else {
-            return true;
+            return Start::Started;
         };
         if !slot.writes_prepared(graph) {
             // A step of the image's check before its first write is done;
             // the request waits for the next poll (the check's errors are
             // the request's, met again in the plan).
-            return false;
+            return Start::Wait;
         }
         let route = match plan(graph, slot) {
             Ok(route) => route,
             Err(err) => {
                 slot.fail(err);
                 slot.state = State::Done;
-                return true;
+                return Start::Started;
             }
         };
         if let Route::Allocate(root) = route {
-            return self.start_allocating(graph, index, root);
+            return match self.start_allocating(graph, index, root) {
+                true => Start::Started,
+                false => Start::Wait,
+            };
         }
         if route == Route::Direct {
             let queued = issue(graph, slot, index);
@@ -586,16 +634,16 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             } else {
                 State::Running
             };
-            return true;
+            return Start::Started;
         }
         if self.ops > 0 {
-            return false;
+            return Start::Barrier;
         }
         if let Err(err) = run_exclusive(graph, slot) {
             slot.fail(err);
         }
         slot.state = State::Done;
-        true
+        Start::Started
     }
 }
 
