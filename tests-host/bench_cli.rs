@@ -676,3 +676,43 @@ fn cache_mode_none_equals_qemu_img_s() {
         ok(dir, "qemu-img", &["check", "top.qcow2"]);
     }
 }
+
+/// `bench --with-job`: an active commit stepped in drained sections while
+/// 32 writes stay in flight, completed as soon as it is ready, so it pivots
+/// under them; the writes land in base, which ends up as qemu-img's bench
+/// leaves a copy of the chain, and consistent.
+#[test]
+fn an_active_commit_pivots_under_queued_writes() {
+    let tmp = tmpdir();
+    let dir = tmp.path();
+    chain(dir);
+    copy_chain(dir);
+    const WRITES: &str = "-w -d 32 -c 300 -s 4k -S 3k --pattern 0x44";
+    let script = format!(
+        "job-start commit top.qcow2; bench {WRITES} --with-job top.qcow2; \
+         job-info top.qcow2; job-wait top.qcow2"
+    );
+    let out = ok(dir, BLOCKGRAPH, &["script", &script]);
+    assert!(
+        out.contains("job commit on top.qcow2: concluded"),
+        "the job did not end during the bench:\n{out}"
+    );
+    assert!(
+        out.contains("Image 'base.qcow2' is now the active image"),
+        "{out}"
+    );
+    let mut args: Vec<&str> = WRITES.split(' ').collect();
+    args.insert(0, "bench");
+    args.push("expected-top.qcow2");
+    ok(dir, "qemu-img", &args);
+    ok(dir, "qemu-img", &["check", "base.qcow2"]);
+    ok(
+        dir,
+        "qemu-img",
+        &["compare", "expected-top.qcow2", "base.qcow2"],
+    );
+    // Refused: no job on the image, or no requests in flight to step between.
+    bg_refused(dir, &["bench", "-w", "-d", "8", "--with-job", "top.qcow2"]);
+    let script = "job-start commit top.qcow2; bench -w --with-job top.qcow2; job-cancel top.qcow2";
+    bg_refused(dir, &["script", script]);
+}

@@ -52,10 +52,11 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
                                              lazy_refcounts=on|off
   bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback]
-        [-w] [--pattern N] IMAGE
+        [-w] [--pattern N] [--with-job] IMAGE
                                        qemu-img bench, DEPTH (1-64) in flight (defaults: 75000
                                        requests of 4k from offset 0, step SIZE, reads;
-                                       -w writes pattern N, default 0; -t none: O_DIRECT)
+                                       -w writes pattern N, default 0; -t none: O_DIRECT;
+                                       --with-job: a script's job on IMAGE steps between them)
   sizes                                static memory: graph, slots, session, scratch";
 
 struct Host {

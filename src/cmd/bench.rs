@@ -1,4 +1,4 @@
-//! `bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] IMAGE`:
+//! `bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] [--with-job] IMAGE`:
 //! `qemu-img bench` through a BlockBackend, with up to DEPTH requests in
 //! flight; and `sizes`, the static memory of the configuration the
 //! interpreter runs with.
@@ -40,6 +40,12 @@
 //! ("unsupported cache mode"). It applies to the image `bench` opens, not
 //! to one attached in the session.
 //!
+//! `--with-job` (an image of the script's session with a job from
+//! `job-start`, DEPTH 2 or more): between the requests the job steps in
+//! drained sections of the request engine, and an active commit that is
+//! ready is completed, so it pivots while requests are queued — a job
+//! under guest load, as a VMM runs it.
+//!
 //! The request buffers are DEPTH disjoint buffers of SIZE bytes: at DEPTH
 //! 1 in the interpreter's scratch memory, above it in the environment's
 //! memory for requests in flight ([`Environment::queue_memory`], `'static`
@@ -60,10 +66,11 @@ use crate::backend::BackendId;
 use crate::device::{Device, Queue};
 use crate::engine::{Engine, Ticket, ALLOCATIONS, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS};
 use crate::error::{Error, ErrorKind};
-use crate::graph::{Access, Graph, OpenOptions};
+use crate::graph::{Access, Graph, OpenOptions, Resolver};
+use crate::jobs::{JobId, JobStatus};
 
 const USAGE: &str =
-    "usage: bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] IMAGE";
+    "usage: bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] [--with-job] IMAGE";
 
 /// The deepest queue `bench -d` runs: the request engine's slots.
 pub const MAX_DEPTH: usize = DEFAULT_SLOTS;
@@ -102,6 +109,9 @@ struct Plan<'a> {
     pattern: u8,
     /// `-t none`: bypass the host's page cache.
     direct: bool,
+    /// `--with-job`: step the job of the image (attached in the session)
+    /// between the requests.
+    with_job: bool,
     image: &'a str,
     /// `-f FMT`, `-U`.
     opts: ImageOpts,
@@ -117,6 +127,7 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
         write: false,
         pattern: 0,
         direct: false,
+        with_job: false,
         image: "",
         opts: ImageOpts::default(),
     };
@@ -167,6 +178,7 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
                 }
             }
             "-w" => plan.write = true,
+            "--with-job" => plan.with_job = true,
             "--pattern" => {
                 let text = value()?;
                 plan.pattern = parse_pattern(text).map_err(|e| Failure::new(e, text))?;
@@ -187,6 +199,11 @@ fn parse<'a>(words: &[&'a str]) -> Result<Plan<'a>, Failure<'a>> {
     }
     if plan.step == 0 {
         plan.step = plan.len;
+    }
+    if plan.with_job && plan.depth == 1 {
+        return Err(invalid(
+            "--with-job steps the job between requests in flight: it needs -d 2 or more",
+        ));
     }
     Ok(plan)
 }
@@ -228,7 +245,14 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                     plan.image,
                 ));
             }
-            return self.measure(backend, &plan);
+            let job = match plan.with_job {
+                true => Some(session.job(plan.image).ok_or_else(|| no_job(plan.image))?),
+                false => None,
+            };
+            return self.measure(backend, &plan, job);
+        }
+        if plan.with_job {
+            return Err(no_job(plan.image));
         }
         if plan.direct {
             self.env
@@ -262,7 +286,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 .graph
                 .attach_backend(top, access)
                 .map_err(|e| Failure::new(e, plan.image))?;
-            let result = cx.measure(backend, plan);
+            let result = cx.measure(backend, plan, None);
             let detached = cx.graph.detach_backend(backend);
             result.and(detached.map_err(Into::into))
         })
@@ -270,7 +294,12 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
     /// Runs the plan's requests on `backend`, `plan.depth` in flight, with
     /// the scratch memory as the buffers, and reports the time.
-    fn measure<'a>(&mut self, backend: BackendId, plan: &Plan<'a>) -> Outcome<'a> {
+    fn measure<'a>(
+        &mut self,
+        backend: BackendId,
+        plan: &Plan<'a>,
+        job: Option<JobId>,
+    ) -> Outcome<'a> {
         let (env, graph, out) = (&mut *self.env, &mut *self.graph, &mut *self.out);
         let image_size = graph.size(graph.root(backend)?)?;
         writeln!(
@@ -302,7 +331,17 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             Some(memory) => {
                 memory.fill(plan.pattern);
                 let started = env.now_micros().ok_or_else(no_clock)?;
-                run_queued(graph, backend, &mut offsets, memory)?;
+                let (resolver, scratch) = (env.resolver(), &mut *self.scratch);
+                let mut stepper = JobStepper {
+                    job,
+                    completing: false,
+                };
+                let mut between =
+                    |engine: &mut BenchEngine<'static>,
+                     graph: &mut Graph<E::Device, N, B, C, J>| {
+                        stepper.step(engine, graph, resolver, scratch)
+                    };
+                run_queued(graph, backend, &mut offsets, memory, &mut between)?;
                 started
             }
             None => {
@@ -438,15 +477,16 @@ fn run_queued<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J
     backend: BackendId,
     offsets: &mut Offsets<'_, 'a>,
     memory: &'b mut [u8],
+    between: Between<'_, 'b, D, N, B, C, J>,
 ) -> Result<(), Failure<'a>>
 where
     D: Queue<'b>,
 {
     let mut engine = BenchEngine::new();
     let result = if offsets.plan.write {
-        queue_writes(&mut engine, graph, backend, offsets, memory)
+        queue_writes(&mut engine, graph, (backend, between), offsets, memory)
     } else {
-        queue_reads(&mut engine, graph, backend, offsets, memory)
+        queue_reads(&mut engine, graph, (backend, between), offsets, memory)
     };
     // An engine is never dropped with device operations in flight.
     engine.drain(graph);
@@ -459,7 +499,7 @@ where
 fn queue_writes<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize>(
     engine: &mut BenchEngine<'b>,
     graph: &mut Graph<D, N, B, C, J>,
-    backend: BackendId,
+    (backend, between): (BackendId, Between<'_, 'b, D, N, B, C, J>),
     offsets: &mut Offsets<'_, 'a>,
     memory: &'b [u8],
 ) -> Result<(), Failure<'a>>
@@ -478,6 +518,7 @@ where
                 submitted += 1;
             }
         }
+        between(engine, graph).map_err(|e| offsets.fail(e))?;
         engine.advance(graph);
         while let Some((ticket, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
@@ -495,7 +536,7 @@ where
 fn queue_reads<'a, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize>(
     engine: &mut BenchEngine<'b>,
     graph: &mut Graph<D, N, B, C, J>,
-    backend: BackendId,
+    (backend, between): (BackendId, Between<'_, 'b, D, N, B, C, J>),
     offsets: &mut Offsets<'_, 'a>,
     memory: &'b mut [u8],
 ) -> Result<(), Failure<'a>>
@@ -515,6 +556,7 @@ where
     }
     let mut finished = 0;
     while finished < count {
+        between(engine, graph).map_err(|e| offsets.fail(e))?;
         engine.advance(graph);
         while let Some((_, done)) = engine.complete() {
             done.result.map_err(|e| offsets.fail(e))?;
@@ -540,6 +582,66 @@ where
     Ok(())
 }
 
+/// What runs between the rounds of [`run_queued`] (`--with-job`: a job
+/// step in a drained section).
+type Between<'c, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize> =
+    &'c mut dyn FnMut(&mut BenchEngine<'b>, &mut Graph<D, N, B, C, J>) -> crate::Result<()>;
+
+/// `--with-job`: steps a job between the requests, as a VMM does while its
+/// guest keeps submitting.
+struct JobStepper {
+    job: Option<JobId>,
+    /// `job-complete` was sent: the active commit pivots at its next clean
+    /// step.
+    completing: bool,
+}
+
+impl JobStepper {
+    /// One step of the job in a drained section ([`Engine::drained`]: once
+    /// no request is in flight; the requests queued meanwhile start after
+    /// it). An active commit that is ready is completed, so it pivots
+    /// under the requests. Nothing once the job has concluded.
+    fn step<'b, D, R, const N: usize, const B: usize, const C: usize, const J: usize>(
+        &mut self,
+        engine: &mut BenchEngine<'b>,
+        graph: &mut Graph<D, N, B, C, J>,
+        resolver: &mut R,
+        scratch: &mut [u8],
+    ) -> crate::Result<()>
+    where
+        D: Queue<'b>,
+        R: Resolver<D>,
+    {
+        let Some(job) = self.job else {
+            return Ok(());
+        };
+        if graph.job_info(job)?.status == JobStatus::Concluded {
+            return Ok(());
+        }
+        let completing = &mut self.completing;
+        let stepped = engine.drained(graph, |graph| {
+            let status = graph.job_step(job, resolver, scratch)?;
+            if status == JobStatus::Ready && !*completing {
+                graph.job_complete(job)?;
+                *completing = true;
+            }
+            Ok(())
+        });
+        stepped.unwrap_or(Ok(()))
+    }
+}
+
+/// `--with-job` on an image without a job in the session.
+fn no_job(image: &str) -> Failure<'_> {
+    Failure::new(
+        Error::new(
+            ErrorKind::InvalidInput,
+            "--with-job: no job on this image (start one with job-start first)",
+        ),
+        image,
+    )
+}
+
 /// A read's buffer did not come back whole from the engine.
 pub(super) fn lost_buffer() -> Error {
     Error::new(ErrorKind::Busy, "a read's buffer did not come back whole")
@@ -563,6 +665,7 @@ mod tests {
                 write: false,
                 pattern: 0,
                 direct: false,
+                with_job: false,
                 image: "a.qcow2",
                 opts: ImageOpts::default(),
             }

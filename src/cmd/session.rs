@@ -69,6 +69,13 @@ impl<const SLOTS: usize> Session<SLOTS> {
             .map(|a| a.backend)
     }
 
+    /// The job started on attached image `name`, if any.
+    pub(crate) fn job(&self, name: &str) -> Option<JobId> {
+        self.find(name)
+            .and_then(|i| self.slots[i].as_ref())
+            .and_then(|a| a.job)
+    }
+
     /// Ends the session: jobs still running are cancelled and stepped to
     /// their end, then every image is detached.
     ///

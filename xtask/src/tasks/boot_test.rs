@@ -64,7 +64,7 @@ const MACHINES: [Machine; 2] = [Machine::Microvm, Machine::Q35];
 /// An image test: a name (also its directory) and the test.
 type ImageTest = (&'static str, fn(&Lab) -> Result<String>);
 
-const IMAGE_TESTS: [ImageTest; 13] = [
+const IMAGE_TESTS: [ImageTest; 14] = [
     ("chain-reads", chain_reads),
     ("writes-vs-qemu-io", writes_vs_qemu_io),
     ("intermediate-commit", intermediate_commit),
@@ -81,6 +81,7 @@ const IMAGE_TESTS: [ImageTest; 13] = [
         "requests-in-flight-small-ring",
         requests_in_flight_small_ring,
     ),
+    ("active-commit-under-load", active_commit_under_load),
 ];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
@@ -1051,14 +1052,7 @@ fn in_flight_against_qemu_img(lab: &Lab, queue_size: Option<u16>, peak: usize) -
         "-w -d 64 -c 256 -s 4k -S 36k --pattern 0x66",
         "-w -d 32 -c 200 -s 3000 -o 4195081 -S 5000 --pattern 0x77",
     ];
-    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 8M"])?;
-    lab.create(
-        "top.qcow2",
-        "16M",
-        Some("base.qcow2"),
-        None,
-        &["write -P 0x22 4M 1M"],
-    )?;
+    chain_16m(lab)?;
     lab.copy("top.qcow2", "ref-top.qcow2")?;
     lab.pad("top.qcow2", 32 << 20)?;
     let mut script: Vec<String> = WRITES
@@ -1096,6 +1090,64 @@ fn in_flight_against_qemu_img(lab: &Lab, queue_size: Option<u16>, peak: usize) -
     })?;
     Ok(format!(
         "{}, same image as qemu-img bench, same checksum, {peak} requests in flight",
+        kernel_time(&run)
+    ))
+}
+
+/// `top.qcow2` (0x22 at 4M, 1 MiB) over `base.qcow2` (0x11, the first 8
+/// MiB), 16 MiB each.
+fn chain_16m(lab: &Lab) -> Result<()> {
+    lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 8M"])?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 4M 1M"],
+    )?;
+    Ok(())
+}
+
+/// An active commit under load: `bench -w -d 32 --with-job` keeps 32
+/// writes in flight (virtio requests on the top disk) while the job steps
+/// in drained sections between them and, once ready, is completed, so it
+/// pivots with writes queued. The job must end during the bench; base must
+/// then hold what `qemu-img bench` leaves in a copy of the chain, pass
+/// `qemu-img check`, and match the kernel's checksum of the device (now on
+/// base) read at depth 32.
+fn active_commit_under_load(lab: &Lab) -> Result<String> {
+    const WRITES: &str = "-w -d 32 -c 512 -s 4k -S 36k --pattern 0x44";
+    chain_16m(lab)?;
+    let copies = lab.copy_chain(&["base.qcow2", "top.qcow2"], "ref")?;
+    lab.pad("base.qcow2", PAD)?;
+    lab.pad("top.qcow2", PAD)?;
+    let script = [
+        "job-start commit top.qcow2".to_owned(),
+        format!("bench {WRITES} --with-job top.qcow2"),
+        "job-info top.qcow2".to_owned(),
+        "job-wait top.qcow2".to_owned(),
+        "checksum -d 32 top.qcow2".to_owned(),
+    ];
+    let run = succeed(
+        lab,
+        vec![lab.disk("base.qcow2", false), lab.disk("top.qcow2", false)],
+        &script,
+    )?;
+    verify(&run, || {
+        expect_output(&run, "512 write requests, 4096 bytes each, 32 in parallel")?;
+        expect_output(&run, "job commit on top.qcow2: concluded")?;
+        expect_output(&run, "Image 'base.qcow2' is now the active image")?;
+        let mut args: Vec<&str> = WRITES.split(' ').collect();
+        args.insert(0, "bench");
+        args.push(&copies[1]);
+        lab.qemu_img(&args)?;
+        lab.check(&["base.qcow2"])?;
+        lab.same_view("base.qcow2", &copies[1])?;
+        lab.expect_checksum(&run.serial, "top.qcow2", &copies[1])?;
+        Ok(())
+    })?;
+    Ok(format!(
+        "{}, pivoted during the bench, base as qemu-img bench leaves the chain",
         kernel_time(&run)
     ))
 }
