@@ -36,9 +36,10 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
                                        copies with up to 4 threads (images of 64 MiB and more);
                                        the output is flushed with -t writeback (default unsafe)
-  io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...
+  io [-f FMT] [-r] [-U] [-d DEPTH] IMAGE -c CMD [-c CMD]...
                                        CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN
                                             | discard OFF LEN | flush
+                                       -d: up to DEPTH requests in flight (engine)
   collapse [-f FMT] --top TOP [--base BASE] IMAGE
   commit [-f FMT] [--top TOP] [--base BASE] [-p] IMAGE
   stream [-f FMT] [--base BASE] [-p] IMAGE

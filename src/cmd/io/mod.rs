@@ -1,5 +1,5 @@
-//! `io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...`: qemu-io-like guest I/O through a
-//! BlockBackend.
+//! `io [-f FMT] [-r] [-U] [-d DEPTH] IMAGE -c CMD [-c CMD]...`: qemu-io-like
+//! guest I/O through a BlockBackend.
 //!
 //! `read [-P PATTERN] OFF LEN` (with `-P` every byte is verified),
 //! `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`.
@@ -12,6 +12,14 @@
 //! aligned to the image's cluster size (at least 4 KiB), after the whole
 //! range is checked. Reads go through the scratch in pieces whose
 //! boundaries lie on multiples of the largest power of two that fits in it.
+//!
+//! With `-d DEPTH` (2 to 64) writes, zero writes, discards and flushes go
+//! through a request engine (module [`queued`]), up to DEPTH in flight: a
+//! command waits for those in flight that it overlaps, so the result is
+//! the one of running the commands in order, as qemu-io does; a read first
+//! waits for everything in flight.
+
+mod queued;
 
 use super::args::{parse_pattern, parse_size, split_words};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
@@ -19,7 +27,7 @@ use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
 use crate::graph::{piece_len, Access, OpenOptions, MAX_SEGMENTS};
 
-const USAGE: &str = "usage: io [-f FMT] [-r] [-U] IMAGE -c CMD [-c CMD]...";
+const USAGE: &str = "usage: io [-f FMT] [-r] [-U] [-d DEPTH] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
 /// Least alignment, in guest offsets, of the boundaries a write too long
@@ -66,14 +74,17 @@ fn request_segments(
 }
 
 /// Options and operands of one qemu-io command.
-struct Request {
+pub(super) struct Request {
     pattern: Option<u8>,
     zero: bool,
     offset: u64,
     len: u64,
 }
 
-fn parse_request<'a>(words: &[&'a str], allow_zero: bool) -> Result<Request, Failure<'a>> {
+pub(super) fn parse_request<'a>(
+    words: &[&'a str],
+    allow_zero: bool,
+) -> Result<Request, Failure<'a>> {
     let mut request = Request {
         pattern: None,
         zero: false,
@@ -121,6 +132,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         words: &[&'a str],
     ) -> Outcome<'a> {
         let mut read_only = false;
+        let mut depth = 1;
         let mut opts = ImageOpts::default();
         let mut image = None;
         let mut commands = heapless::Vec::<&'a str, 512>::new();
@@ -132,6 +144,14 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
             match word {
                 "-r" => read_only = true,
+                "-d" => {
+                    let text = words.next().ok_or_else(|| invalid(USAGE))?;
+                    depth = parse_size(text)
+                        .ok()
+                        .filter(|d| (1..=queued::MAX_DEPTH as u64).contains(d))
+                        .ok_or_else(|| invalid("queue depth must be between 1 and 64"))?
+                        as usize;
+                }
                 "-c" => {
                     let command = words.next().ok_or_else(|| invalid(USAGE))?;
                     commands
@@ -145,9 +165,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let image = image.ok_or_else(|| invalid(USAGE))?;
         if let Some(backend) = session.backend(image) {
             // Attached in the session: the guest's device.
-            return commands
-                .iter()
-                .try_for_each(|command| self.execute(backend, command));
+            return self.run_commands(backend, &commands, depth);
         }
         let options = OpenOptions {
             read_only,
@@ -160,20 +178,30 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 Access::READ_WRITE_DEVICE
             };
             let backend = cx.graph.attach_backend(top, access)?;
-            let mut result = Ok(());
-            for command in &commands {
-                result = cx.execute(backend, command);
-                if result.is_err() {
-                    break;
-                }
-            }
+            let result = cx.run_commands(backend, &commands, depth);
             cx.graph.detach_backend(backend)?;
             result
         })
     }
 
+    /// Runs `commands` in order on `backend`: one at a time, or up to
+    /// `depth` in flight.
+    fn run_commands<'a>(
+        &mut self,
+        backend: BackendId,
+        commands: &[&'a str],
+        depth: usize,
+    ) -> Outcome<'a> {
+        if depth > 1 {
+            return self.run_queued(backend, commands, depth);
+        }
+        commands
+            .iter()
+            .try_for_each(|command| self.execute(backend, command))
+    }
+
     /// Runs one qemu-io command on `backend`.
-    fn execute<'a>(&mut self, backend: BackendId, command: &'a str) -> Outcome<'a> {
+    pub(super) fn execute<'a>(&mut self, backend: BackendId, command: &'a str) -> Outcome<'a> {
         let (graph, scratch, out) = (&mut *self.graph, &mut *self.scratch, &mut *self.out);
         let words = split_words(command).map_err(|e| Failure::new(e, command))?;
         let Some((&verb, rest)) = words.split_first() else {
