@@ -51,6 +51,7 @@
 //! than `PIECES` pieces takes the synchronous path.
 
 mod alloc;
+mod miss;
 
 use crate::backend::BackendId;
 use crate::device::{Op, Queue, Submitted, Tag};
@@ -60,6 +61,8 @@ use crate::graph::{Graph, NodeId, Perm, ReadExtent};
 
 use alloc::Allocation;
 pub use alloc::ALLOCATIONS;
+pub use miss::METADATA_BUFFERS;
+use miss::{plan_or_load, Load, LOAD_SLOT};
 
 /// Default number of requests an [`Engine`] keeps in flight.
 pub const DEFAULT_SLOTS: usize = 64;
@@ -150,6 +153,10 @@ struct Slot<'b, const S: usize, const P: usize> {
     /// A read that the plan found in one extent: issued without walking
     /// the chain again.
     extent: Option<ReadExtent>,
+    /// The metadata load (module `miss`) this request waits for.
+    load: Option<usize>,
+    /// Metadata slices its plans missed so far (module `miss`).
+    misses: u8,
 }
 
 impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
@@ -201,6 +208,8 @@ pub struct Engine<
     draining: bool,
     /// Allocating writes whose data operations are in flight.
     allocations: [Option<Allocation>; ALLOCATIONS],
+    /// Lent metadata buffers and their loads (module `miss`).
+    loads: [Load<'b>; METADATA_BUFFERS],
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -223,6 +232,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             ops: 0,
             draining: false,
             allocations: [const { None }; ALLOCATIONS],
+            loads: [const { Load::IDLE }; METADATA_BUFFERS],
         }
     }
 
@@ -336,6 +346,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             error: None,
             held: None,
             extent: None,
+            load: None,
+            misses: 0,
         });
         self.next_seq += 1;
         Ok(Ticket {
@@ -427,6 +439,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let mut progressed = false;
         if self.ops > 0 {
             progressed = self.collect(graph) > 0;
+            // Waiting reads are planned again below, with their slices.
+            self.finish_loads(graph);
             // Before any later request starts: a flush or a read after
             // them sees the new clusters mapped.
             self.finish_allocations(graph);
@@ -558,13 +572,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
     ) -> usize {
         let before = self.ops;
-        let (slots, ops) = (&mut self.slots, &mut self.ops);
+        let (slots, ops, loads) = (&mut self.slots, &mut self.ops, &mut self.loads);
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
                 continue;
             }
             device.poll(&mut |tag, result, buf| {
                 let (index, piece) = untag(tag);
+                if index == LOAD_SLOT {
+                    miss::collected(loads, piece, result, buf);
+                    *ops -= 1;
+                    return;
+                }
                 let Some(Some(slot)) = slots.get_mut(index) else {
                     return;
                 };
@@ -599,15 +618,19 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let Some(slot) = self.slots[index].as_mut() else {
             return Start::Started;
         };
+        if slot.load.is_some() {
+            return Start::Wait;
+        }
         if !slot.writes_prepared(graph) {
             // A step of the image's check before its first write is done;
             // the request waits for the next poll (the check's errors are
             // the request's, met again in the plan).
             return Start::Wait;
         }
-        let route = match plan(graph, slot) {
-            Ok(route) => route,
-            Err(err) => {
+        let route = match plan_or_load((&mut self.loads, &mut self.ops), graph, slot) {
+            None => return Start::Wait,
+            Some(Ok(route)) => route,
+            Some(Err(err)) => {
                 slot.fail(err);
                 slot.state = State::Done;
                 return Start::Started;
