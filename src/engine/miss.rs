@@ -28,7 +28,7 @@
 //!
 //! Memory: the buffers are the VMM's (4 KiB each; a host file's queue
 //! takes `'static` ones); the engine keeps [`METADATA_BUFFERS`] entries of
-//! about 80 bytes.
+//! 88 bytes.
 
 use super::{plan, tag, Engine, Payload, Route, Slot, State};
 use crate::device::{Op, Queue, Submitted};

@@ -29,6 +29,11 @@
 //!   device operation of the engine is in flight and runs the graph's
 //!   synchronous path, with its crash-ordering rules. A flush covers every
 //!   write that completed before it was submitted.
+//! - **Metadata misses** of a read's plan load split-phase when the VMM
+//!   lent the engine metadata buffers ([`Engine::lend_metadata_buffer`],
+//!   module `miss`): the read waits for its slice while others go ahead.
+//!   Without buffers (the default) a plan loads what it misses
+//!   synchronously, in the poll.
 //! - Requests start in submission order, except that one waiting for a
 //!   dependency (an overlapping allocation in flight, a free allocation
 //!   entry, its image's check before a first write) lets later requests
@@ -45,10 +50,12 @@
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
-//! allocating writes in flight about 2.6 KiB (its batch of new clusters);
-//! the default engine (64 slots, 16 segments, 32 pieces, 4 allocations) is
-//! about 65 KiB (`blockgraph sizes`). A read that the chain cuts into more
-//! than `PIECES` pieces takes the synchronous path.
+//! allocating writes in flight about 2.6 KiB (its batch of new clusters),
+//! each of the [`METADATA_BUFFERS`] entries 88 bytes (the lent 4 KiB
+//! buffers are the VMM's); the default engine (64 slots, 16 segments, 32
+//! pieces, 4 allocations) is about 68 KiB (`blockgraph sizes`). A read
+//! that the chain cuts into more than `PIECES` pieces takes the
+//! synchronous path.
 
 mod alloc;
 mod miss;
@@ -223,8 +230,12 @@ impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
 impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     Engine<'b, SLOTS, SEGMENTS, PIECES>
 {
+    /// Request slots are told apart from metadata loads in device tags.
+    const SLOTS_FIT_TAGS: () = assert!(SLOTS < LOAD_SLOT, "too many request slots");
+
     /// An engine with no requests; `const` so it can live in a `static`.
     pub const fn new() -> Self {
+        let () = Self::SLOTS_FIT_TAGS;
         Self {
             slots: [const { None }; SLOTS],
             generations: [0; SLOTS],

@@ -445,12 +445,14 @@ mod tests {
         device: 1,
     };
 
+    /// 64 bytes, each holding its offset.
+    fn numbered() -> [u8; 64] {
+        core::array::from_fn(|i| i as u8)
+    }
+
     #[test]
     fn hits_evicts_lru_and_zero_fills_past_end() {
-        let mut storage = [0u8; 64];
-        for (i, b) in storage.iter_mut().enumerate() {
-            *b = i as u8;
-        }
+        let mut storage = numbered();
         let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<2>::new();
         assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
@@ -539,10 +541,7 @@ mod tests {
 
     #[test]
     fn a_miss_with_loading_off_reads_nothing_and_insert_places_the_slice() {
-        let mut storage = [0u8; 64];
-        for (i, b) in storage.iter_mut().enumerate() {
-            *b = i as u8;
-        }
+        let mut storage = numbered();
         let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<1>::new();
         cache.set_loading(false);
