@@ -864,7 +864,8 @@ fn chain_changes_wait_for_a_drain() {
 /// device operation, while reads that hit go to the device in the same
 /// poll and complete meanwhile; no poll reads metadata synchronously (a
 /// poll's device reads are operations in flight before it); two reads
-/// missing one slice share its load, and a load that fails fails them.
+/// missing one slice share its load, and a load that fails fails them; a
+/// write in place that misses loads its slice split-phase too.
 fn metadata_misses() {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
@@ -881,9 +882,10 @@ fn metadata_misses() {
     // The buffers outlive the graph, whose devices may hold them.
     let mut arena = vec![0u8; 16 * 4096];
     let mut slices = vec![0u8; 2 * 4096];
+    let data = [0x99u8; 4096];
     let mut images = files.images(5);
     let mut graph: Box<TestGraph<'_, '_, 8>> = Box::default();
-    let (backend, top) = attach(&mut graph, &mut images, false);
+    let (backend, top) = attach(&mut graph, &mut images, true);
     let file = graph.file(top).unwrap().unwrap();
     let reads = |g: &mut TestGraph<'_, '_, 8>| g.device_mut(file).unwrap().inner().reads();
     let mut engine: Engine<'_> = Engine::new();
@@ -965,6 +967,27 @@ fn metadata_misses() {
     let mut done = engine.wait(&mut graph, again).unwrap();
     done.result.unwrap();
     assert_eq!(done.buffers().next().unwrap()[0], 0x40 + 21);
+
+    // A write in place to table 22, not cached: its plan misses too (once
+    // the first-write check, which reads the tables itself, has run).
+    let write = engine
+        .submit_write(backend, table(22), [&data[..]])
+        .unwrap();
+    let (mut polls, mut loaded) = (0, false);
+    let done = loop {
+        polls += 1;
+        assert!(polls < 10_000, "the write never finishes");
+        engine.poll(&mut graph);
+        loaded |= engine.metadata_loads_in_flight() > 0;
+        if let Some(done) = engine.take(write).unwrap() {
+            break done;
+        }
+    };
+    done.result.unwrap();
+    assert!(loaded, "the write's plan loaded its slice synchronously");
+    let check = engine.submit_read(backend, table(22), buf()).unwrap();
+    let mut done = engine.wait(&mut graph, check).unwrap();
+    assert!(done.buffers().next().unwrap().iter().all(|&b| b == 0x99));
 }
 
 fn first_write_check_in_steps() {

@@ -1,11 +1,11 @@
-//! Metadata misses without blocking: a read whose plan misses the metadata
-//! cache loads the slice split-phase and waits for it; requests that need
-//! no such load go ahead meanwhile.
+//! Metadata misses without blocking: a read or write whose plan misses the
+//! metadata cache loads the slice split-phase and waits for it; requests
+//! that need no such load go ahead meanwhile.
 //!
 //! The VMM lends the engine buffers of [`SLICE_SIZE`] bytes
 //! ([`Engine::lend_metadata_buffer`]); with none lent (the default) plans
 //! load what they miss synchronously, as the graph's lookups always do.
-//! With buffers, a read is planned with loading off
+//! With buffers, a read or write is planned with loading off
 //! (`Graph::without_loading`): a miss reads nothing, the plan is discarded
 //! (plans are pure) and the slice it names is read into a free buffer as an
 //! [`Op::Read`] of the whole buffer; the request waits, queued. A second
@@ -19,9 +19,10 @@
 //! would reach past its device's end (only possible for images with
 //! clusters under 4 KiB, at the end of the file), and a request that has
 //! missed [`MISSES`] times (a tiny cache can evict one slice of a plan
-//! while loading the next), are planned with loading on. Writes are
-//! planned with loading on too (their validation reads refcounts; a later
-//! step).
+//! while loading the next), are planned with loading on. A write's plan
+//! (its whole validation, the in-place or allocating decision) loads this
+//! way; what an allocating write does at start (placing clusters: refcount
+//! blocks, copied head and tail) still loads synchronously.
 //!
 //! Inserting may evict a dirty slice, whose image is then written back
 //! synchronously in the poll (R3 order kept), as any load's eviction does.
@@ -181,7 +182,10 @@ pub(super) fn plan_or_load<
 ) -> Option<Result<Route>> {
     let lent = loads.iter().any(|l| l.buf.is_some() || l.miss.is_some());
     loop {
-        if !lent || slot.misses >= MISSES || !matches!(slot.payload, Payload::Read(_)) {
+        if !lent
+            || slot.misses >= MISSES
+            || !matches!(slot.payload, Payload::Read(_) | Payload::Write(_))
+        {
             return Some(plan(graph, slot));
         }
         let (route, miss) = graph.without_loading(|graph| plan(graph, slot));

@@ -29,9 +29,10 @@
 //!   device operation of the engine is in flight and runs the graph's
 //!   synchronous path, with its crash-ordering rules. A flush covers every
 //!   write that completed before it was submitted.
-//! - **Metadata misses** of a read's plan load split-phase when the VMM
-//!   lent the engine metadata buffers ([`Engine::lend_metadata_buffer`],
-//!   module `miss`): the read waits for its slice while others go ahead.
+//! - **Metadata misses** of a read's or write's plan load split-phase when
+//!   the VMM lent the engine metadata buffers
+//!   ([`Engine::lend_metadata_buffer`], module `miss`): the request waits
+//!   for its slice while others go ahead.
 //!   Without buffers (the default) a plan loads what it misses
 //!   synchronously, in the poll.
 //! - Requests start in submission order, except that one waiting for a
