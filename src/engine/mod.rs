@@ -32,9 +32,8 @@
 //! - **Metadata misses** of a read's or write's plan load split-phase when
 //!   the VMM lent the engine metadata buffers
 //!   ([`Engine::lend_metadata_buffer`], module `miss`): the request waits
-//!   for its slice while others go ahead.
-//!   Without buffers (the default) a plan loads what it misses
-//!   synchronously, in the poll.
+//!   for its slice while others go ahead. Without buffers (the default) a
+//!   plan loads what it misses synchronously, in the poll.
 //! - Requests start in submission order, except that one waiting for a
 //!   dependency (an overlapping allocation in flight, a free allocation
 //!   entry, its image's check before a first write) lets later requests
@@ -122,7 +121,8 @@ enum Start {
     /// It started (or finished at once).
     Started,
     /// It waits for a dependency (an overlapping allocation in flight, a
-    /// free allocation entry, its image's first-write check); later
+    /// free allocation entry, its image's first-write check, a metadata
+    /// slice loading); later
     /// requests that do not overlap it may start.
     Wait,
     /// It is exclusive and device operations are in flight: nothing later
@@ -451,7 +451,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let mut progressed = false;
         if self.ops > 0 {
             progressed = self.collect(graph) > 0;
-            // Waiting reads are planned again below, with their slices.
+            // Requests waiting for a load are planned again below.
             self.finish_loads(graph);
             // Before any later request starts: a flush or a read after
             // them sees the new clusters mapped.
