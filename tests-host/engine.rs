@@ -437,7 +437,8 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     model: &mut [u8],
     (mix, seed): (Mix, u64),
 ) {
-    batches_of(graph, (backend, chunks), model, (BATCHES, &|_| mix), seed);
+    let rounds: (usize, &dyn Fn(usize) -> Mix) = (BATCHES, &|_| mix);
+    batches_of(graph, (backend, chunks), model, rounds, (seed, Vec::new()));
 }
 
 /// Runs `count` batches of [`BATCH`] random requests through an engine on
@@ -445,17 +446,22 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
 /// chunk of `chunks`, checking reads and then the whole guest view against
 /// `model` (one byte per sector), which it keeps up to date. At some point
 /// 8 or more device operations, and two or more allocating writes, must be
-/// in flight at once.
+/// in flight at once. The engine is lent `metadata` buffers; with some, a
+/// metadata slice must be loaded split-phase at some point.
 fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
     graph: &mut Graph<D, 64, 8, CACHE>,
     (backend, chunks): (BackendId, &mut impl Iterator<Item = &'b mut [u8]>),
     model: &mut [u8],
     (count, mix): (usize, &dyn Fn(usize) -> Mix),
-    seed: u64,
+    (seed, metadata): (u64, Vec<&'b mut [u8]>),
 ) {
     let mut engine: Engine<'b> = Engine::new();
+    let lent = !metadata.is_empty();
+    for buf in metadata {
+        engine.lend_metadata_buffer(buf).unwrap();
+    }
     let mut rng = Rng(seed);
-    let (mut most_ops, mut most_allocations) = (0, 0);
+    let (mut most_ops, mut most_allocations, mut most_loads) = (0, 0, 0);
     for number in 0..count {
         let mut batch = Batch::new(number, mix(number), model);
         for i in 0..BATCH {
@@ -470,6 +476,7 @@ fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
             engine.advance(graph);
             most_ops = most_ops.max(engine.operations());
             most_allocations = most_allocations.max(engine.allocations_in_flight());
+            most_loads = most_loads.max(engine.metadata_loads_in_flight());
             batch.collect(&mut engine);
         }
         batch.settle(graph, backend, model);
@@ -481,6 +488,10 @@ fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
     assert!(
         most_allocations >= 2,
         "allocating writes never went to the devices together ({most_allocations})"
+    );
+    assert!(
+        !lent || most_loads >= 1,
+        "no metadata slice was loaded without blocking"
     );
 }
 
@@ -506,6 +517,12 @@ fn check_on_disk(dir: &std::path::Path, files: &Files, image: &str, model: &[u8]
 }
 
 fn run<const CACHE: usize>(cluster_size: &str, seed: u64) {
+    run_lending::<CACHE>(cluster_size, seed, 0);
+}
+
+/// [`run`] with `metadata` buffers lent to the engine: metadata misses of
+/// reads load split-phase.
+fn run_lending<const CACHE: usize>(cluster_size: &str, seed: u64, metadata: usize) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
@@ -513,10 +530,19 @@ fn run<const CACHE: usize>(cluster_size: &str, seed: u64) {
     let requests = BATCH * BATCHES;
     let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
     let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
+    let mut slices = vec![0u8; metadata * 4096];
+    let lent = slices.chunks_mut(4096).collect();
     let mut images = files.images(seed);
     let mut graph: Box<TestGraph<'_, '_, CACHE>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
-    batches(&mut graph, backend, &mut chunks, &mut model, (ANY, seed));
+    let rounds: (usize, &dyn Fn(usize) -> Mix) = (BATCHES, &|_| ANY);
+    batches_of(
+        &mut graph,
+        (backend, &mut chunks),
+        &mut model,
+        rounds,
+        (seed, lent),
+    );
 
     // On disk, as qemu-img sees it: consistent, and the model's view.
     graph.flush(graph.root(backend).unwrap()).unwrap();
@@ -560,7 +586,13 @@ fn overlapping_allocations<const CACHE: usize>(cluster: usize, seed: u64) {
         ..ANY
     };
     let rounds = (ROUNDS, &mix as &dyn Fn(usize) -> Mix);
-    batches_of(&mut graph, (backend, &mut chunks), &mut model, rounds, seed);
+    batches_of(
+        &mut graph,
+        (backend, &mut chunks),
+        &mut model,
+        rounds,
+        (seed, Vec::new()),
+    );
     graph.flush(graph.root(backend).unwrap()).unwrap();
     graph.detach_backend(backend).unwrap();
     drop(graph);
@@ -827,6 +859,137 @@ fn chain_changes_wait_for_a_drain() {
 /// engine: no poll reads every L2 table of the image; reads that do not
 /// overlap the waiting write — submitted before it or after it — complete
 /// meanwhile; a read after it that overlaps it waits, and sees it.
+/// A cache of 8 slices, an image of 32 L2 tables, two metadata buffers
+/// lent: a read whose L2 slice is not cached waits for it, loaded as a
+/// device operation, while reads that hit go to the device in the same
+/// poll and complete meanwhile; no poll reads metadata synchronously (a
+/// poll's device reads are operations in flight before it); two reads
+/// missing one slice share its load, and a load that fails fails them; a
+/// write in place that misses loads its slice split-phase too.
+fn metadata_misses() {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    // 4 KiB clusters: each L2 table maps 2 MiB of guest.
+    let create = "create -q -f qcow2 -o cluster_size=4096 top.qcow2 64M";
+    qemu_img(dir, &create.split(' ').collect::<Vec<_>>());
+    let mut writes: Vec<String> = (0..32)
+        .map(|i| format!("write -P {:#x} {}M 8k", 0x40 + i, 2 * i))
+        .collect();
+    writes.push("write -P 0x3f 0 32k".into());
+    qemu_io(dir, "qcow2", "top.qcow2", &writes);
+    let top_bytes = fs::read(dir.join("top.qcow2")).unwrap();
+    let mut files = Files::new(&top_bytes, &[], 0);
+    // The buffers outlive the graph, whose devices may hold them.
+    let mut arena = vec![0u8; 16 * 4096];
+    let mut slices = vec![0u8; 2 * 4096];
+    let data = [0x99u8; 4096];
+    let mut images = files.images(5);
+    let mut graph: Box<TestGraph<'_, '_, 8>> = Box::default();
+    let (backend, top) = attach(&mut graph, &mut images, true);
+    let file = graph.file(top).unwrap().unwrap();
+    let reads = |g: &mut TestGraph<'_, '_, 8>| g.device_mut(file).unwrap().inner().reads();
+    let mut engine: Engine<'_> = Engine::new();
+    for buf in slices.chunks_mut(4096) {
+        engine.lend_metadata_buffer(buf).unwrap();
+    }
+    let mut buffers = arena.chunks_mut(4096);
+    let mut buf = || [buffers.next().unwrap()];
+    // Table 0 (and the L1 table) cached.
+    let warm = engine.submit_read(backend, 0, buf()).unwrap();
+    engine.wait(&mut graph, warm).unwrap().result.unwrap();
+
+    let table = |n: u64| n * (2 << 20);
+    let missing = engine.submit_read(backend, table(20), buf()).unwrap();
+    let hits: Vec<Ticket> = (1..7)
+        .map(|i| engine.submit_read(backend, i * 4096, buf()).unwrap())
+        .collect();
+    let (mut polls, mut hits_while_loading, mut finished) = (0, 0, 0);
+    while finished < 7 {
+        polls += 1;
+        assert!(polls < 1000, "the reads never finish");
+        let (before, in_flight) = (reads(&mut graph), engine.operations() as u64);
+        engine.poll(&mut graph);
+        assert!(
+            reads(&mut graph) - before <= in_flight,
+            "poll {polls} read metadata synchronously"
+        );
+        if polls == 1 {
+            // The slice's load and the six hits' data, together.
+            assert_eq!(engine.metadata_loads_in_flight(), 1);
+            assert_eq!(engine.operations(), 7);
+        }
+        while let Some((ticket, mut done)) = engine.complete() {
+            done.result.unwrap();
+            finished += 1;
+            let byte = done.buffers().next().unwrap()[0];
+            if ticket == missing {
+                assert_eq!(byte, 0x40 + 20);
+            } else {
+                assert!(hits.contains(&ticket));
+                assert_eq!(byte, 0x3f);
+                hits_while_loading += engine.metadata_loads_in_flight();
+            }
+        }
+    }
+    assert!(
+        hits_while_loading > 0,
+        "no hit completed while the miss loaded"
+    );
+
+    // Two reads of table 21: one load; it fails, and so do both.
+    graph
+        .device_mut(file)
+        .unwrap()
+        .inner_mut()
+        .fail_operation(Some(0));
+    let (a, b) = (
+        engine.submit_read(backend, table(21), buf()).unwrap(),
+        engine
+            .submit_read(backend, table(21) + 4096, buf())
+            .unwrap(),
+    );
+    engine.poll(&mut graph);
+    assert_eq!(
+        (engine.metadata_loads_in_flight(), engine.operations()),
+        (1, 1)
+    );
+    for ticket in [a, b] {
+        let done = engine.wait(&mut graph, ticket).unwrap();
+        assert_eq!(done.result.unwrap_err().kind(), ErrorKind::Io);
+    }
+    // Loaded again on the next read.
+    graph
+        .device_mut(file)
+        .unwrap()
+        .inner_mut()
+        .fail_operation(None);
+    let again = engine.submit_read(backend, table(21), buf()).unwrap();
+    let mut done = engine.wait(&mut graph, again).unwrap();
+    done.result.unwrap();
+    assert_eq!(done.buffers().next().unwrap()[0], 0x40 + 21);
+
+    // A write in place to table 22, not cached: its plan misses too (once
+    // the first-write check, which reads the tables itself, has run).
+    let write = engine
+        .submit_write(backend, table(22), [&data[..]])
+        .unwrap();
+    let (mut polls, mut loaded) = (0, false);
+    let done = loop {
+        polls += 1;
+        assert!(polls < 10_000, "the write never finishes");
+        engine.poll(&mut graph);
+        loaded |= engine.metadata_loads_in_flight() > 0;
+        if let Some(done) = engine.take(write).unwrap() {
+            break done;
+        }
+    };
+    done.result.unwrap();
+    assert!(loaded, "the write's plan loaded its slice synchronously");
+    let check = engine.submit_read(backend, table(22), buf()).unwrap();
+    let mut done = engine.wait(&mut graph, check).unwrap();
+    assert!(done.buffers().next().unwrap().iter().all(|&b| b == 0x99));
+}
+
 fn first_write_check_in_steps() {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
@@ -949,6 +1112,16 @@ fn many_requests_in_flight_64k_clusters() {
 #[test]
 fn many_requests_in_flight_4k_clusters() {
     big_stack(|| run::<128>("4096", 0x5eed_0002));
+}
+
+#[test]
+fn metadata_misses_wait_without_holding_up_other_reads() {
+    metadata_misses();
+}
+
+#[test]
+fn many_requests_in_flight_with_a_two_slice_cache_and_metadata_buffers() {
+    big_stack(|| run_lending::<TINY_CACHE>("4096", 0x5eed_000b, 2));
 }
 
 #[test]

@@ -29,6 +29,11 @@
 //!   device operation of the engine is in flight and runs the graph's
 //!   synchronous path, with its crash-ordering rules. A flush covers every
 //!   write that completed before it was submitted.
+//! - **Metadata misses** of a read's or write's plan load split-phase when
+//!   the VMM lent the engine metadata buffers
+//!   ([`Engine::lend_metadata_buffer`], module `miss`): the request waits
+//!   for its slice while others go ahead. Without buffers (the default) a
+//!   plan loads what it misses synchronously, in the poll.
 //! - Requests start in submission order, except that one waiting for a
 //!   dependency (an overlapping allocation in flight, a free allocation
 //!   entry, its image's check before a first write) lets later requests
@@ -45,12 +50,15 @@
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
-//! allocating writes in flight about 2.6 KiB (its batch of new clusters);
-//! the default engine (64 slots, 16 segments, 32 pieces, 4 allocations) is
-//! about 65 KiB (`blockgraph sizes`). A read that the chain cuts into more
-//! than `PIECES` pieces takes the synchronous path.
+//! allocating writes in flight about 2.6 KiB (its batch of new clusters),
+//! each of the [`METADATA_BUFFERS`] entries 88 bytes (the lent 4 KiB
+//! buffers are the VMM's); the default engine (64 slots, 16 segments, 32
+//! pieces, 4 allocations) is about 68 KiB (`blockgraph sizes`). A read
+//! that the chain cuts into more than `PIECES` pieces takes the
+//! synchronous path.
 
 mod alloc;
+mod miss;
 
 use crate::backend::BackendId;
 use crate::device::{Op, Queue, Submitted, Tag};
@@ -60,6 +68,8 @@ use crate::graph::{Graph, NodeId, Perm, ReadExtent};
 
 use alloc::Allocation;
 pub use alloc::ALLOCATIONS;
+pub use miss::METADATA_BUFFERS;
+use miss::{plan_or_load, Load, LOAD_SLOT};
 
 /// Default number of requests an [`Engine`] keeps in flight.
 pub const DEFAULT_SLOTS: usize = 64;
@@ -111,7 +121,8 @@ enum Start {
     /// It started (or finished at once).
     Started,
     /// It waits for a dependency (an overlapping allocation in flight, a
-    /// free allocation entry, its image's first-write check); later
+    /// free allocation entry, its image's first-write check, a metadata
+    /// slice loading); later
     /// requests that do not overlap it may start.
     Wait,
     /// It is exclusive and device operations are in flight: nothing later
@@ -150,6 +161,10 @@ struct Slot<'b, const S: usize, const P: usize> {
     /// A read that the plan found in one extent: issued without walking
     /// the chain again.
     extent: Option<ReadExtent>,
+    /// The metadata load (module `miss`) this request waits for.
+    load: Option<usize>,
+    /// Metadata slices its plans missed so far (module `miss`).
+    misses: u8,
 }
 
 impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
@@ -201,6 +216,8 @@ pub struct Engine<
     draining: bool,
     /// Allocating writes whose data operations are in flight.
     allocations: [Option<Allocation>; ALLOCATIONS],
+    /// Lent metadata buffers and their loads (module `miss`).
+    loads: [Load<'b>; METADATA_BUFFERS],
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -214,8 +231,12 @@ impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
 impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     Engine<'b, SLOTS, SEGMENTS, PIECES>
 {
+    /// Request slots are told apart from metadata loads in device tags.
+    const SLOTS_FIT_TAGS: () = assert!(SLOTS < LOAD_SLOT, "too many request slots");
+
     /// An engine with no requests; `const` so it can live in a `static`.
     pub const fn new() -> Self {
+        let () = Self::SLOTS_FIT_TAGS;
         Self {
             slots: [const { None }; SLOTS],
             generations: [0; SLOTS],
@@ -223,6 +244,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             ops: 0,
             draining: false,
             allocations: [const { None }; ALLOCATIONS],
+            loads: [const { Load::IDLE }; METADATA_BUFFERS],
         }
     }
 
@@ -336,6 +358,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             error: None,
             held: None,
             extent: None,
+            load: None,
+            misses: 0,
         });
         self.next_seq += 1;
         Ok(Ticket {
@@ -427,6 +451,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let mut progressed = false;
         if self.ops > 0 {
             progressed = self.collect(graph) > 0;
+            // Requests waiting for a load are planned again below.
+            self.finish_loads(graph);
             // Before any later request starts: a flush or a read after
             // them sees the new clusters mapped.
             self.finish_allocations(graph);
@@ -558,13 +584,18 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
     ) -> usize {
         let before = self.ops;
-        let (slots, ops) = (&mut self.slots, &mut self.ops);
+        let (slots, ops, loads) = (&mut self.slots, &mut self.ops, &mut self.loads);
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
                 continue;
             }
             device.poll(&mut |tag, result, buf| {
                 let (index, piece) = untag(tag);
+                if index == LOAD_SLOT {
+                    miss::collected(loads, piece, result, buf);
+                    *ops -= 1;
+                    return;
+                }
                 let Some(Some(slot)) = slots.get_mut(index) else {
                     return;
                 };
@@ -599,15 +630,19 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let Some(slot) = self.slots[index].as_mut() else {
             return Start::Started;
         };
+        if slot.load.is_some() {
+            return Start::Wait;
+        }
         if !slot.writes_prepared(graph) {
             // A step of the image's check before its first write is done;
             // the request waits for the next poll (the check's errors are
             // the request's, met again in the plan).
             return Start::Wait;
         }
-        let route = match plan(graph, slot) {
-            Ok(route) => route,
-            Err(err) => {
+        let route = match plan_or_load((&mut self.loads, &mut self.ops), graph, slot) {
+            None => return Start::Wait,
+            Some(Ok(route)) => route,
+            Some(Err(err)) => {
                 slot.fail(err);
                 slot.state = State::Done;
                 return Start::Started;

@@ -16,6 +16,14 @@
 //! Structural changes (new tables, header fields) are written through and
 //! [`MetaCache::patch`]ed in. This is rule R3 of `docs/crash-ordering.md`
 //! (R1 and R2 rest on it; R14 on failed write-backs keeping slices dirty).
+//!
+//! Misses without blocking: with loading off ([`MetaCache::set_loading`]) a
+//! miss reads nothing; the lookup fails and the cache records the slice it
+//! needed ([`MetaCache::take_miss`]). The caller reads it split-phase and
+//! hands the bytes over with [`MetaCache::insert`], which places them as a
+//! load would (same eviction and write-back) unless the image's metadata
+//! was written meanwhile (the bytes may be stale: dropped, the lookup
+//! misses again).
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -90,11 +98,40 @@ const EMPTY: Tag = Tag {
     dirty: None,
 };
 
+/// A slice a lookup needed while loading was off ([`MetaCache::set_loading`]):
+/// read `len` bytes at `offset` of `image`'s device, then
+/// [`MetaCache::insert`] them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Miss {
+    /// The image whose table the slice belongs to.
+    pub image: Image,
+    /// The slice's device offset.
+    pub offset: u64,
+    /// The slice's length (at most [`SLICE_SIZE`]).
+    pub len: usize,
+    /// The cache's count of metadata writes when the slice was missed: bytes
+    /// read after a later write may be stale.
+    writes: u64,
+}
+
+impl Miss {
+    /// Whether `other` names the same slice.
+    pub fn same_slice(&self, other: &Miss) -> bool {
+        (self.image, self.offset, self.len) == (other.image, other.offset, other.len)
+    }
+}
+
 /// `SLOTS` slices of table data.
 pub struct MetaCache<const SLOTS: usize> {
     tags: [Tag; SLOTS],
     data: [[u8; SLICE_SIZE]; SLOTS],
     clock: u64,
+    /// Whether a miss reads the device (else it records [`Miss`] and fails).
+    loading: bool,
+    /// The last slice missed while loading was off.
+    missed: Option<Miss>,
+    /// Metadata writes (write-backs, patches) so far, for [`Miss::writes`].
+    writes: u64,
 }
 
 impl<const SLOTS: usize> Default for MetaCache<SLOTS> {
@@ -113,7 +150,61 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             tags: [EMPTY; SLOTS],
             data: [[0; SLICE_SIZE]; SLOTS],
             clock: 0,
+            loading: true,
+            missed: None,
+            writes: 0,
         }
+    }
+
+    /// Turns loading on a miss on (the default) or off. While it is off, a
+    /// lookup that misses reads nothing: it fails with
+    /// [`ErrorKind::Busy`] and the slice is recorded for
+    /// [`MetaCache::take_miss`].
+    pub fn set_loading(&mut self, on: bool) {
+        self.loading = on;
+    }
+
+    /// The slice the last lookup missed while loading was off, if any
+    /// (forgotten here).
+    pub fn take_miss(&mut self) -> Option<Miss> {
+        self.missed.take()
+    }
+
+    /// Puts `bytes`, read from the device for `miss`, in the cache as a load
+    /// would: bytes past `bytes.len()` (past the device's end) read as
+    /// zero; evicting a dirty slice writes its image back first
+    /// (synchronously, in [`Level`] order: R3). Returns `false` when
+    /// nothing was inserted: the slice is cached already (perhaps with
+    /// updates newer than the device) or metadata was written since the
+    /// miss (the bytes may be stale). The cache validates nothing at load;
+    /// the format checks each entry where it reads it, so inserted slices
+    /// are checked exactly as loaded ones.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for more bytes than the slice;
+    /// device errors of the write-back of an evicted slice.
+    pub fn insert<D: Device>(
+        &mut self,
+        miss: &Miss,
+        devices: &mut [Option<D>],
+        bytes: &[u8],
+    ) -> Result<bool> {
+        if miss.len > SLICE_SIZE || bytes.len() > miss.len {
+            return fail(
+                ErrorKind::InvalidInput,
+                "loaded metadata larger than its slice",
+            );
+        }
+        self.clock += 1;
+        if miss.writes != self.writes || self.find(miss.image, miss.offset, miss.len).is_some() {
+            return Ok(false);
+        }
+        let slot = self.place(miss.image, devices, miss.offset)?;
+        let buf = &mut self.data[slot][..miss.len];
+        buf[..bytes.len()].copy_from_slice(bytes);
+        buf[bytes.len()..].fill(0);
+        self.admit(slot, miss.image, miss.offset, miss.len);
+        Ok(true)
     }
 
     /// The slice of `slice_len` bytes at `offset` of `image`, read from its
@@ -178,6 +269,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             let n = (to - from) as usize;
             data[dst..dst + n].copy_from_slice(&bytes[src..src + n]);
         }
+        self.writes += 1;
     }
 
     /// Whether `owner` has slices not yet written back.
@@ -208,6 +300,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     fn write_level<D: Device>(&mut self, owner: Owner, device: &mut D, level: Level) -> Result<()> {
         for (tag, data) in self.tags.iter_mut().zip(self.data.iter()) {
             if tag.valid && tag.image.owner == owner && tag.dirty == Some(level) {
+                self.writes += 1;
                 device.write_at(tag.offset, &data[..tag.len as usize])?;
                 // R14: clean only once written; a failure leaves it dirty.
                 tag.dirty = None;
@@ -223,6 +316,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             tag.valid = false;
             tag.dirty = None;
         }
+        self.writes += 1;
     }
 
     /// The slots of the set that holds `image`'s slice at `offset`.
@@ -245,26 +339,22 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         slice_len: usize,
     ) -> Result<usize> {
         self.clock += 1;
-        let set = Self::set_of(image, offset);
-        let hit = set.clone().find(|&i| {
-            let t = &self.tags[i];
-            t.valid && t.image == image && t.offset == offset && t.len == slice_len as u64
-        });
-        let slot = match hit {
+        let slot = match self.find(image, offset, slice_len) {
             Some(slot) => slot,
+            None if !self.loading => {
+                self.missed = Some(Miss {
+                    image,
+                    offset,
+                    len: slice_len,
+                    writes: self.writes,
+                });
+                return fail(
+                    ErrorKind::Busy,
+                    "metadata slice not cached (loading is off)",
+                );
+            }
             None => {
-                let slot = self.victim(set);
-                let evicted = self.tags[slot];
-                if evicted.valid && evicted.dirty.is_some() {
-                    // R3: the evicted slice's image is written back whole.
-                    let device = device_at(
-                        devices,
-                        evicted.image.device,
-                        "cached metadata of a closed image",
-                    )?;
-                    self.write_back(evicted.image.owner, device)?;
-                }
-                self.tags[slot].valid = false;
+                let slot = self.place(image, devices, offset)?;
                 let device = device_at(devices, image.device, "image without device")?;
                 let present = device.size().saturating_sub(offset).min(slice_len as u64) as usize;
                 let buf = &mut self.data[slot][..slice_len];
@@ -272,19 +362,55 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                     device.read_at(offset, &mut buf[..present])?;
                 }
                 buf[present..].fill(0);
-                self.tags[slot] = Tag {
-                    image,
-                    offset,
-                    len: slice_len as u64,
-                    last_use: 0,
-                    valid: true,
-                    dirty: None,
-                };
+                self.admit(slot, image, offset, slice_len);
                 slot
             }
         };
         self.tags[slot].last_use = self.clock;
         Ok(slot)
+    }
+
+    /// The slot holding `image`'s slice at `offset`, if cached.
+    fn find(&self, image: Image, offset: u64, slice_len: usize) -> Option<usize> {
+        Self::set_of(image, offset).find(|&i| {
+            let t = &self.tags[i];
+            t.valid && t.image == image && t.offset == offset && t.len == slice_len as u64
+        })
+    }
+
+    /// A free slot for `image`'s slice at `offset`: the set's victim,
+    /// emptied (a dirty victim's image written back first).
+    fn place<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Option<D>],
+        offset: u64,
+    ) -> Result<usize> {
+        let slot = self.victim(Self::set_of(image, offset));
+        let evicted = self.tags[slot];
+        if evicted.valid && evicted.dirty.is_some() {
+            // R3: the evicted slice's image is written back whole.
+            let device = device_at(
+                devices,
+                evicted.image.device,
+                "cached metadata of a closed image",
+            )?;
+            self.write_back(evicted.image.owner, device)?;
+        }
+        self.tags[slot].valid = false;
+        Ok(slot)
+    }
+
+    /// Marks `slot`, just filled, as `image`'s clean slice at `offset`.
+    fn admit(&mut self, slot: usize, image: Image, offset: u64, slice_len: usize) {
+        self.tags[slot] = Tag {
+            image,
+            offset,
+            len: slice_len as u64,
+            last_use: self.clock,
+            valid: true,
+            dirty: None,
+        };
     }
 
     /// The slot of `set` to reuse: an empty one, else the least recently
@@ -319,12 +445,14 @@ mod tests {
         device: 1,
     };
 
+    /// 64 bytes, each holding its offset.
+    fn numbered() -> [u8; 64] {
+        core::array::from_fn(|i| i as u8)
+    }
+
     #[test]
     fn hits_evicts_lru_and_zero_fills_past_end() {
-        let mut storage = [0u8; 64];
-        for (i, b) in storage.iter_mut().enumerate() {
-            *b = i as u8;
-        }
+        let mut storage = numbered();
         let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<2>::new();
         assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
@@ -409,5 +537,40 @@ mod tests {
             .unwrap();
         devices[1] = None;
         assert!(cache.slice(A, &mut devices, 0, 16).is_err());
+    }
+
+    #[test]
+    fn a_miss_with_loading_off_reads_nothing_and_insert_places_the_slice() {
+        let mut storage = numbered();
+        let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
+        let mut cache = MetaCache::<1>::new();
+        cache.set_loading(false);
+        assert_eq!(
+            cache.slice(A, &mut devices, 32, 16).unwrap_err().kind(),
+            ErrorKind::Busy
+        );
+        let miss = cache.take_miss().unwrap();
+        assert_eq!((miss.image, miss.offset, miss.len), (A, 32, 16));
+        assert_eq!(devices[0].as_ref().unwrap().reads(), 0);
+        // Too many bytes for the slice: refused.
+        assert!(cache.insert(&miss, &mut devices, &[0; 17]).is_err());
+        // Past the device's end reads as zero, as a load.
+        assert!(cache.insert(&miss, &mut devices, &[7; 8]).unwrap());
+        assert_eq!(cache.slice(A, &mut devices, 32, 16).unwrap()[7..9], [7, 0]);
+        // Cached already (perhaps updated since): left alone.
+        cache
+            .update(A, &mut devices, (32, 16), 32, &[9], Level::Mapping)
+            .unwrap();
+        assert!(!cache.insert(&miss, &mut devices, &[1; 8]).unwrap());
+        assert_eq!(cache.slice(A, &mut devices, 32, 16).unwrap()[0], 9);
+        // Evicting the dirty slice writes it back: a miss recorded before
+        // that write may carry stale bytes and is dropped.
+        assert!(cache.slice(A, &mut devices, 0, 16).is_err());
+        let stale = cache.take_miss().unwrap();
+        cache.set_loading(true);
+        cache.slice(A, &mut devices, 16, 16).unwrap();
+        assert_eq!(devices[0].as_ref().unwrap().contents()[32], 9);
+        assert!(!cache.insert(&stale, &mut devices, &[1; 16]).unwrap());
+        assert_eq!(devices[0].as_ref().unwrap().reads(), 1);
     }
 }

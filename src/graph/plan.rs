@@ -4,6 +4,7 @@
 use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
+use crate::format::cache::Miss;
 use crate::format::Mapping;
 
 /// Where the start of a read lies.
@@ -125,5 +126,29 @@ impl<
         let (driver, tables) = self.driver_and_tables(id)?;
         let extent = driver.in_place(tables, pos, len)?;
         Ok(extent.map(|(host, run)| (file, host, run)))
+    }
+
+    /// Runs `plan` with metadata loading off: a lookup that misses the
+    /// cache reads nothing and fails; the slice it needed comes back with
+    /// the result (then the result is that failure, or something built on
+    /// it: discard it, load the slice, run `plan` again).
+    pub(crate) fn without_loading<T>(
+        &mut self,
+        plan: impl FnOnce(&mut Self) -> T,
+    ) -> (T, Option<Miss>) {
+        self.cache.set_loading(false);
+        let planned = plan(self);
+        self.cache.set_loading(true);
+        (planned, self.cache.take_miss())
+    }
+
+    /// Puts a slice read for `miss` in the metadata cache
+    /// ([`crate::format::cache::MetaCache::insert`]): `false` when it was
+    /// not needed or may be stale.
+    ///
+    /// # Errors
+    /// As `MetaCache::insert` (the write-back of an evicted slice).
+    pub(crate) fn insert_loaded(&mut self, miss: &Miss, bytes: &[u8]) -> Result<bool> {
+        self.cache.insert(miss, &mut self.devices, bytes)
     }
 }
