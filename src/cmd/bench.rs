@@ -64,8 +64,11 @@ use super::args::{parse_pattern, parse_size};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome, Session};
 use crate::backend::BackendId;
 use crate::device::{Device, Queue};
-use crate::engine::{Engine, Ticket, ALLOCATIONS, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS};
+use crate::engine::{
+    Engine, Ticket, ALLOCATIONS, DEFAULT_PIECES, DEFAULT_SEGMENTS, DEFAULT_SLOTS, METADATA_BUFFERS,
+};
 use crate::error::{Error, ErrorKind};
+use crate::format::cache::SLICE_SIZE;
 use crate::graph::{Access, Graph, OpenOptions, Resolver};
 use crate::jobs::{JobId, JobStatus};
 
@@ -80,6 +83,11 @@ pub const MAX_DEPTH: usize = DEFAULT_SLOTS;
 pub(super) const SEGMENTS: usize = 16;
 // The "unsupported queue depth" message names the limit.
 const _: () = assert!(MAX_DEPTH == 64);
+
+/// Memory lent to the engine for metadata misses when there is room
+/// ([`Engine::lend_metadata_buffer`]): a cold metadata slice is then loaded
+/// split-phase, without holding up the requests that hit the cache.
+const METADATA_MEMORY: usize = METADATA_BUFFERS * SLICE_SIZE;
 
 /// The engine `bench -d` runs its requests through.
 pub(super) type BenchEngine<'b> = Engine<'b, MAX_DEPTH, SEGMENTS, SEGMENTS>;
@@ -316,9 +324,13 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let queued = if plan.depth == 1 {
             None
         } else {
-            let memory = env.queue_memory(len).ok_or(invalid(
-                "request size × queue depth is larger than the memory for requests in flight",
-            ))?;
+            // With room, the engine also gets buffers for metadata misses.
+            let memory = env
+                .queue_memory(len + METADATA_MEMORY)
+                .or_else(|| env.queue_memory(len))
+                .ok_or(invalid(
+                    "request size × queue depth is larger than the memory for requests in flight",
+                ))?;
             Some(memory)
         };
         let mut offsets = Offsets {
@@ -483,6 +495,12 @@ where
     D: Queue<'b>,
 {
     let mut engine = BenchEngine::new();
+    let len = offsets.plan.len as usize * offsets.plan.depth;
+    let (memory, metadata) = memory.split_at_mut(len.min(memory.len()));
+    for buffer in metadata.chunks_exact_mut(SLICE_SIZE) {
+        // At most METADATA_BUFFERS fit in METADATA_MEMORY: none comes back.
+        let _ = engine.lend_metadata_buffer(buffer);
+    }
     let result = if offsets.plan.write {
         queue_writes(&mut engine, graph, (backend, between), offsets, memory)
     } else {
