@@ -1612,6 +1612,7 @@ const READ_ONLY: OpenOptions = OpenOptions {
     assume_raw_backing: false,
     force_share: false,
     no_backing: false,
+    check_tables: false,
 };
 
 const READ_WRITE: OpenOptions = OpenOptions {
@@ -1621,6 +1622,7 @@ const READ_WRITE: OpenOptions = OpenOptions {
     assume_raw_backing: true,
     force_share: false,
     no_backing: false,
+    check_tables: false,
 };
 
 /// Header fields: name, offset, width in bytes.

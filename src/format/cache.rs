@@ -130,7 +130,24 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         offset: u64,
         slice_len: usize,
     ) -> Result<&[u8]> {
-        let slot = self.load(image, devices, offset, slice_len)?;
+        self.slice_checked(image, devices, offset, slice_len, |_| Ok(()))
+    }
+
+    /// [`MetaCache::slice`], with `check` run on the slice's bytes when
+    /// they are read from the device (a miss): a slice `check` refuses is
+    /// not kept, so every cached copy has passed it.
+    ///
+    /// # Errors
+    /// As [`MetaCache::slice`], and `check`'s error.
+    pub fn slice_checked<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Option<D>],
+        offset: u64,
+        slice_len: usize,
+        check: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<&[u8]> {
+        let slot = self.load(image, devices, offset, slice_len, check)?;
         Ok(&self.data[slot][..slice_len])
     }
 
@@ -154,7 +171,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         if !inside || slice_len > SLICE_SIZE {
             return fail(ErrorKind::InvalidInput, "metadata update outside its slice");
         }
-        let slot = self.load(image, devices, offset, slice_len)?;
+        let slot = self.load(image, devices, offset, slice_len, |_| Ok(()))?;
         let start = (at - offset) as usize;
         self.data[slot][start..start + bytes.len()].copy_from_slice(bytes);
         let tag = &mut self.tags[slot];
@@ -236,13 +253,15 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         set * ways..(set + 1) * ways
     }
 
-    /// The slot holding `image`'s slice at `offset`, loaded on a miss.
+    /// The slot holding `image`'s slice at `offset`, loaded on a miss (and
+    /// kept only when `check` accepts the bytes read).
     fn load<D: Device>(
         &mut self,
         image: Image,
         devices: &mut [Option<D>],
         offset: u64,
         slice_len: usize,
+        check: impl FnOnce(&[u8]) -> Result<()>,
     ) -> Result<usize> {
         self.clock += 1;
         let set = Self::set_of(image, offset);
@@ -272,6 +291,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                     device.read_at(offset, &mut buf[..present])?;
                 }
                 buf[present..].fill(0);
+                check(buf)?;
                 self.tags[slot] = Tag {
                     image,
                     offset,

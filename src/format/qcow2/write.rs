@@ -129,11 +129,13 @@ impl Qcow2 {
     /// idle time, the request engine between requests, so that no single
     /// call reads every L2 table of a large image. When a cluster in use is
     /// found counted free the image is marked corrupt (the header bit on
-    /// v3); nothing else is written.
+    /// v3); nothing else is written. Every L2 entry is checked on the way
+    /// as [`Qcow2::check_tables_step`] does, so a completed check completes
+    /// that one too.
     ///
     /// # Errors
-    /// [`ErrorKind::Corrupt`] for a cluster in use counted free, device
-    /// errors.
+    /// [`ErrorKind::Corrupt`] for a cluster in use counted free or a bad L2
+    /// entry, device errors.
     pub fn check_counted_step<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -148,6 +150,7 @@ impl Qcow2 {
         let cs = self.cluster_size();
         let l1 = (self.header.l1_table_offset, self.l1_used);
         let bits = self.header.cluster_bits;
+        let device_size = t.device_size();
         while budget > 0 {
             let Some((table, done)) = check.table else {
                 let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| {
@@ -158,6 +161,7 @@ impl Qcow2 {
                     Found::Later => return Ok(false),
                     Found::Done => {
                         self.counted = true;
+                        self.tables_checked = true;
                         return Ok(true);
                     }
                 }
@@ -169,7 +173,10 @@ impl Qcow2 {
             for raw in chunk[..n].chunks_exact(8) {
                 let mut bytes = [0u8; 8];
                 bytes.copy_from_slice(raw);
-                let entry = L2Entry::parse(u64::from_be_bytes(bytes), bits);
+                // Every entry checked as a lookup decodes it: this check
+                // completes the L2 check (`check.rs`) before any write can
+                // grow the image under an entry pointing past its end.
+                let entry = L2Entry::decode(u64::from_be_bytes(bytes), bits, device_size)?;
                 let Some((mut cluster, end)) = entry.storage(cs) else {
                     continue;
                 };
@@ -227,7 +234,7 @@ impl Qcow2 {
             return Ok(L2Entry::Unallocated);
         }
         self.check_offset(t, table, "qcow2 L2 table")?;
-        let raw = self.read_entry(t, table, l2_index)?;
+        let raw = self.read_l2_entry(t, table, l2_index)?;
         self.decode_l2(raw, t.device_size())
     }
 

@@ -1,0 +1,114 @@
+//! The whole-image check of the L2 tables, in bounded steps
+//! ([`Qcow2::check_tables_step`]).
+//!
+//! Open does not read the L2 tables: each L2 slice is checked as the
+//! metadata cache loads it (`Tables::l2_slice`), so no entry is used
+//! unchecked. This check visits every distinct L2 table once (an
+//! [`L2Walk`]) and refuses the image on the first bad entry with the same
+//! errors, so a front end (the CLI's commands) or a VMM's idle time can
+//! find a hostile table before a guest touches it. The check before the
+//! first write ([`Qcow2::check_counted_step`]) walks the same tables and
+//! checks every entry too: when it completes, so has this one.
+
+use super::refcount::CHUNK;
+use super::walk::{Found, L2Walk};
+use super::{check_l2_entries, Qcow2, Tables};
+use crate::device::Device;
+use crate::error::Result;
+
+/// Where a whole-image L2 check is ([`Qcow2::check_tables_step`]): the
+/// walk over the L2 tables and the table being read. About 4 KiB.
+pub struct TableCheck {
+    walk: L2Walk,
+    /// The table being checked, and its bytes done.
+    table: Option<(u64, u64)>,
+}
+
+impl Default for TableCheck {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TableCheck {
+    /// A check at its start.
+    pub const fn new() -> Self {
+        Self {
+            walk: L2Walk::new(),
+            table: None,
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Whether every entry of every L2 table has been checked (by
+    /// [`Qcow2::check_tables_step`] or the check before the first write).
+    pub fn tables_checked(&self) -> bool {
+        self.tables_checked
+    }
+
+    /// One step of the whole-image check of the L2 tables, resumed from
+    /// `check`: at most `budget` device reads of at most 4 KiB (L1 entries
+    /// or L2 entries), each L2 entry checked as a lookup decodes it
+    /// (aligned, inside the image). Returns `true` once every distinct L2
+    /// table the L1 table names has been checked (at once when it was
+    /// before). Nothing is written.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`](crate::error::ErrorKind::Corrupt) for the
+    /// first bad entry (the same error a lookup of it returns), device
+    /// errors.
+    pub fn check_tables_step<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        check: &mut TableCheck,
+        budget: u64,
+    ) -> Result<bool> {
+        if self.tables_checked {
+            return Ok(true);
+        }
+        // The tables are read from the device: bring it up to date first.
+        t.write_back()?;
+        let cs = self.cluster_size();
+        let l1 = (self.header.l1_table_offset, self.l1_used);
+        let bits = self.header.cluster_bits;
+        let device_size = t.device_size();
+        for _ in 0..budget {
+            let Some((table, done)) = check.table else {
+                let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| {
+                    t.device()?.read_at(at, buf)
+                };
+                let mut one_read = check.walk.next_read_len(l1.1);
+                match check.walk.next_table(t, l1, bits, read, &mut one_read)? {
+                    Found::Table(table) => check.table = Some((table, 0)),
+                    Found::Later => {}
+                    Found::Done => {
+                        self.tables_checked = true;
+                        return Ok(true);
+                    }
+                }
+                continue;
+            };
+            let mut chunk = [0u8; CHUNK];
+            let n = (cs - done).min(CHUNK as u64) as usize;
+            t.device()?.read_at(table + done, &mut chunk[..n])?;
+            check_l2_entries(&chunk[..n], bits, device_size)?;
+            check.table = (done + (n as u64) < cs).then_some((table, done + n as u64));
+        }
+        Ok(false)
+    }
+
+    /// Checks every L2 table at once: [`Qcow2::check_tables_step`] to the
+    /// end.
+    ///
+    /// # Errors
+    /// As [`Qcow2::check_tables_step`].
+    pub fn check_tables<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<()> {
+        let mut check = TableCheck::new();
+        while !self.check_tables_step(t, &mut check, u64::MAX)? {}
+        Ok(())
+    }
+}
