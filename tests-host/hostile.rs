@@ -3646,12 +3646,14 @@ fn qemu_info_corrupt(dir: &Path, name: &str) -> bool {
 // ---------------------------------------------------------------------------
 
 /// A [`MemDevice`] that counts what is read: all bytes, and the bytes read
-/// from `watched` (a device range).
+/// from `watched` (a device range); and the reads.
 struct Counted<'a> {
     inner: MemDevice<'a>,
     watched: (u64, u64),
     /// (bytes read, bytes read inside `watched`).
     read: Rc<Cell<(u64, u64)>>,
+    /// Reads done.
+    reads: Rc<Cell<u64>>,
 }
 
 impl Device for Counted<'_> {
@@ -3667,6 +3669,7 @@ impl Device for Counted<'_> {
             .saturating_sub(offset.max(start));
         let (all, watched) = self.read.get();
         self.read.set((all + buf.len() as u64, watched + inside));
+        self.reads.set(self.reads.get() + 1);
         Ok(())
     }
 
@@ -3762,6 +3765,7 @@ fn l1_naming_one_l2_table_thousands_of_times_is_read_once() {
             inner: MemDevice::new(&mut storage, bytes.len() as u64, 1).expect("device"),
             watched: (first, first + cluster),
             read: Rc::clone(&read),
+            reads: Rc::default(),
         };
         let mut graph: Box<Graph<Counted<'_>, 8>> = Box::default();
         let top = graph
@@ -3926,4 +3930,189 @@ fn write_onto_an_inactive_l1_table_is_refused_and_marks_the_image_corrupt() {
         fs::read(&path).unwrap() == after,
         "a later write changed nothing"
     );
+}
+
+/// Guest bytes one L2 table of a 512-byte-cluster image maps.
+const L2_SPAN: u64 = 512 / 8 * 512;
+
+/// A qcow2 image of 512-byte clusters with one sector written (0x5a) in
+/// the range of each of `tables` L2 tables: its bytes and the L2 tables'
+/// offsets, in L1 order.
+fn many_l2_tables(dir: &Path, tables: u64) -> (Vec<u8>, Vec<u64>) {
+    let name = "many-l2.qcow2";
+    let size = (tables * L2_SPAN).to_string();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            name,
+            &size,
+        ],
+    );
+    let writes: Vec<String> = (0..tables)
+        .map(|i| format!("write -P 0x5a {} 512", i * L2_SPAN))
+        .collect();
+    qemu_io(dir, "qcow2", name, &writes);
+    let bytes = fs::read(dir.join(name)).expect("read the image");
+    let l1 = be64(&bytes, 40) as usize;
+    let offsets: Vec<u64> = (0..tables as usize)
+        .map(|i| be64(&bytes, l1 + 8 * i) & OFFSET_MASK)
+        .collect();
+    assert!(offsets.iter().all(|&t| t != 0), "an L2 table per range");
+    (bytes, offsets)
+}
+
+/// A graph over `storage` (the image's `len` bytes and room to grow),
+/// opened with `options`; the device's read count goes to `reads`.
+fn open_counted<'a>(
+    storage: &'a mut [u8],
+    len: usize,
+    options: OpenOptions,
+    reads: &Rc<Cell<u64>>,
+) -> (Box<Graph<Counted<'a>, 8>>, blockgraph::Result<NodeId>) {
+    let device = Counted {
+        inner: MemDevice::new(storage, len as u64, 1).expect("device"),
+        watched: (0, 0),
+        read: Rc::default(),
+        reads: Rc::clone(reads),
+    };
+    let mut graph: Box<Graph<Counted<'a>, 8>> = Box::default();
+    let top = graph.open_image(&mut One(Some(device)), "many-l2.qcow2", options);
+    (graph, top)
+}
+
+/// Opening an image reads none of its L2 tables (a few reads, however many
+/// tables); [`Graph::check_tables_step`] then reads them all, never more
+/// than its budget of reads per call; a strict open
+/// ([`OpenOptions::check_tables`]) reads them all at open.
+#[test]
+fn open_reads_no_l2_table_and_the_check_keeps_to_its_budget() {
+    let tmp = tmpdir("bg-hostile-open-scan-");
+    let tables = 256;
+    let (bytes, _) = many_l2_tables(tmp.path(), tables);
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let reads = Rc::new(Cell::new(0));
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    let at_open = reads.get();
+    eprintln!("open: {at_open} reads for {tables} L2 tables");
+    assert!(at_open <= 16, "open read {at_open} times");
+    let budget = 3;
+    let mut steps = 0;
+    loop {
+        let before = reads.get();
+        let done = graph.check_tables_step(top, budget).expect("a clean image");
+        let step = reads.get() - before;
+        assert!(step <= budget, "one step read {step} times");
+        steps += 1;
+        if done {
+            break;
+        }
+    }
+    let checked = reads.get() - at_open;
+    assert!(checked >= tables, "the check read {checked} times");
+    assert!(steps >= tables / budget, "{steps} steps");
+    assert!(graph.qcow2(top).expect("qcow2").tables_checked());
+    assert!(graph.check_tables_step(top, 0).expect("done already"));
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    reads.set(0);
+    let strict = OpenOptions {
+        check_tables: true,
+        ..READ_ONLY
+    };
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), strict, &reads);
+    let top = top.expect("the image opens");
+    assert!(
+        reads.get() >= tables,
+        "a strict open read {} times",
+        reads.get()
+    );
+    assert!(graph.qcow2(top).expect("qcow2").tables_checked());
+    graph.unref(top).expect("close");
+}
+
+/// A bad L2 entry (a data cluster past the end of the file) in an image
+/// opened without the L2 scan: open succeeds; a read through its L2 slice
+/// is refused as corrupt (the entry itself and a good neighbour: the slice
+/// is checked whole when loaded), a read through another table works, any
+/// write is refused (the check before the first write checks every entry)
+/// and nothing is written; the check in steps finds it within its budget;
+/// a strict open and the CLI refuse the image.
+#[test]
+fn hostile_l2_entry_is_refused_at_first_use() {
+    let tmp = tmpdir("bg-hostile-first-use-");
+    let dir = tmp.path();
+    let (mut bytes, tables) = many_l2_tables(dir, 64);
+    let bad = 40;
+    let past_end = (bytes.len() as u64 + (1 << 20)) & OFFSET_MASK;
+    let at = tables[bad] as usize;
+    bytes[at..at + 8].copy_from_slice(&(past_end | COPIED).to_be_bytes());
+    let guest = bad as u64 * L2_SPAN;
+    let corrupt = |result: blockgraph::Result<()>, what: &str| {
+        let err = result.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
+        assert!(
+            err.to_string().contains("past the end of the image"),
+            "{what}: {err}"
+        );
+    };
+
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let reads = Rc::new(Cell::new(0));
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_WRITE, &reads);
+    let top = top.expect("open does not read the L2 tables");
+    let mut buf = [0u8; 512];
+    corrupt(graph.read(top, guest, &mut buf), "the bad entry read");
+    corrupt(
+        graph.read(top, guest + 5 * 512, &mut buf),
+        "a neighbour read",
+    );
+    graph.read(top, 0, &mut buf).expect("another table reads");
+    assert_eq!(buf, [0x5a; 512]);
+    corrupt(graph.write(top, 0, &[0xc3; 512]), "a write elsewhere");
+    corrupt(graph.write(top, guest, &[0xc3; 512]), "a write through it");
+    graph.unref(top).expect("close");
+    drop(graph);
+    assert!(storage[..bytes.len()] == bytes[..], "nothing was written");
+    assert!(
+        storage[bytes.len()..].iter().all(|&b| b == 0),
+        "nor past it"
+    );
+
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    let budget = 2;
+    let found = loop {
+        let before = reads.get();
+        let step = graph.check_tables_step(top, budget);
+        assert!(reads.get() - before <= budget, "one step read too much");
+        match step {
+            Ok(true) => panic!("the check passed a bad entry"),
+            Ok(false) => {}
+            Err(err) => break err,
+        }
+    };
+    corrupt(Err(found), "the check");
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    let strict = OpenOptions {
+        check_tables: true,
+        ..READ_ONLY
+    };
+    let (_graph, top) = open_counted(&mut storage, bytes.len(), strict, &reads);
+    corrupt(top.map(|_| ()), "a strict open");
+
+    fs::write(dir.join("bad.qcow2"), &bytes).expect("write the image");
+    let err = bg_refused(dir, &["info", "-f", "qcow2", "bad.qcow2"]);
+    assert!(err.contains("past the end of the image"), "{err}");
 }
