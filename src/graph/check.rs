@@ -10,7 +10,7 @@
 use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::Result;
-use crate::format::qcow2::TableCheck;
+use crate::format::qcow2::{Qcow2, TableCheck, Tables};
 
 impl<
         D: Device,
@@ -31,24 +31,37 @@ impl<
     /// [`ErrorKind::Corrupt`](crate::error::ErrorKind::Corrupt) for a bad
     /// L2 entry (the error a lookup of it returns), device errors.
     pub fn check_tables_step(&mut self, id: NodeId, budget: u64) -> Result<bool> {
-        if !self
-            .nodes
-            .get(id)?
-            .driver
-            .qcow2()
-            .is_ok_and(|q| !q.tables_checked())
-        {
+        self.kept_check_step(
+            id,
+            |g| &mut g.table_check,
+            Qcow2::tables_checked,
+            |q, t, check| q.check_tables_step(t, check, budget),
+        )
+    }
+
+    /// One step of a walk over qcow2 node `id`'s L2 tables whose state the
+    /// graph keeps in the slot `kept` returns (one node's at a time: another
+    /// node's starts over). Returns `true` at once for raw nodes and when
+    /// `done` says the qcow2 node needs no more.
+    pub(super) fn kept_check_step(
+        &mut self,
+        id: NodeId,
+        kept: fn(&mut Self) -> &mut Option<(NodeId, TableCheck)>,
+        done: fn(&Qcow2) -> bool,
+        step: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>, &mut TableCheck) -> Result<bool>,
+    ) -> Result<bool> {
+        if !self.nodes.get(id)?.driver.qcow2().is_ok_and(|q| !done(q)) {
             return Ok(true);
         }
-        let mut check = match self.table_check.take() {
+        let mut check = match kept(self).take() {
             Some((node, check)) if node == id => check,
             _ => TableCheck::new(),
         };
-        let done = self.with_qcow2(id, |q, t| q.check_tables_step(t, &mut check, budget))?;
-        if !done {
-            self.table_check = Some((id, check));
+        let finished = self.with_qcow2(id, |q, t| step(q, t, &mut check))?;
+        if !finished {
+            *kept(self) = Some((id, check));
         }
-        Ok(done)
+        Ok(finished)
     }
 
     /// [`Graph::check_tables_step`] to the end.

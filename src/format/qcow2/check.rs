@@ -16,8 +16,10 @@ use super::{check_l2_entries, Qcow2, Tables};
 use crate::device::Device;
 use crate::error::Result;
 
-/// Where a whole-image L2 check is ([`Qcow2::check_tables_step`]): the
-/// walk over the L2 tables and the table being read. About 4 KiB.
+/// Where a walk over every entry of the L2 tables is: the walk over the
+/// tables and the table being read. About 4 KiB. Both the L2 check
+/// ([`Qcow2::check_tables_step`]) and the check before the first write
+/// ([`Qcow2::check_counted_step`]) resume one.
 pub struct TableCheck {
     walk: L2Walk,
     /// The table being checked, and its bytes done.
@@ -38,6 +40,18 @@ impl TableCheck {
             table: None,
         }
     }
+}
+
+/// What one read of a [`TableCheck`] gave.
+pub(super) enum Piece {
+    /// L2 entries, in the first bytes of the chunk.
+    Entries(usize),
+    /// L1 entries: the walk went on (it may have found the next table).
+    Walked,
+    /// The L1 entry budget ran out before a read.
+    Later,
+    /// Every table was visited.
+    Done,
 }
 
 impl Qcow2 {
@@ -69,33 +83,60 @@ impl Qcow2 {
         }
         // The tables are read from the device: bring it up to date first.
         t.write_back()?;
-        let cs = self.cluster_size();
-        let l1 = (self.header.l1_table_offset, self.l1_used);
-        let bits = self.header.cluster_bits;
         let device_size = t.device_size();
+        let mut chunk = [0u8; CHUNK];
         for _ in 0..budget {
-            let Some((table, done)) = check.table else {
-                let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| {
-                    t.device()?.read_at(at, buf)
-                };
-                let mut one_read = check.walk.next_read_len(l1.1);
-                match check.walk.next_table(t, l1, bits, read, &mut one_read)? {
-                    Found::Table(table) => check.table = Some((table, 0)),
-                    Found::Later => {}
-                    Found::Done => {
-                        self.tables_checked = true;
-                        return Ok(true);
-                    }
+            // One L1 read at most: its entry budget is one read's worth.
+            let mut one_read = check.walk.next_read_len(self.l1_used);
+            match self.next_piece(t, check, &mut chunk, &mut one_read)? {
+                Piece::Entries(n) => {
+                    check_l2_entries(&chunk[..n], self.header.cluster_bits, device_size)?;
                 }
-                continue;
-            };
-            let mut chunk = [0u8; CHUNK];
-            let n = (cs - done).min(CHUNK as u64) as usize;
-            t.device()?.read_at(table + done, &mut chunk[..n])?;
-            check_l2_entries(&chunk[..n], bits, device_size)?;
-            check.table = (done + (n as u64) < cs).then_some((table, done + n as u64));
+                Piece::Walked | Piece::Later => {}
+                Piece::Done => {
+                    self.tables_checked = true;
+                    return Ok(true);
+                }
+            }
         }
         Ok(false)
+    }
+
+    /// One device read of the walk `check`: the next piece (at most 4 KiB)
+    /// of the L2 table being read into `chunk`, or else L1 entries (at most
+    /// `l1_budget`, taken off it) to the next table.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub(super) fn next_piece<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        check: &mut TableCheck,
+        chunk: &mut [u8; CHUNK],
+        l1_budget: &mut u64,
+    ) -> Result<Piece> {
+        let cs = self.cluster_size();
+        if let Some((table, done)) = check.table {
+            let n = (cs - done).min(CHUNK as u64) as usize;
+            t.device()?.read_at(table + done, &mut chunk[..n])?;
+            check.table = (done + (n as u64) < cs).then_some((table, done + n as u64));
+            return Ok(Piece::Entries(n));
+        }
+        let l1 = (self.header.l1_table_offset, self.l1_used);
+        let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| t.device()?.read_at(at, buf);
+        Ok(
+            match check
+                .walk
+                .next_table(t, l1, self.header.cluster_bits, read, l1_budget)?
+            {
+                Found::Table(table) => {
+                    check.table = Some((table, 0));
+                    Piece::Walked
+                }
+                Found::Later => Piece::Later,
+                Found::Done => Piece::Done,
+            },
+        )
     }
 
     /// Checks every L2 table at once: [`Qcow2::check_tables_step`] to the

@@ -46,6 +46,16 @@ const NO_DEVICE: &str = "qcow2 image without device";
 /// Bits 9..=55: a table or cluster offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
+/// Which table a lookup reads: L2 slices are checked when loaded
+/// ([`Tables::l2_slice`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TableKind {
+    /// An L2 table.
+    L2,
+    /// The L1 table, the refcount table or a refcount block.
+    Other,
+}
+
 /// An open qcow2 image's parsed state (its tables live in the shared cache).
 #[derive(Clone, Debug)]
 pub struct Qcow2 {
@@ -315,30 +325,22 @@ impl Qcow2 {
         self.cluster_size().min(SLICE_SIZE as u64)
     }
 
-    /// Visits the 8-byte entries of the table at `table` from `index` to the
-    /// end of the cached slice that holds it, while `visit` returns true.
+    /// Visits the 8-byte entries of the `kind` table at `table` from
+    /// `index` to the end of the cached slice that holds it, while `visit`
+    /// returns true.
     fn table_entries<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
+        kind: TableKind,
         (table, index): (u64, u64),
         visit: impl FnMut(u64) -> bool,
     ) -> Result<()> {
         let (start, first) = self.slice_of(table, index);
-        let slice = t.slice(start, self.slice_len() as usize)?;
-        visit_entries(&slice[first..], visit);
-        Ok(())
-    }
-
-    /// [`Qcow2::table_entries`] of an L2 table: its slice is checked when
-    /// it is loaded ([`Tables::l2_slice`]).
-    fn l2_entries<D: Device, const S: usize>(
-        &self,
-        t: &mut Tables<'_, D, S>,
-        (table, index): (u64, u64),
-        visit: impl FnMut(u64) -> bool,
-    ) -> Result<()> {
-        let (start, first) = self.slice_of(table, index);
-        let slice = t.l2_slice(start, self.slice_len() as usize, self.header.cluster_bits)?;
+        let len = self.slice_len() as usize;
+        let slice = match kind {
+            TableKind::L2 => t.l2_slice(start, len, self.header.cluster_bits)?,
+            TableKind::Other => t.slice(start, len)?,
+        };
         visit_entries(&slice[first..], visit);
         Ok(())
     }
@@ -381,36 +383,21 @@ impl Qcow2 {
                 return Ok(entry);
             }
         }
-        let entry = self.read_entry(t, self.header.l1_table_offset, index)?;
+        let entry = self.read_entry(t, TableKind::Other, self.header.l1_table_offset, index)?;
         self.last_l1.set(Some((index, entry)));
         Ok(entry)
     }
 
-    /// Entry `index` of the 8-byte-entry table at `table`.
+    /// Entry `index` of the 8-byte-entry `kind` table at `table`.
     fn read_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
+        kind: TableKind,
         table: u64,
         index: u64,
     ) -> Result<u64> {
         let mut value = 0;
-        self.table_entries(t, (table, index), |entry| {
-            value = entry;
-            false
-        })?;
-        Ok(value)
-    }
-
-    /// Entry `index` of the L2 table at `table` (its slice checked when
-    /// loaded).
-    fn read_l2_entry<D: Device, const S: usize>(
-        &self,
-        t: &mut Tables<'_, D, S>,
-        table: u64,
-        index: u64,
-    ) -> Result<u64> {
-        let mut value = 0;
-        self.l2_entries(t, (table, index), |entry| {
+        self.table_entries(t, kind, (table, index), |entry| {
             value = entry;
             false
         })?;
@@ -468,7 +455,7 @@ impl Qcow2 {
         let mut first: Option<Mapping> = None;
         let mut clusters = 0u64;
         let mut error: Option<Error> = None;
-        self.l2_entries(t, (l2_table, l2_index), |entry| {
+        self.table_entries(t, TableKind::L2, (l2_table, l2_index), |entry| {
             if clusters == span {
                 return false;
             }
