@@ -3935,36 +3935,54 @@ fn write_onto_an_inactive_l1_table_is_refused_and_marks_the_image_corrupt() {
 /// Guest bytes one L2 table of a 512-byte-cluster image maps.
 const L2_SPAN: u64 = 512 / 8 * 512;
 
-/// A qcow2 image of 512-byte clusters with one sector written (0x5a) in
-/// the range of each of `tables` L2 tables: its bytes and the L2 tables'
-/// offsets, in L1 order.
-fn many_l2_tables(dir: &Path, tables: u64) -> (Vec<u8>, Vec<u64>) {
+/// A qcow2 image of 512-byte clusters mapping `ranges` L2 tables' worth of
+/// guest bytes, with one sector written (0x5a) in the range of each table
+/// in `written`: its bytes and those tables' offsets.
+fn l2_tables_at(dir: &Path, ranges: u64, written: &[u64]) -> (Vec<u8>, Vec<u64>) {
     let name = "many-l2.qcow2";
-    let size = (tables * L2_SPAN).to_string();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            name,
-            &size,
-        ],
-    );
-    let writes: Vec<String> = (0..tables)
+    let size = (ranges * L2_SPAN).to_string();
+    let create = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
+    qemu_img(dir, &[&create[..], &[name, &size]].concat());
+    let writes: Vec<String> = written
+        .iter()
         .map(|i| format!("write -P 0x5a {} 512", i * L2_SPAN))
         .collect();
     qemu_io(dir, "qcow2", name, &writes);
     let bytes = fs::read(dir.join(name)).expect("read the image");
     let l1 = be64(&bytes, 40) as usize;
-    let offsets: Vec<u64> = (0..tables as usize)
-        .map(|i| be64(&bytes, l1 + 8 * i) & OFFSET_MASK)
+    let offsets: Vec<u64> = written
+        .iter()
+        .map(|&i| be64(&bytes, l1 + 8 * i as usize) & OFFSET_MASK)
         .collect();
     assert!(offsets.iter().all(|&t| t != 0), "an L2 table per range");
     (bytes, offsets)
+}
+
+/// [`l2_tables_at`] with a table for each of `tables` ranges.
+fn many_l2_tables(dir: &Path, tables: u64) -> (Vec<u8>, Vec<u64>) {
+    l2_tables_at(dir, tables, &(0..tables).collect::<Vec<_>>())
+}
+
+/// Runs [`Graph::check_tables_step`] on `top` with `budget` to its end,
+/// asserting that no call reads more than `budget` times; returns the
+/// calls made, or the error that ended the check.
+fn check_in_steps<D: Device>(
+    graph: &mut Graph<D, 8>,
+    top: NodeId,
+    budget: u64,
+    reads: &Cell<u64>,
+) -> blockgraph::Result<u64> {
+    let mut steps = 0;
+    loop {
+        let before = reads.get();
+        let done = graph.check_tables_step(top, budget);
+        let step = reads.get() - before;
+        assert!(step <= budget, "one step read {step} times");
+        steps += 1;
+        if done? {
+            return Ok(steps);
+        }
+    }
 }
 
 /// A graph over `storage` (the image's `len` bytes and room to grow),
@@ -4004,17 +4022,7 @@ fn open_reads_no_l2_table_and_the_check_keeps_to_its_budget() {
     eprintln!("open: {at_open} reads for {tables} L2 tables");
     assert!(at_open <= 16, "open read {at_open} times");
     let budget = 3;
-    let mut steps = 0;
-    loop {
-        let before = reads.get();
-        let done = graph.check_tables_step(top, budget).expect("a clean image");
-        let step = reads.get() - before;
-        assert!(step <= budget, "one step read {step} times");
-        steps += 1;
-        if done {
-            break;
-        }
-    }
+    let steps = check_in_steps(&mut graph, top, budget, &reads).expect("a clean image");
     let checked = reads.get() - at_open;
     assert!(checked >= tables, "the check read {checked} times");
     assert!(steps >= tables / budget, "{steps} steps");
@@ -4036,6 +4044,18 @@ fn open_reads_no_l2_table_and_the_check_keeps_to_its_budget() {
         reads.get()
     );
     assert!(graph.qcow2(top).expect("qcow2").tables_checked());
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    // A sparse L1 table (two tables 4095 entries apart): the zero entries
+    // between are read in budgeted steps too.
+    let (bytes, _) = l2_tables_at(tmp.path(), 4096, &[0, 4095]);
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    let steps = check_in_steps(&mut graph, top, 1, &reads).expect("a clean image");
+    assert!(steps >= 4096 / 512, "{steps} steps");
     graph.unref(top).expect("close");
 }
 
@@ -4090,17 +4110,7 @@ fn hostile_l2_entry_is_refused_at_first_use() {
 
     let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
     let top = top.expect("the image opens");
-    let budget = 2;
-    let found = loop {
-        let before = reads.get();
-        let step = graph.check_tables_step(top, budget);
-        assert!(reads.get() - before <= budget, "one step read too much");
-        match step {
-            Ok(true) => panic!("the check passed a bad entry"),
-            Ok(false) => {}
-            Err(err) => break err,
-        }
-    };
+    let found = check_in_steps(&mut graph, top, 2, &reads).expect_err("the check fails");
     corrupt(Err(found), "the check");
     graph.unref(top).expect("close");
     drop(graph);
