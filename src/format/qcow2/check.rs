@@ -78,11 +78,12 @@ impl Qcow2 {
         check: &mut TableCheck,
         budget: u64,
     ) -> Result<bool> {
+        // Until this check or the first-write check (which needs every
+        // entry checked before anything is written) completes, the tables
+        // on the device are as they were at open: read from there.
         if self.tables_checked {
             return Ok(true);
         }
-        // The tables are read from the device: bring it up to date first.
-        t.write_back()?;
         let device_size = t.device_size();
         let mut chunk = [0u8; CHUNK];
         for _ in 0..budget {
