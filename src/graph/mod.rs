@@ -122,9 +122,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Check every entry of every L2 table of each qcow2 layer at open
     /// ([`Graph::check_tables`]), so that a hostile table fails the open
-    /// as with `qemu-img check`-like tools. Without it open reads no L2
-    /// table: each is checked when first used, and
-    /// [`Graph::check_tables_step`] checks the rest in idle time.
+    /// (the command-line tools set it). Without it open reads no L2 table:
+    /// each slice is checked when first loaded, and
+    /// [`Graph::check_tables_step`] checks them all in idle time.
     pub check_tables: bool,
 }
 
