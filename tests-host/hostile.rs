@@ -56,7 +56,8 @@ use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blockgraph::device::{DeviceEvent, DeviceId, MemDevice};
+use blockgraph::device::{DeviceEvent, DeviceId, MemDevice, Queue};
+use blockgraph::engine::Engine;
 use blockgraph::format::qcow2::Header;
 use blockgraph::graph::{NameBuf, MAX_CHAIN_DEPTH};
 use blockgraph::{Device, Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
@@ -1612,6 +1613,7 @@ const READ_ONLY: OpenOptions = OpenOptions {
     assume_raw_backing: false,
     force_share: false,
     no_backing: false,
+    check_tables: false,
 };
 
 const READ_WRITE: OpenOptions = OpenOptions {
@@ -1621,6 +1623,7 @@ const READ_WRITE: OpenOptions = OpenOptions {
     assume_raw_backing: true,
     force_share: false,
     no_backing: false,
+    check_tables: false,
 };
 
 /// Header fields: name, offset, width in bytes.
@@ -3644,13 +3647,18 @@ fn qemu_info_corrupt(dir: &Path, name: &str) -> bool {
 // ---------------------------------------------------------------------------
 
 /// A [`MemDevice`] that counts what is read: all bytes, and the bytes read
-/// from `watched` (a device range).
+/// from `watched` (a device range); and the reads.
 struct Counted<'a> {
     inner: MemDevice<'a>,
     watched: (u64, u64),
     /// (bytes read, bytes read inside `watched`).
     read: Rc<Cell<(u64, u64)>>,
+    /// Reads done.
+    reads: Rc<Cell<u64>>,
 }
+
+/// Synchronous: every operation completes in `submit`.
+impl<'b> Queue<'b> for Counted<'_> {}
 
 impl Device for Counted<'_> {
     fn size(&self) -> u64 {
@@ -3665,6 +3673,7 @@ impl Device for Counted<'_> {
             .saturating_sub(offset.max(start));
         let (all, watched) = self.read.get();
         self.read.set((all + buf.len() as u64, watched + inside));
+        self.reads.set(self.reads.get() + 1);
         Ok(())
     }
 
@@ -3760,6 +3769,7 @@ fn l1_naming_one_l2_table_thousands_of_times_is_read_once() {
             inner: MemDevice::new(&mut storage, bytes.len() as u64, 1).expect("device"),
             watched: (first, first + cluster),
             read: Rc::clone(&read),
+            reads: Rc::default(),
         };
         let mut graph: Box<Graph<Counted<'_>, 8>> = Box::default();
         let top = graph
@@ -3924,4 +3934,220 @@ fn write_onto_an_inactive_l1_table_is_refused_and_marks_the_image_corrupt() {
         fs::read(&path).unwrap() == after,
         "a later write changed nothing"
     );
+}
+
+/// Guest bytes one L2 table of a 512-byte-cluster image maps.
+const L2_SPAN: u64 = 512 / 8 * 512;
+
+/// A qcow2 image of 512-byte clusters mapping `ranges` L2 tables' worth of
+/// guest bytes, with one sector written (0x5a) in the range of each table
+/// in `written`: its bytes and those tables' offsets.
+fn l2_tables_at(dir: &Path, ranges: u64, written: &[u64]) -> (Vec<u8>, Vec<u64>) {
+    let name = "many-l2.qcow2";
+    let size = (ranges * L2_SPAN).to_string();
+    let create = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
+    qemu_img(dir, &[&create[..], &[name, &size]].concat());
+    let writes: Vec<String> = written
+        .iter()
+        .map(|i| format!("write -P 0x5a {} 512", i * L2_SPAN))
+        .collect();
+    qemu_io(dir, "qcow2", name, &writes);
+    let bytes = fs::read(dir.join(name)).expect("read the image");
+    let l1 = be64(&bytes, 40) as usize;
+    let offsets: Vec<u64> = written
+        .iter()
+        .map(|&i| be64(&bytes, l1 + 8 * i as usize) & OFFSET_MASK)
+        .collect();
+    assert!(offsets.iter().all(|&t| t != 0), "an L2 table per range");
+    (bytes, offsets)
+}
+
+/// [`l2_tables_at`] with a table for each of `tables` ranges.
+fn many_l2_tables(dir: &Path, tables: u64) -> (Vec<u8>, Vec<u64>) {
+    l2_tables_at(dir, tables, &(0..tables).collect::<Vec<_>>())
+}
+
+/// Runs [`Graph::check_tables_step`] on `top` with `budget` to its end,
+/// asserting that no call reads more than `budget` times; returns the
+/// calls made, or the error that ended the check.
+fn check_in_steps<D: Device>(
+    graph: &mut Graph<D, 8>,
+    top: NodeId,
+    budget: u64,
+    reads: &Cell<u64>,
+) -> blockgraph::Result<u64> {
+    let mut steps = 0;
+    loop {
+        let before = reads.get();
+        let done = graph.check_tables_step(top, budget);
+        let step = reads.get() - before;
+        assert!(step <= budget, "one step read {step} times");
+        steps += 1;
+        if done? {
+            return Ok(steps);
+        }
+    }
+}
+
+/// A graph over `storage` (the image's `len` bytes and room to grow),
+/// opened with `options`; the device's read count goes to `reads`.
+fn open_counted<'a>(
+    storage: &'a mut [u8],
+    len: usize,
+    options: OpenOptions,
+    reads: &Rc<Cell<u64>>,
+) -> (Box<Graph<Counted<'a>, 8>>, blockgraph::Result<NodeId>) {
+    let device = Counted {
+        inner: MemDevice::new(storage, len as u64, 1).expect("device"),
+        watched: (0, 0),
+        read: Rc::default(),
+        reads: Rc::clone(reads),
+    };
+    let mut graph: Box<Graph<Counted<'a>, 8>> = Box::default();
+    let top = graph.open_image(&mut One(Some(device)), "many-l2.qcow2", options);
+    (graph, top)
+}
+
+/// Opening an image reads none of its L2 tables (a few reads, however many
+/// tables); [`Graph::check_tables_step`] then reads them all, never more
+/// than its budget of reads per call; a strict open
+/// ([`OpenOptions::check_tables`]) reads them all at open.
+#[test]
+fn open_reads_no_l2_table_and_the_check_keeps_to_its_budget() {
+    let tmp = tmpdir("bg-hostile-open-scan-");
+    let tables = 256;
+    let (bytes, _) = many_l2_tables(tmp.path(), tables);
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let reads = Rc::new(Cell::new(0));
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    let at_open = reads.get();
+    eprintln!("open: {at_open} reads for {tables} L2 tables");
+    assert!(at_open <= 16, "open read {at_open} times");
+    let budget = 3;
+    let steps = check_in_steps(&mut graph, top, budget, &reads).expect("a clean image");
+    let checked = reads.get() - at_open;
+    assert!(checked >= tables, "the check read {checked} times");
+    assert!(steps >= tables / budget, "{steps} steps");
+    assert!(graph.qcow2(top).expect("qcow2").tables_checked());
+    assert!(graph.check_tables_step(top, 0).expect("done already"));
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    reads.set(0);
+    let strict = OpenOptions {
+        check_tables: true,
+        ..READ_ONLY
+    };
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), strict, &reads);
+    let top = top.expect("the image opens");
+    assert!(
+        reads.get() >= tables,
+        "a strict open read {} times",
+        reads.get()
+    );
+    assert!(graph.qcow2(top).expect("qcow2").tables_checked());
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    // A sparse L1 table (two tables 4095 entries apart): the zero entries
+    // between are read in budgeted steps too.
+    let (bytes, _) = l2_tables_at(tmp.path(), 4096, &[0, 4095]);
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    let steps = check_in_steps(&mut graph, top, 1, &reads).expect("a clean image");
+    assert!(steps >= 4096 / 512, "{steps} steps");
+    graph.unref(top).expect("close");
+}
+
+/// A bad L2 entry (a data cluster past the end of the file) in an image
+/// opened without the L2 scan: open succeeds; a read through its L2 slice
+/// is refused as corrupt (the entry itself and a good neighbour: the slice
+/// is checked whole when loaded), a read through another table works, any
+/// write is refused (the check before the first write checks every entry)
+/// and nothing is written; the check in steps finds it within its budget;
+/// a strict open and the CLI refuse the image.
+#[test]
+fn hostile_l2_entry_is_refused_at_first_use() {
+    let tmp = tmpdir("bg-hostile-first-use-");
+    let dir = tmp.path();
+    let (mut bytes, tables) = many_l2_tables(dir, 64);
+    let bad = 40;
+    let past_end = (bytes.len() as u64 + (1 << 20)) & OFFSET_MASK;
+    let at = tables[bad] as usize;
+    bytes[at..at + 8].copy_from_slice(&(past_end | COPIED).to_be_bytes());
+    let guest = bad as u64 * L2_SPAN;
+    let corrupt = |result: blockgraph::Result<()>, what: &str| {
+        let err = result.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
+        assert!(
+            err.to_string().contains("past the end of the image"),
+            "{what}: {err}"
+        );
+    };
+
+    let mut storage = bytes.clone();
+    storage.resize(bytes.len() + (1 << 20), 0);
+    let reads = Rc::new(Cell::new(0));
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_WRITE, &reads);
+    let top = top.expect("open does not read the L2 tables");
+    let mut buf = [0u8; 512];
+    corrupt(graph.read(top, guest, &mut buf), "the bad entry read");
+    corrupt(
+        graph.read(top, guest + 5 * 512, &mut buf),
+        "a neighbour read",
+    );
+    graph.read(top, 0, &mut buf).expect("another table reads");
+    assert_eq!(buf, [0x5a; 512]);
+    corrupt(graph.write(top, 0, &[0xc3; 512]), "a write elsewhere");
+    corrupt(graph.write(top, guest, &[0xc3; 512]), "a write through it");
+    graph.unref(top).expect("close");
+    drop(graph);
+    assert!(storage[..bytes.len()] == bytes[..], "nothing was written");
+    assert!(
+        storage[bytes.len()..].iter().all(|&b| b == 0),
+        "nor past it"
+    );
+
+    let (mut graph, top) = open_counted(&mut storage, bytes.len(), READ_ONLY, &reads);
+    let top = top.expect("the image opens");
+    {
+        // Through the request engine, a buffer lent for metadata misses:
+        // the slice it loads is checked at first use all the same, so a
+        // good entry next to the bad one is refused too.
+        let backend = graph
+            .attach_backend(top, blockgraph::Access::READ_ONLY_DEVICE)
+            .expect("attach");
+        let (mut meta, mut data) = ([0u8; 4096], [0u8; 512]);
+        let mut engine: Engine<'_> = Engine::new();
+        engine
+            .lend_metadata_buffer(&mut meta)
+            .expect("lend a buffer");
+        let neighbour = guest + 5 * 512;
+        let ticket = engine
+            .submit_read(backend, neighbour, [&mut data[..]])
+            .unwrap();
+        let done = engine.wait(&mut graph, ticket).expect("the read finishes");
+        corrupt(done.result, "an engine read of a neighbour");
+        engine.drain(&mut graph);
+        graph.detach_backend(backend).expect("detach");
+    }
+    let found = check_in_steps(&mut graph, top, 2, &reads).expect_err("the check fails");
+    corrupt(Err(found), "the check");
+    graph.unref(top).expect("close");
+    drop(graph);
+
+    let strict = OpenOptions {
+        check_tables: true,
+        ..READ_ONLY
+    };
+    let (_graph, top) = open_counted(&mut storage, bytes.len(), strict, &reads);
+    corrupt(top.map(|_| ()), "a strict open");
+
+    fs::write(dir.join("bad.qcow2"), &bytes).expect("write the image");
+    let err = bg_refused(dir, &["info", "-f", "qcow2", "bad.qcow2"]);
+    assert!(err.contains("past the end of the image"), "{err}");
 }

@@ -374,13 +374,16 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// open of an image the graph holds already (attached in a script)
     /// takes another reference to that node instead: a second node over the
     /// file would conflict with an attached writer, as QEMU's image locking
-    /// refuses a second user of an image in use.
+    /// refuses a second user of an image in use. Every L2 table of the
+    /// chain is checked at open ([`OpenOptions::check_tables`]): a command
+    /// refuses a hostile image before it starts, as it always has.
     pub(crate) fn open<'a>(
         &mut self,
         name: &'a str,
         mut options: OpenOptions,
     ) -> core::result::Result<NodeId, Failure<'a>> {
         let at = |err| Failure::new(err, name);
+        options.check_tables = true;
         if options.format.is_none() {
             options.format = self.env.pinned_format(name);
         }

@@ -76,6 +76,12 @@ pub enum Level {
     Mapping,
 }
 
+/// A check of a slice's bytes ([`MetaCache::slice_checked`]).
+type Check = fn(&[u8]) -> Result<()>;
+
+/// No check for [`MetaCache::load`].
+const NO_CHECK: Option<Check> = None;
+
 #[derive(Clone, Copy)]
 struct Tag {
     image: Image,
@@ -84,6 +90,9 @@ struct Tag {
     last_use: u64,
     valid: bool,
     dirty: Option<Level>,
+    /// The slice passed the check of a [`MetaCache::slice_checked`] (a
+    /// slice inserted, or loaded by [`MetaCache::slice`], has not yet).
+    checked: bool,
 }
 
 const EMPTY: Tag = Tag {
@@ -96,6 +105,7 @@ const EMPTY: Tag = Tag {
     last_use: 0,
     valid: false,
     dirty: None,
+    checked: false,
 };
 
 /// A slice a lookup needed while loading was off ([`MetaCache::set_loading`]):
@@ -203,7 +213,8 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         let buf = &mut self.data[slot][..miss.len];
         buf[..bytes.len()].copy_from_slice(bytes);
         buf[bytes.len()..].fill(0);
-        self.admit(slot, miss.image, miss.offset, miss.len);
+        // Checked at its first `slice_checked`, as a loaded slice is.
+        self.admit(slot, (miss.image, miss.offset, miss.len), false);
         Ok(true)
     }
 
@@ -221,7 +232,27 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         offset: u64,
         slice_len: usize,
     ) -> Result<&[u8]> {
-        let slot = self.load(image, devices, offset, slice_len)?;
+        let slot = self.load(image, devices, (offset, slice_len), NO_CHECK)?;
+        Ok(&self.data[slot][..slice_len])
+    }
+
+    /// [`MetaCache::slice`], with `check` run on the slice's bytes the
+    /// first time they are used this way (read from the device on a miss,
+    /// or cached by [`MetaCache::insert`] or [`MetaCache::slice`] without
+    /// it): a slice `check` refuses is dropped from the cache, so no caller
+    /// of this function ever sees bytes that did not pass it.
+    ///
+    /// # Errors
+    /// As [`MetaCache::slice`], and `check`'s error.
+    pub fn slice_checked<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Option<D>],
+        offset: u64,
+        slice_len: usize,
+        check: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<&[u8]> {
+        let slot = self.load(image, devices, (offset, slice_len), Some(check))?;
         Ok(&self.data[slot][..slice_len])
     }
 
@@ -245,7 +276,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         if !inside || slice_len > SLICE_SIZE {
             return fail(ErrorKind::InvalidInput, "metadata update outside its slice");
         }
-        let slot = self.load(image, devices, offset, slice_len)?;
+        let slot = self.load(image, devices, (offset, slice_len), NO_CHECK)?;
         let start = (at - offset) as usize;
         self.data[slot][start..start + bytes.len()].copy_from_slice(bytes);
         let tag = &mut self.tags[slot];
@@ -331,12 +362,14 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     }
 
     /// The slot holding `image`'s slice at `offset`, loaded on a miss.
+    /// With a `check`, a slice not checked yet is checked now and dropped
+    /// when refused.
     fn load<D: Device>(
         &mut self,
         image: Image,
         devices: &mut [Option<D>],
-        offset: u64,
-        slice_len: usize,
+        (offset, slice_len): (u64, usize),
+        check: Option<impl FnOnce(&[u8]) -> Result<()>>,
     ) -> Result<usize> {
         self.clock += 1;
         let slot = match self.find(image, offset, slice_len) {
@@ -362,10 +395,21 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
                     device.read_at(offset, &mut buf[..present])?;
                 }
                 buf[present..].fill(0);
-                self.admit(slot, image, offset, slice_len);
+                self.admit(slot, (image, offset, slice_len), false);
                 slot
             }
         };
+        if let (Some(check), false) = (check, self.tags[slot].checked) {
+            if let Err(err) = check(&self.data[slot][..slice_len]) {
+                // Dropped unless it holds updates (then it stays, and the
+                // check keeps refusing it).
+                if self.tags[slot].dirty.is_none() {
+                    self.tags[slot].valid = false;
+                }
+                return Err(err);
+            }
+            self.tags[slot].checked = true;
+        }
         self.tags[slot].last_use = self.clock;
         Ok(slot)
     }
@@ -401,8 +445,14 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         Ok(slot)
     }
 
-    /// Marks `slot`, just filled, as `image`'s clean slice at `offset`.
-    fn admit(&mut self, slot: usize, image: Image, offset: u64, slice_len: usize) {
+    /// Marks `slot`, just filled, as `image`'s clean slice at `offset`,
+    /// `checked` or not yet.
+    fn admit(
+        &mut self,
+        slot: usize,
+        (image, offset, slice_len): (Image, u64, usize),
+        checked: bool,
+    ) {
         self.tags[slot] = Tag {
             image,
             offset,
@@ -410,6 +460,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             last_use: self.clock,
             valid: true,
             dirty: None,
+            checked,
         };
     }
 

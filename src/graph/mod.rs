@@ -18,6 +18,7 @@
 //! ([`Graph::block_status`]); format drivers only describe their own image.
 
 mod alloc;
+mod check;
 mod collapse;
 mod plan;
 pub(crate) use plan::ReadExtent;
@@ -40,7 +41,7 @@ use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
 use crate::format::driver::{Driver, ImageTables};
-use crate::format::qcow2::{Inflater, Qcow2, UsageCheck};
+use crate::format::qcow2::{Inflater, Qcow2, TableCheck, UsageCheck};
 use crate::format::{probe, Format, Mapping, Probed, PROBE_BYTES};
 use crate::jobs::Job;
 
@@ -119,6 +120,12 @@ pub struct OpenOptions {
     /// is missing. Only valid for read-only opens; what the backing chain
     /// would supply reads as zeros.
     pub no_backing: bool,
+    /// Check every entry of every L2 table of each qcow2 layer at open
+    /// ([`Graph::check_tables`]), so that a hostile table fails the open
+    /// (the command-line tools set it). Without it open reads no L2 table:
+    /// each slice is checked when first loaded, and
+    /// [`Graph::check_tables_step`] checks them all in idle time.
+    pub check_tables: bool,
 }
 
 impl OpenOptions {
@@ -131,6 +138,7 @@ impl OpenOptions {
             assume_raw_backing: false,
             force_share: false,
             no_backing: false,
+            check_tables: false,
         }
     }
 
@@ -204,6 +212,9 @@ pub struct Graph<
     /// The check before a first write in progress, step by step, and its
     /// node ([`Graph::prepare_writes_step`]).
     usage_check: Option<(NodeId, UsageCheck)>,
+    /// The check of a node's L2 tables in progress, step by step, and its
+    /// node ([`Graph::check_tables_step`]).
+    table_check: Option<(NodeId, TableCheck)>,
     inflater: Inflater,
 }
 
@@ -257,6 +268,7 @@ impl<
             cache: MetaCache::new(),
             held: [0; NODES],
             usage_check: None,
+            table_check: None,
             inflater: Inflater::new(),
         }
     }
@@ -435,13 +447,7 @@ impl<
         }
         self.write_back_all()?;
         let device = resolver.open(name, !options.read_only || options.writable_devices)?;
-        let top = self.open_layer(
-            device,
-            name,
-            options.format,
-            options.read_only,
-            options.force_share,
-        )?;
+        let top = self.open_layer(device, name, options.format, options)?;
         if options.no_backing {
             return Ok(top);
         }
@@ -454,16 +460,17 @@ impl<
         }
     }
 
-    /// Adds `device` as a protocol node and opens a format node over it,
-    /// probing the format when `format` is `None`.
+    /// Adds `device` as a protocol node and opens a format node over it
+    /// (`options.read_only`, `force_share` and `check_tables`), probing the
+    /// format when `format` is `None`.
     fn open_layer(
         &mut self,
         mut device: D,
         name: &str,
         format: Option<Format>,
-        read_only: bool,
-        force_share: bool,
+        options: OpenOptions,
     ) -> Result<NodeId> {
+        let (read_only, force_share) = (options.read_only, options.force_share);
         let (format, probed) = match format {
             Some(format) => (format, false),
             None => {
@@ -485,6 +492,12 @@ impl<
         self.unref(file)?;
         let id = opened?;
         self.nodes.get_mut(id)?.driver.set_probed(probed);
+        if options.check_tables {
+            if let Err(err) = self.check_tables(id) {
+                self.unref(id)?;
+                return Err(err);
+            }
+        }
         Ok(id)
     }
 
@@ -584,7 +597,11 @@ impl<
         if self.chain_contains_device(top, device.identity())? {
             return fail(ErrorKind::Corrupt, "backing chain loops back on itself");
         }
-        let layer = self.open_layer(device, resolved, Some(format), true, options.force_share)?;
+        let backing = OpenOptions {
+            read_only: true,
+            ..options
+        };
+        let layer = self.open_layer(device, resolved, Some(format), backing)?;
         let linked = self.set_backing(overlay, Some(layer));
         self.unref(layer)?;
         linked?;

@@ -94,24 +94,12 @@ impl<
     /// a cluster in use counted free (the image is marked corrupt), device
     /// errors.
     pub fn prepare_writes_step(&mut self, id: NodeId, budget: u64) -> Result<bool> {
-        if !self
-            .nodes
-            .get(id)?
-            .driver
-            .qcow2()
-            .is_ok_and(|q| !q.counted())
-        {
-            return Ok(true);
-        }
-        let mut check = match self.usage_check.take() {
-            Some((node, check)) if node == id => check,
-            _ => super::UsageCheck::new(),
-        };
-        let done = self.with_qcow2(id, |q, t| q.check_counted_step(t, &mut check, budget))?;
-        if !done {
-            self.usage_check = Some((id, check));
-        }
-        Ok(done)
+        self.kept_check_step(
+            id,
+            |g| &mut g.usage_check,
+            Qcow2::counted,
+            |q, t, check| q.check_counted_step(t, check, budget),
+        )
     }
 
     /// Writes guest bytes at `offset` of format node `id` (its own layer;

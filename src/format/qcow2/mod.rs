@@ -7,6 +7,7 @@
 //! walks the chain.
 
 mod alloc;
+mod check;
 pub mod create;
 pub mod header;
 mod inflate;
@@ -19,6 +20,7 @@ mod walk;
 mod write;
 
 pub use alloc::{Batch, Placement, BATCH};
+pub use check::TableCheck;
 pub use header::Header;
 pub use inflate::{CompressedExtent, Inflater};
 pub use l2::L2Entry;
@@ -44,6 +46,16 @@ const NO_DEVICE: &str = "qcow2 image without device";
 /// Bits 9..=55: a table or cluster offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
+/// Which table a lookup reads: L2 slices are checked when loaded
+/// ([`Tables::l2_slice`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TableKind {
+    /// An L2 table.
+    L2,
+    /// The L1 table, the refcount table or a refcount block.
+    Other,
+}
+
 /// An open qcow2 image's parsed state (its tables live in the shared cache).
 #[derive(Clone, Debug)]
 pub struct Qcow2 {
@@ -62,6 +74,10 @@ pub struct Qcow2 {
     /// Every cluster the active tables use was found counted (checked once,
     /// before the first write).
     counted: bool,
+    /// Every entry of every L2 table the L1 table names was found valid
+    /// (by [`Qcow2::check_tables_step`] or the check before the first
+    /// write); until then each L2 slice is checked as it is loaded.
+    tables_checked: bool,
     /// The L1 entry the last lookup read (index, entry): consecutive
     /// requests mostly share it, and this saves a cache probe per layer.
     /// Cleared by every table update.
@@ -112,6 +128,17 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
         self.cache.slice(self.image, self.devices, offset, len)
     }
 
+    /// The cached L2 table slice of `len` bytes at `offset`, every entry of
+    /// it checked ([`L2Entry::decode`]) when it is read from the device: no
+    /// entry of a slice that fails is ever used.
+    fn l2_slice(&mut self, offset: u64, len: usize, cluster_bits: u32) -> Result<&[u8]> {
+        let device_size = self.device_size();
+        self.cache
+            .slice_checked(self.image, self.devices, offset, len, |slice| {
+                check_l2_entries(slice, cluster_bits, device_size)
+            })
+    }
+
     /// Writes metadata bytes through to the device, then into the cache
     /// (structural changes, ordered by explicit flushes).
     fn write_meta(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -158,23 +185,23 @@ impl Qcow2 {
     /// at most 8 MiB, at most 65536 snapshots), the snapshot table (each
     /// entry walked once: at most 1 KiB of extra data, inside the file and
     /// the 64 MiB a table may use, its L1 table aligned, at most 32 MiB and
-    /// inside the file), every L1 and refcount table entry, and every entry
-    /// of every L2 table the L1 table names.
+    /// inside the file), and every L1 and refcount table entry. L2 tables
+    /// are not read: each L2 slice is checked when the metadata cache first
+    /// loads it (every entry: aligned, inside the image), and
+    /// [`Qcow2::check_tables_step`] checks them all in bounded steps.
     ///
-    /// The cost is bounded by the file, whatever its tables say. For a file
-    /// of `F` bytes with `cs`-byte clusters, an L1 table of `L1` bytes
-    /// (at most 32 MiB and inside the file) and a refcount table of `RT`
-    /// bytes (at most 8 MiB), open reads at most
-    /// `F + (F / (32768 * cs) + 3) * L1 + 2 * RT + 40 * nb_snapshots + 4 KiB`:
-    /// each distinct L2 table once (they lie inside the file, so at most
-    /// `F` in all, however many L1 entries name one), the L1 table twice
-    /// plus once per 32768-cluster window of the file that holds L2 tables,
-    /// the refcount table twice, 40 bytes per snapshot. That is at most
-    /// about `3F + 112 MiB` with 512-byte clusters, and `F + 4 L1 + 2 RT`
-    /// for files up to 2 GiB with 64 KiB clusters. The check before the
-    /// first write ([`Qcow2::prepare_for_writes`]) reads the same L1 passes
-    /// and L2 tables again, plus one refcount lookup (through the metadata
-    /// cache) per used cluster.
+    /// The cost is bounded by the header and those tables, whatever the
+    /// number of L2 tables. With an L1 table of `L1` bytes (at most 32 MiB
+    /// and inside the file) and a refcount table of `RT` bytes (at most
+    /// 8 MiB), open reads at most `2 * L1 + 2 * RT + 40 * nb_snapshots +
+    /// 4 KiB`: each table twice (its entries, then where they point), 40
+    /// bytes per snapshot. The whole-image check of the L2 tables reads
+    /// each distinct table once (they lie inside the file: at most `F`
+    /// bytes of an `F`-byte file), plus the L1 table once per 32768-cluster
+    /// window of the file that holds L2 tables; the check before the first
+    /// write ([`Qcow2::prepare_for_writes`]) reads the same and one
+    /// refcount lookup (through the metadata cache) per used cluster, and
+    /// completes the L2 check with it.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] or [`ErrorKind::Unsupported`] for images that
@@ -251,7 +278,7 @@ impl Qcow2 {
                 Ok(())
             })?;
         }
-        let opened = Self {
+        Ok(Self {
             trusted_from: device.size().div_ceil(cs),
             header,
             free_hint: 0,
@@ -259,31 +286,9 @@ impl Qcow2 {
             rt_used,
             snapshots,
             counted: false,
+            tables_checked: false,
             last_l1: Cell::new(None),
-        };
-        opened.check_l2_tables(device)?;
-        Ok(opened)
-    }
-
-    /// Checks every entry of every L2 table the L1 table points to (as the
-    /// read path decodes them: aligned, inside the image, no reserved bits),
-    /// so that no entry can later alias a cluster the image grows into.
-    /// Each distinct table is read once ([`walk::for_each_l2_table`]).
-    fn check_l2_tables<D: Device>(&self, device: &mut D) -> Result<()> {
-        let file_size = device.size();
-        let l2_entries = self.cluster_size() / 8;
-        let l1 = (self.header.l1_table_offset, self.l1_used);
-        walk::for_each_l2_table(
-            device,
-            l1,
-            self.header.cluster_bits,
-            |device, at, buf| device.read_at(at, buf),
-            |device, table| {
-                for_each_entry(device, (table, l2_entries), |entry| {
-                    self.decode_l2(entry, file_size).map(|_| ())
-                })
-            },
-        )
+        })
     }
 
     /// The validated header.
@@ -320,29 +325,37 @@ impl Qcow2 {
         self.cluster_size().min(SLICE_SIZE as u64)
     }
 
-    /// Visits the 8-byte entries of the table at `table` from `index` to the
-    /// end of the cached slice that holds it, while `visit` returns true.
+    /// Visits the 8-byte entries of the `kind` table at `table` from
+    /// `index` to the end of the cached slice that holds it, while `visit`
+    /// returns true.
     fn table_entries<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
+        kind: TableKind,
         (table, index): (u64, u64),
-        mut visit: impl FnMut(u64) -> bool,
+        visit: impl FnMut(u64) -> bool,
     ) -> Result<()> {
+        let (start, first) = self.slice_of(table, index);
+        let len = self.slice_len() as usize;
+        let slice = match kind {
+            TableKind::L2 => t.l2_slice(start, len, self.header.cluster_bits)?,
+            TableKind::Other => t.slice(start, len)?,
+        };
+        visit_entries(&slice[first..], visit);
+        Ok(())
+    }
+
+    /// The start of the slice holding entry `index` of the table at
+    /// `table`, and the entry's byte offset in it.
+    fn slice_of(&self, table: u64, index: u64) -> (u64, usize) {
         // Slice lengths are powers of two: masks instead of divisions (this
         // runs for every layer of every request).
         let slice_len = self.slice_len();
         let byte = index * 8;
-        let slice_start = table + (byte & !(slice_len - 1));
-        let slice = t.slice(slice_start, slice_len as usize)?;
-        let first = (byte & (slice_len - 1)) as usize;
-        for chunk in slice[first..].chunks_exact(8) {
-            let mut raw = [0u8; 8];
-            raw.copy_from_slice(chunk);
-            if !visit(u64::from_be_bytes(raw)) {
-                break;
-            }
-        }
-        Ok(())
+        (
+            table + (byte & !(slice_len - 1)),
+            (byte & (slice_len - 1)) as usize,
+        )
     }
 
     /// Changes table bytes at `at` (inside one slice) in the cache only,
@@ -370,20 +383,21 @@ impl Qcow2 {
                 return Ok(entry);
             }
         }
-        let entry = self.read_entry(t, self.header.l1_table_offset, index)?;
+        let entry = self.read_entry(t, TableKind::Other, self.header.l1_table_offset, index)?;
         self.last_l1.set(Some((index, entry)));
         Ok(entry)
     }
 
-    /// Entry `index` of the 8-byte-entry table at `table`.
+    /// Entry `index` of the 8-byte-entry `kind` table at `table`.
     fn read_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
+        kind: TableKind,
         table: u64,
         index: u64,
     ) -> Result<u64> {
         let mut value = 0;
-        self.table_entries(t, (table, index), |entry| {
+        self.table_entries(t, kind, (table, index), |entry| {
             value = entry;
             false
         })?;
@@ -441,7 +455,7 @@ impl Qcow2 {
         let mut first: Option<Mapping> = None;
         let mut clusters = 0u64;
         let mut error: Option<Error> = None;
-        self.table_entries(t, (l2_table, l2_index), |entry| {
+        self.table_entries(t, TableKind::L2, (l2_table, l2_index), |entry| {
             if clusters == span {
                 return false;
             }
@@ -537,6 +551,31 @@ impl Qcow2 {
         self.header = updated;
         Ok(())
     }
+}
+
+/// Calls `visit` on the 8-byte entries of `bytes`, while it returns true.
+fn visit_entries(bytes: &[u8], mut visit: impl FnMut(u64) -> bool) {
+    for chunk in bytes.chunks_exact(8) {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(chunk);
+        if !visit(u64::from_be_bytes(raw)) {
+            break;
+        }
+    }
+}
+
+/// Checks every 8-byte L2 entry in `bytes` as a lookup decodes it
+/// ([`L2Entry::decode`]: aligned, inside a device of `device_size` bytes).
+///
+/// # Errors
+/// [`ErrorKind::Corrupt`] for the first entry that fails.
+fn check_l2_entries(bytes: &[u8], cluster_bits: u32, device_size: u64) -> Result<()> {
+    let mut result = Ok(());
+    visit_entries(bytes, |raw| {
+        result = L2Entry::decode(raw, cluster_bits, device_size).map(|_| ());
+        result.is_ok()
+    });
+    result
 }
 
 /// Calls `visit` on each of the `count` 8-byte entries of the table at

@@ -10,7 +10,7 @@
 
 use super::header::{Incompatible, OFF_INCOMPATIBLE};
 use super::snapshot::{Entry, ENTRY_HEADER};
-use super::{Level, Qcow2, Tables, OFFSET_MASK};
+use super::{Level, Qcow2, TableKind, Tables, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
@@ -42,7 +42,12 @@ impl Qcow2 {
         if index >= self.table_len() {
             return Ok(None);
         }
-        let entry = self.read_entry(t, self.header.refcount_table_offset, index)?;
+        let entry = self.read_entry(
+            t,
+            TableKind::Other,
+            self.header.refcount_table_offset,
+            index,
+        )?;
         let block = entry & !0x1ff;
         if block == 0 {
             return Ok(None);
@@ -400,7 +405,12 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         index: u64,
     ) -> Result<u64> {
-        Ok(self.read_entry(t, self.header.refcount_table_offset, index)? & !0x1ff)
+        Ok(self.read_entry(
+            t,
+            TableKind::Other,
+            self.header.refcount_table_offset,
+            index,
+        )? & !0x1ff)
     }
 
     /// Writes a refcount block at `at` for table entry `index`, with refcount
@@ -522,7 +532,7 @@ impl Qcow2 {
         let (l1_offset, l1_size) = (h.l1_table_offset, self.l1_used);
         let mut index = 0;
         while l2_tables && !trusted && !overlap && index < l1_size {
-            self.table_entries(t, (l1_offset, index), |entry| {
+            self.table_entries(t, TableKind::Other, (l1_offset, index), |entry| {
                 index += 1;
                 overlap |= hits(
                     entry & OFFSET_MASK,
@@ -534,7 +544,7 @@ impl Qcow2 {
         let (rt_offset, rt_len) = (self.header.refcount_table_offset, self.rt_used);
         let mut index = 0;
         while !trusted && !overlap && index < rt_len {
-            self.table_entries(t, (rt_offset, index), |entry| {
+            self.table_entries(t, TableKind::Other, (rt_offset, index), |entry| {
                 index += 1;
                 let block = entry & !0x1ff;
                 overlap |= hits(block, if block == 0 { 0 } else { cs });

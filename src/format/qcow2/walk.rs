@@ -1,6 +1,7 @@
 //! Visiting each distinct L2 table the L1 table names, once, in steps of
-//! bounded work ([`L2Walk`]): at open to check every entry, before the
-//! first write to check that the refcounts count every cluster in use.
+//! bounded work ([`L2Walk`]): to check every entry (`check.rs`), and
+//! before the first write to check that the refcounts count every cluster
+//! in use (`write.rs`).
 //!
 //! A hostile L1 table may name one L2 table millions of times; without a
 //! heap, a bitmap marks the tables visited in a window of
@@ -105,6 +106,13 @@ impl L2Walk {
         }
     }
 
+    /// The L1 entries the walk's next read covers (through the first
+    /// `used`): as a budget for [`L2Walk::next_table`], one read at most.
+    pub(super) fn next_read_len(&self, used: u64) -> u64 {
+        let from = if self.index >= used { 0 } else { self.index };
+        (used - from).min(L1_CHUNK as u64)
+    }
+
     /// Whether `table` (0: none) is in the window and not visited yet, and
     /// marks it; notes the lowest table past the window.
     fn first_visit(&mut self, table: u64, cluster_bits: u32) -> Option<u64> {
@@ -123,29 +131,5 @@ impl L2Walk {
         }
         self.seen[byte] |= mask;
         Some(table)
-    }
-}
-
-/// Calls `visit` once for each distinct L2 table named by the first `used`
-/// entries of the L1 table at `l1`, however many entries name it: a whole
-/// [`L2Walk`] at once.
-///
-/// # Errors
-/// The first error of `read` or `visit`.
-pub(super) fn for_each_l2_table<C>(
-    ctx: &mut C,
-    l1: (u64, u64),
-    cluster_bits: u32,
-    mut read: impl FnMut(&mut C, u64, &mut [u8]) -> Result<()>,
-    mut visit: impl FnMut(&mut C, u64) -> Result<()>,
-) -> Result<()> {
-    let mut walk = L2Walk::new();
-    let mut unbounded = u64::MAX;
-    loop {
-        match walk.next_table(ctx, l1, cluster_bits, &mut read, &mut unbounded)? {
-            Found::Table(table) => visit(ctx, table)?,
-            Found::Later => {}
-            Found::Done => return Ok(()),
-        }
     }
 }

@@ -10,10 +10,10 @@
 //! durable. Zero writes and discards of whole clusters change the entry
 //! alone ([`Qcow2::clear_cluster`]).
 
+use super::check::{Piece, TableCheck};
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::walk::{Found, L2Walk};
-use super::{L2Entry, Level, Qcow2, Tables, BATCH, COPIED, OFFSET_MASK};
+use super::{L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::ops::Range;
@@ -40,29 +40,9 @@ pub enum ClearMode {
 }
 
 /// Where the check before a first write is
-/// ([`Qcow2::check_counted_step`]): the walk over the L2 tables and the
-/// table being read. About 4 KiB.
-pub struct UsageCheck {
-    walk: L2Walk,
-    /// The table being checked, and its bytes done.
-    table: Option<(u64, u64)>,
-}
-
-impl Default for UsageCheck {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl UsageCheck {
-    /// A check at its start.
-    pub const fn new() -> Self {
-        Self {
-            walk: L2Walk::new(),
-            table: None,
-        }
-    }
-}
+/// ([`Qcow2::check_counted_step`]): a walk over the L2 tables, as the L2
+/// check's.
+pub type UsageCheck = TableCheck;
 
 impl Qcow2 {
     /// Refuses writes to images marked corrupt; before the first write,
@@ -129,11 +109,13 @@ impl Qcow2 {
     /// idle time, the request engine between requests, so that no single
     /// call reads every L2 table of a large image. When a cluster in use is
     /// found counted free the image is marked corrupt (the header bit on
-    /// v3); nothing else is written.
+    /// v3); nothing else is written. Every L2 entry is checked on the way
+    /// as [`Qcow2::check_tables_step`] does, so a completed check completes
+    /// that one too.
     ///
     /// # Errors
-    /// [`ErrorKind::Corrupt`] for a cluster in use counted free, device
-    /// errors.
+    /// [`ErrorKind::Corrupt`] for a cluster in use counted free or a bad L2
+    /// entry, device errors.
     pub fn check_counted_step<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -146,30 +128,27 @@ impl Qcow2 {
         // The tables are read from the device: bring it up to date first.
         t.write_back()?;
         let cs = self.cluster_size();
-        let l1 = (self.header.l1_table_offset, self.l1_used);
         let bits = self.header.cluster_bits;
+        let device_size = t.device_size();
+        let mut chunk = [0u8; CHUNK];
         while budget > 0 {
-            let Some((table, done)) = check.table else {
-                let read = |t: &mut Tables<'_, D, S>, at: u64, buf: &mut [u8]| {
-                    t.device()?.read_at(at, buf)
-                };
-                match check.walk.next_table(t, l1, bits, read, &mut budget)? {
-                    Found::Table(table) => check.table = Some((table, 0)),
-                    Found::Later => return Ok(false),
-                    Found::Done => {
-                        self.counted = true;
-                        return Ok(true);
-                    }
+            let n = match self.next_piece(t, check, &mut chunk, &mut budget)? {
+                Piece::Entries(n) => n,
+                Piece::Walked => continue,
+                Piece::Later => return Ok(false),
+                Piece::Done => {
+                    self.counted = true;
+                    self.tables_checked = true;
+                    return Ok(true);
                 }
-                continue;
             };
-            let mut chunk = [0u8; CHUNK];
-            let n = (cs - done).min(CHUNK as u64) as usize;
-            t.device()?.read_at(table + done, &mut chunk[..n])?;
             for raw in chunk[..n].chunks_exact(8) {
                 let mut bytes = [0u8; 8];
                 bytes.copy_from_slice(raw);
-                let entry = L2Entry::parse(u64::from_be_bytes(bytes), bits);
+                // Every entry checked as a lookup decodes it: this check
+                // completes the L2 check (`check.rs`) before any write can
+                // grow the image under an entry pointing past its end.
+                let entry = L2Entry::decode(u64::from_be_bytes(bytes), bits, device_size)?;
                 let Some((mut cluster, end)) = entry.storage(cs) else {
                     continue;
                 };
@@ -184,7 +163,6 @@ impl Qcow2 {
                     cluster += cs;
                 }
             }
-            check.table = (done + (n as u64) < cs).then_some((table, done + n as u64));
             budget = budget.saturating_sub(n as u64 / 8);
         }
         Ok(false)
@@ -227,7 +205,7 @@ impl Qcow2 {
             return Ok(L2Entry::Unallocated);
         }
         self.check_offset(t, table, "qcow2 L2 table")?;
-        let raw = self.read_entry(t, table, l2_index)?;
+        let raw = self.read_entry(t, TableKind::L2, table, l2_index)?;
         self.decode_l2(raw, t.device_size())
     }
 
