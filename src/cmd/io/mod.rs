@@ -38,16 +38,17 @@ const MIN_ALIGN: u64 = 4096;
 /// guest `offset`, all views of `pattern` (a filled buffer): cut as
 /// [`piece_len`] cuts, so segment boundaries lie on multiples of the
 /// largest power of two that fits in `pattern`. When the write needs more
-/// than [`MAX_SEGMENTS`] segments the request ends at the last segment
-/// boundary aligned to `align` (the image's cluster size), or failing that
-/// to [`MIN_ALIGN`], where there is one.
-fn request_segments(
+/// than `CAP` segments ([`MAX_SEGMENTS`] for the synchronous path) the
+/// request ends at the last segment boundary aligned to `align` (the
+/// image's cluster size), or failing that to [`MIN_ALIGN`], where there is
+/// one.
+fn request_segments<const CAP: usize>(
     pattern: &[u8],
     offset: u64,
     len: u64,
     align: u64,
-) -> heapless::Vec<&[u8], MAX_SEGMENTS> {
-    let mut segments = heapless::Vec::<&[u8], MAX_SEGMENTS>::new();
+) -> heapless::Vec<&[u8], CAP> {
+    let mut segments = heapless::Vec::<&[u8], CAP>::new();
     let mut n = 0;
     while n < len && !segments.is_full() {
         let k = piece_len(offset + n, len - n, pattern.len() as u64);
@@ -253,7 +254,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                     let align = graph.cluster_size(root).unwrap_or(1).max(MIN_ALIGN);
                     let mut done = 0;
                     while done < r.len {
-                        let segments = request_segments(
+                        let segments = request_segments::<MAX_SEGMENTS>(
                             &scratch[..filled],
                             r.offset + done,
                             r.len - done,
@@ -307,7 +308,7 @@ mod tests {
         let mut at = offset;
         let mut ends = Vec::new();
         while at < offset + len {
-            let segments = request_segments(pattern, at, offset + len - at, align);
+            let segments = request_segments::<MAX_SEGMENTS>(pattern, at, offset + len - at, align);
             at += segments.iter().map(|s| s.len() as u64).sum::<u64>();
             ends.push(at);
         }
@@ -317,7 +318,7 @@ mod tests {
     #[test]
     fn one_request_when_the_segments_suffice() {
         let pattern = [0x55u8; 1 << 20];
-        let segments = request_segments(&pattern, 12345, 6 << 20, 1 << 16);
+        let segments = request_segments::<MAX_SEGMENTS>(&pattern, 12345, 6 << 20, 1 << 16);
         let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
         let first = (1 << 20) - 12345;
         assert_eq!(

@@ -14,15 +14,15 @@
 //! until they complete): one 4 KiB block per byte value, filled once, so a
 //! pattern write's segments are views of its pattern's block and no buffer
 //! is ever written while a device may read it. A write longer than
-//! [`SEGMENTS`] blocks goes as several requests cut at 4 KiB-aligned guest
-//! offsets, the whole range checked first.
+//! [`SEGMENTS`] blocks goes as several requests cut where the synchronous
+//! path cuts them (cluster-aligned, else 4 KiB-aligned guest offsets), the
+//! whole range checked first.
 
-use super::{parse_request, DEFAULT_PATTERN};
+use super::{parse_request, request_segments, DEFAULT_PATTERN, MIN_ALIGN};
 use crate::backend::BackendId;
 use crate::cmd::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::engine::{Engine, Ticket, DEFAULT_SLOTS};
 use crate::error::{Error, ErrorKind};
-use crate::graph::piece_len;
 
 /// The deepest queue: the engine's slots.
 pub(super) const MAX_DEPTH: usize = DEFAULT_SLOTS;
@@ -150,16 +150,16 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
         let value = usize::from(r.pattern.unwrap_or(DEFAULT_PATTERN));
         let block = &blocks[value * BLOCK..(value + 1) * BLOCK];
+        let align = self
+            .graph
+            .cluster_size(self.graph.root(backend)?)
+            .unwrap_or(1)
+            .max(MIN_ALIGN);
         let mut done = 0;
         while done < r.len {
-            let mut segments = heapless::Vec::<&'static [u8], SEGMENTS>::new();
-            let mut n = 0;
-            while done + n < r.len && !segments.is_full() {
-                let k = piece_len(r.offset + done + n, r.len - done - n, BLOCK as u64);
-                // Cannot fail: the loop stops when the list is full.
-                let _ = segments.push(&block[..k as usize]);
-                n += k;
-            }
+            let segments =
+                request_segments::<SEGMENTS>(block, r.offset + done, r.len - done, align);
+            let n: u64 = segments.iter().map(|s| s.len() as u64).sum();
             if done == 0 && n < r.len {
                 // Several requests: the whole is checked first.
                 self.graph
