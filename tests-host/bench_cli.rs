@@ -677,8 +677,9 @@ fn cache_mode_none_equals_qemu_img_s() {
     }
 }
 
-/// `bench --with-job`: an active commit stepped in drained sections while
-/// 32 writes stay in flight, completed as soon as it is ready, so it pivots
+/// `bench --with-job`: an active commit stepped through the request engine
+/// (its runs among the writes, its end in a drained section) while 32
+/// writes stay in flight, completed as soon as it is ready, so it pivots
 /// under them; the writes land in base, which ends up as qemu-img's bench
 /// leaves a copy of the chain, and consistent.
 #[test]

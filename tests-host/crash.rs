@@ -45,7 +45,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 
-use blockgraph::device::{Completion, DeviceEvent, DeviceId, MemDevice, Op, Queue, Submitted, Tag};
+use blockgraph::device::{
+    perform, Completion, DeviceEvent, DeviceId, MemDevice, Op, Queue, Submitted, Tag,
+};
 use blockgraph::engine::Engine;
 use blockgraph::graph::NameBuf;
 use blockgraph::jobs::{CommitRequest, JobId, JobStatus, OnError, StreamRequest};
@@ -321,8 +323,10 @@ impl<'b> Queue<'b> for Disk<'_> {
                 self.queued.push((tag, offset, buf.to_vec()));
                 Submitted::Queued
             }
-            Op::Read { offset, buf } => Submitted::Done(self.read_at(offset, buf), Some(buf)),
-            Op::Flush => Submitted::Done(self.flush(), None),
+            op => {
+                let (result, buf) = perform(self, op);
+                Submitted::Done(result, buf)
+            }
         }
     }
 

@@ -41,10 +41,12 @@
 //! to one attached in the session.
 //!
 //! `--with-job` (an image of the script's session with a job from
-//! `job-start`, DEPTH 2 or more): between the requests the job steps in
-//! drained sections of the request engine, and an active commit that is
-//! ready is completed, so it pivots while requests are queued — a job
-//! under guest load, as a VMM runs it.
+//! `job-start`, DEPTH 2 or more): between the requests the job steps
+//! through the request engine ([`Engine::job_step`]): its copies go to the
+//! devices among the requests, up to four runs at once, each through a
+//! 64 KiB buffer of the memory for requests in flight; its state changes run in drained sections; an
+//! active commit that is ready is completed, so it pivots while requests
+//! are queued — a job under guest load, as a VMM runs it.
 //!
 //! The request buffers are DEPTH disjoint buffers of SIZE bytes: at DEPTH
 //! 1 in the interpreter's scratch memory, above it in the environment's
@@ -88,6 +90,11 @@ const _: () = assert!(MAX_DEPTH == 64);
 /// ([`Engine::lend_metadata_buffer`]): a cold metadata slice is then loaded
 /// split-phase, without holding up the requests that hit the cache.
 const METADATA_MEMORY: usize = METADATA_BUFFERS * SLICE_SIZE;
+/// `--with-job`: the buffers the job's runs go through
+/// ([`Engine::lend_job_buffer`]), four runs in flight.
+const JOB_MEMORY: usize = 4 * JOB_LANE;
+/// One of them.
+const JOB_LANE: usize = 64 * 1024;
 
 /// The engine `bench -d` runs its requests through.
 pub(super) type BenchEngine<'b> = Engine<'b, MAX_DEPTH, SEGMENTS, SEGMENTS>;
@@ -324,7 +331,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let queued = if plan.depth == 1 {
             None
         } else {
-            // With room, the engine also gets buffers for metadata misses.
+            // A job's runs go through a buffer of their own; with room,
+            // the engine also gets buffers for metadata misses.
+            let len = len + if plan.with_job { JOB_MEMORY } else { 0 };
             let memory = env
                 .queue_memory(len + METADATA_MEMORY)
                 .or_else(|| env.queue_memory(len))
@@ -343,7 +352,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             Some(memory) => {
                 memory.fill(plan.pattern);
                 let started = env.now_micros().ok_or_else(no_clock)?;
-                let (resolver, scratch) = (env.resolver(), &mut *self.scratch);
+                let resolver = env.resolver();
                 let mut stepper = JobStepper {
                     job,
                     completing: false,
@@ -351,7 +360,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 let mut between =
                     |engine: &mut BenchEngine<'static>,
                      graph: &mut Graph<E::Device, N, B, C, J>| {
-                        stepper.step(engine, graph, resolver, scratch)
+                        stepper.step(engine, graph, resolver)
                     };
                 run_queued(graph, backend, &mut offsets, memory, &mut between)?;
                 started
@@ -496,7 +505,12 @@ where
 {
     let mut engine = BenchEngine::new();
     let len = offsets.plan.len as usize * offsets.plan.depth;
-    let (memory, metadata) = memory.split_at_mut(len.min(memory.len()));
+    let (memory, rest) = memory.split_at_mut(len.min(memory.len()));
+    let job_len = if offsets.plan.with_job { JOB_MEMORY } else { 0 };
+    let (job, metadata) = rest.split_at_mut(job_len.min(rest.len()));
+    for lane in job.chunks_exact_mut(JOB_LANE) {
+        engine.lend_job_buffer(lane).map_err(|e| offsets.fail(e))?;
+    }
     for buffer in metadata.chunks_exact_mut(SLICE_SIZE) {
         // At most METADATA_BUFFERS fit in METADATA_MEMORY: none comes back.
         let _ = engine.lend_metadata_buffer(buffer);
@@ -600,8 +614,8 @@ where
     Ok(())
 }
 
-/// What runs between the rounds of [`run_queued`] (`--with-job`: a job
-/// step in a drained section).
+/// What runs between the rounds of [`run_queued`] (`--with-job`: the job
+/// steps).
 type Between<'c, 'b, D, const N: usize, const B: usize, const C: usize, const J: usize> =
     &'c mut dyn FnMut(&mut BenchEngine<'b>, &mut Graph<D, N, B, C, J>) -> crate::Result<()>;
 
@@ -615,16 +629,16 @@ struct JobStepper {
 }
 
 impl JobStepper {
-    /// One step of the job in a drained section ([`Engine::drained`]: once
-    /// no request is in flight; the requests queued meanwhile start after
-    /// it). An active commit that is ready is completed, so it pivots
-    /// under the requests. Nothing once the job has concluded.
+    /// One step of the job through the engine ([`Engine::job_step`]: its
+    /// runs go to the devices between the requests; state changes and the
+    /// pivot in drained sections). An active commit that is ready is
+    /// completed, so it pivots under the requests. Nothing once the job
+    /// has concluded.
     fn step<'b, D, R, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         engine: &mut BenchEngine<'b>,
         graph: &mut Graph<D, N, B, C, J>,
         resolver: &mut R,
-        scratch: &mut [u8],
     ) -> crate::Result<()>
     where
         D: Queue<'b>,
@@ -636,16 +650,12 @@ impl JobStepper {
         if graph.job_info(job)?.status == JobStatus::Concluded {
             return Ok(());
         }
-        let completing = &mut self.completing;
-        let stepped = engine.drained(graph, |graph| {
-            let status = graph.job_step(job, resolver, scratch)?;
-            if status == JobStatus::Ready && !*completing {
-                graph.job_complete(job)?;
-                *completing = true;
-            }
-            Ok(())
-        });
-        stepped.unwrap_or(Ok(()))
+        let status = engine.job_step(graph, job, resolver)?;
+        if status == JobStatus::Ready && !self.completing {
+            graph.job_complete(job)?;
+            self.completing = true;
+        }
+        Ok(())
     }
 }
 

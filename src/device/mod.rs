@@ -14,7 +14,7 @@ mod memory;
 pub use memory::{DeviceEvent, MemDevice};
 
 mod queue;
-pub use queue::{Completion, Op, Queue, Reorder, Submitted, Tag, REORDER_DEPTH};
+pub use queue::{perform, Completion, Op, Queue, Reorder, Submitted, Tag, REORDER_DEPTH};
 
 #[cfg(feature = "std")]
 mod file;

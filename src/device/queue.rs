@@ -10,7 +10,7 @@
 //! [`Queue::wait`] until one does.
 
 use super::{Device, DeviceId};
-use crate::error::Result;
+use crate::error::{fail, ErrorKind, Result};
 
 /// Names one operation submitted to a device; the submitter chooses it and
 /// gets it back with the operation's result.
@@ -34,22 +34,99 @@ pub enum Op<'b> {
         /// The bytes.
         buf: &'b [u8],
     },
+    /// Fill `buf[at..at + len]` from byte `offset`; `buf` comes back whole
+    /// with the completion. For a buffer lent for a series of operations
+    /// (a job's copy buffer), each on a part of it.
+    ReadPart {
+        /// Byte offset on the device.
+        offset: u64,
+        /// The whole buffer.
+        buf: &'b mut [u8],
+        /// Where in `buf` the bytes go.
+        at: usize,
+        /// How many.
+        len: usize,
+    },
+    /// Write `buf[at..at + len]` at byte `offset`; `buf` comes back whole
+    /// with the completion.
+    WritePart {
+        /// Byte offset on the device.
+        offset: u64,
+        /// The whole buffer.
+        buf: &'b mut [u8],
+        /// Where in `buf` the bytes are.
+        at: usize,
+        /// How many.
+        len: usize,
+    },
     /// Make every completed write durable.
     Flush,
+}
+
+impl<'b> Op<'b> {
+    /// What the operation transfers: its device offset, its bytes (a part
+    /// operation's part) and whether it writes them; `None` for a flush
+    /// and for a part that does not lie in its buffer.
+    pub fn transfer(&self) -> Option<(u64, &[u8], bool)> {
+        match self {
+            Op::Read { offset, buf } => Some((*offset, &**buf, false)),
+            Op::Write { offset, buf } => Some((*offset, &**buf, true)),
+            Op::ReadPart {
+                offset,
+                buf,
+                at,
+                len,
+            } => Some((*offset, buf.get(*at..at.checked_add(*len)?)?, false)),
+            Op::WritePart {
+                offset,
+                buf,
+                at,
+                len,
+            } => Some((*offset, buf.get(*at..at.checked_add(*len)?)?, true)),
+            Op::Flush => None,
+        }
+    }
+
+    /// The buffer of a read or a part operation, given back (one not
+    /// submitted after all).
+    pub fn into_buffer(self) -> Option<&'b mut [u8]> {
+        match self {
+            Op::Read { buf, .. } | Op::ReadPart { buf, .. } | Op::WritePart { buf, .. } => {
+                Some(buf)
+            }
+            Op::Write { .. } | Op::Flush => None,
+        }
+    }
+}
+
+/// `buf[at..at + len]`, the part of a [`Op::ReadPart`] or
+/// [`Op::WritePart`].
+///
+/// # Errors
+/// [`ErrorKind::InvalidInput`] when it does not lie in `buf`.
+pub(crate) fn part(buf: &mut [u8], at: usize, len: usize) -> Result<&mut [u8]> {
+    let end = at.checked_add(len);
+    match end.and_then(|end| buf.get_mut(at..end)) {
+        Some(part) => Ok(part),
+        None => fail(
+            ErrorKind::InvalidInput,
+            "an operation's part lies outside its buffer",
+        ),
+    }
 }
 
 /// What [`Queue::submit`] did with an operation.
 #[derive(Debug)]
 pub enum Submitted<'b> {
-    /// It completed at once, with this result (and a read's buffer, given
-    /// back); [`Queue::poll`] will not report it.
+    /// It completed at once, with this result (and a read's or a part
+    /// operation's buffer, given back); [`Queue::poll`] will not report it.
     Done(Result<()>, Option<&'b mut [u8]>),
     /// It is in flight; [`Queue::poll`] reports its completion.
     Queued,
 }
 
 /// What [`Queue::poll`] reports for each completed operation: its tag, its
-/// result and, for a read, its buffer given back.
+/// result and, for a read or a part operation, its buffer given back.
 pub type Completion<'c, 'b> = &'c mut dyn FnMut(Tag, Result<()>, Option<&'b mut [u8]>);
 
 /// Split-phase access to a device, with buffers that live for `'b`.
@@ -82,14 +159,33 @@ pub trait Queue<'b>: Device {
     fn wait(&mut self) {}
 }
 
-/// Runs `op` synchronously on `device`; a read's buffer comes back.
-pub(super) fn perform<'b, D: Device + ?Sized>(
+/// Runs `op` synchronously on `device`; a read's or a part operation's
+/// buffer comes back.
+pub fn perform<'b, D: Device + ?Sized>(
     device: &mut D,
     op: Op<'b>,
 ) -> (Result<()>, Option<&'b mut [u8]>) {
     match op {
         Op::Read { offset, buf } => (device.read_at(offset, buf), Some(buf)),
         Op::Write { offset, buf } => (device.write_at(offset, buf), None),
+        Op::ReadPart {
+            offset,
+            buf,
+            at,
+            len,
+        } => {
+            let result = part(buf, at, len).and_then(|part| device.read_at(offset, part));
+            (result, Some(buf))
+        }
+        Op::WritePart {
+            offset,
+            buf,
+            at,
+            len,
+        } => {
+            let result = part(buf, at, len).and_then(|part| device.write_at(offset, part));
+            (result, Some(buf))
+        }
         Op::Flush => (device.flush(), None),
     }
 }

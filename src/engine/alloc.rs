@@ -4,8 +4,7 @@
 //! 1. **Start** ([`Engine::start_allocating`]), synchronous, once the
 //!    request is validated as a whole (`Graph::check_write`, R14) and
 //!    qualifies (`Graph::allocates_in_flight`: qcow2, one allocation batch,
-//!    no old storage to release): the active commit's dirty bitmap is
-//!    marked, every cluster placed in the entry's [`Batch`] (new clusters
+//!    no old storage to release): every cluster placed in the entry's [`Batch`] (new clusters
 //!    counted in the cache, R1), the copied head and tail of a partly
 //!    covered new cluster written through the synchronous path, and the
 //!    guest's own buffers handed to the device as [`Op::Write`]s, into the
@@ -34,6 +33,7 @@
 //! write in flight, 10 KiB per engine. A qualifying write that finds every
 //! entry taken waits for one.
 
+use super::job::JOB_SLOT;
 use super::{issue_write, tag, Engine, Payload, State};
 use crate::device::Queue;
 use crate::format::qcow2::Batch;
@@ -44,15 +44,30 @@ pub const ALLOCATIONS: usize = 4;
 
 /// One allocating write in flight.
 pub(super) struct Allocation {
-    /// The request's slot.
+    /// The request's slot ([`JOB_SLOT`] for a job's run: it links its
+    /// segments itself).
     slot: usize,
     /// The qcow2 node it allocates in.
-    node: NodeId,
+    pub(super) node: NodeId,
     /// The guest bytes of the clusters it touches (whole clusters).
-    start: u64,
-    end: u64,
+    pub(super) start: u64,
+    pub(super) end: u64,
     /// Its new clusters, linked or abandoned at the end.
-    batch: Batch,
+    pub(super) batch: Batch,
+}
+
+impl Allocation {
+    /// The allocation of slot `slot` in `node` over the whole clusters
+    /// `start..end`, with `batch` to place them in.
+    pub(super) fn new(slot: usize, node: NodeId, (start, end): (u64, u64), batch: Batch) -> Self {
+        Self {
+            slot,
+            node,
+            start,
+            end,
+            batch,
+        }
+    }
 }
 
 impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
@@ -115,14 +130,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         };
         let (offset, len) = (slot.offset, slot.len);
         let cs = graph.cluster_size(root).unwrap_or(1).max(1);
-        let allocation = entry.insert(Allocation {
-            slot: index,
-            node: root,
-            start: offset / cs * cs,
-            end: (offset + len).div_ceil(cs).saturating_mul(cs),
-            batch: Batch::new(),
-        });
+        let clusters = (
+            offset / cs * cs,
+            (offset + len).div_ceil(cs).saturating_mul(cs),
+        );
+        let allocation = entry.insert(Allocation::new(index, root, clusters, Batch::new()));
         graph.note_guest_write(root, offset, len);
+        slot.written = Some(root);
         let mut queued = 0;
         let segments = match &mut slot.payload {
             Payload::Write(segments) => core::mem::take(segments),
@@ -164,7 +178,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
     ) {
         for entry in &mut self.allocations {
-            let Some(allocation) = entry else {
+            let Some(allocation) = entry.as_mut().filter(|a| a.slot != JOB_SLOT) else {
                 continue;
             };
             let slot = self.slots.get_mut(allocation.slot).and_then(Option::as_mut);

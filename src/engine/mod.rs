@@ -41,23 +41,30 @@
 //!   never overtakes an earlier one it overlaps. None starts before an
 //!   earlier exclusive request has finished.
 //!
-//! Chain changes (collapse, pivot, snapshot, detaching the backend) and job
-//! steps are refused with [`ErrorKind::Busy`] while requests are in flight
-//! through the chain they touch ([`Graph::has_requests_in_flight`]): run
-//! them in a drained section, [`Engine::drained`] (non-blocking: requests
-//! submitted meanwhile wait and start after it) or after [`Engine::drain`]
-//! (blocking).
+//! Chain changes (collapse, pivot, snapshot, detaching the backend) and
+//! synchronous job steps are refused with [`ErrorKind::Busy`] while
+//! requests are in flight through the chain they touch
+//! ([`Graph::has_requests_in_flight`]): run them in a drained section,
+//! [`Engine::drained`] (non-blocking: requests submitted meanwhile wait and
+//! start after it) or after [`Engine::drain`] (blocking). Jobs run through
+//! [`Engine::job_step`] (module `job`): their copies go to the devices
+//! among the guest's requests, through buffers the VMM lends
+//! ([`Engine::lend_job_buffer`]); only their state changes and pivot take
+//! a drained section.
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
 //! allocating writes in flight about 2.6 KiB (its batch of new clusters),
 //! each of the [`METADATA_BUFFERS`] entries 88 bytes (the lent 4 KiB
-//! buffers are the VMM's); the default engine (64 slots, 16 segments, 32
-//! pieces, 4 allocations) is about 68 KiB (`blockgraph sizes`). A read
+//! buffers are the VMM's), the [`JOB_LANES`] job lanes 168 bytes each (the
+//! lent job buffers are the VMM's too); the default engine (64 slots, 16
+//! segments, 32 pieces, 4 allocations) is about 70 KiB (`blockgraph
+//! sizes`). A read
 //! that the chain cuts into more than `PIECES` pieces takes the
 //! synchronous path.
 
 mod alloc;
+mod job;
 mod miss;
 
 use crate::backend::BackendId;
@@ -68,6 +75,8 @@ use crate::graph::{Graph, NodeId, Perm, ReadExtent};
 
 use alloc::Allocation;
 pub use alloc::ALLOCATIONS;
+pub use job::JOB_LANES;
+use job::{JobCopies, JOB_SLOT};
 pub use miss::METADATA_BUFFERS;
 use miss::{plan_or_load, Load, LOAD_SLOT};
 
@@ -163,6 +172,11 @@ struct Slot<'b, const S: usize, const P: usize> {
     extent: Option<ReadExtent>,
     /// The metadata load (module `miss`) this request waits for.
     load: Option<usize>,
+    /// A write sent to the devices from this node: an active commit of it
+    /// marks the range dirty when the write is issued (so what is dirty
+    /// counts the writes in flight) and again once it completes (so a job
+    /// run that read the range meanwhile copies it again; module `job`).
+    written: Option<NodeId>,
     /// Metadata slices its plans missed so far (module `miss`).
     misses: u8,
 }
@@ -218,6 +232,8 @@ pub struct Engine<
     allocations: [Option<Allocation>; ALLOCATIONS],
     /// Lent metadata buffers and their loads (module `miss`).
     loads: [Load<'b>; METADATA_BUFFERS],
+    /// The lent job buffer and the job run in flight (module `job`).
+    job: JobCopies<'b>,
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -231,8 +247,12 @@ impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
 impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     Engine<'b, SLOTS, SEGMENTS, PIECES>
 {
-    /// Request slots are told apart from metadata loads in device tags.
-    const SLOTS_FIT_TAGS: () = assert!(SLOTS < LOAD_SLOT, "too many request slots");
+    /// Request slots are told apart from metadata loads and job runs in
+    /// device tags.
+    const SLOTS_FIT_TAGS: () = assert!(
+        SLOTS < JOB_SLOT && JOB_SLOT < LOAD_SLOT,
+        "too many request slots"
+    );
 
     /// An engine with no requests; `const` so it can live in a `static`.
     pub const fn new() -> Self {
@@ -245,6 +265,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             draining: false,
             allocations: [const { None }; ALLOCATIONS],
             loads: [const { Load::IDLE }; METADATA_BUFFERS],
+            job: JobCopies::IDLE,
         }
     }
 
@@ -360,6 +381,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             extent: None,
             load: None,
             misses: 0,
+            written: None,
         });
         self.next_seq += 1;
         Ok(Ticket {
@@ -456,15 +478,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             // Before any later request starts: a flush or a read after
             // them sees the new clusters mapped.
             self.finish_allocations(graph);
-            // Finished requests let go of their chains.
-            for slot in self.slots.iter_mut().flatten() {
-                if slot.state == State::Done {
-                    if let Some(root) = slot.held.take() {
-                        graph.hold_chain(root, false);
-                    }
-                }
-            }
         }
+        // A job's run goes on (or, waiting for the devices to go quiet,
+        // holds back every request).
+        self.advance_copies(graph);
+        self.job.since_step = self.job.since_step.saturating_add(1);
         // Queued requests in submission order. One that waits for a
         // dependency lets later ones start unless they overlap it (or
         // another waiting one) on the same backend; an exclusive request
@@ -484,7 +502,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             let behind = waiting
                 .iter()
                 .any(|w| w.0 == range.0 && range.1 < w.2 && w.1 < range.2);
-            let started = match self.draining {
+            let started = match self.draining || self.job.holds_requests() {
                 true => Start::Barrier,
                 false if behind => Start::Wait,
                 false => self.start(graph, index),
@@ -498,7 +516,35 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 Start::Barrier => break,
             }
         }
+        self.settle_finished(graph);
         progressed
+    }
+
+    /// What finished requests leave behind, before the VMM sees them
+    /// finished: their chains let go, their writes marked in the dirty
+    /// bitmap of an active commit (on completion, so a job run that read
+    /// the range meanwhile copies it again).
+    fn settle_finished<
+        D: Queue<'b>,
+        const N: usize,
+        const B: usize,
+        const C: usize,
+        const J: usize,
+    >(
+        &mut self,
+        graph: &mut Graph<D, N, B, C, J>,
+    ) {
+        for slot in self.slots.iter_mut().flatten() {
+            if slot.state != State::Done {
+                continue;
+            }
+            if let Some(root) = slot.held.take() {
+                graph.hold_chain(root, false);
+            }
+            if let Some(root) = slot.written.take() {
+                graph.note_guest_write(root, slot.offset, slot.len);
+            }
+        }
     }
 
     /// Polls until request `ticket` finishes and takes it (other finished
@@ -529,7 +575,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
     ) {
-        while self.advance(graph) > 0 {}
+        while self.advance(graph) > 0 || self.job.copy_in_flight() {}
     }
 
     /// Runs `change` on the graph in a drained section, without blocking:
@@ -557,7 +603,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> Option<T> {
         self.draining = true;
         self.poll(graph);
-        if self.ops > 0 {
+        if self.ops > 0 || self.job.copy_in_flight() {
             return None;
         }
         self.draining = false;
@@ -585,6 +631,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> usize {
         let before = self.ops;
         let (slots, ops, loads) = (&mut self.slots, &mut self.ops, &mut self.loads);
+        let copies = &mut self.job;
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
                 continue;
@@ -593,6 +640,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 let (index, piece) = untag(tag);
                 if index == LOAD_SLOT {
                     miss::collected(loads, piece, result, buf);
+                    *ops -= 1;
+                    return;
+                }
+                if index == JOB_SLOT {
+                    job::collected(copies, piece, result, buf);
                     *ops -= 1;
                     return;
                 }
@@ -624,7 +676,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         graph: &mut Graph<D, N, B, C, J>,
         index: usize,
     ) -> Start {
-        if self.waits_for_allocation(graph, index) {
+        if self.waits_for_allocation(graph, index) || self.waits_for_job(graph, index) {
             return Start::Wait;
         }
         let Some(slot) = self.slots[index].as_mut() else {
@@ -849,7 +901,7 @@ fn issue<
     slot: &mut Slot<'b, S, P>,
     index: usize,
 ) -> usize {
-    let (offset, len) = (slot.offset, slot.len);
+    let offset = slot.offset;
     let write = matches!(slot.payload, Payload::Write(_));
     let mut queued = 0;
     let result = root_for(graph, slot.backend, write).and_then(|root| match &mut slot.payload {
@@ -864,7 +916,8 @@ fn issue<
             issue_read(graph, target, offset, segments, &mut queued)
         }
         Payload::Write(segments) => {
-            graph.note_guest_write(root, offset, len);
+            graph.note_guest_write(root, offset, slot.len);
+            slot.written = Some(root);
             let segments = core::mem::take(segments);
             let at = (root, tag(index, 0));
             issue_write(graph, at, (offset, None), &segments, &mut queued)

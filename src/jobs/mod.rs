@@ -3,7 +3,10 @@
 //! A job is started on a [`Graph`](crate::Graph) and then advanced by
 //! [`Graph::job_step`](crate::Graph::job_step), which does a bounded amount of work — one chunk of at
 //! most the caller's scratch buffer — so a VMM can serve guest requests
-//! between steps. States and verbs carry QMP's names:
+//! between steps; or, with requests in flight, by
+//! [`Engine::job_step`](crate::engine::Engine::job_step), whose copies go to
+//! the devices among the guest's requests (runs planned by the `copy`
+//! module). States and verbs carry QMP's names:
 //!
 //! ```text
 //!  created ──step──▶ running ◀──pause/resume──▶ paused
@@ -21,6 +24,7 @@
 //! reference the job holds, is refused with
 //! [`ErrorKind::Busy`](crate::ErrorKind::Busy).
 
+pub(crate) mod copy;
 pub mod dirty;
 mod run;
 

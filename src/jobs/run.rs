@@ -1,5 +1,6 @@
 //! Starting, stepping and steering jobs.
 
+use super::copy::JobRun;
 use super::{
     CommitRequest, DirtyBitmap, IoStatus, Job, JobId, JobInfo, JobKind, JobStatus, OnError,
     StreamRequest,
@@ -251,24 +252,25 @@ impl<
         scratch: &mut [u8],
     ) -> Result<()> {
         let job = self.jobs.get(id)?;
-        let (cursor, size, kind) = (job.cursor, job.size, job.kind);
+        let (cursor, size) = (job.cursor, job.size);
         if cursor < size {
             // Steps end on multiples of the largest power of two that fits
             // in `scratch`, or of the target's cluster when `scratch` is
             // smaller: a step fills a new cluster of the target whole.
             let want = piece_len(cursor, size - cursor, self.step_bytes(id, scratch)?);
-            let copied = match kind {
-                JobKind::Commit => self.commit_chunk(id, cursor, want, scratch),
-                JobKind::Stream => self.stream_chunk(id, cursor, want, scratch),
-            };
-            match copied {
-                Ok(n) => {
-                    let job = self.jobs.get_mut(id)?;
-                    job.cursor += n;
-                    job.offset += n;
-                    job.io_status = IoStatus::Ok;
+            match self.job_plan(id, cursor, want) {
+                Err(err) => self.job_failed(id, err, Some((cursor, want)))?,
+                Ok((action, run)) => {
+                    self.jobs.get_mut(id)?.cursor += run;
+                    let result = self.job_apply(action, cursor, run, scratch);
+                    let run = JobRun {
+                        offset: cursor,
+                        len: run,
+                        dirty: false,
+                        action,
+                    };
+                    self.job_run_done(id, run, result)?;
                 }
-                Err(err) => self.job_failed(id, err, want)?,
             }
         }
         let job = self.jobs.get(id)?;
@@ -282,18 +284,25 @@ impl<
             return Ok(());
         }
         // Active commit, first pass done: re-copy what the guest wrote,
-        // whole granules, about a scratch buffer's worth per step.
-        let mut budget = scratch.len() as u64;
+        // whole granules, about a scratch buffer's worth per step; a ready
+        // job asked to end copies all of it, then ends in this step (no
+        // guest write comes in meanwhile: the request engine runs this
+        // step in a drained section, once little is dirty).
+        let ending = job.status == JobStatus::Ready && (job.complete_requested || job.soft_cancel);
+        let mut budget = match ending {
+            true => u64::MAX,
+            false => scratch.len() as u64,
+        };
         while budget > 0 {
             let job = self.jobs.get_mut(id)?;
             let Some((start, len)) = job.dirty.as_mut().and_then(DirtyBitmap::take_first) else {
                 break;
             };
-            if let Err(err) = self.commit_chunk_all(id, start, len, scratch) {
+            if let Err(err) = self.job_chunk_all(id, start, len, scratch) {
                 if let Some(dirty) = self.jobs.get_mut(id)?.dirty.as_mut() {
                     dirty.mark(start, len);
                 }
-                return self.job_failed(id, err, 0);
+                return self.job_failed(id, err, None);
             }
             let job = self.jobs.get_mut(id)?;
             job.offset += len;
@@ -315,53 +324,16 @@ impl<
         Ok(())
     }
 
-    /// Commit: copies what layers above base hold at `offset` (one run of at
-    /// most `want` bytes) into base; returns the bytes handled.
-    fn commit_chunk(
-        &mut self,
-        id: JobId,
-        offset: u64,
-        want: u64,
-        scratch: &mut [u8],
-    ) -> Result<u64> {
-        let job = self.jobs.get(id)?;
-        let (top, base) = (job.top, job.base);
-        let base = base.ok_or(Error::new(ErrorKind::InvalidInput, "commit without base"))?;
-        let (status, run) = self.allocation_run(top, Some(base), offset, want)?;
-        if status.present {
-            if status.zero {
-                self.write_zeroes(base, offset, run)?;
-            } else {
-                self.copy_into(base, top, offset, run, scratch)?;
-            }
-        }
+    /// Copies what job `id` copies of the first at most `want` bytes at
+    /// `offset` ([`Graph::job_plan`]); returns the bytes handled.
+    fn job_chunk(&mut self, id: JobId, offset: u64, want: u64, scratch: &mut [u8]) -> Result<u64> {
+        let (action, run) = self.job_plan(id, offset, want)?;
+        self.job_apply(action, offset, run, scratch)?;
         Ok(run)
     }
 
-    /// [`Graph::allocation_above`], with adjacent runs that are equally
-    /// present and zero merged up to `want` bytes: a zero range spanning
-    /// several small clusters of a layer stays one zero write (and base
-    /// sparse), a data range one copy.
-    fn allocation_run(
-        &mut self,
-        top: NodeId,
-        bottom: Option<NodeId>,
-        offset: u64,
-        want: u64,
-    ) -> Result<(crate::graph::BlockStatus, u64)> {
-        let (status, mut run) = self.allocation_above(top, bottom, offset, want)?;
-        while run < want {
-            let (next, more) = self.allocation_above(top, bottom, offset + run, want - run)?;
-            if (next.present, next.zero) != (status.present, status.zero) {
-                break;
-            }
-            run += more;
-        }
-        Ok((status, run))
-    }
-
-    /// Runs [`Self::commit_chunk`] until all of `offset..offset + len` is done.
-    fn commit_chunk_all(
+    /// Runs [`Self::job_chunk`] until all of `offset..offset + len` is done.
+    fn job_chunk_all(
         &mut self,
         id: JobId,
         offset: u64,
@@ -372,7 +344,7 @@ impl<
         let mut done = 0;
         while done < len {
             let want = piece_len(offset + done, len - done, step);
-            done += self.commit_chunk(id, offset + done, want, scratch)?;
+            done += self.job_chunk(id, offset + done, want, scratch)?;
         }
         Ok(())
     }
@@ -381,55 +353,34 @@ impl<
     /// scratch's length, or the target's cluster size when larger (the copy
     /// then streams through `scratch`: [`Graph::copy_into`]).
     fn step_bytes(&self, id: JobId, scratch: &[u8]) -> Result<u64> {
-        let job = self.jobs.get(id)?;
-        let target = match job.kind {
-            JobKind::Commit => job.base,
-            JobKind::Stream => Some(job.active),
-        };
-        let cluster = match target {
+        let cluster = match self.job_target(id)? {
             Some(target) => self.cluster_size(target)?,
             None => 1,
         };
         Ok((scratch.len() as u64).max(cluster))
     }
 
-    /// Stream: copies into the active layer what it lacks at `offset` from
-    /// the layers above base; returns the bytes handled.
-    fn stream_chunk(
+    /// Applies the job's `on-error` policy to a failure; `first_pass` is
+    /// the range of the first pass that failed (the cursor may be past it
+    /// already: it was planned), `None` for a dirty range (marked again by
+    /// the caller).
+    pub(crate) fn job_failed(
         &mut self,
         id: JobId,
-        offset: u64,
-        want: u64,
-        scratch: &mut [u8],
-    ) -> Result<u64> {
-        let job = self.jobs.get(id)?;
-        let (active, base) = (job.active, job.base);
-        let below = self.backing(active)?;
-        let (own, run) = self.allocation_above(active, below, offset, want)?;
-        if own.present {
-            return Ok(run);
-        }
-        let (status, run) = self.allocation_run(active, base, offset, run)?;
-        if !status.present {
-            return Ok(run);
-        }
-        if status.zero {
-            if base.is_some() {
-                self.write_zeroes(active, offset, run)?;
-            }
-        } else {
-            self.copy_into(active, active, offset, run, scratch)?;
-        }
-        Ok(run)
-    }
-
-    /// Applies the job's `on-error` policy to a failed chunk of `len` bytes.
-    fn job_failed(&mut self, id: JobId, err: Error, len: u64) -> Result<()> {
+        err: Error,
+        first_pass: Option<(u64, u64)>,
+    ) -> Result<()> {
         let job = self.jobs.get_mut(id)?;
         job.io_status = if err.kind() == ErrorKind::NoSpace {
             IoStatus::NoSpace
         } else {
             IoStatus::Failed
+        };
+        // Stop and (commit) ignore retry the range: the cursor goes back.
+        let retry = |job: &mut Job| {
+            if let Some((offset, _)) = first_pass {
+                job.cursor = job.cursor.min(offset);
+            }
         };
         match job.on_error {
             OnError::Report => {
@@ -437,15 +388,18 @@ impl<
                 job.status = JobStatus::Aborting;
             }
             OnError::Stop => {
+                retry(job);
                 job.resume_to = job.status;
                 job.status = JobStatus::Paused;
             }
             OnError::Ignore if job.kind == JobKind::Stream => {
                 job.skipped_chunks = true;
-                job.cursor += len;
-                job.offset += len;
+                if let Some((offset, len)) = first_pass {
+                    job.cursor = job.cursor.max(offset + len);
+                    job.offset += len;
+                }
             }
-            OnError::Ignore => {}
+            OnError::Ignore => retry(job),
         }
         Ok(())
     }

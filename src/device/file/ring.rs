@@ -56,8 +56,19 @@ pub(super) enum RingState {
 /// nothing the submitter does (freeing it, leaking the device) can pull it
 /// from under the kernel.
 enum Parked {
-    Read(&'static mut [u8]),
+    /// A read into `buf[at..at + len]`; `buf` comes back.
+    Read {
+        buf: &'static mut [u8],
+        at: usize,
+        len: usize,
+    },
     Write(&'static [u8]),
+    /// A write of `buf[at..at + len]`; `buf` comes back.
+    WritePart {
+        buf: &'static mut [u8],
+        at: usize,
+        len: usize,
+    },
     Flush,
 }
 
@@ -65,26 +76,44 @@ impl Parked {
     /// The bytes to transfer (none for a flush).
     fn bytes(&self) -> &[u8] {
         match self {
-            Parked::Read(buf) => buf,
+            Parked::Read { buf, at, len } | Parked::WritePart { buf, at, len } => {
+                &buf[*at..*at + *len]
+            }
             Parked::Write(buf) => buf,
             Parked::Flush => &[],
         }
     }
 
-    /// A read's buffer, given back.
-    fn into_read(self) -> Option<&'static mut [u8]> {
+    /// The buffer of a read or a part write, given back.
+    fn into_lent(self) -> Option<&'static mut [u8]> {
         match self {
-            Parked::Read(buf) => Some(buf),
+            Parked::Read { buf, .. } | Parked::WritePart { buf, .. } => Some(buf),
             _ => None,
         }
     }
 }
 
-/// `op`'s offset and memory, parked for the kernel.
+/// `op`'s offset and memory, parked for the kernel (a part's window
+/// checked by [`Queue::submit`] first).
 fn park(op: Op<'static>) -> (u64, Parked) {
     match op {
-        Op::Read { offset, buf } => (offset, Parked::Read(buf)),
+        Op::Read { offset, buf } => {
+            let len = buf.len();
+            (offset, Parked::Read { buf, at: 0, len })
+        }
+        Op::ReadPart {
+            offset,
+            buf,
+            at,
+            len,
+        } => (offset, Parked::Read { buf, at, len }),
         Op::Write { offset, buf } => (offset, Parked::Write(buf)),
+        Op::WritePart {
+            offset,
+            buf,
+            at,
+            len,
+        } => (offset, Parked::WritePart { buf, at, len }),
         Op::Flush => (0, Parked::Flush),
     }
 }
@@ -123,7 +152,7 @@ impl Transfer {
         if moved == 0 {
             // As `read_exact_at` and `write_all_at` report it.
             let kind = match self.parked {
-                Parked::Read(_) => std::io::ErrorKind::UnexpectedEof,
+                Parked::Read { .. } => std::io::ErrorKind::UnexpectedEof,
                 _ => std::io::ErrorKind::WriteZero,
             };
             return Outcome::Over(Err(io_error(kind.into())));
@@ -141,16 +170,16 @@ impl Transfer {
     fn entry(&mut self, index: usize, buffered: RawFd, direct: Option<RawFd>) -> squeue::Entry {
         let offset = self.offset + self.done as u64;
         let entry = match &mut self.parked {
-            Parked::Read(buf) => {
-                let rest = &mut buf[self.done..];
+            Parked::Read { buf, at, len } => {
+                let rest = &mut buf[*at + self.done..*at + *len];
                 let fd = *through(&buffered, direct.as_ref(), offset, rest);
                 let len = rest.len().min(MOST_PER_ENTRY) as u32;
                 opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len)
                     .offset(offset)
                     .build()
             }
-            Parked::Write(buf) => {
-                let rest = &buf[self.done..];
+            Parked::Write(_) | Parked::WritePart { .. } => {
+                let rest = &self.parked.bytes()[self.done..];
                 let fd = *through(&buffered, direct.as_ref(), offset, rest);
                 let len = rest.len().min(MOST_PER_ENTRY) as u32;
                 opcode::Write::new(types::Fd(fd), rest.as_ptr(), len)
@@ -219,11 +248,7 @@ impl Ring {
         let index = match self.free_slot() {
             Ok(index) => index,
             Err(err) => {
-                let buf = match op {
-                    Op::Read { buf, .. } => Some(buf),
-                    _ => None,
-                };
-                return Err((err, buf));
+                return Err((err, op.into_buffer()));
             }
         };
         let (offset, parked) = park(op);
@@ -235,7 +260,7 @@ impl Ring {
         };
         self.slots[index] = Some(transfer);
         if let Err(err) = self.push(index) {
-            let buf = self.slots[index].take().and_then(|t| t.parked.into_read());
+            let buf = self.slots[index].take().and_then(|t| t.parked.into_lent());
             self.free.push(index);
             return Err((err, buf));
         }
@@ -383,14 +408,14 @@ impl FileDevice {
     /// transfer, a writable file to flush). The others complete at once,
     /// synchronously, with the synchronous path's result.
     fn queueable(&self, op: &Op<'_>) -> bool {
-        match op {
-            Op::Read { offset, buf } => {
-                !buf.is_empty() && self.check_read(*offset, buf.len()).is_ok()
+        match op.transfer() {
+            Some((offset, bytes, false)) => {
+                !bytes.is_empty() && self.check_read(offset, bytes.len()).is_ok()
             }
-            Op::Write { offset, buf } => {
-                !buf.is_empty() && self.write_end(*offset, buf.len()).is_ok()
+            Some((offset, bytes, true)) => {
+                !bytes.is_empty() && self.write_end(offset, bytes.len()).is_ok()
             }
-            Op::Flush => !self.read_only,
+            None => matches!(op, Op::Flush) && !self.read_only,
         }
     }
 }
@@ -423,10 +448,12 @@ impl Queue<'static> for FileDevice {
         };
         ring.reap();
         for finished in ring.finished.drain(..) {
-            if let (Ok(()), Parked::Write(buf)) = (&finished.result, &finished.parked) {
-                self.len = self.len.max(finished.offset + buf.len() as u64);
+            let wrote = matches!(finished.parked, Parked::Write(_) | Parked::WritePart { .. });
+            if wrote && finished.result.is_ok() {
+                let len = finished.parked.bytes().len() as u64;
+                self.len = self.len.max(finished.offset + len);
             }
-            done(finished.tag, finished.result, finished.parked.into_read());
+            done(finished.tag, finished.result, finished.parked.into_lent());
         }
     }
 

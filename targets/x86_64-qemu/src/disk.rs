@@ -32,7 +32,7 @@
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use blockgraph::device::{Completion, DeviceId, Op, Queue, Submitted, Tag};
+use blockgraph::device::{perform, Completion, DeviceId, Op, Queue, Submitted, Tag};
 use blockgraph::graph::NameBuf;
 use blockgraph::{Device, Error, ErrorKind, Resolver, Result};
 use spin::Mutex;
@@ -353,9 +353,10 @@ impl Queue<'static> for VirtioDisk {
     fn submit(&mut self, tag: Tag, op: Op<'static>) -> Submitted<'static> {
         match self.queue(tag, op) {
             Ok(()) => Submitted::Queued,
-            Err(Op::Read { offset, buf }) => Submitted::Done(self.read_at(offset, buf), Some(buf)),
-            Err(Op::Write { offset, buf }) => Submitted::Done(self.write_at(offset, buf), None),
-            Err(Op::Flush) => Submitted::Done(self.flush(), None),
+            Err(op) => {
+                let (result, buf) = perform(self, op);
+                Submitted::Done(result, buf)
+            }
         }
     }
 

@@ -57,9 +57,15 @@ enum Kind {
 struct Record {
     tag: Tag,
     kind: Kind,
-    /// The engine's buffer (dangling for a flush).
+    /// The engine's buffer (dangling for a flush), whole.
     data: NonNull<u8>,
     len: usize,
+    /// The part of it transferred: `at..at + part`.
+    at: usize,
+    part: usize,
+    /// Whether the buffer goes back to the engine at completion (a read,
+    /// a part write).
+    lent: bool,
     request: Request,
     /// The result, once finished.
     result: Result<(), Error>,
@@ -71,6 +77,9 @@ impl Record {
         kind: Kind::Flush,
         data: NonNull::dangling(),
         len: 0,
+        at: 0,
+        part: 0,
+        lent: false,
         request: Request::new(),
         result: Ok(()),
     };
@@ -83,16 +92,13 @@ impl Record {
     /// driver's `start`/`finish`.
     unsafe fn transfer<'t>(&self) -> Transfer<'t> {
         // SAFETY: `data`/`len` describe the buffer lent in `queue`, valid
-        // until the engine gets it back (the caller's promise).
+        // until the engine gets it back (the caller's promise), and `queue`
+        // checked that `at..at + part` lies in it.
         unsafe {
+            let data = self.data.as_ptr().add(self.at);
             match self.kind {
-                Kind::Read => Transfer::Read(core::slice::from_raw_parts_mut(
-                    self.data.as_ptr(),
-                    self.len,
-                )),
-                Kind::Write => {
-                    Transfer::Write(core::slice::from_raw_parts(self.data.as_ptr(), self.len))
-                }
+                Kind::Read => Transfer::Read(core::slice::from_raw_parts_mut(data, self.part)),
+                Kind::Write => Transfer::Write(core::slice::from_raw_parts(data, self.part)),
                 Kind::Flush => Transfer::Flush,
             }
         }
@@ -132,8 +138,8 @@ impl Stack {
     }
 }
 
-/// A completed operation for the engine: tag, result and, for a read, its
-/// buffer.
+/// A completed operation for the engine: tag, result and, for a read or a
+/// part operation, its buffer.
 pub type Completion<'b> = (Tag, Result<(), Error>, Option<&'b mut [u8]>);
 
 /// The requests in flight on one disk.
@@ -201,13 +207,24 @@ impl Requests {
         mut op: Op<'static>,
     ) -> Result<(), Op<'static>> {
         let (kind, offset, data, len) = match &mut op {
-            Op::Read { offset, buf } => (Kind::Read, *offset, buf.as_mut_ptr(), buf.len()),
+            Op::Read { offset, buf } | Op::ReadPart { offset, buf, .. } => {
+                (Kind::Read, *offset, buf.as_mut_ptr(), buf.len())
+            }
+            Op::WritePart { offset, buf, .. } => {
+                (Kind::Write, *offset, buf.as_mut_ptr(), buf.len())
+            }
             Op::Write { offset, buf } => (Kind::Write, *offset, buf.as_ptr().cast_mut(), buf.len()),
             Op::Flush => (Kind::Flush, 0, NonNull::dangling().as_ptr(), 0),
         };
+        let (at, part, lent) = match &op {
+            Op::ReadPart { at, len, .. } | Op::WritePart { at, len, .. } => (*at, *len, true),
+            Op::Read { .. } => (0, len, true),
+            _ => (0, len, false),
+        };
+        let inside = at.checked_add(part).is_some_and(|end| end <= len);
         let whole = match kind {
             Kind::Flush => driver.has_write_cache(),
-            _ => whole_sectors(offset, len, driver.sectors()),
+            _ => inside && whole_sectors(offset, part, driver.sectors()),
         };
         if self.broken || !whole || !driver.has_room() {
             return Err(op);
@@ -220,6 +237,7 @@ impl Requests {
         record.kind = kind;
         record.data = NonNull::new(data).unwrap_or(NonNull::dangling());
         record.len = len;
+        (record.at, record.part, record.lent) = (at, part, lent);
         // SAFETY: the record holds the engine's `'static` buffer, moved in
         // here and reached by nothing else until `take` hands it back, and
         // its request storage stays in place in the static disk table.
@@ -261,14 +279,12 @@ impl Requests {
         self.free.push(index);
         let record = &self.records[index];
         let (data, len) = (record.data.as_ptr(), record.len);
-        let buf = match record.kind {
-            Kind::Read => {
-                // SAFETY: the buffer was a `'static` borrow moved into the
-                // record by `queue`; the device is done with it, it is
-                // handed back once, and the record is free now.
-                Some(unsafe { core::slice::from_raw_parts_mut(data, len) })
-            }
-            Kind::Write | Kind::Flush => None,
+        let buf = match record.lent {
+            // SAFETY: the buffer was a `'static` mutable borrow moved into
+            // the record by `queue`; the device is done with it, it is
+            // handed back once, and the record is free now.
+            true => Some(unsafe { core::slice::from_raw_parts_mut(data, len) }),
+            false => None,
         };
         Some((record.tag, record.result, buf))
     }
