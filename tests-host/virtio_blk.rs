@@ -1,7 +1,7 @@
-//! The virtio-blk device side: descriptor chains built in a fake guest
-//! memory (a leaked buffer, guest addresses are offsets), served from a
-//! qcow2 image qemu-img created, on a device that completes operations out
-//! of order. Reads, writes, flushes, discards, write zeroes and GET_ID
+//! The virtio-blk device side: descriptor chains built in guest memory
+//! (a leaked buffer lent as `FlatMemory`, guest addresses are offsets),
+//! served from a qcow2 image qemu-img created, on a device that completes
+//! operations out of order. Reads, writes, flushes, discards, write zeroes and GET_ID
 //! against a model and then qemu-img and qemu-io on the image; every
 //! malformed chain refused with the right status and the image left
 //! byte-identical; overlapping buffers held back, then served; many
@@ -10,12 +10,11 @@
 mod common;
 
 use std::fs;
-use std::ptr::NonNull;
 
 use blockgraph::device::{MemDevice, Reorder};
 use blockgraph::engine::Engine;
 use blockgraph::virtio_blk::{
-    Config, Descriptor, DiskId, GuestMemory, Server, Used, CONFIG_LEN, F_BLK_SIZE, F_DISCARD,
+    Config, Descriptor, DiskId, FlatMemory, Server, Used, CONFIG_LEN, F_BLK_SIZE, F_DISCARD,
     F_FLUSH, F_RO, F_SEG_MAX, F_SIZE_MAX, F_VERSION_1, F_WRITE_ZEROES, T_DISCARD, T_FLUSH,
     T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
@@ -36,57 +35,22 @@ const UNSUPP: u8 = 2;
 /// What a status byte holds before the server writes it.
 const UNWRITTEN: u8 = 0xff;
 
-/// Guest RAM for the tests: a leaked buffer reached only through raw
-/// pointers; guest address = offset.
-#[derive(Clone, Copy)]
-struct Guest {
-    base: *mut u8,
-    len: usize,
+/// Guest RAM: a leaked buffer, guest address = offset.
+type Guest = FlatMemory<'static>;
+
+/// Stores `bytes` at guest `addr`.
+fn put(guest: &Guest, addr: u64, bytes: &[u8]) {
+    // SAFETY: the tests write only chains not yet submitted, or between
+    // runs (nothing in flight).
+    assert!(unsafe { guest.write(addr, bytes) }, "outside guest RAM");
 }
 
-impl Guest {
-    fn new(len: usize) -> Self {
-        let memory = Box::leak(vec![0u8; len].into_boxed_slice());
-        Self {
-            base: memory.as_mut_ptr(),
-            len,
-        }
-    }
-
-    /// Stores `bytes` at `addr` (no request may be in flight over them).
-    fn put(&self, addr: u64, bytes: &[u8]) {
-        assert!(addr as usize + bytes.len() <= self.len);
-        // SAFETY: inside the leaked buffer; no slice of the server covers
-        // these bytes (the tests write only chains not yet submitted).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(addr as usize), bytes.len())
-        }
-    }
-
-    /// The `len` bytes at `addr` (no request may be in flight over them).
-    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
-        assert!(addr as usize + len <= self.len);
-        let mut out = vec![0u8; len];
-        // SAFETY: as `put`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.base.add(addr as usize), out.as_mut_ptr(), len)
-        }
-        out
-    }
-}
-
-// SAFETY: the buffer is leaked (valid for 'static, never moved), guest
-// addresses map one-to-one to its bytes, and the tests touch it only
-// through raw pointers, never where a request in flight has it.
-unsafe impl GuestMemory<'static> for Guest {
-    fn translate(&self, addr: u64, len: u32) -> Option<NonNull<u8>> {
-        let end = addr.checked_add(u64::from(len))?;
-        if end > self.len as u64 {
-            return None;
-        }
-        // SAFETY: `addr` < `self.len`: inside the buffer.
-        NonNull::new(unsafe { self.base.add(addr as usize) })
-    }
+/// The `len` guest bytes at `addr`.
+fn get(guest: &Guest, addr: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    // SAFETY: the tests read only between runs (nothing in flight).
+    assert!(unsafe { guest.read(addr, &mut out) }, "outside guest RAM");
+    out
 }
 
 type Disk = Reorder<'static, MemDevice<'static>>;
@@ -100,7 +64,6 @@ struct Fixture<const RECORDS: usize = 64, const SLOTS: usize = 64> {
     graph: Box<TestGraph>,
     engine: Box<Engine<'static, SLOTS>>,
     server: Box<Server<'static, Guest, RECORDS>>,
-    guest: Guest,
     /// Next free guest address.
     next: u64,
     file: NodeId,
@@ -143,8 +106,8 @@ impl<const RECORDS: usize, const SLOTS: usize> Fixture<RECORDS, SLOTS> {
         let mut model = vec![0u8; DISK as usize];
         model[..512 << 10].fill(0x5a);
         model[1 << 20..(1 << 20) + (256 << 10)].fill(0x6b);
-        let guest = Guest::new(RAM);
-        let mut server = Box::new(Server::new(guest));
+        let ram = Box::leak(vec![0u8; RAM].into_boxed_slice());
+        let mut server = Box::new(Server::new(FlatMemory::new(ram, 0)));
         let defaults = Config::for_backend(&graph, backend).unwrap();
         let disk = server.add_disk(backend, config(defaults), SERIAL).unwrap();
         Self {
@@ -152,7 +115,6 @@ impl<const RECORDS: usize, const SLOTS: usize> Fixture<RECORDS, SLOTS> {
             graph,
             engine: Box::new(Engine::new()),
             server,
-            guest,
             next: 4096,
             file,
             backend,
@@ -167,7 +129,7 @@ impl<const RECORDS: usize, const SLOTS: usize> Fixture<RECORDS, SLOTS> {
         let addr = self.next;
         self.next = (addr + len as u64).next_multiple_of(64);
         assert!(self.next as usize <= RAM, "test guest RAM exhausted");
-        self.guest.put(addr, &vec![fill; len]);
+        put(self.server.memory(), addr, &vec![fill; len]);
         addr
     }
 
@@ -182,7 +144,7 @@ impl<const RECORDS: usize, const SLOTS: usize> Fixture<RECORDS, SLOTS> {
     /// A readable descriptor holding `bytes`.
     fn bytes(&mut self, bytes: &[u8]) -> Descriptor {
         let addr = self.alloc(bytes.len(), 0);
-        self.guest.put(addr, bytes);
+        put(self.server.memory(), addr, bytes);
         readable(addr, bytes.len())
     }
 
@@ -250,7 +212,7 @@ impl<const RECORDS: usize, const SLOTS: usize> Fixture<RECORDS, SLOTS> {
     /// The guest byte at `addr`; outside guest RAM, [`UNWRITTEN`].
     fn byte(&self, addr: u64) -> u8 {
         match addr < RAM as u64 {
-            true => self.guest.get(addr, 1)[0],
+            true => get(self.server.memory(), addr, 1)[0],
             false => UNWRITTEN,
         }
     }
@@ -302,7 +264,7 @@ fn last_byte(d: &Descriptor) -> u64 {
 /// `fill`, then the status byte.
 fn with_status(fx: &mut Fixture, len: usize, fill: u8) -> Descriptor {
     let d = fx.buffer(len + 1, fill, true);
-    fx.guest.put(d.addr + len as u64, &[UNWRITTEN]);
+    put(fx.server.memory(), d.addr + len as u64, &[UNWRITTEN]);
     d
 }
 
@@ -378,9 +340,9 @@ fn serves_every_request_type_on_a_qcow2_image() {
     let c = with_status(&mut fx, 1024, 0xee);
     let (used, status) = fx.serve(&[h1, h2, a, b, c]);
     assert_eq!((used, status), (4097, OK));
-    let mut read = fx.guest.get(a.addr, 1024);
-    read.extend(fx.guest.get(b.addr, 2048));
-    read.extend(fx.guest.get(c.addr, 1024));
+    let mut read = get(fx.server.memory(), a.addr, 1024);
+    read.extend(get(fx.server.memory(), b.addr, 2048));
+    read.extend(get(fx.server.memory(), c.addr, 1024));
     let start = (512 << 10) - 2048;
     assert!(read == fx.model[start..start + 4096], "read other data");
 
@@ -408,7 +370,7 @@ fn serves_every_request_type_on_a_qcow2_image() {
         let data = fx.buffer(len, 0xee, true);
         let status = fx.status();
         assert_eq!(fx.serve(&[header, data, status]), (shown as u32 + 1, OK));
-        let got = fx.guest.get(data.addr, len);
+        let got = get(fx.server.memory(), data.addr, len);
         assert_eq!(&got[..shown], &SERIAL[..shown]);
         assert!(
             got[shown..].iter().all(|&b| b == 0xee),
@@ -792,7 +754,7 @@ fn malformed_chains_are_refused_without_touching_the_image() {
         let status_at = expected.and(chain.last()).map(last_byte);
         let snapshot = |fx: &Fixture| -> Vec<Vec<u8>> {
             let read = |d: &Descriptor| {
-                let mut bytes = fx.guest.get(d.addr, d.len as usize);
+                let mut bytes = get(fx.server.memory(), d.addr, d.len as usize);
                 if let Some(at) =
                     status_at.filter(|at| (d.addr..d.addr + u64::from(d.len)).contains(at))
                 {
@@ -841,7 +803,7 @@ fn malformed_chains_are_refused_without_touching_the_image() {
     let header = fx.header(T_IN, 0);
     let data = with_status(&mut fx, 512, 0xee);
     assert_eq!(fx.serve(&[header, data]), (513, OK), "read of read-only");
-    assert!(fx.guest.get(data.addr, 512) == fx.model[..512]);
+    assert!(get(fx.server.memory(), data.addr, 512) == fx.model[..512]);
     assert!(fx.image() == before, "the read-only disk changed the image");
 }
 
@@ -902,7 +864,10 @@ fn overlapping_buffers_are_held_back_then_served() {
         fx.view() == fx.model,
         "the write did not send what the read brought"
     );
-    assert_eq!(fx.guest.get(shared.addr + 1024, 512), vec![0x5a; 512]);
+    assert_eq!(
+        get(fx.server.memory(), shared.addr + 1024, 512),
+        vec![0x5a; 512]
+    );
     fx.check_on_disk();
 }
 
@@ -978,7 +943,7 @@ fn many_chains_in_flight_complete_out_of_order() {
                 Some((addr, at)) => {
                     assert_eq!(u.len, 4097);
                     assert!(
-                        fx.guest.get(*addr, 4096) == fx.model[*at..at + 4096],
+                        get(fx.server.memory(), *addr, 4096) == fx.model[*at..at + 4096],
                         "read {}",
                         u.head
                     );

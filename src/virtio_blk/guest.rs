@@ -1,5 +1,6 @@
-//! Guest memory: the [`GuestMemory`] trait a VMM implements, and the only
-//! code of the crate that turns guest addresses into slices.
+//! Guest memory: the [`GuestMemory`] trait a VMM implements, [`FlatMemory`]
+//! for guest RAM that is one host buffer, and the only code of the crate
+//! that turns guest addresses into slices.
 //!
 //! The request engine borrows guest buffers as `&'b mut [u8]` and
 //! `&'b [u8]` (zero copy). Rust forbids two live references to one byte
@@ -12,6 +13,7 @@
 //! live slice covers.
 #![allow(unsafe_code)]
 
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use heapless::Vec;
@@ -53,6 +55,88 @@ pub unsafe trait GuestMemory<'b> {
     /// `None` when any of them lies outside guest RAM or the range is not
     /// contiguous in host memory.
     fn translate(&self, addr: u64, len: u32) -> Option<NonNull<u8>>;
+}
+
+/// Guest RAM that is one host buffer, lent for `'m`: guest physical
+/// addresses `start..start + len` are its bytes, in order. Nothing else
+/// can reach the buffer while it is lent, which is what [`GuestMemory`]
+/// asks (the guest's own concurrent changes aside, as its documentation
+/// says).
+pub struct FlatMemory<'m> {
+    base: NonNull<u8>,
+    len: usize,
+    start: u64,
+    memory: PhantomData<&'m mut [u8]>,
+}
+
+// SAFETY: it stands for the `&'m mut [u8]` it was made from, which may be
+// sent to another thread.
+unsafe impl Send for FlatMemory<'_> {}
+
+impl<'m> FlatMemory<'m> {
+    /// Guest RAM `memory`, its first byte at guest address `start`.
+    pub fn new(memory: &'m mut [u8], start: u64) -> Self {
+        Self {
+            len: memory.len(),
+            base: NonNull::from(memory).cast(),
+            start,
+            memory: PhantomData,
+        }
+    }
+
+    /// Copies the guest bytes at `addr` into `buf`; `false` (nothing
+    /// copied) when they are not all guest RAM.
+    ///
+    /// # Safety
+    /// No chain of the [`Server`](super::Server) owning this memory that
+    /// writes those bytes is in flight ([`Server::in_flight`] is 0, for
+    /// example).
+    ///
+    /// [`Server::in_flight`]: super::Server::in_flight
+    pub unsafe fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        // SAFETY: the caller's promise: no slice covers the bytes.
+        unsafe { read(self, addr, buf) }
+    }
+
+    /// Copies `bytes` into guest RAM at `addr`; `false` (nothing copied)
+    /// when they are not all guest RAM.
+    ///
+    /// # Safety
+    /// No chain of the [`Server`](super::Server) owning this memory that
+    /// reads or writes those bytes is in flight.
+    pub unsafe fn write(&self, addr: u64, bytes: &[u8]) -> bool {
+        let Ok(len) = u32::try_from(bytes.len()) else {
+            return false;
+        };
+        if len == 0 {
+            return true;
+        }
+        // SAFETY: the caller's promise: no slice covers the bytes, and
+        // this one dies here.
+        match unsafe { slice_mut(self, Span { addr, len }) } {
+            Some(place) => {
+                place.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+// SAFETY: the buffer was lent for `'m` (`new` takes the `&'m mut`), so it
+// stays valid and nothing else references it; guest bytes map one-to-one
+// to its bytes, and `translate` returns only ranges inside it.
+unsafe impl<'m> GuestMemory<'m> for FlatMemory<'m> {
+    fn translate(&self, addr: u64, len: u32) -> Option<NonNull<u8>> {
+        let offset = addr.checked_sub(self.start)?;
+        let end = offset.checked_add(u64::from(len))?;
+        if end > self.len as u64 {
+            return None;
+        }
+        // SAFETY: `offset` <= `end` <= `len`: inside the buffer, or just past
+        // its end for an empty range (`len` is a `usize`).
+        Some(unsafe { self.base.add(offset as usize) })
+    }
 }
 
 /// The host bytes of `span`, if translated and addressable as one slice.

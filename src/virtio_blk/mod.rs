@@ -11,7 +11,8 @@
 //! ```text
 //!  request  descriptors, header, segments: Chain::decode -> Request
 //!  config   config space and feature bits: Config
-//!  guest    GuestMemory: guest addresses -> host slices (the unsafe part)
+//!  guest    GuestMemory: guest addresses -> host slices (the unsafe part);
+//!           FlatMemory: guest RAM in one host buffer
 //!  server   Server: records, overlap hold-back, engine submission, status
 //! ```
 //!
@@ -34,7 +35,7 @@ pub use config::{
     Config, CONFIG_LEN, DEFAULT_MAX_ZERO_SECTORS, DEFAULT_SIZE_MAX, F_BLK_SIZE, F_DISCARD, F_FLUSH,
     F_RO, F_SEG_MAX, F_SIZE_MAX, F_VERSION_1, F_WRITE_ZEROES,
 };
-pub use guest::GuestMemory;
+pub use guest::{FlatMemory, GuestMemory};
 pub use request::{
     Chain, Descriptor, Op, Refusal, Request, Span, Status, FLAG_UNMAP, HEADER_LEN, ID_LEN, SECTOR,
     SEGMENT_LEN, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,

@@ -301,13 +301,10 @@ impl<const D: usize> Chain<D> {
                 }
                 if kind == T_FLUSH {
                     Op::Flush
-                } else {
-                    let len = returned.min(ID_LEN as u64);
-                    streams
-                        .cut(true, (0, len), &mut data)
-                        .then_some(())
-                        .ok_or(ioerr)?;
+                } else if streams.cut(true, (0, returned.min(ID_LEN as u64)), &mut data) {
                     Op::GetId
+                } else {
+                    return Err(ioerr);
                 }
             }
             T_DISCARD | T_WRITE_ZEROES => {
