@@ -805,6 +805,30 @@ fn malformed_chains_are_refused_without_touching_the_image() {
     assert_eq!(fx.serve(&[header, data]), (513, OK), "read of read-only");
     assert!(get(fx.server.memory(), data.addr, 512) == fx.model[..512]);
     assert!(fx.image() == before, "the read-only disk changed the image");
+
+    // A disk of 4 KiB blocks: requests must be whole blocks.
+    let blocks = Config {
+        blk_size: 4096,
+        ..*fx.server.config(fx.disk).unwrap()
+    };
+    let bad = Config {
+        blk_size: 1000,
+        ..blocks
+    };
+    let refused = fx.server.add_disk(fx.backend, bad, b"");
+    assert_eq!(refused.map_err(|e| e.kind()), Err(ErrorKind::InvalidInput));
+    fx.disk = fx.server.add_disk(fx.backend, blocks, b"4k").unwrap();
+    for (sector, len, expected, used) in
+        [(8, 4096, OK, 4097), (0, 512, IOERR, 1), (4, 4096, IOERR, 1)]
+    {
+        let header = fx.header(T_IN, sector);
+        let data = with_status(&mut fx, len, 0xee);
+        assert_eq!(
+            fx.serve(&[header, data]),
+            (used, expected),
+            "{len} at {sector}"
+        );
+    }
 }
 
 /// A write from the buffer a read in flight fills is held back until the
@@ -956,4 +980,32 @@ fn many_chains_in_flight_complete_out_of_order() {
         fx.check_on_disk();
     }
     assert!(out_of_order, "every run completed in submission order");
+}
+
+/// A device error fails the chain with IOERR (a read's used length still
+/// counts its data: the engine may have written part of it), and the next
+/// chain is served again.
+#[test]
+fn device_errors_give_ioerr() {
+    let mut fx: Fixture = Fixture::new(5, |c| c);
+    // A failed read, a failed write (the device refuses writes), a read.
+    for (kind, fail) in [(T_IN, true), (T_OUT, true), (T_IN, false)] {
+        let device = fx.graph.device_mut(fx.file).unwrap().inner_mut();
+        device.fail_operation((kind == T_IN && fail).then_some(0));
+        device.set_read_only(kind == T_OUT && fail);
+        let header = fx.header(kind, 16);
+        let data = fx.buffer(4096, 0x44, kind == T_IN);
+        let status = fx.status();
+        let expected = if fail { IOERR } else { OK };
+        let used = if kind == T_IN { 4097 } else { 1 };
+        assert_eq!(
+            fx.serve(&[header, data, status]),
+            (used, expected),
+            "{kind} {fail}"
+        );
+        if !fail {
+            assert!(get(fx.server.memory(), data.addr, 4096) == fx.model[8192..12288]);
+        }
+    }
+    assert!(fx.view() == fx.model, "a failed write changed the disk");
 }

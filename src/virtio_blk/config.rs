@@ -64,7 +64,8 @@ pub struct Config {
     /// Most data segments of one request (at most the server's
     /// `SEGMENTS`).
     pub seg_max: u32,
-    /// Block size the driver should use, in bytes.
+    /// Logical block size in bytes (a power of two, at least 512): reads,
+    /// writes, discards and write zeroes start and end on its multiples.
     pub blk_size: u32,
     /// Most sectors of one discard; 0 offers no discard.
     pub max_discard_sectors: u32,

@@ -30,6 +30,8 @@ mod config;
 mod guest;
 mod request;
 mod server;
+#[cfg(test)]
+mod tests;
 
 pub use config::{
     Config, CONFIG_LEN, DEFAULT_MAX_ZERO_SECTORS, DEFAULT_SIZE_MAX, F_BLK_SIZE, F_DISCARD, F_FLUSH,

@@ -437,12 +437,14 @@ impl Streams<'_> {
 }
 
 /// The byte offset of `len` bytes at `sector`, when they are whole
-/// sectors inside the disk.
+/// blocks (`blk_size`, as QEMU checks) inside the disk.
 fn sectors_in_range(config: &Config, sector: u64, len: u64) -> Option<u64> {
+    let block = u64::from(config.blk_size).max(SECTOR);
     let offset = sector.checked_mul(SECTOR)?;
     let end = offset.checked_add(len)?;
     let capacity = config.capacity.checked_mul(SECTOR)?;
-    (len.is_multiple_of(SECTOR) && end <= capacity).then_some(offset)
+    let whole = offset.is_multiple_of(block) && len.is_multiple_of(block);
+    (whole && end <= capacity).then_some(offset)
 }
 
 /// Whether the data segments respect `seg_max` and `size_max`.

@@ -28,7 +28,7 @@ use crate::graph::Graph;
 
 use super::config::Config;
 use super::guest::{self, GuestMemory};
-use super::request::{Chain, Descriptor, Op, Refusal, Request, Span, Status, ID_LEN};
+use super::request::{Chain, Descriptor, Op, Refusal, Request, Span, Status, ID_LEN, SECTOR};
 
 /// Default number of chains a [`Server`] holds (queued, in flight, or
 /// finished and not yet collected).
@@ -159,7 +159,8 @@ impl<
     /// [`ErrorKind::NoCapacity`] when `DISKS` disks exist,
     /// [`ErrorKind::InvalidInput`] for a serial over 20 bytes or a config
     /// the server cannot keep: `seg_max` 0 or over `SEGMENTS`, `size_max`
-    /// 0, more than one discard or write-zeroes segment offered.
+    /// 0, `blk_size` not a power of two of at least 512, more than one
+    /// discard or write-zeroes segment offered.
     pub fn add_disk(
         &mut self,
         backend: BackendId,
@@ -169,6 +170,9 @@ impl<
         let segments = config.seg_max as usize;
         if segments == 0 || segments > SEGMENTS || config.size_max == 0 {
             return fail(ErrorKind::InvalidInput, "seg_max or size_max out of range");
+        }
+        if !config.blk_size.is_power_of_two() || u64::from(config.blk_size) < SECTOR {
+            return fail(ErrorKind::InvalidInput, "blk_size out of range");
         }
         let one = |offered: bool, seg: u32| !offered || seg == 1;
         if !one(config.offers_discard(), config.max_discard_seg)
