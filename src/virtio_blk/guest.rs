@@ -49,7 +49,11 @@ use super::request::Span;
 /// The server does not rely on guest bytes staying put: it reads each
 /// header and segment once, into its own copy, and checks the copy; data
 /// the guest changes under a request in flight is the guest's own
-/// corruption, as on real hardware.
+/// corruption, as on real hardware. A guest may also point a buffer at its
+/// own virtqueue: the VMM's volatile reads of the ring then meet the
+/// engine's writes there like the guest's own accesses do, and give bytes
+/// the VMM checks as it checks every ring entry. Zero copy accepts this
+/// (a VMM that cannot should copy through bounce buffers instead).
 pub unsafe trait GuestMemory<'b> {
     /// The host address of guest bytes `addr..addr + len` (`len` > 0), or
     /// `None` when any of them lies outside guest RAM or the range is not

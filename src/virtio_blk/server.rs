@@ -234,6 +234,10 @@ impl<
     /// at once unless it conflicts with a chain in flight or queued, or
     /// `engine` is full (then a later [`Server::poll`] starts it).
     ///
+    /// `chain` is read to its end (a chain of more than `DESCRIPTORS` is
+    /// refused with `IOERR`): the VMM's vring walk must bound it, as
+    /// virtio asks of a device (a looping or overlong chain).
+    ///
     /// Requests go to `engine` for the disk's backend; the VMM must not
     /// collect them itself ([`Engine::complete`], [`Engine::take`]): one
     /// it takes finishes with `IOERR`.
