@@ -225,12 +225,29 @@ impl<const D: usize> Chain<D> {
     /// Whether serving both chains at once could touch one guest byte
     /// through a writable descriptor of either (two readers may share).
     pub fn conflicts<const E: usize>(&self, other: &Chain<E>) -> bool {
+        // Chains far apart (the common case) need no pairwise look.
+        let (Some(a), Some(b)) = (self.bounds(), other.bounds()) else {
+            return false;
+        };
+        if a.1 <= b.0 || b.1 <= a.0 {
+            return false;
+        }
         self.descriptors.iter().any(|a| {
             other
                 .descriptors
                 .iter()
                 .any(|b| (a.device_writable || b.device_writable) && a.overlaps(b))
         })
+    }
+
+    /// The guest bytes from the lowest to the end of the highest of the
+    /// non-empty descriptors kept (an end past the address space as
+    /// `u64::MAX`).
+    fn bounds(&self) -> Option<(u64, u64)> {
+        let kept = self.descriptors.iter().filter(|d| d.len > 0);
+        let start = kept.clone().map(|d| d.addr).min()?;
+        let end = kept.map(|d| d.end().unwrap_or(u64::MAX)).max()?;
+        Some((start, end))
     }
 
     /// Guest address of the status byte: the last byte of the last
