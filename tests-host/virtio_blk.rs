@@ -832,9 +832,9 @@ fn malformed_chains_are_refused_without_touching_the_image() {
 }
 
 /// A write from the buffer a read in flight fills is held back until the
-/// read completed (it writes what the read brought); a chain that
-/// overlaps the held-back one waits behind it; one that overlaps nothing
-/// starts at once.
+/// read completed (it writes what the read brought); a chain of another
+/// disk of the server that overlaps only the held-back one waits behind
+/// it; one that overlaps nothing starts at once.
 #[test]
 fn overlapping_buffers_are_held_back_then_served() {
     let mut fx: Fixture = Fixture::new(3, |c| c);
@@ -844,27 +844,25 @@ fn overlapping_buffers_are_held_back_then_served() {
     let status = fx.status();
     let read = fx.submit(&[header, shared, status]);
     // The write sends `shared` to 1.5 MiB: it must see the read's data.
+    // Its status byte is the first of `spot`.
+    let spot = fx.buffer(512, 0xee, true);
     let header = fx.header(T_OUT, 3072);
-    let status = fx.status();
+    let status = Descriptor { len: 1, ..spot };
     let write = fx.submit(&[header, readable(shared.addr, 4096), status]);
     assert_eq!(
         fx.engine.len(),
         1,
         "the write started over the read's buffer"
     );
-    // A read into the written... status byte's neighbour: overlaps only
-    // the held-back write's data, so it waits behind it.
+    // A read into `spot`, for a second disk of the server: it overlaps
+    // only the held-back write (its status byte), so it waits behind it.
+    let first_disk = fx.disk;
+    let config = *fx.server.config(first_disk).unwrap();
+    fx.disk = fx.server.add_disk(fx.backend, config, b"second").unwrap();
     let header = fx.header(T_IN, 8);
     let status = fx.status();
-    let behind = fx.submit(&[
-        header,
-        Descriptor {
-            addr: shared.addr + 1024,
-            len: 512,
-            device_writable: true,
-        },
-        status,
-    ]);
+    let behind = fx.submit(&[header, spot, status]);
+    let second_disk = std::mem::replace(&mut fx.disk, first_disk);
     assert_eq!(fx.engine.len(), 1, "a chain overtook the one it overlaps");
     // An independent read starts at once.
     let free = fx.buffer(512, 0xee, true);
@@ -883,25 +881,26 @@ fn overlapping_buffers_are_held_back_then_served() {
         "order {order:?}"
     );
     assert!(order.contains(&independent));
+    let disks: Vec<_> = used.iter().map(|u| (u.head, u.disk)).collect();
+    assert!(disks.contains(&(behind, second_disk)) && disks.contains(&(write, first_disk)));
     fx.model[3072 * SECTOR..3072 * SECTOR + 4096].fill(0x5a);
     assert!(
         fx.view() == fx.model,
         "the write did not send what the read brought"
     );
-    assert_eq!(
-        get(fx.server.memory(), shared.addr + 1024, 512),
-        vec![0x5a; 512]
-    );
+    // The read into `spot` came after the write's status byte.
+    assert_eq!(get(fx.server.memory(), spot.addr, 512), vec![0x5a; 512]);
     fx.check_on_disk();
 }
+
+/// Where a read's data lands in guest RAM, and where it comes from on the
+/// disk (bytes).
+type ReadInto = (u64, usize);
 
 /// Many chains in flight on a device completing out of order: more than
 /// the server holds (the rest handed back, submitted again once there is
 /// room) and than the engine has slots (queued in the server); every read
 /// sees the model, every write lands, and used entries come out of order.
-/// Where a read's data lands in guest RAM, and where it comes from on the
-/// disk (bytes).
-type ReadInto = (u64, usize);
 
 #[test]
 fn many_chains_in_flight_complete_out_of_order() {
