@@ -52,7 +52,9 @@ pub struct Used {
     /// The chain's head descriptor index.
     pub head: u16,
     /// Bytes written into guest memory (IN and GET_ID data, the status
-    /// byte); 0 for a chain without a status byte.
+    /// byte; a read that failed in the engine counts its data too, which
+    /// may be partly written); 1 for a refused chain, 0 for one without a
+    /// status byte.
     pub len: u32,
 }
 
