@@ -893,6 +893,35 @@ fn overlapping_buffers_are_held_back_then_served() {
     fx.check_on_disk();
 }
 
+/// A device reset forgets the disk's chains: a held-back write never
+/// runs, the read in flight finishes (data and status written) without a
+/// used entry, and the disk serves again.
+#[test]
+fn a_reset_forgets_the_disks_chains() {
+    let mut fx: Fixture = Fixture::new(9, |c| c);
+    let shared = fx.buffer(4096, 0xee, true);
+    let header = fx.header(T_IN, 0);
+    let read_status = fx.status();
+    fx.submit(&[header, shared, read_status]);
+    let header = fx.header(T_OUT, 3072);
+    let write_status = fx.status();
+    fx.submit(&[header, readable(shared.addr, 4096), write_status]);
+    assert_eq!(fx.server.in_flight(), 2);
+    assert_eq!(fx.server.reset(fx.disk), 1, "the read is in the engine");
+    assert_eq!(fx.server.in_flight(), 1);
+    let used = fx.run();
+    assert!(used.is_empty(), "a reset disk reported {used:?}");
+    assert_eq!(fx.server.in_engine(fx.disk), 0);
+    assert!(fx.server.is_empty() && fx.engine.is_empty());
+    assert_eq!(fx.byte(read_status.addr), OK);
+    assert_eq!(fx.byte(write_status.addr), UNWRITTEN);
+    assert!(get(fx.server.memory(), shared.addr, 4096) == fx.model[..4096]);
+    assert!(fx.view() == fx.model, "the forgotten write ran");
+    let header = fx.header(T_FLUSH, 0);
+    let status = fx.status();
+    assert_eq!(fx.serve(&[header, status]), (1, OK));
+}
+
 /// Where a read's data lands in guest RAM, and where it comes from on the
 /// disk (bytes).
 type ReadInto = (u64, usize);

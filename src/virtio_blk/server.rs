@@ -99,6 +99,8 @@ struct Record<'b, const D: usize> {
     seq: u64,
     chain: Chain<D>,
     phase: Phase<'b>,
+    /// Its disk was reset ([`Server::reset`]): no used entry is reported.
+    forgotten: bool,
 }
 
 /// What trying to start a chain did.
@@ -276,6 +278,7 @@ impl<
             seq: self.next_seq,
             chain: Chain::new(chain),
             phase: Phase::Waiting,
+            forgotten: false,
         });
         self.next_seq += 1;
         self.start(engine, index);
@@ -307,6 +310,35 @@ impl<
         self.in_flight()
     }
 
+    /// Forgets `disk`'s chains for a device reset (the driver wrote 0 to
+    /// the device status, or the VMM tears the queue down): those queued
+    /// never start, finished ones are not reported, and those in the
+    /// engine still finish (their status byte written, as QEMU drains
+    /// them) but are not reported either. Returns how many are still in
+    /// the engine: the reset is complete once [`Server::poll`] brought
+    /// [`Server::in_engine`] to 0 for the disk.
+    pub fn reset(&mut self, disk: DiskId) -> usize {
+        for slot in self.records.iter_mut() {
+            match slot {
+                Some(record) if record.disk == disk => match record.phase {
+                    Phase::InFlight { .. } => record.forgotten = true,
+                    _ => *slot = None,
+                },
+                _ => {}
+            }
+        }
+        self.in_engine(disk)
+    }
+
+    /// Chains of `disk` in the engine.
+    pub fn in_engine(&self, disk: DiskId) -> usize {
+        self.records
+            .iter()
+            .flatten()
+            .filter(|r| r.disk == disk && matches!(r.phase, Phase::InFlight { .. }))
+            .count()
+    }
+
     /// A finished chain for the used ring, in no particular order; its
     /// record is free again.
     pub fn next_used(&mut self) -> Option<Used> {
@@ -331,7 +363,10 @@ impl<
         engine: &mut Engine<'b, SLOTS, SEGMENTS, PIECES>,
     ) -> usize {
         let mut finished = 0;
-        for record in self.records.iter_mut().flatten() {
+        for slot in self.records.iter_mut() {
+            let Some(record) = slot else {
+                continue;
+            };
             let Phase::InFlight {
                 ticket,
                 status,
@@ -352,6 +387,9 @@ impl<
                 false => Status::IoErr,
             } as u8;
             record.phase = Phase::Used(*used);
+            if record.forgotten {
+                *slot = None;
+            }
             finished += 1;
         }
         finished
