@@ -10,6 +10,8 @@
 //!
 //! ```text
 //!  cmd        one command interpreter: host CLI and kernel scripts
+//!  virtio_blk the device side of a guest's virtio-blk queues: chains
+//!             decoded, guest buffers lent to the engine
 //!  engine     many requests in flight: slots, scatter-gather, split-phase
 //!  backend    BlockBackend slots: the root a device uses
 //!  graph      node pool, refcounts, file/backing edges, permissions,
@@ -41,6 +43,7 @@ pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod jobs;
+pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};
 pub use device::Device;

@@ -317,6 +317,9 @@ fn sizes_add_up() {
         request > 0 && request < 1024 && engine >= 64 * request,
         "{out}"
     );
+    // The virtio-blk server: its records, each well under a kilobyte.
+    let (server, chain) = (bytes("virtio-blk server: "), bytes("  chain record: "));
+    assert!(chain > 0 && chain < 1024 && server >= 64 * chain, "{out}");
     assert_eq!(bytes("total: "), graph + session + scratch, "{out}");
     let verdict = out.lines().last().unwrap();
     assert!(

@@ -6,11 +6,14 @@
 //! - [`header::run`]: `Header::parse` and the backing-reference rebuild;
 //! - [`image::run`]: a whole image in a `Graph`: open, reads, block
 //!   status, writes, collapse, reopen;
-//! - [`script::run`]: the command-line parsers and `cmd::run_script`.
+//! - [`script::run`]: the command-line parsers and `cmd::run_script`;
+//! - [`virtio_blk::run`]: a virtio-blk descriptor chain and guest memory
+//!   served from a raw image, checked against its decoding.
 
 pub mod header;
 pub mod image;
 pub mod script;
+pub mod virtio_blk;
 
 /// Reads control bytes from the end of the input backwards (zeros once
 /// they run out), so the front of an image stays what the seeds made it.

@@ -73,6 +73,7 @@ use crate::error::{Error, ErrorKind};
 use crate::format::cache::SLICE_SIZE;
 use crate::graph::{Access, Graph, OpenOptions, Resolver};
 use crate::jobs::{JobId, JobStatus};
+use crate::virtio_blk::{FlatMemory, Server, DEFAULT_DESCRIPTORS, DEFAULT_DISKS, DEFAULT_REQUESTS};
 
 const USAGE: &str =
     "usage: bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback] [-w] [--pattern N] [--with-job] IMAGE";
@@ -425,6 +426,16 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
              total)"
         )?;
         writeln!(self.out, "  request slot: {request} bytes")?;
+        // A VMM's virtio-blk server (the default one), outside this budget.
+        type Vblk<const R: usize> = Server<'static, FlatMemory<'static>, R>;
+        let server = size_of::<Vblk<DEFAULT_REQUESTS>>();
+        let chain = size_of::<Vblk<2>>() - size_of::<Vblk<1>>();
+        writeln!(
+            self.out,
+            "virtio-blk server: {server} bytes ({DEFAULT_REQUESTS} chains of up to \
+             {DEFAULT_DESCRIPTORS} descriptors, {DEFAULT_DISKS} disks; not in the total)"
+        )?;
+        writeln!(self.out, "  chain record: {chain} bytes")?;
         writeln!(
             self.out,
             "total: {total} bytes of a {MEMORY_BUDGET}-byte budget: {}",

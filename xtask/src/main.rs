@@ -67,13 +67,14 @@ Commands:
                        only when the kernel reports success
   fuzz [--seconds N] [--asan] [TARGET]
                        run the cargo-fuzz targets in fuzz/ (header, image,
-                       script; or only TARGET) with libFuzzer for N seconds
-                       each (default 60); installs cargo-fuzz when missing
-                       (cargo install cargo-fuzz --locked); builds with the
-                       nightly toolchain (without it: the default one, except
-                       for --asan). Seeds: fuzz/corpus/TARGET; new
-                       inputs: target/fuzz/corpus/TARGET; a crash fails the
-                       run and its input is saved in fuzz/artifacts/TARGET
+                       script, virtio_blk; or only TARGET) with libFuzzer
+                       for N seconds each (default 60); installs cargo-fuzz
+                       when missing (cargo install cargo-fuzz --locked);
+                       builds with the nightly toolchain (without it: the
+                       default one, except for --asan). Seeds:
+                       fuzz/corpus/TARGET; new inputs:
+                       target/fuzz/corpus/TARGET; a crash fails the run and
+                       its input is saved in fuzz/artifacts/TARGET
   bench                build the CLI (release) and a 1 GiB qcow2 chain of three
                        layers in target/bench/ (kept between runs), then time
                        blockgraph against qemu-img side by side: QD1 reads of

@@ -8,7 +8,9 @@
 //!   served from memory): reads, block status, writes, zero writes,
 //!   discards and a chain collapse;
 //! - `script`: the command-line splitter and number parsers, and whole
-//!   scripts run on two in-memory images.
+//!   scripts run on two in-memory images;
+//! - `virtio_blk`: a virtio-blk descriptor chain and its guest memory,
+//!   served from a raw image and checked against its decoding.
 //!
 //! The checked-in seeds in `fuzz/corpus/TARGET/` are only read; what
 //! libFuzzer finds goes to a working corpus, `target/fuzz/corpus/TARGET/`,
@@ -34,7 +36,7 @@ use crate::prereq::{self, FuzzToolchain};
 use crate::{Context, Error, Result, Workspace};
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 3] = ["header", "image", "script"];
+pub const TARGETS: [&str; 4] = ["header", "image", "script", "virtio_blk"];
 
 /// Seconds per target of `cargo xtask fuzz`.
 const DEFAULT_SECONDS: u64 = 60;
@@ -384,7 +386,7 @@ mod tests {
     #[test]
     fn arguments() {
         let all = parse_args(&[]).unwrap();
-        assert_eq!((all.seconds, all.targets.len(), all.asan), (60, 3, false));
+        assert_eq!((all.seconds, all.targets.len(), all.asan), (60, 4, false));
         let one = parse_args(&os(&["--seconds", "5", "image"])).unwrap();
         assert_eq!((one.seconds, one.targets), (5, vec!["image"]));
         let eq = parse_args(&os(&["script", "--seconds=7", "--asan"])).unwrap();
