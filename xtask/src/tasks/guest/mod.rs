@@ -35,6 +35,13 @@
 //!
 //! Every child (server, QEMU) is killed when the run ends, however it ends;
 //! the whole run has a deadline.
+//!
+//! Measured here (2 cores, QEMU 10.0.2, TCG, pieces cached): the 83 MiB
+//! initramfs (fio's libraries stripped) boots to fio running in 2.8–3.1 s
+//! from QEMU's launch; fio's 4 KiB random writes hold the 800 IOPS limit
+//! and read back at ~4300 IOPS at queue depth 16; hashing the 256 MiB disk
+//! with busybox md5sum takes a few seconds. The short run takes ~17 s in
+//! all, the full one ~39 s; a cold cache adds ~26 s (90 MB downloaded).
 
 mod fetch;
 mod initramfs;

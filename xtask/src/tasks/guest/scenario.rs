@@ -14,6 +14,23 @@
 //! Jobs are started with `auto-dismiss=false` and dismissed with
 //! `job-dismiss` after `JOB_STATUS_CHANGE` reports `concluded`, so the run
 //! exercises the verbs a QSD-compatible server must answer.
+//!
+//! The events qemu-storage-daemon 10.0.2 sends (what a stand-in must send
+//! too; `device` in `BLOCK_JOB_*` is the job id):
+//!
+//! ```text
+//! block-stream   JOB_STATUS_CHANGE created, running, waiting, pending;
+//!                BLOCK_JOB_COMPLETED {device, len, offset, speed, type:
+//!                "stream"}; JOB_STATUS_CHANGE concluded
+//! block-commit   created, running, ready; BLOCK_JOB_READY {.., type:
+//!                "commit"}; after job-complete: waiting, pending,
+//!                BLOCK_JOB_COMPLETED, concluded
+//! job-dismiss    JOB_STATUS_CHANGE null
+//! quit           BLOCK_EXPORT_DELETED {id} before the socket closes
+//! ```
+//!
+//! Guest writes reach the new overlay within about a second of the
+//! snapshot (fio is already writing when `/init` prints its start marker).
 
 use std::thread;
 use std::time::{Duration, Instant};
