@@ -362,6 +362,15 @@ impl Background {
         }
     }
 
+    /// Asks the process to end (SIGTERM, through `kill`: xtask has no libc).
+    pub fn terminate(&mut self) -> Result<()> {
+        if self.running.reaped {
+            return Ok(());
+        }
+        let pid = self.running.child.id().to_string();
+        Cmd::new("kill").args(["-TERM", &pid]).quiet().run()
+    }
+
     /// The command line, as printed.
     pub fn name(&self) -> &str {
         &self.name
@@ -552,6 +561,10 @@ mod tests {
         assert_eq!(got, ["one", "two"]);
         assert!(job.try_wait().unwrap().is_none());
         let start = Instant::now();
+        let mut term = Cmd::new("sleep").arg("30").quiet().start().unwrap();
+        term.terminate().unwrap();
+        let status = term.wait_or_kill(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(!status.success());
         assert!(job
             .wait_or_kill(Duration::from_millis(100))
             .unwrap()

@@ -204,11 +204,15 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
         ));
     }
     console.drain(&guest);
-    // `quit` flushes and closes every image before the host reads them.
-    qmp.execute("quit", None)?;
+    // `quit` flushes and closes every image before the host reads them; a
+    // server without it gets SIGTERM, which QSD handles the same way.
+    if let Err(err) = qmp.execute("quit", None) {
+        println!("    {err}; sending SIGTERM instead");
+        daemon.terminate()?;
+    }
     if daemon.wait_or_kill(Duration::from_secs(20))?.is_none() {
         return Err(Error::msg(format!(
-            "{} did not exit after `quit`",
+            "{} did not exit within 20 s after `quit`",
             server.program()
         )));
     }

@@ -5,9 +5,12 @@
 //! file stems (`base`, `mid`, `top`; the live snapshot adds `snap`), so any
 //! server that opens the chain under those node names, exports the top node
 //! and accepts `qmp_capabilities`, `blockdev-snapshot-sync`, `block-stream`,
-//! `block-commit`, `job-complete`, `query-jobs`, `job-dismiss` and `quit`
-//! (sending `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`)
-//! can stand in for qemu-storage-daemon.
+//! `block-commit`, `job-complete`, `query-jobs`, `job-dismiss` (sending
+//! `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`) and `quit`
+//! or SIGTERM (flushing and closing every image, then exiting) can stand in
+//! for qemu-storage-daemon. The intended command line for blockgraph is
+//! `blockgraph serve top.qcow2 --vhost-user-blk vhost.sock --qmp qmp.sock`,
+//! run in the images' directory.
 //!
 //! qemu-storage-daemon (10.0.2), as checked here:
 //!
