@@ -156,7 +156,7 @@ impl Cmd {
         let mut child = self.spawn(true)?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let status = child.wait_or_kill(self)?;
+        let status = child.wait_or_kill(self.timeout, self)?;
         let elapsed = started.elapsed();
         Ok(Finished {
             status,
@@ -268,7 +268,7 @@ struct Running {
 
 impl Running {
     fn wait(&mut self, cmd: &Cmd) -> Result<ExitStatus> {
-        match self.wait_or_kill(cmd)? {
+        match self.wait_or_kill(cmd.timeout, cmd)? {
             Some(status) => Ok(status),
             None => {
                 let secs = cmd.timeout.unwrap_or_default().as_secs_f64();
@@ -279,10 +279,14 @@ impl Running {
         }
     }
 
-    /// Waits for the exit; `None` when the timeout expired and the child was
-    /// killed.
-    fn wait_or_kill(&mut self, cmd: &Cmd) -> Result<Option<ExitStatus>> {
-        let deadline = cmd.timeout.map(|limit| Instant::now() + limit);
+    /// Waits for the exit (again: std keeps the status of a reaped child);
+    /// `None` when the `limit` expired and the child was killed.
+    fn wait_or_kill(
+        &mut self,
+        limit: Option<Duration>,
+        cmd: &dyn fmt::Display,
+    ) -> Result<Option<ExitStatus>> {
+        let deadline = limit.map(|limit| Instant::now() + limit);
         loop {
             let polled = match deadline {
                 None => self.child.wait().map(Some),
@@ -331,35 +335,21 @@ pub struct Background {
 }
 
 impl Background {
-    /// The exit status, if the process has exited.
+    /// The exit status, if the process has exited (asked again, the same).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        if self.running.reaped {
-            return Err(Error::msg(format!("`{}` was already reaped", self.name)));
-        }
-        match self.running.child.try_wait() {
-            Ok(Some(status)) => {
-                self.running.reaped = true;
-                Ok(Some(status))
-            }
-            Ok(None) => Ok(None),
-            Err(err) => Err(Error::msg(format!("waiting for `{}`: {err}", self.name))),
-        }
+        let status = self
+            .running
+            .child
+            .try_wait()
+            .map_err(|err| Error::msg(format!("waiting for `{}`: {err}", self.name)))?;
+        self.running.reaped |= status.is_some();
+        Ok(status)
     }
 
     /// Waits up to `limit` for the exit; kills the process when it has not
     /// exited by then (`None`).
     pub fn wait_or_kill(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                self.running.kill();
-                return Ok(None);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.running.wait_or_kill(Some(limit), &self.name)
     }
 
     /// Asks the process to end (SIGTERM, through `kill`: xtask has no libc).
@@ -565,6 +555,8 @@ mod tests {
         term.terminate().unwrap();
         let status = term.wait_or_kill(Duration::from_secs(5)).unwrap().unwrap();
         assert!(!status.success());
+        // Asked again after the exit: the same status, not an error.
+        assert_eq!(term.try_wait().unwrap(), Some(status));
         assert!(job
             .wait_or_kill(Duration::from_millis(100))
             .unwrap()
