@@ -89,6 +89,8 @@ pub fn ensure(ws: &Workspace) -> Result<Pieces> {
     }
     let debs = cache.join("debs");
     let scratch = cache.join("scratch");
+    // Left over from an interrupted run: start clean.
+    let _ = fs::remove_dir_all(&scratch);
     let outcome = prepare(&debs, &scratch, &dir, &release);
     // Hundreds of MB of unpacked modules: only a few files were needed.
     let _ = fs::remove_dir_all(&scratch);
