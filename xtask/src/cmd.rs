@@ -4,13 +4,16 @@
 //! early return (an error, a timeout) never leaves a process behind. Commands
 //! with a timeout are killed when it expires; the QEMU runs rely on that
 //! (`Cmd::output_within_timeout` reports the timeout with the output so far,
-//! and `Cmd::tee` shows the output live while capturing it).
+//! and `Cmd::tee` shows the output live while capturing it). `Cmd::start`
+//! runs a command in the background and hands its output over line by line
+//! (a guest's serial console, a server's log) while xtask does other work.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -153,7 +156,7 @@ impl Cmd {
         let mut child = self.spawn(true)?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let status = child.wait_or_kill(self)?;
+        let status = child.wait_or_kill(self.timeout, self)?;
         let elapsed = started.elapsed();
         Ok(Finished {
             status,
@@ -177,7 +180,34 @@ impl Cmd {
         }
     }
 
+    /// Starts the command in the background with stdout and stderr read line
+    /// by line (shown live with [`Cmd::tee`]). The process is killed when the
+    /// returned [`Background`] drops; the timeout is not applied here (the
+    /// caller polls with its own deadline).
+    pub fn start(&self) -> Result<Background> {
+        // Piped but not drained: the pipes are read here, line by line.
+        let mut running = self.spawn_with(false, true)?;
+        let (sender, lines) = mpsc::channel();
+        let mut readers = Vec::new();
+        if let Some(pipe) = running.child.stdout.take() {
+            readers.push(lines_of(pipe, sender.clone(), self.tee));
+        }
+        if let Some(pipe) = running.child.stderr.take() {
+            readers.push(lines_of(pipe, sender, self.tee));
+        }
+        Ok(Background {
+            running,
+            lines,
+            name: self.to_string(),
+            _readers: readers,
+        })
+    }
+
     fn spawn(&self, capture: bool) -> Result<Running> {
+        self.spawn_with(capture, capture)
+    }
+
+    fn spawn_with(&self, capture: bool, pipe: bool) -> Result<Running> {
         if self.echo {
             println!("==> {self}");
             // Keep our line ahead of the child's output when both go to a pipe.
@@ -191,7 +221,7 @@ impl Cmd {
         for (key, value) in &self.envs {
             command.env(key, value);
         }
-        if capture {
+        if capture || pipe {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
         let mut child = command.spawn().map_err(|err| {
@@ -202,6 +232,14 @@ impl Cmd {
             };
             Error::msg(format!("cannot run `{self}`: {err}{hint}"))
         })?;
+        if !capture {
+            return Ok(Running {
+                child,
+                reaped: false,
+                stdout: None,
+                stderr: None,
+            });
+        }
         // Drain the pipes on threads so a chatty child never blocks on a full pipe.
         let stdout = child
             .stdout
@@ -230,7 +268,7 @@ struct Running {
 
 impl Running {
     fn wait(&mut self, cmd: &Cmd) -> Result<ExitStatus> {
-        match self.wait_or_kill(cmd)? {
+        match self.wait_or_kill(cmd.timeout, cmd)? {
             Some(status) => Ok(status),
             None => {
                 let secs = cmd.timeout.unwrap_or_default().as_secs_f64();
@@ -241,10 +279,14 @@ impl Running {
         }
     }
 
-    /// Waits for the exit; `None` when the timeout expired and the child was
-    /// killed.
-    fn wait_or_kill(&mut self, cmd: &Cmd) -> Result<Option<ExitStatus>> {
-        let deadline = cmd.timeout.map(|limit| Instant::now() + limit);
+    /// Waits for the exit (again: std keeps the status of a reaped child);
+    /// `None` when the `limit` expired and the child was killed.
+    fn wait_or_kill(
+        &mut self,
+        limit: Option<Duration>,
+        cmd: &dyn fmt::Display,
+    ) -> Result<Option<ExitStatus>> {
+        let deadline = limit.map(|limit| Instant::now() + limit);
         loop {
             let polled = match deadline {
                 None => self.child.wait().map(Some),
@@ -280,6 +322,73 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A command running in the background (see [`Cmd::start`]); killed and
+/// reaped when dropped.
+pub struct Background {
+    running: Running,
+    /// Each line of stdout and stderr as it arrives (without the newline).
+    pub lines: Receiver<String>,
+    name: String,
+    _readers: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// The exit status, if the process has exited (asked again, the same).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        let status = self
+            .running
+            .child
+            .try_wait()
+            .map_err(|err| Error::msg(format!("waiting for `{}`: {err}", self.name)))?;
+        self.running.reaped |= status.is_some();
+        Ok(status)
+    }
+
+    /// Waits up to `limit` for the exit; kills the process when it has not
+    /// exited by then (`None`).
+    pub fn wait_or_kill(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
+        self.running.wait_or_kill(Some(limit), &self.name)
+    }
+
+    /// Asks the process to end (SIGTERM, through `kill`: xtask has no libc).
+    pub fn terminate(&mut self) -> Result<()> {
+        if self.running.reaped {
+            return Ok(());
+        }
+        let pid = self.running.child.id().to_string();
+        Cmd::new("kill").args(["-TERM", &pid]).quiet().run()
+    }
+
+    /// The command line, as printed.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Sends each line read from `pipe` (lossy UTF-8, without `\n`/`\r\n`) to
+/// `sender`, echoing it to our stdout when `echo`.
+fn lines_of(
+    pipe: impl Read + Send + 'static,
+    sender: Sender<String>,
+    echo: bool,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = io::BufReader::new(pipe);
+        let mut line = Vec::new();
+        // A read error ends the stream like an end of file.
+        while io::BufRead::read_until(&mut reader, b'\n', &mut line).is_ok_and(|n| n > 0) {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\n', '\r']).to_owned();
+            if echo {
+                let _ = writeln!(io::stdout(), "{text}").and_then(|()| io::stdout().flush());
+            }
+            line.clear();
+            // The receiver may be gone (the caller gave up): keep draining.
+            let _ = sender.send(text);
+        }
+    })
 }
 
 /// Where [`Cmd::tee`] copies a captured stream.
@@ -425,6 +534,34 @@ mod tests {
             .output_within_timeout()
             .unwrap();
         assert_eq!(done.status.and_then(|s| s.code()), Some(33));
+    }
+
+    #[test]
+    fn background_lines_arrive_and_drop_kills() {
+        let mut job = Cmd::new("sh")
+            .args(["-c", "echo one; echo two >&2; exec sleep 30"])
+            .quiet()
+            .start()
+            .unwrap();
+        let mut got = vec![
+            job.lines.recv_timeout(Duration::from_secs(5)).unwrap(),
+            job.lines.recv_timeout(Duration::from_secs(5)).unwrap(),
+        ];
+        got.sort();
+        assert_eq!(got, ["one", "two"]);
+        assert!(job.try_wait().unwrap().is_none());
+        let start = Instant::now();
+        let mut term = Cmd::new("sleep").arg("30").quiet().start().unwrap();
+        term.terminate().unwrap();
+        let status = term.wait_or_kill(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(!status.success());
+        // Asked again after the exit: the same status, not an error.
+        assert_eq!(term.try_wait().unwrap(), Some(status));
+        assert!(job
+            .wait_or_kill(Duration::from_millis(100))
+            .unwrap()
+            .is_none());
+        assert!(start.elapsed() < Duration::from_secs(3));
     }
 
     #[test]

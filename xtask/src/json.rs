@@ -1,8 +1,10 @@
-//! A small JSON reader, enough for `qemu-img ... --output=json`.
+//! A small JSON reader and writer, enough for `qemu-img ... --output=json`
+//! and QMP.
 //!
 //! xtask stays dependency-free; this parses RFC 8259 documents into a [`Value`]
 //! tree with a nesting limit, keeps object keys in document order, and reports
-//! the byte offset of the first error.
+//! the byte offset of the first error. [`render`] writes a value back as
+//! compact JSON (QMP commands are built with [`object`]).
 
 use std::fmt::Write as _;
 
@@ -38,6 +40,34 @@ impl Value {
             _ => None,
         }
     }
+}
+
+impl From<&str> for Value {
+    fn from(text: &str) -> Self {
+        Value::String(text.to_owned())
+    }
+}
+
+impl From<bool> for Value {
+    fn from(flag: bool) -> Self {
+        Value::Bool(flag)
+    }
+}
+
+impl From<u64> for Value {
+    fn from(n: u64) -> Self {
+        Value::Number(n as f64)
+    }
+}
+
+/// An object with these members, in this order.
+pub fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
+    )
 }
 
 const MAX_DEPTH: usize = 64;
@@ -270,9 +300,7 @@ fn render_into(value: &Value, out: &mut String) {
         Value::Number(n) => {
             let _ = write!(out, "{n}");
         }
-        Value::String(s) => {
-            let _ = write!(out, "{s:?}");
-        }
+        Value::String(s) => render_string(s, out),
         Value::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
@@ -289,12 +317,32 @@ fn render_into(value: &Value, out: &mut String) {
                 if i > 0 {
                     out.push(',');
                 }
-                let _ = write!(out, "{key:?}:");
+                render_string(key, out);
+                out.push(':');
                 render_into(item, out);
             }
             out.push('}');
         }
     }
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped.
+fn render_string(text: &str, out: &mut String) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -354,5 +402,10 @@ mod tests {
     fn render_round_trips() {
         let text = r#"{"a":[1,true,null,"x\"y"],"b":{}}"#;
         assert_eq!(render(&parse(text).unwrap()), text);
+        let odd = Value::from("q\"b\\n\n\u{1}é");
+        assert_eq!(render(&odd), r#""q\"b\\n\n\u0001é""#);
+        assert_eq!(parse(&render(&odd)).unwrap(), odd);
+        let command = object([("execute", "quit".into()), ("id", 7u64.into())]);
+        assert_eq!(render(&command), r#"{"execute":"quit","id":7}"#);
     }
 }

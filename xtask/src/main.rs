@@ -13,6 +13,8 @@
 //! prereq.rs     the rustup target and the QEMU tools (apt-get when root)
 //! json.rs       a small JSON reader for qemu-img --output=json
 //! tasks/        one file per command: test, demo, qemu, fuzz, bench;
+//!               guest/, a Linux guest running fio on a vhost-user-blk
+//!               export while live block jobs run over QMP;
 //!               boot_test.rs, the kernel boots `test` runs last;
 //!               lab.rs, images built, booted on and checked with qemu-img
 //!               (boot tests, demo and bench)
@@ -82,6 +84,17 @@ Commands:
                        writes (median of 3 alternating runs), blockgraph's
                        reads against a pread loop, and the static memory;
                        prints a table and writes target/bench/report.md
+  guest [--short] [--server qsd|blockgraph]
+                       a real Linux guest (Debian's kernel, busybox, fio;
+                       fetched with apt-get download into target/guest/ and
+                       reused) booted under TCG on a vhost-user-blk export
+                       of a qcow2 chain served by qemu-storage-daemon; while
+                       fio writes and verifies, a live snapshot, a stream
+                       and an active commit with pivot run over QMP; checks
+                       fio's exit codes, dmesg, qemu-img check, the final
+                       chain and the guest's md5 against the image.
+                       --short: a smaller fio run (under 2 minutes).
+                       --server blockgraph: not available yet
   help                 this text
 
 The first failing step stops the run with a non-zero exit status.
@@ -133,6 +146,7 @@ fn run(args: &[OsString]) -> Result<()> {
             ))),
             None => tasks::bench::run(&Workspace::locate()),
         },
+        "guest" => tasks::guest::run(&Workspace::locate(), rest),
         "demo" => match rest.first() {
             Some(arg) => Err(Error::msg(format!(
                 "`demo` takes no arguments (got `{}`)",

@@ -136,7 +136,7 @@ fn version_from_banner(banner: &str) -> Option<&str> {
     words.next()
 }
 
-fn running_as_root() -> Result<bool> {
+pub fn running_as_root() -> Result<bool> {
     let uid = Cmd::new("id").arg("-u").quiet().read()?;
     Ok(uid.trim() == "0")
 }

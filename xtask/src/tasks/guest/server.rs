@@ -1,0 +1,119 @@
+//! The export server the guest's disk comes from: a vhost-user-blk socket
+//! and a QMP monitor socket over one qcow2 chain.
+//!
+//! The scenario only speaks QEMU's QMP and names nodes by their images'
+//! file stems (`base`, `mid`, `top`; the live snapshot adds `snap`), so any
+//! server that opens the chain under those node names, exports the top node
+//! and accepts `qmp_capabilities`, `blockdev-snapshot-sync`, `block-stream`,
+//! `block-commit`, `job-complete`, `query-jobs`, `job-dismiss` (sending
+//! `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`) and `quit`
+//! or SIGTERM (flushing and closing every image, then exiting) can stand in
+//! for qemu-storage-daemon. The intended command line for blockgraph is
+//! `blockgraph serve top.qcow2 --vhost-user-blk vhost.sock --qmp qmp.sock`,
+//! run in the images' directory.
+//!
+//! qemu-storage-daemon (10.0.2), as checked here:
+//!
+//! - `--blockdev driver=file,...` and `driver=qcow2,...,backing=NODE` per
+//!   image, `--export type=vhost-user-blk,...,node-name=NODE,writable=on`,
+//!   and the monitor as `--chardev socket,...,server=on,wait=off --monitor
+//!   chardev=...`.
+//! - `blockdev-snapshot-sync` on the exported node moves the export with it:
+//!   the new overlay takes over every parent of the node (QEMU's
+//!   `bdrv_append`), the export's BlockBackend included, so the guest's
+//!   writes go to the new overlay without touching the export (the run
+//!   checks this with `qemu-img map -U` on the overlay before any job
+//!   copies into it). Likewise the active commit's pivot moves the export
+//!   to the base node.
+//! - `block-stream` needs `backing-file=`: without it the overlay records a
+//!   `json:` backing name that `qemu-img info` cannot open later.
+
+use std::path::Path;
+
+use crate::cmd::Cmd;
+use crate::{Error, Result};
+
+/// One image of the chain: its file name and node name.
+pub struct Node<'a> {
+    pub file: &'a str,
+    pub node: &'a str,
+}
+
+/// Which program serves the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `qemu-storage-daemon`, the reference.
+    Qsd,
+    /// `blockgraph serve` (QSD-compatible QMP); not there yet.
+    Blockgraph,
+}
+
+impl Server {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "qsd" => Ok(Server::Qsd),
+            "blockgraph" => Ok(Server::Blockgraph),
+            _ => Err(Error::msg(format!(
+                "unknown server `{name}` (expected qsd or blockgraph)"
+            ))),
+        }
+    }
+
+    /// The program that must be on PATH.
+    pub fn program(self) -> &'static str {
+        match self {
+            Server::Qsd => "qemu-storage-daemon",
+            Server::Blockgraph => "blockgraph",
+        }
+    }
+
+    /// The command serving `chain` (base first) in `dir`, exporting the
+    /// last node on `vhost` and answering QMP on `qmp` (paths relative to
+    /// `dir`, where the server runs, so the backing names it writes are
+    /// relative too).
+    pub fn command(self, dir: &Path, chain: &[Node], vhost: &str, qmp: &str) -> Result<Cmd> {
+        let top = chain
+            .last()
+            .ok_or_else(|| Error::msg("an export needs at least one image"))?;
+        match self {
+            Server::Qsd => {
+                let mut cmd = Cmd::new(self.program()).cwd(dir);
+                let mut below: Option<&str> = None;
+                for image in chain {
+                    let file = format!("{}-file", image.node);
+                    cmd = cmd.args([
+                        "--blockdev".to_owned(),
+                        format!("driver=file,node-name={file},filename={}", image.file),
+                    ]);
+                    let backing = below.map_or("null".to_owned(), |b| format!("\"{b}\""));
+                    // JSON syntax: `backing=NODE` in key=value form cannot say "none".
+                    cmd = cmd.args([
+                        "--blockdev".to_owned(),
+                        format!(
+                            "{{\"driver\":\"qcow2\",\"node-name\":\"{}\",\"file\":\"{file}\",\
+                             \"backing\":{backing}}}",
+                            image.node
+                        ),
+                    ]);
+                    below = Some(image.node);
+                }
+                Ok(cmd.args([
+                    "--export".to_owned(),
+                    format!(
+                        "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
+                         addr.path={vhost},writable=on,num-queues=1",
+                        top.node
+                    ),
+                    "--chardev".to_owned(),
+                    format!("socket,id=qmp0,path={qmp},server=on,wait=off"),
+                    "--monitor".to_owned(),
+                    "chardev=qmp0".to_owned(),
+                ]))
+            }
+            Server::Blockgraph => Err(Error::msg(
+                "`blockgraph serve` (vhost-user-blk + QMP) does not exist yet; \
+                 use --server qsd",
+            )),
+        }
+    }
+}
