@@ -922,6 +922,66 @@ fn commit_runs_racing_guest_writes(seed: u64) {
     check_on_disk(dir, &files, "base.qcow2", &model);
 }
 
+/// A flush when no layer has table updates to write back (in-place
+/// writes only) is device flushes in flight: a read submitted after it
+/// goes to the devices in the same poll. After an allocating write (its
+/// new mapping waits in the metadata cache) the flush is exclusive: it
+/// writes the update back in R3's order before anything after it starts.
+/// Both cover the writes before them: the image is what qemu-img reads.
+fn flushes(seed: u64) {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, "65536");
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
+    let data = vec![0x5au8; 64 << 10];
+    let mut read = vec![0u8; 4096];
+    let mut images = files.images(seed);
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let (backend, _) = attach(&mut graph, &mut images, true);
+    let mut engine: Engine<'_> = Engine::new();
+
+    // In place (top owns 512k..1M).
+    let write = engine
+        .submit_write(backend, 512 << 10, [&data[..]])
+        .unwrap();
+    engine.wait(&mut graph, write).unwrap().result.unwrap();
+    let flush = engine.submit_flush(backend).unwrap();
+    let (head, tail) = read.split_at_mut(2048);
+    let after = engine.submit_read(backend, 0, [head]).unwrap();
+    engine.poll(&mut graph);
+    assert!(
+        engine.operations() >= 2,
+        "the flush and the read after it are not in flight together ({} operations)",
+        engine.operations()
+    );
+    engine.wait(&mut graph, flush).unwrap().result.unwrap();
+    engine.wait(&mut graph, after).unwrap().result.unwrap();
+
+    // Allocating (top holds nothing at 1536k): the mapping is cached.
+    let write = engine
+        .submit_write(backend, 1536 << 10, [&data[..]])
+        .unwrap();
+    engine.wait(&mut graph, write).unwrap().result.unwrap();
+    let flush = engine.submit_flush(backend).unwrap();
+    let after = engine.submit_read(backend, 0, [tail]).unwrap();
+    engine.poll(&mut graph);
+    assert!(
+        engine
+            .take(flush)
+            .unwrap()
+            .is_some_and(|done| done.result.is_ok()),
+        "the exclusive flush did not run first, alone"
+    );
+    engine.wait(&mut graph, after).unwrap().result.unwrap();
+    for at in [512usize << 10, 1536 << 10] {
+        model[at / SECTOR..(at + data.len()) / SECTOR].fill(0x5a);
+    }
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    drop(images);
+    check_on_disk(dir, &files, "top.qcow2", &model);
+}
+
 /// Refusals: a full engine, too many buffers, collected tickets; failing
 /// requests report their error and do not stop the others.
 fn refusals() {
@@ -1305,6 +1365,11 @@ fn commit_runs_copy_again_what_writes_in_flight_change() {
     for seed in 0x5eed_0010..0x5eed_0018 {
         big_stack(move || commit_runs_racing_guest_writes(seed));
     }
+}
+
+#[test]
+fn a_flush_with_nothing_to_write_back_stays_in_flight() {
+    big_stack(|| flushes(0x5eed_0020));
 }
 
 #[test]

@@ -24,11 +24,16 @@
 //!   most [`ALLOCATIONS`] are in flight; a request overlapping the
 //!   clusters of one on its chain waits for it (QEMU's dependent-request
 //!   rule).
+//! - **Flushes** cover every write that completed before they were
+//!   submitted. When no layer of the chain holds table updates not yet
+//!   written back (in-place writes only since the last flush), a flush is
+//!   device flushes in flight like any operation, and requests after it go
+//!   on; otherwise it is exclusive (below), writing the updates back in
+//!   R3's order.
 //! - Everything else — other allocating writes, zero writes, discards,
-//!   compressed reads, flushes — is **exclusive**: it starts when no
-//!   device operation of the engine is in flight and runs the graph's
-//!   synchronous path, with its crash-ordering rules. A flush covers every
-//!   write that completed before it was submitted.
+//!   compressed reads, flushes with table updates — is **exclusive**: it
+//!   starts when no device operation of the engine is in flight and runs
+//!   the graph's synchronous path, with its crash-ordering rules.
 //! - **Metadata misses** of a read's or write's plan load split-phase when
 //!   the VMM lent the engine metadata buffers
 //!   ([`Engine::lend_metadata_buffer`], module `miss`): the request waits
@@ -867,7 +872,16 @@ fn plan<
             }
             Ok(Route::Direct)
         }
-        Payload::WriteZeroes(_) | Payload::Discard(_) | Payload::Flush => Ok(Route::Exclusive),
+        Payload::Flush => {
+            // Device flushes in flight when no table update waits to be
+            // written back (R3 needs the synchronous order otherwise).
+            let root = graph.root(slot.backend)?;
+            Ok(match graph.flush_files(root) {
+                Some(_) => Route::Direct,
+                None => Route::Exclusive,
+            })
+        }
+        Payload::WriteZeroes(_) | Payload::Discard(_) => Ok(Route::Exclusive),
     }
 }
 
@@ -921,6 +935,15 @@ fn issue<
             let segments = core::mem::take(segments);
             let at = (root, tag(index, 0));
             issue_write(graph, at, (offset, None), &segments, &mut queued)
+        }
+        Payload::Flush => {
+            let Some(files) = graph.flush_files(root) else {
+                return fail(ErrorKind::Busy, "a planned flush found table updates");
+            };
+            for file in files {
+                submit(graph, (file, tag(index, 0)), Op::Flush, &mut queued)?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     });

@@ -73,6 +73,27 @@ impl<
         }
     }
 
+    /// The protocol nodes a flush of `id`'s chain goes to as device
+    /// flushes — the file of every writable layer, and of `id` — when no
+    /// layer holds table updates not yet written back; `None` when one does
+    /// (the synchronous [`Graph::flush`] writes them back first, R3). What
+    /// [`Graph::flush`] does, as device operations the request engine can
+    /// keep in flight.
+    pub(crate) fn flush_files(&self, id: NodeId) -> Option<heapless::Vec<NodeId, NODES>> {
+        let mut files = heapless::Vec::new();
+        for node in self.chain_from(id) {
+            let n = self.nodes.get(node).ok()?;
+            if self.cache.is_dirty(node.key()) {
+                return None;
+            }
+            if !n.read_only || node == id {
+                // One entry per node of the pool: never full.
+                files.push(self.layer_file(node).ok()?).ok()?;
+            }
+        }
+        Some(files)
+    }
+
     /// What BlockBackend `id` may do with its root.
     ///
     /// # Errors
