@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use blockgraph::device::FileDevice;
 use blockgraph::engine::Engine;
 use blockgraph::host::PathResolver;
+use blockgraph::jobs::{JobStatus, OnError, StreamRequest};
 use blockgraph::{Access, BackendId, Graph, NodeId, OpenOptions};
 
 mod common;
@@ -236,4 +237,73 @@ fn engine_requests() {
     graph.unref(node).unwrap();
     assert_eq!(graph.node_count(), 0);
     qemu_img(d, &["check", "-q", "top.qcow2"]);
+}
+
+/// A stream stepped through the request engine: its runs (reads of the
+/// compressed base, allocating writes into the overlay) and the polls that
+/// carry them allocate nothing; only the end, which writes the new backing
+/// name through the resolver, runs outside the count.
+#[test]
+fn job_runs_through_the_engine_do_not_allocate() {
+    std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(job_runs)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn job_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let top = chain(d);
+    qemu_img(d, &["convert", "-O", "raw", "top.qcow2", "before.raw"]);
+    let (mut graph, node, backend) = open_writable(&top);
+    let mut resolver = PathResolver::default();
+    let job = graph
+        .start_stream(StreamRequest {
+            active: node,
+            base: None,
+            on_error: OnError::Report,
+        })
+        .unwrap();
+    let mut engine: Engine<'_> = Engine::new();
+    for lane in common::leaked_buffer(2 * 65536).chunks_mut(65536) {
+        engine.lend_job_buffer(lane).unwrap();
+    }
+    // Created to running: the synchronous first step.
+    while engine.job_step(&mut graph, job, &mut resolver).unwrap() == JobStatus::Created {}
+    let mut steps = 0;
+    let count = allocations_during(|| {
+        while engine.job_step(&mut graph, job, &mut resolver).unwrap() == JobStatus::Running {
+            engine.poll(&mut graph);
+            steps += 1;
+        }
+    });
+    assert_eq!(
+        count,
+        0,
+        "heap allocations in the job's runs (last of {} bytes)",
+        LAST_SIZE.load(Ordering::Relaxed)
+    );
+    assert!(steps > 4, "the stream ran in {steps} steps");
+    while engine.job_step(&mut graph, job, &mut resolver).unwrap() != JobStatus::Concluded {
+        engine.poll(&mut graph);
+    }
+    assert_eq!(graph.job_info(job).unwrap().error, None);
+    graph.job_dismiss(job).unwrap();
+    assert_eq!(graph.backing(node).unwrap(), None);
+    graph.detach_backend(backend).unwrap();
+    graph.unref(node).unwrap();
+    qemu_img(d, &["check", "-q", "top.qcow2"]);
+    let compare = [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        "before.raw",
+        "top.qcow2",
+    ];
+    qemu_img(d, &compare);
 }
