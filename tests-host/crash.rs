@@ -1102,7 +1102,13 @@ impl<'g, 'a> Live<'g, 'a> {
             new[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
         }
         self.begin(0, new);
+        // Lent metadata buffers: the flush writes the table updates back
+        // split-phase (R3's order as device operations).
+        let mut metadata = vec![0u8; 2 * 4096];
         let mut engine: Engine<'_> = Engine::new();
+        for buf in metadata.chunks_mut(4096) {
+            engine.lend_metadata_buffer(buf).unwrap();
+        }
         for (&(off, ..), bytes) in writes.iter().zip(&data) {
             engine.submit_write(self.backend, off, [&bytes[..]])?;
         }

@@ -926,15 +926,18 @@ fn commit_runs_racing_guest_writes(seed: u64) {
 /// writes only) is device flushes in flight: a read submitted after it
 /// goes to the devices in the same poll. After an allocating write (its
 /// new mapping waits in the metadata cache) the flush is exclusive: it
-/// writes the update back in R3's order before anything after it starts.
-/// Both cover the writes before them: the image is what qemu-img reads.
+/// writes the update back in R3's order before anything after it starts;
+/// with metadata buffers lent, it writes it back as device operations and
+/// requests after it go on. All cover the writes before them: the image
+/// is what qemu-img reads.
 fn flushes(seed: u64) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, mut model) = chain(dir, "65536");
     let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
     let data = vec![0x5au8; 64 << 10];
-    let mut read = vec![0u8; 4096];
+    let mut read = vec![0u8; 6144];
+    let mut metadata = vec![0u8; 2 * 4096];
     let mut images = files.images(seed);
     let mut graph: Box<TestGraph<'_, '_>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
@@ -946,7 +949,8 @@ fn flushes(seed: u64) {
         .unwrap();
     engine.wait(&mut graph, write).unwrap().result.unwrap();
     let flush = engine.submit_flush(backend).unwrap();
-    let (head, tail) = read.split_at_mut(2048);
+    let (head, rest) = read.split_at_mut(2048);
+    let (tail, third) = rest.split_at_mut(2048);
     let after = engine.submit_read(backend, 0, [head]).unwrap();
     engine.poll(&mut graph);
     assert!(
@@ -973,7 +977,28 @@ fn flushes(seed: u64) {
         "the exclusive flush did not run first, alone"
     );
     engine.wait(&mut graph, after).unwrap().result.unwrap();
-    for at in [512usize << 10, 1536 << 10] {
+
+    // With metadata buffers lent, a flush with a table update writes it
+    // back as device operations: a read after it goes to the devices
+    // before the flush completes.
+    for buf in metadata.chunks_mut(4096) {
+        engine.lend_metadata_buffer(buf).unwrap();
+    }
+    let write = engine
+        .submit_write(backend, 1024 << 10, [&data[..]])
+        .unwrap();
+    engine.wait(&mut graph, write).unwrap().result.unwrap();
+    let flush = engine.submit_flush(backend).unwrap();
+    let after = engine.submit_read(backend, 0, [third]).unwrap();
+    engine.poll(&mut graph);
+    assert!(
+        engine.take(flush).unwrap().is_none() && engine.operations() >= 2,
+        "the write-back and the read after it are not in flight together ({} operations)",
+        engine.operations()
+    );
+    engine.wait(&mut graph, flush).unwrap().result.unwrap();
+    engine.wait(&mut graph, after).unwrap().result.unwrap();
+    for at in [512usize << 10, 1536 << 10, 1024 << 10] {
         model[at / SECTOR..(at + data.len()) / SECTOR].fill(0x5a);
     }
     graph.detach_backend(backend).unwrap();

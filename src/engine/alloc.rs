@@ -122,6 +122,10 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         index: usize,
         root: NodeId,
     ) -> bool {
+        // A write-back in progress holds the metadata still.
+        if self.writeback.is_some() {
+            return false;
+        }
         let Some(entry) = self.allocations.iter_mut().find(|e| e.is_none()) else {
             return false;
         };
@@ -177,6 +181,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
     ) {
+        // A write-back in progress holds the metadata still: links (and
+        // abandons) wait for its end, and so do their requests.
+        let frozen = self.writeback.is_some();
         for entry in &mut self.allocations {
             let Some(allocation) = entry.as_mut().filter(|a| a.slot != JOB_SLOT) else {
                 continue;
@@ -184,16 +191,24 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             let slot = self.slots.get_mut(allocation.slot).and_then(Option::as_mut);
             let (node, batch) = (allocation.node, &mut allocation.batch);
             let linked = match slot {
-                Some(slot) if slot.state != State::Done => continue,
+                Some(slot) if slot.ops > 0 => continue,
+                Some(slot) if frozen => {
+                    slot.state = State::Running;
+                    continue;
+                }
                 // R2: every data operation of the batch completed.
-                Some(slot) if slot.error.is_none() => match graph.link_batch(node, batch) {
-                    Ok(()) => true,
-                    Err(err) => {
+                Some(slot) => {
+                    slot.state = State::Done;
+                    let linked = match slot.error {
+                        Some(_) => Ok(false),
+                        None => graph.link_batch(node, batch).map(|()| true),
+                    };
+                    linked.unwrap_or_else(|err| {
                         slot.fail(err);
                         false
-                    }
-                },
-                _ => false,
+                    })
+                }
+                None => false,
             };
             if !linked {
                 // R14: nothing maps the clusters not yet linked.

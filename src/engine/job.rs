@@ -456,7 +456,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 Err(err) => copy.fail(err),
             }
         };
-        if !over {
+        // Giving new clusters back changes refcounts: it waits for a
+        // write-back in progress.
+        if !over || copy.allocation.is_some() && self.writing_back() {
             self.job.lanes[lane].copy = Some(copy);
             return;
         }
@@ -565,6 +567,10 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         copy: &mut Copy,
     ) -> Result<bool> {
         let end = match copy.segment {
+            // The link waits for a write-back in progress.
+            Some(end) if copy.pos == end && copy.allocation.is_some() && self.writing_back() => {
+                return Ok(false);
+            }
             Some(end) if copy.pos == end => {
                 self.link_segment(graph, copy)?;
                 return Ok(true);
@@ -643,7 +649,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             return Ok(None);
         }
         if graph.allocates_in_flight(target, at, len)? {
-            let Some(entry) = self.allocations.iter().position(Option::is_none) else {
+            // A write-back in progress holds the metadata still.
+            let free = self.allocations.iter().position(Option::is_none);
+            let Some(entry) = free.filter(|_| !self.writing_back()) else {
                 return Ok(None);
             };
             let allocation = self.allocations[entry].insert(Allocation::new(
@@ -676,7 +684,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         copy: &mut Copy,
         len: u64,
     ) -> Result<Option<u64>> {
-        if self.ops > 0 {
+        if self.ops > 0 || self.writing_back() {
             self.job.barrier = true;
             return Ok(None);
         }

@@ -54,15 +54,39 @@ pub(super) struct Load<'b> {
     miss: Option<Miss>,
     /// The read's result, once collected (the cache has not got it yet).
     result: Option<Result<()>>,
+    /// The buffer is out with a write-back (module `writeback`).
+    pub(super) out: bool,
 }
 
-impl Load<'_> {
+impl<'b> Load<'b> {
     /// No buffer lent.
     pub(super) const IDLE: Self = Self {
         buf: None,
         miss: None,
         result: None,
+        out: false,
     };
+
+    /// Whether this entry holds an idle buffer.
+    pub(super) fn lend_ready(&self) -> bool {
+        self.buf.is_some() && self.miss.is_none()
+    }
+
+    /// Lends this entry's buffer out to a write-back, when it is idle.
+    pub(super) fn lend_out(&mut self) -> Option<&'b mut [u8]> {
+        if self.miss.is_some() {
+            return None;
+        }
+        let buf = self.buf.take()?;
+        self.out = true;
+        Some(buf)
+    }
+
+    /// Takes back the buffer lent out.
+    pub(super) fn give_back(&mut self, buf: Option<&'b mut [u8]>) {
+        self.buf = buf;
+        self.out = false;
+    }
 }
 
 /// Records the completion of load `index` (in a device's poll).
@@ -110,7 +134,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         match self
             .loads
             .iter_mut()
-            .find(|l| l.buf.is_none() && l.miss.is_none())
+            .find(|l| l.buf.is_none() && l.miss.is_none() && !l.out)
         {
             Some(load) => {
                 load.buf = Some(buf);
@@ -180,7 +204,9 @@ pub(super) fn plan_or_load<
     graph: &mut Graph<D, N, B, C, J>,
     slot: &mut Slot<'b, S, P>,
 ) -> Option<Result<Route>> {
-    let lent = loads.iter().any(|l| l.buf.is_some() || l.miss.is_some());
+    let lent = loads
+        .iter()
+        .any(|l| l.buf.is_some() || l.miss.is_some() || l.out);
     loop {
         if !lent
             || slot.misses >= MISSES

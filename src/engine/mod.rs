@@ -24,14 +24,16 @@
 //!   most [`ALLOCATIONS`] are in flight; a request overlapping the
 //!   clusters of one on its chain waits for it (QEMU's dependent-request
 //!   rule).
-//! - **Flushes** cover every write that completed before they were
-//!   submitted. When no layer of the chain holds table updates not yet
-//!   written back (in-place writes only since the last flush), a flush is
-//!   device flushes in flight like any operation, and requests after it go
-//!   on; otherwise it is exclusive (below), writing the updates back in
-//!   R3's order.
+//! - **Flushes** start once every request submitted before them has
+//!   finished (later ones go by), so they cover them. When no layer of the
+//!   chain holds table updates not yet written back (in-place writes only
+//!   since the last flush), a flush is device flushes in flight like any
+//!   operation; with updates and metadata buffers lent, it writes them
+//!   back as device operations in R3's order (module `writeback`), holding
+//!   allocations meanwhile; otherwise it is exclusive (below).
 //! - Everything else — other allocating writes, zero writes, discards,
-//!   compressed reads, flushes with table updates — is **exclusive**: it
+//!   compressed reads, flushes with table updates and no buffers — is
+//!   **exclusive**: it
 //!   starts when no device operation of the engine is in flight and runs
 //!   the graph's synchronous path, with its crash-ordering rules.
 //! - **Metadata misses** of a read's or write's plan load split-phase when
@@ -71,6 +73,7 @@
 mod alloc;
 mod job;
 mod miss;
+mod writeback;
 
 use crate::backend::BackendId;
 use crate::device::{Op, Queue, Submitted, Tag};
@@ -84,6 +87,7 @@ pub use job::JOB_LANES;
 use job::{JobCopies, JOB_SLOT};
 pub use miss::METADATA_BUFFERS;
 use miss::{plan_or_load, Load, LOAD_SLOT};
+use writeback::{WriteBack, WRITEBACK_SLOT};
 
 /// Default number of requests an [`Engine`] keeps in flight.
 pub const DEFAULT_SLOTS: usize = 64;
@@ -237,8 +241,10 @@ pub struct Engine<
     allocations: [Option<Allocation>; ALLOCATIONS],
     /// Lent metadata buffers and their loads (module `miss`).
     loads: [Load<'b>; METADATA_BUFFERS],
-    /// The lent job buffer and the job run in flight (module `job`).
+    /// The lent job buffers and the job runs in flight (module `job`).
     job: JobCopies<'b>,
+    /// A flush's write-back of table updates (module `writeback`).
+    writeback: Option<WriteBack>,
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -271,6 +277,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             allocations: [const { None }; ALLOCATIONS],
             loads: [const { Load::IDLE }; METADATA_BUFFERS],
             job: JobCopies::IDLE,
+            writeback: None,
         }
     }
 
@@ -480,10 +487,12 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             progressed = self.collect(graph) > 0;
             // Requests waiting for a load are planned again below.
             self.finish_loads(graph);
-            // Before any later request starts: a flush or a read after
-            // them sees the new clusters mapped.
-            self.finish_allocations(graph);
         }
+        // Before any later request starts: a flush or a read after them
+        // sees the new clusters mapped (unless a write-back holds the
+        // links: those requests finish after it).
+        self.finish_allocations(graph);
+        self.advance_write_back(graph);
         // A job's run goes on (or, waiting for the devices to go quiet,
         // holds back every request).
         self.advance_copies(graph);
@@ -608,7 +617,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> Option<T> {
         self.draining = true;
         self.poll(graph);
-        if self.ops > 0 || self.job.copy_in_flight() {
+        if self.ops > 0 || self.job.copy_in_flight() || self.writing_back() {
             return None;
         }
         self.draining = false;
@@ -637,6 +646,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let before = self.ops;
         let (slots, ops, loads) = (&mut self.slots, &mut self.ops, &mut self.loads);
         let copies = &mut self.job;
+        let writeback = &mut self.writeback;
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
                 continue;
@@ -650,6 +660,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 }
                 if index == JOB_SLOT {
                     job::collected(copies, piece, result, buf);
+                    *ops -= 1;
+                    return;
+                }
+                if index == WRITEBACK_SLOT {
+                    writeback::collected((writeback, loads), piece, result, buf);
                     *ops -= 1;
                     return;
                 }
@@ -670,6 +685,15 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             });
         }
         before - self.ops
+    }
+
+    /// Whether a request submitted before sequence number `seq` has not
+    /// finished.
+    fn earlier_unfinished(&self, seq: u64) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|s| s.seq < seq && s.state != State::Done)
     }
 
     /// Starts queued request `index`; `false` when it must wait: it
@@ -696,6 +720,16 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             // the request's, met again in the plan).
             return Start::Wait;
         }
+        let seq = slot.seq;
+        let flush = matches!(slot.payload, Payload::Flush);
+        if flush && self.earlier_unfinished(seq) {
+            // A flush starts once every request submitted before it has
+            // finished, so it covers them; later ones go by meanwhile.
+            return Start::Wait;
+        }
+        let Some(slot) = self.slots[index].as_mut() else {
+            return Start::Started;
+        };
         let route = match plan_or_load((&mut self.loads, &mut self.ops), graph, slot) {
             None => return Start::Wait,
             Some(Ok(route)) => route,
@@ -728,9 +762,19 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             };
             return Start::Started;
         }
-        if self.ops > 0 {
+        let root = graph.root(slot.backend);
+        if let (Payload::Flush, Ok(root)) = (&slot.payload, root) {
+            if self.can_write_back() {
+                self.start_write_back(graph, index, root);
+                return Start::Started;
+            }
+        }
+        if self.ops > 0 || self.writing_back() {
             return Start::Barrier;
         }
+        let Some(slot) = self.slots[index].as_mut() else {
+            return Start::Started;
+        };
         if let Err(err) = run_exclusive(graph, slot) {
             slot.fail(err);
         }

@@ -34,6 +34,19 @@ pub const SLICE_SIZE: usize = 4096;
 /// Identifies which open image a slice belongs to (a node's pool key).
 pub type Owner = u64;
 
+/// A copy of a dirty slice on its way to the device
+/// ([`MetaCache::take_dirty`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    slot: usize,
+    owner: Owner,
+    /// Where the slice goes on the image's device.
+    pub offset: u64,
+    /// How many bytes of the copy.
+    pub len: usize,
+    level: Level,
+}
+
 /// Slots per set (fewer when the whole cache has fewer). Sixteen keep
 /// conflict misses rare when the tables in use nearly fill the cache (a
 /// miss is a device read; under QEMU's TCG a virtio request costs as much as
@@ -93,6 +106,9 @@ struct Tag {
     /// The slice passed the check of a [`MetaCache::slice_checked`] (a
     /// slice inserted, or loaded by [`MetaCache::slice`], has not yet).
     checked: bool,
+    /// A copy of the slice is being written back split-phase
+    /// ([`MetaCache::take_dirty`]).
+    writing: bool,
 }
 
 const EMPTY: Tag = Tag {
@@ -106,6 +122,7 @@ const EMPTY: Tag = Tag {
     valid: false,
     dirty: None,
     checked: false,
+    writing: false,
 };
 
 /// A slice a lookup needed while loading was off ([`MetaCache::set_loading`]):
@@ -340,6 +357,56 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         Ok(())
     }
 
+    /// Copies into `buf` (at least [`SLICE_SIZE`] bytes) the next slice of
+    /// `owner` dirty at `level` that is not being written back already,
+    /// for a write-back split into device operations (the request engine's
+    /// flush): marks it being written and returns it with its offset and
+    /// length. The caller writes the copy at that offset and reports the
+    /// result with [`MetaCache::written`]. Nothing may update `owner`'s
+    /// slices meanwhile (the engine holds allocations back), so the copy is
+    /// what the slice holds until then.
+    pub fn take_dirty(&mut self, owner: Owner, level: Level, buf: &mut [u8]) -> Option<Outgoing> {
+        let slot = self.tags.iter().position(|t| {
+            t.valid && t.image.owner == owner && t.dirty == Some(level) && !t.writing
+        })?;
+        let tag = &mut self.tags[slot];
+        let len = tag.len as usize;
+        buf.get_mut(..len)?.copy_from_slice(&self.data[slot][..len]);
+        tag.writing = true;
+        Some(Outgoing {
+            slot,
+            owner,
+            offset: tag.offset,
+            len,
+            level,
+        })
+    }
+
+    /// Ends the write of `outgoing` ([`MetaCache::take_dirty`]): when it
+    /// succeeded and the slot still holds that slice, the slice is clean
+    /// (R14: a failed write leaves it dirty). The slot may have been
+    /// evicted meanwhile (written back synchronously first).
+    pub fn written(&mut self, outgoing: Outgoing, succeeded: bool) {
+        let Some(tag) = self.tags.get_mut(outgoing.slot) else {
+            return;
+        };
+        if !(tag.valid && tag.image.owner == outgoing.owner && tag.offset == outgoing.offset) {
+            return;
+        }
+        tag.writing = false;
+        if succeeded && tag.dirty == Some(outgoing.level) {
+            tag.dirty = None;
+        }
+    }
+
+    /// Whether `owner` has slices dirty at `level` (being written back or
+    /// not).
+    pub fn is_dirty_at(&self, owner: Owner, level: Level) -> bool {
+        self.tags
+            .iter()
+            .any(|t| t.valid && t.image.owner == owner && t.dirty == Some(level))
+    }
+
     /// Forgets every slice of `owner` (its image was closed), written back
     /// or not.
     pub fn forget(&mut self, owner: Owner) {
@@ -461,6 +528,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             valid: true,
             dirty: None,
             checked,
+            writing: false,
         };
     }
 

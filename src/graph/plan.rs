@@ -4,7 +4,7 @@
 use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
-use crate::format::cache::Miss;
+use crate::format::cache::{Level, Miss, Outgoing};
 use crate::format::Mapping;
 
 /// Where the start of a read lies.
@@ -82,16 +82,49 @@ impl<
     pub(crate) fn flush_files(&self, id: NodeId) -> Option<heapless::Vec<NodeId, NODES>> {
         let mut files = heapless::Vec::new();
         for node in self.chain_from(id) {
-            let n = self.nodes.get(node).ok()?;
             if self.cache.is_dirty(node.key()) {
                 return None;
             }
-            if !n.read_only || node == id {
+            if self.flushed_in(node, id) {
                 // One entry per node of the pool: never full.
                 files.push(self.layer_file(node).ok()?).ok()?;
             }
         }
         Some(files)
+    }
+
+    /// Copies the next slice of layer `id` dirty at `level` into `buf` for
+    /// the request engine's split-phase write-back
+    /// ([`MetaCache::take_dirty`](crate::format::cache::MetaCache::take_dirty));
+    /// with the protocol node it goes to.
+    pub(crate) fn take_dirty(
+        &mut self,
+        id: NodeId,
+        level: Level,
+        buf: &mut [u8],
+    ) -> Result<Option<(NodeId, Outgoing)>> {
+        let file = self.layer_file(id)?;
+        Ok(self
+            .cache
+            .take_dirty(id.key(), level, buf)
+            .map(|out| (file, out)))
+    }
+
+    /// Ends the write of a slice taken by [`Graph::take_dirty`].
+    pub(crate) fn written(&mut self, outgoing: Outgoing, succeeded: bool) {
+        self.cache.written(outgoing, succeeded);
+    }
+
+    /// Whether layer `id` holds table updates at `level` not yet written
+    /// back.
+    pub(crate) fn dirty_at(&self, id: NodeId, level: Level) -> bool {
+        self.cache.is_dirty_at(id.key(), level)
+    }
+
+    /// Whether layer `id` is flushed by a flush of a chain whose top is
+    /// `root`: it is writable, or it is `root`.
+    pub(crate) fn flushed_in(&self, id: NodeId, root: NodeId) -> bool {
+        id == root || self.nodes.get(id).is_ok_and(|n| !n.read_only)
     }
 
     /// What BlockBackend `id` may do with its root.
