@@ -24,6 +24,24 @@ pub const SECTOR: usize = 512;
 /// The largest request made straight from or into a caller's buffer.
 pub const DIRECT_MAX: usize = 1 << 20;
 
+/// Writes are cut only at multiples of this on the disk (besides their
+/// ends), when the bounce buffer allows.
+const BLOCK: usize = 4096;
+
+/// How many of the `rest` bytes of a write at sector-aligned `pos` go
+/// straight from the caller's buffer: whole sectors, cut at multiples of
+/// [`DIRECT_MAX`] on the disk, and ending on a [`BLOCK`] boundary when a
+/// partial sector follows (0 when none is reached: the bounce buffer takes
+/// the piece, up to that boundary or the end).
+fn direct_len(pos: u64, rest: usize) -> usize {
+    let n = (rest - rest % SECTOR).min(DIRECT_MAX - (pos % DIRECT_MAX as u64) as usize);
+    if n == rest {
+        return n;
+    }
+    let end = (pos + n as u64) / BLOCK as u64 * BLOCK as u64;
+    end.saturating_sub(pos) as usize
+}
+
 /// Hardware that reads and writes whole sectors.
 pub trait SectorIo {
     /// Reads sectors from `sector` on into `buf`, whose length is a non-zero
@@ -120,14 +138,20 @@ pub fn write_at(
         let sector = pos / SECTOR as u64;
         let skip = (pos % SECTOR as u64) as usize;
         let rest = buf.len() - done;
-        if skip == 0 && rest >= SECTOR {
-            let n = (rest - rest % SECTOR).min(DIRECT_MAX);
-            io.write_sectors(sector, &buf[done..done + n])?;
-            done += n;
+        let direct = match skip == 0 && rest >= SECTOR {
+            true => direct_len(pos, rest),
+            false => 0,
+        };
+        if direct > 0 {
+            io.write_sectors(sector, &buf[done..done + direct])?;
+            done += direct;
         } else {
             // Read-modify-write of the sectors the piece touches: only the
-            // first and the last can be partial.
-            let n = rest.min(bounce.len() - skip);
+            // first and the last can be partial. The piece ends on a 4 KiB
+            // boundary when the bounce buffer reaches one, so a power cut
+            // between pieces never splits a 4 KiB block the write covers.
+            let to_block = BLOCK - (pos % BLOCK as u64) as usize;
+            let n = rest.min(bounce.len() - skip).min(to_block);
             let span = (skip + n).div_ceil(SECTOR) * SECTOR;
             if skip != 0 {
                 io.read_sectors(sector, &mut bounce[..SECTOR])?;
@@ -215,6 +239,48 @@ mod tests {
 
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
+        }
+    }
+
+    /// A disk that records where each write request starts and ends.
+    struct Recorder {
+        disk: Disk,
+        cuts: Vec<(u64, u64)>,
+    }
+
+    impl SectorIo for Recorder {
+        fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<()> {
+            self.disk.read_sectors(sector, buf)
+        }
+
+        fn write_sectors(&mut self, sector: u64, buf: &[u8]) -> Result<()> {
+            let start = sector * SECTOR as u64;
+            self.cuts.push((start, start + buf.len() as u64));
+            self.disk.write_sectors(sector, buf)
+        }
+    }
+
+    #[test]
+    fn writes_are_cut_only_on_4_kib_boundaries() {
+        let sectors = 8 * DIRECT_MAX / SECTOR;
+        let mut io = Recorder {
+            disk: Disk::new(sectors),
+            cuts: Vec::new(),
+        };
+        let mut bounce = vec![0u8; 64 * 1024];
+        let size = (sectors * SECTOR) as u64;
+        for offset in [777u64, 3 * 4096 + 512, (1 << 20) - 100, 4096] {
+            let data = vec![0x5au8; 6 * DIRECT_MAX + 333];
+            io.cuts.clear();
+            write_at(&mut io, &mut bounce, size, offset, &data).unwrap();
+            let (first, last) = (io.cuts[0].0, io.cuts[io.cuts.len() - 1].1);
+            for &(start, end) in &io.cuts {
+                for at in [start, end] {
+                    if at != first && at != last {
+                        assert!(at % 4096 == 0, "a write cut at {at} (offset {offset})");
+                    }
+                }
+            }
         }
     }
 
