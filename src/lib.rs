@@ -43,6 +43,8 @@ pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod jobs;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod serve;
 pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};

@@ -84,7 +84,7 @@ Commands:
                        writes (median of 3 alternating runs), blockgraph's
                        reads against a pread loop, and the static memory;
                        prints a table and writes target/bench/report.md
-  guest [--short] [--server qsd|blockgraph]
+  guest [--short] [--server qsd|blockgraph] [--no-jobs]
                        a real Linux guest (Debian's kernel, busybox, fio;
                        fetched with apt-get download into target/guest/ and
                        reused) booted under TCG on a vhost-user-blk export

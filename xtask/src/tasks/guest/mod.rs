@@ -2,7 +2,7 @@
 //! export of a qcow2 chain while live block jobs run over QMP.
 //!
 //! ```text
-//! cargo xtask guest [--short] [--server qsd|blockgraph]
+//! cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs]
 //! ```
 //!
 //! ```text
@@ -32,6 +32,12 @@
 //! what the guest read. Not done: replaying fio's writes on the host to
 //! compare the dropped overlays (fio's verification and the final hash
 //! cover what the guest sees).
+//!
+//! `--no-jobs` runs the guest's fio (write with verify, then verify
+//! only) and the final hash without the jobs scenario: the chain stays
+//! `top -> mid -> base`, every image must check clean and the guest's hash
+//! must match `top.qcow2`'s view. `--server blockgraph` builds the CLI and
+//! runs `blockgraph serve` from `target/debug`.
 //!
 //! Every child (server, QEMU) is killed when the run ends, however it ends;
 //! the whole run has a deadline.
@@ -118,14 +124,16 @@ const CHAIN: [Node<'static>; 3] = [
     },
 ];
 
-/// `cargo xtask guest [--short] [--server qsd|blockgraph]`.
+/// `cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs]`.
 pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut profile = Profile::full();
     let mut server = Server::Qsd;
+    let mut jobs = true;
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--short" => profile = Profile::short(),
+            "--no-jobs" => jobs = false,
             "--server" => {
                 let name = args
                     .next()
@@ -134,20 +142,39 @@ pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
             }
             _ => {
                 return Err(Error::msg(format!(
-                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME)"
+                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME, --no-jobs)"
                 )))
             }
         }
     }
-    run_with(ws, server, &profile)
+    run_with(ws, server, &profile, jobs)
 }
 
-/// One run: prerequisites, pieces, chain, server, guest, jobs, judgement.
-pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()> {
+/// One run: prerequisites, pieces, chain, server, guest, jobs (unless
+/// `jobs` is false), judgement.
+pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -> Result<()> {
     let started = Instant::now();
     println!("==> prerequisites for the Linux guest");
     prereq::ensure_qemu(ws)?;
-    for tool in [server.program(), "md5sum"] {
+    let cli = match server {
+        Server::Qsd => None,
+        Server::Blockgraph => {
+            ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
+            let cli = ws.target_dir.join("debug").join("blockgraph");
+            if !cli.is_file() {
+                return Err(Error::msg(format!(
+                    "cargo built the CLI but {} does not exist",
+                    cli.display()
+                )));
+            }
+            Some(cli)
+        }
+    };
+    let tools: &[&str] = match server {
+        Server::Qsd => &["qemu-storage-daemon", "md5sum"],
+        Server::Blockgraph => &["md5sum"],
+    };
+    for &tool in tools {
         if prereq::find_on_path(tool).is_none() {
             return Err(Error::msg(format!(
                 "`cargo xtask guest` needs `{tool}` on PATH{}",
@@ -177,7 +204,7 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
 
     println!("==> the guest on a {} export", server.program());
     let mut daemon = server
-        .command(&run_dir, &CHAIN, "vhost.sock", "qmp.sock")?
+        .command(&run_dir, &CHAIN, "vhost.sock", "qmp.sock", cli.as_deref())?
         .tee()
         .start()?;
     let deadline = started + profile.deadline;
@@ -190,7 +217,10 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
     let booted = Instant::now();
     console.wait_for(&mut guest, initramfs::FIO_START, deadline)?;
     let boot_time = booted.elapsed();
-    let jobs = scenario::run(&mut qmp, &lab, profile.pause)?;
+    let scenario = match jobs {
+        true => Some(scenario::run(&mut qmp, &lab, profile.pause)?),
+        false => None,
+    };
     console.drain(&guest);
     let overlapped = !console.seen(initramfs::FIO_END);
     console.wait_for(&mut guest, initramfs::RESULT, deadline)?;
@@ -220,6 +250,18 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
 
     println!("==> judging the run");
     let md5 = judge_console(&console)?;
+    let Some(jobs) = scenario else {
+        judge_unchanged(&lab, &md5)?;
+        println!(
+            "==> guest run passed (no jobs): prepared in {:.1} s, fio started {:.1} s after \
+             launch, guest done after {:.1} s, {:.1} s in all",
+            prepared.as_secs_f64(),
+            boot_time.as_secs_f64(),
+            guest_time.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    };
     if !overlapped {
         return Err(Error::msg(format!(
             "the block jobs took {:.1} s and finished after the guest's fio run had \
@@ -271,6 +313,36 @@ fn judge_images(lab: &Lab, md5: &str) -> Result<()> {
     }
     let _ = fs::remove_file(lab.path("final.raw"));
     println!("    md5 of the guest's disk = md5 of mid.qcow2's view: {md5}");
+    Ok(())
+}
+
+/// The images after a run without jobs: clean, still `top -> mid ->
+/// base`, and top's view hashing to the guest's `md5`.
+fn judge_unchanged(lab: &Lab, md5: &str) -> Result<()> {
+    lab.check(&["base.qcow2", "mid.qcow2", "top.qcow2"])?;
+    lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
+    println!("    qemu-img check: clean on base, mid, top; chain top -> mid -> base");
+    lab.qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "top.qcow2",
+        "final.raw",
+    ])?;
+    let host = Cmd::new("md5sum")
+        .arg(lab.path("final.raw"))
+        .quiet()
+        .read()?;
+    let host = host.split_whitespace().next().unwrap_or("");
+    if host != md5 {
+        return Err(Error::msg(format!(
+            "the guest's disk hashed to {md5}, the final image top.qcow2 to {host}"
+        )));
+    }
+    let _ = fs::remove_file(lab.path("final.raw"));
+    println!("    md5 of the guest's disk = md5 of top.qcow2's view: {md5}");
     Ok(())
 }
 
