@@ -30,6 +30,9 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::virtio_blk::{Config, Descriptor, CONFIG_LEN};
 
@@ -195,6 +198,12 @@ impl VhostUserBackend for Backend {
             inbox.memory_changed = true;
         });
         Ok(())
+    }
+
+    // Without an exit event a worker thread never ends, and dropping the
+    // daemon (which joins them) would hang.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
 
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
