@@ -131,6 +131,20 @@ fn make_chain(dir: &Path) {
     qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x44 6M 128k"]);
 }
 
+/// A temporary directory with [`make_chain`]'s images.
+fn chain_dir() -> tempfile::TempDir {
+    let tmp = common::tmpdir("bg-serve-");
+    make_chain(tmp.path());
+    tmp
+}
+
+/// `serve -f qcow2 top.qcow2 --nbd nbd.sock EXTRA...` in `dir`.
+fn serve_nbd(dir: &Path, extra: &[&str]) -> Served {
+    let mut args = vec!["-f", "qcow2", "top.qcow2", "--nbd", "nbd.sock"];
+    args.extend_from_slice(extra);
+    Served::start(dir, &args, &["nbd.sock"])
+}
+
 /// The qemu-io target for the NBD export at `socket` (relative to the
 /// test's directory, where qemu-io runs).
 fn nbd_uri(socket: &str) -> String {
@@ -168,19 +182,14 @@ const WRITES: [&str; 6] = [
 
 #[test]
 fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
     let reference = dir.join("ref");
     fs::create_dir(&reference).unwrap();
     for img in ["base.qcow2", "top.qcow2"] {
         fs::copy(dir.join(img), reference.join(img)).unwrap();
     }
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--nbd", "nbd.sock"],
-        &["nbd.sock"],
-    );
+    let mut served = serve_nbd(dir, &[]);
     nbd_io(dir, "nbd.sock", &WRITES);
     // Reads through the export see the writes, the backing data and zeros.
     nbd_io(
@@ -221,14 +230,9 @@ fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
 
 #[test]
 fn a_served_image_is_locked_against_qemu_io_and_a_second_server() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--nbd", "nbd.sock"],
-        &["nbd.sock"],
-    );
+    let mut served = serve_nbd(dir, &[]);
     let args = ["-f", "qcow2", "-c", "write -P 0x66 0 4k", "top.qcow2"];
     let out = run(dir, QEMU_IO, &args);
     let text = format!(
@@ -268,9 +272,8 @@ fn qmp_line(reader: &mut impl BufRead) -> String {
 
 #[test]
 fn qmp_answers_the_greeting_capabilities_and_quit() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
     let mut served = Served::start(
         dir,
         &[
@@ -329,9 +332,8 @@ fn qmp_answers_the_greeting_capabilities_and_quit() {
 
 #[test]
 fn a_read_only_export_refuses_writes() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
     let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
     let mut served = Served::start(
         dir,
@@ -375,19 +377,11 @@ fn a_read_only_export_refuses_writes() {
     w.extend_from_slice(&[0xee; 512]);
     s.write_all(&w).unwrap();
     let reply = read_some(&mut s, 16);
-    assert_eq!(
-        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
-        1,
-        "EPERM"
-    );
+    assert_eq!(errno(&reply), 1, "EPERM");
     for kind in [4u16, 6] {
         s.write_all(&request(kind, 6, 0, 512)).unwrap();
         let reply = read_some(&mut s, 16);
-        assert_eq!(
-            u32::from_be_bytes(reply[4..8].try_into().unwrap()),
-            1,
-            "EPERM"
-        );
+        assert_eq!(errno(&reply), 1, "EPERM");
     }
     drop(s);
     // A reader may share a read-only export's images.
@@ -411,6 +405,11 @@ fn read_some(stream: &mut UnixStream, n: usize) -> Vec<u8> {
     }
     out.truncate(got);
     out
+}
+
+/// The error field of a simple reply.
+fn errno(reply: &[u8]) -> u32 {
+    u32::from_be_bytes(reply[4..8].try_into().unwrap())
 }
 
 /// Connects and does the fixed newstyle handshake up to the option phase.
@@ -456,15 +455,10 @@ fn nbd_transmission(dir: &Path) -> UnixStream {
 
 #[test]
 fn hostile_nbd_clients_lose_their_connection_and_nothing_else() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
     let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--nbd", "nbd.sock"],
-        &["nbd.sock"],
-    );
+    let mut served = serve_nbd(dir, &[]);
 
     // Not fixed newstyle: closed.
     let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
@@ -512,11 +506,7 @@ fn hostile_nbd_clients_lose_their_connection_and_nothing_else() {
         s.write_all(&request(kind, 9, offset, len)).unwrap();
         let reply = read_some(&mut s, 16);
         assert_eq!(reply.len(), 16, "no reply to {kind} {offset} {len}");
-        assert_eq!(
-            u32::from_be_bytes(reply[4..8].try_into().unwrap()),
-            22,
-            "{kind} {offset} {len}"
-        );
+        assert_eq!(errno(&reply), 22, "{kind} {offset} {len}");
         assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 9);
     }
     // A write past the end, with its payload: refused, framing kept.
@@ -524,11 +514,11 @@ fn hostile_nbd_clients_lose_their_connection_and_nothing_else() {
     w.extend_from_slice(&[0xee; 1024]);
     s.write_all(&w).unwrap();
     let reply = read_some(&mut s, 16);
-    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 22);
+    assert_eq!(errno(&reply), 22);
     // A good read still works on this connection.
     s.write_all(&request(0, 11, 0, 4096)).unwrap();
     let reply = read_some(&mut s, 16 + 4096);
-    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+    assert_eq!(errno(&reply), 0);
     assert!(reply[16..].iter().all(|&b| b == 0x11), "read data");
     s.write_all(&request(0, 12, 0, 512)[..10]).unwrap();
     s.write_all(b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0")
@@ -565,14 +555,14 @@ fn vhost_header(request: u32, size: u32) -> Vec<u8> {
     m
 }
 
-#[test]
-fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
-    let tmp = common::tmpdir("bg-serve-");
-    let dir = tmp.path();
-    make_chain(dir);
-    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
-
-    // An unknown request with an absurd size.
+/// Starts `serve --vhost-user-blk`, connects as a frontend, sends what
+/// `talk` sends, hangs up (after the server exited when `stay`, before
+/// otherwise) and returns how the server ended.
+fn vhost_frontend(
+    dir: &Path,
+    stay: bool,
+    talk: impl FnOnce(&mut UnixStream),
+) -> (ExitStatus, String) {
     let mut served = Served::start(
         dir,
         &["-f", "qcow2", "top.qcow2", "--vhost-user-blk", "vhost.sock"],
@@ -580,73 +570,59 @@ fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
     );
     let mut s = UnixStream::connect(dir.join("vhost.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&vhost_header(9999, 8)).unwrap();
-    s.write_all(&[0xff; 8]).unwrap();
-    let (status, err) = served.wait();
+    talk(&mut s);
+    if stay {
+        let ended = served.wait();
+        drop(s);
+        return ended;
+    }
+    drop(s);
+    served.wait()
+}
+
+#[test]
+fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
+
+    // An unknown request, the connection kept open: the server ends with
+    // the frontend's error.
+    let (status, err) = vhost_frontend(dir, true, |s| {
+        s.write_all(&vhost_header(9999, 8)).unwrap();
+        s.write_all(&[0xff; 8]).unwrap();
+    });
     assert_eq!(status.code(), Some(1), "a broken frontend: {status}: {err}");
     assert!(err.contains("vhost-user frontend"), "{err}");
-    drop(s);
 
     // A message cut short by a disconnect (its header promises a body
     // that never comes).
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--vhost-user-blk", "vhost.sock"],
-        &["vhost.sock"],
-    );
-    let mut s = UnixStream::connect(dir.join("vhost.sock")).unwrap();
-    s.write_all(&vhost_header(2, 0x7fff_ffff)).unwrap();
-    s.write_all(&[0xff; 64]).unwrap();
-    drop(s);
-    let (status, err) = served.wait();
-    assert!(
-        status.code() == Some(0) || status.code() == Some(1),
-        "{status}: {err}"
-    );
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        s.write_all(&vhost_header(2, 0x7fff_ffff)).unwrap();
+        s.write_all(&[0xff; 64]).unwrap();
+    });
+    assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
 
-    // SET_MEM_TABLE without file descriptors, then a disconnect.
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--vhost-user-blk", "vhost.sock"],
-        &["vhost.sock"],
-    );
-    let mut s = UnixStream::connect(dir.join("vhost.sock")).unwrap();
-    s.write_all(&vhost_header(3, 0)).unwrap(); // SET_OWNER
-    let mut table = vhost_header(5, 40); // SET_MEM_TABLE, one region
-    table.extend_from_slice(&1u32.to_le_bytes());
-    table.extend_from_slice(&0u32.to_le_bytes());
-    table.extend_from_slice(&[0u8; 32]);
-    s.write_all(&table).unwrap();
-    drop(s);
-    let (status, err) = served.wait();
-    assert!(
-        status.code() == Some(0) || status.code() == Some(1),
-        "{status}: {err}"
-    );
+    // SET_OWNER, then SET_MEM_TABLE without file descriptors.
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        s.write_all(&vhost_header(3, 0)).unwrap();
+        let mut table = vhost_header(5, 40);
+        table.extend_from_slice(&1u32.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+        table.extend_from_slice(&[0u8; 32]);
+        s.write_all(&table).unwrap();
+    });
+    assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
 
-    // A frontend that connects and leaves: exit 0.
-    let mut served = Served::start(
-        dir,
-        &["-f", "qcow2", "top.qcow2", "--vhost-user-blk", "vhost.sock"],
-        &["vhost.sock"],
-    );
-    let mut s = UnixStream::connect(dir.join("vhost.sock")).unwrap();
-    s.write_all(&vhost_header(1, 0)).unwrap(); // GET_FEATURES
-    let reply = read_some(&mut s, 20);
-    assert_eq!(reply.len(), 20, "GET_FEATURES reply");
-    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
-    assert_ne!(
-        features & (1 << 32),
-        0,
-        "VIRTIO_F_VERSION_1 offered: {features:#x}"
-    );
-    assert_ne!(
-        features & (1 << 9),
-        0,
-        "VIRTIO_BLK_F_FLUSH offered: {features:#x}"
-    );
-    drop(s);
-    let (status, err) = served.wait();
+    // A frontend that asks for the features and leaves: exit 0.
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        s.write_all(&vhost_header(1, 0)).unwrap();
+        let reply = read_some(s, 20);
+        assert_eq!(reply.len(), 20, "GET_FEATURES reply");
+        let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+        assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1: {features:#x}");
+        assert_ne!(features & (1 << 9), 0, "VIRTIO_BLK_F_FLUSH: {features:#x}");
+    });
     assert!(
         status.success(),
         "after a clean disconnect: {status}: {err}"
@@ -661,9 +637,8 @@ fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
 
 #[test]
 fn bad_arguments_are_refused() {
-    let tmp = common::tmpdir("bg-serve-");
+    let tmp = chain_dir();
     let dir = tmp.path();
-    make_chain(dir);
     for args in [
         &["serve", "top.qcow2"][..],
         &["serve", "--nbd", "x.sock"],

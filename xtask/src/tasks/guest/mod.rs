@@ -292,28 +292,7 @@ fn judge_images(lab: &Lab, md5: &str) -> Result<()> {
     lab.expect_chain("snap.qcow2", &["snap.qcow2", "mid.qcow2", "base.qcow2"])?;
     lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
     println!("    qemu-img check: clean on base, mid, top, snap; chain mid -> base");
-    lab.qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "mid.qcow2",
-        "final.raw",
-    ])?;
-    let host = Cmd::new("md5sum")
-        .arg(lab.path("final.raw"))
-        .quiet()
-        .read()?;
-    let host = host.split_whitespace().next().unwrap_or("");
-    if host != md5 {
-        return Err(Error::msg(format!(
-            "the guest's disk hashed to {md5}, the final image mid.qcow2 to {host}"
-        )));
-    }
-    let _ = fs::remove_file(lab.path("final.raw"));
-    println!("    md5 of the guest's disk = md5 of mid.qcow2's view: {md5}");
-    Ok(())
+    same_hash(lab, "mid.qcow2", md5)
 }
 
 /// The images after a run without jobs: clean, still `top -> mid ->
@@ -322,15 +301,13 @@ fn judge_unchanged(lab: &Lab, md5: &str) -> Result<()> {
     lab.check(&["base.qcow2", "mid.qcow2", "top.qcow2"])?;
     lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
     println!("    qemu-img check: clean on base, mid, top; chain top -> mid -> base");
-    lab.qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "top.qcow2",
-        "final.raw",
-    ])?;
+    same_hash(lab, "top.qcow2", md5)
+}
+
+/// `image`'s guest view (`qemu-img convert`) must hash to the guest's
+/// `md5`.
+fn same_hash(lab: &Lab, image: &str, md5: &str) -> Result<()> {
+    lab.qemu_img(&["convert", "-f", "qcow2", "-O", "raw", image, "final.raw"])?;
     let host = Cmd::new("md5sum")
         .arg(lab.path("final.raw"))
         .quiet()
@@ -338,11 +315,11 @@ fn judge_unchanged(lab: &Lab, md5: &str) -> Result<()> {
     let host = host.split_whitespace().next().unwrap_or("");
     if host != md5 {
         return Err(Error::msg(format!(
-            "the guest's disk hashed to {md5}, the final image top.qcow2 to {host}"
+            "the guest's disk hashed to {md5}, the final image {image} to {host}"
         )));
     }
     let _ = fs::remove_file(lab.path("final.raw"));
-    println!("    md5 of the guest's disk = md5 of top.qcow2's view: {md5}");
+    println!("    md5 of the guest's disk = md5 of {image}'s view: {md5}");
     Ok(())
 }
 
