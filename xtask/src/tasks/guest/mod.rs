@@ -2,7 +2,7 @@
 //! export of a qcow2 chain while live block jobs run over QMP.
 //!
 //! ```text
-//! cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs]
+//! cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]
 //! ```
 //!
 //! ```text
@@ -37,7 +37,9 @@
 //! only) and the final hash without the jobs scenario: the chain stays
 //! `top -> mid -> base`, every image must check clean and the guest's hash
 //! must match `top.qcow2`'s view. `--server blockgraph` builds the CLI and
-//! runs `blockgraph serve` from `target/debug`.
+//! runs `blockgraph serve` from `target/debug`. `--queues N` gives the
+//! disk N virtqueues (server and QEMU) and the guest N vCPUs, so Linux
+//! uses every queue.
 //!
 //! Every child (server, QEMU) is killed when the run ends, however it ends;
 //! the whole run has a deadline.
@@ -78,6 +80,8 @@ pub struct Profile {
     pub pause: Duration,
     /// The whole run (boot, fio, jobs, shutdown) must end within this.
     pub deadline: Duration,
+    /// Virtqueues of the disk (and vCPUs of the guest).
+    pub queues: u32,
 }
 
 impl Profile {
@@ -89,6 +93,7 @@ impl Profile {
             },
             pause: Duration::from_secs(3),
             deadline: Duration::from_secs(300),
+            queues: 1,
         }
     }
 
@@ -101,6 +106,7 @@ impl Profile {
             },
             pause: Duration::from_millis(700),
             deadline: Duration::from_secs(110),
+            queues: 1,
         }
     }
 }
@@ -124,16 +130,24 @@ const CHAIN: [Node<'static>; 3] = [
     },
 ];
 
-/// `cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs]`.
+/// `cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]`.
 pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut profile = Profile::full();
     let mut server = Server::Qsd;
     let mut jobs = true;
+    let mut queues = 1;
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--short" => profile = Profile::short(),
             "--no-jobs" => jobs = false,
+            "--queues" => {
+                queues = args
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|n| (1..=8).contains(n))
+                    .ok_or_else(|| Error::msg("--queues needs a number from 1 to 8"))?;
+            }
             "--server" => {
                 let name = args
                     .next()
@@ -142,11 +156,12 @@ pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
             }
             _ => {
                 return Err(Error::msg(format!(
-                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME, --no-jobs)"
+                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME, --no-jobs, --queues N)"
                 )))
             }
         }
     }
+    profile.queues = queues;
     run_with(ws, server, &profile, jobs)
 }
 
@@ -204,7 +219,13 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
 
     println!("==> the guest on a {} export", server.program());
     let mut daemon = server
-        .command(&run_dir, &CHAIN, "vhost.sock", "qmp.sock", cli.as_deref())?
+        .command(
+            &run_dir,
+            &CHAIN,
+            ("vhost.sock", profile.queues),
+            "qmp.sock",
+            cli.as_deref(),
+        )?
         .tee()
         .start()?;
     let deadline = started + profile.deadline;
@@ -212,7 +233,8 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     wait_for_socket(&mut daemon, &run_dir.join("vhost.sock"))?;
     let mut qmp = qmp::Qmp::connect(&run_dir.join("qmp.sock"))?;
 
-    let mut guest = qemu(&pieces.vmlinux, &initrd, &run_dir.join("vhost.sock")).start()?;
+    let vhost = run_dir.join("vhost.sock");
+    let mut guest = qemu(&pieces.vmlinux, &initrd, &vhost, profile.queues).start()?;
     let mut console = Console::default();
     let booted = Instant::now();
     console.wait_for(&mut guest, initramfs::FIO_START, deadline)?;
@@ -363,11 +385,13 @@ fn build_initramfs(pieces: &fetch::Pieces, job: &FioJob) -> Result<Vec<u8>> {
     Ok(archive.finish())
 }
 
-/// QEMU: TCG, 1 vCPU, shared memfd memory (vhost-user needs it), the
-/// vmlinux through PVH, the serial console on stdout, one vhost-user-blk.
-fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path) -> Cmd {
+/// QEMU: TCG, one vCPU per virtqueue, shared memfd memory (vhost-user
+/// needs it), the vmlinux through PVH, the serial console on stdout, one
+/// vhost-user-blk with `queues` virtqueues.
+fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32) -> Cmd {
     Cmd::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+        .args(["-smp".to_owned(), queues.to_string()])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on"])
         .args(["-machine", "q35,memory-backend=mem"])
@@ -379,7 +403,8 @@ fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path) -> Cmd {
         .args(["-serial", "stdio"])
         .arg("-chardev")
         .arg(format!("socket,id=c0,path={}", vhost.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+        .arg("-device")
+        .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"))
         .tee()
 }
 

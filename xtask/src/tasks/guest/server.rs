@@ -69,14 +69,15 @@ impl Server {
     }
 
     /// The command serving `chain` (base first) in `dir`, exporting the
-    /// last node on `vhost` and answering QMP on `qmp` (paths relative to
+    /// last node on `vhost` (a socket and a number of virtqueues) and
+    /// answering QMP on `qmp` (paths relative to
     /// `dir`, where the server runs, so the backing names it writes are
     /// relative too). `cli` is the blockgraph binary to run.
     pub fn command(
         self,
         dir: &Path,
         chain: &[Node],
-        vhost: &str,
+        (vhost, queues): (&str, u32),
         qmp: &str,
         cli: Option<&Path>,
     ) -> Result<Cmd> {
@@ -109,7 +110,7 @@ impl Server {
                     "--export".to_owned(),
                     format!(
                         "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
-                         addr.path={vhost},writable=on,num-queues=1",
+                         addr.path={vhost},writable=on,num-queues={queues}",
                         top.node
                     ),
                     "--chardev".to_owned(),
@@ -129,6 +130,8 @@ impl Server {
                     top.file,
                     "--vhost-user-blk",
                     vhost,
+                    "--num-queues",
+                    &queues.to_string(),
                     "--qmp",
                     qmp,
                 ]))
