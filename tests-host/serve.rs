@@ -65,13 +65,13 @@ impl Served {
         err
     }
 
-    /// Sends SIGTERM.
-    fn terminate(&self) {
+    /// Sends `signal` (`TERM`, `INT`).
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// Waits (up to 20 s) for the server to exit; its status and stderr.
@@ -90,9 +90,14 @@ impl Served {
 
     /// SIGTERM, then the server must exit 0.
     fn stop(&mut self) {
-        self.terminate();
+        self.stop_with("TERM");
+    }
+
+    /// `signal`, then the server must exit 0.
+    fn stop_with(&mut self, signal: &str) {
+        self.signal(signal);
         let (status, err) = self.wait();
-        assert!(status.success(), "serve after SIGTERM: {status}: {err}");
+        assert!(status.success(), "serve after SIG{signal}: {status}: {err}");
     }
 
     /// Whether it still runs.
@@ -209,7 +214,7 @@ fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
     );
     // A second connection sees the first one's writes.
     nbd_io(dir, "nbd.sock", &["read -P 0x22 1M 256k"]);
-    served.stop();
+    served.stop_with("INT");
     qemu_io(&reference, "qcow2", "top.qcow2", &WRITES);
     for img in ["base.qcow2", "top.qcow2"] {
         check_clean(dir, img);

@@ -14,17 +14,24 @@
 //! ```text
 //!  vhost-user-backend threads ─ kicks, memory table, stop/reset ─┐
 //!  NBD connection threads ───── requests (owned buffers) ────────┤ inbox
-//!  monitor thread (QMP stand-in) ─ quit ─────────────────────────┤
+//!  monitor thread ────────────── command lines ──────────────────┤
 //!  SIGTERM / SIGINT ─────────── flag ────────────────────────────┘
 //!                                                                  │
 //!  serve loop: virtio_blk::Server over MappedMemory + Engine ◄─────┘
-//!              used ring + call eventfd; NBD replies
+//!              used ring + call eventfd; NBD replies; monitor
+//!              commands run here, between requests
 //! ```
 //!
-//! Module map: `memory` (guest RAM from the vhost-user memory table as
-//! [`GuestMemory<'static>`](crate::virtio_blk::GuestMemory)), `vhost_blk` (the
-//! vhost-user backend object and virtqueue access), `nbd` (the NBD
-//! handshake and transmission), `monitor` (the QMP stand-in).
+//! Module map:
+//!
+//! ```text
+//!  memory     guest RAM from the vhost-user memory table as
+//!             GuestMemory<'static> (MappedMemory)
+//!  vhost_blk  the vhost-user backend object, the inbox, virtqueue access
+//!  nbd        the NBD handshake and transmission
+//!  monitor    the monitor socket; its lines run on the serve loop
+//!             (monitor::execute is the stand-in for QMP)
+//! ```
 //!
 //! Lifecycle: `quit` on the monitor, SIGTERM or SIGINT end the serve, and
 //! so does the vhost-user frontend disconnecting when no monitor was asked
@@ -388,7 +395,7 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
     let shared = Arc::new(Shared::default());
     let started = start_threads(options, &shared, config, &block);
     let end = match started {
-        Ok(nbd) => serve_loop(options, &shared, config, &mut block, nbd),
+        Ok(channels) => serve_loop(options, &shared, config, &mut block, channels),
         Err(err) => Err(err),
     };
     shared.tell(|inbox| inbox.loop_gone = true);
@@ -403,22 +410,30 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
     }
 }
 
-/// Binds the sockets and starts the threads that serve them; the NBD
-/// requests' receiving end.
+/// Where the other threads' work arrives: NBD requests and monitor lines.
+struct Channels {
+    nbd: Option<mpsc::Receiver<nbd::Request>>,
+    monitor: Option<mpsc::Receiver<monitor::Line>>,
+}
+
+/// Binds the sockets and starts the threads that serve them.
 fn start_threads(
     options: &Options,
     shared: &Arc<Shared>,
     config: Config,
     block: &Block,
-) -> Result<Option<mpsc::Receiver<nbd::Request>>, ServeError> {
+) -> Result<Channels, ServeError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         vmm_sys_util::signal::register_signal_handler(signal, on_signal)
             .map_err(|e| error(format_args!("signal handler: {e}")))?;
     }
+    let mut lines = None;
     if let Some(path) = &options.qmp {
         let listener = bind(path)?;
         let shared = shared.clone();
-        thread::spawn(move || monitor::serve(listener, shared));
+        let (sender, receiver) = mpsc::channel();
+        thread::spawn(move || monitor::serve(listener, sender, shared));
+        lines = Some(receiver);
     }
     let mut requests = None;
     if let Some(path) = &options.nbd {
@@ -455,7 +470,10 @@ fn start_threads(
             shared.tell(|inbox| inbox.ended = Some(ended.err()));
         });
     }
-    Ok(requests)
+    Ok(Channels {
+        nbd: requests,
+        monitor: lines,
+    })
 }
 
 /// The serve loop; see the module docs.
@@ -464,7 +482,7 @@ fn serve_loop(
     shared: &Shared,
     config: Config,
     block: &mut Block,
-    nbd: Option<mpsc::Receiver<nbd::Request>>,
+    channels: Channels,
 ) -> Result<End, ServeError> {
     let stem = Path::new(&options.image)
         .file_stem()
@@ -480,7 +498,7 @@ fn serve_loop(
         disks: Vec::new(),
         vrings: None,
     };
-    let mut nbd = nbd::Pending::new(nbd);
+    let mut nbd = nbd::Pending::new(channels.nbd);
     let end = loop {
         let mut inbox = shared.lock();
         let kicked = std::mem::take(&mut inbox.kicked);
@@ -531,6 +549,11 @@ fn serve_loop(
             let _ = block.graph.write_back_all();
         }
         let _ = kicked;
+        // The monitor's commands run here, between requests, on the
+        // block state this loop owns.
+        if let Some(lines) = &channels.monitor {
+            monitor::answer_lines(lines, block);
+        }
         device.take_chains(block);
         nbd.take(block);
         let left = device.progress(block) + nbd.progress(block);

@@ -54,7 +54,8 @@ pub(super) const MAX_QUEUE_SIZE: usize = 1024;
 pub(super) struct Inbox {
     /// The virtqueues, once the first kick showed them.
     pub vrings: Option<Vec<Vring>>,
-    /// A guest kicked a queue since the loop last looked.
+    /// Work arrived since the loop last looked: a guest kicked a queue, an
+    /// NBD request or a monitor line came.
     pub kicked: bool,
     /// The memory handle, set on every memory table change.
     pub memory: Option<Atomic>,
@@ -69,7 +70,7 @@ pub(super) struct Inbox {
     pub reset: bool,
     /// The frontend connection ended (with an error message when it broke).
     pub ended: Option<Option<String>>,
-    /// `quit` arrived on the monitor.
+    /// `quit` was answered on the monitor.
     pub quit: bool,
     /// The serve loop has ended: nobody will ack any more.
     pub loop_gone: bool,
