@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,6 @@ use common::{qemu_compare, qemu_img, qemu_io, run, BLOCKGRAPH, QEMU_IO};
 /// A running `blockgraph serve`, killed when dropped.
 struct Served {
     child: Child,
-    dir: PathBuf,
 }
 
 impl Served {
@@ -38,10 +37,7 @@ impl Served {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start blockgraph serve");
-        let mut served = Served {
-            child,
-            dir: dir.to_owned(),
-        };
+        let mut served = Served { child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sockets.iter().all(|s| dir.join(s).exists()) {
             if let Some(status) = served.child.try_wait().unwrap() {
@@ -110,7 +106,6 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.dir;
     }
 }
 

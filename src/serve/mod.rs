@@ -501,7 +501,8 @@ fn serve_loop(
     let mut nbd = nbd::Pending::new(channels.nbd);
     let end = loop {
         let mut inbox = shared.lock();
-        let kicked = std::mem::take(&mut inbox.kicked);
+        // Whatever woke us is looked at below: queues, NBD, monitor.
+        inbox.kicked = false;
         let memory = match std::mem::take(&mut inbox.memory_changed) {
             true => inbox.memory.clone(),
             false => None,
@@ -548,7 +549,6 @@ fn serve_loop(
             // back) for the monitor's `quit`.
             let _ = block.graph.write_back_all();
         }
-        let _ = kicked;
         // The monitor's commands run here, between requests, on the
         // block state this loop owns.
         if let Some(lines) = &channels.monitor {
