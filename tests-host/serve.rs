@@ -588,9 +588,11 @@ fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
 
     // An unknown request, the connection kept open: the server ends with
     // the frontend's error.
+    // (The server may close as soon as it has read the header: writes to
+    // a hostile frontend's socket may fail.)
     let (status, err) = vhost_frontend(dir, true, |s| {
-        s.write_all(&vhost_header(9999, 8)).unwrap();
-        s.write_all(&[0xff; 8]).unwrap();
+        let _ = s.write_all(&vhost_header(9999, 8));
+        let _ = s.write_all(&[0xff; 8]);
     });
     assert_eq!(status.code(), Some(1), "a broken frontend: {status}: {err}");
     assert!(err.contains("vhost-user frontend"), "{err}");
@@ -598,19 +600,19 @@ fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
     // A message cut short by a disconnect (its header promises a body
     // that never comes).
     let (status, err) = vhost_frontend(dir, false, |s| {
-        s.write_all(&vhost_header(2, 0x7fff_ffff)).unwrap();
-        s.write_all(&[0xff; 64]).unwrap();
+        let _ = s.write_all(&vhost_header(2, 0x7fff_ffff));
+        let _ = s.write_all(&[0xff; 64]);
     });
     assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
 
     // SET_OWNER, then SET_MEM_TABLE without file descriptors.
     let (status, err) = vhost_frontend(dir, false, |s| {
-        s.write_all(&vhost_header(3, 0)).unwrap();
+        let _ = s.write_all(&vhost_header(3, 0));
         let mut table = vhost_header(5, 40);
         table.extend_from_slice(&1u32.to_le_bytes());
         table.extend_from_slice(&0u32.to_le_bytes());
         table.extend_from_slice(&[0u8; 32]);
-        s.write_all(&table).unwrap();
+        let _ = s.write_all(&table);
     });
     assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
 

@@ -19,7 +19,9 @@
 //! also means no slice of the memory is held by the engine any more). The
 //! mapping therefore outlives every request made over it, which is all the
 //! slices' lifetime needs; a table change never unmaps memory under a
-//! request.
+//! request. Should a server be dropped with chains in the engine anyway
+//! (a panic unwinding the loop), the loop leaks it, and with it this
+//! mapping, rather than unmap memory the engine still writes.
 //!
 //! [`Server::in_flight`]: crate::virtio_blk::Server::in_flight
 #![allow(unsafe_code)]

@@ -285,7 +285,7 @@ struct Device {
 impl Device {
     /// A server over the memory table `atomic` holds now.
     fn use_memory(&mut self, block: &Block, atomic: &Atomic) {
-        self.server = None;
+        self.release();
         self.disks.clear();
         let table = atomic.memory().into_inner();
         let memory = match MappedMemory::new(table) {
@@ -307,6 +307,17 @@ impl Device {
             }
         }
         self.server = Some(server);
+    }
+
+    /// Drops the server (and its hold on the memory table) once nothing
+    /// of it is in the engine; leaks it otherwise (never reached: callers
+    /// drain first).
+    fn release(&mut self) {
+        if let Some(server) = self.server.take() {
+            if server.in_flight() > 0 {
+                std::mem::forget(server);
+            }
+        }
     }
 
     /// Takes the chains the guest made available while there is room.
@@ -361,6 +372,16 @@ impl Device {
         while self.progress(block) > 0 {
             wait_for_devices(block);
         }
+    }
+}
+
+impl Drop for Device {
+    /// The loop drops a server only once it is drained. Should it be
+    /// dropped with chains in the engine anyway (a panic unwinding), its
+    /// guest memory is leaked rather than unmapped under the engine's
+    /// slices.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -537,7 +558,7 @@ fn serve_loop(
         }
         if let Some(ended) = ended {
             device.drain(block);
-            device.server = None;
+            device.release();
             device.vrings = None;
             if let Some(message) = ended {
                 break End::Frontend(message);
