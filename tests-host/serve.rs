@@ -209,6 +209,14 @@ fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
     );
     // A second connection sees the first one's writes.
     nbd_io(dir, "nbd.sock", &["read -P 0x22 1M 256k"]);
+    // qemu-img reads the whole export.
+    let uri = nbd_uri("nbd.sock");
+    let info = qemu_img(dir, &["info", "-f", "raw", &uri]);
+    assert!(info.contains("64 MiB"), "{info}");
+    qemu_img(
+        dir,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "export.raw"],
+    );
     served.stop_with("INT");
     qemu_io(&reference, "qcow2", "top.qcow2", &WRITES);
     for img in ["base.qcow2", "top.qcow2"] {
@@ -225,6 +233,22 @@ fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
         "base.qcow2",
         "ref/base.qcow2",
         "the backing file is untouched",
+    );
+    let args = [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        "export.raw",
+        "top.qcow2",
+    ];
+    let out = run(dir, common::QEMU_IMG, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img convert of the export vs the image: {}",
+        common::render(dir, common::QEMU_IMG, &args, &out)
     );
 }
 
