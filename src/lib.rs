@@ -27,8 +27,11 @@
 //! point.
 //!
 //! Built with the default `std` feature it also provides the host pieces: a
-//! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver)
-//! and the `blockgraph` command-line tool.
+//! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver),
+//! the `blockgraph` command-line tool and, on Linux, `serve`: a chain
+//! exported over vhost-user-blk (through `virtio_blk`) and NBD, every
+//! request through one engine (the only part that uses rust-vmm crates
+//! and allocates).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -43,6 +46,8 @@ pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod jobs;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod serve;
 pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};

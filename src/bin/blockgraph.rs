@@ -58,7 +58,13 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
                                        requests of 4k from offset 0, step SIZE, reads;
                                        -w writes pattern N, default 0; -t none: O_DIRECT;
                                        --with-job: a script's job on IMAGE steps between them)
-  sizes                                static memory: graph, slots, session, scratch";
+  sizes                                static memory: graph, slots, session, scratch
+  serve [-f FMT] IMAGE [--vhost-user-blk SOCKET [--num-queues N]] [--nbd SOCKET]
+        [--qmp SOCKET] [--read-only]
+                                       exports IMAGE's chain (opened writable unless --read-only)
+                                       to a vhost-user-blk frontend (QEMU) and/or NBD clients
+                                       until SIGTERM/SIGINT, `quit` on the QMP socket, or the
+                                       frontend disconnecting (without --qmp/--nbd)";
 
 struct Host {
     resolver: PathResolver,
@@ -196,6 +202,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
+        };
+    }
+    #[cfg(target_os = "linux")]
+    if words.first() == Some(&"serve") {
+        let served = blockgraph::serve::Options::parse(&words[1..])
+            .and_then(|options| blockgraph::serve::run(&options, resolver));
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("blockgraph: serve: {err}");
+                ExitCode::FAILURE
+            }
         };
     }
     let mut env = Host {

@@ -84,7 +84,7 @@ Commands:
                        writes (median of 3 alternating runs), blockgraph's
                        reads against a pread loop, and the static memory;
                        prints a table and writes target/bench/report.md
-  guest [--short] [--server qsd|blockgraph]
+  guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]
                        a real Linux guest (Debian's kernel, busybox, fio;
                        fetched with apt-get download into target/guest/ and
                        reused) booted under TCG on a vhost-user-blk export
@@ -94,7 +94,11 @@ Commands:
                        fio's exit codes, dmesg, qemu-img check, the final
                        chain and the guest's md5 against the image.
                        --short: a smaller fio run (under 2 minutes).
-                       --server blockgraph: not available yet
+                       --server blockgraph: `blockgraph serve` (built from
+                       target/debug) instead of qemu-storage-daemon; its QMP
+                       has no jobs yet, so use it with --no-jobs.
+                       --no-jobs: fio, hash and checks without the QMP jobs.
+                       --queues N: N virtqueues and N vCPUs (1 to 8)
   help                 this text
 
 The first failing step stops the run with a non-zero exit status.

@@ -2,7 +2,7 @@
 //! export of a qcow2 chain while live block jobs run over QMP.
 //!
 //! ```text
-//! cargo xtask guest [--short] [--server qsd|blockgraph]
+//! cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]
 //! ```
 //!
 //! ```text
@@ -32,6 +32,14 @@
 //! what the guest read. Not done: replaying fio's writes on the host to
 //! compare the dropped overlays (fio's verification and the final hash
 //! cover what the guest sees).
+//!
+//! `--no-jobs` runs the guest's fio (write with verify, then verify
+//! only) and the final hash without the jobs scenario: the chain stays
+//! `top -> mid -> base`, every image must check clean and the guest's hash
+//! must match `top.qcow2`'s view. `--server blockgraph` builds the CLI and
+//! runs `blockgraph serve` from `target/debug`. `--queues N` gives the
+//! disk N virtqueues (server and QEMU) and the guest N vCPUs, so Linux
+//! uses every queue.
 //!
 //! Every child (server, QEMU) is killed when the run ends, however it ends;
 //! the whole run has a deadline.
@@ -72,6 +80,8 @@ pub struct Profile {
     pub pause: Duration,
     /// The whole run (boot, fio, jobs, shutdown) must end within this.
     pub deadline: Duration,
+    /// Virtqueues of the disk (and vCPUs of the guest).
+    pub queues: u32,
 }
 
 impl Profile {
@@ -83,6 +93,7 @@ impl Profile {
             },
             pause: Duration::from_secs(3),
             deadline: Duration::from_secs(300),
+            queues: 1,
         }
     }
 
@@ -95,6 +106,7 @@ impl Profile {
             },
             pause: Duration::from_millis(700),
             deadline: Duration::from_secs(110),
+            queues: 1,
         }
     }
 }
@@ -118,14 +130,24 @@ const CHAIN: [Node<'static>; 3] = [
     },
 ];
 
-/// `cargo xtask guest [--short] [--server qsd|blockgraph]`.
+/// `cargo xtask guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]`.
 pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut profile = Profile::full();
     let mut server = Server::Qsd;
+    let mut jobs = true;
+    let mut queues = 1;
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--short" => profile = Profile::short(),
+            "--no-jobs" => jobs = false,
+            "--queues" => {
+                queues = args
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|n| (1..=8).contains(n))
+                    .ok_or_else(|| Error::msg("--queues needs a number from 1 to 8"))?;
+            }
             "--server" => {
                 let name = args
                     .next()
@@ -134,20 +156,40 @@ pub fn run(ws: &Workspace, args: &[OsString]) -> Result<()> {
             }
             _ => {
                 return Err(Error::msg(format!(
-                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME)"
+                    "`guest`: unknown argument `{arg}` (expected --short, --server NAME, --no-jobs, --queues N)"
                 )))
             }
         }
     }
-    run_with(ws, server, &profile)
+    profile.queues = queues;
+    run_with(ws, server, &profile, jobs)
 }
 
-/// One run: prerequisites, pieces, chain, server, guest, jobs, judgement.
-pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()> {
+/// One run: prerequisites, pieces, chain, server, guest, jobs (unless
+/// `jobs` is false), judgement.
+pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -> Result<()> {
     let started = Instant::now();
     println!("==> prerequisites for the Linux guest");
     prereq::ensure_qemu(ws)?;
-    for tool in [server.program(), "md5sum"] {
+    let cli = match server {
+        Server::Qsd => None,
+        Server::Blockgraph => {
+            ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
+            let cli = ws.target_dir.join("debug").join("blockgraph");
+            if !cli.is_file() {
+                return Err(Error::msg(format!(
+                    "cargo built the CLI but {} does not exist",
+                    cli.display()
+                )));
+            }
+            Some(cli)
+        }
+    };
+    let tools: &[&str] = match server {
+        Server::Qsd => &["qemu-storage-daemon", "md5sum"],
+        Server::Blockgraph => &["md5sum"],
+    };
+    for &tool in tools {
         if prereq::find_on_path(tool).is_none() {
             return Err(Error::msg(format!(
                 "`cargo xtask guest` needs `{tool}` on PATH{}",
@@ -177,7 +219,13 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
 
     println!("==> the guest on a {} export", server.program());
     let mut daemon = server
-        .command(&run_dir, &CHAIN, "vhost.sock", "qmp.sock")?
+        .command(
+            &run_dir,
+            &CHAIN,
+            ("vhost.sock", profile.queues),
+            "qmp.sock",
+            cli.as_deref(),
+        )?
         .tee()
         .start()?;
     let deadline = started + profile.deadline;
@@ -185,12 +233,16 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
     wait_for_socket(&mut daemon, &run_dir.join("vhost.sock"))?;
     let mut qmp = qmp::Qmp::connect(&run_dir.join("qmp.sock"))?;
 
-    let mut guest = qemu(&pieces.vmlinux, &initrd, &run_dir.join("vhost.sock")).start()?;
+    let vhost = run_dir.join("vhost.sock");
+    let mut guest = qemu(&pieces.vmlinux, &initrd, &vhost, profile.queues).start()?;
     let mut console = Console::default();
     let booted = Instant::now();
     console.wait_for(&mut guest, initramfs::FIO_START, deadline)?;
     let boot_time = booted.elapsed();
-    let jobs = scenario::run(&mut qmp, &lab, profile.pause)?;
+    let scenario = match jobs {
+        true => Some(scenario::run(&mut qmp, &lab, profile.pause)?),
+        false => None,
+    };
     console.drain(&guest);
     let overlapped = !console.seen(initramfs::FIO_END);
     console.wait_for(&mut guest, initramfs::RESULT, deadline)?;
@@ -220,6 +272,18 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile) -> Result<()>
 
     println!("==> judging the run");
     let md5 = judge_console(&console)?;
+    let Some(jobs) = scenario else {
+        judge_unchanged(&lab, &md5)?;
+        println!(
+            "==> guest run passed (no jobs): prepared in {:.1} s, fio started {:.1} s after \
+             launch, guest done after {:.1} s, {:.1} s in all",
+            prepared.as_secs_f64(),
+            boot_time.as_secs_f64(),
+            guest_time.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    };
     if !overlapped {
         return Err(Error::msg(format!(
             "the block jobs took {:.1} s and finished after the guest's fio run had \
@@ -250,15 +314,22 @@ fn judge_images(lab: &Lab, md5: &str) -> Result<()> {
     lab.expect_chain("snap.qcow2", &["snap.qcow2", "mid.qcow2", "base.qcow2"])?;
     lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
     println!("    qemu-img check: clean on base, mid, top, snap; chain mid -> base");
-    lab.qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "mid.qcow2",
-        "final.raw",
-    ])?;
+    same_hash(lab, "mid.qcow2", md5)
+}
+
+/// The images after a run without jobs: clean, still `top -> mid ->
+/// base`, and top's view hashing to the guest's `md5`.
+fn judge_unchanged(lab: &Lab, md5: &str) -> Result<()> {
+    lab.check(&["base.qcow2", "mid.qcow2", "top.qcow2"])?;
+    lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
+    println!("    qemu-img check: clean on base, mid, top; chain top -> mid -> base");
+    same_hash(lab, "top.qcow2", md5)
+}
+
+/// `image`'s guest view (`qemu-img convert`) must hash to the guest's
+/// `md5`.
+fn same_hash(lab: &Lab, image: &str, md5: &str) -> Result<()> {
+    lab.qemu_img(&["convert", "-f", "qcow2", "-O", "raw", image, "final.raw"])?;
     let host = Cmd::new("md5sum")
         .arg(lab.path("final.raw"))
         .quiet()
@@ -266,11 +337,11 @@ fn judge_images(lab: &Lab, md5: &str) -> Result<()> {
     let host = host.split_whitespace().next().unwrap_or("");
     if host != md5 {
         return Err(Error::msg(format!(
-            "the guest's disk hashed to {md5}, the final image mid.qcow2 to {host}"
+            "the guest's disk hashed to {md5}, the final image {image} to {host}"
         )));
     }
     let _ = fs::remove_file(lab.path("final.raw"));
-    println!("    md5 of the guest's disk = md5 of mid.qcow2's view: {md5}");
+    println!("    md5 of the guest's disk = md5 of {image}'s view: {md5}");
     Ok(())
 }
 
@@ -314,11 +385,13 @@ fn build_initramfs(pieces: &fetch::Pieces, job: &FioJob) -> Result<Vec<u8>> {
     Ok(archive.finish())
 }
 
-/// QEMU: TCG, 1 vCPU, shared memfd memory (vhost-user needs it), the
-/// vmlinux through PVH, the serial console on stdout, one vhost-user-blk.
-fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path) -> Cmd {
+/// QEMU: TCG, one vCPU per virtqueue, shared memfd memory (vhost-user
+/// needs it), the vmlinux through PVH, the serial console on stdout, one
+/// vhost-user-blk with `queues` virtqueues.
+fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32) -> Cmd {
     Cmd::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+        .args(["-smp".to_owned(), queues.to_string()])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on"])
         .args(["-machine", "q35,memory-backend=mem"])
@@ -330,7 +403,8 @@ fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path) -> Cmd {
         .args(["-serial", "stdio"])
         .arg("-chardev")
         .arg(format!("socket,id=c0,path={}", vhost.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+        .arg("-device")
+        .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"))
         .tee()
 }
 

@@ -44,7 +44,8 @@ pub struct Node<'a> {
 pub enum Server {
     /// `qemu-storage-daemon`, the reference.
     Qsd,
-    /// `blockgraph serve` (QSD-compatible QMP); not there yet.
+    /// `blockgraph serve` (its QMP answers `qmp_capabilities` and `quit`
+    /// so far: the jobs scenario needs `--no-jobs`).
     Blockgraph,
 }
 
@@ -59,7 +60,7 @@ impl Server {
         }
     }
 
-    /// The program that must be on PATH.
+    /// The program's name (QSD must be on PATH; blockgraph is built).
     pub fn program(self) -> &'static str {
         match self {
             Server::Qsd => "qemu-storage-daemon",
@@ -68,10 +69,18 @@ impl Server {
     }
 
     /// The command serving `chain` (base first) in `dir`, exporting the
-    /// last node on `vhost` and answering QMP on `qmp` (paths relative to
+    /// last node on `vhost` (a socket and a number of virtqueues) and
+    /// answering QMP on `qmp` (paths relative to
     /// `dir`, where the server runs, so the backing names it writes are
-    /// relative too).
-    pub fn command(self, dir: &Path, chain: &[Node], vhost: &str, qmp: &str) -> Result<Cmd> {
+    /// relative too). `cli` is the blockgraph binary to run.
+    pub fn command(
+        self,
+        dir: &Path,
+        chain: &[Node],
+        (vhost, queues): (&str, u32),
+        qmp: &str,
+        cli: Option<&Path>,
+    ) -> Result<Cmd> {
         let top = chain
             .last()
             .ok_or_else(|| Error::msg("an export needs at least one image"))?;
@@ -101,7 +110,7 @@ impl Server {
                     "--export".to_owned(),
                     format!(
                         "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
-                         addr.path={vhost},writable=on,num-queues=1",
+                         addr.path={vhost},writable=on,num-queues={queues}",
                         top.node
                     ),
                     "--chardev".to_owned(),
@@ -110,10 +119,23 @@ impl Server {
                     "chardev=qmp0".to_owned(),
                 ]))
             }
-            Server::Blockgraph => Err(Error::msg(
-                "`blockgraph serve` (vhost-user-blk + QMP) does not exist yet; \
-                 use --server qsd",
-            )),
+            // The top image's chain, opened through its backing names
+            // (relative, resolved in `dir`); the nodes are the file stems.
+            Server::Blockgraph => {
+                let cli = cli.ok_or_else(|| Error::msg("blockgraph serve needs the built CLI"))?;
+                Ok(Cmd::new(cli.to_string_lossy().as_ref()).cwd(dir).args([
+                    "serve",
+                    "-f",
+                    "qcow2",
+                    top.file,
+                    "--vhost-user-blk",
+                    vhost,
+                    "--num-queues",
+                    &queues.to_string(),
+                    "--qmp",
+                    qmp,
+                ]))
+            }
         }
     }
 }

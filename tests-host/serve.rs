@@ -1,0 +1,681 @@
+//! `blockgraph serve` against QEMU's tools: an NBD export of a qcow2 chain
+//! made with qemu-img, driven by `qemu-io -f raw nbd+unix://`, compared
+//! afterwards with the same writes done by qemu-io on a copy (`qemu-img
+//! compare`, `qemu-img check`); image locking against qemu-io and a second
+//! server; the QMP stand-in's greeting, `qmp_capabilities` and `quit`;
+//! SIGTERM; hostile NBD clients and a hostile vhost-user frontend, which
+//! must not crash the server or change an image.
+//!
+//! The vhost-user-blk path with a real guest is `cargo xtask guest
+//! --server blockgraph --no-jobs` (QEMU, a Linux guest and fio). A missing
+//! QEMU tool fails these tests; nothing is skipped.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{qemu_compare, qemu_img, qemu_io, run, BLOCKGRAPH, QEMU_IO};
+
+/// A running `blockgraph serve`, killed when dropped.
+struct Served {
+    child: Child,
+}
+
+impl Served {
+    /// Starts `blockgraph serve ARGS` in `dir` and waits (up to 10 s) until
+    /// every socket of `sockets` exists.
+    fn start(dir: &Path, args: &[&str], sockets: &[&str]) -> Served {
+        let child = Command::new(BLOCKGRAPH)
+            .arg("serve")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start blockgraph serve");
+        let mut served = Served { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sockets.iter().all(|s| dir.join(s).exists()) {
+            if let Some(status) = served.child.try_wait().unwrap() {
+                panic!(
+                    "blockgraph serve exited early ({status}): {}",
+                    served.stderr()
+                );
+            }
+            assert!(Instant::now() < deadline, "serve made no socket in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        served
+    }
+
+    /// Whatever the server wrote to stderr (once it has exited).
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(pipe) = self.child.stderr.as_mut() {
+            let _ = pipe.read_to_string(&mut err);
+        }
+        err
+    }
+
+    /// Sends `signal` (`TERM`, `INT`).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits (up to 20 s) for the server to exit; its status and stderr.
+    fn wait(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let err = self.stderr();
+                assert!(!err.contains("panicked"), "serve panicked: {err}");
+                return (status, err);
+            }
+            assert!(Instant::now() < deadline, "serve did not exit within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the server must exit 0.
+    fn stop(&mut self) {
+        self.stop_with("TERM");
+    }
+
+    /// `signal`, then the server must exit 0.
+    fn stop_with(&mut self, signal: &str) {
+        self.signal(signal);
+        let (status, err) = self.wait();
+        assert!(status.success(), "serve after SIG{signal}: {status}: {err}");
+    }
+
+    /// Whether it still runs.
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `base.qcow2` (64 MiB, 0x11 over the first 2 MiB) under `top.qcow2`
+/// (0x44 at 6 MiB), made by qemu-img and qemu-io in `dir`.
+fn make_chain(dir: &Path) {
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    qemu_io(dir, "qcow2", "base.qcow2", &["write -P 0x11 0 2M"]);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x44 6M 128k"]);
+}
+
+/// A temporary directory with [`make_chain`]'s images.
+fn chain_dir() -> tempfile::TempDir {
+    let tmp = common::tmpdir("bg-serve-");
+    make_chain(tmp.path());
+    tmp
+}
+
+/// `serve -f qcow2 top.qcow2 --nbd nbd.sock EXTRA...` in `dir`.
+fn serve_nbd(dir: &Path, extra: &[&str]) -> Served {
+    let mut args = vec!["-f", "qcow2", "top.qcow2", "--nbd", "nbd.sock"];
+    args.extend_from_slice(extra);
+    Served::start(dir, &args, &["nbd.sock"])
+}
+
+/// The qemu-io target for the NBD export at `socket` (relative to the
+/// test's directory, where qemu-io runs).
+fn nbd_uri(socket: &str) -> String {
+    format!("nbd+unix:///?socket={socket}")
+}
+
+/// `qemu-io -f raw NBD -c CMD...`; must succeed with no failed command.
+fn nbd_io(dir: &Path, socket: &str, cmds: &[&str]) -> String {
+    qemu_io(dir, "raw", &nbd_uri(socket), cmds)
+}
+
+/// `qemu-img check` must find `img` clean.
+fn check_clean(dir: &Path, img: &str) {
+    let out = qemu_img(dir, &["check", "-f", "qcow2", img]);
+    assert!(out.contains("No errors were found"), "{img}: {out}");
+}
+
+/// The files' bytes, to prove they did not change.
+fn snapshot(dir: &Path, files: &[&str]) -> Vec<Vec<u8>> {
+    files
+        .iter()
+        .map(|f| fs::read(dir.join(f)).unwrap())
+        .collect()
+}
+
+/// Writes the guest does, over NBD and (for the reference) directly.
+const WRITES: [&str; 6] = [
+    "write -P 0x22 1M 1M",
+    "write -P 0x33 5M 64k",
+    "write -z 1536k 256k",
+    "discard 6M 64k",
+    "write -P 0x55 6M 64k",
+    "flush",
+];
+
+#[test]
+fn nbd_writes_land_in_the_chain_as_qemu_io_writes_them() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let reference = dir.join("ref");
+    fs::create_dir(&reference).unwrap();
+    for img in ["base.qcow2", "top.qcow2"] {
+        fs::copy(dir.join(img), reference.join(img)).unwrap();
+    }
+    let mut served = serve_nbd(dir, &[]);
+    nbd_io(dir, "nbd.sock", &WRITES);
+    // Reads through the export see the writes, the backing data and zeros.
+    nbd_io(
+        dir,
+        "nbd.sock",
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 512k",
+            "read -P 0 1536k 256k",
+            "read -P 0x22 1792k 256k",
+            "read -P 0 2M 4k",
+            "read -P 0x33 5M 64k",
+            "read -P 0x55 6M 64k",
+            "read -P 0x44 6208k 64k",
+            "read -P 0 10M 1M",
+        ],
+    );
+    // A second connection sees the first one's writes.
+    nbd_io(dir, "nbd.sock", &["read -P 0x22 1M 256k"]);
+    // qemu-img reads the whole export.
+    let uri = nbd_uri("nbd.sock");
+    let info = qemu_img(dir, &["info", "-f", "raw", &uri]);
+    assert!(info.contains("64 MiB"), "{info}");
+    qemu_img(
+        dir,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "export.raw"],
+    );
+    served.stop_with("INT");
+    qemu_io(&reference, "qcow2", "top.qcow2", &WRITES);
+    for img in ["base.qcow2", "top.qcow2"] {
+        check_clean(dir, img);
+    }
+    qemu_compare(
+        dir,
+        "top.qcow2",
+        "ref/top.qcow2",
+        "the served chain vs qemu-io's",
+    );
+    qemu_compare(
+        dir,
+        "base.qcow2",
+        "ref/base.qcow2",
+        "the backing file is untouched",
+    );
+    let args = [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        "export.raw",
+        "top.qcow2",
+    ];
+    let out = run(dir, common::QEMU_IMG, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img convert of the export vs the image: {}",
+        common::render(dir, common::QEMU_IMG, &args, &out)
+    );
+}
+
+#[test]
+fn a_served_image_is_locked_against_qemu_io_and_a_second_server() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let mut served = serve_nbd(dir, &[]);
+    let args = ["-f", "qcow2", "-c", "write -P 0x66 0 4k", "top.qcow2"];
+    let out = run(dir, QEMU_IO, &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("lock"),
+        "qemu-io wrote an image blockgraph serves: {text}"
+    );
+    let second = Command::new(BLOCKGRAPH)
+        .args(["serve", "-f", "qcow2", "top.qcow2", "--nbd", "other.sock"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "a second server: {err}");
+    assert!(err.contains("lock"), "a second server: {err}");
+    assert!(
+        !dir.join("other.sock").exists(),
+        "the refused server made its socket"
+    );
+    assert!(served.running());
+    served.stop();
+    // Released: qemu-io may write now.
+    qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x66 0 4k"]);
+    check_clean(dir, "top.qcow2");
+}
+
+/// Reads one QMP line.
+fn qmp_line(reader: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line
+}
+
+#[test]
+fn qmp_answers_the_greeting_capabilities_and_quit() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let mut served = Served::start(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "top.qcow2",
+            "--nbd",
+            "nbd.sock",
+            "--qmp",
+            "qmp.sock",
+        ],
+        &["nbd.sock", "qmp.sock"],
+    );
+    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let greeting = qmp_line(&mut reader);
+    assert!(greeting.starts_with("{\"QMP\""), "greeting: {greeting}");
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\", \"id\": 1}\n")
+        .unwrap();
+    let reply = qmp_line(&mut reader);
+    assert!(
+        reply.contains("\"return\": {}") && reply.contains("\"id\": 1"),
+        "{reply}"
+    );
+    writer
+        .write_all(b"{\"execute\": \"no-such-command\", \"id\": \"x\"}\n")
+        .unwrap();
+    let reply = qmp_line(&mut reader);
+    assert!(
+        reply.contains("CommandNotFound") && reply.contains("\"id\": \"x\""),
+        "{reply}"
+    );
+    writer.write_all(b"garbage\n").unwrap();
+    let reply = qmp_line(&mut reader);
+    assert!(reply.contains("\"error\""), "{reply}");
+    // Writes through the export are flushed by `quit`.
+    nbd_io(dir, "nbd.sock", &["write -P 0x77 3M 64k"]);
+    writer
+        .write_all(b"{\"execute\": \"quit\", \"id\": 2}\n")
+        .unwrap();
+    let reply = qmp_line(&mut reader);
+    assert!(
+        reply.contains("\"return\": {}") && reply.contains("\"id\": 2"),
+        "{reply}"
+    );
+    let (status, err) = served.wait();
+    assert!(status.success(), "serve after quit: {status}: {err}");
+    check_clean(dir, "top.qcow2");
+    qemu_io(dir, "qcow2", "top.qcow2", &["read -P 0x77 3M 64k"]);
+}
+
+#[test]
+fn a_read_only_export_refuses_writes() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
+    let mut served = Served::start(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "top.qcow2",
+            "--nbd",
+            "nbd.sock",
+            "--read-only",
+        ],
+        &["nbd.sock"],
+    );
+    let uri = nbd_uri("nbd.sock");
+    let args = ["-f", "raw", "-c", "write -P 0x66 0 4k", &uri];
+    let out = run(dir, QEMU_IO, &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("wrote"),
+        "a read-only export took a write: {text}"
+    );
+    let args = [
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x11 0 64k",
+        "-c",
+        "read -P 0x44 6M 64k",
+        &uri,
+    ];
+    let out = common::ok(dir, QEMU_IO, &args);
+    assert!(!out.contains("failed"), "{out}");
+    // A raw NBD write is refused with EPERM, its payload read.
+    let mut s = nbd_transmission(dir);
+    let mut w = request(1, 5, 0, 512);
+    w.extend_from_slice(&[0xee; 512]);
+    s.write_all(&w).unwrap();
+    let reply = read_some(&mut s, 16);
+    assert_eq!(errno(&reply), 1, "EPERM");
+    for kind in [4u16, 6] {
+        s.write_all(&request(kind, 6, 0, 512)).unwrap();
+        let reply = read_some(&mut s, 16);
+        assert_eq!(errno(&reply), 1, "EPERM");
+    }
+    drop(s);
+    // A reader may share a read-only export's images.
+    qemu_img(dir, &["info", "-U", "top.qcow2"]);
+    served.stop();
+    assert!(
+        before == snapshot(dir, &["base.qcow2", "top.qcow2"]),
+        "a read-only export changed an image"
+    );
+}
+
+/// Reads exactly `n` bytes from `stream`, or fewer when it closes.
+fn read_some(stream: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut out = vec![0; n];
+    let mut got = 0;
+    while got < n {
+        match stream.read(&mut out[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k,
+        }
+    }
+    out.truncate(got);
+    out
+}
+
+/// The error field of a simple reply.
+fn errno(reply: &[u8]) -> u32 {
+    u32::from_be_bytes(reply[4..8].try_into().unwrap())
+}
+
+/// Connects and does the fixed newstyle handshake up to the option phase.
+fn nbd_connect(dir: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = read_some(&mut s, 18);
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    assert_eq!(&hello[8..16], b"IHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+/// An option message.
+fn option(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+/// A transmission request.
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+/// Connects and enters transmission with `NBD_OPT_EXPORT_NAME`.
+fn nbd_transmission(dir: &Path) -> UnixStream {
+    let mut s = nbd_connect(dir);
+    s.write_all(&option(1, b"")).unwrap();
+    let reply = read_some(&mut s, 10);
+    assert_eq!(reply.len(), 10, "EXPORT_NAME reply");
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 64 << 20);
+    s
+}
+
+#[test]
+fn hostile_nbd_clients_lose_their_connection_and_nothing_else() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
+    let mut served = serve_nbd(dir, &[]);
+
+    // Not fixed newstyle: closed.
+    let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_some(&mut s, 18);
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    assert!(read_some(&mut s, 1).is_empty(), "not closed");
+
+    // An option claiming 1 GiB: closed before anything is allocated.
+    let mut s = nbd_connect(dir);
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    s.write_all(&m).unwrap();
+    assert!(read_some(&mut s, 1).is_empty(), "not closed");
+
+    // An unknown option is refused, and a malformed GO too; the
+    // connection goes on.
+    let mut s = nbd_connect(dir);
+    s.write_all(&option(0x4242, b"")).unwrap();
+    let reply = read_some(&mut s, 20);
+    assert_eq!(
+        u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+        (1 << 31) + 1
+    );
+    s.write_all(&option(7, &[0, 0, 0, 9])).unwrap();
+    let reply = read_some(&mut s, 20);
+    assert_eq!(
+        u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+        (1 << 31) + 3
+    );
+    drop(s);
+
+    // Transmission: out of range, too long, unknown command get EINVAL;
+    // a bad magic closes.
+    let mut s = nbd_transmission(dir);
+    for (kind, offset, len) in [
+        (0u16, 64u64 << 20, 512u32),
+        (0, u64::MAX - 10, 512),
+        (0, 0, 64 << 20),
+        (4, 63 << 20, 2 << 20),
+        (6, u64::MAX, 1),
+        (77, 0, 0),
+    ] {
+        s.write_all(&request(kind, 9, offset, len)).unwrap();
+        let reply = read_some(&mut s, 16);
+        assert_eq!(reply.len(), 16, "no reply to {kind} {offset} {len}");
+        assert_eq!(errno(&reply), 22, "{kind} {offset} {len}");
+        assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 9);
+    }
+    // A write past the end, with its payload: refused, framing kept.
+    let mut w = request(1, 10, (64 << 20) - 512, 1024);
+    w.extend_from_slice(&[0xee; 1024]);
+    s.write_all(&w).unwrap();
+    let reply = read_some(&mut s, 16);
+    assert_eq!(errno(&reply), 22);
+    // A good read still works on this connection.
+    s.write_all(&request(0, 11, 0, 4096)).unwrap();
+    let reply = read_some(&mut s, 16 + 4096);
+    assert_eq!(errno(&reply), 0);
+    assert!(reply[16..].iter().all(|&b| b == 0x11), "read data");
+    s.write_all(&request(0, 12, 0, 512)[..10]).unwrap();
+    s.write_all(b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0")
+        .unwrap();
+    s.write_all(&0xdead_beefu32.to_be_bytes()).unwrap();
+    drop(s);
+
+    // A client that vanishes mid-write.
+    let mut s = nbd_transmission(dir);
+    let mut w = request(1, 13, 0, 1 << 20);
+    w.extend_from_slice(&[0xee; 1000]);
+    s.write_all(&w).unwrap();
+    drop(s);
+
+    assert!(served.running(), "a hostile client ended the server");
+    nbd_io(
+        dir,
+        "nbd.sock",
+        &["read -P 0x11 0 2M", "read -P 0x44 6M 128k"],
+    );
+    served.stop();
+    assert!(
+        before == snapshot(dir, &["base.qcow2", "top.qcow2"]),
+        "hostile clients changed an image"
+    );
+    check_clean(dir, "top.qcow2");
+}
+
+/// A vhost-user message header: request, flags (version 1), size.
+fn vhost_header(request: u32, size: u32) -> Vec<u8> {
+    let mut m = request.to_le_bytes().to_vec();
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    m
+}
+
+/// Starts `serve --vhost-user-blk`, connects as a frontend, sends what
+/// `talk` sends, hangs up (after the server exited when `stay`, before
+/// otherwise) and returns how the server ended.
+fn vhost_frontend(
+    dir: &Path,
+    stay: bool,
+    talk: impl FnOnce(&mut UnixStream),
+) -> (ExitStatus, String) {
+    let mut served = Served::start(
+        dir,
+        &["-f", "qcow2", "top.qcow2", "--vhost-user-blk", "vhost.sock"],
+        &["vhost.sock"],
+    );
+    let mut s = UnixStream::connect(dir.join("vhost.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    talk(&mut s);
+    if stay {
+        let ended = served.wait();
+        drop(s);
+        return ended;
+    }
+    drop(s);
+    served.wait()
+}
+
+#[test]
+fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
+
+    // An unknown request, the connection kept open: the server ends with
+    // the frontend's error.
+    // (The server may close as soon as it has read the header: writes to
+    // a hostile frontend's socket may fail.)
+    let (status, err) = vhost_frontend(dir, true, |s| {
+        let _ = s.write_all(&vhost_header(9999, 8));
+        let _ = s.write_all(&[0xff; 8]);
+    });
+    assert_eq!(status.code(), Some(1), "a broken frontend: {status}: {err}");
+    assert!(err.contains("vhost-user frontend"), "{err}");
+
+    // A message cut short by a disconnect (its header promises a body
+    // that never comes).
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        let _ = s.write_all(&vhost_header(2, 0x7fff_ffff));
+        let _ = s.write_all(&[0xff; 64]);
+    });
+    assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
+
+    // SET_OWNER, then SET_MEM_TABLE without file descriptors.
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        let _ = s.write_all(&vhost_header(3, 0));
+        let mut table = vhost_header(5, 40);
+        table.extend_from_slice(&1u32.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+        table.extend_from_slice(&[0u8; 32]);
+        let _ = s.write_all(&table);
+    });
+    assert!(matches!(status.code(), Some(0 | 1)), "{status}: {err}");
+
+    // A frontend that asks for the features and leaves: exit 0.
+    let (status, err) = vhost_frontend(dir, false, |s| {
+        s.write_all(&vhost_header(1, 0)).unwrap();
+        let reply = read_some(s, 20);
+        assert_eq!(reply.len(), 20, "GET_FEATURES reply");
+        let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+        assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1: {features:#x}");
+        assert_ne!(features & (1 << 9), 0, "VIRTIO_BLK_F_FLUSH: {features:#x}");
+    });
+    assert!(
+        status.success(),
+        "after a clean disconnect: {status}: {err}"
+    );
+
+    assert!(
+        before == snapshot(dir, &["base.qcow2", "top.qcow2"]),
+        "a frontend changed an image"
+    );
+    check_clean(dir, "top.qcow2");
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    for args in [
+        &["serve", "top.qcow2"][..],
+        &["serve", "--nbd", "x.sock"],
+        &["serve", "top.qcow2", "--nbd"],
+        &["serve", "top.qcow2", "--nbd", "x.sock", "--num-queues", "0"],
+        &["serve", "top.qcow2", "--nbd", "x.sock", "--bogus"],
+        &["serve", "missing.qcow2", "--nbd", "x.sock"],
+        &["serve", "-f", "raw", "top.qcow2", "--nbd", "top.qcow2"],
+    ] {
+        common::bg_refused(dir, args);
+    }
+    assert!(!dir.join("x.sock").exists());
+    check_clean(dir, "top.qcow2");
+}
