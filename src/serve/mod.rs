@@ -262,13 +262,30 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 /// Binds a unix socket at `path`, replacing a stale socket there (never
 /// another kind of file).
 fn bind(path: &str) -> Result<UnixListener, ServeError> {
+    listen_at(path, |at| UnixListener::bind(at))
+}
+
+/// Makes a listening socket with `listen` under a temporary name beside
+/// `path`, then renames it to `path` (a stale socket there is replaced,
+/// never another kind of file): the socket appears only once it listens,
+/// so a client that sees it can connect.
+fn listen_at<T>(
+    path: &str,
+    listen: impl FnOnce(&str) -> std::io::Result<T>,
+) -> Result<T, ServeError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(error(format_args!("{path}: exists and is not a socket")));
         }
-        std::fs::remove_file(path).map_err(|e| error(format_args!("{path}: {e}")))?;
     }
-    UnixListener::bind(path).map_err(|e| error(format_args!("{path}: {e}")))
+    let temporary = format!("{path}.{}.listening", std::process::id());
+    let _ = std::fs::remove_file(&temporary);
+    let listener = listen(&temporary).map_err(|e| error(format_args!("{path}: {e}")))?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error(format_args!("{path}: {e}")));
+    }
+    Ok(listener)
 }
 
 /// The virtio-blk device: its server over the current memory table, one
@@ -420,6 +437,7 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
         Err(err) => Err(err),
     };
     shared.tell(|inbox| inbox.loop_gone = true);
+    remove_sockets(options);
     let closed = block.close();
     match end {
         Err(err) => Err(closed.err().unwrap_or(err)),
@@ -428,6 +446,17 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
             Err(error(format_args!("vhost-user frontend: {message}")))
         }
         Ok(End::Clean) => closed,
+    }
+}
+
+/// Removes the sockets the serve made (what is a socket at their paths),
+/// so that none is left for a client to find after the exit.
+fn remove_sockets(options: &Options) {
+    let paths = [&options.qmp, &options.nbd, &options.vhost_user_blk];
+    for path in paths.into_iter().flatten() {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -474,12 +503,10 @@ fn start_threads(
         requests = Some(receiver);
     }
     if let Some(path) = &options.vhost_user_blk {
-        // Checked (a stale socket removed, nothing else) and bound by
-        // vhost's own listener.
-        drop(bind(path)?);
-        let _ = std::fs::remove_file(path);
-        let mut listener = vhost::vhost_user::Listener::new(path, false)
-            .map_err(|e| error(format_args!("{path}: {e}")))?;
+        // Bound by vhost's own listener, under a temporary name first.
+        let mut listener = listen_at(path, |at| {
+            vhost::vhost_user::Listener::new(at, false).map_err(std::io::Error::other)
+        })?;
         let backend = Backend {
             shared: shared.clone(),
             config,
