@@ -10,6 +10,8 @@
 //!
 //! ```text
 //!  cmd        one command interpreter: host CLI and kernel scripts
+//!  qmp        (host) QEMU's QMP control protocol for a serving process:
+//!             live snapshot, block jobs and their events
 //!  virtio_blk the device side of a guest's virtio-blk queues: chains
 //!             decoded, guest buffers lent to the engine
 //!  engine     many requests in flight: slots, scatter-gather, split-phase
@@ -43,6 +45,8 @@ pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod jobs;
+#[cfg(feature = "std")]
+pub mod qmp;
 pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};
