@@ -144,6 +144,9 @@ pub(super) fn snapshot_sync(args: &mut Args, cx: &mut Control<'_>) -> Reply {
             "mode 'existing' is not supported: the overlay is always created",
         ));
     }
+    if node_name.is_some() && snapshot_name.is_none() {
+        return Err(QmpError::generic("New overlay node-name missing"));
+    }
     let name = match (device, node_name) {
         (Some(name), None) | (None, Some(name)) => name,
         (Some(_), Some(_)) => {
@@ -277,12 +280,13 @@ fn is_below(graph: &HostGraph, upper: NodeId, node: NodeId) -> bool {
 }
 
 /// The base node named by `base-node` (a node) or `base` (a file) below
-/// `top`; `None` when neither is given.
-fn base_below(
+/// `top` (for a commit, `top` itself passes: the caller refuses it);
+/// `None` when neither is given.
+fn named_base(
     cx: &mut Control<'_>,
     top: (NodeId, &str),
-    base_node: Option<String>,
-    base: Option<String>,
+    (base_node, base): (Option<String>, Option<String>),
+    commit: bool,
 ) -> Result<Option<NodeId>, QmpError> {
     match (base_node, base) {
         (Some(_), Some(_)) => Err(QmpError::generic(
@@ -290,13 +294,17 @@ fn base_below(
         )),
         (Some(name), None) => {
             let node = cx.names.find(cx.graph, &name)?;
-            if !is_below(cx.graph, top.0, node) {
-                return Err(QmpError::generic(format!(
+            match (commit, node == top.0 || is_below(cx.graph, top.0, node)) {
+                (true, true) => Ok(Some(node)),
+                (true, false) => Err(QmpError::generic(format!(
+                    "'{name}' is not in this backing file chain"
+                ))),
+                (false, _) if is_below(cx.graph, top.0, node) => Ok(Some(node)),
+                (false, _) => Err(QmpError::generic(format!(
                     "Node '{name}' is not a backing image of '{}'",
                     top.1
-                )));
+                ))),
             }
-            Ok(Some(node))
         }
         (None, Some(file)) => backing_image(cx.graph, top.0, &file)
             .map(Some)
@@ -342,7 +350,7 @@ pub(super) fn stream(args: &mut Args, cx: &mut Control<'_>) -> Reply {
     let options = JobOptions::take(args)?;
     args.finish()?;
     let active = cx.names.find(cx.graph, &device)?;
-    let base = base_below(cx, (active, &device), base_node, base)?;
+    let base = named_base(cx, (active, &device), (base_node, base), false)?;
     match (&backing_file, base) {
         (Some(_), None) => {
             return Err(QmpError::generic(
@@ -401,7 +409,7 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
         }
         (None, None) => (active, device.clone()),
     };
-    let base = match base_below(cx, (top.0, &top.1), base_node, base)? {
+    let base = match named_base(cx, (top.0, &top.1), (base_node, base), true)? {
         Some(base) => base,
         None => cx
             .graph
@@ -411,6 +419,9 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
             .ok_or_else(|| QmpError::generic("There is no backing image"))?,
     };
     let top = top.0;
+    if top == base {
+        return Err(QmpError::generic("cannot commit an image into itself"));
+    }
     if let Some(given) = &backing_file {
         if top == active {
             return Err(QmpError::generic(

@@ -54,13 +54,13 @@ impl Event {
         }
     }
 
-    /// The line QMP sends:
-    /// `{"event": ..., "data": ..., "timestamp": {"seconds": .., "microseconds": ..}}`.
+    /// The line QMP sends (members in QSD's order):
+    /// `{"timestamp": {"seconds": .., "microseconds": ..}, "event": ..., "data": ...}`.
     pub fn to_line(&self) -> String {
         json!({
+            "timestamp": {"seconds": self.timestamp.0, "microseconds": self.timestamp.1},
             "event": self.name,
             "data": self.data,
-            "timestamp": {"seconds": self.timestamp.0, "microseconds": self.timestamp.1},
         })
         .to_string()
     }
@@ -147,18 +147,20 @@ impl Entry {
         match info.status {
             JobStatus::Concluded => JobStatus::Concluded,
             _ if self.aborts(info) => JobStatus::Aborting,
+            // QMP starts a job as it creates it.
+            JobStatus::Created => JobStatus::Running,
             status => status,
         }
     }
 
-    /// The members QEMU's `BLOCK_JOB_*` events carry.
+    /// The members QEMU's `BLOCK_JOB_*` events carry (in QSD's order).
     fn block_event(&self) -> Map<String, Value> {
         let mut data = Map::new();
-        data.insert("type".into(), self.kind.name().into());
         data.insert("device".into(), self.id.as_str().into());
         data.insert("len".into(), self.info.len.into());
         data.insert("offset".into(), self.info.offset.into());
         data.insert("speed".into(), self.bucket.speed.into());
+        data.insert("type".into(), self.kind.name().into());
         data
     }
 
@@ -212,16 +214,13 @@ impl Jobs {
     }
 
     fn status_change(&mut self, id: &str, status: &str) {
-        self.emit("JOB_STATUS_CHANGE", json!({"id": id, "status": status}));
+        self.emit("JOB_STATUS_CHANGE", json!({"status": status, "id": id}));
     }
 
     /// Checks a new job's id as QEMU does (well-formed, unused).
     pub(super) fn check_new_id(&self, id: Option<&str>) -> Result<String, QmpError> {
-        let Some(id) = id else {
-            return Err(QmpError::generic(
-                "An explicit job ID is required for this node",
-            ));
-        };
+        // A node has no device name to default to.
+        let id = id.unwrap_or_default();
         let mut chars = id.chars();
         let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
             && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
@@ -235,7 +234,8 @@ impl Jobs {
     }
 
     /// Adds graph job `job`, just started, as `id` (checked by
-    /// [`Jobs::check_new_id`]) and reports it `created`.
+    /// [`Jobs::check_new_id`]) and reports it `created` and `running`, as
+    /// QEMU does before the command returns.
     pub(super) fn add(
         &mut self,
         id: String,
@@ -258,6 +258,10 @@ impl Jobs {
             offset: info.offset,
             info,
         });
+        let index = self.entries.len() - 1;
+        self.entries[index].reported = JobStatus::Running;
+        let id = self.entries[index].id.clone();
+        self.status_change(&id, JobStatus::Running.name());
     }
 
     /// Reads entry `index`'s job from the graph and reports what changed:

@@ -83,8 +83,6 @@ pub enum ErrorClass {
     GenericError,
     /// Unknown command, or a command the current mode does not accept.
     CommandNotFound,
-    /// No node or device by that name.
-    DeviceNotFound,
     /// No block job on that device.
     DeviceNotActive,
 }
@@ -95,7 +93,6 @@ impl ErrorClass {
         match self {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
-            ErrorClass::DeviceNotFound => "DeviceNotFound",
             ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
@@ -287,9 +284,13 @@ impl Monitor {
 /// behaviour this module follows.
 const QEMU_VERSION: (u32, u32, u32) = (10, 0, 2);
 
-/// An answer line: `{"return": ...}` or `{"error": ...}`, then `id`.
+/// An answer line: `id` (when given), then `{"return": ...}` or
+/// `{"error": ...}`, as QSD orders them.
 fn answer(id: Option<Value>, reply: Reply) -> String {
     let mut answer = Map::new();
+    if let Some(id) = id {
+        answer.insert("id".into(), id);
+    }
     match reply {
         Ok(value) => answer.insert("return".into(), value),
         Err(err) => answer.insert(
@@ -297,18 +298,14 @@ fn answer(id: Option<Value>, reply: Reply) -> String {
             json!({"class": err.class.name(), "desc": err.desc}),
         ),
     };
-    if let Some(id) = id {
-        answer.insert("id".into(), id);
-    }
     Value::Object(answer).to_string()
 }
 
-/// The error for a name that is neither a node nor a job's device.
+/// QEMU's error for a name that is no node.
 fn device_not_found(name: &str) -> QmpError {
-    QmpError {
-        class: ErrorClass::DeviceNotFound,
-        desc: format!("Cannot find device='{name}' nor node-name='{name}'"),
-    }
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
 }
 
 /// A graph error of `kind` with `message` (for checks made here).

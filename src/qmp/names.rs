@@ -44,7 +44,7 @@ impl NodeNames {
     /// Names `node` `name`.
     ///
     /// # Errors
-    /// QEMU's duplicate-name error when `name` is taken.
+    /// QEMU's error when `name` is taken.
     pub fn insert(&mut self, graph: &HostGraph, name: &str, node: NodeId) -> Result<(), QmpError> {
         self.check_free(graph, name)?;
         self.entries.push((name.to_owned(), node));
@@ -54,9 +54,7 @@ impl NodeNames {
     /// Fails when `name` names a live node.
     pub(super) fn check_free(&mut self, graph: &HostGraph, name: &str) -> Result<(), QmpError> {
         match self.lookup(graph, name) {
-            Some(_) => Err(QmpError::generic(format!(
-                "Duplicate nodes with node-name='{name}'"
-            ))),
+            Some(_) => Err(QmpError::generic("New overlay node-name already in use")),
             None => Ok(()),
         }
     }
@@ -87,7 +85,7 @@ impl NodeNames {
         self.entries.iter().find(|e| e.0 == name).map(|e| e.1)
     }
 
-    /// The node named `name`, or QEMU's `DeviceNotFound` error.
+    /// The node named `name`, or QEMU's error.
     pub(super) fn find(&mut self, graph: &HostGraph, name: &str) -> Result<NodeId, QmpError> {
         self.lookup(graph, name)
             .ok_or_else(|| device_not_found(name))
