@@ -1,1 +1,669 @@
-//! QMP tests.
+//! The QMP control plane (`blockgraph::qmp`) against qemu-storage-daemon:
+//! the live-jobs scenario a QSD-compatible server must answer (snapshot,
+//! stream, active commit, dismiss), driven through `Monitor::handle` and
+//! `Control::step_jobs` while guest writes go through the request engine,
+//! with the events compared to the ones QSD sends for the same commands
+//! on a copy of the chain; then the chain, `qemu-img check` and the data.
+//! Bad input (malformed JSON, commands before negotiation, unknown
+//! commands, bad arguments, job verbs in the wrong state) gets QSD's
+//! answers, and changes nothing.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use std::{fs, thread};
+
+use blockgraph::device::FileDevice;
+use blockgraph::engine::{Engine, Ticket};
+use blockgraph::host::PathResolver;
+use blockgraph::qmp::{Control, Jobs, Monitor, NodeNames};
+use blockgraph::{Access, BackendId, Format, Graph, OpenOptions};
+use common::*;
+use serde_json::{json, Value};
+
+const SIZE: u64 = 4 << 20;
+
+/// `base <- mid <- top`, 64 KiB clusters, each layer with its own data
+/// (overlapping its backing file's).
+fn make_chain(dir: &Path) {
+    let size = SIZE.to_string();
+    qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "base.qcow2", &size],
+    );
+    for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        qemu_img(
+            dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-F", "qcow2", "-b",
+                backing, image,
+            ],
+        );
+    }
+    qemu_io(dir, "qcow2", "base.qcow2", &["write -P 0x11 0 1M", "write -P 0x12 3M 512K"]);
+    qemu_io(dir, "qcow2", "mid.qcow2", &["write -P 0x22 512K 1M", "write -z 3M 64K"]);
+    qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x33 1M 1M", "write -P 0x34 3584K 8K"]);
+}
+
+/// The serve loop's state, as `blockgraph serve` keeps it: the graph with
+/// the chain of `top.qcow2` behind the export's backend, the engine, and
+/// the QMP tables; one monitor connection.
+struct Served {
+    graph: Box<Graph<FileDevice>>,
+    engine: Box<Engine<'static>>,
+    resolver: PathResolver,
+    backend: BackendId,
+    names: NodeNames,
+    jobs: Jobs,
+    monitor: Monitor,
+    /// Every event sent to the connection, parsed from its line.
+    events: Vec<Value>,
+}
+
+impl Served {
+    fn open(top: &str) -> Self {
+        let mut resolver = PathResolver::default();
+        let mut graph: Box<Graph<FileDevice>> = Box::default();
+        let options = OpenOptions {
+            read_only: false,
+            writable_devices: true,
+            ..OpenOptions::new(Format::Qcow2)
+        };
+        let active = graph.open_image(&mut resolver, top, options).unwrap();
+        let backend = graph
+            .attach_backend(active, Access::READ_WRITE_DEVICE)
+            .unwrap();
+        graph.unref(active).unwrap();
+        let mut names = NodeNames::new();
+        names.register_chain(&graph, active).unwrap();
+        Self {
+            graph,
+            engine: Box::new(Engine::new()),
+            resolver,
+            backend,
+            names,
+            jobs: Jobs::new(),
+            monitor: Monitor::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn control(&mut self) -> (Control<'_>, &mut Monitor) {
+        (
+            Control {
+                graph: &mut self.graph,
+                engine: &mut self.engine,
+                resolver: &mut self.resolver,
+                backend: self.backend,
+                names: &mut self.names,
+                jobs: &mut self.jobs,
+            },
+            &mut self.monitor,
+        )
+    }
+
+    /// Sends `input`; returns the answers, parsed. Events raised go to
+    /// [`Served::events`].
+    fn send(&mut self, input: &str) -> Vec<Value> {
+        let (mut cx, monitor) = self.control();
+        let answers = monitor.handle(input, &mut cx);
+        self.collect_events();
+        answers.iter().map(|line| parse_line(line)).collect()
+    }
+
+    /// Runs one command: its one answer.
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Value {
+        let mut message = json!({"execute": command});
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        let answers = self.send(&message.to_string());
+        assert_eq!(answers.len(), 1, "one answer to {message}: {answers:?}");
+        answers.into_iter().next().unwrap()
+    }
+
+    /// One iteration of the serve loop's job side.
+    fn step(&mut self) {
+        let (mut cx, _) = self.control();
+        cx.step_jobs();
+        self.collect_events();
+    }
+
+    fn collect_events(&mut self) {
+        let events = self.jobs.take_events();
+        for line in self.monitor.render_events(&events) {
+            let event = parse_line(&line);
+            let stamp = &event["timestamp"];
+            assert!(
+                stamp["seconds"].as_u64().is_some_and(|s| s > 1_600_000_000)
+                    && stamp["microseconds"].as_u64().is_some_and(|us| us < 1_000_000),
+                "event timestamp: {line}"
+            );
+            self.events.push(event);
+        }
+    }
+
+    /// Guest writes and job steps until an event `wanted` accepts arrives.
+    fn run_until(&mut self, guest: &mut Guest, what: &str, wanted: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let seen = self.events.len();
+        loop {
+            guest.tick(&mut self.engine, self.backend);
+            self.engine.poll(&mut self.graph);
+            guest.collect(&mut self.engine);
+            self.step();
+            if self.events[seen..].iter().any(&wanted) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what}; events: {:#?}",
+                self.events
+            );
+        }
+    }
+
+    /// Lets every guest write finish.
+    fn settle(&mut self, guest: &mut Guest) {
+        while !guest.in_flight.is_empty() {
+            self.engine.poll(&mut self.graph);
+            guest.collect(&mut self.engine);
+        }
+    }
+}
+
+fn parse_line(line: &str) -> Value {
+    assert!(!line.contains('\n'), "one line per message: {line:?}");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// A guest writing 4 KiB blocks at spread-out offsets, a few in flight
+/// (never overlapping each other), its view kept in a model.
+struct Guest {
+    model: Vec<u8>,
+    in_flight: Vec<(Ticket, u64)>,
+    writes: u64,
+    /// Writes submitted while a command asks for them.
+    budget: u64,
+}
+
+impl Guest {
+    const BLOCK: u64 = 4096;
+
+    fn new(model: Vec<u8>) -> Self {
+        Self {
+            model,
+            in_flight: Vec::new(),
+            writes: 0,
+            budget: 0,
+        }
+    }
+
+    fn tick(&mut self, engine: &mut Engine<'static>, backend: BackendId) {
+        while self.budget > 0 && self.in_flight.len() < 4 {
+            let n = self.writes;
+            // Spread over the whole disk, several writes per cluster.
+            let offset = (n * 7919 * Self::BLOCK) % SIZE;
+            if self.in_flight.iter().any(|&(_, o)| o == offset) {
+                return;
+            }
+            let byte = 0x40 + (n % 64) as u8;
+            let data: &'static [u8] = Box::leak(vec![byte; Self::BLOCK as usize].into_boxed_slice());
+            let ticket = engine.submit_write(backend, offset, [data]).unwrap();
+            self.model[offset as usize..(offset + Self::BLOCK) as usize].fill(byte);
+            self.in_flight.push((ticket, offset));
+            self.writes += 1;
+            self.budget -= 1;
+        }
+    }
+
+    fn collect(&mut self, engine: &mut Engine<'static>) {
+        while let Some((ticket, done)) = engine.complete() {
+            done.result.unwrap();
+            self.in_flight.retain(|&(t, _)| t != ticket);
+        }
+    }
+}
+
+/// A qemu-storage-daemon on the chain in `dir` (as `xtask guest` runs it),
+/// with a QMP client in command mode.
+struct Qsd {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qsd {
+    fn start(dir: &Path) -> Self {
+        let mut args: Vec<String> = Vec::new();
+        let mut below: Option<&str> = None;
+        for node in ["base", "mid", "top"] {
+            args.push("--blockdev".into());
+            args.push(format!("driver=file,node-name={node}-file,filename={node}.qcow2"));
+            let backing = below.map_or("null".to_owned(), |b| format!("\"{b}\""));
+            args.push("--blockdev".into());
+            args.push(format!(
+                "{{\"driver\":\"qcow2\",\"node-name\":\"{node}\",\"file\":\"{node}-file\",\"backing\":{backing}}}"
+            ));
+            below = Some(node);
+        }
+        args.extend([
+            "--export".into(),
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path=vhost.sock,writable=on,num-queues=1".into(),
+            "--chardev".into(),
+            "socket,id=qmp0,path=qmp.sock,server=on,wait=off".into(),
+            "--monitor".into(),
+            "chardev=qmp0".into(),
+        ]);
+        let child = Command::new("qemu-storage-daemon")
+            .args(&args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("qsd.log")).unwrap())
+            .spawn()
+            .expect("these tests need qemu-storage-daemon on PATH (Debian: qemu-system-common); they never skip");
+        let socket = dir.join("qmp.sock");
+        let started = Instant::now();
+        let stream = loop {
+            if let Ok(stream) = UnixStream::connect(&socket) {
+                break stream;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "QSD's monitor never came up");
+            thread::sleep(Duration::from_millis(20));
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut qsd = Qsd {
+            child,
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qsd.read();
+        assert!(greeting.get("QMP").is_some(), "QSD greeting: {greeting}");
+        qsd
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QSD answers");
+        assert!(!line.is_empty(), "QSD closed the monitor");
+        parse_line(line.trim_end())
+    }
+
+    /// Sends `input` (one document); returns its answer.
+    fn send(&mut self, input: &str) -> Value {
+        self.writer.write_all(format!("{input}\n").as_bytes()).unwrap();
+        loop {
+            let message = self.read();
+            if message.get("event").is_some() {
+                self.events.push(message);
+            } else {
+                return message;
+            }
+        }
+    }
+
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Value {
+        let mut message = json!({"execute": command});
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        self.send(&message.to_string())
+    }
+
+    fn wait_event(&mut self, wanted: impl Fn(&Value) -> bool) {
+        if self.events.iter().any(&wanted) {
+            return;
+        }
+        loop {
+            let message = self.read();
+            assert!(message.get("event").is_some(), "unasked answer: {message}");
+            let found = wanted(&message);
+            self.events.push(message);
+            if found {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_event(event: &Value, name: &str, key: &str, id: &str) -> bool {
+    event["event"] == name && event["data"][key] == id
+}
+
+fn is_status(event: &Value, id: &str, status: &str) -> bool {
+    is_event(event, "JOB_STATUS_CHANGE", "id", id) && event["data"]["status"] == status
+}
+
+/// Each event as `NAME id status`, for comparing sequences.
+fn summary(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let data = &e["data"];
+            let id = data["id"].as_str().or(data["device"].as_str()).unwrap_or("-");
+            let status = data["status"].as_str().unwrap_or("");
+            format!("{} {id} {status}", e["event"].as_str().unwrap())
+                .trim_end()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The scenario's commands, as `xtask guest` sends them.
+fn snapshot_args() -> Value {
+    json!({"node-name": "top", "snapshot-file": "snap.qcow2", "snapshot-node-name": "snap", "format": "qcow2"})
+}
+fn stream_args() -> Value {
+    json!({"job-id": "stream0", "device": "snap", "base-node": "mid", "backing-file": "mid.qcow2", "auto-dismiss": false})
+}
+fn commit_args() -> Value {
+    json!({"job-id": "commit0", "device": "snap", "base-node": "mid", "auto-dismiss": false})
+}
+
+/// The scenario on QSD: its events.
+fn qsd_scenario(dir: &Path) -> Vec<Value> {
+    let mut qsd = Qsd::start(dir);
+    let ok = json!({"return": {}});
+    assert_eq!(qsd.execute("qmp_capabilities", None), ok);
+    assert_eq!(qsd.execute("blockdev-snapshot-sync", Some(snapshot_args())), ok);
+    assert_eq!(qsd.execute("block-stream", Some(stream_args())), ok);
+    qsd.wait_event(|e| is_status(e, "stream0", "concluded"));
+    assert_eq!(qsd.execute("job-dismiss", Some(json!({"id": "stream0"}))), ok);
+    qsd.wait_event(|e| is_status(e, "stream0", "null"));
+    assert_eq!(qsd.execute("block-commit", Some(commit_args())), ok);
+    qsd.wait_event(|e| is_event(e, "BLOCK_JOB_READY", "device", "commit0"));
+    assert_eq!(qsd.execute("job-complete", Some(json!({"id": "commit0"}))), ok);
+    qsd.wait_event(|e| is_status(e, "commit0", "concluded"));
+    assert_eq!(qsd.execute("job-dismiss", Some(json!({"id": "commit0"}))), ok);
+    qsd.wait_event(|e| is_status(e, "commit0", "null"));
+    assert_eq!(qsd.execute("query-jobs", None), json!({"return": []}));
+    assert_eq!(qsd.execute("quit", None), ok);
+    std::mem::take(&mut qsd.events)
+        .into_iter()
+        .filter(|e| e["event"] != "BLOCK_EXPORT_DELETED")
+        .collect()
+}
+
+/// The chain as `qemu-img info --backing-chain` lists it: file names.
+fn chain_files(dir: &Path, image: &str) -> Vec<String> {
+    let out = qemu_img(dir, &["info", "--backing-chain", "--output=json", image]);
+    let infos: Value = serde_json::from_str(&out).unwrap();
+    infos
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The live-jobs scenario through `Monitor::handle` and
+/// `Control::step_jobs`, guest writes in flight between steps: the same
+/// answers and events as QSD, the export following the snapshot and the
+/// pivot, and on disk `base <- mid` holding the guest's view.
+#[test]
+fn scenario_matches_qsd() {
+    big_stack(scenario);
+}
+
+fn scenario() {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path().join("ours");
+    let reference = tmp.path().join("qsd");
+    fs::create_dir(&dir).unwrap();
+    make_chain(&dir);
+    copy_dir(&dir, &reference);
+    let qsd_events = qsd_scenario(&reference);
+
+    qemu_img(&dir, &["convert", "-O", "raw", "top.qcow2", "start.raw"]);
+    let mut guest = Guest::new(fs::read(dir.join("start.raw")).unwrap());
+    // Image names are relative, as QSD's command line gives them: backing
+    // references are written relative (`backing-file` is checked against
+    // them). This is the only test here that uses the current directory.
+    std::env::set_current_dir(&dir).unwrap();
+    let mut served = Served::open("top.qcow2");
+    let ok = json!({"return": {}});
+
+    let greeting = parse_line(&served.monitor.greeting());
+    assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 10);
+    assert_eq!(greeting["QMP"]["capabilities"], json!([]));
+    assert_eq!(served.execute("qmp_capabilities", None), ok);
+
+    // Guest writes in flight while the snapshot waits for a drain.
+    guest.budget = 8;
+    guest.tick(&mut served.engine, served.backend);
+    assert_eq!(served.execute("blockdev-snapshot-sync", Some(snapshot_args())), ok);
+    let snap = served.names.lookup(&served.graph, "snap").expect("snap named");
+    assert_eq!(served.graph.root(served.backend).unwrap(), snap, "the export follows the snapshot");
+    let nodes = served.execute("query-named-block-nodes", None);
+    let names: Vec<&str> = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["top", "mid", "base", "snap"]);
+    let block = served.execute("query-block", None);
+    let inserted = &block["return"][0]["inserted"];
+    assert_eq!(inserted["node-name"], "snap");
+    assert_eq!(inserted["backing_file"], "top.qcow2");
+    assert_eq!(inserted["backing_file_depth"], 3);
+    assert_eq!(inserted["image"]["virtual-size"], SIZE);
+    assert_eq!(inserted["image"]["backing-image"]["backing-image"]["filename"], "mid.qcow2");
+    served.settle(&mut guest);
+
+    guest.budget = 200;
+    let before = guest.writes;
+    assert_eq!(served.execute("block-stream", Some(stream_args())), ok);
+    served.run_until(&mut guest, "stream0 concluded", |e| is_status(e, "stream0", "concluded"));
+    assert!(guest.writes > before, "no guest write during the stream");
+    let jobs = served.execute("query-jobs", None);
+    assert_eq!(jobs["return"][0]["status"], "concluded");
+    assert_eq!(jobs["return"][0]["type"], "stream");
+    assert!(jobs["return"][0].get("error").is_none(), "{jobs}");
+    assert_eq!(served.execute("job-dismiss", Some(json!({"id": "stream0"}))), ok);
+    served.settle(&mut guest);
+    assert_eq!(served.names.lookup(&served.graph, "top"), None, "top left the chain");
+
+    guest.budget = 300;
+    let before = guest.writes;
+    assert_eq!(served.execute("block-commit", Some(commit_args())), ok);
+    served.run_until(&mut guest, "BLOCK_JOB_READY", |e| {
+        is_event(e, "BLOCK_JOB_READY", "device", "commit0")
+    });
+    assert!(guest.writes > before, "no guest write before the commit was ready");
+    // More guest writes while ready: they must reach mid after the pivot.
+    let before = guest.writes;
+    guest.budget += 50;
+    for _ in 0..50 {
+        guest.tick(&mut served.engine, served.backend);
+        served.engine.poll(&mut served.graph);
+        guest.collect(&mut served.engine);
+        served.step();
+    }
+    assert!(guest.writes > before, "no guest write while ready");
+    assert_eq!(served.execute("job-complete", Some(json!({"id": "commit0"}))), ok);
+    served.run_until(&mut guest, "commit0 concluded", |e| is_status(e, "commit0", "concluded"));
+    assert_eq!(served.execute("job-dismiss", Some(json!({"id": "commit0"}))), ok);
+    assert_eq!(served.execute("query-jobs", None), json!({"return": []}));
+    let mid = served.names.lookup(&served.graph, "mid").unwrap();
+    assert_eq!(served.graph.root(served.backend).unwrap(), mid, "the export follows the pivot");
+    assert_eq!(served.execute("quit", None), ok);
+    assert!(served.monitor.quit_requested());
+    served.settle(&mut guest);
+
+    // The events: QSD's, in order.
+    assert_eq!(summary(&served.events), summary(&qsd_events), "ours vs QSD's");
+    let completed: Vec<&Value> = served
+        .events
+        .iter()
+        .filter(|e| e["event"] == "BLOCK_JOB_COMPLETED")
+        .collect();
+    for (event, kind) in completed.iter().zip(["stream", "commit"]) {
+        let data = &event["data"];
+        assert_eq!(data["type"], kind);
+        assert_eq!(data["len"], data["offset"], "{event}");
+        assert_eq!(data["speed"], 0);
+        assert!(data.get("error").is_none(), "{event}");
+    }
+
+    // On disk: base <- mid, clean, holding the guest's view.
+    let root = served.graph.root(served.backend).unwrap();
+    served.graph.flush(root).unwrap();
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    std::env::set_current_dir(tmp.path()).unwrap();
+    assert_eq!(chain_files(&dir, "mid.qcow2"), ["mid.qcow2", "base.qcow2"]);
+    assert_eq!(chain_files(&reference, "mid.qcow2"), ["mid.qcow2", "base.qcow2"]);
+    for image in ["mid.qcow2", "base.qcow2", "snap.qcow2"] {
+        qemu_img(&dir, &["check", "-q", image]);
+    }
+    fs::write(dir.join("expected.raw"), &guest.model).unwrap();
+    let args = ["compare", "-f", "qcow2", "-F", "raw", "mid.qcow2", "expected.raw"];
+    let out = run(&dir, "qemu-img", &args);
+    assert_eq!(out.status.code(), Some(0), "{}", render(&dir, "qemu-img", &args, &out));
+    // QSD's result, without guest writes, is the chain's starting view.
+    let args = ["compare", "-f", "qcow2", "-F", "raw", "mid.qcow2", "../ours/start.raw"];
+    let out = run(&reference, "qemu-img", &args);
+    assert_eq!(out.status.code(), Some(0), "{}", render(&reference, "qemu-img", &args, &out));
+}
+
+/// Sends `input` to both; the answers must agree: the `id`, the
+/// `return`, and the `error` (its class only unless `desc`).
+fn compare(served: &mut Served, qsd: &mut Qsd, input: &str, desc: bool) {
+    let ours = served.send(input);
+    assert_eq!(ours.len(), 1, "{input}: {ours:?}");
+    let (ours, theirs) = (&ours[0], qsd.send(input));
+    assert_eq!(ours["id"], theirs["id"], "{input}: ours {ours}, QSD {theirs}");
+    assert_eq!(ours.get("return"), theirs.get("return"), "{input}: ours {ours}, QSD {theirs}");
+    let (a, b) = match desc {
+        true => (&ours["error"], &theirs["error"]),
+        false => (&ours["error"]["class"], &theirs["error"]["class"]),
+    };
+    assert_eq!(a, b, "{input}: ours {ours}, QSD {theirs}");
+}
+
+/// Bad input gets the answers QSD gives (class and text, or class only
+/// where the text is the JSON parser's), and changes nothing; job verbs in
+/// the wrong state, on a throttled stream that neither server lets run.
+#[test]
+fn refusals_match_qsd() {
+    big_stack(refusals);
+}
+
+fn refusals() {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path().join("ours");
+    let reference = tmp.path().join("qsd");
+    fs::create_dir(&dir).unwrap();
+    make_chain(&dir);
+    copy_dir(&dir, &reference);
+    copy_dir(&dir, &tmp.path().join("orig"));
+    let mut qsd = Qsd::start(&reference);
+    let top = dir.join("top.qcow2");
+    let mut served = Served::open(top.to_str().unwrap());
+
+    // (input, compare the description too)
+    let before_negotiation = [
+        (r#"{"execute":"query-jobs","id":1}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"x"}}"#, true),
+    ];
+    let in_command_mode = [
+        (r#"{"execute":"qmp_capabilities","id":"again"}"#, true),
+        (r#"{"execute":"nope","id":"x"}"#, true),
+        (r#"{"execute": }"#, false),
+        (r#"[1,2]"#, true),
+        (r#"{"exec":"x"}"#, true),
+        (r#"{"execute":1}"#, true),
+        (r#"{"execute":"query-jobs","arguments":[]}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"job-id":"j"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"nonode","job-id":"j"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","speed":"fast"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","bogus":1}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"1j"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","on-error":"never"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"nothere.qcow2"}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"b","base-node":"base"}}"#, true),
+        (r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","base-node":"top"}}"#, true),
+        (r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","top-node":"base"}}"#, true),
+        (r#"{"execute":"block-commit","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#, true),
+        (r#"{"execute":"job-dismiss","arguments":{"id":"none"}}"#, true),
+        (r#"{"execute":"job-dismiss","arguments":{}}"#, true),
+        (r#"{"execute":"block-job-set-speed","arguments":{"device":"none","speed":1}}"#, true),
+        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","format":"qcow2"}}"#, true),
+        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","snapshot-node-name":"mid","format":"qcow2"}}"#, true),
+        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"nonode","snapshot-file":"x.qcow2","snapshot-node-name":"x"}}"#, true),
+        // A throttled stream: verbs in the wrong state.
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base","speed":1,"auto-dismiss":false}}"#, true),
+        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base"}}"#, true),
+        (r#"{"execute":"job-complete","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"job-dismiss","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"job-finalize","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"job-resume","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"block-job-set-speed","arguments":{"device":"s","speed":-5}}"#, true),
+        (r#"{"execute":"job-pause","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"job-pause","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"job-complete","arguments":{"id":"s"}}"#, true),
+        (r#"{"execute":"block-job-cancel","arguments":{"device":"s"}}"#, true),
+        (r#"{"execute":"job-cancel","arguments":{"id":"s"}}"#, true),
+    ];
+    for (input, desc) in before_negotiation {
+        compare(&mut served, &mut qsd, input, desc);
+    }
+    assert_eq!(served.execute("qmp_capabilities", None), json!({"return": {}}));
+    assert_eq!(qsd.execute("qmp_capabilities", None), json!({"return": {}}));
+    let files_before: Vec<PathBuf> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    for (input, desc) in in_command_mode {
+        compare(&mut served, &mut qsd, input, desc);
+    }
+    // The cancelled stream ends as QSD's does.
+    served.run_until(&mut Guest::new(Vec::new()), "s concluded", |e| is_status(e, "s", "concluded"));
+    qsd.wait_event(|e| is_status(e, "s", "concluded"));
+    compare(&mut served, &mut qsd, r#"{"execute":"query-jobs"}"#, true);
+    compare(&mut served, &mut qsd, r#"{"execute":"job-dismiss","arguments":{"id":"s"}}"#, true);
+    qsd.wait_event(|e| is_status(e, "s", "null"));
+    assert_eq!(summary(&served.events), summary(&qsd.events), "ours vs QSD's");
+
+    // Our own limits: no oob, no second connection's commands before
+    // negotiation, several documents in one input, an unparsable tail.
+    let mut fresh = Monitor::new();
+    let (mut cx, _) = served.control();
+    let answers = fresh.handle(
+        r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}} {"execute":"qmp_capabilities"} {"#,
+        &mut cx,
+    );
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers[0].contains("Capability 'oob' not available"), "{}", answers[0]);
+    assert_eq!(answers[1], r#"{"return":{}}"#);
+    assert!(answers[2].contains("JSON parse error"), "{}", answers[2]);
+
+    // Nothing changed: the chain, the files, the names.
+    let files_after: Vec<PathBuf> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files_before, files_after);
+    let root = served.graph.root(served.backend).unwrap();
+    assert_eq!(served.names.name_of(&served.graph, root), Some("top"));
+    assert_eq!(served.names.nodes(&served.graph).len(), 3);
+    assert_eq!(served.execute("query-jobs", None), json!({"return": []}));
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    assert_eq!(chain_files(&dir, "top.qcow2"), ["top.qcow2", "mid.qcow2", "base.qcow2"]);
+    for image in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
+        qemu_img(&dir, &["check", "-q", image]);
+    }
+    qemu_compare(&dir, "top.qcow2", "../orig/top.qcow2", "the chain is unchanged");
+}
