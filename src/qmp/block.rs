@@ -14,7 +14,7 @@ use crate::jobs::{CommitRequest, JobId, OnError, StreamRequest};
 use crate::graph::NameBuf;
 
 use super::args::Args;
-use super::{graph_error, Control, HostGraph, QmpError, Reply};
+use super::{graph_error, not_found, Control, HostGraph, QmpError, Reply};
 
 /// `query-block`: the export's BlockBackend (QEMU's `BlockInfo`; the
 /// export's backend has no device name).
@@ -147,8 +147,8 @@ pub(super) fn snapshot_sync(args: &mut Args, cx: &mut Control<'_>) -> Reply {
     if node_name.is_some() && snapshot_name.is_none() {
         return Err(QmpError::generic("New overlay node-name missing"));
     }
-    let name = match (device, node_name) {
-        (Some(name), None) | (None, Some(name)) => name,
+    let name = match (&device, &node_name) {
+        (Some(name), None) | (None, Some(name)) => name.clone(),
         (Some(_), Some(_)) => {
             return Err(QmpError::generic(
                 "Cannot specify both 'device' and 'node-name'",
@@ -156,7 +156,12 @@ pub(super) fn snapshot_sync(args: &mut Args, cx: &mut Control<'_>) -> Reply {
         }
         (None, None) => String::new(),
     };
-    let active = cx.names.find(cx.graph, &name)?;
+    let active = cx.names.lookup(cx.graph, &name).ok_or_else(|| {
+        not_found(
+            device.as_deref().unwrap_or_default(),
+            node_name.as_deref().unwrap_or_default(),
+        )
+    })?;
     if !cx
         .graph
         .parents(active)
@@ -243,13 +248,23 @@ impl JobOptions {
         })
     }
 
-    /// Starts the job `start` makes (in a drained section) and adds it to
-    /// the job table under the checked id.
+    /// Starts the job `start` makes on `device` (in a drained section) and
+    /// adds it to the job table under the checked id.
     fn start(
         self,
         cx: &mut Control<'_>,
+        device: (NodeId, &str),
         start: impl FnMut(&mut HostGraph, &mut PathResolver) -> crate::Result<JobId>,
     ) -> Reply {
+        // QEMU's op blocker, checked before the job id.
+        let busy = cx.graph.jobs.iter().find(|(_, job)| job.involves(device.0));
+        if let Some(info) = busy.and_then(|(job, _)| cx.graph.job_info(job).ok()) {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                device.1,
+                info.kind.name()
+            )));
+        }
         let id = cx.jobs.check_new_id(self.id.as_deref())?;
         let job = drained(cx, start)?;
         let info = cx.graph.job_info(job)?;
@@ -361,7 +376,7 @@ pub(super) fn stream(args: &mut Args, cx: &mut Control<'_>) -> Reply {
         (None, _) => {}
     }
     let on_error = options.on_error;
-    options.start(cx, |graph, _| {
+    options.start(cx, (active, &device), |graph, _| {
         graph.start_stream(StreamRequest {
             active,
             base,
@@ -383,6 +398,13 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
     let options = JobOptions::take(args)?;
     args.finish()?;
     let active = cx.names.find(cx.graph, &device)?;
+    if cx
+        .graph
+        .parents(active)
+        .any(|p| matches!(p, Parent::Backing(_)))
+    {
+        return Err(QmpError::generic("Need a root block node"));
+    }
     let top = match (top_node, top) {
         (Some(_), Some(_)) => {
             return Err(QmpError::generic(
@@ -411,12 +433,9 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
     };
     let base = match named_base(cx, (top.0, &top.1), (base_node, base), true)? {
         Some(base) => base,
-        None => cx
-            .graph
-            .chain_from(top.0)
-            .skip(1)
-            .last()
-            .ok_or_else(|| QmpError::generic("There is no backing image"))?,
+        // QEMU's `bdrv_find_base`: the bottom of the chain (top itself
+        // when it has no backing file, refused below).
+        None => cx.graph.chain_from(top.0).last().unwrap_or(top.0),
     };
     let top = top.0;
     if top == base {
@@ -436,7 +455,7 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
         check_backing_file(cx, overlay, base, given)?;
     }
     let on_error = options.on_error;
-    options.start(cx, |graph, _| {
+    options.start(cx, (active, &device), |graph, _| {
         graph.start_commit(CommitRequest {
             active,
             top,

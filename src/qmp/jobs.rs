@@ -288,7 +288,12 @@ impl Jobs {
         let mut path = Vec::new();
         let finishing = matches!(to, JobStatus::Waiting | JobStatus::Pending)
             || to == JobStatus::Concluded && !aborted;
-        if from == JobStatus::Created && (to == JobStatus::Ready || finishing) {
+        // A created job runs first; a cancelled paused job is resumed to
+        // see the cancel.
+        let aborting = aborted && matches!(to, JobStatus::Aborting | JobStatus::Concluded);
+        if from == JobStatus::Created && (to == JobStatus::Ready || finishing)
+            || from == JobStatus::Paused && aborting
+        {
             path.push(JobStatus::Running);
         }
         if finishing && !matches!(from, JobStatus::Waiting | JobStatus::Pending) {

@@ -301,10 +301,10 @@ fn answer(id: Option<Value>, reply: Reply) -> String {
     Value::Object(answer).to_string()
 }
 
-/// QEMU's error for a name that is no node.
-fn device_not_found(name: &str) -> QmpError {
+/// QEMU's error for a node looked up by device name and node name.
+fn not_found(device: &str, node: &str) -> QmpError {
     QmpError::generic(format!(
-        "Cannot find device='{name}' nor node-name='{name}'"
+        "Cannot find device='{device}' nor node-name='{node}'"
     ))
 }
 

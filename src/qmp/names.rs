@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::graph::NodeId;
 
-use super::{device_not_found, HostGraph, QmpError};
+use super::{not_found, HostGraph, QmpError};
 
 /// Node name ↔ graph node. Entries whose node left the graph (dropped by a
 /// commit or a stream) are forgotten when next looked at.
@@ -88,7 +88,7 @@ impl NodeNames {
     /// The node named `name`, or QEMU's error.
     pub(super) fn find(&mut self, graph: &HostGraph, name: &str) -> Result<NodeId, QmpError> {
         self.lookup(graph, name)
-            .ok_or_else(|| device_not_found(name))
+            .ok_or_else(|| not_found(name, name))
     }
 
     /// The name of `node`, if it has one.
