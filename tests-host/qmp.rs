@@ -26,6 +26,7 @@ use common::*;
 use serde_json::{json, Value};
 
 const SIZE: u64 = 4 << 20;
+const MIB: u64 = 1 << 20;
 
 /// `base <- mid <- top`, 64 KiB clusters, each layer with its own data
 /// (overlapping its backing file's).
@@ -33,20 +34,53 @@ fn make_chain(dir: &Path) {
     let size = SIZE.to_string();
     qemu_img(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "base.qcow2", &size],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "base.qcow2",
+            &size,
+        ],
     );
     for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
         qemu_img(
             dir,
             &[
-                "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-F", "qcow2", "-b",
-                backing, image,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                "-F",
+                "qcow2",
+                "-b",
+                backing,
+                image,
             ],
         );
     }
-    qemu_io(dir, "qcow2", "base.qcow2", &["write -P 0x11 0 1M", "write -P 0x12 3M 512K"]);
-    qemu_io(dir, "qcow2", "mid.qcow2", &["write -P 0x22 512K 1M", "write -z 3M 64K"]);
-    qemu_io(dir, "qcow2", "top.qcow2", &["write -P 0x33 1M 1M", "write -P 0x34 3584K 8K"]);
+    qemu_io(
+        dir,
+        "qcow2",
+        "base.qcow2",
+        &["write -P 0x11 0 1M", "write -P 0x12 3M 512K"],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "mid.qcow2",
+        &["write -P 0x22 512K 1M", "write -z 3M 64K"],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x33 1M 1M", "write -P 0x34 3584K 8K"],
+    );
 }
 
 /// The serve loop's state, as `blockgraph serve` keeps it: the graph with
@@ -140,7 +174,9 @@ impl Served {
             let stamp = &event["timestamp"];
             assert!(
                 stamp["seconds"].as_u64().is_some_and(|s| s > 1_600_000_000)
-                    && stamp["microseconds"].as_u64().is_some_and(|us| us < 1_000_000),
+                    && stamp["microseconds"]
+                        .as_u64()
+                        .is_some_and(|us| us < 1_000_000),
                 "event timestamp: {line}"
             );
             self.events.push(event);
@@ -212,7 +248,8 @@ impl Guest {
                 return;
             }
             let byte = 0x40 + (n % 64) as u8;
-            let data: &'static [u8] = Box::leak(vec![byte; Self::BLOCK as usize].into_boxed_slice());
+            let data: &'static [u8] =
+                Box::leak(vec![byte; Self::BLOCK as usize].into_boxed_slice());
             let ticket = engine.submit_write(backend, offset, [data]).unwrap();
             self.model[offset as usize..(offset + Self::BLOCK) as usize].fill(byte);
             self.in_flight.push((ticket, offset));
@@ -244,7 +281,9 @@ impl Qsd {
         let mut below: Option<&str> = None;
         for node in ["base", "mid", "top"] {
             args.push("--blockdev".into());
-            args.push(format!("driver=file,node-name={node}-file,filename={node}.qcow2"));
+            args.push(format!(
+                "driver=file,node-name={node}-file,filename={node}.qcow2"
+            ));
             let backing = below.map_or("null".to_owned(), |b| format!("\"{b}\""));
             args.push("--blockdev".into());
             args.push(format!(
@@ -273,10 +312,15 @@ impl Qsd {
             if let Ok(stream) = UnixStream::connect(&socket) {
                 break stream;
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "QSD's monitor never came up");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "QSD's monitor never came up"
+            );
             thread::sleep(Duration::from_millis(20));
         };
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let writer = stream.try_clone().unwrap();
         let mut qsd = Qsd {
             child,
@@ -298,7 +342,9 @@ impl Qsd {
 
     /// Sends `input` (one document); returns its answer.
     fn send(&mut self, input: &str) -> Value {
-        self.writer.write_all(format!("{input}\n").as_bytes()).unwrap();
+        self.writer
+            .write_all(format!("{input}\n").as_bytes())
+            .unwrap();
         loop {
             let message = self.read();
             if message.get("event").is_some() {
@@ -354,7 +400,10 @@ fn summary(events: &[Value]) -> Vec<String> {
         .iter()
         .map(|e| {
             let data = &e["data"];
-            let id = data["id"].as_str().or(data["device"].as_str()).unwrap_or("-");
+            let id = data["id"]
+                .as_str()
+                .or(data["device"].as_str())
+                .unwrap_or("-");
             let status = data["status"].as_str().unwrap_or("");
             format!("{} {id} {status}", e["event"].as_str().unwrap())
                 .trim_end()
@@ -379,16 +428,28 @@ fn qsd_scenario(dir: &Path) -> Vec<Value> {
     let mut qsd = Qsd::start(dir);
     let ok = json!({"return": {}});
     assert_eq!(qsd.execute("qmp_capabilities", None), ok);
-    assert_eq!(qsd.execute("blockdev-snapshot-sync", Some(snapshot_args())), ok);
+    assert_eq!(
+        qsd.execute("blockdev-snapshot-sync", Some(snapshot_args())),
+        ok
+    );
     assert_eq!(qsd.execute("block-stream", Some(stream_args())), ok);
     qsd.wait_event(|e| is_status(e, "stream0", "concluded"));
-    assert_eq!(qsd.execute("job-dismiss", Some(json!({"id": "stream0"}))), ok);
+    assert_eq!(
+        qsd.execute("job-dismiss", Some(json!({"id": "stream0"}))),
+        ok
+    );
     qsd.wait_event(|e| is_status(e, "stream0", "null"));
     assert_eq!(qsd.execute("block-commit", Some(commit_args())), ok);
     qsd.wait_event(|e| is_event(e, "BLOCK_JOB_READY", "device", "commit0"));
-    assert_eq!(qsd.execute("job-complete", Some(json!({"id": "commit0"}))), ok);
+    assert_eq!(
+        qsd.execute("job-complete", Some(json!({"id": "commit0"}))),
+        ok
+    );
     qsd.wait_event(|e| is_status(e, "commit0", "concluded"));
-    assert_eq!(qsd.execute("job-dismiss", Some(json!({"id": "commit0"}))), ok);
+    assert_eq!(
+        qsd.execute("job-dismiss", Some(json!({"id": "commit0"}))),
+        ok
+    );
     qsd.wait_event(|e| is_status(e, "commit0", "null"));
     assert_eq!(qsd.execute("query-jobs", None), json!({"return": []}));
     assert_eq!(qsd.execute("quit", None), ok);
@@ -445,9 +506,19 @@ fn scenario() {
     // Guest writes in flight while the snapshot waits for a drain.
     guest.budget = 8;
     guest.tick(&mut served.engine, served.backend);
-    assert_eq!(served.execute("blockdev-snapshot-sync", Some(snapshot_args())), ok);
-    let snap = served.names.lookup(&served.graph, "snap").expect("snap named");
-    assert_eq!(served.graph.root(served.backend).unwrap(), snap, "the export follows the snapshot");
+    assert_eq!(
+        served.execute("blockdev-snapshot-sync", Some(snapshot_args())),
+        ok
+    );
+    let snap = served
+        .names
+        .lookup(&served.graph, "snap")
+        .expect("snap named");
+    assert_eq!(
+        served.graph.root(served.backend).unwrap(),
+        snap,
+        "the export follows the snapshot"
+    );
     let nodes = served.execute("query-named-block-nodes", None);
     let names: Vec<&str> = nodes["return"]
         .as_array()
@@ -462,21 +533,33 @@ fn scenario() {
     assert_eq!(inserted["backing_file"], "top.qcow2");
     assert_eq!(inserted["backing_file_depth"], 3);
     assert_eq!(inserted["image"]["virtual-size"], SIZE);
-    assert_eq!(inserted["image"]["backing-image"]["backing-image"]["filename"], "mid.qcow2");
+    assert_eq!(
+        inserted["image"]["backing-image"]["backing-image"]["filename"],
+        "mid.qcow2"
+    );
     served.settle(&mut guest);
 
     guest.budget = 200;
     let before = guest.writes;
     assert_eq!(served.execute("block-stream", Some(stream_args())), ok);
-    served.run_until(&mut guest, "stream0 concluded", |e| is_status(e, "stream0", "concluded"));
+    served.run_until(&mut guest, "stream0 concluded", |e| {
+        is_status(e, "stream0", "concluded")
+    });
     assert!(guest.writes > before, "no guest write during the stream");
     let jobs = served.execute("query-jobs", None);
     assert_eq!(jobs["return"][0]["status"], "concluded");
     assert_eq!(jobs["return"][0]["type"], "stream");
     assert!(jobs["return"][0].get("error").is_none(), "{jobs}");
-    assert_eq!(served.execute("job-dismiss", Some(json!({"id": "stream0"}))), ok);
+    assert_eq!(
+        served.execute("job-dismiss", Some(json!({"id": "stream0"}))),
+        ok
+    );
     served.settle(&mut guest);
-    assert_eq!(served.names.lookup(&served.graph, "top"), None, "top left the chain");
+    assert_eq!(
+        served.names.lookup(&served.graph, "top"),
+        None,
+        "top left the chain"
+    );
 
     guest.budget = 300;
     let before = guest.writes;
@@ -484,7 +567,10 @@ fn scenario() {
     served.run_until(&mut guest, "BLOCK_JOB_READY", |e| {
         is_event(e, "BLOCK_JOB_READY", "device", "commit0")
     });
-    assert!(guest.writes > before, "no guest write before the commit was ready");
+    assert!(
+        guest.writes > before,
+        "no guest write before the commit was ready"
+    );
     // More guest writes while ready: they must reach mid after the pivot.
     let before = guest.writes;
     guest.budget += 50;
@@ -495,18 +581,34 @@ fn scenario() {
         served.step();
     }
     assert!(guest.writes > before, "no guest write while ready");
-    assert_eq!(served.execute("job-complete", Some(json!({"id": "commit0"}))), ok);
-    served.run_until(&mut guest, "commit0 concluded", |e| is_status(e, "commit0", "concluded"));
-    assert_eq!(served.execute("job-dismiss", Some(json!({"id": "commit0"}))), ok);
+    assert_eq!(
+        served.execute("job-complete", Some(json!({"id": "commit0"}))),
+        ok
+    );
+    served.run_until(&mut guest, "commit0 concluded", |e| {
+        is_status(e, "commit0", "concluded")
+    });
+    assert_eq!(
+        served.execute("job-dismiss", Some(json!({"id": "commit0"}))),
+        ok
+    );
     assert_eq!(served.execute("query-jobs", None), json!({"return": []}));
     let mid = served.names.lookup(&served.graph, "mid").unwrap();
-    assert_eq!(served.graph.root(served.backend).unwrap(), mid, "the export follows the pivot");
+    assert_eq!(
+        served.graph.root(served.backend).unwrap(),
+        mid,
+        "the export follows the pivot"
+    );
     assert_eq!(served.execute("quit", None), ok);
     assert!(served.monitor.quit_requested());
     served.settle(&mut guest);
 
     // The events: QSD's, in order.
-    assert_eq!(summary(&served.events), summary(&qsd_events), "ours vs QSD's");
+    assert_eq!(
+        summary(&served.events),
+        summary(&qsd_events),
+        "ours vs QSD's"
+    );
     let completed: Vec<&Value> = served
         .events
         .iter()
@@ -527,18 +629,47 @@ fn scenario() {
     drop(served);
     std::env::set_current_dir(tmp.path()).unwrap();
     assert_eq!(chain_files(&dir, "mid.qcow2"), ["mid.qcow2", "base.qcow2"]);
-    assert_eq!(chain_files(&reference, "mid.qcow2"), ["mid.qcow2", "base.qcow2"]);
+    assert_eq!(
+        chain_files(&reference, "mid.qcow2"),
+        ["mid.qcow2", "base.qcow2"]
+    );
     for image in ["mid.qcow2", "base.qcow2", "snap.qcow2"] {
         qemu_img(&dir, &["check", "-q", image]);
     }
     fs::write(dir.join("expected.raw"), &guest.model).unwrap();
-    let args = ["compare", "-f", "qcow2", "-F", "raw", "mid.qcow2", "expected.raw"];
+    let args = [
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "mid.qcow2",
+        "expected.raw",
+    ];
     let out = run(&dir, "qemu-img", &args);
-    assert_eq!(out.status.code(), Some(0), "{}", render(&dir, "qemu-img", &args, &out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        render(&dir, "qemu-img", &args, &out)
+    );
     // QSD's result, without guest writes, is the chain's starting view.
-    let args = ["compare", "-f", "qcow2", "-F", "raw", "mid.qcow2", "../ours/start.raw"];
+    let args = [
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "mid.qcow2",
+        "../ours/start.raw",
+    ];
     let out = run(&reference, "qemu-img", &args);
-    assert_eq!(out.status.code(), Some(0), "{}", render(&reference, "qemu-img", &args, &out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        render(&reference, "qemu-img", &args, &out)
+    );
 }
 
 /// Sends `input` to both; the answers must agree: the `id`, the
@@ -547,8 +678,15 @@ fn compare(served: &mut Served, qsd: &mut Qsd, input: &str, desc: bool) {
     let ours = served.send(input);
     assert_eq!(ours.len(), 1, "{input}: {ours:?}");
     let (ours, theirs) = (&ours[0], qsd.send(input));
-    assert_eq!(ours["id"], theirs["id"], "{input}: ours {ours}, QSD {theirs}");
-    assert_eq!(ours.get("return"), theirs.get("return"), "{input}: ours {ours}, QSD {theirs}");
+    assert_eq!(
+        ours["id"], theirs["id"],
+        "{input}: ours {ours}, QSD {theirs}"
+    );
+    assert_eq!(
+        ours.get("return"),
+        theirs.get("return"),
+        "{input}: ours {ours}, QSD {theirs}"
+    );
     let (a, b) = match desc {
         true => (&ours["error"], &theirs["error"]),
         false => (&ours["error"]["class"], &theirs["error"]["class"]),
@@ -579,7 +717,10 @@ fn refusals() {
     // (input, compare the description too)
     let before_negotiation = [
         (r#"{"execute":"query-jobs","id":1}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"x"}}"#, true),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"x"}}"#,
+            true,
+        ),
     ];
     let in_command_mode = [
         (r#"{"execute":"qmp_capabilities","id":"again"}"#, true),
@@ -589,48 +730,120 @@ fn refusals() {
         (r#"{"exec":"x"}"#, true),
         (r#"{"execute":1}"#, true),
         (r#"{"execute":"query-jobs","arguments":[]}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"job-id":"j"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"nonode","job-id":"j"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","speed":"fast"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","bogus":1}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"1j"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","on-error":"never"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"nothere.qcow2"}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"b","base-node":"base"}}"#, true),
-        (r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","base-node":"top"}}"#, true),
-        (r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","top-node":"base"}}"#, true),
-        (r#"{"execute":"block-commit","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#, true),
-        (r#"{"execute":"job-dismiss","arguments":{"id":"none"}}"#, true),
+        (
+            r#"{"execute":"block-stream","arguments":{"job-id":"j"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"nonode","job-id":"j"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","speed":"fast"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","bogus":1}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"1j"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","on-error":"never"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"nothere.qcow2"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"j","base":"b","base-node":"base"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","base-node":"top"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-commit","arguments":{"device":"top","job-id":"j","top-node":"base"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-commit","arguments":{"device":"mid","job-id":"j","base-node":"top"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"job-dismiss","arguments":{"id":"none"}}"#,
+            true,
+        ),
         (r#"{"execute":"job-dismiss","arguments":{}}"#, true),
-        (r#"{"execute":"block-job-set-speed","arguments":{"device":"none","speed":1}}"#, true),
-        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","format":"qcow2"}}"#, true),
-        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","snapshot-node-name":"mid","format":"qcow2"}}"#, true),
-        (r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"nonode","snapshot-file":"x.qcow2","snapshot-node-name":"x"}}"#, true),
+        (
+            r#"{"execute":"block-job-set-speed","arguments":{"device":"none","speed":1}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","format":"qcow2"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"top","snapshot-file":"x.qcow2","snapshot-node-name":"mid","format":"qcow2"}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"nonode","snapshot-file":"x.qcow2","snapshot-node-name":"x"}}"#,
+            true,
+        ),
         // A throttled stream: verbs in the wrong state.
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base","speed":1,"auto-dismiss":false}}"#, true),
-        (r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base"}}"#, true),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base","speed":1,"auto-dismiss":false}}"#,
+            true,
+        ),
+        (
+            r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"s","base-node":"base"}}"#,
+            true,
+        ),
         (r#"{"execute":"job-complete","arguments":{"id":"s"}}"#, true),
         (r#"{"execute":"job-dismiss","arguments":{"id":"s"}}"#, true),
         (r#"{"execute":"job-finalize","arguments":{"id":"s"}}"#, true),
         (r#"{"execute":"job-resume","arguments":{"id":"s"}}"#, true),
-        (r#"{"execute":"block-job-set-speed","arguments":{"device":"s","speed":-5}}"#, true),
+        (
+            r#"{"execute":"block-job-set-speed","arguments":{"device":"s","speed":-5}}"#,
+            true,
+        ),
         (r#"{"execute":"job-pause","arguments":{"id":"s"}}"#, true),
     ];
     // QSD's job pauses at its next pause point: wait for it.
     let paused = [
         (r#"{"execute":"job-pause","arguments":{"id":"s"}}"#, true),
         (r#"{"execute":"job-complete","arguments":{"id":"s"}}"#, true),
-        (r#"{"execute":"block-job-cancel","arguments":{"device":"s"}}"#, true),
+        (
+            r#"{"execute":"block-job-cancel","arguments":{"device":"s"}}"#,
+            true,
+        ),
         (r#"{"execute":"job-cancel","arguments":{"id":"s"}}"#, true),
     ];
     for (input, desc) in before_negotiation {
         compare(&mut served, &mut qsd, input, desc);
     }
-    assert_eq!(served.execute("qmp_capabilities", None), json!({"return": {}}));
+    assert_eq!(
+        served.execute("qmp_capabilities", None),
+        json!({"return": {}})
+    );
     assert_eq!(qsd.execute("qmp_capabilities", None), json!({"return": {}}));
-    let files_before: Vec<PathBuf> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let files_before: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     for (input, desc) in in_command_mode {
         compare(&mut served, &mut qsd, input, desc);
     }
@@ -639,7 +852,9 @@ fn refusals() {
         compare(&mut served, &mut qsd, input, desc);
     }
     // The cancelled stream ends as QSD's does.
-    served.run_until(&mut Guest::new(Vec::new()), "s concluded", |e| is_status(e, "s", "concluded"));
+    served.run_until(&mut Guest::new(Vec::new()), "s concluded", |e| {
+        is_status(e, "s", "concluded")
+    });
     qsd.wait_event(|e| is_status(e, "s", "concluded"));
     // QSD copied a first chunk before its throttle held the job; ours
     // was paused before its first step: all but the progress agree.
@@ -653,9 +868,18 @@ fn refusals() {
         without_progress(served.execute("query-jobs", None)),
         without_progress(qsd.execute("query-jobs", None))
     );
-    compare(&mut served, &mut qsd, r#"{"execute":"job-dismiss","arguments":{"id":"s"}}"#, true);
+    compare(
+        &mut served,
+        &mut qsd,
+        r#"{"execute":"job-dismiss","arguments":{"id":"s"}}"#,
+        true,
+    );
     qsd.wait_event(|e| is_status(e, "s", "null"));
-    assert_eq!(summary(&served.events), summary(&qsd.events), "ours vs QSD's");
+    assert_eq!(
+        summary(&served.events),
+        summary(&qsd.events),
+        "ours vs QSD's"
+    );
 
     // Our own limits: no oob, no second connection's commands before
     // negotiation, several documents in one input, an unparsable tail.
@@ -666,12 +890,19 @@ fn refusals() {
         &mut cx,
     );
     assert_eq!(answers.len(), 3, "{answers:?}");
-    assert!(answers[0].contains("Capability 'oob' not available"), "{}", answers[0]);
+    assert!(
+        answers[0].contains("Capability 'oob' not available"),
+        "{}",
+        answers[0]
+    );
     assert_eq!(answers[1], r#"{"return":{}}"#);
     assert!(answers[2].contains("JSON parse error"), "{}", answers[2]);
 
     // Nothing changed: the chain, the files, the names.
-    let files_after: Vec<PathBuf> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let files_after: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files_before, files_after);
     let root = served.graph.root(served.backend).unwrap();
     assert_eq!(served.names.name_of(&served.graph, root), Some("top"));
@@ -679,9 +910,80 @@ fn refusals() {
     assert_eq!(served.execute("query-jobs", None), json!({"return": []}));
     served.graph.detach_backend(served.backend).unwrap();
     drop(served);
-    assert_eq!(chain_files(&dir, "top.qcow2"), ["top.qcow2", "mid.qcow2", "base.qcow2"]);
+    assert_eq!(
+        chain_files(&dir, "top.qcow2"),
+        ["top.qcow2", "mid.qcow2", "base.qcow2"]
+    );
     for image in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
         qemu_img(&dir, &["check", "-q", image]);
     }
-    qemu_compare(&dir, "top.qcow2", "../orig/top.qcow2", "the chain is unchanged");
+    qemu_compare(
+        &dir,
+        "top.qcow2",
+        "../orig/top.qcow2",
+        "the chain is unchanged",
+    );
+}
+
+/// `speed` holds a job back (a token bucket over its progress) and
+/// `block-job-set-speed` changes it on the fly; `query-block-jobs` and the
+/// events show it.
+#[test]
+fn speed_limits_a_job() {
+    big_stack(speed_limit);
+}
+
+fn speed_limit() {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path();
+    make_chain(dir);
+    let top = dir.join("top.qcow2");
+    let mut served = Served::open(top.to_str().unwrap());
+    let ok = json!({"return": {}});
+    assert_eq!(served.execute("qmp_capabilities", None), ok);
+    let stream = json!({"job-id": "s", "device": "top", "speed": MIB});
+    assert_eq!(served.execute("block-stream", Some(stream)), ok);
+    // Unthrottled, 4 MiB of files stream in milliseconds. Progress is
+    // charged as it comes (the runs started in one step, ranges with
+    // nothing to copy included): the job then waits until the bucket has
+    // paid for it, here seconds.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        served.engine.poll(&mut served.graph);
+        served.step();
+    }
+    let jobs = served.execute("query-block-jobs", None);
+    let job = &jobs["return"][0];
+    assert_eq!(job["device"], "s", "{jobs}");
+    assert_eq!(job["speed"], MIB, "{jobs}");
+    assert_eq!(job["status"], "running", "{jobs}");
+    assert_eq!(job["auto-dismiss"], true, "{jobs}");
+    let offset = job["offset"].as_u64().unwrap();
+    assert!(offset > 0 && offset < SIZE, "1 MiB/s for 1 s: {jobs}");
+
+    let unlimited = json!({"device": "s", "speed": 0});
+    assert_eq!(served.execute("block-job-set-speed", Some(unlimited)), ok);
+    let started = Instant::now();
+    served.run_until(&mut Guest::new(Vec::new()), "s null", |e| {
+        is_status(e, "s", "null")
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no longer limited"
+    );
+    let completed = served
+        .events
+        .iter()
+        .find(|e| e["event"] == "BLOCK_JOB_COMPLETED")
+        .unwrap();
+    assert_eq!(completed["data"]["speed"], 0, "{completed}");
+    assert_eq!(completed["data"]["offset"], SIZE, "{completed}");
+    assert_eq!(
+        served.execute("query-block-jobs", None),
+        json!({"return": []})
+    );
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    assert_eq!(chain_files(dir, "top.qcow2"), ["top.qcow2"]);
+    qemu_img(dir, &["check", "-q", "top.qcow2"]);
 }

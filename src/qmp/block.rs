@@ -8,10 +8,10 @@ use serde_json::{json, Map, Value};
 
 use crate::device::FileDevice;
 use crate::error::ErrorKind;
+use crate::graph::NameBuf;
 use crate::graph::{NodeId, Parent, Resolver};
 use crate::host::PathResolver;
 use crate::jobs::{CommitRequest, JobId, OnError, StreamRequest};
-use crate::graph::NameBuf;
 
 use super::args::Args;
 use super::{graph_error, not_found, Control, HostGraph, QmpError, Reply};
@@ -223,7 +223,8 @@ impl JobOptions {
     fn take(args: &mut Args) -> Result<Self, QmpError> {
         let id = args.opt_str("job-id")?;
         let speed = args.opt_u64("speed")?.unwrap_or(0);
-        let on_error = args.opt_enum("on-error", &["report", "ignore", "enospc", "stop", "auto"])?;
+        let on_error =
+            args.opt_enum("on-error", &["report", "ignore", "enospc", "stop", "auto"])?;
         let auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
         let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
         if args.opt_str("filter-node-name")?.is_some() {

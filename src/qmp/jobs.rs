@@ -199,8 +199,8 @@ impl Jobs {
         std::mem::take(&mut self.events)
     }
 
-    /// Whether a job is live (not dismissed): the serve loop keeps calling
-    /// [`Control::step_jobs`].
+    /// Whether the table holds no job (every one dismissed): the serve loop
+    /// need not call [`Control::step_jobs`] then.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -288,12 +288,9 @@ impl Jobs {
         let mut path = Vec::new();
         let finishing = matches!(to, JobStatus::Waiting | JobStatus::Pending)
             || to == JobStatus::Concluded && !aborted;
-        // A created job runs first; a cancelled paused job is resumed to
-        // see the cancel.
-        let aborting = aborted && matches!(to, JobStatus::Aborting | JobStatus::Concluded);
-        if from == JobStatus::Created && (to == JobStatus::Ready || finishing)
-            || from == JobStatus::Paused && aborting
-        {
+        // A cancelled paused job is resumed to see the cancel. (A job is
+        // reported running from its start: never from `created` here.)
+        if from == JobStatus::Paused && aborted {
             path.push(JobStatus::Running);
         }
         if finishing && !matches!(from, JobStatus::Waiting | JobStatus::Pending) {
@@ -311,8 +308,12 @@ impl Jobs {
         entry.reported = to;
         let entry = &self.entries[index];
         let id = entry.id.clone();
-        let (kind, auto_finalize, auto_dismiss, job) =
-            (entry.kind, entry.auto_finalize, entry.auto_dismiss, entry.job);
+        let (kind, auto_finalize, auto_dismiss, job) = (
+            entry.kind,
+            entry.auto_finalize,
+            entry.auto_dismiss,
+            entry.job,
+        );
         let block_event = entry.block_event();
         let first_ready = to == JobStatus::Ready && !entry.was_ready;
         for status in path {
@@ -370,6 +371,8 @@ impl Control<'_> {
             }
             self.jobs.lent = true;
         }
+        // Progress since the last look is charged before deciding.
+        refresh(self);
         let now = Instant::now();
         for entry in self.jobs.entries.iter_mut() {
             let held = match entry.info.status {
@@ -439,9 +442,7 @@ pub(super) fn verb(command: &str, args: &mut Args, cx: &mut Control<'_>) -> Repl
         }
         "pause" => cx.graph.job_pause(job),
         "resume" if status != JobStatus::Paused => {
-            return Err(QmpError::generic(
-                "Can't resume a job that was not paused",
-            ))
+            return Err(QmpError::generic("Can't resume a job that was not paused"))
         }
         "resume" => cx.graph.job_resume(job),
         "complete" => cx.graph.job_complete(job),

@@ -269,10 +269,14 @@ impl Monitor {
             "block-commit" => block::commit(&mut args, cx),
             "query-jobs" => jobs::query_jobs(&mut args, cx),
             "query-block-jobs" => jobs::query_block_jobs(&mut args, cx),
-            "job-pause" | "job-resume" | "job-complete" | "job-cancel" | "job-finalize"
-            | "job-dismiss" | "block-job-cancel" | "block-job-set-speed" => {
-                jobs::verb(&command, &mut args, cx)
-            }
+            "job-pause"
+            | "job-resume"
+            | "job-complete"
+            | "job-cancel"
+            | "job-finalize"
+            | "job-dismiss"
+            | "block-job-cancel"
+            | "block-job-set-speed" => jobs::verb(&command, &mut args, cx),
             _ => Err(QmpError::not_found(format!(
                 "The command {command} has not been found"
             ))),
