@@ -32,36 +32,18 @@ const MIB: u64 = 1 << 20;
 /// (overlapping its backing file's).
 fn make_chain(dir: &Path) {
     let size = SIZE.to_string();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "base.qcow2",
-            &size,
-        ],
-    );
-    for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
-                "-F",
-                "qcow2",
-                "-b",
-                backing,
-                image,
-            ],
-        );
+    let layers = [
+        ("base.qcow2", None),
+        ("mid.qcow2", Some("base.qcow2")),
+        ("top.qcow2", Some("mid.qcow2")),
+    ];
+    for (image, backing) in layers {
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"];
+        if let Some(backing) = backing {
+            args.extend(["-F", "qcow2", "-b", backing]);
+        }
+        args.extend([image, &size]);
+        qemu_img(dir, &args);
     }
     qemu_io(
         dir,
@@ -471,6 +453,17 @@ fn chain_files(dir: &Path, image: &str) -> Vec<String> {
         .collect()
 }
 
+/// The chain in `ours/` and a copy in `qsd/` of a new temporary directory.
+fn two_chains() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path().join("ours");
+    let reference = tmp.path().join("qsd");
+    fs::create_dir(&dir).unwrap();
+    make_chain(&dir);
+    copy_dir(&dir, &reference);
+    (tmp, dir, reference)
+}
+
 /// The live-jobs scenario through `Monitor::handle` and
 /// `Control::step_jobs`, guest writes in flight between steps: the same
 /// answers and events as QSD, the export following the snapshot and the
@@ -481,12 +474,7 @@ fn scenario_matches_qsd() {
 }
 
 fn scenario() {
-    let tmp = tmpdir("bg-qmp-");
-    let dir = tmp.path().join("ours");
-    let reference = tmp.path().join("qsd");
-    fs::create_dir(&dir).unwrap();
-    make_chain(&dir);
-    copy_dir(&dir, &reference);
+    let (tmp, dir, reference) = two_chains();
     let qsd_events = qsd_scenario(&reference);
 
     qemu_img(&dir, &["convert", "-O", "raw", "top.qcow2", "start.raw"]);
@@ -637,38 +625,20 @@ fn scenario() {
         qemu_img(&dir, &["check", "-q", image]);
     }
     fs::write(dir.join("expected.raw"), &guest.model).unwrap();
-    let args = [
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "mid.qcow2",
-        "expected.raw",
-    ];
-    let out = run(&dir, "qemu-img", &args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        render(&dir, "qemu-img", &args, &out)
-    );
+    same_as_raw(&dir, "mid.qcow2", "expected.raw");
     // QSD's result, without guest writes, is the chain's starting view.
-    let args = [
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "mid.qcow2",
-        "../ours/start.raw",
-    ];
-    let out = run(&reference, "qemu-img", &args);
+    same_as_raw(&reference, "mid.qcow2", "../ours/start.raw");
+}
+
+/// `qemu-img compare` finds qcow2 `image` and raw `raw` identical.
+fn same_as_raw(dir: &Path, image: &str, raw: &str) {
+    let args = ["compare", "-f", "qcow2", "-F", "raw", image, raw];
+    let out = run(dir, "qemu-img", &args);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
-        render(&reference, "qemu-img", &args, &out)
+        render(dir, "qemu-img", &args, &out)
     );
 }
 
@@ -703,12 +673,7 @@ fn refusals_match_qsd() {
 }
 
 fn refusals() {
-    let tmp = tmpdir("bg-qmp-");
-    let dir = tmp.path().join("ours");
-    let reference = tmp.path().join("qsd");
-    fs::create_dir(&dir).unwrap();
-    make_chain(&dir);
-    copy_dir(&dir, &reference);
+    let (tmp, dir, reference) = two_chains();
     copy_dir(&dir, &tmp.path().join("orig"));
     let mut qsd = Qsd::start(&reference);
     let top = dir.join("top.qcow2");
@@ -986,4 +951,120 @@ fn speed_limit() {
     drop(served);
     assert_eq!(chain_files(dir, "top.qcow2"), ["top.qcow2"]);
     qemu_img(dir, &["check", "-q", "top.qcow2"]);
+}
+
+/// The rest of the verbs, against QSD: `auto-finalize: false` (a stream
+/// pending until `job-finalize`; an active commit refuses it: it pivots
+/// with its last copy), a soft cancel of a ready active commit
+/// (`block-job-cancel`: completes without a pivot) and a forced one
+/// (`job-cancel`: cancelled); the same events, the export still on `top`.
+#[test]
+fn finalize_and_cancel_match_qsd() {
+    big_stack(finalize_and_cancel);
+}
+
+fn finalize_and_cancel() {
+    let (_tmp, dir, reference) = two_chains();
+    let mut qsd = Qsd::start(&reference);
+    let top = dir.join("top.qcow2");
+    let mut served = Served::open(top.to_str().unwrap());
+    let ok = json!({"return": {}});
+    let mut idle = Guest::new(Vec::new());
+    assert_eq!(served.execute("qmp_capabilities", None), ok);
+    assert_eq!(qsd.execute("qmp_capabilities", None), ok);
+    let both = |served: &mut Served, qsd: &mut Qsd, command: &str, args: Value| {
+        let ours = served.execute(command, Some(args.clone()));
+        assert_eq!(ours, qsd.execute(command, Some(args)), "{command}");
+    };
+    let mut wait =
+        |served: &mut Served, qsd: &mut Qsd, what: &str, wanted: &dyn Fn(&Value) -> bool| {
+            served.run_until(&mut idle, what, wanted);
+            qsd.wait_event(wanted);
+        };
+
+    // Our chain was opened by absolute paths: its references are written
+    // absolute, so each server gets its own `backing-file`.
+    for (server_dir, is_ours) in [(&dir, true), (&reference, false)] {
+        let mid = server_dir.join("mid.qcow2");
+        let stream = json!({"job-id": "s1", "device": "top", "base-node": "mid",
+            "backing-file": mid.to_str().unwrap(), "auto-finalize": false});
+        let answer = match is_ours {
+            true => served.execute("block-stream", Some(stream)),
+            false => qsd.execute("block-stream", Some(stream)),
+        };
+        assert_eq!(answer, ok);
+    }
+    wait(&mut served, &mut qsd, "BLOCK_JOB_PENDING", &|e| {
+        e["event"] == "BLOCK_JOB_PENDING" && e["data"]["id"] == "s1"
+    });
+    // Pending waits for job-finalize.
+    for _ in 0..20 {
+        served.step();
+    }
+    let jobs = served.execute("query-jobs", None);
+    assert_eq!(jobs["return"][0]["status"], "pending", "{jobs}");
+    both(&mut served, &mut qsd, "job-finalize", json!({"id": "s1"}));
+    wait(&mut served, &mut qsd, "s1 null", &|e| {
+        is_status(e, "s1", "null")
+    });
+
+    let commit = |id: &str| json!({"job-id": id, "device": "top", "base-node": "mid"});
+    let mut held = commit("c0");
+    held["auto-finalize"] = false.into();
+    let refused = served.execute("block-commit", Some(held));
+    assert_eq!(refused["error"]["class"], "GenericError", "{refused}");
+    both(&mut served, &mut qsd, "block-commit", commit("c2"));
+    wait(&mut served, &mut qsd, "c2 ready", &|e| {
+        is_status(e, "c2", "ready")
+    });
+    both(
+        &mut served,
+        &mut qsd,
+        "block-job-cancel",
+        json!({"device": "c2"}),
+    );
+    wait(&mut served, &mut qsd, "c2 null", &|e| {
+        is_status(e, "c2", "null")
+    });
+    both(&mut served, &mut qsd, "block-commit", commit("c3"));
+    wait(&mut served, &mut qsd, "c3 ready", &|e| {
+        is_status(e, "c3", "ready")
+    });
+    both(&mut served, &mut qsd, "job-cancel", json!({"id": "c3"}));
+    wait(&mut served, &mut qsd, "c3 null", &|e| {
+        is_status(e, "c3", "null")
+    });
+    both(&mut served, &mut qsd, "query-jobs", json!({}));
+    assert_eq!(
+        summary(&served.events),
+        summary(&qsd.events),
+        "ours vs QSD's"
+    );
+    let top = served.names.lookup(&served.graph, "top").unwrap();
+    assert_eq!(served.graph.root(served.backend).unwrap(), top, "no pivot");
+    assert_eq!(qsd.execute("quit", None), ok);
+    drop(qsd);
+    served.graph.flush(top).unwrap();
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    for dir in [&dir, &reference] {
+        // QSD rewrote top's reference as the absolute `backing-file`; ours,
+        // streaming nothing (base is top's backing file), left it.
+        let chain = chain_files(dir, "top.qcow2");
+        let names: Vec<&str> = chain
+            .iter()
+            .map(|f| f.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(names, ["top.qcow2", "mid.qcow2", "base.qcow2"]);
+        for image in chain {
+            qemu_img(dir, &["check", "-q", &image]);
+        }
+    }
+    qemu_compare(&dir, "top.qcow2", "../qsd/top.qcow2", "the same guest view");
+    qemu_compare(
+        &dir,
+        "mid.qcow2",
+        "../qsd/mid.qcow2",
+        "mid after the commits",
+    );
 }

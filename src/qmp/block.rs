@@ -455,6 +455,14 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
             .ok_or_else(|| graph_error(ErrorKind::InvalidInput, "top has no overlay"))?;
         check_backing_file(cx, overlay, base, given)?;
     }
+    if top == active && !options.auto_finalize {
+        // The graph pivots in the step that makes the last copy, so that
+        // no guest write falls between them: there is no pending state to
+        // hold the pivot in.
+        return Err(QmpError::generic(
+            "an active commit finalizes itself: 'auto-finalize' must be true",
+        ));
+    }
     let on_error = options.on_error;
     options.start(cx, (active, &device), |graph, _| {
         graph.start_commit(CommitRequest {
