@@ -863,6 +863,16 @@ fn refusals() {
     assert_eq!(answers[1], r#"{"return":{}}"#);
     assert!(answers[2].contains("JSON parse error"), "{}", answers[2]);
 
+    // An overlay file that is an image of the chain is refused before
+    // anything is truncated (its lock is held).
+    for image in ["mid.qcow2", "top.qcow2"] {
+        let file = dir.join(image);
+        let args = json!({"node-name": "top", "snapshot-file": file.to_str().unwrap(),
+            "snapshot-node-name": "x"});
+        let answer = served.execute("blockdev-snapshot-sync", Some(args));
+        assert_eq!(answer["error"]["class"], "GenericError", "{answer}");
+    }
+
     // Nothing changed: the chain, the files, the names.
     let files_after: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap()
@@ -882,12 +892,10 @@ fn refusals() {
     for image in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
         qemu_img(&dir, &["check", "-q", image]);
     }
-    qemu_compare(
-        &dir,
-        "top.qcow2",
-        "../orig/top.qcow2",
-        "the chain is unchanged",
-    );
+    for image in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
+        let orig = format!("../orig/{image}");
+        qemu_compare(&dir, image, &orig, "the chain is unchanged");
+    }
 }
 
 /// `speed` holds a job back (a token bucket over its progress) and
@@ -928,14 +936,9 @@ fn speed_limit() {
 
     let unlimited = json!({"device": "s", "speed": 0});
     assert_eq!(served.execute("block-job-set-speed", Some(unlimited)), ok);
-    let started = Instant::now();
     served.run_until(&mut Guest::new(Vec::new()), "s null", |e| {
         is_status(e, "s", "null")
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "no longer limited"
-    );
     let completed = served
         .events
         .iter()
