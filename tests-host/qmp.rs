@@ -683,6 +683,10 @@ fn refusals() {
     let before_negotiation = [
         (r#"{"execute":"query-jobs","id":1}"#, true),
         (
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":"x"}}"#,
+            true,
+        ),
+        (
             r#"{"execute":"block-stream","arguments":{"device":"top","job-id":"x"}}"#,
             true,
         ),

@@ -36,6 +36,15 @@ impl Args {
         self.opt_str(key)?.ok_or_else(|| missing(key))
     }
 
+    /// Takes an optional array member.
+    pub(super) fn opt_array(&mut self, key: &str) -> Result<Option<Vec<Value>>, QmpError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => Ok(Some(items)),
+            Some(_) => Err(wrong_type(key, "array")),
+        }
+    }
+
     /// Takes an optional boolean member.
     pub(super) fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, QmpError> {
         match self.take(key) {
@@ -102,4 +111,50 @@ fn wrong_type(key: &str, expected: &str) -> QmpError {
     QmpError::generic(format!(
         "Invalid parameter type for '{key}', expected: {expected}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(value: Value) -> Args {
+        match value {
+            Value::Object(members) => Args::new(members),
+            _ => unreachable!("an object"),
+        }
+    }
+
+    #[test]
+    fn members_are_typed_and_taken_once() {
+        let mut a = args(json!({"device": "top", "speed": 5, "force": true, "x": 1}));
+        assert_eq!(a.str("device").unwrap(), "top");
+        assert_eq!(a.u64("speed").unwrap(), 5);
+        assert_eq!(a.opt_bool("force").unwrap(), Some(true));
+        assert_eq!(a.opt_str("device").unwrap(), None, "taken already");
+        let err = a.finish().unwrap_err();
+        assert_eq!(err.desc, "Parameter 'x' is unexpected");
+    }
+
+    #[test]
+    fn refusals_carry_qemu_texts() {
+        let mut a = args(json!({"speed": -1, "id": 3, "on-error": "never"}));
+        assert_eq!(
+            a.u64("speed").unwrap_err().desc,
+            "Parameter 'speed' expects a non-negative value"
+        );
+        assert_eq!(
+            a.str("id").unwrap_err().desc,
+            "Invalid parameter type for 'id', expected: string"
+        );
+        assert_eq!(
+            a.opt_enum("on-error", &["report"]).unwrap_err().desc,
+            "Parameter 'on-error' does not accept value 'never'"
+        );
+        assert_eq!(
+            a.str("device").unwrap_err().desc,
+            "Parameter 'device' is missing"
+        );
+        assert!(a.finish().is_ok());
+    }
 }

@@ -16,8 +16,8 @@ use crate::jobs::{CommitRequest, JobId, OnError, StreamRequest};
 use super::args::Args;
 use super::{graph_error, not_found, Control, HostGraph, QmpError, Reply};
 
-/// `query-block`: the export's BlockBackend (QEMU's `BlockInfo`; the
-/// export's backend has no device name).
+/// `query-block`: the export's BlockBackend (QEMU's `BlockInfo`, device
+/// name `""`; QSD lists no backend here, its export's being anonymous).
 pub(super) fn query_block(args: &mut Args, cx: &mut Control<'_>) -> Reply {
     args.finish()?;
     let root = cx.graph.root(cx.backend)?;
@@ -55,6 +55,7 @@ fn node_info(cx: &Control<'_>, node: NodeId, flat: bool) -> Reply {
         cx.names.name_of(graph, node).unwrap_or_default().into(),
     );
     put("ro", graph.is_read_only(node)?.into());
+    put("active", true.into());
     put("drv", format_name(graph, node)?.into());
     if let Ok(Some(backing)) = graph.qcow2(node).map(|q| q.backing_name()) {
         put("backing_file", backing.into());

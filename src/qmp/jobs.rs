@@ -540,3 +540,46 @@ fn refresh(cx: &mut Control<'_>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_holds_a_job_until_its_progress_is_paid_for() {
+        let mut bucket = Bucket::new(1000);
+        let start = bucket.filled;
+        assert!(bucket.allows(start + Duration::from_millis(1)));
+        bucket.charge(500);
+        // 0.4 s later it has earned 400 of the 500 bytes: still held.
+        assert!(!bucket.allows(start + Duration::from_millis(401)));
+        assert!(bucket.allows(start + Duration::from_millis(600)));
+        // Idle time earns at most one slice ahead.
+        assert!(bucket.allows(start + Duration::from_secs(60)));
+        bucket.charge(101);
+        assert!(!bucket.allows(start + Duration::from_secs(60)));
+        let mut unlimited = Bucket::new(0);
+        unlimited.charge(u64::MAX);
+        assert!(unlimited.allows(Instant::now()));
+    }
+
+    #[test]
+    fn verbs_follow_qemus_table() {
+        use JobStatus::*;
+        let all = [
+            Created, Running, Paused, Ready, Waiting, Pending, Aborting, Concluded,
+        ];
+        let accepted = |verb: &str| -> Vec<JobStatus> {
+            all.into_iter().filter(|&s| verb_allowed(verb, s)).collect()
+        };
+        assert_eq!(accepted("complete"), [Ready]);
+        assert_eq!(accepted("dismiss"), [Concluded]);
+        assert_eq!(accepted("finalize"), [Pending]);
+        assert_eq!(accepted("pause"), [Created, Running, Paused, Ready]);
+        assert_eq!(
+            accepted("cancel"),
+            [Created, Running, Paused, Ready, Waiting, Pending]
+        );
+        assert_eq!(accepted("unknown"), []);
+    }
+}

@@ -241,7 +241,7 @@ impl Monitor {
                     "Expecting capabilities negotiation with 'qmp_capabilities'",
                 ));
             }
-            if let Some(Value::Array(enable)) = args.take("enable") {
+            if let Some(enable) = args.opt_array("enable")? {
                 if let Some(capability) = enable.first() {
                     return Err(QmpError::generic(format!(
                         "Capability '{}' not available",
