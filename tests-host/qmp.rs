@@ -82,7 +82,11 @@ struct Served {
 
 impl Served {
     fn open(top: &str) -> Self {
-        let mut resolver = PathResolver::default();
+        Self::open_with(top, PathResolver::default())
+    }
+
+    /// [`Served::open`] through `resolver`.
+    fn open_with(top: &str, mut resolver: PathResolver) -> Self {
         let mut graph: Box<Graph<FileDevice>> = Box::default();
         let options = OpenOptions {
             read_only: false,
@@ -1074,4 +1078,80 @@ fn finalize_and_cancel() {
         "../qsd/mid.qcow2",
         "mid after the commits",
     );
+}
+
+/// A job whose writes fail: with `on-error: report` it ends through
+/// `aborting` with `BLOCK_JOB_COMPLETED` carrying the graph's error; with
+/// `stop` it pauses (`io-status: nospace`) and `job-cancel` ends it. The
+/// chain stays as it was.
+#[test]
+fn failed_jobs_report_their_error() {
+    big_stack(failed_jobs);
+}
+
+fn failed_jobs() {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path();
+    make_chain(dir);
+    let top = dir.join("top.qcow2");
+    // The files cannot grow: every cluster the stream allocates fails.
+    let size = fs::metadata(&top).unwrap().len();
+    let resolver = PathResolver {
+        max_file_size: Some(size),
+        ..PathResolver::default()
+    };
+    let mut served = Served::open_with(top.to_str().unwrap(), resolver);
+    let ok = json!({"return": {}});
+    let mut idle = Guest::new(Vec::new());
+    assert_eq!(served.execute("qmp_capabilities", None), ok);
+    let stream = |id: &str, on_error: &str| json!({"job-id": id, "device": "top", "base-node": "base", "on-error": on_error});
+    assert_eq!(
+        served.execute("block-stream", Some(stream("r", "report"))),
+        ok
+    );
+    served.run_until(&mut idle, "r null", |e| is_status(e, "r", "null"));
+    assert_eq!(
+        summary(&served.events),
+        [
+            "JOB_STATUS_CHANGE r created",
+            "JOB_STATUS_CHANGE r running",
+            "JOB_STATUS_CHANGE r aborting",
+            "BLOCK_JOB_COMPLETED r",
+            "JOB_STATUS_CHANGE r concluded",
+            "JOB_STATUS_CHANGE r null",
+        ]
+    );
+    let completed = &served.events[3];
+    let error = completed["data"]["error"].as_str().unwrap_or_default();
+    assert!(!error.is_empty(), "{completed}");
+
+    served.events.clear();
+    assert_eq!(
+        served.execute("block-stream", Some(stream("s", "stop"))),
+        ok
+    );
+    served.run_until(&mut idle, "s paused", |e| is_status(e, "s", "paused"));
+    let jobs = served.execute("query-block-jobs", None);
+    assert_eq!(jobs["return"][0]["io-status"], "nospace", "{jobs}");
+    assert_eq!(jobs["return"][0]["paused"], true, "{jobs}");
+    assert_eq!(served.execute("job-cancel", Some(json!({"id": "s"}))), ok);
+    served.run_until(&mut idle, "s null", |e| is_status(e, "s", "null"));
+    assert_eq!(
+        summary(&served.events),
+        [
+            "JOB_STATUS_CHANGE s created",
+            "JOB_STATUS_CHANGE s running",
+            "JOB_STATUS_CHANGE s paused",
+            "JOB_STATUS_CHANGE s running",
+            "JOB_STATUS_CHANGE s aborting",
+            "BLOCK_JOB_CANCELLED s",
+            "JOB_STATUS_CHANGE s concluded",
+            "JOB_STATUS_CHANGE s null",
+        ]
+    );
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    let names: Vec<String> = chain_files(dir, "top.qcow2");
+    assert_eq!(names.len(), 3, "the chain is whole: {names:?}");
+    qemu_img(dir, &["check", "-q", "top.qcow2"]);
 }
