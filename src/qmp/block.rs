@@ -14,7 +14,7 @@ use crate::host::PathResolver;
 use crate::jobs::{CommitRequest, JobId, OnError, StreamRequest};
 
 use super::args::Args;
-use super::{graph_error, not_found, Control, HostGraph, QmpError, Reply};
+use super::{not_found, Control, HostGraph, QmpError, Reply};
 
 /// `query-block`: the export's BlockBackend (QEMU's `BlockInfo`, device
 /// name `""`; QSD lists no backend here, its export's being anonymous).
@@ -453,7 +453,7 @@ pub(super) fn commit(args: &mut Args, cx: &mut Control<'_>) -> Reply {
             .graph
             .chain_from(active)
             .find(|&layer| cx.graph.backing(layer).ok().flatten() == Some(top))
-            .ok_or_else(|| graph_error(ErrorKind::InvalidInput, "top has no overlay"))?;
+            .ok_or_else(|| QmpError::generic("top has no overlay"))?;
         check_backing_file(cx, overlay, base, given)?;
     }
     if top == active && !options.auto_finalize {

@@ -37,6 +37,56 @@
 //!
 //! Events: `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, `BLOCK_JOB_PENDING`,
 //! `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`, in QEMU's order.
+//!
+//! A serve loop, in outline (one connection; its socket I/O and the
+//! guest's requests left out):
+//!
+//! ```no_run
+//! use blockgraph::device::FileDevice;
+//! use blockgraph::engine::Engine;
+//! use blockgraph::host::PathResolver;
+//! use blockgraph::qmp::{Control, Jobs, Monitor, NodeNames};
+//! use blockgraph::{Access, Format, Graph, OpenOptions};
+//!
+//! let mut resolver = PathResolver::default();
+//! let mut graph: Box<Graph<FileDevice>> = Box::default();
+//! let options = OpenOptions {
+//!     read_only: false,
+//!     writable_devices: true,
+//!     ..OpenOptions::new(Format::Qcow2)
+//! };
+//! let top = graph.open_image(&mut resolver, "top.qcow2", options)?;
+//! let backend = graph.attach_backend(top, Access::READ_WRITE_DEVICE)?;
+//! graph.unref(top)?;
+//! let mut engine: Box<Engine<'static>> = Box::new(Engine::new());
+//! let mut names = NodeNames::new();
+//! names.register_chain(&graph, top)?; // top, mid, base
+//! let (mut jobs, mut monitor) = (Jobs::new(), Monitor::new());
+//! println!("{}", monitor.greeting());
+//! let input = r#"{"execute": "qmp_capabilities"}"#; // read from the socket
+//! loop {
+//!     engine.poll(&mut graph); // the guest's requests go on
+//!     let mut cx = Control {
+//!         graph: &mut graph,
+//!         engine: &mut engine,
+//!         resolver: &mut resolver,
+//!         backend,
+//!         names: &mut names,
+//!         jobs: &mut jobs,
+//!     };
+//!     for answer in monitor.handle(input, &mut cx) {
+//!         println!("{answer}");
+//!     }
+//!     cx.step_jobs();
+//!     for event in monitor.render_events(&jobs.take_events()) {
+//!         println!("{event}");
+//!     }
+//!     if monitor.quit_requested() {
+//!         break;
+//!     }
+//! }
+//! # Ok::<(), blockgraph::Error>(())
+//! ```
 
 mod args;
 mod block;
@@ -50,7 +100,7 @@ use serde_json::{json, Map, Value};
 
 use crate::device::FileDevice;
 use crate::engine::Engine;
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::graph::Graph;
 use crate::host::PathResolver;
 use crate::BackendId;
@@ -310,9 +360,4 @@ fn not_found(device: &str, node: &str) -> QmpError {
     QmpError::generic(format!(
         "Cannot find device='{device}' nor node-name='{node}'"
     ))
-}
-
-/// A graph error of `kind` with `message` (for checks made here).
-fn graph_error(kind: ErrorKind, message: &'static str) -> QmpError {
-    Error::new(kind, message).into()
 }
