@@ -29,8 +29,9 @@
 //! point.
 //!
 //! Built with the default `std` feature it also provides the host pieces: a
-//! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver)
-//! and the `blockgraph` command-line tool.
+//! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver),
+//! QEMU's QMP control protocol for a serving process ([`qmp`]) and the
+//! `blockgraph` command-line tool.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
