@@ -10,6 +10,8 @@
 //!
 //! ```text
 //!  cmd        one command interpreter: host CLI and kernel scripts
+//!  qmp        (host) QEMU's QMP control protocol for a serving process:
+//!             live snapshot, block jobs and their events
 //!  virtio_blk the device side of a guest's virtio-blk queues: chains
 //!             decoded, guest buffers lent to the engine
 //!  engine     many requests in flight: slots, scatter-gather, split-phase
@@ -28,7 +30,8 @@
 //!
 //! Built with the default `std` feature it also provides the host pieces: a
 //! [`FileDevice`](device::FileDevice), the [`PathResolver`](host::PathResolver),
-//! the `blockgraph` command-line tool and, on Linux, `serve`: a chain
+//! QEMU's QMP control protocol for a serving process ([`qmp`]), the
+//! `blockgraph` command-line tool and, on Linux, `serve`: a chain
 //! exported over vhost-user-blk (through `virtio_blk`) and NBD, every
 //! request through one engine (the only part that uses rust-vmm crates
 //! and allocates).
@@ -48,6 +51,8 @@ pub mod host;
 pub mod jobs;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod serve;
+#[cfg(feature = "std")]
+pub mod qmp;
 pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};

@@ -1329,17 +1329,6 @@ fn refusals_and_failures_are_per_request() {
     big_stack(refusals);
 }
 
-/// Runs `test` on a thread with a stack large enough for a graph built in
-/// a `Box::default()` (it passes through the stack).
-fn big_stack(test: impl FnOnce() + Send + 'static) {
-    std::thread::Builder::new()
-        .stack_size(64 << 20)
-        .spawn(test)
-        .unwrap()
-        .join()
-        .unwrap();
-}
-
 #[test]
 fn many_requests_in_flight_64k_clusters() {
     big_stack(|| run::<128>("65536", 0x5eed_0001));

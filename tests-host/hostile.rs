@@ -63,7 +63,7 @@ use blockgraph::graph::{NameBuf, MAX_CHAIN_DEPTH};
 use blockgraph::{Device, Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver};
 
 mod common;
-use common::{be64, bg_ok, bg_refused, qemu_img, qemu_io, run, tmpdir, BLOCKGRAPH};
+use common::{be64, bg_ok, bg_refused, big_stack, qemu_img, qemu_io, run, tmpdir, BLOCKGRAPH};
 
 /// Virtual sizes up to this are read whole; larger ones are sampled.
 const READ_CAP: u64 = 8 << 20;
@@ -142,18 +142,6 @@ fn catch<T>(f: impl FnOnce() -> T) -> Result<T, (String, String)> {
             .with(|c| c.borrow_mut().take())
             .unwrap_or_else(|| ("(panic message lost)".into(), "(unknown location)".into()))
     })
-}
-
-/// Runs a test body on a thread with a large stack (graphs are built on the
-/// stack before they are boxed, and a 256-node graph is large).
-fn big_stack(body: impl FnOnce() + Send + 'static) {
-    let worker = thread::Builder::new()
-        .stack_size(64 << 20)
-        .spawn(body)
-        .expect("spawn the test thread");
-    if let Err(payload) = worker.join() {
-        panic::resume_unwind(payload);
-    }
 }
 
 /// Aborts the process when one case runs for longer than [`CASE_TIME_LIMIT`].

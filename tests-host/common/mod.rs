@@ -242,3 +242,17 @@ pub fn leaked_buffer(len: usize) -> &'static mut [u8] {
     let skip = memory.as_ptr().align_offset(ALIGN);
     &mut memory[skip..skip + len]
 }
+
+/// Runs a test body on a thread with a large stack (graphs are built on the
+/// stack before they are boxed, and a 256-node graph is large); its panic
+/// is the test's.
+#[allow(dead_code)]
+pub fn big_stack(body: impl FnOnce() + Send + 'static) {
+    let worker = std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(body)
+        .expect("spawn the test thread");
+    if let Err(payload) = worker.join() {
+        std::panic::resume_unwind(payload);
+    }
+}

@@ -36,8 +36,9 @@ Usage: cargo xtask <command> [-- <args>...]
 Commands:
   test [-- <args>...]  everything CI runs, in order:
                          prerequisites (rustup target x86_64-unknown-none,
-                         qemu-img, qemu-io, qemu-system-x86_64; installed with
-                         apt-get when running as root),
+                         qemu-img, qemu-io, qemu-storage-daemon,
+                         qemu-system-x86_64; installed with apt-get when
+                         running as root),
                          cargo fmt --all --check,
                          cargo clippy --workspace --all-targets -- -D warnings,
                          cargo clippy for the kernel on x86_64-unknown-none,

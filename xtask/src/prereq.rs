@@ -27,8 +27,14 @@ use crate::{Context, Error, Result, Workspace};
 /// The target of the no_std build (and, later, of the kernel).
 pub const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
 
-/// The QEMU programs the tests and the demo use.
-pub const QEMU_TOOLS: [&str; 3] = ["qemu-img", "qemu-io", "qemu-system-x86_64"];
+/// The QEMU programs the tests and the demo use (qemu-storage-daemon: the
+/// reference the QMP tests compare with; it comes with qemu-utils).
+pub const QEMU_TOOLS: [&str; 4] = [
+    "qemu-img",
+    "qemu-io",
+    "qemu-storage-daemon",
+    "qemu-system-x86_64",
+];
 
 /// Debian packages that provide [`QEMU_TOOLS`]; always installed together.
 const QEMU_PACKAGES: [&str; 2] = ["qemu-system-x86", "qemu-utils"];
@@ -76,7 +82,8 @@ pub fn ensure_rust_target(ws: &Workspace, target: &str) -> Result<()> {
         .run()
 }
 
-/// Makes sure qemu-img, qemu-io and qemu-system-x86_64 are on PATH.
+/// Makes sure qemu-img, qemu-io, qemu-storage-daemon and
+/// qemu-system-x86_64 are on PATH.
 pub fn ensure_qemu(ws: &Workspace) -> Result<()> {
     let missing = missing_tools();
     if missing.is_empty() {
