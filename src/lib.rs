@@ -49,10 +49,10 @@ pub mod graph;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod jobs;
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub mod serve;
 #[cfg(feature = "std")]
 pub mod qmp;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod serve;
 pub mod virtio_blk;
 
 pub use backend::{Backend, BackendId};

@@ -29,8 +29,8 @@
 //!             GuestMemory<'static> (MappedMemory)
 //!  vhost_blk  the vhost-user backend object, the inbox, virtqueue access
 //!  nbd        the NBD handshake and transmission
-//!  monitor    the monitor socket; its lines run on the serve loop
-//!             (monitor::execute is the stand-in for QMP)
+//!  monitor    the monitor socket: QMP (crate::qmp) clients, their
+//!             commands and the jobs' steps run on the serve loop
 //! ```
 //!
 //! Lifecycle: `quit` on the monitor, SIGTERM or SIGINT end the serve, and
@@ -65,6 +65,7 @@ use crate::device::FileDevice;
 use crate::engine::{Engine, DEFAULT_SEGMENTS};
 use crate::graph::{Access, NameBuf, OpenOptions};
 use crate::host::PathResolver;
+use crate::qmp::{Control, Jobs, NodeNames};
 use crate::virtio_blk::{Config, DiskId, Server, DEFAULT_DESCRIPTORS, DEFAULT_REQUESTS};
 use crate::{BackendId, Format, Graph};
 
@@ -190,6 +191,10 @@ pub struct Block {
     pub resolver: PathResolver,
     /// The exported backend.
     pub backend: BackendId,
+    /// QMP node names (the chain's images by file stem, and snapshots).
+    pub names: NodeNames,
+    /// QMP jobs and their events.
+    pub jobs: Jobs,
 }
 
 impl Block {
@@ -229,12 +234,30 @@ impl Block {
         let released = graph.unref(top);
         let backend = backend.map_err(|e| error(format_args!("{}: {e}", options.image)))?;
         released.map_err(|e| error(format_args!("{}: {e}", options.image)))?;
+        let mut names = NodeNames::new();
+        names
+            .register_chain(&graph, top)
+            .map_err(|e| error(format_args!("{}: {e}", options.image)))?;
         Ok(Self {
             graph,
             engine: Box::new(Engine::new()),
             resolver,
             backend,
+            names,
+            jobs: Jobs::new(),
         })
+    }
+
+    /// What a QMP command works on: borrows of this state.
+    pub fn control(&mut self) -> Control<'_> {
+        Control {
+            graph: &mut self.graph,
+            engine: &mut self.engine,
+            resolver: &mut self.resolver,
+            backend: self.backend,
+            names: &mut self.names,
+            jobs: &mut self.jobs,
+        }
     }
 
     /// Drains the engine, flushes the backend's chain and closes it.
@@ -547,6 +570,7 @@ fn serve_loop(
         vrings: None,
     };
     let mut nbd = nbd::Pending::new(channels.nbd);
+    let mut clients = monitor::Clients::default();
     let end = loop {
         let mut inbox = shared.lock();
         // Whatever woke us is looked at below: queues, NBD, monitor.
@@ -598,9 +622,14 @@ fn serve_loop(
             let _ = block.graph.write_back_all();
         }
         // The monitor's commands run here, between requests, on the
-        // block state this loop owns.
+        // block state this loop owns; then the jobs take a step.
         if let Some(lines) = &channels.monitor {
-            monitor::answer_lines(lines, block);
+            if clients.take(lines, block) {
+                break End::Clean;
+            }
+        }
+        if !block.jobs.is_empty() {
+            clients.step_jobs(block);
         }
         device.take_chains(block);
         nbd.take(block);
@@ -616,7 +645,13 @@ fn serve_loop(
             && inbox.ended.is_none()
             && !inbox.quit;
         if idle {
-            drop(shared.wait(inbox, Duration::from_millis(100)));
+            // Jobs step at least every millisecond; nothing else to do
+            // wakes us when kicked.
+            let nap = match block.jobs.is_empty() {
+                true => Duration::from_millis(100),
+                false => Duration::from_millis(1),
+            };
+            drop(shared.wait(inbox, nap));
         }
     };
     device.drain(block);

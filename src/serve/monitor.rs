@@ -1,145 +1,153 @@
-//! The monitor socket, and a stand-in QMP monitor behind it: the greeting,
-//! `qmp_capabilities` and `quit`, enough for a harness to start and stop
-//! the server. Every other command gets QMP's `CommandNotFound`.
+//! The monitor socket: QEMU's QMP ([`crate::qmp`]) for `serve --qmp`.
 //!
 //! ```text
-//!  monitor thread: accept, greeting, one JSON command per line
-//!      └─ Line ──> serve loop: execute(line, &mut Block) -> Answer
-//!      <── Answer ─ (runs between requests, owning graph and engine)
-//!      writes the answer; after `quit`, tells the loop to end
+//!  accept thread: each client's write half ──Connected──┐
+//!  a reader thread per client: its lines ──Text/Closed──┤ channel
+//!                                                       v
+//!  serve loop: a qmp::Monitor per client, run on the Block it owns
+//!    (graph, engine, resolver, node names, jobs): greeting, answers,
+//!    jobs stepped every iteration, their events to every client
 //! ```
 //!
-//! The hook for the real monitor is [`execute`]: it runs on the serve
-//! loop's thread with the [`Block`] (graph, engine, resolver, backend), so
-//! a monitor fed these lines can change the chain (snapshots, jobs) in the
-//! engine's drained sections. Only this function and the greeting are
-//! the stand-in; the socket and the round trip through the loop stay.
+//! The commands run on the serve loop's thread, between requests, so a
+//! snapshot or a job start changes the chain in the engine's drained
+//! section and the export follows. A client that stops reading is dropped
+//! (writes time out); `quit` ends the serve once its answer is written.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use super::vhost_blk::Shared;
 use super::Block;
+use crate::qmp::Monitor;
 
-const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}, \"package\": \"blockgraph\"}, \"capabilities\": []}}";
+/// How long a write to a client may block the serve loop.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// One command line for the serve loop, with where its answer goes.
-pub(super) struct Line {
-    text: String,
-    answer: Sender<Answer>,
+/// What the monitor threads hand the serve loop.
+pub(super) enum Line {
+    /// A client connected: where its answers and events go.
+    Connected { client: u64, out: UnixStream },
+    /// A line (one or more JSON documents) it sent.
+    Text { client: u64, text: String },
+    /// It left.
+    Closed { client: u64 },
 }
 
-/// What the serve loop answers a line with.
-pub(super) struct Answer {
-    /// The reply, one JSON document.
-    reply: String,
-    /// The server ends once the reply is written (`quit`).
-    quit: bool,
-}
-
-/// Serves connections on `listener` one after another until `quit`,
-/// passing each line to the serve loop through `lines`.
+/// Accepts clients on `listener` for the serve's life; each gets a reader
+/// thread that passes its lines to the serve loop through `lines`.
 pub(super) fn serve(listener: UnixListener, lines: Sender<Line>, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
+    for (client, stream) in (0u64..).zip(listener.incoming()) {
         let Ok(stream) = stream else { continue };
-        if session(stream, &lines, &shared) {
-            shared.tell(|inbox| inbox.quit = true);
+        let Ok(out) = stream.try_clone() else {
+            continue;
+        };
+        let _ = out.set_write_timeout(Some(WRITE_TIMEOUT));
+        if lines.send(Line::Connected { client, out }).is_err() {
             return;
         }
+        shared.tell(|inbox| inbox.kicked = true);
+        let (lines, shared) = (lines.clone(), shared.clone());
+        thread::spawn(move || read_lines(stream, client, &lines, &shared));
     }
 }
 
-/// One client; whether it asked to quit.
-fn session(stream: UnixStream, lines: &Sender<Line>, shared: &Shared) -> bool {
-    let Ok(reader) = stream.try_clone() else {
-        return false;
-    };
-    let mut out = stream;
-    if writeln!(out, "{GREETING}\r").is_err() {
-        return false;
-    }
-    for text in BufReader::new(reader).lines() {
-        let Ok(text) = text else { return false };
+/// Passes `client`'s lines on until it leaves.
+fn read_lines(stream: UnixStream, client: u64, lines: &Sender<Line>, shared: &Shared) {
+    for text in BufReader::new(stream).lines() {
+        let Ok(text) = text else { break };
         if text.trim().is_empty() {
             continue;
         }
-        let (answer, answered) = mpsc::channel();
-        if lines.send(Line { text, answer }).is_err() {
-            return false;
+        if lines.send(Line::Text { client, text }).is_err() {
+            return;
         }
         shared.tell(|inbox| inbox.kicked = true);
-        let Ok(Answer { reply, quit }) = answered.recv() else {
-            return false;
-        };
-        if writeln!(out, "{reply}\r").is_err() || quit {
-            return quit;
+    }
+    let _ = lines.send(Line::Closed { client });
+    shared.tell(|inbox| inbox.kicked = true);
+}
+
+/// One connected client: its QMP state and where its output goes.
+struct Client {
+    id: u64,
+    monitor: Monitor,
+    out: UnixStream,
+}
+
+impl Client {
+    /// Writes `lines`; `false` when the client is gone (or stopped
+    /// reading).
+    fn send(&mut self, lines: &[String]) -> bool {
+        lines
+            .iter()
+            .all(|line| write!(self.out, "{line}\r\n").is_ok())
+    }
+}
+
+/// The monitor's state on the serve loop.
+#[derive(Default)]
+pub(super) struct Clients {
+    clients: Vec<Client>,
+}
+
+impl Clients {
+    /// Takes what the monitor threads sent: greets new clients, runs their
+    /// commands on `block`, forgets those that left. Returns whether a
+    /// client asked to `quit` (its answer written).
+    pub(super) fn take(&mut self, lines: &Receiver<Line>, block: &mut Block) -> bool {
+        let mut quit = false;
+        while let Ok(line) = lines.try_recv() {
+            match line {
+                Line::Connected { client, out } => {
+                    let monitor = Monitor::new();
+                    let greeting = monitor.greeting();
+                    let mut client = Client {
+                        id: client,
+                        out,
+                        monitor,
+                    };
+                    if client.send(&[greeting]) {
+                        self.clients.push(client);
+                    }
+                }
+                Line::Text { client, text } => {
+                    let Some(at) = self.clients.iter().position(|c| c.id == client) else {
+                        continue;
+                    };
+                    let answers = self.clients[at].monitor.handle(&text, &mut block.control());
+                    let client = &mut self.clients[at];
+                    quit |= client.monitor.quit_requested();
+                    if !client.send(&answers) {
+                        self.clients.remove(at);
+                    }
+                    // A command's events (a job created) go out at once.
+                    self.send_events(block);
+                }
+                Line::Closed { client } => self.clients.retain(|c| c.id != client),
+            }
         }
+        quit
     }
-    false
-}
 
-/// Answers every line that has arrived; on the serve loop.
-pub(super) fn answer_lines(lines: &Receiver<Line>, block: &mut Block) {
-    while let Ok(line) = lines.try_recv() {
-        let answer = execute(&line.text, block);
-        // A client that left takes its answer with it.
-        let _ = line.answer.send(answer);
+    /// Steps the jobs ([`crate::qmp::Control::step_jobs`]) and sends their
+    /// events to every client in command mode.
+    pub(super) fn step_jobs(&mut self, block: &mut Block) {
+        block.control().step_jobs();
+        self.send_events(block);
     }
-}
 
-/// Runs one command line on the serve loop's block state: the stand-in
-/// for a QMP monitor.
-fn execute(line: &str, _block: &mut Block) -> Answer {
-    let id = member(line, "id").map(|v| format!(", \"id\": {v}"));
-    let id = id.unwrap_or_default();
-    let command = member(line, "execute").map(|v| v.trim_matches('"').to_owned());
-    let (reply, quit) = match command.as_deref() {
-        Some("qmp_capabilities") => (format!("{{\"return\": {{}}{id}}}"), false),
-        Some("quit") => (format!("{{\"return\": {{}}{id}}}"), true),
-        Some(other) => (
-            format!(
-                "{{\"error\": {{\"class\": \"CommandNotFound\", \"desc\": \"The command {} has not been found\"}}{id}}}",
-                other.escape_default()
-            ),
-            false,
-        ),
-        None => (
-            format!(
-                "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"QMP input must be a JSON object with 'execute'\"}}{id}}}"
-            ),
-            false,
-        ),
-    };
-    Answer { reply, quit }
-}
-
-/// The raw JSON text of top-level member `key` of a flat object: a string
-/// (with its quotes) or a scalar. Enough for `execute` and `id`; a real
-/// monitor parses JSON.
-fn member<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let quoted = format!("\"{key}\"");
-    let at = line.find(&quoted)? + quoted.len();
-    let rest = line[at..].trim_start().strip_prefix(':')?.trim_start();
-    if let Some(body) = rest.strip_prefix('"') {
-        let end = body.find('"')?;
-        return Some(&rest[..end + 2]);
-    }
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::member;
-
-    #[test]
-    fn members_are_found() {
-        let line = r#"{"execute": "quit", "id": 7}"#;
-        assert_eq!(member(line, "execute"), Some("\"quit\""));
-        assert_eq!(member(line, "id"), Some("7"));
-        assert_eq!(member(r#"{"id":"a","execute":"x"}"#, "id"), Some("\"a\""));
-        assert_eq!(member("{}", "id"), None);
+    /// Sends the queued events to every client; drops those gone.
+    fn send_events(&mut self, block: &mut Block) {
+        let events = block.jobs.take_events();
+        if events.is_empty() {
+            return;
+        }
+        self.clients
+            .retain_mut(|client| client.send(&client.monitor.render_events(&events)));
     }
 }

@@ -96,8 +96,8 @@ Commands:
                        chain and the guest's md5 against the image.
                        --short: a smaller fio run (under 2 minutes).
                        --server blockgraph: `blockgraph serve` (built from
-                       target/debug) instead of qemu-storage-daemon; its QMP
-                       has no jobs yet, so use it with --no-jobs.
+                       target/debug) instead of qemu-storage-daemon (the
+                       short run on it is part of `test`).
                        --no-jobs: fio, hash and checks without the QMP jobs.
                        --queues N: N virtqueues and N vCPUs (1 to 8)
   help                 this text

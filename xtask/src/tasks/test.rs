@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 
-use super::{boot_test, fuzz};
+use super::{boot_test, fuzz, guest};
 use crate::cmd::Cmd;
 use crate::prereq::{self, BARE_METAL_TARGET};
 use crate::{Error, Result, Workspace};
@@ -23,7 +23,18 @@ pub fn run(ws: &Workspace, test_args: &[OsString]) -> Result<()> {
     // Each fuzz target for a few seconds: a crash fails the run.
     fuzz::smoke(ws, fuzz_toolchain).map_err(|err| step_failed("fuzz smoke run", err))?;
     boot_test::run(ws, None).map_err(|err| step_failed("boot tests", err))?;
-    println!("xtask test: all {} steps passed", steps.len() + 3);
+    // A Debian Linux guest on `blockgraph serve` (vhost-user-blk): fio with
+    // verification while QMP takes a live snapshot, streams and runs an
+    // active commit with pivot (the short profile, about 20 s once the
+    // guest's pieces are cached).
+    guest::run_with(
+        ws,
+        guest::Server::Blockgraph,
+        &guest::Profile::short(),
+        true,
+    )
+    .map_err(|err| step_failed("Linux guest on blockgraph serve", err))?;
+    println!("xtask test: all {} steps passed", steps.len() + 4);
     Ok(())
 }
 

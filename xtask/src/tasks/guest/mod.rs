@@ -70,7 +70,8 @@ use crate::tasks::qemu::Machine;
 use crate::{Context, Error, Result, Workspace};
 
 use initramfs::{Archive, FioJob};
-use server::{Node, Server};
+use server::Node;
+pub use server::Server;
 
 /// How big and how long: the full run and the short one for `xtask test`.
 #[derive(Clone, Debug)]

@@ -44,8 +44,7 @@ pub struct Node<'a> {
 pub enum Server {
     /// `qemu-storage-daemon`, the reference.
     Qsd,
-    /// `blockgraph serve` (its QMP answers `qmp_capabilities` and `quit`
-    /// so far: the jobs scenario needs `--no-jobs`).
+    /// `blockgraph serve`, with its QMP monitor.
     Blockgraph,
 }
 
