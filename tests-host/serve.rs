@@ -479,6 +479,67 @@ fn nbd_transmission(dir: &Path) -> UnixStream {
     s
 }
 
+/// Many requests sent before any reply is read (writes, then reads of
+/// what they wrote and of the chain): every cookie is answered once, each
+/// read with the right data, whatever order the replies come in.
+#[test]
+fn pipelined_nbd_requests_are_all_answered_by_cookie() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let mut served = serve_nbd(dir, &[]);
+    let mut s = nbd_transmission(dir);
+    const COUNT: u64 = 48;
+    let mut out = Vec::new();
+    for i in 0..COUNT {
+        let mut w = request(1, 1000 + i, (8 << 20) + i * 8192, 4096);
+        w.extend_from_slice(&[i as u8 + 1; 4096]);
+        out.extend_from_slice(&w);
+    }
+    for i in 0..COUNT {
+        out.extend_from_slice(&request(0, 2000 + i, i * 65536, 512));
+    }
+    s.write_all(&out).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while (seen.len() as u64) < 2 * COUNT {
+        let reply = read_some(&mut s, 16);
+        assert_eq!(reply.len(), 16, "a reply is missing");
+        assert_eq!(errno(&reply), 0);
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+        let known =
+            (1000..1000 + COUNT).contains(&cookie) || (2000..2000 + COUNT).contains(&cookie);
+        assert!(known, "unknown cookie {cookie}");
+        if cookie >= 2000 {
+            // A read's data follows its header (reads may overtake writes).
+            let data = read_some(&mut s, 512);
+            let expected = if cookie - 2000 < 32 { 0x11 } else { 0 };
+            assert!(data.iter().all(|&b| b == expected), "read {cookie}");
+        }
+        assert!(seen.insert(cookie), "cookie {cookie} answered twice");
+    }
+    // Then each write reads back.
+    for i in 0..COUNT {
+        s.write_all(&request(0, 3000 + i, (8 << 20) + i * 8192, 4096))
+            .unwrap();
+    }
+    let mut back = 0;
+    while back < COUNT {
+        let reply = read_some(&mut s, 16);
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap()) - 3000;
+        let data = read_some(&mut s, 4096);
+        assert!(
+            data.iter().all(|&b| b == cookie as u8 + 1),
+            "write {cookie} did not land"
+        );
+        back += 1;
+    }
+    s.write_all(&request(2, 9, 0, 0)).unwrap();
+    drop(s);
+    served.signal("TERM");
+    let (status, err) = served.wait();
+    assert!(status.success(), "{status}: {err}");
+    check_clean(dir, "top.qcow2");
+}
+
 #[test]
 fn hostile_nbd_clients_lose_their_connection_and_nothing_else() {
     let tmp = chain_dir();

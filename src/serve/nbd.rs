@@ -8,16 +8,17 @@
 //!  connection thread: handshake, then per request: header (+ payload)
 //!      └─ Request (owned buffer) ──> serve loop: Engine::submit_* on the
 //!                                    export's backend
-//!      <── Reply (buffer back) ────── Engine::take when it finished
-//!      simple reply (+ read data)
+//!  writer thread <── Reply (cookie, buffer back) ── Engine::take when done
+//!      simple reply (+ read data), in completion order
 //! ```
 //!
 //! Every client byte is hostile: lengths are bounded before anything is
 //! allocated ([`MAX_REQUEST`], [`MAX_OPTION`]), ranges are checked against
 //! the export's size, an unknown option gets `NBD_REP_ERR_UNSUP` and an
 //! unknown command `EINVAL`; a client that breaks the framing is
-//! disconnected. Requests of one connection are served one after another;
-//! connections are served side by side.
+//! disconnected. Requests of one connection are in flight together (up to
+//! [`MAX_IN_FLIGHT`], replies in any order, by cookie, from a writer
+//! thread), and connections are served side by side.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -126,13 +127,29 @@ pub(super) struct Request {
     len: u32,
     /// The data of a read (filled) or a write.
     buffer: Option<Box<[u8]>>,
+    /// The client's name for it, and where its reply goes.
+    cookie: u64,
     reply: Sender<Reply>,
 }
 
-/// The serve loop's answer: the result and the buffer back.
+/// An answer for the connection's writer: the request's cookie, its
+/// result and, for a read, the data.
 struct Reply {
+    cookie: u64,
     result: Result<(), ErrorKind>,
-    buffer: Option<Box<[u8]>>,
+    /// A read's data (sent when the result is a success).
+    data: Option<Box<[u8]>>,
+}
+
+impl Reply {
+    /// `result` for request `cookie` of kind `op`, with its buffer back.
+    fn new(cookie: u64, op: Op, result: Result<(), ErrorKind>, buffer: Option<Box<[u8]>>) -> Self {
+        Self {
+            cookie,
+            result,
+            data: buffer.filter(|_| op == Op::Read),
+        }
+    }
 }
 
 /// A buffer lent to the engine: the `Box` is turned into a raw pointer
@@ -177,6 +194,8 @@ impl Lent {
 struct InFlight {
     ticket: Ticket,
     buffer: Option<Lent>,
+    op: Op,
+    cookie: u64,
     reply: Sender<Reply>,
 }
 
@@ -249,6 +268,8 @@ impl Pending {
                 self.in_flight.push(InFlight {
                     ticket,
                     buffer: lent,
+                    op: request.op,
+                    cookie: request.cookie,
                     reply: request.reply,
                 });
                 Ok(())
@@ -261,10 +282,8 @@ impl Pending {
                 if err.kind() == ErrorKind::NoCapacity {
                     return Err(request);
                 }
-                let _ = request.reply.send(Reply {
-                    result: Err(err.kind()),
-                    buffer: request.buffer,
-                });
+                let reply = Reply::new(request.cookie, request.op, Err(err.kind()), request.buffer);
+                let _ = request.reply.send(reply);
                 Ok(())
             }
         }
@@ -293,10 +312,8 @@ impl Pending {
             // SAFETY: the engine gave the request back and its buffers were
             // dropped with `Done`.
             let buffer = finished.buffer.map(|b| unsafe { b.into_box() });
-            let _ = finished.reply.send(Reply {
-                result: done,
-                buffer,
-            });
+            let reply = Reply::new(finished.cookie, finished.op, done, buffer);
+            let _ = finished.reply.send(reply);
         }
         self.take(block);
         self.in_flight.len() + self.waiting.len()
@@ -456,8 +473,30 @@ impl Connection {
         self.stream.write_all(&reply)
     }
 
-    /// Requests until DISC or the client leaves.
+    /// Requests until DISC or the client leaves: each goes to the serve
+    /// loop without waiting for the ones before it (up to
+    /// [`MAX_IN_FLIGHT`]); a writer thread sends the replies as they come,
+    /// in any order, named by their cookies. On the way out every reply
+    /// still owed is sent first.
     fn transmission(&mut self) -> io::Result<()> {
+        let window = Arc::new(Window::default());
+        let (replies, outbox) = mpsc::channel();
+        let writer = self.stream.try_clone()?;
+        let writing = {
+            let window = window.clone();
+            thread::spawn(move || write_replies(writer, &outbox, &window))
+        };
+        let read = self.requests_until_disc(&replies, &window);
+        drop(replies);
+        let written = writing
+            .join()
+            .unwrap_or_else(|_| Err(invalid("the reply writer failed")));
+        read.and(written)
+    }
+
+    /// Reads requests and posts them (or their immediate refusal) until
+    /// DISC, the client leaving or the framing breaking.
+    fn requests_until_disc(&mut self, replies: &Sender<Reply>, window: &Window) -> io::Result<()> {
         loop {
             if self.read_u32()? != REQUEST_MAGIC {
                 return Err(invalid("bad request magic"));
@@ -470,7 +509,8 @@ impl Connection {
             let in_range = offset
                 .checked_add(len.into())
                 .is_some_and(|end| end <= self.export.size);
-            let (error, data) = match kind {
+            let refuse = |kind: ErrorKind| Err::<(Op, Option<Box<[u8]>>), _>(kind);
+            let request = match kind {
                 CMD_DISC => return Ok(()),
                 CMD_WRITE => {
                     if len > MAX_REQUEST {
@@ -481,70 +521,96 @@ impl Connection {
                     let mut buffer = vec![0u8; len as usize].into_boxed_slice();
                     self.stream.read_exact(&mut buffer)?;
                     match () {
-                        _ if self.export.read_only => (EPERM, None),
-                        _ if !in_range => (EINVAL, None),
-                        _ if len == 0 => (0, None),
-                        _ => (self.call(Op::Write, offset, len, Some(buffer))?.0, None),
+                        _ if self.export.read_only => refuse(ErrorKind::ReadOnly),
+                        _ if !in_range => refuse(ErrorKind::InvalidInput),
+                        _ => Ok((Op::Write, Some(buffer))),
                     }
                 }
                 CMD_READ => match () {
-                    _ if len > MAX_REQUEST || !in_range => (EINVAL, None),
-                    _ if len == 0 => (0, Some(Box::default())),
-                    _ => {
-                        let buffer = vec![0u8; len as usize].into_boxed_slice();
-                        self.call(Op::Read, offset, len, Some(buffer))?
-                    }
+                    _ if len > MAX_REQUEST || !in_range => refuse(ErrorKind::InvalidInput),
+                    _ => Ok((Op::Read, Some(vec![0u8; len as usize].into_boxed_slice()))),
                 },
-                CMD_FLUSH => (self.call(Op::Flush, 0, 0, None)?.0, None),
+                CMD_FLUSH => Ok((Op::Flush, None)),
                 CMD_TRIM | CMD_WRITE_ZEROES => match () {
-                    _ if self.export.read_only => (EPERM, None),
-                    _ if !in_range => (EINVAL, None),
-                    _ if len == 0 => (0, None),
-                    _ => {
-                        let op = match kind {
-                            CMD_TRIM => Op::Trim,
-                            _ => Op::WriteZeroes,
-                        };
-                        (self.call(op, offset, len, None)?.0, None)
-                    }
+                    _ if self.export.read_only => refuse(ErrorKind::ReadOnly),
+                    _ if !in_range => refuse(ErrorKind::InvalidInput),
+                    _ if kind == CMD_TRIM => Ok((Op::Trim, None)),
+                    _ => Ok((Op::WriteZeroes, None)),
                 },
-                _ => (EINVAL, None),
+                _ => refuse(ErrorKind::InvalidInput),
             };
-            let mut reply = Vec::with_capacity(16);
-            reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            reply.extend_from_slice(&error.to_be_bytes());
-            reply.extend_from_slice(&cookie.to_be_bytes());
-            self.stream.write_all(&reply)?;
-            if let (0, Some(data)) = (error, data) {
-                self.stream.write_all(&data)?;
+            window.acquire();
+            match request {
+                // Nothing to do: answered at once.
+                Ok((op, buffer)) if len == 0 && op != Op::Flush => {
+                    let _ = replies.send(Reply::new(cookie, op, Ok(()), buffer));
+                }
+                Ok((op, buffer)) => {
+                    let request = Request {
+                        op,
+                        offset,
+                        len,
+                        buffer,
+                        cookie,
+                        reply: replies.clone(),
+                    };
+                    if self.requests.send(request).is_err() {
+                        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server ending"));
+                    }
+                    self.shared.tell(|inbox| inbox.kicked = true);
+                }
+                Err(kind) => {
+                    let _ = replies.send(Reply::new(cookie, Op::Flush, Err(kind), None));
+                }
             }
         }
     }
+}
 
-    /// Runs one request through the serve loop: its errno (0 for success)
-    /// and, for a read, the data.
-    fn call(
-        &mut self,
-        op: Op,
-        offset: u64,
-        len: u32,
-        buffer: Option<Box<[u8]>>,
-    ) -> io::Result<(u32, Option<Box<[u8]>>)> {
-        let (reply, answer) = mpsc::channel();
-        let request = Request {
-            op,
-            offset,
-            len,
-            buffer,
-            reply,
-        };
-        if self.requests.send(request).is_err() {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server ending"));
+/// Most requests of one connection in the serve loop at once; the reader
+/// waits for a reply before reading more.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// Counts a connection's requests between their reading and their reply.
+#[derive(Default)]
+struct Window {
+    open: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl Window {
+    /// Takes a place, waiting while [`MAX_IN_FLIGHT`] are taken.
+    fn acquire(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while *open >= MAX_IN_FLIGHT {
+            open = self.changed.wait(open).unwrap_or_else(|e| e.into_inner());
         }
-        self.shared.tell(|inbox| inbox.kicked = true);
-        let Ok(reply) = answer.recv() else {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server ending"));
-        };
+        *open += 1;
+    }
+
+    /// Gives a place back.
+    fn release(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        *open = open.saturating_sub(1);
+        self.changed.notify_one();
+    }
+}
+
+/// Writes each reply from `outbox` as a simple reply (and a read's data),
+/// until every sender is gone; a write error ends the connection.
+fn write_replies(
+    mut stream: UnixStream,
+    outbox: &Receiver<Reply>,
+    window: &Window,
+) -> io::Result<()> {
+    let mut result = Ok(());
+    for reply in outbox {
+        window.release();
+        if result.is_err() {
+            // The client is gone: the rest is dropped (the senders still
+            // get their buffers back through the loop).
+            continue;
+        }
         let errno = match reply.result {
             Ok(()) => 0,
             Err(ErrorKind::ReadOnly | ErrorKind::NotPermitted | ErrorKind::PermissionConflict) => {
@@ -556,8 +622,16 @@ impl Connection {
             Err(ErrorKind::NoCapacity) => ENOMEM,
             Err(_) => EIO,
         };
-        Ok((errno, reply.buffer.filter(|_| op == Op::Read)))
+        let mut header = Vec::with_capacity(16);
+        header.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        header.extend_from_slice(&errno.to_be_bytes());
+        header.extend_from_slice(&reply.cookie.to_be_bytes());
+        result = stream.write_all(&header);
+        if let (0, Some(data), Ok(())) = (errno, &reply.data, &result) {
+            result = stream.write_all(data);
+        }
     }
+    result
 }
 
 /// Whether `NBD_OPT_GO`/`INFO` data is well formed: name length, name,
