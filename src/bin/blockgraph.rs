@@ -59,7 +59,7 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
                                        -w writes pattern N, default 0; -t none: O_DIRECT;
                                        --with-job: a script's job on IMAGE steps between them)
   sizes                                static memory: graph, slots, session, scratch
-  serve [-f FMT] IMAGE [--vhost-user-blk SOCKET [--num-queues N]] [--nbd SOCKET]
+  serve [-f FMT] [-t none|writeback] IMAGE [--vhost-user-blk SOCKET [--num-queues N]] [--nbd SOCKET]
         [--qmp SOCKET] [--read-only]
                                        exports IMAGE's chain (opened writable unless --read-only)
                                        to a vhost-user-blk frontend (QEMU) and/or NBD clients

@@ -2,7 +2,7 @@
 //! vhost-user-blk and to NBD clients, through the request engine.
 //!
 //! ```text
-//!  serve [-f FMT] IMAGE [--vhost-user-blk SOCKET [--num-queues N]]
+//!  serve [-f FMT] [-t none|writeback] IMAGE [--vhost-user-blk SOCKET [--num-queues N]]
 //!        [--nbd SOCKET] [--qmp SOCKET] [--read-only]
 //! ```
 //!
@@ -101,6 +101,10 @@ pub struct Options {
     pub qmp: Option<String>,
     /// `--read-only`: the export refuses writes; images open read-only.
     pub read_only: bool,
+    /// `-t none`: the image files bypass the host's page cache (`O_DIRECT`
+    /// for aligned transfers, as `bench -t none`); `-t writeback`, the
+    /// default, does not.
+    pub direct: bool,
 }
 
 /// A failure of `serve`, as one line for the user.
@@ -120,7 +124,7 @@ fn error(message: impl fmt::Display) -> ServeError {
 }
 
 /// The usage line.
-pub const USAGE: &str = "serve [-f FMT] IMAGE [--vhost-user-blk SOCKET [--num-queues N]] [--nbd SOCKET] [--qmp SOCKET] [--read-only]";
+pub const USAGE: &str = "serve [-f FMT] [-t none|writeback] IMAGE [--vhost-user-blk SOCKET [--num-queues N]] [--nbd SOCKET] [--qmp SOCKET] [--read-only]";
 
 impl Options {
     /// Parses `serve`'s arguments (after the word `serve`).
@@ -163,6 +167,17 @@ impl Options {
                     };
                 }
                 "--read-only" => options.read_only = true,
+                "-t" => {
+                    options.direct = match value("-t")?.as_str() {
+                        "none" => true,
+                        "writeback" => false,
+                        other => {
+                            return Err(error(format_args!(
+                                "-t: {other}: expected none or writeback"
+                            )))
+                        }
+                    }
+                }
                 _ if word.starts_with('-') => {
                     return Err(error(format_args!("unknown option {word}; usage: {USAGE}")))
                 }
@@ -201,6 +216,9 @@ impl Block {
     /// Opens `options.image`'s chain (writable unless read-only; locked as
     /// every command locks images) and attaches the export's backend.
     fn open(options: &Options, mut resolver: PathResolver) -> Result<Self, ServeError> {
+        // Every image opened for the export (backing files, snapshot
+        // overlays) in the cache mode asked for.
+        resolver.direct = options.direct;
         let mut graph: Box<Graph<FileDevice>> = Box::default();
         let open = OpenOptions {
             format: options.format,
