@@ -44,6 +44,7 @@
 //! | test | the kernel | the host checks |
 //! |---|---|---|
 //! | served chain | on the raw disk (`image-format top raw`): `checksum -d 32`, `bench -w` at depths 32 and 64 (42 requests in flight: the ring's capacity), unaligned, an `io` write and flush, `checksum -d 32` again; then QMP `quit` | the first checksum = the chain's view before, the second = after; `compare` with `qemu-img bench`/qemu-io on a copy; `read -P` of the writes; `check`; base untouched |
+//! | served snapshot | the same after QMP `blockdev-snapshot-sync` top -> snap (before the boot) | the same on snap.qcow2 (chain snap -> top -> base); top and base untouched |
 //!
 //! vhost-user needs the guest's RAM shared: the boot gets a memfd memory
 //! backend and `vhost-user-blk-pci` (q35) or `vhost-user-blk` on microvm's
@@ -59,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::guest::qmp::Qmp;
+use super::guest::scenario;
 use super::guest::server::{self, Node, Server};
 use super::lab::{checksums, io_command, pattern_reads, Lab, Layout, MIB};
 use super::qemu::{
@@ -106,7 +108,10 @@ const IMAGE_TESTS: [ImageTest; 14] = [
 /// A test on a disk `blockgraph serve` exports: the lab and the CLI.
 type ServedTest = (&'static str, fn(&Lab, &Path) -> Result<String>);
 
-const SERVED_TESTS: [ServedTest; 1] = [("served-chain", served_chain)];
+const SERVED_TESTS: [ServedTest; 2] = [
+    ("served-chain", served_chain),
+    ("served-snapshot", served_snapshot),
+];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
 /// `targets/x86_64-qemu/src/selftest.rs`).
@@ -1253,17 +1258,32 @@ const SERVED_CHAIN: [Node<'static>; 2] = [
 const SERVED_SERIAL: &str = "top";
 
 /// The kernel on `blockgraph serve -f qcow2 top.qcow2 --vhost-user-blk
-/// vhost.sock --qmp qmp.sock` ([`chain_16m`]). The kernel treats the disk
-/// as raw (its content is the chain's guest view): `checksum -d 32`, then
-/// `bench -w` at depth 32 (allocating in top), at depth 64 (more than the
-/// ring holds), unaligned (read-modify-write), an `io` write and `flush`,
-/// and `checksum -d 32` again. After the boot the server gets QMP `quit`
-/// (which flushes and closes the chain). The first checksum must equal the
-/// host's of the chain's view before, the second the view after; top must
-/// equal a copy on which `qemu-img bench` and qemu-io did the same writes,
-/// hold the written patterns (`read -P`), check clean; base is untouched;
-/// the disk held 42 requests at once (128 descriptors of the ring, 3 each).
+/// vhost.sock --qmp qmp.sock` ([`chain_16m`]); see [`served`].
 fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
+    served(lab, cli, false)
+}
+
+/// [`served_chain`] after a live snapshot over QMP (`blockdev-snapshot-sync`
+/// top -> snap.qcow2) taken before the boot: the export follows the chain,
+/// so the kernel's writes land in snap.qcow2 and top.qcow2 stays as it was.
+fn served_snapshot(lab: &Lab, cli: &Path) -> Result<String> {
+    served(lab, cli, true)
+}
+
+/// The served tests. The server starts on [`chain_16m`]; with `snapshot`,
+/// QMP `blockdev-snapshot-sync` puts `snap.qcow2` on top first. The kernel
+/// treats the disk as raw (its content is the chain's guest view):
+/// `checksum -d 32`, then `bench -w` at depth 32 (allocating in the top
+/// image), at depth 64 (more than the ring holds), unaligned
+/// (read-modify-write), an `io` write and `flush`, and `checksum -d 32`
+/// again. After the boot the server gets QMP `quit` (which flushes and
+/// closes the chain). The first checksum must equal the host's of the
+/// chain's view before, the second the view after; the top image must
+/// equal a copy on which `qemu-img bench` and qemu-io did the same writes,
+/// hold the written patterns (`read -P`) and check clean; the images below
+/// it are untouched; the disk held 42 requests at once (128 descriptors of
+/// the ring, 3 each).
+fn served(lab: &Lab, cli: &Path, snapshot: bool) -> Result<String> {
     /// `bench` arguments of the writes, without the image.
     const WRITES: [&str; 3] = [
         "-w -d 32 -c 256 -s 4k -S 36k --pattern 0x44",
@@ -1284,9 +1304,23 @@ fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
     ];
     const PEAK: usize = 42;
     chain_16m(lab)?;
-    let copies = lab.copy_chain(&["base.qcow2", "top.qcow2"], "ref")?;
-    let lower = lab.save(&["base.qcow2"])?;
-    let (before, _) = lab.view_fnv(&copies[1])?;
+    let mut copies = lab.copy_chain(&["base.qcow2", "top.qcow2"], "ref")?;
+    let (top, chain, lower): (&str, &[&str], &[&str]) = match snapshot {
+        false => ("top.qcow2", &["top.qcow2", "base.qcow2"], &["base.qcow2"]),
+        true => {
+            let overlay = "ref-snap.qcow2".to_owned();
+            lab.create(&overlay, "16M", Some(&copies[1]), None, &[])?;
+            copies.push(overlay);
+            (
+                "snap.qcow2",
+                &["snap.qcow2", "top.qcow2", "base.qcow2"],
+                &["base.qcow2", "top.qcow2"],
+            )
+        }
+    };
+    let reference = copies.last().map_or("", String::as_str);
+    let lower = lab.save(lower)?;
+    let (before, _) = lab.view_fnv(reference)?;
     let mut script: Vec<String> = vec![format!("checksum -d 32 {SERVED_SERIAL}")];
     script.extend(
         WRITES
@@ -1297,6 +1331,7 @@ fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
         format!("io {SERVED_SERIAL} -c \"{IO_WRITE}\" -c flush"),
         format!("checksum -d 32 {SERVED_SERIAL}"),
     ]);
+    // Killed when dropped, on any early return.
     let mut daemon = Server::Blockgraph.start(
         &lab.dir,
         &SERVED_CHAIN,
@@ -1305,6 +1340,13 @@ fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
         Some(cli),
         lab.live,
     )?;
+    let with_log =
+        |err: Error, daemon: &Background| Error::msg(format!("{err}{}", server_log(daemon)));
+    let mut qmp =
+        Qmp::connect_with(&lab.path("qmp.sock"), false).map_err(|e| with_log(e, &daemon))?;
+    if snapshot {
+        scenario::snapshot(&mut qmp).map_err(|e| with_log(e, &daemon))?;
+    }
     let mut boot = lab.prepare(Vec::new(), &script.join("; "));
     boot.vhost_user = Some(VhostUser {
         socket: lab.path("vhost.sock"),
@@ -1312,23 +1354,20 @@ fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
         format: Some("raw".into()),
     });
     let run = lab.run(&boot);
-    // The server ends here whatever the boot did (and is killed when
-    // `daemon` drops on any early return).
-    let mut qmp = Qmp::connect_with(&lab.path("qmp.sock"), false);
-    let stopped = server::stop(&mut daemon, qmp.as_mut().ok(), SERVER_STOP);
+    // The server ends here whatever the boot did.
+    let stopped = server::stop(&mut daemon, Some(&mut qmp), SERVER_STOP);
     let run = run?;
     let with_logs =
         |err: Error| Error::msg(format!("{err}{}{}", transcript(&run), server_log(&daemon)));
     if !run.succeeded() {
         return Err(with_logs(Error::msg(run.verdict())));
     }
-    qmp.map_err(&with_logs)?;
     if let Some(note) = stopped.map_err(&with_logs)? {
         return Err(with_logs(Error::msg(format!("QMP `quit`: {note}"))));
     }
     verify(&run, || {
-        qemu_img_benches(lab, &WRITES, &copies[1])?;
-        lab.qemu_io(&copies[1], &[IO_WRITE])?;
+        qemu_img_benches(lab, &WRITES, reference)?;
+        lab.qemu_io(reference, &[IO_WRITE])?;
         let sums: Vec<u64> = checksums(&run.serial)
             .into_iter()
             .filter(|(name, _, _)| name == SERVED_SERIAL)
@@ -1341,16 +1380,16 @@ fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
                 sums.first()
             )));
         }
-        lab.expect_checksum(&run.serial, SERVED_SERIAL, "top.qcow2")?;
-        lab.check(&["base.qcow2", "top.qcow2"])?;
-        lab.expect_chain("top.qcow2", &["top.qcow2", "base.qcow2"])?;
-        lab.same_view("top.qcow2", &copies[1])?;
-        lab.qemu_io("top.qcow2", &READS)?;
+        lab.expect_checksum(&run.serial, SERVED_SERIAL, top)?;
+        lab.check(chain)?;
+        lab.expect_chain(top, chain)?;
+        lab.same_view(top, reference)?;
+        lab.qemu_io(top, &READS)?;
         lab.unchanged(&lower)?;
         expect_in_flight(&run.serial, SERVED_SERIAL, PEAK)
     })?;
     Ok(format!(
-        "{}, checksums = the chain's view before and after, top as qemu-img bench leaves \
+        "{}, checksums = the chain's view before and after, {top} as qemu-img bench leaves \
          a copy, {PEAK} requests in flight, QMP quit",
         kernel_time(&run)
     ))

@@ -54,7 +54,7 @@
 mod fetch;
 mod initramfs;
 pub mod qmp;
-mod scenario;
+pub mod scenario;
 pub mod server;
 
 use std::ffi::OsString;
