@@ -36,6 +36,21 @@
 //! | requests in flight | `bench -w -d 32` allocating, then in place (32 virtio requests in flight), at depth 64 (beyond the ring) and unaligned; `bench -d 32` reads, `checksum -d 32` | `compare` with `qemu-img bench` on a copy, `check`, the checksum, 42 requests in flight on the disk at once (its ring's capacity) |
 //! | requests in flight, small ring | the same on a disk with `queue-size=16` | the same, 5 requests in flight |
 //!
+//! Then the served tests, on microvm and q35 as well: the kernel's disk is
+//! no file but the guest view of a qcow2 chain that `blockgraph serve`
+//! exports over vhost-user-blk (the CLI built as `cargo xtask guest` builds
+//! it, started and stopped by that harness's [`server`] code):
+//!
+//! | test | the kernel | the host checks |
+//! |---|---|---|
+//! | served chain | on the raw disk (`image-format top raw`): `checksum -d 32`, `bench -w` at depths 32 and 64 (42 requests in flight: the ring's capacity), unaligned, an `io` write and flush, `checksum -d 32` again; then QMP `quit` | the first checksum = the chain's view before, the second = after; `compare` with `qemu-img bench`/qemu-io on a copy; `read -P` of the writes; `check`; base untouched |
+//! | served snapshot | the same after QMP `blockdev-snapshot-sync` top -> snap (before the boot) | the same on snap.qcow2 (chain snap -> top -> base); top and base untouched |
+//!
+//! vhost-user needs the guest's RAM shared: the boot gets a memfd memory
+//! backend and `vhost-user-blk-pci` (q35) or `vhost-user-blk` on microvm's
+//! virtio-mmio (microvm has no PCI bus for `vhost-user-blk-pci`); see
+//! [`qemu::VhostUser`].
+//!
 //! Checksums: the kernel's `checksum NAME` line (FNV-1a 64 of the guest
 //! view) must equal the FNV-1a 64 of `qemu-img convert -O raw` computed on
 //! the host.
@@ -44,8 +59,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::lab::{io_command, pattern_reads, Lab, Layout, MIB};
-use super::qemu::{self, Accel, Boot, BootResult, Disk, Machine, Profile, KERNEL_FAILURE};
+use super::guest::qmp::Qmp;
+use super::guest::scenario;
+use super::guest::server::{self, Node, Server};
+use super::lab::{checksums, io_command, pattern_reads, Lab, Layout, MIB};
+use super::qemu::{
+    self, Accel, Boot, BootResult, Disk, Machine, Profile, VhostUser, KERNEL_FAILURE,
+};
+use crate::cmd::{indented, Background};
 use crate::{Context, Error, Result, Workspace};
 
 /// One boot may take this long (they take well under a second with TCG).
@@ -82,6 +103,14 @@ const IMAGE_TESTS: [ImageTest; 14] = [
         requests_in_flight_small_ring,
     ),
     ("active-commit-under-load", active_commit_under_load),
+];
+
+/// A test on a disk `blockgraph serve` exports: the lab and the CLI.
+type ServedTest = (&'static str, fn(&Lab, &Path) -> Result<String>);
+
+const SERVED_TESTS: [ServedTest; 2] = [
+    ("served-chain", served_chain),
+    ("served-snapshot", served_snapshot),
 ];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
@@ -148,6 +177,28 @@ pub fn run(ws: &Workspace, filter: Option<&str>) -> Result<()> {
         }
     }
 
+    let served = |name: &str, machine: Machine| format!("{name} on {machine}");
+    let wanted = SERVED_TESTS.iter().any(|(name, _)| {
+        MACHINES
+            .iter()
+            .any(|&machine| tally.selects(&served(name, machine)))
+    });
+    if wanted {
+        let cli = server::build_cli(ws)?;
+        for (name, test) in SERVED_TESTS {
+            for machine in MACHINES {
+                tally.run(&served(name, machine), || {
+                    let mut lab =
+                        Lab::fresh(root.join(format!("{name}-{machine}")), &kernel, machine)?;
+                    lab.timeout = TIMEOUT;
+                    test(&lab, &cli)
+                });
+            }
+        }
+    } else {
+        tally.left_out += SERVED_TESTS.len() * MACHINES.len();
+    }
+
     println!(
         "boot tests took {:.1} s ({})",
         started.elapsed().as_secs_f64(),
@@ -182,10 +233,15 @@ struct Tally<'f> {
 }
 
 impl Tally<'_> {
+    /// Whether the filter lets the test named `name` run.
+    fn selects(&self, name: &str) -> bool {
+        self.filter.is_none_or(|filter| name.contains(filter))
+    }
+
     /// Runs one test (unless the filter leaves it out); `Ok` carries a note
     /// for its line.
     fn run(&mut self, name: &str, test: impl FnOnce() -> Result<String>) {
-        if self.filter.is_some_and(|filter| !name.contains(filter)) {
+        if !self.selects(name) {
             self.left_out += 1;
             return;
         }
@@ -1071,22 +1127,11 @@ fn in_flight_against_qemu_img(lab: &Lab, queue_size: Option<u16>, peak: usize) -
         expect_output(&run, "256 write requests, 4096 bytes each, 64 in parallel")?;
         expect_output(&run, "200 write requests, 3000 bytes each, 32 in parallel")?;
         expect_output(&run, "1024 read requests, 4096 bytes each, 32 in parallel")?;
-        for args in WRITES {
-            let mut args: Vec<&str> = args.split(' ').collect();
-            args.insert(0, "bench");
-            args.push("ref-top.qcow2");
-            lab.qemu_img(&args)?;
-        }
+        qemu_img_benches(lab, &WRITES, "ref-top.qcow2")?;
         lab.check(&["top.qcow2"])?;
         lab.same_view("top.qcow2", "ref-top.qcow2")?;
         lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
-        let seen = requests_in_flight_on(&run.serial, "top.qcow2")?;
-        if seen != peak {
-            return Err(Error::msg(format!(
-                "at most {seen} requests were in flight on top.qcow2, not {peak}"
-            )));
-        }
-        Ok(())
+        expect_in_flight(&run.serial, "top.qcow2", peak)
     })?;
     Ok(format!(
         "{}, same image as qemu-img bench, same checksum, {peak} requests in flight",
@@ -1137,10 +1182,7 @@ fn active_commit_under_load(lab: &Lab) -> Result<String> {
         expect_output(&run, "512 write requests, 4096 bytes each, 32 in parallel")?;
         expect_output(&run, "job commit on top.qcow2: concluded")?;
         expect_output(&run, "Image 'base.qcow2' is now the active image")?;
-        let mut args: Vec<&str> = WRITES.split(' ').collect();
-        args.insert(0, "bench");
-        args.push(&copies[1]);
-        lab.qemu_img(&args)?;
+        qemu_img_benches(lab, &[WRITES], &copies[1])?;
         lab.check(&["base.qcow2"])?;
         lab.same_view("base.qcow2", &copies[1])?;
         lab.expect_checksum(&run.serial, "top.qcow2", &copies[1])?;
@@ -1150,6 +1192,31 @@ fn active_commit_under_load(lab: &Lab) -> Result<String> {
         "{}, pivoted during the bench, base as qemu-img bench leaves the chain",
         kernel_time(&run)
     ))
+}
+
+/// At most `peak` requests were in flight on the disk `name` at once,
+/// no fewer either.
+fn expect_in_flight(serial: &str, name: &str, peak: usize) -> Result<()> {
+    let seen = requests_in_flight_on(serial, name)?;
+    if seen != peak {
+        return Err(Error::msg(format!(
+            "at most {seen} requests were in flight on {name}, not {peak}"
+        )));
+    }
+    Ok(())
+}
+
+/// `qemu-img bench ARGS IMAGE` for each of `benches` (the arguments of the
+/// kernel's `bench` without the image): what the kernel's benches did, done
+/// by QEMU on a copy.
+fn qemu_img_benches(lab: &Lab, benches: &[&str], image: &str) -> Result<()> {
+    for args in benches {
+        let mut args: Vec<&str> = args.split(' ').collect();
+        args.insert(0, "bench");
+        args.push(image);
+        lab.qemu_img(&args)?;
+    }
+    Ok(())
 }
 
 /// The kernel's `disk N (NAME): at most COUNT requests in flight` for `name`.
@@ -1167,4 +1234,172 @@ fn requests_in_flight_on(serial: &str, name: &str) -> Result<usize> {
                 "no `disk N ({name}): at most ... requests in flight` line"
             ))
         })
+}
+
+// ---------------------------------------------------------------------------
+// Served tests: the kernel as the guest of `blockgraph serve`
+
+/// A served test's server may take this long to exit after `quit`.
+const SERVER_STOP: Duration = Duration::from_secs(10);
+
+/// The chain the served tests export (base first): [`chain_16m`]'s.
+const SERVED_CHAIN: [Node<'static>; 2] = [
+    Node {
+        file: "base.qcow2",
+        node: "base",
+    },
+    Node {
+        file: "top.qcow2",
+        node: "top",
+    },
+];
+
+/// The serial `blockgraph serve top.qcow2` gives its disk (the file stem).
+const SERVED_SERIAL: &str = "top";
+
+/// The kernel on `blockgraph serve -f qcow2 top.qcow2 --vhost-user-blk
+/// vhost.sock --qmp qmp.sock` ([`chain_16m`]); see [`served`].
+fn served_chain(lab: &Lab, cli: &Path) -> Result<String> {
+    served(lab, cli, false)
+}
+
+/// [`served_chain`] after a live snapshot over QMP (`blockdev-snapshot-sync`
+/// top -> snap.qcow2) taken before the boot: the export follows the chain,
+/// so the kernel's writes land in snap.qcow2 and top.qcow2 stays as it was.
+fn served_snapshot(lab: &Lab, cli: &Path) -> Result<String> {
+    served(lab, cli, true)
+}
+
+/// The served tests. The server starts on [`chain_16m`]; with `snapshot`,
+/// QMP `blockdev-snapshot-sync` puts `snap.qcow2` on top first. The kernel
+/// treats the disk as raw (its content is the chain's guest view):
+/// `checksum -d 32`, then `bench -w` at depth 32 (allocating in the top
+/// image), at depth 64 (more than the ring holds), unaligned
+/// (read-modify-write), an `io` write and `flush`, and `checksum -d 32`
+/// again. After the boot the server gets QMP `quit` (which flushes and
+/// closes the chain). The first checksum must equal the host's of the
+/// chain's view before, the second the view after; the top image must
+/// equal a copy on which `qemu-img bench` and qemu-io did the same writes,
+/// hold the written patterns (`read -P`) and check clean; the images below
+/// it are untouched; the disk held 42 requests at once (128 descriptors of
+/// the ring, 3 each).
+fn served(lab: &Lab, cli: &Path, snapshot: bool) -> Result<String> {
+    /// `bench` arguments of the writes, without the image.
+    const WRITES: [&str; 3] = [
+        "-w -d 32 -c 256 -s 4k -S 36k --pattern 0x44",
+        "-w -d 64 -c 256 -s 4k -S 36k -o 2M --pattern 0x55",
+        "-w -d 32 -c 200 -s 3000 -o 4195081 -S 5000 --pattern 0x77",
+    ];
+    /// A write into what no image of the chain holds (zeros before).
+    const IO_WRITE: &str = "write -P 0x99 12M 64k";
+    /// Where the writes must have landed: each first request of the bench
+    /// writes (later ones of the same bench do not overlap them), base's
+    /// data between two of them, and the `io` write.
+    const READS: [&str; 5] = [
+        "read -P 0x44 0 4k",
+        "read -P 0x11 4k 32k",
+        "read -P 0x55 2M 4k",
+        "read -P 0x77 4195081 3000",
+        "read -P 0x99 12M 64k",
+    ];
+    const PEAK: usize = 42;
+    chain_16m(lab)?;
+    let mut copies = lab.copy_chain(&["base.qcow2", "top.qcow2"], "ref")?;
+    let (top, chain, lower): (&str, &[&str], &[&str]) = match snapshot {
+        false => ("top.qcow2", &["top.qcow2", "base.qcow2"], &["base.qcow2"]),
+        true => {
+            let overlay = "ref-snap.qcow2".to_owned();
+            lab.create(&overlay, "16M", Some(&copies[1]), None, &[])?;
+            copies.push(overlay);
+            (
+                "snap.qcow2",
+                &["snap.qcow2", "top.qcow2", "base.qcow2"],
+                &["base.qcow2", "top.qcow2"],
+            )
+        }
+    };
+    let reference = copies.last().map_or("", String::as_str);
+    let lower = lab.save(lower)?;
+    let (before, _) = lab.view_fnv(reference)?;
+    let mut script: Vec<String> = vec![format!("checksum -d 32 {SERVED_SERIAL}")];
+    script.extend(
+        WRITES
+            .iter()
+            .map(|args| format!("bench {args} {SERVED_SERIAL}")),
+    );
+    script.extend([
+        format!("io {SERVED_SERIAL} -c \"{IO_WRITE}\" -c flush"),
+        format!("checksum -d 32 {SERVED_SERIAL}"),
+    ]);
+    // Killed when dropped, on any early return.
+    let mut daemon = Server::Blockgraph.start(
+        &lab.dir,
+        &SERVED_CHAIN,
+        ("vhost.sock", 1),
+        "qmp.sock",
+        Some(cli),
+        lab.live,
+    )?;
+    let with_log =
+        |err: Error, daemon: &Background| Error::msg(format!("{err}{}", server_log(daemon)));
+    let mut qmp =
+        Qmp::connect_with(&lab.path("qmp.sock"), false).map_err(|e| with_log(e, &daemon))?;
+    if snapshot {
+        scenario::snapshot(&mut qmp).map_err(|e| with_log(e, &daemon))?;
+    }
+    let mut boot = lab.prepare(Vec::new(), &script.join("; "));
+    boot.vhost_user = Some(VhostUser {
+        socket: lab.path("vhost.sock"),
+        serial: SERVED_SERIAL.into(),
+        format: Some("raw".into()),
+    });
+    let run = lab.run(&boot);
+    // The server ends here whatever the boot did.
+    let stopped = server::stop(&mut daemon, Some(&mut qmp), SERVER_STOP);
+    let run = run?;
+    let with_logs =
+        |err: Error| Error::msg(format!("{err}{}{}", transcript(&run), server_log(&daemon)));
+    if !run.succeeded() {
+        return Err(with_logs(Error::msg(run.verdict())));
+    }
+    if let Some(note) = stopped.map_err(&with_logs)? {
+        return Err(with_logs(Error::msg(format!("QMP `quit`: {note}"))));
+    }
+    verify(&run, || {
+        qemu_img_benches(lab, &WRITES, reference)?;
+        lab.qemu_io(reference, &[IO_WRITE])?;
+        let sums: Vec<u64> = checksums(&run.serial)
+            .into_iter()
+            .filter(|(name, _, _)| name == SERVED_SERIAL)
+            .map(|(_, hash, _)| hash)
+            .collect();
+        if sums.first() != Some(&before) {
+            return Err(Error::msg(format!(
+                "the kernel's first checksum of the served disk is {:016x?}, the host's of \
+                 the chain before the writes {before:016x}",
+                sums.first()
+            )));
+        }
+        lab.expect_checksum(&run.serial, SERVED_SERIAL, top)?;
+        lab.check(chain)?;
+        lab.expect_chain(top, chain)?;
+        lab.same_view(top, reference)?;
+        lab.qemu_io(top, &READS)?;
+        lab.unchanged(&lower)?;
+        expect_in_flight(&run.serial, SERVED_SERIAL, PEAK)
+    })?;
+    Ok(format!(
+        "{}, checksums = the chain's view before and after, {top} as qemu-img bench leaves \
+         a copy, {PEAK} requests in flight, QMP quit",
+        kernel_time(&run)
+    ))
+}
+
+/// What a server printed so far, indented under a failure.
+fn server_log(server: &Background) -> String {
+    let lines: Vec<String> = server.lines.try_iter().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("\n      server:{}", indented(&lines.join("\n")))
 }

@@ -166,14 +166,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
     let mut timings: Vec<(&str, Duration)> = Vec::new();
     prereq::ensure_all(ws)?;
     let kernel = qemu::build_kernel(ws, Profile::Release)?;
-    ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
-    let cli = ws.target_dir.join("debug").join("blockgraph");
-    if !cli.is_file() {
-        return Err(Error::msg(format!(
-            "cargo built the CLI but {} does not exist",
-            cli.display()
-        )));
-    }
+    let cli = super::guest::server::build_cli(ws)?;
     timings.push(("build", started.elapsed()));
 
     let phase = Instant::now();

@@ -9,7 +9,8 @@
 //! ```text
 //!  build     create / write (qemu-img, qemu-io), pad (a virtio disk
 //!            cannot grow: a file the kernel writes gets room first)
-//!  boot      the kernel with a script, the files as disks
+//!  boot      the kernel with a script, the files as disks (and perhaps
+//!            a vhost-user-blk disk a server in the lab exports)
 //!  verify    check (qemu-img check), same_view (qemu-img compare and the
 //!            virtual sizes), view_fnv (FNV-1a 64 of `convert -O raw`,
 //!            what the kernel's `checksum` prints), chain (qemu-img info
@@ -334,12 +335,24 @@ impl Lab {
 
     /// Boots the kernel on the lab's machine with `disks` and `script`.
     pub fn boot(&self, disks: Vec<Disk>, script: &str) -> Result<BootResult> {
+        self.run(&self.prepare(disks, script))
+    }
+
+    /// The boot [`Lab::boot`] makes, to amend before [`Lab::run`] (a
+    /// vhost-user disk, a smaller ring).
+    pub fn prepare(&self, disks: Vec<Disk>, script: &str) -> Boot {
         let mut boot = Boot::new(self.machine);
         boot.disks = disks;
         boot.cmdline = script.to_owned();
         boot.timeout = self.timeout;
         boot.live = self.live;
-        let result = qemu::boot(&self.kernel, &boot)?;
+        boot
+    }
+
+    /// Boots the kernel as `boot` says; the transcript is appended to the
+    /// lab's `boots.log`.
+    pub fn run(&self, boot: &Boot) -> Result<BootResult> {
+        let result = qemu::boot(&self.kernel, boot)?;
         // Kept for a look afterwards: every boot's transcript, appended.
         let log = self.path("boots.log");
         let entry = format!(

@@ -35,6 +35,15 @@
 //!   set the VM up, TCG boots and runs the self-check in under 0.2 s; so TCG
 //!   is the default and `--accel kvm` asks for `-accel kvm -accel tcg`.
 //!
+//! A boot may also take a disk served by a vhost-user-blk backend
+//! ([`VhostUser`], e.g. `blockgraph serve`): the guest's RAM is then a
+//! shared memfd of the same [`MEMORY`] (`-object
+//! memory-backend-memfd,...,share=on`, `-machine ...,memory-backend=mem`;
+//! the backend maps it to reach the rings and buffers), the socket a
+//! `-chardev`, and the device `vhost-user-blk-pci` on q35 or
+//! `vhost-user-blk` on microvm (its virtio-mmio bus takes the plain virtio
+//! device; `vhost-user-blk-pci` there fails: microvm has no PCI bus).
+//!
 //! [`Boot`] and [`boot`] are the reusable part: boot tests build a [`Boot`],
 //! call [`boot`] and get the exit status and the captured serial output.
 
@@ -69,6 +78,11 @@ pub const CMDLINE_MAX: usize = 16 * 1024;
 /// bytes or more overwrites the structure (the kernel then sees a bad magic).
 pub const MICROVM_CMDLINE_MAX: usize = 4096;
 
+/// The guest's RAM (`-m`, and the memfd's size with a vhost-user disk): the
+/// kernel needs about 4 MiB (`targets/x86_64-qemu/README.md`, "Memory") and
+/// identity-maps the first 4 GiB, so any size up to 3 GiB works.
+pub const MEMORY: &str = "128M";
+
 /// The default limit on one boot.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -96,6 +110,13 @@ impl Machine {
         match self {
             Machine::Microvm => "virtio-blk-device",
             Machine::Q35 => "virtio-blk-pci",
+        }
+    }
+
+    fn vhost_user_blk_device(self) -> &'static str {
+        match self {
+            Machine::Microvm => "vhost-user-blk",
+            Machine::Q35 => "vhost-user-blk-pci",
         }
     }
 }
@@ -196,6 +217,21 @@ impl Disk {
     }
 }
 
+/// A disk whose requests a vhost-user-blk backend serves over a unix
+/// socket (`blockgraph serve IMAGE --vhost-user-blk SOCKET`), after the
+/// file disks.
+#[derive(Clone, Debug)]
+pub struct VhostUser {
+    /// The backend's socket, which must exist (the backend listens).
+    pub socket: PathBuf,
+    /// The serial the backend answers GET_ID with (`blockgraph serve`:
+    /// the image's file stem), by which the kernel knows the disk.
+    pub serial: String,
+    /// The format the kernel is told the disk has, as [`Disk::format`]:
+    /// the backend exports the chain's guest view, a raw disk.
+    pub format: Option<String>,
+}
+
 /// Which cargo profile builds the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
@@ -209,6 +245,8 @@ pub struct Boot {
     pub machine: Machine,
     pub accel: Accel,
     pub disks: Vec<Disk>,
+    /// A disk served over vhost-user-blk, after `disks`.
+    pub vhost_user: Option<VhostUser>,
     /// The kernel command line (`-append`).
     pub cmdline: String,
     pub timeout: Duration,
@@ -224,6 +262,7 @@ impl Boot {
             machine,
             accel: Accel::Tcg,
             disks: Vec::new(),
+            vhost_user: None,
             cmdline: String::new(),
             timeout: DEFAULT_TIMEOUT,
             live: false,
@@ -241,6 +280,14 @@ impl Boot {
             if let Some(format) = &disk.format {
                 script.push_str(&format!("image-format {} {format}; ", disk.serial()?));
             }
+        }
+        if let Some(VhostUser {
+            serial,
+            format: Some(format),
+            ..
+        }) = &self.vhost_user
+        {
+            script.push_str(&format!("image-format {serial} {format}; "));
         }
         script.push_str(&self.cmdline);
         Ok(script)
@@ -360,10 +407,14 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
             }
         )));
     }
+    let mut machine = boot.machine.to_string();
+    if boot.vhost_user.is_some() {
+        machine.push_str(",memory-backend=mem");
+    }
     let mut cmd = Cmd::new("qemu-system-x86_64")
         .arg("-machine")
-        .arg(boot.machine.to_string())
-        .args(["-m", "128M", "-nodefaults", "-no-reboot"])
+        .arg(machine)
+        .args(["-m", MEMORY, "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-serial", "stdio"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     cmd = match boot.accel {
@@ -412,6 +463,32 @@ pub fn qemu_command(kernel: &Path, boot: &Boot) -> Result<Cmd> {
                 "{},drive=d{index},serial={}{queue_size}",
                 boot.machine.virtio_blk_device(),
                 option_value(serial)
+            ));
+    }
+    if let Some(vhost) = &boot.vhost_user {
+        if serials.contains(&vhost.serial.as_str()) {
+            return Err(Error::msg(format!(
+                "a disk file and the vhost-user disk are both named `{}`",
+                vhost.serial
+            )));
+        }
+        let socket = vhost.socket.to_str().ok_or_else(|| {
+            Error::msg(format!(
+                "socket path `{}` is not UTF-8",
+                vhost.socket.display()
+            ))
+        })?;
+        cmd = cmd
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={MEMORY},share=on"
+            ))
+            .arg("-chardev")
+            .arg(format!("socket,id=vhost0,path={}", option_value(socket)))
+            .arg("-device")
+            .arg(format!(
+                "{},chardev=vhost0",
+                boot.machine.vhost_user_blk_device()
             ));
     }
     Ok(cmd.timeout(boot.timeout))
@@ -646,6 +723,35 @@ mod tests {
         assert!(err.to_string().contains("at most 4096"), "{err}");
         boot.machine = Machine::Q35;
         assert!(qemu_command(Path::new("/k"), &boot).is_ok());
+        boot.cmdline = "checksum top".into();
+        boot.vhost_user = Some(VhostUser {
+            socket: dir.join("v.sock"),
+            serial: "top".into(),
+            format: Some("raw".into()),
+        });
+        let line = qemu_command(Path::new("/k"), &boot).unwrap().to_string();
+        assert!(
+            line.contains("-machine q35,memory-backend=mem -m 128M"),
+            "{line}"
+        );
+        assert!(
+            line.contains("memory-backend-memfd,id=mem,size=128M,share=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-device vhost-user-blk-pci,chardev=vhost0"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-append 'image-format top raw; checksum top'"),
+            "{line}"
+        );
+        boot.machine = Machine::Microvm;
+        let line = qemu_command(Path::new("/k"), &boot).unwrap().to_string();
+        assert!(
+            line.contains("-device vhost-user-blk,chardev=vhost0"),
+            "{line}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -53,9 +53,9 @@
 
 mod fetch;
 mod initramfs;
-mod qmp;
-mod scenario;
-mod server;
+pub mod qmp;
+pub mod scenario;
+pub mod server;
 
 use std::ffi::OsString;
 use std::fs;
@@ -174,17 +174,7 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     prereq::ensure_qemu(ws)?;
     let cli = match server {
         Server::Qsd => None,
-        Server::Blockgraph => {
-            ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
-            let cli = ws.target_dir.join("debug").join("blockgraph");
-            if !cli.is_file() {
-                return Err(Error::msg(format!(
-                    "cargo built the CLI but {} does not exist",
-                    cli.display()
-                )));
-            }
-            Some(cli)
-        }
+        Server::Blockgraph => Some(server::build_cli(ws)?),
     };
     let tools: &[&str] = match server {
         Server::Qsd => &["qemu-storage-daemon", "md5sum"],
@@ -219,19 +209,15 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     let prepared = started.elapsed();
 
     println!("==> the guest on a {} export", server.program());
-    let mut daemon = server
-        .command(
-            &run_dir,
-            &CHAIN,
-            ("vhost.sock", profile.queues),
-            "qmp.sock",
-            cli.as_deref(),
-        )?
-        .tee()
-        .start()?;
+    let mut daemon = server.start(
+        &run_dir,
+        &CHAIN,
+        ("vhost.sock", profile.queues),
+        "qmp.sock",
+        cli.as_deref(),
+        true,
+    )?;
     let deadline = started + profile.deadline;
-    wait_for_socket(&mut daemon, &run_dir.join("qmp.sock"))?;
-    wait_for_socket(&mut daemon, &run_dir.join("vhost.sock"))?;
     let mut qmp = qmp::Qmp::connect(&run_dir.join("qmp.sock"))?;
 
     let vhost = run_dir.join("vhost.sock");
@@ -260,15 +246,8 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     console.drain(&guest);
     // `quit` flushes and closes every image before the host reads them; a
     // server without it gets SIGTERM, which QSD handles the same way.
-    if let Err(err) = qmp.execute("quit", None) {
-        println!("    {err}; sending SIGTERM instead");
-        daemon.terminate()?;
-    }
-    if daemon.wait_or_kill(Duration::from_secs(20))?.is_none() {
-        return Err(Error::msg(format!(
-            "{} did not exit within 20 s after `quit`",
-            server.program()
-        )));
+    if let Some(note) = server::stop(&mut daemon, Some(&mut qmp), Duration::from_secs(20))? {
+        println!("    {note}");
     }
 
     println!("==> judging the run");
@@ -407,25 +386,6 @@ fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32) -> Cmd {
         .arg("-device")
         .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"))
         .tee()
-}
-
-/// Waits (up to 10 s) until the server has made `socket`.
-fn wait_for_socket(server: &mut Background, socket: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = server.try_wait()? {
-            return Err(Error::msg(format!("`{}` exited ({status})", server.name())));
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::msg(format!(
-                "`{}` made no {} within 10 s",
-                server.name(),
-                socket.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// The guest's serial console so far.

@@ -43,12 +43,19 @@ pub struct Qmp {
     pub log: Vec<String>,
     /// How long a command may take to answer.
     pub command_timeout: Duration,
+    /// Print each command and event (`qmp>`, `qmp<`) as it goes.
+    pub echo: bool,
 }
 
 impl Qmp {
     /// Connects to the monitor socket at `path`, reads the greeting and
     /// leaves capabilities negotiation with `qmp_capabilities`.
     pub fn connect(path: &Path) -> Result<Qmp> {
+        Self::connect_with(path, true)
+    }
+
+    /// [`Qmp::connect`], printing commands and events only with `echo`.
+    pub fn connect_with(path: &Path, echo: bool) -> Result<Qmp> {
         let stream = UnixStream::connect(path)
             .context(format!("connecting to QMP at {}", path.display()))?;
         let writer = stream.try_clone().context("cloning the QMP socket")?;
@@ -60,6 +67,7 @@ impl Qmp {
             events: VecDeque::new(),
             log: Vec::new(),
             command_timeout: Duration::from_secs(30),
+            echo,
         };
         let greeting = qmp.read_answer(Instant::now() + qmp.command_timeout)?;
         if greeting.get("QMP").is_none() {
@@ -87,7 +95,9 @@ impl Qmp {
             message.push(("arguments".to_owned(), arguments));
         }
         let text = json::render(&Value::Object(message));
-        println!("    qmp> {text}");
+        if self.echo {
+            println!("    qmp> {text}");
+        }
         self.writer
             .write_all(format!("{text}\n").as_bytes())
             .context(format!("sending QMP `{command}`"))?;
@@ -201,7 +211,9 @@ impl Qmp {
         };
         let data = message.get("data").cloned().unwrap_or(Value::Null);
         let entry = format!("{name} {}", json::render(&data));
-        println!("    qmp< {entry}");
+        if self.echo {
+            println!("    qmp< {entry}");
+        }
         self.log.push(entry);
         self.events.push_back(Event {
             name: name.to_owned(),

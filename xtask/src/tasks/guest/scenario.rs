@@ -55,11 +55,9 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// Runs the three jobs. `pause` is how long to let guest writes land
-/// between steps (and in the commit's READY state, when the mirror copies
-/// every guest write to both sides).
-pub fn run(qmp: &mut Qmp, lab: &Lab, pause: Duration) -> Result<Outcome> {
-    let started = Instant::now();
+/// The live snapshot: `blockdev-snapshot-sync` puts a new qcow2 overlay
+/// `snap.qcow2` (node `snap`) on the node `top`; the export follows it.
+pub fn snapshot(qmp: &mut Qmp) -> Result<()> {
     qmp.execute(
         "blockdev-snapshot-sync",
         Some(object([
@@ -68,7 +66,16 @@ pub fn run(qmp: &mut Qmp, lab: &Lab, pause: Duration) -> Result<Outcome> {
             ("snapshot-node-name", "snap".into()),
             ("format", "qcow2".into()),
         ])),
-    )?;
+    )
+    .map(drop)
+}
+
+/// Runs the three jobs. `pause` is how long to let guest writes land
+/// between steps (and in the commit's READY state, when the mirror copies
+/// every guest write to both sides).
+pub fn run(qmp: &mut Qmp, lab: &Lab, pause: Duration) -> Result<Outcome> {
+    let started = Instant::now();
+    snapshot(qmp)?;
     // The server caches qcow2 metadata until a flush, but data clusters are
     // written to the file at once: a growing file shows guest writes landing.
     // (fio takes a few seconds to start under TCG: poll.)

@@ -27,11 +27,98 @@
 //!   to the base node.
 //! - `block-stream` needs `backing-file=`: without it the overlay records a
 //!   `json:` backing name that `qemu-img info` cannot open later.
+//!
+//! The boot tests (`boot_test.rs`) reuse this too: [`build_cli`],
+//! [`Server::start`] and [`stop`] put `blockgraph serve` under the
+//! project's own kernel.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use crate::cmd::Cmd;
-use crate::{Error, Result};
+use super::qmp::Qmp;
+use crate::cmd::{Background, Cmd};
+use crate::{Error, Result, Workspace};
+
+/// How long a server may take to make its sockets.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+/// Builds the `blockgraph` CLI (debug profile) and returns its path.
+///
+/// # Errors
+/// The build fails, or leaves no binary where it should be.
+pub fn build_cli(ws: &Workspace) -> Result<PathBuf> {
+    ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
+    let cli = ws.target_dir.join("debug").join("blockgraph");
+    if !cli.is_file() {
+        return Err(Error::msg(format!(
+            "cargo built the CLI but {} does not exist",
+            cli.display()
+        )));
+    }
+    Ok(cli)
+}
+
+/// Waits (up to 10 s) until `server` has made `socket`.
+///
+/// # Errors
+/// The server exits first, or the time runs out (the caller's
+/// [`Background`] kills it when dropped).
+pub fn wait_for_socket(server: &mut Background, socket: &Path) -> Result<()> {
+    let deadline = Instant::now() + SOCKET_WAIT;
+    while !socket.exists() {
+        if let Some(status) = server.try_wait()? {
+            return Err(Error::msg(format!("`{}` exited ({status})", server.name())));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::msg(format!(
+                "`{}` made no {} within {} s",
+                server.name(),
+                socket.display(),
+                SOCKET_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Ends a server: QMP `quit` on `qmp` (which flushes and closes every
+/// image), or SIGTERM when there is no monitor or `quit` fails; then waits
+/// up to `limit` for the exit, killing the server after that. Returns a
+/// note when SIGTERM had to stand in for `quit`.
+///
+/// # Errors
+/// The server did not exit within `limit` (it is killed), or exited with a
+/// failure.
+pub fn stop(
+    server: &mut Background,
+    qmp: Option<&mut Qmp>,
+    limit: Duration,
+) -> Result<Option<String>> {
+    let quit = match qmp {
+        Some(qmp) => qmp.execute("quit", None).map(drop),
+        None => Err(Error::msg("no QMP monitor")),
+    };
+    let note = match quit {
+        Ok(()) => None,
+        Err(err) => {
+            server.terminate()?;
+            Some(format!("{err}; sent SIGTERM instead"))
+        }
+    };
+    match server.wait_or_kill(limit)? {
+        None => Err(Error::msg(format!(
+            "`{}` did not exit within {:.0} s after `quit` and was killed",
+            server.name(),
+            limit.as_secs_f64()
+        ))),
+        Some(status) if !status.success() => Err(Error::msg(format!(
+            "`{}` exited with {status}",
+            server.name()
+        ))),
+        Some(_) => Ok(note),
+    }
+}
 
 /// One image of the chain: its file name and node name.
 pub struct Node<'a> {
@@ -136,5 +223,28 @@ impl Server {
                 ]))
             }
         }
+    }
+
+    /// Starts [`Server::command`] in the background (its output shown live
+    /// with `live`) and waits until it has made both sockets.
+    ///
+    /// # Errors
+    /// The server cannot start, exits, or makes no socket within 10 s; it
+    /// is killed then (the [`Background`] is dropped).
+    pub fn start(
+        self,
+        dir: &Path,
+        chain: &[Node],
+        vhost: (&str, u32),
+        qmp: &str,
+        cli: Option<&Path>,
+        live: bool,
+    ) -> Result<Background> {
+        let cmd = self.command(dir, chain, vhost, qmp, cli)?;
+        let cmd = if live { cmd.tee() } else { cmd.quiet() };
+        let mut server = cmd.start()?;
+        wait_for_socket(&mut server, &dir.join(qmp))?;
+        wait_for_socket(&mut server, &dir.join(vhost.0))?;
+        Ok(server)
     }
 }
