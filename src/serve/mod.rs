@@ -495,9 +495,14 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
 fn remove_sockets(options: &Options) {
     let paths = [&options.qmp, &options.nbd, &options.vhost_user_blk];
     for path in paths.into_iter().flatten() {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(path);
-        }
+        remove_socket(path);
+    }
+}
+
+/// Removes the socket at `path` (nothing else).
+fn remove_socket(path: &str) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -629,6 +634,11 @@ fn serve_loop(
             device.drain(block);
             device.release();
             device.vrings = None;
+            // One frontend per run: its socket goes with it, so no second
+            // one finds a socket that nothing listens on.
+            if let Some(path) = &options.vhost_user_blk {
+                remove_socket(path);
+            }
             if let Some(message) = ended {
                 break End::Frontend(message);
             }

@@ -120,13 +120,16 @@ impl Clients {
                         continue;
                     };
                     let answers = self.clients[at].monitor.handle(&text, &mut block.control());
-                    let client = &mut self.clients[at];
-                    quit |= client.monitor.quit_requested();
-                    if !client.send(&answers) {
-                        self.clients.remove(at);
-                    }
-                    // A command's events (a job created) go out at once.
+                    quit |= self.clients[at].monitor.quit_requested();
+                    // The events a command raised (a job created and
+                    // running) go out before its answer, as QEMU sends
+                    // them.
                     self.send_events(block);
+                    if let Some(at) = self.clients.iter().position(|c| c.id == client) {
+                        if !self.clients[at].send(&answers) {
+                            self.clients.remove(at);
+                        }
+                    }
                 }
                 Line::Closed { client } => self.clients.retain(|c| c.id != client),
             }
