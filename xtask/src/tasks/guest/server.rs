@@ -34,10 +34,25 @@ use crate::cmd::Cmd;
 use crate::{Error, Result};
 
 /// One image of the chain: its file name and node name.
+#[derive(Clone, Copy, Debug)]
 pub struct Node<'a> {
     pub file: &'a str,
     pub node: &'a str,
 }
+
+/// What the server exports the top node as (socket paths relative to the
+/// server's directory).
+#[derive(Clone, Copy, Debug)]
+pub enum Export<'a> {
+    /// A vhost-user-blk socket with a number of virtqueues.
+    VhostUser { socket: &'a str, queues: u32 },
+    /// An NBD server on a Unix socket; QSD names the export [`NBD_EXPORT`]
+    /// (blockgraph answers any name).
+    Nbd { socket: &'a str },
+}
+
+/// The NBD export's name: `nbd+unix:///disk?socket=SOCKET`.
+pub const NBD_EXPORT: &str = "disk";
 
 /// Which program serves the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,15 +83,14 @@ impl Server {
     }
 
     /// The command serving `chain` (base first) in `dir`, exporting the
-    /// last node on `vhost` (a socket and a number of virtqueues) and
-    /// answering QMP on `qmp` (paths relative to
+    /// last node as `export` and answering QMP on `qmp` (paths relative to
     /// `dir`, where the server runs, so the backing names it writes are
     /// relative too). `cli` is the blockgraph binary to run.
     pub fn command(
         self,
         dir: &Path,
         chain: &[Node],
-        (vhost, queues): (&str, u32),
+        export: Export,
         qmp: &str,
         cli: Option<&Path>,
     ) -> Result<Cmd> {
@@ -105,13 +119,26 @@ impl Server {
                     ]);
                     below = Some(image.node);
                 }
+                cmd = match export {
+                    Export::VhostUser { socket, queues } => cmd.args([
+                        "--export".to_owned(),
+                        format!(
+                            "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
+                             addr.path={socket},writable=on,num-queues={queues}",
+                            top.node
+                        ),
+                    ]),
+                    Export::Nbd { socket } => cmd.args([
+                        "--nbd-server".to_owned(),
+                        format!("addr.type=unix,addr.path={socket}"),
+                        "--export".to_owned(),
+                        format!(
+                            "type=nbd,id=e0,node-name={},name={NBD_EXPORT},writable=on",
+                            top.node
+                        ),
+                    ]),
+                };
                 Ok(cmd.args([
-                    "--export".to_owned(),
-                    format!(
-                        "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
-                         addr.path={vhost},writable=on,num-queues={queues}",
-                        top.node
-                    ),
                     "--chardev".to_owned(),
                     format!("socket,id=qmp0,path={qmp},server=on,wait=off"),
                     "--monitor".to_owned(),
@@ -122,18 +149,19 @@ impl Server {
             // (relative, resolved in `dir`); the nodes are the file stems.
             Server::Blockgraph => {
                 let cli = cli.ok_or_else(|| Error::msg("blockgraph serve needs the built CLI"))?;
-                Ok(Cmd::new(cli.to_string_lossy().as_ref()).cwd(dir).args([
-                    "serve",
-                    "-f",
-                    "qcow2",
-                    top.file,
-                    "--vhost-user-blk",
-                    vhost,
-                    "--num-queues",
-                    &queues.to_string(),
-                    "--qmp",
-                    qmp,
-                ]))
+                let cmd = Cmd::new(cli.to_string_lossy().as_ref())
+                    .cwd(dir)
+                    .args(["serve", "-f", "qcow2", top.file]);
+                let cmd = match export {
+                    Export::VhostUser { socket, queues } => cmd.args([
+                        "--vhost-user-blk",
+                        socket,
+                        "--num-queues",
+                        &queues.to_string(),
+                    ]),
+                    Export::Nbd { socket } => cmd.args(["--nbd", socket]),
+                };
+                Ok(cmd.args(["--qmp", qmp]))
             }
         }
     }
