@@ -174,6 +174,7 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
     let archive = super::build_initramfs(&pieces, &initramfs::bench_init_script(), &files)?;
     fs::write(&initrd, &archive).context(format!("writing {}", initrd.display()))?;
     let prepared = started.elapsed();
+    let load_before = load_average();
 
     let bench = GuestBench {
         vmlinux: pieces.vmlinux.clone(),
@@ -237,6 +238,7 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
         &mut report,
         &Header {
             machine: machine(),
+            load: [load_before, load_average()],
             versions: versions(ws),
             seconds,
         },
@@ -278,6 +280,18 @@ fn name(server: Server) -> &'static str {
 /// The servers in row `index`'s order: QSD first on even rows.
 fn order(index: usize) -> [Server; 2] {
     alternate(index, [Server::Qsd, Server::Blockgraph])
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn nbd_label(job: &Job, count: u64) -> String {
@@ -501,6 +515,9 @@ fn parse_terse(line: &str, writes: bool) -> Option<Sample> {
 
 struct Header {
     machine: String,
+    /// `/proc/loadavg` before and after the rows (other load skews the
+    /// guest's clock).
+    load: [String; 2],
     versions: Vec<String>,
     seconds: u32,
 }
@@ -511,6 +528,11 @@ fn write_report(out: &mut String, header: &Header, guest: &[Row], nbd: &[Row]) -
         "blockgraph serve vs qemu-storage-daemon",
         &header.machine,
         &header.versions,
+    )?;
+    writeln!(
+        out,
+        "- load average (1, 5, 15 min) before the rows: {}, after: {}",
+        header.load[0], header.load[1]
     )?;
     writeln!(
         out,
