@@ -85,6 +85,16 @@ Commands:
                        writes (median of 3 alternating runs), blockgraph's
                        reads against a pread loop, and the static memory;
                        prints a table and writes target/bench/report.md
+  bench --guest [--seconds N]
+                       the Linux guest of `guest` runs fio (4 KiB random
+                       reads at QD 1 and 32, 64 KiB sequential reads at QD 8,
+                       4 KiB random writes at QD 32 on a fresh overlay; N s
+                       each, default 10) on a vhost-user-blk export of a
+                       1 GiB chain by `blockgraph serve` and by
+                       qemu-storage-daemon, alternating; then the same rows
+                       through NBD with qemu-img bench on the host; prints
+                       IOPS, MiB/s, latencies and ratios, writes
+                       target/gbench/report.md
   guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]
                        a real Linux guest (Debian's kernel, busybox, fio;
                        fetched with apt-get download into target/guest/ and
@@ -145,8 +155,10 @@ fn run(args: &[OsString]) -> Result<()> {
             ))),
         },
         "bench" => match rest.first() {
+            Some(arg) if arg == "--guest" => guest_bench_seconds(&rest[1..])
+                .and_then(|seconds| tasks::guest::bench(&Workspace::locate(), seconds)),
             Some(arg) => Err(Error::msg(format!(
-                "`bench` takes no arguments (got `{}`)",
+                "`bench` takes no arguments but --guest [--seconds N] (got `{}`)",
                 arg.to_string_lossy()
             ))),
             None => tasks::bench::run(&Workspace::locate()),
@@ -210,6 +222,22 @@ impl Workspace {
     /// A cargo command run from the workspace root.
     pub fn cargo(&self) -> cmd::Cmd {
         cmd::Cmd::new(&self.cargo).cwd(&self.root)
+    }
+}
+
+/// `--seconds N` after `bench --guest` (default 10): fio's run time per
+/// row and server.
+fn guest_bench_seconds(args: &[OsString]) -> Result<u32> {
+    match args {
+        [] => Ok(10),
+        [flag, n] if flag == "--seconds" => n
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| (1..=600).contains(n))
+            .ok_or_else(|| Error::msg("--seconds needs a number from 1 to 600")),
+        _ => Err(Error::msg(
+            "`bench --guest` takes only --seconds N (fio's run time per row and server)",
+        )),
     }
 }
 

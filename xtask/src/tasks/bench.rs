@@ -105,11 +105,16 @@ impl Tool {
 
 /// The two tools in the order of round `round`.
 fn order(round: usize) -> [Tool; 2] {
-    if round.is_multiple_of(2) {
-        [Tool::QemuImg, Tool::Blockgraph]
-    } else {
-        [Tool::Blockgraph, Tool::QemuImg]
+    alternate(round, [Tool::QemuImg, Tool::Blockgraph])
+}
+
+/// `pair` in round `round`'s order: as given on even rounds, swapped on
+/// odd ones, so neither side always goes first.
+pub(crate) fn alternate<T>(round: usize, mut pair: [T; 2]) -> [T; 2] {
+    if !round.is_multiple_of(2) {
+        pair.swap(0, 1);
     }
+    pair
 }
 
 /// What a run is timed by.
@@ -170,7 +175,7 @@ fn median(times: &[f64]) -> f64 {
 }
 
 /// `Run completed in X seconds.` in a bench's output.
-fn reported_seconds(output: &str) -> Option<f64> {
+pub(crate) fn reported_seconds(output: &str) -> Option<f64> {
     output.lines().find_map(completion_seconds)
 }
 
@@ -187,25 +192,10 @@ pub fn run(ws: &Workspace) -> Result<()> {
     let started = Instant::now();
     println!("==> prerequisites");
     prereq::ensure_qemu(ws)?;
-    ws.cargo()
-        .args(["build", "--release", "--bin", "blockgraph"])
-        .run()?;
-    let cli = ws.target_dir.join("release").join("blockgraph");
-    if !cli.is_file() {
-        return Err(Error::msg(format!(
-            "cargo built the CLI but {} does not exist",
-            cli.display()
-        )));
-    }
+    let cli = super::build_cli(ws, true)?;
     let dir = ws.target_dir.join("bench");
     // Only images are built and checked here: nothing boots.
-    let lab = Lab {
-        dir,
-        kernel: PathBuf::new(),
-        machine: Machine::Microvm,
-        timeout: Duration::from_secs(60),
-        live: false,
-    };
+    let lab = Lab::images(dir);
     let bench = Bench { lab, cli };
     let phase = Instant::now();
     bench.prepare()?;
@@ -783,7 +773,7 @@ fn pread_loop(path: &Path, count: u64, size: u64, step: u64) -> Result<f64> {
 }
 
 /// CPUs, kernel and CPU model.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|text| text.trim().to_owned())
@@ -801,7 +791,7 @@ fn machine() -> String {
 }
 
 /// qemu-img, rustc and the tree measured.
-fn versions(ws: &Workspace) -> Vec<String> {
+pub(crate) fn versions(ws: &Workspace) -> Vec<String> {
     let first_line = |cmd: Cmd| {
         cmd.quiet()
             .read()
@@ -852,12 +842,7 @@ impl Report {
     }
 
     fn write(&self, out: &mut String) -> std::fmt::Result {
-        writeln!(out, "# blockgraph benchmark")?;
-        writeln!(out)?;
-        writeln!(out, "- machine: {}", self.machine)?;
-        for version in &self.versions {
-            writeln!(out, "- {version}")?;
-        }
+        report_header(out, "blockgraph benchmark", &self.machine, &self.versions)?;
         writeln!(
             out,
             "- chain: base.qcow2 (512 MiB of data) <- mid.qcow2 (128 MiB) <- top.qcow2 \
@@ -980,6 +965,22 @@ impl Report {
             self.total.as_secs_f64()
         )
     }
+}
+
+/// A report's title, then the machine and the versions as a list.
+pub(crate) fn report_header(
+    out: &mut String,
+    title: &str,
+    machine: &str,
+    versions: &[String],
+) -> std::fmt::Result {
+    writeln!(out, "# {title}")?;
+    writeln!(out)?;
+    writeln!(out, "- machine: {machine}")?;
+    for version in versions {
+        writeln!(out, "- {version}")?;
+    }
+    Ok(())
 }
 
 fn table_row(out: &mut String, row: &Row) -> std::fmt::Result {

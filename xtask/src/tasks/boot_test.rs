@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use super::guest::qmp::Qmp;
 use super::guest::scenario;
-use super::guest::server::{self, Node, Server};
+use super::guest::server::{self, Export, Node, Server};
 use super::lab::{checksums, io_command, pattern_reads, Lab, Layout, MIB};
 use super::qemu::{
     self, Accel, Boot, BootResult, Disk, Machine, Profile, VhostUser, KERNEL_FAILURE,
@@ -184,7 +184,7 @@ pub fn run(ws: &Workspace, filter: Option<&str>) -> Result<()> {
             .any(|&machine| tally.selects(&served(name, machine)))
     });
     if wanted {
-        let cli = server::build_cli(ws)?;
+        let cli = super::build_cli(ws, false)?;
         for (name, test) in SERVED_TESTS {
             for machine in MACHINES {
                 tally.run(&served(name, machine), || {
@@ -1332,10 +1332,14 @@ fn served(lab: &Lab, cli: &Path, snapshot: bool) -> Result<String> {
         format!("checksum -d 32 {SERVED_SERIAL}"),
     ]);
     // Killed when dropped, on any early return.
+    let export = Export::VhostUser {
+        socket: "vhost.sock",
+        queues: 1,
+    };
     let mut daemon = Server::Blockgraph.start(
         &lab.dir,
         &SERVED_CHAIN,
-        ("vhost.sock", 1),
+        export,
         "qmp.sock",
         Some(cli),
         lab.live,

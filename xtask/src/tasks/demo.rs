@@ -166,7 +166,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
     let mut timings: Vec<(&str, Duration)> = Vec::new();
     prereq::ensure_all(ws)?;
     let kernel = qemu::build_kernel(ws, Profile::Release)?;
-    let cli = super::guest::server::build_cli(ws)?;
+    let cli = super::build_cli(ws, false)?;
     timings.push(("build", started.elapsed()));
 
     let phase = Instant::now();

@@ -158,6 +158,18 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// A lab over the images in `dir` as they are, for image tools only
+    /// (nothing boots: no kernel).
+    pub fn images(dir: PathBuf) -> Lab {
+        Lab {
+            dir,
+            kernel: PathBuf::new(),
+            machine: Machine::Microvm,
+            timeout: Duration::from_secs(60),
+            live: false,
+        }
+    }
+
     /// A lab in `dir`, emptied first.
     pub fn fresh(dir: PathBuf, kernel: &Path, machine: Machine) -> Result<Lab> {
         if dir.exists() {

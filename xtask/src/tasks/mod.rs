@@ -10,3 +10,27 @@ pub mod guest;
 pub mod lab;
 pub mod qemu;
 pub mod test;
+
+use std::path::PathBuf;
+
+use crate::{Error, Result, Workspace};
+
+/// Builds the CLI (`release` or debug) and returns its path.
+pub fn build_cli(ws: &Workspace, release: bool) -> Result<PathBuf> {
+    let mut cargo = ws.cargo().args(["build", "--bin", "blockgraph"]);
+    if release {
+        cargo = cargo.arg("--release");
+    }
+    cargo.run()?;
+    let cli = ws
+        .target_dir
+        .join(if release { "release" } else { "debug" })
+        .join("blockgraph");
+    if !cli.is_file() {
+        return Err(Error::msg(format!(
+            "cargo built the CLI but {} does not exist",
+            cli.display()
+        )));
+    }
+    Ok(cli)
+}

@@ -124,6 +124,10 @@ pub const MODULES: [&str; 6] = [
     "virtio_blk",
 ];
 
+/// The start of every fio job file here: the disk, through O_DIRECT and
+/// libaio.
+pub const FIO_GLOBAL: &str = "[global]\nfilename=/dev/vda\ndirect=1\nioengine=libaio\n";
+
 /// The fio job's parameters (one job file, run twice: writing with
 /// verification, then `--verify_only`).
 #[derive(Clone, Debug)]
@@ -141,10 +145,7 @@ impl FioJob {
     /// checked (`do_verify`, the default), fatal on the first mismatch.
     pub fn job_file(&self) -> String {
         format!(
-            "[global]\n\
-             filename=/dev/vda\n\
-             direct=1\n\
-             ioengine=libaio\n\
+            "{FIO_GLOBAL}\
              iodepth=16\n\
              bs=4k\n\
              size={}m\n\
@@ -161,12 +162,9 @@ impl FioJob {
     }
 }
 
-/// `/init` (busybox sh): mounts, loads the virtio modules, runs the fio job
-/// (the host drives the block jobs meanwhile), runs it again with
-/// `--verify_only` (a fresh process reading every block back after the
-/// jobs), hashes the disk, prints the results between markers and powers
-/// off. Every path ends in `poweroff -f`, so the guest never waits.
-pub fn init_script() -> String {
+/// The start of every `/init` (busybox sh): mounts, the virtio modules,
+/// `fail` (prints a failure and powers off) and a wait for `/dev/vda`.
+fn prologue() -> String {
     let modules: String = MODULES
         .iter()
         .map(|m| format!("insmod /lib/modules/{m}.ko || fail \"insmod {m}\"\n"))
@@ -187,7 +185,18 @@ while [ ! -b /dev/vda ]; do
   sleep 0.1
 done
 echo "GUEST: /dev/vda is $(cat /sys/block/vda/size) sectors"
-echo "{FIO_START}"
+"#
+    )
+}
+
+/// `/init` for `cargo xtask guest`: after the [`prologue`], runs the fio
+/// job (the host drives the block jobs meanwhile), runs it again with
+/// `--verify_only` (a fresh process reading every block back after the
+/// jobs), hashes the disk, prints the results between markers and powers
+/// off. Every path ends in `poweroff -f`, so the guest never waits.
+pub fn init_script() -> String {
+    format!(
+        r#"{}echo "{FIO_START}"
 fio /job.fio > /tmp/live.txt 2>&1
 live=$?
 echo "{FIO_END} rc=$live"
@@ -203,7 +212,35 @@ dmesg | grep -i -E 'error|i/o'
 echo "{DMESG_END}"
 echo "{RESULT} live=$live verify=$verify md5=$sum"
 poweroff -f
-"#
+"#,
+        prologue()
+    )
+}
+
+/// Markers around fio's terse (`--minimal`) output in the bench mode.
+pub const TERSE_BEGIN: &str = "GUEST: ---- fio terse begin ----";
+pub const TERSE_END: &str = "GUEST: ---- fio terse end ----";
+/// The bench mode's result line: `GUEST: bench rc=N`.
+pub const BENCH_RESULT: &str = "GUEST: bench";
+
+/// `/init` for `cargo xtask bench --guest`, the second mode: after the
+/// [`prologue`], runs the job `/jobs/NAME.fio` named by `bgjob=NAME` on
+/// the kernel's command line with `--minimal`, prints its output between
+/// [`TERSE_BEGIN`] and [`TERSE_END`], then [`BENCH_RESULT`] with fio's
+/// exit status, and powers off.
+pub fn bench_init_script() -> String {
+    format!(
+        r#"{}job=$(sed -n 's/.*bgjob=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -f "/jobs/$job.fio" ] || fail "no job /jobs/$job.fio (bgjob= on the command line)"
+fio --minimal "/jobs/$job.fio" > /tmp/fio.txt 2>&1
+rc=$?
+echo "{TERSE_BEGIN}"
+cat /tmp/fio.txt
+echo "{TERSE_END}"
+echo "{BENCH_RESULT} rc=$rc"
+poweroff -f
+"#,
+        prologue()
     )
 }
 
@@ -255,6 +292,9 @@ mod tests {
         let at = |m: &str| init.find(&format!("insmod /lib/modules/{m}.ko")).unwrap();
         assert!(MODULES.windows(2).all(|w| at(w[0]) < at(w[1])));
         assert!(init.trim_end().ends_with("poweroff -f"));
+        let bench = bench_init_script();
+        assert!(bench.contains("insmod /lib/modules/virtio_blk.ko"));
+        assert!(bench.contains("fio --minimal") && bench.trim_end().ends_with("poweroff -f"));
         let job = FioJob {
             size_mib: 8,
             write_iops: 100,

@@ -9,12 +9,15 @@
 //! fetch.rs      Debian's kernel, busybox-static, fio and fio's libraries
 //!               (apt-get download, cached in target/guest/)
 //! initramfs.rs  the newc archive and /init (virtio modules, fio twice,
-//!               md5sum of the disk, markers on the serial console)
+//!               md5sum of the disk, markers on the serial console; the
+//!               bench mode runs the fio job `bgjob=NAME` names)
 //! server.rs     the export server: qemu-storage-daemon now, `blockgraph
 //!               serve` later (the same QMP)
 //! qmp.rs        the QMP client
 //! scenario.rs   snapshot, stream, active commit with pivot, over QMP
 //! mod.rs        the run: chain, server, QEMU, scenario, judgement
+//! bench.rs      `cargo xtask bench --guest`: fio rows on blockgraph serve
+//!               and on QSD, then the same rows through NBD on the host
 //! ```
 //!
 //! The guest boots Debian's vmlinux through PVH under TCG (KVM on this
@@ -51,6 +54,7 @@
 //! with busybox md5sum takes a few seconds. The short run takes 17–23 s in
 //! all, the full one 38–44 s; a cold cache adds ~26 s (90 MB downloaded).
 
+mod bench;
 mod fetch;
 mod initramfs;
 pub mod qmp;
@@ -69,9 +73,10 @@ use crate::tasks::lab::Lab;
 use crate::tasks::qemu::Machine;
 use crate::{Context, Error, Result, Workspace};
 
+pub use bench::run as bench;
 use initramfs::{Archive, FioJob};
-use server::Node;
 pub use server::Server;
+use server::{Export, Node};
 
 /// How big and how long: the full run and the short one for `xtask test`.
 #[derive(Clone, Debug)]
@@ -174,30 +179,23 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     prereq::ensure_qemu(ws)?;
     let cli = match server {
         Server::Qsd => None,
-        Server::Blockgraph => Some(server::build_cli(ws)?),
+        Server::Blockgraph => Some(crate::tasks::build_cli(ws, false)?),
     };
     let tools: &[&str] = match server {
         Server::Qsd => &["qemu-storage-daemon", "md5sum"],
         Server::Blockgraph => &["md5sum"],
     };
-    for &tool in tools {
-        if prereq::find_on_path(tool).is_none() {
-            return Err(Error::msg(format!(
-                "`cargo xtask guest` needs `{tool}` on PATH{}",
-                if tool == "qemu-storage-daemon" {
-                    " (Debian: qemu-system-common, or qemu-storage-daemon in newer releases)"
-                } else {
-                    ""
-                }
-            )));
-        }
-    }
+    require_tools("cargo xtask guest", tools)?;
     let pieces = fetch::ensure(ws)?;
     let run_dir = ws.target_dir.join("guest/run");
     // The lab's kernel is unused: the guest here is Linux, booted below.
     let lab = Lab::fresh(run_dir.clone(), Path::new("vmlinux"), Machine::Q35)?;
     let initrd = run_dir.join("initramfs.cpio");
-    let archive = build_initramfs(&pieces, &profile.fio)?;
+    let archive = build_initramfs(
+        &pieces,
+        &initramfs::init_script(),
+        &[("job.fio".to_owned(), profile.fio.job_file())],
+    )?;
     fs::write(&initrd, &archive).context(format!("writing {}", initrd.display()))?;
     println!(
         "    initramfs: {} MiB uncompressed ({} libraries), kernel {}",
@@ -209,25 +207,21 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
     let prepared = started.elapsed();
 
     println!("==> the guest on a {} export", server.program());
-    let mut daemon = server.start(
-        &run_dir,
-        &CHAIN,
-        ("vhost.sock", profile.queues),
-        "qmp.sock",
-        cli.as_deref(),
-        true,
-    )?;
+    let export = Export::VhostUser {
+        socket: "vhost.sock",
+        queues: profile.queues,
+    };
+    let mut served = Served::start(server, &run_dir, &CHAIN, export, cli.as_deref(), true)?;
     let deadline = started + profile.deadline;
-    let mut qmp = qmp::Qmp::connect(&run_dir.join("qmp.sock"))?;
 
     let vhost = run_dir.join("vhost.sock");
-    let mut guest = qemu(&pieces.vmlinux, &initrd, &vhost, profile.queues).start()?;
+    let mut guest = qemu(&pieces.vmlinux, &initrd, &vhost, profile.queues, "").start()?;
     let mut console = Console::default();
     let booted = Instant::now();
     console.wait_for(&mut guest, initramfs::FIO_START, deadline)?;
     let boot_time = booted.elapsed();
     let scenario = match jobs {
-        true => Some(scenario::run(&mut qmp, &lab, profile.pause)?),
+        true => Some(scenario::run(&mut served.qmp, &lab, profile.pause)?),
         false => None,
     };
     console.drain(&guest);
@@ -244,11 +238,7 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
         ));
     }
     console.drain(&guest);
-    // `quit` flushes and closes every image before the host reads them; a
-    // server without it gets SIGTERM, which QSD handles the same way.
-    if let Some(note) = server::stop(&mut daemon, Some(&mut qmp), Duration::from_secs(20))? {
-        println!("    {note}");
-    }
+    served.stop()?;
 
     println!("==> judging the run");
     let md5 = judge_console(&console)?;
@@ -347,14 +337,78 @@ fn make_chain(lab: &Lab) -> Result<()> {
     )
 }
 
-fn build_initramfs(pieces: &fetch::Pieces, job: &FioJob) -> Result<Vec<u8>> {
+/// Every tool in `tools` must be on PATH: `task` says who needs it.
+fn require_tools(task: &str, tools: &[&str]) -> Result<()> {
+    for &tool in tools {
+        if prereq::find_on_path(tool).is_none() {
+            return Err(Error::msg(format!(
+                "`{task}` needs `{tool}` on PATH{}",
+                if tool == "qemu-storage-daemon" {
+                    " (Debian: qemu-system-common, or qemu-storage-daemon in newer releases)"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A server exporting a chain, its sockets up and its QMP monitor
+/// connected; killed on drop unless [`Served::stop`] ended it.
+struct Served {
+    server: Server,
+    daemon: Background,
+    qmp: qmp::Qmp,
+}
+
+impl Served {
+    /// Starts `server` on `chain` in `dir` (QMP on `qmp.sock`) and waits
+    /// for its sockets; `tee` shows its output live.
+    fn start(
+        server: Server,
+        dir: &Path,
+        chain: &[Node],
+        export: Export,
+        cli: Option<&Path>,
+        tee: bool,
+    ) -> Result<Served> {
+        let daemon = server.start(dir, chain, export, "qmp.sock", cli, tee)?;
+        let qmp = qmp::Qmp::connect(&dir.join("qmp.sock"))?;
+        Ok(Served {
+            server,
+            daemon,
+            qmp,
+        })
+    }
+
+    /// `quit` flushes and closes every image before the host reads them; a
+    /// server without it gets SIGTERM, which QSD handles the same way.
+    fn stop(mut self) -> Result<()> {
+        let limit = Duration::from_secs(20);
+        if let Some(note) = server::stop(&mut self.daemon, Some(&mut self.qmp), limit)? {
+            println!("    {}: {note}", self.server.program());
+        }
+        Ok(())
+    }
+}
+
+/// The initramfs: busybox, fio and its libraries, the virtio modules,
+/// `init` as `/init` and `files` (path, text).
+fn build_initramfs(
+    pieces: &fetch::Pieces,
+    init: &str,
+    files: &[(String, String)],
+) -> Result<Vec<u8>> {
     let read = |path: &Path| fs::read(path).context(format!("reading {}", path.display()));
     let mut archive = Archive::default();
     archive.char_device("dev/console", 0o600, 5, 1);
     archive.file("bin/busybox", 0o755, &read(&pieces.busybox)?);
     archive.file("bin/fio", 0o755, &read(&pieces.fio)?);
-    archive.file("init", 0o755, initramfs::init_script().as_bytes());
-    archive.file("job.fio", 0o644, job.job_file().as_bytes());
+    archive.file("init", 0o755, init.as_bytes());
+    for (path, text) in files {
+        archive.file(path, 0o644, text.as_bytes());
+    }
     for (name, path) in initramfs::MODULES.iter().zip(&pieces.modules) {
         archive.file(&format!("lib/modules/{name}.ko"), 0o644, &read(path)?);
     }
@@ -367,8 +421,9 @@ fn build_initramfs(pieces: &fetch::Pieces, job: &FioJob) -> Result<Vec<u8>> {
 
 /// QEMU: TCG, one vCPU per virtqueue, shared memfd memory (vhost-user
 /// needs it), the vmlinux through PVH, the serial console on stdout, one
-/// vhost-user-blk with `queues` virtqueues.
-fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32) -> Cmd {
+/// vhost-user-blk with `queues` virtqueues; `append` adds to the kernel's
+/// command line.
+fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32, append: &str) -> Cmd {
     Cmd::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
         .args(["-smp".to_owned(), queues.to_string()])
@@ -379,7 +434,8 @@ fn qemu(vmlinux: &Path, initrd: &Path, vhost: &Path, queues: u32) -> Cmd {
         .arg(vmlinux)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {append}").trim_end())
         .args(["-serial", "stdio"])
         .arg("-chardev")
         .arg(format!("socket,id=c0,path={}", vhost.display()))

@@ -28,35 +28,19 @@
 //! - `block-stream` needs `backing-file=`: without it the overlay records a
 //!   `json:` backing name that `qemu-img info` cannot open later.
 //!
-//! The boot tests (`boot_test.rs`) reuse this too: [`build_cli`],
-//! [`Server::start`] and [`stop`] put `blockgraph serve` under the
-//! project's own kernel.
+//! The boot tests (`boot_test.rs`) and `bench --guest` reuse this too:
+//! [`Server::start`] and [`stop`] put `blockgraph serve` (built by
+//! `tasks::build_cli`) under the project's own kernel and the benchmark.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::qmp::Qmp;
 use crate::cmd::{Background, Cmd};
-use crate::{Error, Result, Workspace};
+use crate::{Error, Result};
 
 /// How long a server may take to make its sockets.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
-
-/// Builds the `blockgraph` CLI (debug profile) and returns its path.
-///
-/// # Errors
-/// The build fails, or leaves no binary where it should be.
-pub fn build_cli(ws: &Workspace) -> Result<PathBuf> {
-    ws.cargo().args(["build", "--bin", "blockgraph"]).run()?;
-    let cli = ws.target_dir.join("debug").join("blockgraph");
-    if !cli.is_file() {
-        return Err(Error::msg(format!(
-            "cargo built the CLI but {} does not exist",
-            cli.display()
-        )));
-    }
-    Ok(cli)
-}
 
 /// Waits (up to 10 s) until `server` has made `socket`.
 ///
@@ -121,10 +105,25 @@ pub fn stop(
 }
 
 /// One image of the chain: its file name and node name.
+#[derive(Clone, Copy, Debug)]
 pub struct Node<'a> {
     pub file: &'a str,
     pub node: &'a str,
 }
+
+/// What the server exports the top node as (socket paths relative to the
+/// server's directory).
+#[derive(Clone, Copy, Debug)]
+pub enum Export<'a> {
+    /// A vhost-user-blk socket with a number of virtqueues.
+    VhostUser { socket: &'a str, queues: u32 },
+    /// An NBD server on a Unix socket; QSD names the export [`NBD_EXPORT`]
+    /// (blockgraph answers any name).
+    Nbd { socket: &'a str },
+}
+
+/// The NBD export's name: `nbd+unix:///disk?socket=SOCKET`.
+pub const NBD_EXPORT: &str = "disk";
 
 /// Which program serves the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,15 +154,14 @@ impl Server {
     }
 
     /// The command serving `chain` (base first) in `dir`, exporting the
-    /// last node on `vhost` (a socket and a number of virtqueues) and
-    /// answering QMP on `qmp` (paths relative to
+    /// last node as `export` and answering QMP on `qmp` (paths relative to
     /// `dir`, where the server runs, so the backing names it writes are
     /// relative too). `cli` is the blockgraph binary to run.
     pub fn command(
         self,
         dir: &Path,
         chain: &[Node],
-        (vhost, queues): (&str, u32),
+        export: Export,
         qmp: &str,
         cli: Option<&Path>,
     ) -> Result<Cmd> {
@@ -192,13 +190,26 @@ impl Server {
                     ]);
                     below = Some(image.node);
                 }
+                cmd = match export {
+                    Export::VhostUser { socket, queues } => cmd.args([
+                        "--export".to_owned(),
+                        format!(
+                            "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
+                             addr.path={socket},writable=on,num-queues={queues}",
+                            top.node
+                        ),
+                    ]),
+                    Export::Nbd { socket } => cmd.args([
+                        "--nbd-server".to_owned(),
+                        format!("addr.type=unix,addr.path={socket}"),
+                        "--export".to_owned(),
+                        format!(
+                            "type=nbd,id=e0,node-name={},name={NBD_EXPORT},writable=on",
+                            top.node
+                        ),
+                    ]),
+                };
                 Ok(cmd.args([
-                    "--export".to_owned(),
-                    format!(
-                        "type=vhost-user-blk,id=e0,node-name={},addr.type=unix,\
-                         addr.path={vhost},writable=on,num-queues={queues}",
-                        top.node
-                    ),
                     "--chardev".to_owned(),
                     format!("socket,id=qmp0,path={qmp},server=on,wait=off"),
                     "--monitor".to_owned(),
@@ -209,18 +220,19 @@ impl Server {
             // (relative, resolved in `dir`); the nodes are the file stems.
             Server::Blockgraph => {
                 let cli = cli.ok_or_else(|| Error::msg("blockgraph serve needs the built CLI"))?;
-                Ok(Cmd::new(cli.to_string_lossy().as_ref()).cwd(dir).args([
-                    "serve",
-                    "-f",
-                    "qcow2",
-                    top.file,
-                    "--vhost-user-blk",
-                    vhost,
-                    "--num-queues",
-                    &queues.to_string(),
-                    "--qmp",
-                    qmp,
-                ]))
+                let cmd = Cmd::new(cli.to_string_lossy().as_ref())
+                    .cwd(dir)
+                    .args(["serve", "-f", "qcow2", top.file]);
+                let cmd = match export {
+                    Export::VhostUser { socket, queues } => cmd.args([
+                        "--vhost-user-blk",
+                        socket,
+                        "--num-queues",
+                        &queues.to_string(),
+                    ]),
+                    Export::Nbd { socket } => cmd.args(["--nbd", socket]),
+                };
+                Ok(cmd.args(["--qmp", qmp]))
             }
         }
     }
@@ -235,16 +247,19 @@ impl Server {
         self,
         dir: &Path,
         chain: &[Node],
-        vhost: (&str, u32),
+        export: Export,
         qmp: &str,
         cli: Option<&Path>,
         live: bool,
     ) -> Result<Background> {
-        let cmd = self.command(dir, chain, vhost, qmp, cli)?;
+        let cmd = self.command(dir, chain, export, qmp, cli)?;
         let cmd = if live { cmd.tee() } else { cmd.quiet() };
         let mut server = cmd.start()?;
         wait_for_socket(&mut server, &dir.join(qmp))?;
-        wait_for_socket(&mut server, &dir.join(vhost.0))?;
+        let socket = match export {
+            Export::VhostUser { socket, .. } | Export::Nbd { socket } => socket,
+        };
+        wait_for_socket(&mut server, &dir.join(socket))?;
         Ok(server)
     }
 }
