@@ -19,9 +19,9 @@
 //! picks the fio job, `/init`'s bench mode prints fio's terse output),
 //! alternating which server goes first from row to row; nothing else runs
 //! meanwhile (guest time follows host time only on an idle host). Cache
-//! mode: `blockgraph serve` has no cache option and goes through the page
-//! cache, so QSD runs with its default too (`cache.direct=off`,
-//! writeback); fio in the guest uses `direct=1`.
+//! mode: both through the page cache (`blockgraph serve`'s default `-t
+//! writeback`, QSD's default `cache.direct=off`); fio in the guest uses
+//! `direct=1`.
 //!
 //! NBD rows: each server exports the chain on a Unix socket (`serve
 //! --nbd`, QSD's `--nbd-server` + `--export type=nbd`) and `qemu-img bench`
@@ -541,7 +541,7 @@ fn write_report(out: &mut String, header: &Header, guest: &[Row], nbd: &[Row]) -
     )?;
     writeln!(
         out,
-        "- servers: page cache on both (blockgraph serve has no cache option; QSD's \
+        "- servers: page cache on both (blockgraph serve's default -t writeback; QSD's \
          default cache.direct=off), one queue"
     )?;
     writeln!(out)?;
