@@ -1105,9 +1105,15 @@ impl<'g, 'a> Live<'g, 'a> {
         // Lent metadata buffers: the flush writes the table updates back
         // split-phase (R3's order as device operations).
         let mut metadata = vec![0u8; 2 * 4096];
+        // And copy buffers: the copy-on-write of allocating writes goes to
+        // the device as operations of its own.
+        let mut copies = vec![0u8; 4 * 65536];
         let mut engine: Engine<'_> = Engine::new();
         for buf in metadata.chunks_mut(4096) {
             engine.lend_metadata_buffer(buf).unwrap();
+        }
+        for buf in copies.chunks_mut(65536) {
+            engine.lend_copy_buffer(buf).unwrap();
         }
         for (&(off, ..), bytes) in writes.iter().zip(&data) {
             engine.submit_write(self.backend, off, [&bytes[..]])?;

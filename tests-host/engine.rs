@@ -438,8 +438,12 @@ fn batches<'b, D: Queue<'b>, const CACHE: usize>(
     (mix, seed): (Mix, u64),
 ) {
     let rounds: (usize, &dyn Fn(usize) -> Mix) = (BATCHES, &|_| mix);
-    batches_of(graph, (backend, chunks), model, rounds, (seed, Vec::new()));
+    let lent = (Vec::new(), Vec::new());
+    batches_of(graph, (backend, chunks), model, rounds, (seed, lent));
 }
+
+/// Buffers lent to an engine: metadata buffers and copy buffers.
+type Lent<'b> = (Vec<&'b mut [u8]>, Vec<&'b mut [u8]>);
 
 /// Runs `count` batches of [`BATCH`] random requests through an engine on
 /// `backend`, batch `n` drawn from `mix(n)`, each request with its own
@@ -453,12 +457,15 @@ fn batches_of<'b, D: Queue<'b>, const CACHE: usize>(
     (backend, chunks): (BackendId, &mut impl Iterator<Item = &'b mut [u8]>),
     model: &mut [u8],
     (count, mix): (usize, &dyn Fn(usize) -> Mix),
-    (seed, metadata): (u64, Vec<&'b mut [u8]>),
+    (seed, (metadata, copies)): (u64, Lent<'b>),
 ) {
     let mut engine: Engine<'b> = Engine::new();
     let lent = !metadata.is_empty();
     for buf in metadata {
         engine.lend_metadata_buffer(buf).unwrap();
+    }
+    for buf in copies {
+        engine.lend_copy_buffer(buf).unwrap();
     }
     let mut rng = Rng(seed);
     let (mut most_ops, mut most_allocations, mut most_loads) = (0, 0, 0);
@@ -517,12 +524,17 @@ fn check_on_disk(dir: &std::path::Path, files: &Files, image: &str, model: &[u8]
 }
 
 fn run<const CACHE: usize>(cluster_size: &str, seed: u64) {
-    run_lending::<CACHE>(cluster_size, seed, 0);
+    run_lending::<CACHE>(cluster_size, seed, (0, 0));
 }
 
-/// [`run`] with `metadata` buffers lent to the engine: metadata misses of
-/// reads load split-phase.
-fn run_lending<const CACHE: usize>(cluster_size: &str, seed: u64, metadata: usize) {
+/// [`run`] with `metadata` buffers and `copies` copy buffers (of a
+/// cluster each) lent to the engine: metadata misses of reads load
+/// split-phase, the copy-on-write of allocating writes goes to the devices.
+fn run_lending<const CACHE: usize>(
+    cluster_size: &str,
+    seed: u64,
+    (metadata, copies): (usize, usize),
+) {
     let tmp = tmpdir("bg-engine-");
     let dir = tmp.path();
     let (top_bytes, base_bytes, mut model) = chain(dir, cluster_size);
@@ -531,7 +543,12 @@ fn run_lending<const CACHE: usize>(cluster_size: &str, seed: u64, metadata: usiz
     let mut arena = vec![0u8; requests * MAX_SECTORS * SECTOR];
     let mut chunks = arena.chunks_mut(MAX_SECTORS * SECTOR);
     let mut slices = vec![0u8; metadata * 4096];
-    let lent = slices.chunks_mut(4096).collect();
+    let cluster: usize = cluster_size.parse().unwrap();
+    let mut copy_memory = vec![0u8; copies * cluster];
+    let lent = (
+        slices.chunks_mut(4096).collect(),
+        copy_memory.chunks_mut(cluster).collect(),
+    );
     let mut images = files.images(seed);
     let mut graph: Box<TestGraph<'_, '_, CACHE>> = Box::default();
     let (backend, _) = attach(&mut graph, &mut images, true);
@@ -591,7 +608,7 @@ fn overlapping_allocations<const CACHE: usize>(cluster: usize, seed: u64) {
         (backend, &mut chunks),
         &mut model,
         rounds,
-        (seed, Vec::new()),
+        (seed, (Vec::new(), Vec::new())),
     );
     graph.flush(graph.root(backend).unwrap()).unwrap();
     graph.detach_backend(backend).unwrap();
@@ -1335,6 +1352,12 @@ fn many_requests_in_flight_64k_clusters() {
 }
 
 #[test]
+fn many_requests_in_flight_with_copy_on_write_in_flight() {
+    big_stack(|| run_lending::<128>("65536", 0x5eed_0021, (0, 4)));
+    big_stack(|| run_lending::<TINY_CACHE>("4096", 0x5eed_0022, (2, 8)));
+}
+
+#[test]
 fn many_requests_in_flight_4k_clusters() {
     big_stack(|| run::<128>("4096", 0x5eed_0002));
 }
@@ -1346,7 +1369,7 @@ fn metadata_misses_wait_without_holding_up_other_reads() {
 
 #[test]
 fn many_requests_in_flight_with_a_two_slice_cache_and_metadata_buffers() {
-    big_stack(|| run_lending::<TINY_CACHE>("4096", 0x5eed_000b, 2));
+    big_stack(|| run_lending::<TINY_CACHE>("4096", 0x5eed_000b, (2, 0)));
 }
 
 #[test]

@@ -179,6 +179,10 @@ fn engine_requests() {
     for slice in common::leaked_buffer(2 * 4096).chunks_mut(4096) {
         engine.lend_metadata_buffer(slice).unwrap();
     }
+    // And the copy-on-write of allocating writes goes to the device.
+    for buffer in common::leaked_buffer(2 * 65536).chunks_mut(65536) {
+        engine.lend_copy_buffer(buffer).unwrap();
+    }
     let mut results = Vec::with_capacity(64);
     let mut seen_writes = true;
 

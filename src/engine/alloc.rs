@@ -5,10 +5,12 @@
 //!    request is validated as a whole (`Graph::check_write`, R14) and
 //!    qualifies (`Graph::allocates_in_flight`: qcow2, one allocation batch,
 //!    no old storage to release): every cluster placed in the entry's [`Batch`] (new clusters
-//!    counted in the cache, R1), the copied head and tail of a partly
-//!    covered new cluster written through the synchronous path, and the
-//!    guest's own buffers handed to the device as [`Op::Write`]s, into the
-//!    new clusters and in place. Nothing is mapped yet (R2).
+//!    counted in the cache, R1), the copy-on-write of the head and tail of
+//!    a partly covered new cluster started as device operations through a
+//!    lent copy buffer (module `cow`; without a free one, written through
+//!    the synchronous path at once), and the guest's own buffers handed to
+//!    the device as [`Op::Write`]s, into the new clusters and in place.
+//!    Nothing is mapped yet (R2).
 //! 2. **In flight**: a later request whose guest range overlaps the
 //!    clusters of an allocation in flight on a layer of its chain waits
 //!    ([`Engine::waits_for_allocation`]), queued, and so does any later
@@ -33,6 +35,7 @@
 //! write in flight, 10 KiB per engine. A qualifying write that finds every
 //! entry taken waits for one.
 
+use super::cow::Cow;
 use super::job::JOB_SLOT;
 use super::{issue_write, tag, Engine, Payload, State};
 use crate::device::Queue;
@@ -54,6 +57,8 @@ pub(super) struct Allocation {
     pub(super) end: u64,
     /// Its new clusters, linked or abandoned at the end.
     pub(super) batch: Batch,
+    /// The copy-on-write of its head and tail in flight (module `cow`).
+    pub(super) cows: [Option<Cow>; 2],
 }
 
 impl Allocation {
@@ -66,7 +71,13 @@ impl Allocation {
             start,
             end,
             batch,
+            cows: [None; 2],
         }
+    }
+
+    /// The request's slot.
+    pub(super) fn slot(&self) -> usize {
+        self.slot
     }
 }
 
@@ -126,7 +137,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         if self.writeback.is_some() {
             return false;
         }
-        let Some(entry) = self.allocations.iter_mut().find(|e| e.is_none()) else {
+        let Some(entry) = self.allocations.iter().position(Option::is_none) else {
             return false;
         };
         let Some(slot) = self.slots[index].as_mut() else {
@@ -138,34 +149,58 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             offset / cs * cs,
             (offset + len).div_ceil(cs).saturating_mul(cs),
         );
-        let allocation = entry.insert(Allocation::new(index, root, clusters, Batch::new()));
         graph.note_guest_write(root, offset, len);
         slot.written = Some(root);
-        let mut queued = 0;
         let segments = match &mut slot.payload {
             Payload::Write(segments) => core::mem::take(segments),
             _ => heapless::Vec::new(),
         };
-        let result = graph
-            .place_in_flight(root, offset, len, &mut allocation.batch)
-            .and_then(|()| {
-                let fresh = (offset, Some(&allocation.batch));
-                issue_write(graph, (root, tag(index, 0)), fresh, &segments, &mut queued)
-            });
+        let allocation =
+            self.allocations[entry].insert(Allocation::new(index, root, clusters, Batch::new()));
+        let placed = graph.place_in_flight(root, offset, len, &mut allocation.batch);
+        // The copy-on-write: as device operations through a lent buffer
+        // (each holding the request open: module `cow`), else at once.
+        let copies = placed.and_then(|ranges| {
+            let mut cows = [None; 2];
+            for (half, range) in ranges.into_iter().enumerate() {
+                let Some(range) = range else { continue };
+                match self.take_copy(range) {
+                    Some(cow) => cows[half] = Some(cow),
+                    None => graph.copy_view(root, range)?,
+                }
+            }
+            Ok(cows)
+        });
+        let mut queued = 0;
+        let (Some(slot), Some(allocation)) =
+            (self.slots[index].as_mut(), self.allocations[entry].as_mut())
+        else {
+            return true;
+        };
+        let result = copies.and_then(|cows| {
+            // One guard per copy until its write is sent.
+            slot.ops += cows.iter().flatten().count() as u32;
+            allocation.cows = cows;
+            let fresh = (offset, Some(&allocation.batch));
+            issue_write(graph, (root, tag(index, 0)), fresh, &segments, &mut queued)
+        });
         if let Err(err) = result {
             slot.fail(err);
         }
         slot.ops += queued as u32;
         self.ops += queued;
-        if queued > 0 {
+        if slot.ops > 0 {
             // Until they complete, no chain change may touch the chain.
             graph.hold_chain(root, true);
             slot.held = Some(root);
             slot.state = State::Running;
+            // Copies that complete at once may finish the request here.
+            self.advance_copies_on_write(graph);
         } else {
             slot.state = State::Done;
-            self.finish_allocations(graph);
         }
+        // A request that finished is linked before anything later starts.
+        self.finish_allocations(graph);
         true
     }
 

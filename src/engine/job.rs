@@ -32,11 +32,11 @@
 //! Memory: [`JOB_LANES`] lanes of 168 bytes in the engine (1.3 KiB); the
 //! buffers are the VMM's.
 
-use super::{tag, Engine, Payload, PREPARE_STEP};
-use crate::device::{Op, Queue, Submitted};
+use super::{read_view_into, submit_lent, tag, Engine, LentBuffer, Payload, PREPARE_STEP};
+use crate::device::{Op, Queue};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::Batch;
-use crate::graph::{Graph, NodeId, ReadExtent, Resolver};
+use crate::graph::{Graph, NodeId, Resolver};
 use crate::jobs::copy::{JobAction, JobNext, JobRun};
 use crate::jobs::{JobId, JobStatus};
 
@@ -55,18 +55,15 @@ const STEPPED_WITHIN: u8 = 4;
 
 /// One lent buffer and the run it carries.
 struct Lane<'b> {
-    /// The buffer, while no device holds it.
-    buf: Option<&'b mut [u8]>,
-    /// Its length (0: none lent).
-    size: usize,
+    /// The buffer and its length.
+    lent: LentBuffer<'b>,
     /// The run in flight.
     copy: Option<Copy>,
 }
 
 impl Lane<'_> {
     const IDLE: Self = Self {
-        buf: None,
-        size: 0,
+        lent: LentBuffer::IDLE,
         copy: None,
     };
 }
@@ -99,7 +96,7 @@ impl JobCopies<'_> {
     /// Bytes of all the lent buffers: an active commit with at most this
     /// much dirty is ready, its end one bounded copy.
     fn small(&self) -> usize {
-        self.lanes.iter().map(|lane| lane.size).sum()
+        self.lanes.iter().map(|lane| lane.lent.size).sum()
     }
 
     /// Whether queued requests wait for the job: its synchronous step is
@@ -172,7 +169,7 @@ pub(super) fn collected<'b>(
             copy.fail(lost_buffer());
         }
     }
-    lane.buf = buf;
+    lane.lent.buf = buf;
 }
 
 fn lost_buffer() -> Error {
@@ -196,11 +193,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         if buf.is_empty() {
             return fail(ErrorKind::InvalidInput, "a job buffer must not be empty");
         }
-        let Some(lane) = self.job.lanes.iter_mut().find(|lane| lane.size == 0) else {
+        let Some(lane) = self.job.lanes.iter_mut().find(|lane| lane.lent.size == 0) else {
             return fail(ErrorKind::NoCapacity, "every job buffer place is taken");
         };
-        lane.size = buf.len();
-        lane.buf = Some(buf);
+        lane.lent = LentBuffer {
+            size: buf.len(),
+            buf: Some(buf),
+        };
         Ok(())
     }
 
@@ -239,7 +238,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> Result<JobStatus> {
         let status = graph.job_info(id)?.status;
         self.job.since_step = 0;
-        if self.job.lanes.iter().all(|lane| lane.size == 0) {
+        if self.job.lanes.iter().all(|lane| lane.lent.size == 0) {
             return fail(
                 ErrorKind::InvalidInput,
                 "lend the engine a job buffer first (Engine::lend_job_buffer)",
@@ -276,17 +275,17 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             .lanes
             .iter()
             .enumerate()
-            .max_by_key(|(_, lane)| lane.size)
+            .max_by_key(|(_, lane)| lane.lent.size)
         else {
             return Ok(status);
         };
         let lane = lane.0;
-        let Some(buf) = self.job.lanes[lane].buf.take() else {
+        let Some(buf) = self.job.lanes[lane].lent.buf.take() else {
             return fail(ErrorKind::Busy, "the job buffer is in use");
         };
         self.job.synchronous = true;
         let stepped = self.drained(graph, |graph| graph.job_step(id, resolver, &mut *buf));
-        self.job.lanes[lane].buf = Some(buf);
+        self.job.lanes[lane].lent.buf = Some(buf);
         match stepped {
             None => Ok(status),
             Some(result) => {
@@ -349,7 +348,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let small = self.job.small();
         for lane in 0..JOB_LANES {
             let idle = &self.job.lanes[lane];
-            if idle.size == 0 || idle.copy.is_some() {
+            if idle.lent.size == 0 || idle.copy.is_some() {
                 continue;
             }
             let busy: heapless::Vec<(u64, u64), JOB_LANES> = self
@@ -357,7 +356,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 .runs()
                 .map(|copy| (copy.run.offset, copy.run.len))
                 .collect();
-            match graph.job_next(id, (idle.size as u64, small as u64), &busy)? {
+            match graph.job_next(id, (idle.lent.size as u64, small as u64), &busy)? {
                 JobNext::Copy(run) => self.start_copy(graph, (id, lane), run),
                 JobNext::Idle => return Ok(false),
                 JobNext::Synchronous => return Ok(true),
@@ -486,7 +485,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Takes the run's buffer from its lane.
     fn take_buffer(&mut self, copy: &Copy) -> Result<&'b mut [u8]> {
-        self.job.lanes[copy.lane].buf.take().ok_or_else(lost_buffer)
+        self.job.lanes[copy.lane]
+            .lent
+            .buf
+            .take()
+            .ok_or_else(lost_buffer)
     }
 
     /// Submits `op` for the run; `Ok(true)` when it completed at once (the
@@ -498,29 +501,13 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         file: NodeId,
         op: Op<'b>,
     ) -> Result<bool> {
-        let lane = &mut self.job.lanes[copy.lane];
-        let device = match graph.device_mut(file) {
-            Ok(device) => device,
-            Err(err) => {
-                lane.buf = op.into_buffer();
-                return Err(err);
-            }
-        };
-        match device.submit(tag(JOB_SLOT, copy.lane), op) {
-            Submitted::Done(result, buf) => {
-                let Some(buf) = buf else {
-                    lane.size = 0;
-                    return Err(lost_buffer());
-                };
-                lane.buf = Some(buf);
-                result.map(|()| true)
-            }
-            Submitted::Queued => {
-                copy.in_flight = true;
-                self.ops += 1;
-                Ok(false)
-            }
+        let at = (file, tag(JOB_SLOT, copy.lane));
+        let done = submit_lent(graph, at, op, &mut self.job.lanes[copy.lane].lent)?;
+        if !done {
+            copy.in_flight = true;
+            self.ops += 1;
         }
+        Ok(done)
     }
 
     /// The next piece of the read: one extent of the source chain into the
@@ -531,29 +518,16 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         copy: &mut Copy,
     ) -> Result<bool> {
         let at = copy.run.offset + copy.pos;
-        let (extent, run) = graph.read_extent(copy.source, at, copy.run.len - copy.pos)?;
-        let buf = self.take_buffer(copy)?;
-        let (start, len) = (copy.pos as usize, run as usize);
+        let lane = &mut self.job.lanes[copy.lane];
+        let into = (&mut lane.lent, copy.pos as usize, tag(JOB_SLOT, copy.lane));
+        let read = (copy.source, at, copy.run.len - copy.pos);
+        let (run, done) = read_view_into(graph, read, into)?;
         copy.pos += run;
-        let result = match extent {
-            ReadExtent::Data { file, host } => {
-                let op = Op::ReadPart {
-                    offset: host,
-                    buf,
-                    at: start,
-                    len,
-                };
-                return self.submit_copy(graph, copy, file, op);
-            }
-            // Compressed data: read through the synchronous path.
-            ReadExtent::Slow => graph.read(copy.source, at, &mut buf[start..start + len]),
-            ReadExtent::Zeros => {
-                buf[start..start + len].fill(0);
-                Ok(())
-            }
-        };
-        self.job.lanes[copy.lane].buf = Some(buf);
-        result.map(|()| true)
+        if !done {
+            copy.in_flight = true;
+            self.ops += 1;
+        }
+        Ok(done)
     }
 
     /// The next piece of the write: plans a segment (validated, placed)
@@ -661,7 +635,12 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 Batch::new(),
             ));
             copy.allocation = Some(entry);
-            graph.place_in_flight(target, at, len, &mut allocation.batch)?;
+            let cows = graph.place_in_flight(target, at, len, &mut allocation.batch)?;
+            // A run covers whole clusters but at the image's end: what it
+            // leaves of a new cluster is copied at once.
+            for range in cows.into_iter().flatten() {
+                graph.copy_view(target, range)?;
+            }
         } else if !in_place(graph, target, at, len)? {
             return self.write_synchronously(graph, copy, len);
         }
@@ -689,7 +668,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             return Ok(None);
         }
         self.job.barrier = false;
-        let Some(buf) = self.job.lanes[copy.lane].buf.as_deref() else {
+        let Some(buf) = self.job.lanes[copy.lane].lent.buf.as_deref() else {
             return Err(lost_buffer());
         };
         let start = copy.pos as usize;

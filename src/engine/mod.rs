@@ -71,6 +71,7 @@
 //! synchronous path.
 
 mod alloc;
+mod cow;
 mod job;
 mod miss;
 mod writeback;
@@ -83,6 +84,8 @@ use crate::graph::{Graph, NodeId, Perm, ReadExtent};
 
 use alloc::Allocation;
 pub use alloc::ALLOCATIONS;
+pub use cow::COPY_BUFFERS;
+use cow::{CopyBuffer, COW_PIECE};
 pub use job::JOB_LANES;
 use job::{JobCopies, JOB_SLOT};
 pub use miss::METADATA_BUFFERS;
@@ -245,6 +248,9 @@ pub struct Engine<
     job: JobCopies<'b>,
     /// A flush's write-back of table updates (module `writeback`).
     writeback: Option<WriteBack>,
+    /// Lent buffers for the copy-on-write of allocating writes (module
+    /// `cow`).
+    copies: [CopyBuffer<'b>; COPY_BUFFERS],
 }
 
 impl<const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize> Default
@@ -261,8 +267,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     /// Request slots are told apart from metadata loads and job runs in
     /// device tags.
     const SLOTS_FIT_TAGS: () = assert!(
-        SLOTS < JOB_SLOT && JOB_SLOT < LOAD_SLOT,
-        "too many request slots"
+        SLOTS < WRITEBACK_SLOT
+            && WRITEBACK_SLOT < JOB_SLOT
+            && JOB_SLOT < LOAD_SLOT
+            && PIECES < COW_PIECE,
+        "too many request slots or pieces"
     );
 
     /// An engine with no requests; `const` so it can live in a `static`.
@@ -278,6 +287,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             loads: [const { Load::IDLE }; METADATA_BUFFERS],
             job: JobCopies::IDLE,
             writeback: None,
+            copies: [const { CopyBuffer::IDLE }; COPY_BUFFERS],
         }
     }
 
@@ -488,9 +498,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             // Requests waiting for a load are planned again below.
             self.finish_loads(graph);
         }
-        // Before any later request starts: a flush or a read after them
-        // sees the new clusters mapped (unless a write-back holds the
-        // links: those requests finish after it).
+        // Copies-on-write go on; then, before any later request starts,
+        // the allocations whose data all landed are linked: a flush or a
+        // read after them sees the new clusters mapped (unless a
+        // write-back holds the links: those requests finish after it).
+        self.advance_copies_on_write(graph);
         self.finish_allocations(graph);
         self.advance_write_back(graph);
         // A job's run goes on (or, waiting for the devices to go quiet,
@@ -647,6 +659,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let (slots, ops, loads) = (&mut self.slots, &mut self.ops, &mut self.loads);
         let copies = &mut self.job;
         let writeback = &mut self.writeback;
+        let (cow_buffers, allocations) = (&mut self.copies, &mut self.allocations);
         for device in graph.devices.iter_mut().flatten() {
             if !device.busy() {
                 continue;
@@ -670,6 +683,19 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 }
                 let Some(Some(slot)) = slots.get_mut(index) else {
                     return;
+                };
+                // A copy-on-write's operation: its buffer goes back to
+                // its entry (module `cow`).
+                let buf = match piece.checked_sub(COW_PIECE) {
+                    Some(copy) => {
+                        let cows = allocations
+                            .iter_mut()
+                            .flatten()
+                            .flat_map(|a| a.cows.iter_mut().flatten());
+                        cow::collected(cow_buffers, cows, copy, buf);
+                        None
+                    }
+                    None => buf,
                 };
                 if let Err(err) = result {
                     slot.fail(err);
@@ -1047,6 +1073,96 @@ fn submit<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, cons
             Ok(None)
         }
     }
+}
+
+/// A buffer the VMM lent the engine, for operations on parts of it
+/// ([`Op::ReadPart`], [`Op::WritePart`]): held here while no device has it.
+pub(super) struct LentBuffer<'b> {
+    /// The buffer, while no device holds it.
+    pub(super) buf: Option<&'b mut [u8]>,
+    /// Its length (0: none lent, or lost).
+    pub(super) size: usize,
+}
+
+impl LentBuffer<'_> {
+    /// No buffer lent.
+    pub(super) const IDLE: Self = Self { buf: None, size: 0 };
+}
+
+/// Submits `op`, whose buffer was taken from `lent`, to the device of
+/// protocol node `file` as `tag`: `Ok(true)` when it completed at once
+/// (the buffer back in `lent`), `Ok(false)` when it is in flight (the
+/// device's completion gives the buffer back). A device that keeps a
+/// buffer it completed leaves `lent` empty for good.
+fn submit_lent<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (file, tag): (NodeId, Tag),
+    op: Op<'b>,
+    lent: &mut LentBuffer<'b>,
+) -> Result<bool> {
+    let device = match graph.device_mut(file) {
+        Ok(device) => device,
+        Err(err) => {
+            lent.buf = op.into_buffer();
+            return Err(err);
+        }
+    };
+    match device.submit(tag, op) {
+        Submitted::Done(result, buf) => {
+            if buf.is_none() {
+                lent.size = 0;
+                return fail(ErrorKind::Busy, "a lent buffer did not come back");
+            }
+            lent.buf = buf;
+            result.map(|()| true)
+        }
+        Submitted::Queued => Ok(false),
+    }
+}
+
+/// Reads the first extent of `node`'s guest view at `at` (at most `len`
+/// bytes) into the lent buffer `lent` from byte `pos`: stored data as a
+/// device read tagged `tag` (`Ok((run, false))` while it is in flight),
+/// zeros filled and compressed data read through the synchronous path
+/// (`Ok((run, true))`); `run` is the bytes the extent covers.
+///
+/// # Errors
+/// The lookup's, the device's; a buffer not there.
+fn read_view_into<
+    'b,
+    D: Queue<'b>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (node, at, len): (NodeId, u64, u64),
+    (lent, pos, tag): (&mut LentBuffer<'b>, usize, Tag),
+) -> Result<(u64, bool)> {
+    let (extent, run) = graph.read_extent(node, at, len)?;
+    let Some(buf) = lent.buf.take() else {
+        return fail(ErrorKind::Busy, "a lent buffer did not come back");
+    };
+    let part = pos..pos + run as usize;
+    let result = match extent {
+        ReadExtent::Data { file, host } => {
+            let op = Op::ReadPart {
+                offset: host,
+                buf,
+                at: pos,
+                len: run as usize,
+            };
+            return submit_lent(graph, (file, tag), op, lent).map(|done| (run, done));
+        }
+        ReadExtent::Slow => graph.read(node, at, &mut buf[part]),
+        ReadExtent::Zeros => {
+            buf[part].fill(0);
+            Ok(())
+        }
+    };
+    lent.buf = Some(buf);
+    result.map(|()| (run, true))
 }
 
 /// Reads `target.root`'s chain at `offset` into `segments`: zero ranges

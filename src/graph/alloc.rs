@@ -10,6 +10,15 @@
 use super::source::{Source, View};
 use super::write::COW_BUFFER;
 use super::{Graph, NodeId};
+
+/// A copy-on-write an allocating write needs: `len` bytes of the node's
+/// guest view at `guest`, to device offset `host` (in a new cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CowRange {
+    pub(crate) guest: u64,
+    pub(crate) host: u64,
+    pub(crate) len: u64,
+}
 use crate::device::Device;
 use crate::error::Result;
 use crate::format::qcow2::Batch;
@@ -71,11 +80,13 @@ impl<
     /// Places every cluster of a write of `len` bytes at `offset` of qcow2
     /// node `id` ([`Graph::allocates_in_flight`]): an owned one stays in
     /// place, any other gets a new cluster, counted in the cache (R1) and
-    /// recorded in `batch`. Then writes the untouched head and tail of a
-    /// new cluster the write only partly covers, copied from `id`'s current
-    /// guest view, through a buffer on the stack; the write's own bytes go
-    /// separately ([`Graph::write_extent`]), so each byte is written once.
-    /// Nothing is mapped (R2): on error the caller abandons `batch`.
+    /// recorded in `batch`. Returns the copy-on-write the write needs: the
+    /// untouched head and tail of a new cluster it only partly covers, as
+    /// `(guest offset, device offset, length)`, to be copied from `id`'s
+    /// current guest view ([`Graph::copy_view`], or as device operations);
+    /// the write's own bytes go separately ([`Graph::write_extent`]), so
+    /// each byte is written once. Nothing is mapped (R2): on error the
+    /// caller abandons `batch`.
     ///
     /// # Errors
     /// [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace) on a full device,
@@ -86,26 +97,33 @@ impl<
         offset: u64,
         len: u64,
         batch: &mut Batch,
-    ) -> Result<()> {
+    ) -> Result<[Option<CowRange>; 2]> {
         let cs = self.qcow2(id)?.cluster_size();
         let end = offset + len;
         let (first, last) = (offset / cs, (end - 1) / cs);
         for cluster in first..=last {
             self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster))?;
         }
-        if let Some(new) = batch.fresh_host(first) {
-            self.copy_view(id, first * cs, new, offset - first * cs)?;
-        }
-        if let Some(new) = batch.fresh_host(last) {
+        let head = batch.fresh_host(first).map(|new| CowRange {
+            guest: first * cs,
+            host: new,
+            len: offset - first * cs,
+        });
+        let tail = batch.fresh_host(last).map(|new| {
             let covered = end - last * cs;
-            self.copy_view(id, end, new + covered, cs - covered)?;
-        }
-        Ok(())
+            CowRange {
+                guest: end,
+                host: new + covered,
+                len: cs - covered,
+            }
+        });
+        Ok([head, tail].map(|range| range.filter(|r| r.len > 0)))
     }
 
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device
     /// offset `host` of its file, in pieces of a stack buffer.
-    fn copy_view(&mut self, id: NodeId, guest: u64, host: u64, len: u64) -> Result<()> {
+    pub(crate) fn copy_view(&mut self, id: NodeId, range: CowRange) -> Result<()> {
+        let CowRange { guest, host, len } = range;
         if len == 0 {
             return Ok(());
         }

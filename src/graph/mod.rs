@@ -21,6 +21,7 @@ mod alloc;
 mod check;
 mod collapse;
 mod plan;
+pub(crate) use alloc::CowRange;
 pub(crate) use plan::ReadExtent;
 pub mod perm;
 pub mod pool;

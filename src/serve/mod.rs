@@ -256,9 +256,11 @@ impl Block {
         names
             .register_chain(&graph, top)
             .map_err(|e| error(format_args!("{}: {e}", options.image)))?;
+        let mut engine: Box<ServeEngine> = Box::default();
+        lend_buffers(&mut engine);
         Ok(Self {
             graph,
-            engine: Box::new(Engine::new()),
+            engine,
             resolver,
             backend,
             names,
@@ -487,6 +489,26 @@ pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> 
             Err(error(format_args!("vhost-user frontend: {message}")))
         }
         Ok(End::Clean) => closed,
+    }
+}
+
+/// Metadata buffers lent to the serve's engine (misses load without
+/// blocking, flushes write table updates back as device operations).
+const METADATA_BUFFERS_LENT: usize = 8;
+/// Copy buffers lent to it (the copy-on-write of allocating writes as
+/// device operations), each as large as the largest qcow2 cluster.
+const COPY_BUFFERS_LENT: usize = 8;
+
+/// Lends `engine` its metadata and copy buffers, for the process's life
+/// (the engine holds them while devices use them).
+fn lend_buffers(engine: &mut ServeEngine) {
+    for _ in 0..METADATA_BUFFERS_LENT {
+        let buffer = Box::leak(vec![0u8; crate::format::cache::SLICE_SIZE].into_boxed_slice());
+        let _ = engine.lend_metadata_buffer(buffer);
+    }
+    for _ in 0..COPY_BUFFERS_LENT {
+        let buffer = Box::leak(vec![0u8; 2 << 20].into_boxed_slice());
+        let _ = engine.lend_copy_buffer(buffer);
     }
 }
 
