@@ -31,8 +31,8 @@
 //! R3 holds unchanged.
 //!
 //! Memory: [`ALLOCATIONS`] entries of a [`Batch`] (64 clusters of 40
-//! bytes) and 40 bytes of bookkeeping each, about 2.6 KiB per allocating
-//! write in flight, 10 KiB per engine. A qualifying write that finds every
+//! bytes), two copy-on-write states and 40 bytes of bookkeeping each,
+//! about 2.7 KiB per allocating write in flight, 11 KiB per engine. A qualifying write that finds every
 //! entry taken waits for one.
 
 use super::cow::Cow;
@@ -260,8 +260,8 @@ mod tests {
 
     /// The memory the module's documentation states.
     #[test]
-    fn an_allocation_in_flight_is_about_2_6_kib() {
+    fn an_allocation_in_flight_is_about_2_7_kib() {
         let size = core::mem::size_of::<Option<Allocation>>();
-        assert!((2_500..=2_700).contains(&size), "{size} bytes");
+        assert!((2_600..=2_800).contains(&size), "{size} bytes");
     }
 }
