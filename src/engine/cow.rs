@@ -15,9 +15,9 @@
 //! VMM's (at least a cluster each to be of use).
 
 use super::alloc::ALLOCATIONS;
-use super::{read_view_into, submit_lent, tag, Engine, LentBuffer, State};
+use super::{lost_buffer, read_view_into, submit_lent, tag, Engine, LentBuffer, State};
 use crate::device::{Op, Queue};
-use crate::error::{fail, Error, ErrorKind, Result};
+use crate::error::{fail, ErrorKind, Result};
 use crate::graph::{CowRange, Graph, NodeId};
 
 /// Most copy buffers an [`Engine`] takes: copies in flight at once.
@@ -279,8 +279,4 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         self.release_guard(index);
         sent.map(drop)
     }
-}
-
-fn lost_buffer() -> Error {
-    Error::new(ErrorKind::Busy, "a copy buffer did not come back")
 }

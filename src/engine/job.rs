@@ -32,7 +32,9 @@
 //! Memory: [`JOB_LANES`] lanes of 168 bytes in the engine (1.3 KiB); the
 //! buffers are the VMM's.
 
-use super::{read_view_into, submit_lent, tag, Engine, LentBuffer, Payload, PREPARE_STEP};
+use super::{
+    lost_buffer, read_view_into, submit_lent, tag, Engine, LentBuffer, Payload, PREPARE_STEP,
+};
 use crate::device::{Op, Queue};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::Batch;
@@ -170,10 +172,6 @@ pub(super) fn collected<'b>(
         }
     }
     lane.lent.buf = buf;
-}
-
-fn lost_buffer() -> Error {
-    Error::new(ErrorKind::Busy, "the job buffer did not come back")
 }
 
 impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
@@ -503,11 +501,17 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     ) -> Result<bool> {
         let at = (file, tag(JOB_SLOT, copy.lane));
         let done = submit_lent(graph, at, op, &mut self.job.lanes[copy.lane].lent)?;
+        Ok(self.counted(copy, done))
+    }
+
+    /// Counts the run's operation in flight unless it completed at once
+    /// (`done`); returns `done`.
+    fn counted(&mut self, copy: &mut Copy, done: bool) -> bool {
         if !done {
             copy.in_flight = true;
             self.ops += 1;
         }
-        Ok(done)
+        done
     }
 
     /// The next piece of the read: one extent of the source chain into the
@@ -523,11 +527,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let read = (copy.source, at, copy.run.len - copy.pos);
         let (run, done) = read_view_into(graph, read, into)?;
         copy.pos += run;
-        if !done {
-            copy.in_flight = true;
-            self.ops += 1;
-        }
-        Ok(done)
+        Ok(self.counted(copy, done))
     }
 
     /// The next piece of the write: plans a segment (validated, placed)

@@ -1089,6 +1089,12 @@ impl LentBuffer<'_> {
     pub(super) const IDLE: Self = Self { buf: None, size: 0 };
 }
 
+/// The error of an operation whose lent buffer did not come back (a
+/// device that broke the [`Queue`] contract).
+pub(super) fn lost_buffer() -> Error {
+    Error::new(ErrorKind::Busy, "a lent buffer did not come back")
+}
+
 /// Submits `op`, whose buffer was taken from `lent`, to the device of
 /// protocol node `file` as `tag`: `Ok(true)` when it completed at once
 /// (the buffer back in `lent`), `Ok(false)` when it is in flight (the
@@ -1111,7 +1117,7 @@ fn submit_lent<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize,
         Submitted::Done(result, buf) => {
             if buf.is_none() {
                 lent.size = 0;
-                return fail(ErrorKind::Busy, "a lent buffer did not come back");
+                return Err(lost_buffer());
             }
             lent.buf = buf;
             result.map(|()| true)
@@ -1142,7 +1148,7 @@ fn read_view_into<
 ) -> Result<(u64, bool)> {
     let (extent, run) = graph.read_extent(node, at, len)?;
     let Some(buf) = lent.buf.take() else {
-        return fail(ErrorKind::Busy, "a lent buffer did not come back");
+        return Err(lost_buffer());
     };
     let part = pos..pos + run as usize;
     let result = match extent {
