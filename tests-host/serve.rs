@@ -294,6 +294,64 @@ fn qmp_line(reader: &mut impl BufRead) -> String {
     line
 }
 
+/// A QMP client that sends a line longer than the monitor takes (2 MiB, no
+/// newline) loses its connection; the server goes on answering others.
+#[test]
+fn an_endless_qmp_line_ends_only_that_connection() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let args = [
+        "-f",
+        "qcow2",
+        "top.qcow2",
+        "--nbd",
+        "nbd.sock",
+        "--qmp",
+        "qmp.sock",
+    ];
+    let mut served = Served::start(dir, &args, &["nbd.sock", "qmp.sock"]);
+    let mut hostile = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    hostile
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = BufReader::new(hostile.try_clone().unwrap());
+    assert!(qmp_line(&mut greeting).starts_with("{\"QMP\""));
+    // The server may close while the client is still writing.
+    let _ = hostile.write_all(&vec![b' '; 2 << 20]);
+    let mut rest = Vec::new();
+    let ended = greeting.read_to_end(&mut rest);
+    // Closed (end of file, or reset: its bytes were never read), not left
+    // hanging until the read times out.
+    let closed = match &ended {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed && rest.is_empty(),
+        "not disconnected: {ended:?}, {} bytes",
+        rest.len()
+    );
+
+    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    assert!(qmp_line(&mut reader).starts_with("{\"QMP\""));
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    assert!(qmp_line(&mut reader)
+        .replace(' ', "")
+        .contains("\"return\":{}"));
+    writer.write_all(b"{\"execute\": \"quit\"}\n").unwrap();
+    assert!(qmp_line(&mut reader).contains("return"));
+    let (status, err) = served.wait();
+    assert!(status.success(), "{status}: {err}");
+    check_clean(dir, "top.qcow2");
+}
+
 #[test]
 fn qmp_answers_the_greeting_capabilities_and_quit() {
     let tmp = chain_dir();

@@ -14,7 +14,7 @@
 //! section and the export follows. A client that stops reading is dropped
 //! (writes time out); `quit` ends the serve once its answer is written.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -56,10 +56,22 @@ pub(super) fn serve(listener: UnixListener, lines: Sender<Line>, shared: Arc<Sha
     }
 }
 
-/// Passes `client`'s lines on until it leaves.
+/// Longest command line taken from a client; a longer one ends its
+/// connection (nothing is run), so a client cannot make the server hold
+/// unbounded input.
+const MAX_LINE: u64 = 1 << 20;
+
+/// Passes `client`'s lines on until it leaves (or sends a line longer
+/// than [`MAX_LINE`]).
 fn read_lines(stream: UnixStream, client: u64, lines: &Sender<Line>, shared: &Shared) {
-    for text in BufReader::new(stream).lines() {
-        let Ok(text) = text else { break };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut text = String::new();
+        match reader.by_ref().take(MAX_LINE + 1).read_line(&mut text) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if !text.ends_with('\n') && text.len() as u64 > MAX_LINE => break,
+            Ok(_) => {}
+        }
         if text.trim().is_empty() {
             continue;
         }
