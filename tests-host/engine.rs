@@ -1131,9 +1131,9 @@ fn metadata_misses() {
     writes.push("write -P 0x3f 0 32k".into());
     qemu_io(dir, "qcow2", "top.qcow2", &writes);
     let top_bytes = fs::read(dir.join("top.qcow2")).unwrap();
-    let mut files = Files::new(&top_bytes, &[], 0);
+    let mut files = Files::new(&top_bytes, &[], 1 << 20);
     // The buffers outlive the graph, whose devices may hold them.
-    let mut arena = vec![0u8; 16 * 4096];
+    let mut arena = vec![0u8; 32 * 4096];
     let mut slices = vec![0u8; 2 * 4096];
     let data = [0x99u8; 4096];
     let mut images = files.images(5);
@@ -1239,6 +1239,39 @@ fn metadata_misses() {
     done.result.unwrap();
     assert!(loaded, "the write's plan loaded its slice synchronously");
     let check = engine.submit_read(backend, table(22), buf()).unwrap();
+    let mut done = engine.wait(&mut graph, check).unwrap();
+    assert!(done.buffers().next().unwrap().iter().all(|&b| b == 0x99));
+
+    // An allocating write once reads of eight other tables have evicted
+    // both its L2 slice and the refcount slices its new cluster is counted
+    // through: its plan's validation (room for the new clusters) loads
+    // them split-phase, so placing the cluster in the same poll finds
+    // them cached, and no poll reads metadata synchronously.
+    for n in 24..32 {
+        let read = engine.submit_read(backend, table(n), buf()).unwrap();
+        engine.wait(&mut graph, read).unwrap().result.unwrap();
+    }
+    let fresh = table(23) + (64 << 10);
+    let write = engine.submit_write(backend, fresh, [&data[..]]).unwrap();
+    let (mut polls, first) = (0, reads(&mut graph));
+    let done = loop {
+        polls += 1;
+        assert!(polls < 10_000, "the allocating write never finishes");
+        let (before, in_flight) = (reads(&mut graph), engine.operations() as u64);
+        engine.poll(&mut graph);
+        assert!(
+            reads(&mut graph) - before <= in_flight,
+            "poll {polls} of the allocating write read metadata synchronously"
+        );
+        if let Some(done) = engine.take(write).unwrap() {
+            break done;
+        }
+    };
+    done.result.unwrap();
+    // A whole cluster: no copy-on-write, so every read was a load.
+    let loads = reads(&mut graph) - first;
+    assert!(loads >= 2, "the allocating write loaded {loads} slices");
+    let check = engine.submit_read(backend, fresh, buf()).unwrap();
     let mut done = engine.wait(&mut graph, check).unwrap();
     assert!(done.buffers().next().unwrap().iter().all(|&b| b == 0x99));
 }

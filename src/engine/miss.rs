@@ -21,8 +21,11 @@
 //! missed [`MISSES`] times (a tiny cache can evict one slice of a plan
 //! while loading the next), are planned with loading on. A write's plan
 //! (its whole validation, the in-place or allocating decision) loads this
-//! way; what an allocating write does at start (placing clusters: refcount
-//! blocks, copied head and tail) still loads synchronously.
+//! way, including the refcount slices that show room for its new clusters
+//! (`Qcow2::check_replacements`): placing them, in the same poll, touches
+//! only slices the plan found cached, so it reads nothing. Only refcount
+//! growth (a new refcount block, every 2 GiB of file with 64 KiB
+//! clusters, or a larger refcount table) writes synchronously there.
 //!
 //! Inserting may evict a dirty slice, whose image is then written back
 //! synchronously in the poll (R3 order kept), as any load's eviction does.
