@@ -1024,6 +1024,75 @@ fn flushes(seed: u64) {
     check_on_disk(dir, &files, "top.qcow2", &model);
 }
 
+/// Zero writes and discards run through the synchronous path in the poll
+/// without waiting for the devices to be quiet: only for requests in flight
+/// on the clusters they touch.
+fn zero_writes_and_discards_beside_requests_in_flight(seed: u64) {
+    let tmp = tmpdir("bg-engine-");
+    let dir = tmp.path();
+    let (top_bytes, base_bytes, mut model) = chain(dir, "65536");
+    let mut files = Files::new(&top_bytes, &base_bytes, 16 << 20);
+    let mut arena = vec![0u8; 2 * 4096];
+    let mut images = files.images(seed);
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let (backend, _) = attach(&mut graph, &mut images, true);
+    let mut engine: Engine<'_> = Engine::new();
+    let (first, second) = arena.split_at_mut(4096);
+    // The image's check before a first write, done (top reads zeroes there).
+    let warm = engine
+        .submit_write_zeroes(backend, 3 << 20, 64 << 10)
+        .unwrap();
+    engine.wait(&mut graph, warm).unwrap().result.unwrap();
+
+    // Elsewhere than a read in flight: both finish in the poll that
+    // starts the read, the read still in flight.
+    let read = engine.submit_read(backend, 0, [first]).unwrap();
+    let zero = engine
+        .submit_write_zeroes(backend, 512 << 10, 64 << 10)
+        .unwrap();
+    let discard = engine.submit_discard(backend, 2 << 20, 64 << 10).unwrap();
+    engine.poll(&mut graph);
+    assert!(engine.operations() >= 1, "the read is not in flight");
+    for ticket in [zero, discard] {
+        let done = engine.take(ticket).unwrap();
+        assert!(
+            done.is_some_and(|done| done.result.is_ok()),
+            "a zero write or discard waited for a read elsewhere"
+        );
+    }
+    let mut done = engine.wait(&mut graph, read).unwrap();
+    assert!(done.buffers().flatten().all(|b| *b == model[0]));
+
+    // On the bytes a read in flight reads: the zero write waits for it,
+    // and the read sees the bytes from before.
+    let at = 608 << 10;
+    let read = engine.submit_read(backend, at, [second]).unwrap();
+    let zero = engine.submit_write_zeroes(backend, at, 4096).unwrap();
+    engine.poll(&mut graph);
+    if engine.take(read).unwrap().is_none() {
+        assert!(
+            engine.take(zero).unwrap().is_none(),
+            "a zero write ran under a read in flight on its bytes"
+        );
+    }
+    let mut done = engine.wait(&mut graph, read).unwrap();
+    let sector = (at as usize) / SECTOR;
+    assert!(
+        done.buffers().flatten().all(|b| *b == model[sector]),
+        "the read saw the later zero write"
+    );
+    engine.drain(&mut graph);
+    while engine.complete().is_some() {}
+    model[(512 << 10) / SECTOR..(576 << 10) / SECTOR].fill(0);
+    model[sector..sector + 8].fill(0);
+    // A discarded cluster of an overlay reads as zeroes (qcow2 v3).
+    model[(2 << 20) / SECTOR..((2 << 20) + (64 << 10)) / SECTOR].fill(0);
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    drop(images);
+    check_on_disk(dir, &files, "top.qcow2", &model);
+}
+
 /// Refusals: a full engine, too many buffers, collected tickets; failing
 /// requests report their error and do not stop the others.
 fn refusals() {
@@ -1377,6 +1446,13 @@ fn chain_changes_are_refused_until_a_drain() {
 #[test]
 fn refusals_and_failures_are_per_request() {
     big_stack(refusals);
+}
+
+#[test]
+fn zero_writes_and_discards_wait_only_for_what_they_overlap() {
+    for seed in 1..=4 {
+        big_stack(move || zero_writes_and_discards_beside_requests_in_flight(seed));
+    }
 }
 
 #[test]

@@ -56,7 +56,7 @@
 //! comes back from the engine in pieces cut where the chain's extents
 //! begin; the next request on it is submitted with those pieces as its
 //! segments (the engine offers no join, and a read cut into more pieces
-//! than a request may carry runs exclusively and keeps its segments). Where the environment has no clock the command fails
+//! than a request may carry runs through the synchronous path and keeps its segments). Where the environment has no clock the command fails
 //! ("unsupported: no clock"). An image attached in the session is measured
 //! through its own BlockBackend.
 

@@ -16,8 +16,8 @@
 //!    ([`Engine::waits_for_allocation`]), queued, and so does any later
 //!    request of its backend that overlaps it. Others — reads, in-place
 //!    writes, other allocating writes — go ahead.
-//!    Exclusive requests (flushes, zero writes, discards, writes that do
-//!    not qualify) wait, as always, until no operation is in flight.
+//!    Requests through the synchronous path (zero writes, discards, writes
+//!    that do not qualify) that touch its clusters wait for it too.
 //! 3. **Finish** ([`Engine::finish_allocations`]), in the same poll that
 //!    collected the last data operation, before any later request starts:
 //!    the batch is linked (mapped in the metadata cache, which writes the
@@ -144,11 +144,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             return true;
         };
         let (offset, len) = (slot.offset, slot.len);
-        let cs = graph.cluster_size(root).unwrap_or(1).max(1);
-        let clusters = (
-            offset / cs * cs,
-            (offset + len).div_ceil(cs).saturating_mul(cs),
-        );
+        let clusters = graph.cluster_span(root, offset, len);
         graph.note_guest_write(root, offset, len);
         slot.written = Some(root);
         let segments = match &mut slot.payload {

@@ -95,6 +95,11 @@ impl JobCopies<'_> {
         self.lanes.iter().flat_map(|lane| &lane.copy)
     }
 
+    /// The guest ranges `(offset, len)` of the runs in flight.
+    pub(super) fn runs_in_flight(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs().map(|copy| (copy.run.offset, copy.run.len))
+    }
+
     /// Bytes of all the lent buffers: an active commit with at most this
     /// much dirty is ready, its end one bounded copy.
     fn small(&self) -> usize {
@@ -612,8 +617,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             return Ok(None);
         }
         graph.check_write(target, at, len)?;
-        let cs = graph.cluster_size(target)?.max(1);
-        let (start, end) = (at / cs * cs, (at + len).div_ceil(cs).saturating_mul(cs));
+        let (start, end) = graph.cluster_span(target, at, len);
         let overlaps = self
             .allocations
             .iter()

@@ -30,23 +30,24 @@
 //!   since the last flush), a flush is device flushes in flight like any
 //!   operation; with updates and metadata buffers lent, it writes them
 //!   back as device operations in R3's order (module `writeback`), holding
-//!   allocations meanwhile; otherwise it is exclusive (below).
+//!   allocations meanwhile; otherwise it is synchronous (below).
 //! - Everything else — other allocating writes, zero writes, discards,
-//!   compressed reads, flushes with table updates and no buffers — is
-//!   **exclusive**: it
-//!   starts when no device operation of the engine is in flight and runs
-//!   the graph's synchronous path, with its crash-ordering rules.
+//!   compressed reads, flushes with table updates and no buffers — runs
+//!   the graph's **synchronous path** in the poll, with its crash-ordering
+//!   rules, once no request or job run in flight touches the clusters it
+//!   covers and no write-back holds the metadata (until then it waits, a
+//!   dependency like the others): requests elsewhere stay in flight.
 //! - **Metadata misses** of a read's or write's plan load split-phase when
 //!   the VMM lent the engine metadata buffers
 //!   ([`Engine::lend_metadata_buffer`], module `miss`): the request waits
 //!   for its slice while others go ahead. Without buffers (the default) a
 //!   plan loads what it misses synchronously, in the poll.
 //! - Requests start in submission order, except that one waiting for a
-//!   dependency (an overlapping allocation in flight, a free allocation
-//!   entry, its image's check before a first write) lets later requests
-//!   start that overlap no waiting request of the same backend: a request
-//!   never overtakes an earlier one it overlaps. None starts before an
-//!   earlier exclusive request has finished.
+//!   dependency (an overlapping allocation or request in flight, a free
+//!   allocation entry, its image's check before a first write, a metadata
+//!   load) lets later requests start that overlap no waiting request of
+//!   the same backend: a request never overtakes an earlier one it
+//!   overlaps.
 //!
 //! Chain changes (collapse, pivot, snapshot, detaching the backend) and
 //! synchronous job steps are refused with [`ErrorKind::Busy`] while
@@ -146,7 +147,7 @@ enum Start {
     /// slice loading); later
     /// requests that do not overlap it may start.
     Wait,
-    /// It is exclusive and device operations are in flight: nothing later
+    /// A drained section or a job's synchronous step is due: nothing later
     /// starts either.
     Barrier,
 }
@@ -511,8 +512,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         self.job.since_step = self.job.since_step.saturating_add(1);
         // Queued requests in submission order. One that waits for a
         // dependency lets later ones start unless they overlap it (or
-        // another waiting one) on the same backend; an exclusive request
-        // that must wait for the devices stops the round.
+        // another waiting one) on the same backend; a drained section or a
+        // job's synchronous step that waits for the devices stops the round.
         let mut waiting = heapless::Vec::<(BackendId, u64, u64), SLOTS>::new();
         let mut after = None;
         while let Some(index) = self.next_queued(after) {
@@ -722,10 +723,41 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             .any(|s| s.seq < seq && s.state != State::Done)
     }
 
+    /// Whether a request or a job run in flight touches the clusters of
+    /// queued request `index` (its guest range widened to its root's
+    /// clusters), on any chain: what the synchronous path may replace or
+    /// release there must not change under a device operation.
+    fn overlaps_in_flight<
+        D: Queue<'b>,
+        const N: usize,
+        const B: usize,
+        const C: usize,
+        const J: usize,
+    >(
+        &self,
+        graph: &Graph<D, N, B, C, J>,
+        index: usize,
+    ) -> bool {
+        let Some(slot) = self.slots[index].as_ref() else {
+            return false;
+        };
+        let (start, end) = match graph.root(slot.backend) {
+            Ok(root) => graph.cluster_span(root, slot.offset, slot.len),
+            Err(_) => (slot.offset, slot.offset.saturating_add(slot.len)),
+        };
+        let hits = |(offset, len): (u64, u64)| start < offset.saturating_add(len) && offset < end;
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| s.state == State::Running)
+            .any(|s| hits((s.offset, s.len)))
+            || self.job.runs_in_flight().any(hits)
+    }
+
     /// Starts queued request `index`; `false` when it must wait: it
     /// overlaps an allocation in flight, it allocates and every entry for
-    /// allocations is taken, or it is exclusive and device operations are
-    /// in flight.
+    /// allocations is taken, or it takes the synchronous path and a request
+    /// or job run in flight touches its clusters.
     fn start<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
@@ -795,13 +827,16 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
                 return Start::Started;
             }
         }
-        if self.ops > 0 || self.writing_back() {
-            return Start::Barrier;
+        // The synchronous path, in the poll, once nothing in flight could
+        // see it half done: no request or job run on the clusters it
+        // touches, no write-back holding the metadata still.
+        if self.writing_back() || self.overlaps_in_flight(graph, index) {
+            return Start::Wait;
         }
         let Some(slot) = self.slots[index].as_mut() else {
             return Start::Started;
         };
-        if let Err(err) = run_exclusive(graph, slot) {
+        if let Err(err) = run_synchronously(graph, slot) {
             slot.fail(err);
         }
         slot.state = State::Done;
@@ -873,8 +908,9 @@ enum Route {
     /// A write allocating in this qcow2 node, its data operations in flight
     /// (module `alloc`).
     Allocate(NodeId),
-    /// Through the synchronous path, once no operation is in flight.
-    Exclusive,
+    /// Through the synchronous path, once nothing in flight touches its
+    /// clusters.
+    Synchronous,
 }
 
 /// How `slot` goes to the devices. Nothing is written.
@@ -905,7 +941,7 @@ fn plan<
             while pos < offset + len {
                 let (extent, run) = graph.read_extent(root, pos, offset + len - pos)?;
                 if extent == ReadExtent::Slow {
-                    return Ok(Route::Exclusive);
+                    return Ok(Route::Synchronous);
                 }
                 if run == len {
                     slot.extent = Some(extent);
@@ -915,7 +951,7 @@ fn plan<
             }
             Ok(match pieces <= P {
                 true => Route::Direct,
-                false => Route::Exclusive,
+                false => Route::Synchronous,
             })
         }
         Payload::Write(segments) => {
@@ -928,7 +964,7 @@ fn plan<
             if !segments_end_aligned(offset, segments) {
                 // Each segment would be a device write of its own: the
                 // synchronous path writes them as one.
-                return Ok(Route::Exclusive);
+                return Ok(Route::Synchronous);
             }
             let mut pos = offset;
             while pos < offset + len {
@@ -937,7 +973,7 @@ fn plan<
                     None if graph.allocates_in_flight(root, offset, len)? => {
                         return Ok(Route::Allocate(root))
                     }
-                    None => return Ok(Route::Exclusive),
+                    None => return Ok(Route::Synchronous),
                 }
             }
             Ok(Route::Direct)
@@ -948,10 +984,10 @@ fn plan<
             let root = graph.root(slot.backend)?;
             Ok(match graph.flush_files(root) {
                 Some(_) => Route::Direct,
-                None => Route::Exclusive,
+                None => Route::Synchronous,
             })
         }
-        Payload::WriteZeroes(_) | Payload::Discard(_) => Ok(Route::Exclusive),
+        Payload::WriteZeroes(_) | Payload::Discard(_) => Ok(Route::Synchronous),
     }
 }
 
@@ -1254,9 +1290,9 @@ fn issue_write<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize,
     Ok(())
 }
 
-/// Runs `slot` through the graph's synchronous path (no device operation
-/// of the engine is in flight).
-fn run_exclusive<
+/// Runs `slot` through the graph's synchronous path (nothing in flight
+/// overlaps its clusters: [`Engine::overlaps_in_flight`]).
+fn run_synchronously<
     'b,
     D: Queue<'b>,
     const N: usize,

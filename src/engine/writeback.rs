@@ -4,8 +4,8 @@
 //!
 //! A flush whose chain holds table updates not yet written back takes this
 //! path when the VMM lent metadata buffers ([`Engine::lend_metadata_buffer`])
-//! and no other write-back runs; otherwise it is exclusive (the synchronous
-//! [`Graph::flush`]). Layer by layer, from the chain's top:
+//! and no other write-back runs; otherwise it runs the synchronous
+//! [`Graph::flush`] in the poll. Layer by layer, from the chain's top:
 //!
 //! 1. each slice dirty at the refcount level is copied into a free lent
 //!    buffer and written from it ([`Op::WritePart`]), as many at once as
@@ -21,8 +21,8 @@
 //! stays dirty and the flush fails). While the write-back runs, the
 //! metadata may not change: allocating writes (guest and job runs) wait to
 //! start, those whose data completed wait to be linked (their requests
-//! finish after), and exclusive requests and drained sections wait for the
-//! end. A slice evicted meanwhile (a load needing its slot) is written back
+//! finish after), and synchronous requests and drained sections wait for
+//! the end. A slice evicted meanwhile (a load needing its slot) is written back
 //! synchronously first, with the same bytes.
 //!
 //! Memory: a few words in the engine; the buffers are the lent metadata

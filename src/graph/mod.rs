@@ -737,6 +737,15 @@ impl<
         self.nodes.get(id)?.driver.cluster_size()
     }
 
+    /// The guest bytes of the whole clusters of node `id` that
+    /// `len` bytes at `offset` touch, as `(start, end)`; byte-exact for a
+    /// node without clusters.
+    pub(crate) fn cluster_span(&self, id: NodeId, offset: u64, len: u64) -> (u64, u64) {
+        let cs = self.cluster_size(id).unwrap_or(1).max(1);
+        let end = offset.saturating_add(len).div_ceil(cs).saturating_mul(cs);
+        (offset / cs * cs, end)
+    }
+
     /// The node's backing node.
     ///
     /// # Errors

@@ -110,8 +110,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         };
         let (start, end) = match &request {
             Some(r) => (r.offset, r.offset.saturating_add(r.len)),
-            // Reads and flushes wait for everything in flight (a flush is
-            // exclusive in the engine anyway).
+            // Reads and flushes wait for everything in flight (a flush
+            // waits for every earlier request in the engine anyway).
             None => (0, u64::MAX),
         };
         self.settle(engine, flight, start, end, depth.saturating_sub(1))?;
