@@ -85,15 +85,16 @@ Commands:
                        writes (median of 3 alternating runs), blockgraph's
                        reads against a pread loop, and the static memory;
                        prints a table and writes target/bench/report.md
-  bench --guest [--seconds N]
+  bench --guest [--seconds N] [--rounds R]
                        the Linux guest of `guest` runs fio (4 KiB random
                        reads at QD 1 and 32, 64 KiB sequential reads at QD 8,
                        4 KiB random writes at QD 32 on a fresh overlay; N s
                        each, default 10) on a vhost-user-blk export of a
                        1 GiB chain by `blockgraph serve` and by
                        qemu-storage-daemon, alternating; then the same rows
-                       through NBD with qemu-img bench on the host; prints
-                       IOPS, MiB/s, latencies and ratios, writes
+                       through NBD with qemu-img bench on the host; R rounds
+                       (default 1), each server's median run per row;
+                       prints IOPS, MiB/s, latencies and ratios, writes
                        target/gbench/report.md
   guest [--short] [--server qsd|blockgraph] [--no-jobs] [--queues N]
                        a real Linux guest (Debian's kernel, busybox, fio;
@@ -155,8 +156,8 @@ fn run(args: &[OsString]) -> Result<()> {
             ))),
         },
         "bench" => match rest.first() {
-            Some(arg) if arg == "--guest" => guest_bench_seconds(&rest[1..])
-                .and_then(|seconds| tasks::guest::bench(&Workspace::locate(), seconds)),
+            Some(arg) if arg == "--guest" => guest_bench_args(&rest[1..])
+                .and_then(|args| tasks::guest::bench(&Workspace::locate(), args)),
             Some(arg) => Err(Error::msg(format!(
                 "`bench` takes no arguments but --guest [--seconds N] (got `{}`)",
                 arg.to_string_lossy()
@@ -227,18 +228,30 @@ impl Workspace {
 
 /// `--seconds N` after `bench --guest` (default 10): fio's run time per
 /// row and server.
-fn guest_bench_seconds(args: &[OsString]) -> Result<u32> {
-    match args {
-        [] => Ok(10),
-        [flag, n] if flag == "--seconds" => n
-            .to_str()
+fn guest_bench_args(args: &[OsString]) -> Result<tasks::guest::BenchArgs> {
+    let mut parsed = tasks::guest::BenchArgs {
+        seconds: 10,
+        rounds: 1,
+    };
+    let number = |n: &OsString, max: u32, flag: &str| {
+        n.to_str()
             .and_then(|n| n.parse::<u32>().ok())
-            .filter(|n| (1..=600).contains(n))
-            .ok_or_else(|| Error::msg("--seconds needs a number from 1 to 600")),
-        _ => Err(Error::msg(
-            "`bench --guest` takes only --seconds N (fio's run time per row and server)",
-        )),
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| Error::msg(format!("{flag} needs a number from 1 to {max}")))
+    };
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, n] if flag == "--seconds" => parsed.seconds = number(n, 600, "--seconds")?,
+            [flag, n] if flag == "--rounds" => parsed.rounds = number(n, 9, "--rounds")?,
+            _ => {
+                return Err(Error::msg(
+                    "`bench --guest` takes --seconds N (fio's run time per row and server) \
+                     and --rounds N (runs per row and server; the median is reported)",
+                ))
+            }
+        }
     }
+    Ok(parsed)
 }
 
 /// An xtask failure: a message for a human, printed once by `main`.

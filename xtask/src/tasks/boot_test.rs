@@ -56,7 +56,7 @@
 //! the host.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::guest::qmp::Qmp;
@@ -66,6 +66,7 @@ use super::lab::{checksums, io_command, pattern_reads, Lab, Layout, MIB};
 use super::qemu::{
     self, Accel, Boot, BootResult, Disk, Machine, Profile, VhostUser, KERNEL_FAILURE,
 };
+use super::read_file as read;
 use crate::cmd::{indented, Background};
 use crate::{Context, Error, Result, Workspace};
 
@@ -363,10 +364,6 @@ fn must_fail(kernel: &Path, cmdline: &str, want_code: i32, want_text: &str) -> R
         )));
     }
     Ok(result)
-}
-
-fn read(path: &PathBuf) -> Result<Vec<u8>> {
-    fs::read(path).context(format!("reading {}", path.display()))
 }
 
 // ---------------------------------------------------------------------------

@@ -390,7 +390,7 @@ fn expect_text(run: &BootResult, text: &str) -> Result<()> {
 
 /// Checks a raw image against a layout; the error names the first wrong byte.
 fn expect_layout(path: &Path, layout: &Layout) -> Result<()> {
-    let data = fs::read(path).context(format!("reading {}", path.display()))?;
+    let data = crate::tasks::read_file(path)?;
     if data.len() as u64 != DISK_SIZE {
         return Err(Error::msg(format!(
             "{} is {} bytes, expected {DISK_SIZE}",
@@ -413,7 +413,7 @@ fn expect_layout(path: &Path, layout: &Layout) -> Result<()> {
 
 /// Both files hold the same bytes; the error says where they first differ.
 fn same_bytes(a: &Path, b: &Path) -> Result<()> {
-    let read = |p: &Path| fs::read(p).context(format!("reading {}", p.display()));
+    let read = crate::tasks::read_file;
     let (x, y) = (read(a)?, read(b)?);
     if x.len() != y.len() {
         return Err(Error::msg(format!(

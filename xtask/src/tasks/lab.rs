@@ -308,7 +308,7 @@ impl Lab {
         let mut files = Vec::new();
         for name in names {
             let path = self.path(name);
-            let bytes = fs::read(&path).context(format!("reading {}", path.display()))?;
+            let bytes = super::read_file(&path)?;
             files.push(((*name).to_owned(), bytes));
         }
         Ok(Saved(files))
@@ -318,7 +318,7 @@ impl Lab {
     pub fn unchanged(&self, saved: &Saved) -> Result<()> {
         for (name, before) in &saved.0 {
             let path = self.path(name);
-            let now = fs::read(&path).context(format!("reading {}", path.display()))?;
+            let now = super::read_file(&path)?;
             if now.len() != before.len() {
                 return Err(Error::msg(format!(
                     "{name} was modified: {} bytes, was {}",

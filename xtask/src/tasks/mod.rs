@@ -11,9 +11,15 @@ pub mod lab;
 pub mod qemu;
 pub mod test;
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 
-use crate::{Error, Result, Workspace};
+use crate::{Context, Error, Result, Workspace};
+
+/// The bytes of the file at `path`; the error names it.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).context(format!("reading {}", path.display()))
+}
 
 /// Builds the CLI (`release` or debug) and returns its path.
 pub fn build_cli(ws: &Workspace, release: bool) -> Result<PathBuf> {

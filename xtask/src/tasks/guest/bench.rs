@@ -1,4 +1,4 @@
-//! `cargo xtask bench --guest [--seconds N]`: the same Linux guest and the
+//! `cargo xtask bench --guest [--seconds N] [--rounds R]`: the same Linux guest and the
 //! same qcow2 chain served over vhost-user-blk by `blockgraph serve` and
 //! by qemu-storage-daemon, fio in the guest; then the same rows on the
 //! host through NBD with `qemu-img bench`.
@@ -15,9 +15,11 @@
 //! other. The write rows run on a fresh empty overlay `w.qcow2` on top of
 //! the server's copy, made before each such run.
 //!
-//! Guest rows: one boot per row and server (the kernel's `bgjob=NAME`
+//! Guest rows: one boot per row, server and round (the kernel's `bgjob=NAME`
 //! picks the fio job, `/init`'s bench mode prints fio's terse output),
-//! alternating which server goes first from row to row; nothing else runs
+//! alternating which server goes first from row to row and round to
+//! round; each server's median run (by IOPS) of the `R` rounds is
+//! reported, and so are NBD rows; nothing else runs
 //! meanwhile (guest time follows host time only on an idle host). Cache
 //! mode: both through the page cache (`blockgraph serve`'s default `-t
 //! writeback`, QSD's default `cache.direct=off`); fio in the guest uses
@@ -142,8 +144,18 @@ struct Row {
     ours: Sample,
 }
 
-/// `cargo xtask bench --guest [--seconds N]`.
-pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
+/// What `cargo xtask bench --guest` was asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchArgs {
+    /// fio's run time per row, server and round.
+    pub seconds: u32,
+    /// Runs per row and server; the median is reported.
+    pub rounds: u32,
+}
+
+/// `cargo xtask bench --guest [--seconds N] [--rounds R]`.
+pub fn run(ws: &Workspace, args: BenchArgs) -> Result<()> {
+    let BenchArgs { seconds, rounds } = args;
     let started = Instant::now();
     println!("==> prerequisites for the guest benchmark");
     prereq::ensure_qemu(ws)?;
@@ -187,24 +199,22 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
     let mut guest_rows = Vec::new();
     for (index, job) in JOBS.iter().enumerate() {
         println!("==> guest: {} ({seconds} s)", job.label);
-        let mut row = Row {
-            label: job.label.to_owned(),
-            qsd: Sample::default(),
-            ours: Sample::default(),
-        };
-        for server in order(index) {
-            let sample = bench.guest(server, job)?;
-            println!(
-                "    {:<10} {:.0} IOPS, {:.1} MiB/s, mean {:.0} µs, p99 {:.0} µs",
-                name(server),
-                sample.iops,
-                sample.mib_s,
-                sample.mean_us,
-                sample.p99_us
-            );
-            *row.of(server) = sample;
+        let mut runs = Runs::default();
+        for round in 0..rounds as usize {
+            for server in order(index + round) {
+                let sample = bench.guest(server, job)?;
+                println!(
+                    "    {:<10} {:.0} IOPS, {:.1} MiB/s, mean {:.0} µs, p99 {:.0} µs",
+                    name(server),
+                    sample.iops,
+                    sample.mib_s,
+                    sample.mean_us,
+                    sample.p99_us
+                );
+                runs.of(server).push(sample);
+            }
         }
-        guest_rows.push(row);
+        guest_rows.push(runs.row(job.label.to_owned()));
     }
     let guest_time = phase.elapsed();
 
@@ -214,22 +224,20 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
         let count = job.nbd_rate * u64::from(seconds);
         let label = nbd_label(job, count);
         println!("==> NBD: {label}");
-        let mut row = Row {
-            label,
-            qsd: Sample::default(),
-            ours: Sample::default(),
-        };
-        for server in order(index) {
-            let sample = bench.nbd(server, job, count)?;
-            println!(
-                "    {:<10} {:.0} IOPS, {:.1} MiB/s",
-                name(server),
-                sample.iops,
-                sample.mib_s
-            );
-            *row.of(server) = sample;
+        let mut runs = Runs::default();
+        for round in 0..rounds as usize {
+            for server in order(index + round) {
+                let sample = bench.nbd(server, job, count)?;
+                println!(
+                    "    {:<10} {:.0} IOPS, {:.1} MiB/s",
+                    name(server),
+                    sample.iops,
+                    sample.mib_s
+                );
+                runs.of(server).push(sample);
+            }
         }
-        nbd_rows.push(row);
+        nbd_rows.push(runs.row(label));
     }
     let nbd_time = phase.elapsed();
 
@@ -241,6 +249,7 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
             load: [load_before, load_average()],
             versions: versions(ws),
             seconds,
+            rounds,
         },
         &guest_rows,
         &nbd_rows,
@@ -261,13 +270,37 @@ pub fn run(ws: &Workspace, seconds: u32) -> Result<()> {
     Ok(())
 }
 
-impl Row {
-    fn of(&mut self, server: Server) -> &mut Sample {
+/// A row's runs, per server.
+#[derive(Default)]
+struct Runs {
+    qsd: Vec<Sample>,
+    ours: Vec<Sample>,
+}
+
+impl Runs {
+    fn of(&mut self, server: Server) -> &mut Vec<Sample> {
         match server {
             Server::Qsd => &mut self.qsd,
             Server::Blockgraph => &mut self.ours,
         }
     }
+
+    /// The row of each server's median run.
+    fn row(self, label: String) -> Row {
+        Row {
+            label,
+            qsd: median(self.qsd),
+            ours: median(self.ours),
+        }
+    }
+}
+
+/// The run with the median IOPS (the lower middle one of an even count).
+fn median(mut runs: Vec<Sample>) -> Sample {
+    runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    runs.get(runs.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
 }
 
 fn name(server: Server) -> &'static str {
@@ -520,6 +553,7 @@ struct Header {
     load: [String; 2],
     versions: Vec<String>,
     seconds: u32,
+    rounds: u32,
 }
 
 fn write_report(out: &mut String, header: &Header, guest: &[Row], nbd: &[Row]) -> std::fmt::Result {
@@ -548,11 +582,11 @@ fn write_report(out: &mut String, header: &Header, guest: &[Row], nbd: &[Row]) -
     writeln!(
         out,
         "Guest (Debian's Linux under TCG, 1 vCPU, vhost-user-blk; fio direct=1 libaio, \
-         {} s per row and server, one boot each, alternating which server goes first; \
-         latencies: mean of fio's total latency, p99 of its completion latency). Ratios: \
-         IOPS and MiB/s blockgraph / QSD, latencies QSD / blockgraph (at least 1.0: \
-         blockgraph is as good):",
-        header.seconds
+         {} s per row, server and round, one boot each, alternating which server goes \
+         first; each server's median run of {} by IOPS; latencies: mean of fio's total \
+         latency, p99 of its completion latency). Ratios: IOPS and MiB/s blockgraph / \
+         QSD, latencies QSD / blockgraph (at least 1.0: blockgraph is as good):",
+        header.seconds, header.rounds
     )?;
     writeln!(out)?;
     writeln!(
@@ -569,7 +603,8 @@ fn write_report(out: &mut String, header: &Header, guest: &[Row], nbd: &[Row]) -
         "NBD (on the host: `qemu-img bench -f raw -d QD -c COUNT -s SIZE [-S 1028k] [-w] \
          nbd+unix:///{NBD_EXPORT}?socket=...`; the \"random\" rows step 1 MiB + 4 KiB, \
          wrapping, as qemu-img bench has no random mode; time of the I/O loop as qemu-img \
-         prints it; no latencies):"
+         prints it; each server's median run of {}; no latencies):",
+        header.rounds
     )?;
     writeln!(out)?;
     writeln!(out, "| row | server | IOPS | MiB/s |")?;
@@ -636,6 +671,20 @@ mod tests {
         assert!(parse_terse(&line, true).is_some());
         let failed = line.replacen(";0;0;", ";0;5;", 1);
         assert!(parse_terse(&failed, false).is_none());
+    }
+
+    #[test]
+    fn a_row_reports_each_servers_median_run() {
+        let run = |iops| Sample {
+            iops,
+            ..Sample::default()
+        };
+        let runs = Runs {
+            qsd: vec![run(5.0), run(1.0), run(3.0)],
+            ours: vec![run(2.0), run(4.0)],
+        };
+        let row = runs.row("r".into());
+        assert_eq!((row.qsd.iops, row.ours.iops), (3.0, 2.0));
     }
 
     #[test]

@@ -300,7 +300,7 @@ const XZ_MAGIC: &[u8] = &[0xFD, b'7', b'z', b'X', b'Z', 0x00];
 /// boots through its PVH note (about 3.3 s to /init under TCG, against
 /// 12.7 s for the bzImage).
 fn extract_vmlinux(vmlinuz: &Path, to: &Path, scratch: &Path) -> Result<()> {
-    let image = fs::read(vmlinuz).context(format!("reading {}", vmlinuz.display()))?;
+    let image = crate::tasks::read_file(vmlinuz)?;
     let at = image
         .windows(XZ_MAGIC.len())
         .position(|w| w == XZ_MAGIC)

@@ -11,10 +11,11 @@
 //! initramfs.rs  the newc archive and /init (virtio modules, fio twice,
 //!               md5sum of the disk, markers on the serial console; the
 //!               bench mode runs the fio job `bgjob=NAME` names)
-//! server.rs     the export server: qemu-storage-daemon now, `blockgraph
-//!               serve` later (the same QMP)
+//! server.rs     the export server: qemu-storage-daemon or `blockgraph
+//!               serve` (the same QMP)
 //! qmp.rs        the QMP client
 //! scenario.rs   snapshot, stream, active commit with pivot, over QMP
+//! replay.rs     fio's verification redone on the host over the final image
 //! mod.rs        the run: chain, server, QEMU, scenario, judgement
 //! bench.rs      `cargo xtask bench --guest`: fio rows on blockgraph serve
 //!               and on QSD, then the same rows through NBD on the host
@@ -31,10 +32,10 @@
 //! error, the jobs finished while the first fio run was still writing,
 //! `qemu-img check` is clean on every image, the chains are what the jobs
 //! leave (`mid -> base`, the dropped `snap -> mid -> base` and `top -> mid
-//! -> base`), and the final image's content (`qemu-img convert`) hashes to
-//! what the guest read. Not done: replaying fio's writes on the host to
-//! compare the dropped overlays (fio's verification and the final hash
-//! cover what the guest sees).
+//! -> base`), the final image's content (`qemu-img convert`) hashes to
+//! what the guest read, and on the host it holds fio's own block for
+//! every 4 KiB fio wrote and the chain's bytes from before everywhere
+//! else (module `replay`).
 //!
 //! `--no-jobs` runs the guest's fio (write with verify, then verify
 //! only) and the final hash without the jobs scenario: the chain stays
@@ -58,6 +59,7 @@ mod bench;
 mod fetch;
 mod initramfs;
 pub mod qmp;
+mod replay;
 pub mod scenario;
 pub mod server;
 
@@ -71,9 +73,10 @@ use crate::cmd::{indented, Background, Cmd};
 use crate::prereq;
 use crate::tasks::lab::Lab;
 use crate::tasks::qemu::Machine;
+use crate::tasks::read_file as read;
 use crate::{Context, Error, Result, Workspace};
 
-pub use bench::run as bench;
+pub use bench::{run as bench, BenchArgs};
 use initramfs::{Archive, FioJob};
 pub use server::Server;
 use server::{Export, Node};
@@ -204,6 +207,8 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
         pieces.kernel_release
     );
     make_chain(&lab)?;
+    // The guest's view before the run, for the host-side check.
+    lab.qemu_img(&["convert", "-f", "qcow2", "-O", "raw", "top.qcow2", BEFORE])?;
     let prepared = started.elapsed();
 
     println!("==> the guest on a {} export", server.program());
@@ -242,8 +247,9 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
 
     println!("==> judging the run");
     let md5 = judge_console(&console)?;
+    let written = profile.fio.size_mib as usize;
     let Some(jobs) = scenario else {
-        judge_unchanged(&lab, &md5)?;
+        judge_unchanged(&lab, &md5, written)?;
         println!(
             "==> guest run passed (no jobs): prepared in {:.1} s, fio started {:.1} s after \
              launch, guest done after {:.1} s, {:.1} s in all",
@@ -261,7 +267,7 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
             jobs.elapsed.as_secs_f64()
         )));
     }
-    judge_images(&lab, &md5)?;
+    judge_images(&lab, &md5, written)?;
     println!(
         "==> guest run passed: prepared in {:.1} s, fio started {:.1} s after launch, \
          jobs took {:.1} s (snapshot's overlay grew {} KiB under guest writes), guest \
@@ -277,28 +283,32 @@ pub fn run_with(ws: &Workspace, server: Server, profile: &Profile, jobs: bool) -
 }
 
 /// The images the jobs left: clean, chained as the jobs leave them, and
-/// the final image's view hashing to the guest's `md5`.
-fn judge_images(lab: &Lab, md5: &str) -> Result<()> {
+/// the final image's view as the guest wrote it ([`judge_view`]).
+fn judge_images(lab: &Lab, md5: &str, written_mib: usize) -> Result<()> {
     lab.check(&["base.qcow2", "mid.qcow2", "top.qcow2", "snap.qcow2"])?;
     lab.expect_chain("mid.qcow2", &["mid.qcow2", "base.qcow2"])?;
     lab.expect_chain("snap.qcow2", &["snap.qcow2", "mid.qcow2", "base.qcow2"])?;
     lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
     println!("    qemu-img check: clean on base, mid, top, snap; chain mid -> base");
-    same_hash(lab, "mid.qcow2", md5)
+    judge_view(lab, "mid.qcow2", md5, written_mib)
 }
 
 /// The images after a run without jobs: clean, still `top -> mid ->
-/// base`, and top's view hashing to the guest's `md5`.
-fn judge_unchanged(lab: &Lab, md5: &str) -> Result<()> {
+/// base`, and top's view as the guest wrote it ([`judge_view`]).
+fn judge_unchanged(lab: &Lab, md5: &str, written_mib: usize) -> Result<()> {
     lab.check(&["base.qcow2", "mid.qcow2", "top.qcow2"])?;
     lab.expect_chain("top.qcow2", &["top.qcow2", "mid.qcow2", "base.qcow2"])?;
     println!("    qemu-img check: clean on base, mid, top; chain top -> mid -> base");
-    same_hash(lab, "top.qcow2", md5)
+    judge_view(lab, "top.qcow2", md5, written_mib)
 }
 
+/// Where the guest's view before the run is kept (raw).
+const BEFORE: &str = "before.raw";
+
 /// `image`'s guest view (`qemu-img convert`) must hash to the guest's
-/// `md5`.
-fn same_hash(lab: &Lab, image: &str, md5: &str) -> Result<()> {
+/// `md5`, and hold fio's block for each 4 KiB of the first `written_mib`
+/// MiB and the view before the run everywhere else (module `replay`).
+fn judge_view(lab: &Lab, image: &str, md5: &str, written_mib: usize) -> Result<()> {
     lab.qemu_img(&["convert", "-f", "qcow2", "-O", "raw", image, "final.raw"])?;
     let host = Cmd::new("md5sum")
         .arg(lab.path("final.raw"))
@@ -310,8 +320,21 @@ fn same_hash(lab: &Lab, image: &str, md5: &str) -> Result<()> {
             "the guest's disk hashed to {md5}, the final image {image} to {host}"
         )));
     }
-    let _ = fs::remove_file(lab.path("final.raw"));
     println!("    md5 of the guest's disk = md5 of {image}'s view: {md5}");
+    let before = read(&lab.path(BEFORE))?;
+    let after = read(&lab.path("final.raw"))?;
+    let blocks = replay::check(&before, &after, written_mib << 20).map_err(|refused| {
+        Error::msg(format!(
+            "{image} does not hold what the guest wrote: {refused}"
+        ))
+    })?;
+    for raw in [BEFORE, "final.raw"] {
+        let _ = fs::remove_file(lab.path(raw));
+    }
+    println!(
+        "    on the host: {blocks} blocks of fio's, each for its own offset with both \
+         crc32c sums right; every other byte as before the run"
+    );
     Ok(())
 }
 
@@ -400,7 +423,6 @@ fn build_initramfs(
     init: &str,
     files: &[(String, String)],
 ) -> Result<Vec<u8>> {
-    let read = |path: &Path| fs::read(path).context(format!("reading {}", path.display()));
     let mut archive = Archive::default();
     archive.char_device("dev/console", 0o600, 5, 1);
     archive.file("bin/busybox", 0o755, &read(&pieces.busybox)?);
