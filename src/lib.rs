@@ -36,6 +36,7 @@
 //! request through one engine (the only part that uses rust-vmm crates
 //! and allocates).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -47,11 +48,14 @@ pub mod error;
 pub mod format;
 pub mod graph;
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 pub mod host;
 pub mod jobs;
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 pub mod qmp;
 #[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "std", target_os = "linux"))))]
 pub mod serve;
 pub mod virtio_blk;
 

@@ -19,6 +19,7 @@ pub use queue::{perform, Completion, Op, Queue, Reorder, Submitted, Tag, REORDER
 #[cfg(feature = "std")]
 mod file;
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 pub use file::{FileDevice, DIRECT_ALIGN};
 
 use crate::error::Result;
