@@ -115,8 +115,11 @@ fn install_panic_hook() {
         let default = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             if CAPTURING.with(Cell::get) {
-                let message = info
-                    .payload_as_str()
+                let payload = info.payload();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("(panic payload is not a string)")
                     .to_owned();
                 let location = info.location().map_or_else(

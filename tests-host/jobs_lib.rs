@@ -1253,6 +1253,12 @@ fn run_out<D: Device, R: Resolver<D>>(
             });
         }
         graph.job_complete(job).unwrap();
+        assert!(info(graph, job).completing);
+        assert_eq!(
+            graph.job_complete(job).map_err(|e| e.kind()),
+            Err(ErrorKind::InvalidInput),
+            "job_complete is accepted once"
+        );
     }
     finish(graph, resolver, job, scratch)
 }
@@ -1333,13 +1339,17 @@ fn fault_scenario(which: Faulted, policy: OnError) {
         };
         match policy {
             OnError::Report => {
-                // Failed: aborting; the next step releases the job.
+                // Failed: aborting; the next step releases the job and
+                // returns its error.
                 assert_eq!(failed.status, JobStatus::Aborting);
+                let concluded = graph.job_step(job, &mut resolver, &mut scratch);
                 assert_eq!(
-                    graph.job_step(job, &mut resolver, &mut scratch).unwrap(),
-                    JobStatus::Concluded
+                    concluded.map_err(|e| e.kind()),
+                    Err(ErrorKind::Io),
+                    "the step that concludes a failed job did not return its error"
                 );
                 let failed = info(&graph, job);
+                assert_eq!(failed.status, JobStatus::Concluded);
                 assert_eq!(failed.error.map(|e| e.kind()), Some(ErrorKind::Io));
                 assert_eq!(failed.io_status, IoStatus::Failed);
                 assert!(!failed.cancelled);

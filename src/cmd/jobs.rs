@@ -11,9 +11,10 @@
 use core::fmt;
 
 use super::{invalid, Ctx, Environment, Failure, Outcome};
+use crate::device::Device;
 use crate::error::{Error, ErrorKind};
 use crate::format::Format;
-use crate::graph::{Access, NodeId};
+use crate::graph::{Access, Graph, NodeId, Resolver};
 use crate::jobs::{CommitRequest, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest};
 use crate::BackendId;
 
@@ -62,6 +63,34 @@ pub(crate) fn parse_job_args<'a>(
 }
 
 /// The format named by `-f`'s value.
+/// [`Graph::job_step`], where the step that concludes a failed job is
+/// just `Concluded`: the commands report the job's error from `job_info`
+/// once they have shown its progress and dismissed it.
+pub(crate) fn step_job<
+    D: Device,
+    R: Resolver<D>,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    graph: &mut Graph<D, N, B, C, J>,
+    job: JobId,
+    resolver: &mut R,
+    scratch: &mut [u8],
+) -> crate::Result<JobStatus> {
+    match graph.job_step(job, resolver, scratch) {
+        Err(_)
+            if graph
+                .job_info(job)
+                .is_ok_and(|i| i.status == JobStatus::Concluded) =>
+        {
+            Ok(JobStatus::Concluded)
+        }
+        stepped => stepped,
+    }
+}
+
 pub(crate) fn parse_format<'a>(
     name: Option<&'a str>,
     usage: &'static str,
@@ -221,9 +250,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let mut bar = Progress::new(self.env, progress);
         let mut completing = false;
         loop {
-            let status = self
-                .graph
-                .job_step(job, self.env.resolver(), self.scratch)?;
+            let status = step_job(self.graph, job, self.env.resolver(), self.scratch)?;
             let info = self.graph.job_info(job)?;
             bar.update(self.env, &info, self.out)?;
             match status {

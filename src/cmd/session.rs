@@ -19,7 +19,7 @@
 //! `io IMAGE` on an attached image goes through its BlockBackend, so guest
 //! writes reach whatever node the device is on (after a pivot: the base).
 
-use super::jobs::{parse_format, parse_job_args};
+use super::jobs::{parse_format, parse_job_args, step_job};
 use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::backend::BackendId;
 use crate::error::{Error, ErrorKind};
@@ -101,7 +101,7 @@ impl<const SLOTS: usize> Session<SLOTS> {
                     ) {
                         graph.job_cancel(job)?;
                     }
-                    while graph.job_step(job, env.resolver(), scratch)? != JobStatus::Concluded {}
+                    while step_job(graph, job, env.resolver(), scratch)? != JobStatus::Concluded {}
                     graph.job_dismiss(job)
                 })();
                 first_error = first_error.and(ended);
@@ -246,9 +246,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 // Steps while the job runs: a paused, ready or finished job
                 // would make further steps idle.
                 for _ in 0..count {
-                    let status = self
-                        .graph
-                        .job_step(job, self.env.resolver(), self.scratch)?;
+                    let status = step_job(self.graph, job, self.env.resolver(), self.scratch)?;
                     if status != JobStatus::Running {
                         break;
                     }

@@ -221,6 +221,9 @@ pub struct JobInfo {
     pub error: Option<Error>,
     /// Whether it was cancelled.
     pub cancelled: bool,
+    /// Whether [`Graph::job_complete`](crate::Graph::job_complete) was
+    /// accepted: the job pivots at a coming step.
+    pub completing: bool,
 }
 
 /// Parameters of a commit job.

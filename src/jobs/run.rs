@@ -208,7 +208,11 @@ impl<
     /// size; larger copies more per step) as its copy buffer and `resolver`
     /// for the backing reference written when it finishes. Returns the state
     /// after the step. I/O failures are handled by the job's `on-error`
-    /// policy and show in [`Graph::job_info`], not here.
+    /// policy and show in [`Graph::job_info`]; a job that fails (`on-error:
+    /// report`) goes `aborting`, and the step that then concludes it, once
+    /// it has let go of its nodes, returns the job's error (the job is
+    /// [`JobStatus::Concluded`] then, `job_info` says why, and it still
+    /// waits for [`Graph::job_dismiss`]).
     ///
     /// Copies are cut into steps and writes only at multiples of the
     /// largest power of two that fits in `scratch` (and where what the
@@ -218,8 +222,11 @@ impl<
     /// larger than `scratch` is filled by several writes.
     ///
     /// # Errors
+    /// The job's own error from the step that concludes a failed job;
     /// [`ErrorKind::StaleHandle`] for a dismissed job,
-    /// [`ErrorKind::InvalidInput`] for an empty `scratch`.
+    /// [`ErrorKind::InvalidInput`] for an empty `scratch`, and errors that
+    /// leave the job as it was ([`ErrorKind::Busy`] while requests are in
+    /// flight through its chain: step again later).
     pub fn job_step<R: Resolver<D>>(
         &mut self,
         id: JobId,
@@ -232,7 +239,8 @@ impl<
         // A guest write in flight is marked dirty but not yet on the disk:
         // a step could copy the old data and call it clean.
         self.check_not_held(self.jobs.get(id)?.active)?;
-        match self.jobs.get(id)?.status {
+        let before = self.jobs.get(id)?.status;
+        match before {
             JobStatus::Created => {
                 self.jobs.get_mut(id)?.status = JobStatus::Running;
                 self.job_work(id, resolver, scratch)?;
@@ -242,7 +250,13 @@ impl<
             JobStatus::Aborting => self.job_finish(id, resolver, true)?,
             JobStatus::Paused | JobStatus::Waiting | JobStatus::Concluded => {}
         }
-        Ok(self.jobs.get(id)?.status)
+        let job = self.jobs.get(id)?;
+        match job.error {
+            Some(err) if job.status == JobStatus::Concluded && before != JobStatus::Concluded => {
+                Err(err)
+            }
+            _ => Ok(job.status),
+        }
     }
 
     fn job_work<R: Resolver<D>>(
@@ -509,11 +523,17 @@ impl<
 
     /// Asks a ready active commit to pivot: once nothing is dirty (checked
     /// at a step), every user of the active layer is re-pointed to base.
+    /// Accepted once: the job then reports [`JobInfo::completing`] (it may
+    /// stay `ready` for a few steps while it copies what is dirty).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] unless the job is ready.
+    /// [`ErrorKind::InvalidInput`] unless the job is ready, or when it is
+    /// completing already.
     pub fn job_complete(&mut self, id: JobId) -> Result<()> {
         let job = self.jobs.get_mut(id)?;
+        if job.complete_requested {
+            return fail(ErrorKind::InvalidInput, "job is already completing");
+        }
         if job.status != JobStatus::Ready {
             return fail(ErrorKind::InvalidInput, "job is not ready to complete");
         }
@@ -576,6 +596,7 @@ impl<
             io_status: job.io_status,
             error: job.error,
             cancelled: job.cancelled,
+            completing: job.complete_requested,
         })
     }
 
