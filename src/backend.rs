@@ -8,7 +8,7 @@
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
-use crate::graph::{Access, Graph, Handle, NodeId, Parent, Perm};
+use crate::graph::{Access, BlockStatus, Graph, Handle, NodeId, Parent, Perm};
 
 /// A BlockBackend slot: a root node and the access the device needs.
 pub struct Backend {
@@ -142,12 +142,66 @@ impl<
     /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
     /// [`Graph::writev`].
     pub fn backend_writev(&mut self, id: BackendId, offset: u64, segments: &[&[u8]]) -> Result<()> {
+        let root = self.writable_root(id)?;
+        self.writev(root, offset, segments)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros through backend `id`
+    /// ([`Graph::write_zeroes`]: it may unmap, as a zero write with QEMU's
+    /// `may-unmap` does; qcow2 v3 frees whole clusters' storage).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
+    /// [`Graph::write_zeroes`].
+    pub fn backend_write_zeroes(&mut self, id: BackendId, offset: u64, len: u64) -> Result<()> {
+        let root = self.writable_root(id)?;
+        self.write_zeroes(root, offset, len)
+    }
+
+    /// Discards `len` bytes at `offset` through backend `id`
+    /// ([`Graph::discard`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
+    /// [`Graph::discard`].
+    pub fn backend_discard(&mut self, id: BackendId, offset: u64, len: u64) -> Result<()> {
+        let root = self.writable_root(id)?;
+        self.discard(root, offset, len)
+    }
+
+    /// The guest-visible size of backend `id`: its root's virtual size.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a detached backend.
+    pub fn backend_size(&self, id: BackendId) -> Result<u64> {
+        self.size(self.root(id)?)
+    }
+
+    /// The allocation status of `len` bytes at `offset` through backend
+    /// `id` (QEMU's `bdrv_block_status` over the chain): the status of the
+    /// first byte — allocated, zero, data, and the depth of the layer that
+    /// answered, 0 for the root — and how many bytes share it
+    /// ([`Graph::block_status`]).
+    ///
+    /// # Errors
+    /// As [`Graph::block_status`].
+    pub fn backend_block_status(
+        &mut self,
+        id: BackendId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        let root = self.root(id)?;
+        self.block_status(root, offset, len)
+    }
+
+    /// Backend `id`'s root, when the backend may write.
+    fn writable_root(&self, id: BackendId) -> Result<NodeId> {
         let backend = self.backends.get(id)?;
         if !backend.access.perm.contains(Perm::WRITE) {
             return fail(ErrorKind::ReadOnly, "backend is attached read-only");
         }
-        let root = backend.root;
-        self.writev(root, offset, segments)
+        Ok(backend.root)
     }
 
     /// Checks, without writing, that a write of `len` bytes at `offset`
@@ -156,11 +210,7 @@ impl<
     /// # Errors
     /// As [`Graph::backend_write`].
     pub fn backend_check_write(&mut self, id: BackendId, offset: u64, len: u64) -> Result<()> {
-        let backend = self.backends.get(id)?;
-        if !backend.access.perm.contains(Perm::WRITE) {
-            return fail(ErrorKind::ReadOnly, "backend is attached read-only");
-        }
-        let root = backend.root;
+        let root = self.writable_root(id)?;
         self.check_write(root, offset, len)
     }
 

@@ -317,7 +317,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         job: Option<JobId>,
     ) -> Outcome<'a> {
         let (env, graph, out) = (&mut *self.env, &mut *self.graph, &mut *self.out);
-        let image_size = graph.size(graph.root(backend)?)?;
+        let image_size = graph.backend_size(backend)?;
         writeln!(
             out,
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",

@@ -103,7 +103,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// flight, and its size. Returns with nothing in flight, also on an
     /// error.
     fn digest_queued(&mut self, backend: BackendId, depth: usize) -> Result<(u64, u64)> {
-        let size = self.graph.size(self.graph.root(backend)?)?;
+        let size = self.graph.backend_size(backend)?;
         let chunk = self.scratch.len() / depth;
         if chunk == 0 {
             return fail(

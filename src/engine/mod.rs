@@ -1315,14 +1315,8 @@ fn run_synchronously<
             read
         }
         Payload::Write(segments) => graph.backend_writev(backend, offset, segments),
-        Payload::WriteZeroes(len) => {
-            let root = root_for(graph, backend, true)?;
-            graph.write_zeroes(root, offset, *len)
-        }
-        Payload::Discard(len) => {
-            let root = root_for(graph, backend, true)?;
-            graph.discard(root, offset, *len)
-        }
+        Payload::WriteZeroes(len) => graph.backend_write_zeroes(backend, offset, *len),
+        Payload::Discard(len) => graph.backend_discard(backend, offset, *len),
         Payload::Flush => graph.backend_flush(backend),
     }
 }

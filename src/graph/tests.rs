@@ -338,6 +338,33 @@ fn permissions_refuse_writers_on_backing_images() {
 }
 
 #[test]
+fn the_backend_carries_every_request_kind_permission_checked() {
+    let mut g = graph();
+    let n = chain(&mut g, 2);
+    let reader = g.attach_backend(n[1], Access::READ_ONLY_DEVICE).unwrap();
+    let cs = CLUSTER as u64;
+    for refused in [
+        g.backend_write_zeroes(reader, 0, cs),
+        g.backend_discard(reader, 0, cs),
+        g.backend_write(reader, 0, &[1]),
+    ] {
+        assert_eq!(refused.unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+    assert_eq!(g.backend_size(reader).unwrap(), 16 * cs);
+    // l1 holds its own cluster 1; cluster 0 comes from l0 (depth 1).
+    let (own, run) = g.backend_block_status(reader, cs, cs).unwrap();
+    assert!(
+        own.present && own.data && own.depth == 0 && run == cs,
+        "{own:?}"
+    );
+    let (below, _) = g.backend_block_status(reader, 0, cs).unwrap();
+    assert!(below.present && below.depth == 1, "{below:?}");
+    // (What zero writes and discards do through a writable backend is
+    // checked against qemu-io: the CLI's `io` sends them this way.)
+    g.detach_backend(reader).unwrap();
+}
+
+#[test]
 fn deep_chains_release_without_recursion_and_pool_exhaustion_is_an_error() {
     let mut g: Box<Graph<MemDevice<'static>, 200, 1, 4>> = Box::default();
     let mut below: Option<NodeId> = None;

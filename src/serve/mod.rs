@@ -558,8 +558,7 @@ fn start_threads(
         let listener = bind(path)?;
         let size = block
             .graph
-            .root(block.backend)
-            .and_then(|root| block.graph.size(root))
+            .backend_size(block.backend)
             .map_err(|e| error(format_args!("{}: {e}", options.image)))?;
         let (sender, receiver) = mpsc::channel();
         let export = nbd::Export {

@@ -22,7 +22,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -528,7 +528,7 @@ impl Connection {
                 }
                 CMD_READ => match () {
                     _ if len > MAX_REQUEST || !in_range => refuse(ErrorKind::InvalidInput),
-                    _ => Ok((Op::Read, Some(vec![0u8; len as usize].into_boxed_slice()))),
+                    _ => Ok((Op::Read, Some(window.buffer(len as usize)))),
                 },
                 CMD_FLUSH => Ok((Op::Flush, None)),
                 CMD_TRIM | CMD_WRITE_ZEROES => match () {
@@ -571,14 +571,38 @@ impl Connection {
 /// waits for a reply before reading more.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// Counts a connection's requests between their reading and their reply.
+/// Counts a connection's requests between their reading and their reply,
+/// and keeps the buffers of the reads it answered for the next reads.
 #[derive(Default)]
 struct Window {
     open: std::sync::Mutex<usize>,
     changed: std::sync::Condvar,
+    /// Read buffers sent back to the client (at most [`MAX_IN_FLIGHT`]).
+    spare: std::sync::Mutex<Vec<Box<[u8]>>>,
 }
 
 impl Window {
+    /// A buffer of `len` bytes for a read: a spare one of that size, else
+    /// a new one. A spare one holds an earlier read's bytes, which this
+    /// read overwrites whole before any reaches the client (a failed read
+    /// sends no data).
+    fn buffer(&self, len: usize) -> Box<[u8]> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        match spare.iter().rposition(|b| b.len() == len) {
+            Some(at) => spare.swap_remove(at),
+            None => vec![0u8; len].into_boxed_slice(),
+        }
+    }
+
+    /// Keeps `buffer`, a read's data that went to the client, for a next
+    /// read.
+    fn recycle(&self, buffer: Box<[u8]>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < MAX_IN_FLIGHT {
+            spare.push(buffer);
+        }
+    }
+
     /// Takes a place, waiting while [`MAX_IN_FLIGHT`] are taken.
     fn acquire(&self) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -622,16 +646,33 @@ fn write_replies(
             Err(ErrorKind::NoCapacity) => ENOMEM,
             Err(_) => EIO,
         };
-        let mut header = Vec::with_capacity(16);
-        header.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        header.extend_from_slice(&errno.to_be_bytes());
-        header.extend_from_slice(&reply.cookie.to_be_bytes());
-        result = stream.write_all(&header);
-        if let (0, Some(data), Ok(())) = (errno, &reply.data, &result) {
-            result = stream.write_all(data);
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        header[4..8].copy_from_slice(&errno.to_be_bytes());
+        header[8..].copy_from_slice(&reply.cookie.to_be_bytes());
+        let data = reply.data.as_deref().filter(|_| errno == 0).unwrap_or(&[]);
+        // Header and data in one system call where the socket takes them.
+        let mut both = [IoSlice::new(&header), IoSlice::new(data)];
+        let parts = if data.is_empty() { 1 } else { 2 };
+        result = write_all_vectored(&mut stream, &mut both[..parts]);
+        if let Some(data) = reply.data {
+            window.recycle(data);
         }
     }
     result
+}
+
+/// Writes every byte of `slices`, in as few `writev`s as the socket allows.
+fn write_all_vectored(stream: &mut UnixStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match stream.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// Whether `NBD_OPT_GO`/`INFO` data is well formed: name length, name,

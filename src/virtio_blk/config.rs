@@ -126,7 +126,7 @@ impl Config {
         graph: &Graph<D, N, B, C, J>,
         backend: BackendId,
     ) -> Result<Self> {
-        let size = graph.size(graph.root(backend)?)?;
+        let size = graph.backend_size(backend)?;
         let writable = graph.backend_access(backend)?.perm.contains(Perm::WRITE);
         Ok(Self::new(size / SECTOR, !writable))
     }

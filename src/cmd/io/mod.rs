@@ -245,7 +245,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                         return Err(invalid("write -z takes no pattern"));
                     }
                     graph
-                        .write_zeroes(root, r.offset, r.len)
+                        .backend_write_zeroes(backend, r.offset, r.len)
                         .map_err(in_command)?;
                 } else {
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
@@ -281,7 +281,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
             "discard" => {
                 let r = parse_request(rest, false)?;
-                graph.discard(root, r.offset, r.len).map_err(in_command)?;
+                graph
+                    .backend_discard(backend, r.offset, r.len)
+                    .map_err(in_command)?;
                 writeln!(
                     out,
                     "discard {}/{} bytes at offset {}",
