@@ -24,6 +24,40 @@
 //!  device     Device trait: host file, memory (tests), virtio-blk (kernel)
 //! ```
 //!
+//! # Example
+//!
+//! A qcow2 image made in memory, opened behind a BlockBackend, written and
+//! read back (a VMM would use its virtio disks or host files instead):
+//!
+//! ```
+//! use blockgraph::device::MemDevice;
+//! use blockgraph::format::qcow2::create::{create, CreateOptions};
+//! use blockgraph::{Access, Format, Graph};
+//!
+//! # fn main() -> blockgraph::Result<()> {
+//! let mut disk = vec![0u8; 4 << 20];
+//! let mut device = MemDevice::new(&mut disk, 0, 1)?;
+//! create(&mut device, &CreateOptions::new(64 << 20))?;
+//! // A graph is large: keep it off the stack (or in a `static`).
+//! let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
+//! let file = graph.add_device(device, "disk.qcow2")?;
+//! let image = graph.open_format(file, Format::Qcow2, false)?;
+//! graph.unref(file)?; // the image node holds its file
+//! let guest = graph.attach_backend(image, Access::READ_WRITE_DEVICE)?;
+//! graph.unref(image)?; // the backend holds the image
+//!
+//! graph.backend_write(guest, 4096, &[0xab; 512])?;
+//! let mut sector = [0u8; 512];
+//! graph.backend_read(guest, 4096, &mut sector)?;
+//! assert_eq!(sector, [0xab; 512]);
+//! assert_eq!(graph.backend_size(guest)?, 64 << 20);
+//! graph.backend_flush(guest)?;
+//! graph.detach_backend(guest)?; // the last reference: all nodes go
+//! assert_eq!(graph.node_count(), 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Crash safety rests on numbered ordering rules (R1, R2, ...) kept in
 //! `docs/crash-ordering.md`; the code cites them by number at each ordering
 //! point.

@@ -31,6 +31,66 @@ use crate::graph::Access;
 pub struct DeviceId(pub u64, pub u64);
 
 /// A byte-addressed storage back end (a protocol node's payload).
+///
+/// # Example
+///
+/// A RAM disk of fixed size; only the required methods are written, the
+/// others keep their defaults.
+///
+/// ```
+/// use blockgraph::device::{Device, DeviceId};
+/// use blockgraph::{Error, ErrorKind, Result};
+///
+/// struct RamDisk<'a> {
+///     bytes: &'a mut [u8],
+///     id: u64,
+/// }
+///
+/// impl RamDisk<'_> {
+///     /// The bytes of `len` at `offset`, when they lie inside the disk.
+///     fn range(&self, offset: u64, len: usize) -> Result<core::ops::Range<usize>> {
+///         let start = usize::try_from(offset).ok();
+///         match start.and_then(|s| Some(s..s.checked_add(len)?)) {
+///             Some(r) if r.end <= self.bytes.len() => Ok(r),
+///             _ => Err(Error::new(ErrorKind::Io, "past the end of the RAM disk")),
+///         }
+///     }
+/// }
+///
+/// impl Device for RamDisk<'_> {
+///     fn size(&self) -> u64 {
+///         self.bytes.len() as u64
+///     }
+///     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+///         let range = self.range(offset, buf.len())?;
+///         buf.copy_from_slice(&self.bytes[range]);
+///         Ok(())
+///     }
+///     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+///         let range = self.range(offset, buf.len())?;
+///         self.bytes[range].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn flush(&mut self) -> Result<()> {
+///         Ok(()) // RAM: every write is as durable as it gets
+///     }
+///     fn is_read_only(&self) -> bool {
+///         false
+///     }
+///     fn identity(&self) -> DeviceId {
+///         DeviceId(0x7261_6d, self.id)
+///     }
+/// }
+///
+/// let mut memory = [0u8; 4096];
+/// let mut disk = RamDisk { bytes: &mut memory, id: 1 };
+/// disk.write_at(512, b"hello")?;
+/// let mut back = [0u8; 5];
+/// disk.read_at(512, &mut back)?;
+/// assert_eq!(&back, b"hello");
+/// assert!(disk.read_at(4095, &mut back).is_err());
+/// # Ok::<(), blockgraph::Error>(())
+/// ```
 pub trait Device {
     /// Current size in bytes.
     fn size(&self) -> u64;

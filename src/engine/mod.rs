@@ -228,6 +228,49 @@ impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
 /// Requests in flight on a graph: `SLOTS` of them, each with up to
 /// `SEGMENTS` guest buffers that live for `'b`, cut into at most `PIECES`
 /// pieces.
+///
+/// # Example
+///
+/// A write and four reads submitted together, then collected (a VMM
+/// polls from its event loop with [`Engine::poll`] and
+/// [`Engine::complete`]; [`Engine::wait`] is the blocking wrapper):
+///
+/// ```
+/// # use blockgraph::device::MemDevice;
+/// # use blockgraph::format::qcow2::create::{create, CreateOptions};
+/// # use blockgraph::{Access, Format, Graph};
+/// use blockgraph::engine::Engine;
+///
+/// # fn main() -> blockgraph::Result<()> {
+/// # let mut disk = vec![0u8; 4 << 20];
+/// # let mut device = MemDevice::new(&mut disk, 0, 1)?;
+/// # create(&mut device, &CreateOptions::new(64 << 20))?;
+/// # let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
+/// # let file = graph.add_device(device, "disk.qcow2")?;
+/// # let image = graph.open_format(file, Format::Qcow2, false)?;
+/// # graph.unref(file)?;
+/// # let guest = graph.attach_backend(image, Access::READ_WRITE_DEVICE)?;
+/// # graph.unref(image)?;
+/// // The guest's buffers outlive the engine, which borrows them.
+/// let data = [0x5au8; 4096];
+/// let mut pages = [[0u8; 4096]; 4];
+/// let mut engine: Engine<'_> = Engine::new();
+/// let write = engine.submit_write(guest, 0, [&data[..]])?;
+/// let mut reads = Vec::new();
+/// for (i, page) in pages.iter_mut().enumerate() {
+///     // The read of page 0 overlaps the write: it starts after it.
+///     reads.push(engine.submit_read(guest, i as u64 * 4096, [&mut page[..]])?);
+/// }
+/// engine.wait(&mut graph, write)?.result?;
+/// for (i, read) in reads.into_iter().enumerate() {
+///     let mut done = engine.wait(&mut graph, read)?;
+///     done.result?;
+///     let want = if i == 0 { 0x5a } else { 0 };
+///     assert!(done.buffers().flatten().all(|b| *b == want));
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct Engine<
     'b,
     const SLOTS: usize = DEFAULT_SLOTS,
