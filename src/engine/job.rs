@@ -29,7 +29,7 @@
 //! Runs of one job in flight together cover disjoint ranges; the lanes
 //! serve one job at a time (another job's step waits until they are idle).
 //!
-//! Memory: [`JOB_LANES`] lanes of 168 bytes in the engine (1.3 KiB); the
+//! Memory: [`JOB_LANES`] lanes of 176 bytes in the engine (1.4 KiB); the
 //! buffers are the VMM's.
 
 use super::{

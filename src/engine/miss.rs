@@ -32,7 +32,7 @@
 //!
 //! Memory: the buffers are the VMM's (4 KiB each; a host file's queue
 //! takes `'static` ones); the engine keeps [`METADATA_BUFFERS`] entries of
-//! 88 bytes.
+//! 104 bytes.
 
 use super::{plan, tag, Engine, Payload, Route, Slot, State};
 use crate::device::{Op, Queue, Submitted};

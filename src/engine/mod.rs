@@ -63,10 +63,10 @@
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
 //! allocating writes in flight about 2.7 KiB (its batch of new clusters),
-//! each of the [`METADATA_BUFFERS`] entries 88 bytes (the lent 4 KiB
-//! buffers are the VMM's), the [`JOB_LANES`] job lanes 168 bytes each (the
+//! each of the [`METADATA_BUFFERS`] entries 104 bytes (the lent 4 KiB
+//! buffers are the VMM's), the [`JOB_LANES`] job lanes 176 bytes each (the
 //! lent job buffers are the VMM's too), a flush's write-back state about
-//! 650 bytes; the default engine (64 slots, 16 segments, 32 pieces, 4
+//! 670 bytes; the default engine (64 slots, 16 segments, 32 pieces, 4
 //! allocations) is about 70 KiB (`blockgraph sizes`). A read
 //! that the chain cuts into more than `PIECES` pieces takes the
 //! synchronous path.

@@ -365,7 +365,8 @@ fn io_error(err: std::io::Error) -> Error {
         Some(libc::EFBIG) => (ErrorKind::NoSpace, "file too large"),
         _ => (ErrorKind::Io, "file I/O failed"),
     };
-    Error::new(kind, message)
+    let errno = err.raw_os_error().unwrap_or(0);
+    Error::new(kind, message).with_os_error(errno)
 }
 
 /// The lock byte of permission bit `bit` in the range starting at `base`.
@@ -454,13 +455,15 @@ impl Device for FileDevice {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_read(offset, buf.len())?;
         let file = self.transfer_file(offset, buf);
-        file.read_exact_at(buf, offset).map_err(io_error)
+        file.read_exact_at(buf, offset)
+            .map_err(|err| io_error(err).at_offset(offset))
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let end = self.write_end(offset, buf.len())?;
         let file = self.transfer_file(offset, buf);
-        file.write_all_at(buf, offset).map_err(io_error)?;
+        file.write_all_at(buf, offset)
+            .map_err(|err| io_error(err).at_offset(offset))?;
         self.len = self.len.max(end);
         Ok(())
     }
@@ -499,7 +502,7 @@ impl Device for FileDevice {
                         IoSlice::advance_slices(&mut rest, n);
                     }
                     Err(Errno::EINTR) => {}
-                    Err(errno) => return Err(io_error(errno.into())),
+                    Err(errno) => return Err(io_error(errno.into()).at_offset(at)),
                 }
             }
         }
@@ -611,6 +614,25 @@ mod tests {
         let a = dir.join("a");
         std::fs::write(&a, (0..=255u8).cycle().take(8192).collect::<Vec<_>>()).unwrap();
         (dir, a)
+    }
+
+    #[test]
+    fn errors_carry_the_real_errno_and_the_offset() {
+        let (dir, _) = counting_file("errno");
+        let Err(err) = FileDevice::open(&dir, true) else {
+            panic!("a directory opened as an image file");
+        };
+        assert_eq!(
+            (err.kind(), err.os_error()),
+            (ErrorKind::InvalidInput, Some(libc::EISDIR))
+        );
+        let eio = io_error(std::io::Error::from_raw_os_error(libc::EIO)).at_offset(4096);
+        assert_eq!(
+            (eio.kind(), eio.os_error(), eio.offset()),
+            (ErrorKind::Io, Some(5), Some(4096))
+        );
+        assert_eq!(eio.to_string(), "file I/O failed at byte 4096 (os error 5)");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -142,7 +142,10 @@ impl Transfer {
         let Ok(moved) = usize::try_from(res) else {
             return match -res {
                 libc::EINTR | libc::EAGAIN => Outcome::Again,
-                errno => Outcome::Over(Err(io_error(std::io::Error::from_raw_os_error(errno)))),
+                errno => {
+                    let err = io_error(std::io::Error::from_raw_os_error(errno));
+                    Outcome::Over(Err(err.at_offset(self.offset + self.done as u64)))
+                }
             };
         };
         let len = self.parked.bytes().len();
