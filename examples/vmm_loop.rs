@@ -10,43 +10,11 @@
 
 use blockgraph::device::MemDevice;
 use blockgraph::format::qcow2::create::{create, CreateOptions};
-use blockgraph::graph::NameBuf;
+use blockgraph::graph::NamesOnly;
 use blockgraph::jobs::{CommitRequest, JobStatus, OnError};
-use blockgraph::{Access, Error, ErrorKind, Format, Graph, Resolver, Result};
+use blockgraph::{Access, Format, Graph, Result};
 
 const DISK: u64 = 8 << 20;
-
-/// Names backing references after the images they point to; this example
-/// never opens images by name.
-struct Names;
-
-impl<'a> Resolver<MemDevice<'a>> for Names {
-    fn open(&mut self, _: &str, _: bool) -> Result<MemDevice<'a>> {
-        Err(Error::new(
-            ErrorKind::NotFound,
-            "no image store in this example",
-        ))
-    }
-
-    fn open_backing(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: bool,
-        _: &mut NameBuf,
-    ) -> Result<MemDevice<'a>> {
-        Err(Error::new(
-            ErrorKind::NotFound,
-            "no image store in this example",
-        ))
-    }
-
-    fn reference(&mut self, _overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {
-        out.clear();
-        out.push_str(target)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-    }
-}
 
 fn main() -> Result<()> {
     // Two "disks" of 16 MiB each; a VMM would have virtio disks or files.
@@ -54,7 +22,8 @@ fn main() -> Result<()> {
     let mut overlay_disk = vec![0u8; 16 << 20];
     let mut scratch = vec![0u8; 256 << 10];
     let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
-    let mut names = Names;
+    // No image store: the example adds its devices itself.
+    let mut names = NamesOnly;
 
     // 1. A fresh base image and the guest's BlockBackend on it.
     let mut device = MemDevice::new(&mut base_disk, 0, 1)?;

@@ -10,6 +10,9 @@
 //! `std` feature, [`FileDevice`] (a host file, with an io_uring queue for
 //! split-phase operations).
 
+mod either;
+pub use either::Either;
+
 mod memory;
 pub use memory::{DeviceEvent, MemDevice};
 

@@ -33,7 +33,7 @@ mod write;
 
 pub use perm::{Access, Perm};
 pub use pool::{Handle, Pool};
-pub use resolve::{NameBuf, Resolver, NAME_CAPACITY};
+pub use resolve::{NameBuf, NamesOnly, Resolver, NAME_CAPACITY};
 pub(crate) use segments::piece_len;
 pub use segments::MAX_SEGMENTS;
 

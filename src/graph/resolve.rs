@@ -60,3 +60,30 @@ pub trait Resolver<D> {
     /// such reference can be formed.
     fn reference(&mut self, overlay: &str, target: &str, out: &mut NameBuf) -> Result<()>;
 }
+
+/// A [`Resolver`] for graphs whose devices the VMM adds itself
+/// ([`Graph::add_device`](crate::Graph::add_device)), with no image store:
+/// nothing opens by name ([`ErrorKind::NotFound`](crate::ErrorKind::NotFound)),
+/// and the backing reference stored for an image is its name, as given.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NamesOnly;
+
+impl<D> Resolver<D> for NamesOnly {
+    fn open(&mut self, _: &str, _: bool) -> Result<D> {
+        crate::error::fail(
+            crate::ErrorKind::NotFound,
+            "no image store: add devices instead",
+        )
+    }
+
+    fn open_backing(&mut self, _: &str, _: &str, _: bool, _: &mut NameBuf) -> Result<D> {
+        crate::error::fail(
+            crate::ErrorKind::NotFound,
+            "no image store: add devices instead",
+        )
+    }
+
+    fn reference(&mut self, overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {
+        Resolver::<D>::resolve_backing(self, overlay, target, out)
+    }
+}

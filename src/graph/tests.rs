@@ -5,27 +5,7 @@ use crate::format::qcow2::testimg::{TestImage, CLUSTER};
 type TestGraph = Graph<MemDevice<'static>, 64, 4, 8>;
 
 /// Names resolve to themselves; nothing is opened by name in these tests.
-struct Names;
-
-impl Resolver<MemDevice<'static>> for Names {
-    fn open(&mut self, _: &str, _: bool) -> Result<MemDevice<'static>> {
-        fail(ErrorKind::NotFound, "no such image")
-    }
-    fn open_backing(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: bool,
-        _: &mut NameBuf,
-    ) -> Result<MemDevice<'static>> {
-        fail(ErrorKind::NotFound, "no such image")
-    }
-    fn reference(&mut self, _: &str, target: &str, out: &mut NameBuf) -> Result<()> {
-        out.clear();
-        out.push_str(target)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "too long"))
-    }
-}
+use super::NamesOnly as Names;
 
 fn graph() -> Box<TestGraph> {
     Box::default()
