@@ -28,17 +28,19 @@ fn main() -> Result<()> {
     // 1. A fresh base image and the guest's BlockBackend on it.
     let mut device = MemDevice::new(&mut base_disk, 0, 1)?;
     create(&mut device, &CreateOptions::new(DISK))?;
-    let file = graph.add_device(device, "base.qcow2")?;
-    let base = graph.open_format(file, Format::Qcow2, false)?;
-    graph.unref(file)?;
-    let guest = graph.attach_backend(base, Access::READ_WRITE_DEVICE)?;
-    graph.unref(base)?; // the backend holds it now
+    // The backend holds every reference: detaching it closes the chain.
+    let guest = graph.attach_device(
+        device,
+        "base.qcow2",
+        Format::Qcow2,
+        Access::READ_WRITE_DEVICE,
+    )?;
+    let base = graph.root(guest)?;
     graph.backend_write(guest, 0, &[0x11; 64 << 10])?;
 
     // 2. Live snapshot: the guest now writes into the overlay.
     let overlay_device = MemDevice::new(&mut overlay_disk, 0, 2)?;
-    let overlay = graph.snapshot(&mut names, base, overlay_device, "overlay.qcow2")?;
-    graph.unref(overlay)?;
+    let overlay = graph.snapshot_backend(&mut names, guest, overlay_device, "overlay.qcow2")?;
     assert_eq!(graph.root(guest)?, overlay);
     graph.backend_write(guest, 1 << 20, &[0x22; 64 << 10])?;
 

@@ -8,7 +8,10 @@
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
-use crate::graph::{Access, BlockStatus, Graph, Handle, NodeId, Parent, Perm};
+use crate::format::Format;
+use crate::graph::{
+    Access, BlockStatus, Graph, Handle, NodeId, OpenOptions, Parent, Perm, Resolver,
+};
 
 /// A BlockBackend slot: a root node and the access the device needs.
 pub struct Backend {
@@ -27,6 +30,55 @@ impl<
         const JOBS: usize,
     > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
+    /// Opens the image `name` (and its backing chain) through `resolver`
+    /// and attaches a backend to it with `access`: the backend holds the
+    /// only reference, so detaching it closes the chain. Open for writing
+    /// with [`OpenOptions::writable`] and [`Access::READ_WRITE_DEVICE`].
+    ///
+    /// # Errors
+    /// As [`Graph::open_image`] and [`Graph::attach_backend`]; on error
+    /// nothing stays open.
+    pub fn attach_image<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        name: &str,
+        options: OpenOptions,
+        access: Access,
+    ) -> Result<BackendId> {
+        let root = self.open_image(resolver, name, options)?;
+        self.attach_handing_over(root, access)
+    }
+
+    /// Adds `device` (named `name`), opens it as a `format` image (without
+    /// a backing chain: a base image or a raw disk) and attaches a backend
+    /// to it with `access`, which holds the only reference. The image is
+    /// writable when `access` writes.
+    ///
+    /// # Errors
+    /// As [`Graph::add_device`], [`Graph::open_format`] and
+    /// [`Graph::attach_backend`]; on error nothing stays open.
+    pub fn attach_device(
+        &mut self,
+        device: D,
+        name: &str,
+        format: Format,
+        access: Access,
+    ) -> Result<BackendId> {
+        let file = self.add_device(device, name)?;
+        let read_only = !access.perm.contains(Perm::WRITE);
+        let image = self.open_format(file, format, read_only);
+        self.unref(file)?;
+        self.attach_handing_over(image?, access)
+    }
+
+    /// Attaches a backend to `root`, handing it the caller's reference
+    /// (released when the attach fails).
+    fn attach_handing_over(&mut self, root: NodeId, access: Access) -> Result<BackendId> {
+        let attached = self.attach_backend(root, access);
+        self.unref(root)?;
+        attached
+    }
+
     /// Attaches a new backend to `root` with `access`; it holds a reference
     /// to `root` until detached.
     ///

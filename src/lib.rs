@@ -40,11 +40,8 @@
 //! create(&mut device, &CreateOptions::new(64 << 20))?;
 //! // A graph is large: keep it off the stack (or in a `static`).
 //! let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
-//! let file = graph.add_device(device, "disk.qcow2")?;
-//! let image = graph.open_format(file, Format::Qcow2, false)?;
-//! graph.unref(file)?; // the image node holds its file
-//! let guest = graph.attach_backend(image, Access::READ_WRITE_DEVICE)?;
-//! graph.unref(image)?; // the backend holds the image
+//! // The backend holds the image (and its file): detaching it closes them.
+//! let guest = graph.attach_device(device, "disk.qcow2", Format::Qcow2, Access::READ_WRITE_DEVICE)?;
 //!
 //! graph.backend_write(guest, 4096, &[0xab; 512])?;
 //! let mut sector = [0u8; 512];
@@ -52,7 +49,7 @@
 //! assert_eq!(sector, [0xab; 512]);
 //! assert_eq!(graph.backend_size(guest)?, 64 << 20);
 //! graph.backend_flush(guest)?;
-//! graph.detach_backend(guest)?; // the last reference: all nodes go
+//! graph.detach_backend(guest)?;
 //! assert_eq!(graph.node_count(), 0);
 //! # Ok(())
 //! # }

@@ -246,11 +246,7 @@ impl<'b, const S: usize, const P: usize> Slot<'b, S, P> {
 /// # let mut device = MemDevice::new(&mut disk, 0, 1)?;
 /// # create(&mut device, &CreateOptions::new(64 << 20))?;
 /// # let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
-/// # let file = graph.add_device(device, "disk.qcow2")?;
-/// # let image = graph.open_format(file, Format::Qcow2, false)?;
-/// # graph.unref(file)?;
-/// # let guest = graph.attach_backend(image, Access::READ_WRITE_DEVICE)?;
-/// # graph.unref(image)?;
+/// # let guest = graph.attach_device(device, "disk.qcow2", Format::Qcow2, Access::READ_WRITE_DEVICE)?;
 /// // The guest's buffers outlive the engine, which borrows them.
 /// let data = [0x5au8; 4096];
 /// let mut pages = [[0u8; 4096]; 4];

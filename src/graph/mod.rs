@@ -143,6 +143,16 @@ impl OpenOptions {
         }
     }
 
+    /// The same options, opening the named image for writing (its backing
+    /// files stay read-only, as QEMU opens them).
+    #[must_use]
+    pub const fn writable(self) -> Self {
+        Self {
+            read_only: false,
+            ..self
+        }
+    }
+
     /// Opens an image read-only after probing its format from its first
     /// bytes (qcow2 by its magic, raw otherwise), as QEMU does when no format
     /// is given.

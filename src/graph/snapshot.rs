@@ -25,6 +25,26 @@ impl<
         const JOBS: usize,
     > Graph<D, NODES, BACKENDS, CACHE, JOBS>
 {
+    /// Takes a live snapshot of what backend `backend` serves
+    /// ([`Graph::snapshot`] of its root): the backend moves to the new
+    /// overlay, which it holds; the returned handle is for naming the
+    /// overlay (a job, `info`), not a reference to release.
+    ///
+    /// # Errors
+    /// As [`Graph::snapshot`].
+    pub fn snapshot_backend<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        backend: BackendId,
+        device: D,
+        name: &str,
+    ) -> Result<NodeId> {
+        let active = self.root(backend)?;
+        let overlay = self.snapshot(resolver, active, device, name)?;
+        self.unref(overlay)?;
+        Ok(overlay)
+    }
+
     /// Formats `device` as an empty qcow2 overlay of `active` (named `name`,
     /// its backing reference formed by `resolver`), opens it read-write and
     /// re-points every backend of `active` to it; `active` becomes

@@ -318,6 +318,40 @@ fn permissions_refuse_writers_on_backing_images() {
 }
 
 #[test]
+fn attaching_hands_every_reference_to_the_backend_and_failures_leak_nothing() {
+    let mut g = graph();
+    let mut image = TestImage::new(16 * CLUSTER as u64, None);
+    image.fill(0, 7);
+    let bytes: &'static mut [u8] = Box::leak(image.bytes.into_boxed_slice());
+    let len = bytes.len() as u64;
+    let device = MemDevice::new(bytes, len, 1).unwrap();
+    let guest = g
+        .attach_device(device, "disk", Format::Qcow2, Access::READ_ONLY_DEVICE)
+        .unwrap();
+    assert_eq!(g.node_count(), 2, "the image and its file");
+    let mut first = [0u8];
+    g.backend_read(guest, 0, &mut first).unwrap();
+    assert_eq!(first, [7]);
+    g.detach_backend(guest).unwrap();
+    assert_eq!(g.node_count(), 0, "detaching closed everything");
+
+    // Not a qcow2 image: refused, and nothing stays open.
+    let junk: &'static mut [u8] = Box::leak(vec![0u8; 4096].into_boxed_slice());
+    let device = MemDevice::new(junk, 4096, 2).unwrap();
+    let refused = g.attach_device(device, "junk", Format::Qcow2, Access::READ_ONLY_DEVICE);
+    assert!(refused.is_err());
+    assert_eq!(g.node_count(), 0);
+    let missing = g.attach_image(
+        &mut Names,
+        "nowhere",
+        OpenOptions::new(Format::Qcow2).writable(),
+        Access::READ_WRITE_DEVICE,
+    );
+    assert_eq!(missing.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(g.node_count(), 0);
+}
+
+#[test]
 fn the_backend_carries_every_request_kind_permission_checked() {
     let mut g = graph();
     let n = chain(&mut g, 2);
