@@ -19,6 +19,66 @@
 //! `waiting` (waiting for transaction peers) is never entered: jobs here are
 //! not grouped in transactions.
 //!
+//! # Example: a VMM's flow
+//!
+//! A guest on a base image; two live snapshots; the empty middle layer
+//! collapsed away; an active commit under guest writes, completed with a
+//! pivot back to the base. No node reference is handled by hand: the
+//! backend holds them.
+//!
+//! ```
+//! use blockgraph::device::MemDevice;
+//! use blockgraph::format::qcow2::create::{create, CreateOptions};
+//! use blockgraph::graph::NamesOnly;
+//! use blockgraph::jobs::{CommitRequest, JobStatus, OnError};
+//! use blockgraph::{Access, Format, Graph};
+//!
+//! # fn main() -> blockgraph::Result<()> {
+//! let mut disks = [(); 3].map(|()| vec![0u8; 2 << 20]);
+//! let [base_disk, snap_disk, top_disk] = &mut disks;
+//! let mut scratch = vec![0u8; 64 << 10];
+//! let mut graph: Box<Graph<MemDevice<'_>, 8, 2, 16, 1>> = Box::default();
+//!
+//! let mut device = MemDevice::new(base_disk, 0, 1)?;
+//! create(&mut device, &CreateOptions::new(1 << 20))?;
+//! let guest = graph.attach_device(device, "base", Format::Qcow2, Access::READ_WRITE_DEVICE)?;
+//! let base = graph.root(guest)?;
+//! graph.backend_write(guest, 0, &[0x11; 4096])?;
+//!
+//! // Live snapshots: the guest now writes into `top`, above `snap`.
+//! let snap = graph.snapshot_backend(&mut NamesOnly, guest, MemDevice::new(snap_disk, 0, 2)?, "snap")?;
+//! let top = graph.snapshot_backend(&mut NamesOnly, guest, MemDevice::new(top_disk, 0, 3)?, "top")?;
+//! graph.backend_write(guest, 65536, &[0x22; 4096])?;
+//!
+//! // Collapse: `snap` holds nothing, so dropping it changes no byte.
+//! graph.drop_intermediate(&mut NamesOnly, top, snap, Some(base))?;
+//! assert_eq!(graph.backing(top)?, Some(base));
+//!
+//! // Active commit of `top` into `base` while the guest keeps writing.
+//! let request = CommitRequest { active: top, top, base, on_error: OnError::Report };
+//! let job = graph.start_commit(request)?;
+//! let mut tick = 0u64;
+//! loop {
+//!     graph.backend_write(guest, (tick % 16) * 4096, &[tick as u8; 512])?;
+//!     tick += 1;
+//!     match graph.job_step(job, &mut NamesOnly, &mut scratch)? {
+//!         JobStatus::Ready if !graph.job_info(job)?.completing => graph.job_complete(job)?,
+//!         JobStatus::Concluded => break,
+//!         _ => {}
+//!     }
+//! }
+//! graph.job_dismiss(job)?;
+//! assert_eq!(graph.root(guest)?, base, "the guest pivoted to the base");
+//! let mut sector = [0u8; 512];
+//! graph.backend_read(guest, 65536, &mut sector)?;
+//! assert_eq!(sector, [0x22; 512], "what the guest wrote into top is in base");
+//!
+//! graph.detach_backend(guest)?;
+//! assert_eq!(graph.node_count(), 0, "nothing leaked");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! While a job runs it freezes the backing links it depends on, so a second
 //! job over an overlapping range, or a chain change that would rewrite a
 //! reference the job holds, is refused with
