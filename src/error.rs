@@ -11,6 +11,7 @@ use core::fmt;
 
 /// What class of failure happened; stable for callers to match on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// A caller-supplied argument is wrong (bad offset, unknown node, ...).
     InvalidInput,

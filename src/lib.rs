@@ -90,6 +90,15 @@ pub mod qmp;
 pub mod serve;
 pub mod virtio_blk;
 
+/// The names most VMMs need: `use blockgraph::prelude::*;`.
+pub mod prelude {
+    pub use crate::device::{Device, Queue};
+    pub use crate::engine::Engine;
+    pub use crate::graph::{NamesOnly, OpenOptions, Resolver};
+    pub use crate::jobs::{CommitRequest, JobId, JobStatus, OnError, StreamRequest};
+    pub use crate::{Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, Result};
+}
+
 pub use backend::{Backend, BackendId};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};

@@ -1401,6 +1401,7 @@ fn fault_scenario(which: Faulted, policy: OnError) {
                     Faulted::Stream => assert_eq!(root(&graph), nodes),
                 }
             }
+            other => panic!("no scenario for on-error {other:?}"),
         }
         if which == Faulted::ActiveCommit {
             final_image = "base.qcow2";

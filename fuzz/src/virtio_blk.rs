@@ -212,6 +212,7 @@ fn check(
             expect_image[range.clone()].copy_from_slice(&image[range]);
         }
         Op::Flush => {}
+        other => panic!("the oracle has no expectation for {other:?}"),
     }
     assert!(ram == expect_ram, "{:?}: guest RAM differs", request.op);
     assert!(image == expect_image, "{:?}: image differs", request.op);

@@ -19,6 +19,7 @@ pub struct Tag(pub u32);
 
 /// A device operation and its buffer, borrowed until it completes.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Op<'b> {
     /// Fill `buf` from byte `offset`.
     Read {

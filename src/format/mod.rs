@@ -22,6 +22,7 @@ use qcow2::CompressedExtent;
 
 /// Image formats a node can have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Format {
     /// The qcow2 format.
     Qcow2,

@@ -29,9 +29,7 @@
 //! ```
 //! use blockgraph::device::MemDevice;
 //! use blockgraph::format::qcow2::create::{create, CreateOptions};
-//! use blockgraph::graph::NamesOnly;
-//! use blockgraph::jobs::{CommitRequest, JobStatus, OnError};
-//! use blockgraph::{Access, Format, Graph};
+//! use blockgraph::prelude::*;
 //!
 //! # fn main() -> blockgraph::Result<()> {
 //! let mut disks = [(); 3].map(|()| vec![0u8; 2 << 20]);
@@ -97,6 +95,7 @@ use crate::graph::{Handle, NodeId};
 
 /// What a job does (QMP's job types).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum JobKind {
     /// `block-commit`: merge layers down into a base (active or not).
     Commit,
@@ -116,6 +115,7 @@ impl JobKind {
 
 /// A job's state, named as QMP names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum JobStatus {
     /// Started, not stepped yet.
     Created,
@@ -159,6 +159,7 @@ impl fmt::Display for JobStatus {
 
 /// What a job does when an I/O operation fails (QMP `on-error`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnError {
     /// Fail the job.
     #[default]
@@ -173,6 +174,7 @@ pub enum OnError {
 /// QMP's `io-status` of a job: the result of its last chunk (QEMU reports
 /// it only for `stop`; here every policy shows it until a chunk succeeds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IoStatus {
     /// No error.
     Ok,

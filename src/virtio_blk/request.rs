@@ -113,6 +113,7 @@ pub struct Chain<const D: usize> {
 
 /// What a decoded request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// Read into the data segments from guest byte `offset`.
     Read {

@@ -215,6 +215,8 @@ impl Requests {
             }
             Op::Write { offset, buf } => (Kind::Write, *offset, buf.as_ptr().cast_mut(), buf.len()),
             Op::Flush => (Kind::Flush, 0, NonNull::dangling().as_ptr(), 0),
+            // An operation this driver does not know runs synchronously.
+            _ => return Err(op),
         };
         let (at, part, lent) = match &op {
             Op::ReadPart { at, len, .. } | Op::WritePart { at, len, .. } => (*at, *len, true),
