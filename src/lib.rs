@@ -95,7 +95,7 @@ pub mod prelude {
     pub use crate::device::{Device, Queue};
     pub use crate::engine::Engine;
     pub use crate::graph::{NamesOnly, OpenOptions, Resolver};
-    pub use crate::jobs::{CommitRequest, JobId, JobStatus, OnError, StreamRequest};
+    pub use crate::jobs::{CommitRequest, CopyMode, JobId, JobStatus, OnError, StreamRequest};
     pub use crate::{Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, Result};
 }
 

@@ -19,7 +19,7 @@ use blockgraph::device::{DeviceId, FileDevice, MemDevice};
 use blockgraph::graph::NameBuf;
 use blockgraph::host::PathResolver;
 use blockgraph::jobs::{
-    CommitRequest, IoStatus, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest,
+    CommitRequest, CopyMode, IoStatus, JobId, JobInfo, JobKind, JobStatus, OnError, StreamRequest,
 };
 use blockgraph::{
     Access, BackendId, Device, Error, ErrorKind, Graph, NodeId, OpenOptions, Resolver,
@@ -812,6 +812,100 @@ fn active_commit_with_guest_io(seed: u64, cluster: u64) {
     assert_same(
         &format!("seed {seed}: qemu-img's view of {target_name}"),
         &guest_view(d, target_name),
+        &guest.shadow,
+    );
+}
+
+/// A guest that writes far more per step than a step copies keeps a
+/// background active commit from ever becoming ready; switched to
+/// write-blocking, the same job becomes ready within about one pass over
+/// the disk whatever the guest does, pivots, and base holds every write.
+#[test]
+fn write_blocking_active_commit_converges_under_a_guest_that_outruns_it() {
+    let (size, cluster) = (4 * MIB, 64 * KIB);
+    let dir = scratch_dir();
+    let d = dir.path();
+    let mut rng = Rng::new(0x0b10c);
+    make_layer(d, "base.qcow2", size, cluster, None, &mut rng, 12);
+    make_layer(
+        d,
+        "active.qcow2",
+        size,
+        cluster,
+        Some("base.qcow2"),
+        &mut rng,
+        8,
+    );
+    let mut guest = Guest::new(0xfa57, guest_view(d, "active.qcow2"), cluster);
+    let mut graph = FileGraph::boxed();
+    let mut resolver = PathResolver::default();
+    let (active, backend) = open_attached(&mut graph, &mut resolver, &path(d, "active.qcow2"));
+    let base = chain(&graph, active)[1];
+    let request = CommitRequest {
+        active,
+        top: active,
+        base,
+        on_error: OnError::Report,
+    };
+    let job = graph.start_commit(request).unwrap();
+    assert_eq!(info(&graph, job).copy_mode, CopyMode::Background);
+    let mut scratch = vec![0u8; SCRATCH];
+    // Three passes' worth of steps, each after 8 guest requests (about 300
+    // KiB written against 64 KiB copied): never ready in background mode.
+    let pass = size / SCRATCH as u64;
+    let mut outrun = |graph: &mut FileGraph, guest: &mut Guest, resolver: &mut PathResolver| {
+        for _ in 0..8 {
+            guest.one(graph, backend);
+        }
+        graph.job_step(job, resolver, &mut scratch).unwrap()
+    };
+    for step in 0..3 * pass {
+        let status = outrun(&mut graph, &mut guest, &mut resolver);
+        assert_eq!(
+            status,
+            JobStatus::Running,
+            "background caught up at step {step}"
+        );
+    }
+
+    graph
+        .job_change_copy_mode(job, CopyMode::WriteBlocking)
+        .unwrap();
+    assert_eq!(info(&graph, job).copy_mode, CopyMode::WriteBlocking);
+    let mut steps = 0;
+    while outrun(&mut graph, &mut guest, &mut resolver) != JobStatus::Ready {
+        steps += 1;
+        assert!(
+            steps <= pass + 8,
+            "write-blocking did not converge: {:?}",
+            info(&graph, job)
+        );
+    }
+    graph.job_complete(job).unwrap();
+    while graph.job_step(job, &mut resolver, &mut scratch).unwrap() != JobStatus::Concluded {}
+    assert_eq!(graph.root(backend).unwrap(), base, "not pivoted");
+    assert_same(
+        "view after the pivot",
+        &read_backend(&mut graph, backend),
+        &guest.shadow,
+    );
+    graph.job_dismiss(job).unwrap();
+    assert_eq!(
+        graph
+            .job_change_copy_mode(job, CopyMode::Background)
+            .map_err(|e| e.kind()),
+        Err(ErrorKind::StaleHandle)
+    );
+    graph.detach_backend(backend).unwrap();
+    drop(graph);
+    println!(
+        "write-blocking: ready {steps} steps after the switch, {} guest requests",
+        guest.ops
+    );
+    check(d, "base.qcow2");
+    assert_same(
+        "qemu-img's view of base",
+        &guest_view(d, "base.qcow2"),
         &guest.shadow,
     );
 }

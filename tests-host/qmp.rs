@@ -965,6 +965,62 @@ fn speed_limit() {
     qemu_img(dir, &["check", "-q", "top.qcow2"]);
 }
 
+/// `block-job-change` switches an active commit to write-blocking: with
+/// guest writes in flight it becomes ready and pivots, and the base holds
+/// every write; the refusals name what is wrong.
+#[test]
+fn block_job_change_makes_an_active_commit_write_blocking() {
+    big_stack(write_blocking);
+}
+
+fn write_blocking() {
+    let tmp = tmpdir("bg-qmp-");
+    let dir = tmp.path();
+    make_chain(dir);
+    qemu_img(dir, &["convert", "-O", "raw", "top.qcow2", "start.raw"]);
+    let mut guest = Guest::new(fs::read(dir.join("start.raw")).unwrap());
+    let top = dir.join("top.qcow2");
+    let mut served = Served::open(top.to_str().unwrap());
+    let ok = json!({"return": {}});
+    assert_eq!(served.execute("qmp_capabilities", None), ok);
+    let commit = json!({"job-id": "c", "device": "top", "base-node": "mid"});
+    assert_eq!(served.execute("block-commit", Some(commit)), ok);
+    let change = |mode: &str, kind: &str| json!({"id": "c", "type": kind, "copy-mode": mode});
+    let refused = served.execute("block-job-change", Some(change("sometimes", "mirror")));
+    assert_eq!(refused["error"]["class"], "GenericError", "{refused}");
+    let refused = served.execute("block-job-change", Some(change("write-blocking", "stream")));
+    assert_eq!(
+        refused["error"]["desc"], "Job type does not match",
+        "{refused}"
+    );
+    let missing = json!({"id": "x", "type": "mirror", "copy-mode": "background"});
+    let refused = served.execute("block-job-change", Some(missing));
+    assert_eq!(refused["error"]["class"], "DeviceNotActive", "{refused}");
+    assert_eq!(
+        served.execute("block-job-change", Some(change("write-blocking", "mirror"))),
+        ok
+    );
+    guest.budget = 200;
+    served.run_until(&mut guest, "BLOCK_JOB_READY", |e| {
+        is_event(e, "BLOCK_JOB_READY", "device", "c")
+    });
+    assert_eq!(served.execute("job-complete", Some(json!({"id": "c"}))), ok);
+    served.run_until(&mut guest, "c null", |e| is_status(e, "c", "null"));
+    served.settle(&mut guest);
+    let mid = served.names.lookup(&served.graph, "mid").unwrap();
+    assert_eq!(
+        served.graph.root(served.backend).unwrap(),
+        mid,
+        "not pivoted"
+    );
+    assert!(guest.writes > 0, "no guest write during the job");
+    served.graph.detach_backend(served.backend).unwrap();
+    drop(served);
+    fs::write(dir.join("model.raw"), &guest.model).unwrap();
+    qemu_img(dir, &["check", "-q", "mid.qcow2"]);
+    same_as_raw(dir, "mid.qcow2", "model.raw");
+}
+
 /// The rest of the verbs, against QSD: `auto-finalize: false` (a stream
 /// pending until `job-finalize`; an active commit refuses it: it pivots
 /// with its last copy), a soft cancel of a ready active commit

@@ -998,6 +998,11 @@ fn plan<
             if len == 0 {
                 return Ok(Route::Direct);
             }
+            if graph.write_blocking_base(root).is_some() {
+                // Written to the commit's base too, by the synchronous
+                // path, before the request completes.
+                return Ok(Route::Synchronous);
+            }
             // The whole request is validated before any of it is written.
             graph.check_write(root, offset, len)?;
             if !segments_end_aligned(offset, segments) {

@@ -152,11 +152,22 @@ impl<
             return Ok(());
         }
         let raw = !self.check_writable(id, offset, source.len())?;
-        self.note_guest_write(id, offset, source.len());
-        if raw {
-            return self.write_raw(id, offset, source, scratch);
+        let mirror = self.write_blocking_base(id);
+        if mirror.is_none() {
+            self.note_guest_write(id, offset, source.len());
         }
-        self.write_source(id, offset, source, scratch)
+        match raw {
+            true => self.write_raw(id, offset, source, scratch)?,
+            false => self.write_source(id, offset, source, scratch)?,
+        }
+        if let Some(base) = mirror {
+            // Write-blocking: the base gets the same bytes before the
+            // request completes; failing that, the job copies them later.
+            if self.write_request(base, offset, source, scratch).is_err() {
+                self.note_guest_write(id, offset, source.len());
+            }
+        }
+        Ok(())
     }
 
     /// Writes `source` at `offset` of raw node `id`. On a raw image whose
@@ -539,7 +550,26 @@ impl<
             return Ok(());
         }
         let qcow2 = self.check_writable(id, offset, len)?;
+        if let Some(base) = self.write_blocking_base(id) {
+            // Write-blocking: zeroed in the base as well (module `run`).
+            self.write_zeroes_in_place(id, offset, len, qcow2)?;
+            if self.write_zeroes(base, offset, len).is_err() {
+                self.note_guest_write(id, offset, len);
+            }
+            return Ok(());
+        }
         self.note_guest_write(id, offset, len);
+        self.write_zeroes_in_place(id, offset, len, qcow2)
+    }
+
+    /// The zero write of [`Graph::write_zeroes`] on `id` itself.
+    fn write_zeroes_in_place(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        len: u64,
+        qcow2: bool,
+    ) -> Result<()> {
         if !qcow2 {
             return self.write_raw(id, offset, Source::Zeros(len), &mut []);
         }
@@ -574,18 +604,29 @@ impl<
         if !self.check_writable(id, offset, len)? {
             return self.write_zeroes(id, offset, len);
         }
-        self.note_guest_write(id, offset, len);
+        let mirror = self.write_blocking_base(id);
+        if mirror.is_none() {
+            self.note_guest_write(id, offset, len);
+        }
         let has_backing = self.nodes.get(id)?.backing.is_some();
         let Some(mode) = self.qcow2(id)?.discard_mode(has_backing) else {
             return Ok(());
         };
         self.validate_clears(id, offset, len)?;
-        self.for_each_piece(id, offset, len, |graph, pos, _, whole| {
+        self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
             if !whole {
                 return Ok(());
             }
             let cluster = pos / graph.qcow2(id)?.cluster_size();
-            graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))
+            graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))?;
+            if let Some(base) = mirror {
+                // Write-blocking: the cluster now reads as zeros, in the
+                // base too; failing that, the job copies it later.
+                if graph.write_zeroes(base, pos, n).is_err() {
+                    graph.note_guest_write(id, pos, n);
+                }
+            }
+            Ok(())
         })
     }
 

@@ -211,6 +211,9 @@ pub struct Job {
     offset: u64,
     len: u64,
     dirty: Option<DirtyBitmap>,
+    /// An active commit in QEMU mirror's `write-blocking` copy mode:
+    /// guest writes to its top reach its base too before they complete.
+    write_blocking: bool,
 }
 
 impl Job {
@@ -244,6 +247,7 @@ impl Job {
             offset: 0,
             len: size,
             dirty: None,
+            write_blocking: false,
         }
     }
 
@@ -286,6 +290,36 @@ pub struct JobInfo {
     /// Whether [`Graph::job_complete`](crate::Graph::job_complete) was
     /// accepted: the job pivots at a coming step.
     pub completing: bool,
+    /// How an active commit keeps up with guest writes
+    /// ([`Graph::job_change_copy_mode`](crate::Graph::job_change_copy_mode)).
+    pub copy_mode: CopyMode,
+}
+
+/// How an active commit keeps up with guest writes (QEMU mirror's
+/// `copy-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CopyMode {
+    /// Guest writes to the top are marked dirty and copied by later steps
+    /// (QEMU's `background`, the default): the guest never waits for the
+    /// base, but a guest that writes faster than the steps copy keeps the
+    /// job from becoming ready.
+    Background,
+    /// Guest writes to the top are written to the base too before they
+    /// complete (QEMU's `write-blocking`): nothing new becomes dirty, so
+    /// the job becomes ready in a bounded number of steps whatever the
+    /// guest does, at the cost of a second write per guest write.
+    WriteBlocking,
+}
+
+impl CopyMode {
+    /// QMP's name for the mode.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CopyMode::Background => "background",
+            CopyMode::WriteBlocking => "write-blocking",
+        }
+    }
 }
 
 /// Parameters of a commit job.

@@ -2,8 +2,8 @@
 
 use super::copy::JobRun;
 use super::{
-    CommitRequest, DirtyBitmap, IoStatus, Job, JobId, JobInfo, JobKind, JobStatus, OnError,
-    StreamRequest,
+    CommitRequest, CopyMode, DirtyBitmap, IoStatus, Job, JobId, JobInfo, JobKind, JobStatus,
+    OnError, StreamRequest,
 };
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
@@ -597,7 +597,42 @@ impl<
             error: job.error,
             cancelled: job.cancelled,
             completing: job.complete_requested,
+            copy_mode: match job.write_blocking {
+                true => CopyMode::WriteBlocking,
+                false => CopyMode::Background,
+            },
         })
+    }
+
+    /// Switches active commit `id` to copy mode `mode` (QEMU's
+    /// `block-job-change`): from the next guest write on, writes to its top
+    /// are either marked dirty ([`CopyMode::Background`]) or written to its
+    /// base too ([`CopyMode::WriteBlocking`]). What is dirty already stays
+    /// for the steps to copy.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a job that is not a live active
+    /// commit.
+    pub fn job_change_copy_mode(&mut self, id: JobId, mode: CopyMode) -> Result<()> {
+        let job = self.jobs.get_mut(id)?;
+        let live = !matches!(job.status, JobStatus::Aborting | JobStatus::Concluded);
+        if job.dirty.is_none() || !live {
+            return fail(
+                ErrorKind::InvalidInput,
+                "only a live active commit has a copy mode",
+            );
+        }
+        job.write_blocking = mode == CopyMode::WriteBlocking;
+        Ok(())
+    }
+
+    /// The base that guest writes to `node` go to as well: an active
+    /// commit in write-blocking copy mode tracks `node` as its top.
+    pub(crate) fn write_blocking_base(&self, node: NodeId) -> Option<NodeId> {
+        self.jobs
+            .iter()
+            .find(|(_, job)| job.write_blocking && job.tracks(node))
+            .and_then(|(_, job)| job.base)
     }
 
     /// Records a guest write to `node` in the dirty bitmap of every active

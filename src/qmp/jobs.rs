@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use crate::engine::JOB_LANES;
-use crate::jobs::{IoStatus, JobId, JobInfo, JobKind, JobStatus};
+use crate::jobs::{CopyMode, IoStatus, JobId, JobInfo, JobKind, JobStatus};
 
 use super::args::Args;
 use super::{Control, ErrorClass, HostGraph, QmpError, Reply};
@@ -476,6 +476,34 @@ pub(super) fn verb(command: &str, args: &mut Args, cx: &mut Control<'_>) -> Repl
     };
     result?;
     cx.jobs.report(cx.graph, index);
+    Ok(json!({}))
+}
+
+/// `block-job-change`: an active commit's copy mode (QEMU's mirror
+/// `copy-mode`, `background` or `write-blocking`). Our active commit takes
+/// it with `type` `mirror` (what QEMU runs it as) or `commit`.
+pub(super) fn change(args: &mut Args, cx: &mut Control<'_>) -> Reply {
+    let id = args.str("id")?;
+    let kind = args.str("type")?;
+    let mode = match args.str("copy-mode")?.as_str() {
+        "background" => CopyMode::Background,
+        "write-blocking" => CopyMode::WriteBlocking,
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'copy-mode' does not accept value '{other}'"
+            )))
+        }
+    };
+    args.finish()?;
+    let index = cx.jobs.index(&id).ok_or_else(|| QmpError {
+        class: ErrorClass::DeviceNotActive,
+        desc: format!("Block job '{id}' not found"),
+    })?;
+    let job = cx.jobs.entries[index].job;
+    if !matches!(kind.as_str(), "mirror" | "commit") || !cx.graph.job_info(job)?.active_commit {
+        return Err(QmpError::generic("Job type does not match"));
+    }
+    cx.graph.job_change_copy_mode(job, mode)?;
     Ok(json!({}))
 }
 

@@ -327,6 +327,7 @@ impl Monitor {
             | "job-dismiss"
             | "block-job-cancel"
             | "block-job-set-speed" => jobs::verb(&command, &mut args, cx),
+            "block-job-change" => jobs::change(&mut args, cx),
             _ => Err(QmpError::not_found(format!(
                 "The command {command} has not been found"
             ))),
