@@ -87,6 +87,8 @@ pub mod dirty;
 mod run;
 
 pub use dirty::DirtyBitmap;
+mod rate;
+pub use rate::RateLimit;
 
 use core::fmt;
 

@@ -12,12 +12,12 @@
 //!     ─▶ BLOCK_JOB_CANCELLED (or BLOCK_JOB_COMPLETED with error) ─▶ concluded
 //! ```
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
 use crate::engine::JOB_LANES;
-use crate::jobs::{CopyMode, IoStatus, JobId, JobInfo, JobKind, JobStatus};
+use crate::jobs::{CopyMode, IoStatus, JobId, JobInfo, JobKind, JobStatus, RateLimit};
 
 use super::args::Args;
 use super::{Control, ErrorClass, HostGraph, QmpError, Reply};
@@ -27,8 +27,6 @@ const JOB_BUFFERS: usize = 4;
 const _: () = assert!(JOB_BUFFERS <= JOB_LANES);
 /// Bytes of each job buffer: whole 64 KiB clusters, several per run.
 const JOB_BUFFER_BYTES: usize = 256 << 10;
-/// How much a rate-limited job may copy ahead of its budget: one slice.
-const RATE_SLICE: Duration = Duration::from_millis(100);
 
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,49 +64,6 @@ impl Event {
     }
 }
 
-/// A token bucket: a job copies while it has budget (`speed` bytes a
-/// second, at most one slice ahead).
-#[derive(Debug)]
-struct Bucket {
-    speed: u64,
-    /// Bytes it may still copy (negative: owed).
-    tokens: f64,
-    filled: Instant,
-}
-
-impl Bucket {
-    fn new(speed: u64) -> Self {
-        Self {
-            speed,
-            tokens: 0.0,
-            filled: Instant::now(),
-        }
-    }
-
-    /// Whether the job may step now.
-    fn allows(&mut self, now: Instant) -> bool {
-        if self.speed == 0 {
-            return true;
-        }
-        let speed = self.speed as f64;
-        let elapsed = now.saturating_duration_since(self.filled).as_secs_f64();
-        self.filled = now;
-        self.tokens = (self.tokens + speed * elapsed).min(speed * RATE_SLICE.as_secs_f64());
-        self.tokens > 0.0
-    }
-
-    /// Counts `bytes` copied.
-    fn charge(&mut self, bytes: u64) {
-        if self.speed != 0 {
-            self.tokens -= bytes as f64;
-        }
-    }
-
-    fn set_speed(&mut self, speed: u64) {
-        *self = Self::new(speed);
-    }
-}
-
 /// One QMP job.
 #[derive(Debug)]
 struct Entry {
@@ -126,7 +81,7 @@ struct Entry {
     /// Cancelled with `force` (`job-cancel`): ends as `BLOCK_JOB_CANCELLED`
     /// even when ready.
     force_cancel: bool,
-    bucket: Bucket,
+    bucket: RateLimit,
     /// Bytes done at the last look (for the bucket).
     offset: u64,
     /// The last state read from the graph.
@@ -159,7 +114,7 @@ impl Entry {
         data.insert("device".into(), self.id.as_str().into());
         data.insert("len".into(), self.info.len.into());
         data.insert("offset".into(), self.info.offset.into());
-        data.insert("speed".into(), self.bucket.speed.into());
+        data.insert("speed".into(), self.bucket.speed().into());
         data.insert("type".into(), self.kind.name().into());
         data
     }
@@ -254,7 +209,7 @@ impl Jobs {
             reported: JobStatus::Created,
             was_ready: false,
             force_cancel: false,
-            bucket: Bucket::new(speed),
+            bucket: RateLimit::new(speed),
             offset: info.offset,
             info,
         });
@@ -373,7 +328,7 @@ impl Control<'_> {
         }
         // Progress since the last look is charged before deciding.
         refresh(self);
-        let now = Instant::now();
+        let now = monotonic_ns();
         for entry in self.jobs.entries.iter_mut() {
             let held = match entry.info.status {
                 JobStatus::Running | JobStatus::Ready => !entry.bucket.allows(now),
@@ -463,7 +418,7 @@ pub(super) fn verb(command: &str, args: &mut Args, cx: &mut Control<'_>) -> Repl
             Ok(())
         }
         "set-speed" => {
-            entry.bucket.set_speed(speed);
+            entry.bucket = RateLimit::new(speed);
             Ok(())
         }
         _ => {
@@ -569,27 +524,17 @@ fn refresh(cx: &mut Control<'_>) {
     }
 }
 
+/// Nanoseconds on a monotonic clock (since the first call), for the jobs'
+/// rate limits.
+fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed();
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bucket_holds_a_job_until_its_progress_is_paid_for() {
-        let mut bucket = Bucket::new(1000);
-        let start = bucket.filled;
-        assert!(bucket.allows(start + Duration::from_millis(1)));
-        bucket.charge(500);
-        // 0.4 s later it has earned 400 of the 500 bytes: still held.
-        assert!(!bucket.allows(start + Duration::from_millis(401)));
-        assert!(bucket.allows(start + Duration::from_millis(600)));
-        // Idle time earns at most one slice ahead.
-        assert!(bucket.allows(start + Duration::from_secs(60)));
-        bucket.charge(101);
-        assert!(!bucket.allows(start + Duration::from_secs(60)));
-        let mut unlimited = Bucket::new(0);
-        unlimited.charge(u64::MAX);
-        assert!(unlimited.allows(Instant::now()));
-    }
 
     #[test]
     fn verbs_follow_qemus_table() {
