@@ -9,11 +9,9 @@
 //! and by `qemu-img check` / `convert` on the files afterwards. A missing
 //! qemu-img fails these tests; it never skips them.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blockgraph::device::{DeviceId, FileDevice, MemDevice};
 use blockgraph::graph::NameBuf;
@@ -26,6 +24,8 @@ use blockgraph::{
 };
 
 mod common;
+#[path = "common/counting.rs"]
+mod counting;
 use common::{qemu_img, render, run};
 
 const KIB: u64 = 1024;
@@ -34,49 +34,6 @@ const MIB: u64 = 1024 * 1024;
 const SCRATCH: usize = 64 * 1024;
 /// Upper bound on steps of any job here (a job that needs more hangs).
 const STEP_LIMIT: u64 = 200_000;
-
-// ---------------------------------------------------------------------------
-// A counting allocator (per test binary): counts on threads that ask for it.
-// ---------------------------------------------------------------------------
-
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// only addition is a counter bump, which does not allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-            LAST_SIZE.store(layout.size(), Ordering::Relaxed);
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Heap allocations `work` makes on this thread.
-fn allocations_during(work: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|c| c.set(true));
-    work();
-    COUNTING.with(|c| c.set(false));
-    ALLOCATIONS.load(Ordering::Relaxed) - before
-}
 
 // ---------------------------------------------------------------------------
 // The oracle: qemu-img and qemu-io.
@@ -2382,7 +2339,7 @@ fn jobs_step_without_heap_allocation() {
             })
             .unwrap();
         let mut outcome = (JobStatus::Created, JobStatus::Created, 0u64);
-        let count = allocations_during(|| {
+        let count = counting::allocations_during(|| {
             let (mut commit_done, mut stream_done, mut completed) = (false, false, false);
             let mut rounds = 0u64;
             while !(commit_done && stream_done) && rounds < STEP_LIMIT {
@@ -2426,7 +2383,7 @@ fn jobs_step_without_heap_allocation() {
             count,
             0,
             "heap allocations while jobs ran (last of {} bytes)",
-            LAST_SIZE.load(Ordering::Relaxed)
+            counting::last_size()
         );
         println!("jobs finished after {} rounds", outcome.2);
         assert_eq!(

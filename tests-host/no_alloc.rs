@@ -4,10 +4,6 @@
 //! counting global allocator that must see no allocation on this thread,
 //! called directly and through the request engine.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use blockgraph::device::FileDevice;
 use blockgraph::engine::Engine;
 use blockgraph::host::PathResolver;
@@ -15,46 +11,9 @@ use blockgraph::jobs::{JobStatus, OnError, StreamRequest};
 use blockgraph::{Access, BackendId, Graph, NodeId, OpenOptions};
 
 mod common;
+#[path = "common/counting.rs"]
+mod counting;
 use common::{qemu_img, qemu_io};
-
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-// SAFETY: forwards every call unchanged to the system allocator; the only
-// addition is a counter bump, which does not allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-            LAST_SIZE.store(layout.size(), Ordering::Relaxed);
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Counts heap allocations made by `work` on this thread.
-fn allocations_during(work: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|c| c.set(true));
-    work();
-    COUNTING.with(|c| c.set(false));
-    ALLOCATIONS.load(Ordering::Relaxed) - before
-}
 
 /// Opens `path` writable behind a backend: the graph, the image's node
 /// and the backend.
@@ -124,7 +83,7 @@ fn reads_writes_and_flushes_do_not_allocate() {
     let mut buf = vec![0u8; 300_000];
     let data = vec![0x77u8; 100_000];
 
-    let count = allocations_during(|| {
+    let count = counting::allocations_during(|| {
         graph.backend_read(backend, 0, &mut buf).unwrap();
         graph
             .backend_read(backend, 1_000_001, &mut buf[..70_000])
@@ -141,7 +100,7 @@ fn reads_writes_and_flushes_do_not_allocate() {
         count,
         0,
         "heap allocations during I/O after open (last of {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        counting::last_size()
     );
     assert_eq!(&buf[5_000..105_000], &data[..]);
     assert!(buf[..5_000].iter().all(|&b| b == 0x5a));
@@ -186,7 +145,7 @@ fn engine_requests() {
     let mut results = Vec::with_capacity(64);
     let mut seen_writes = true;
 
-    let count = allocations_during(|| {
+    let count = counting::allocations_during(|| {
         let mut buffers = reads.chunks_mut(65536);
         for i in 0..4u64 {
             let buf = buffers.next().unwrap();
@@ -229,7 +188,7 @@ fn engine_requests() {
         count,
         0,
         "heap allocations in the request engine (last of {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        counting::last_size()
     );
     assert_eq!(results.len(), 15);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -278,7 +237,7 @@ fn job_runs() {
     // Created to running: the synchronous first step.
     while engine.job_step(&mut graph, job, &mut resolver).unwrap() == JobStatus::Created {}
     let mut steps = 0;
-    let count = allocations_during(|| {
+    let count = counting::allocations_during(|| {
         while engine.job_step(&mut graph, job, &mut resolver).unwrap() == JobStatus::Running {
             engine.poll(&mut graph);
             steps += 1;
@@ -288,7 +247,7 @@ fn job_runs() {
         count,
         0,
         "heap allocations in the job's runs (last of {} bytes)",
-        LAST_SIZE.load(Ordering::Relaxed)
+        counting::last_size()
     );
     assert!(steps > 4, "the stream ran in {steps} steps");
     while engine.job_step(&mut graph, job, &mut resolver).unwrap() != JobStatus::Concluded {
