@@ -83,6 +83,9 @@ use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::Batch;
 use crate::graph::{Graph, NodeId, Perm, ReadExtent};
 
+/// Bytes of each metadata buffer a VMM lends ([`Engine::lend_metadata_buffer`]):
+/// one slice of the metadata cache.
+pub use crate::format::cache::SLICE_SIZE;
 use alloc::Allocation;
 pub use alloc::ALLOCATIONS;
 pub use cow::COPY_BUFFERS;

@@ -3,14 +3,14 @@
 //! - [`qcow2`]: the qcow2 driver (header, L1/L2 mapping, compressed
 //!   clusters, backing-reference rewrite);
 //! - [`raw`]: raw images, mapped one to one;
-//! - [`cache`]: the bounded table-slice cache every qcow2 node shares;
+//! - `cache`: the bounded table-slice cache every qcow2 node shares;
 //! - `driver`: a graph node's driver, through whose methods the graph asks
 //!   every format question.
 //!
 //! A driver reports a [`Mapping`] for a range of *its own* image; walking down
 //! the backing chain is the graph's job.
 
-pub mod cache;
+pub(crate) mod cache;
 pub(crate) mod driver;
 pub mod qcow2;
 pub mod raw;

@@ -8,7 +8,7 @@
 //!                         (device)                    (device)                 (device)
 //! ```
 //!
-//! Nodes live in a fixed [`Pool`]; a [`NodeId`] carries a generation, so a
+//! Nodes live in a fixed `Pool`; a [`NodeId`] carries a generation, so a
 //! stale id is an error. Every edge (`file`, `backing`, a backend's root)
 //! holds one reference; callers hold the references they are given and
 //! release them with [`Graph::unref`]. Releasing walks down the chain in a
@@ -24,7 +24,7 @@ mod plan;
 pub(crate) use alloc::CowRange;
 pub(crate) use plan::ReadExtent;
 pub mod perm;
-pub mod pool;
+mod pool;
 pub mod resolve;
 mod segments;
 mod snapshot;
@@ -32,7 +32,8 @@ mod source;
 mod write;
 
 pub use perm::{Access, Perm};
-pub use pool::{Handle, Pool};
+pub use pool::Handle;
+pub(crate) use pool::Pool;
 pub use resolve::{NameBuf, NamesOnly, Resolver, NAME_CAPACITY};
 pub(crate) use segments::piece_len;
 pub use segments::MAX_SEGMENTS;

@@ -10,7 +10,7 @@ use core::marker::PhantomData;
 
 use crate::error::{fail, ErrorKind, Result};
 
-/// A typed, `Copy` reference to a slot of a [`Pool`]: index plus generation.
+/// A typed, `Copy` reference to a slot of a `Pool`: index plus generation.
 pub struct Handle<T> {
     index: u16,
     generation: u32,
@@ -178,11 +178,6 @@ impl<T, const N: usize> Pool<T, N> {
     /// Number of occupied slots.
     pub fn len(&self) -> usize {
         self.slots.iter().filter(|s| s.value.is_some()).count()
-    }
-
-    /// Whether no slot is occupied.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

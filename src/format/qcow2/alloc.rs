@@ -126,7 +126,7 @@ impl Qcow2 {
     /// # Errors
     /// [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace) on a full device,
     /// [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity) when the
-    /// batch holds [`BATCH`] clusters already, metadata errors.
+    /// batch holds `BATCH` clusters already, metadata errors.
     pub fn place_cluster<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,

@@ -1,5 +1,5 @@
 //! The qcow2 format driver: header, guest-to-host mapping through L1/L2
-//! slices (each L2 entry decoded once into an [`L2Entry`]), compressed
+//! slices (each L2 entry decoded once into an `L2Entry`), compressed
 //! clusters, and the backing-reference rewrite.
 //!
 //! The driver answers one question for the graph: how is a guest range mapped
@@ -19,13 +19,12 @@ pub(crate) mod testimg;
 mod walk;
 mod write;
 
-pub use alloc::{Batch, Placement, BATCH};
-pub use check::TableCheck;
+pub(crate) use alloc::{Batch, Placement, BATCH};
+pub(crate) use check::TableCheck;
 pub use header::Header;
-pub use inflate::{CompressedExtent, Inflater};
-pub use l2::L2Entry;
-pub use walk::L2Walk;
-pub use write::{ClearMode, UsageCheck, WriteTarget};
+pub(crate) use inflate::{CompressedExtent, Inflater};
+pub(crate) use l2::L2Entry;
+pub(crate) use write::{ClearMode, UsageCheck, WriteTarget};
 
 use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
 use core::cell::Cell;

@@ -349,7 +349,7 @@ impl Qcow2 {
 
     /// Checks, without writing, that every guest cluster of `clusters` may
     /// be cleared ([`Qcow2::clear_cluster`]): each entry valid, and the
-    /// storage of each window of [`BATCH`] clusters releasable together.
+    /// storage of each window of `BATCH` clusters releasable together.
     ///
     /// # Errors
     /// [`ErrorKind::Corrupt`] for hostile entries or refcounts.
