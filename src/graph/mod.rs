@@ -206,6 +206,29 @@ pub enum Parent {
 /// Capacities: `NODES` nodes (protocol and format nodes count alike),
 /// `BACKENDS` BlockBackend slots, `CACHE` metadata slices of 4 KiB, `JOBS`
 /// block jobs (about 4.2 KiB each, mostly the dirty bitmap).
+///
+/// # Memory
+///
+/// All of it is in the value; nothing is allocated. Measured by
+/// `blockgraph sizes` with the host's `FileDevice` (x86_64):
+///
+/// | capacity | bytes each | default | bytes |
+/// |---|---:|---:|---:|
+/// | `NODES` (node and its device) | 2424 | 64 | 155136 |
+/// | `BACKENDS` | 24 | 8 | 192 |
+/// | `CACHE` (a 4 KiB slice and its tag) | 4144 | 128 | 530432 |
+/// | `JOBS` | 4264 | 4 | 17056 |
+///
+/// The default graph is 758272 bytes with the first-write and table
+/// checks in progress (about 4 KiB each) and the inflater. A device type
+/// larger or smaller than `FileDevice` moves the node row.
+///
+/// Where it lives: [`Graph::new`] is `const`, so a `static` (in a
+/// `spin::Mutex`, [`crate::SharedGraph`]) holds it without any stack; it
+/// lands in `.data`, not `.bss`, since its empty state is not all zero
+/// bytes. `Box::default()` builds it on the stack first: give such a
+/// thread (or the test harness) more than 1 MiB of stack, or pick smaller
+/// capacities.
 pub struct Graph<
     D: Device,
     const NODES: usize = 64,
