@@ -72,6 +72,9 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+// Unstable: the interpreter the CLI and the kernel's scripts share, not
+// part of the library's API (hidden from its docs).
+#[doc(hidden)]
 pub mod cmd;
 pub mod device;
 pub mod engine;

@@ -1,4 +1,5 @@
 //! The command interpreter shared by the host CLI and the kernel.
+//! Unstable: not part of the library's API (hidden from its docs).
 //!
 //! A command is a list of words shaped like `qemu-img`/`qemu-io` arguments
 //! (`info --backing-chain a.qcow2`, `io a.qcow2 -c "read -P 0x55 0 64k"`).
