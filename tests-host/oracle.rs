@@ -18,8 +18,8 @@ use tempfile::TempDir;
 
 mod common;
 use common::{
-    be32, be64, bg, bg_ok, bg_refused, copy_dir, qemu_img, qemu_io, render, run, BLOCKGRAPH,
-    QEMU_IMG, QEMU_IO,
+    be32, be64, bg, bg_ok, bg_refused, copy_dir, qemu_compare, qemu_img, qemu_io, render, run,
+    BLOCKGRAPH, QEMU_IMG, QEMU_IO,
 };
 
 // ---------------------------------------------------------------------------
@@ -819,6 +819,51 @@ fn convert_large_chain_in_parts() {
         ],
     );
     assert_convert_matches(t.path(), "top.qcow2");
+}
+
+/// `convert -O qcow2`: a new image without a backing file whose guest view
+/// qemu-img finds equal to the chain's, clean, with the `-o` options asked
+/// for; options are checked before anything is created.
+#[test]
+fn convert_to_qcow2_with_options() {
+    let t = tmpdir();
+    let d = t.path();
+    let top = data_chain(d, "");
+    for (out, opts) in [
+        ("plain.qcow2", None),
+        ("small.qcow2", Some("cluster_size=4096,refcount_bits=8")),
+        ("v2.qcow2", Some("compat=0.10")),
+    ] {
+        let mut args = vec!["convert", "-O", "qcow2"];
+        if let Some(opts) = opts {
+            args.extend(["-o", opts]);
+        }
+        args.extend([top, out]);
+        bg_ok(d, &args);
+        qemu_img(d, &["check", out]);
+        qemu_compare(d, top, out, out);
+        let info = qemu_img(d, &["info", "--output=json", out]);
+        assert!(!info.contains("backing-filename"), "{out}: {info}");
+        if out == "small.qcow2" {
+            assert!(info.contains("\"cluster-size\": 4096"), "{info}");
+            assert!(info.contains("\"refcount-bits\": 8"), "{info}");
+        }
+        if out == "v2.qcow2" {
+            assert!(info.contains("\"compat\": \"0.10\""), "{info}");
+        }
+    }
+    for bad in [
+        &["-O", "qcow2", "-o", "cluster_size=3000"][..],
+        &["-O", "raw", "-o", "cluster_size=4096"][..],
+        &["-O", "vmdk"][..],
+    ] {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(bad);
+        args.extend([top, "refused.qcow2"]);
+        let out = bg(d, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(!d.join("refused.qcow2").exists(), "{args:?}");
+    }
 }
 
 #[test]

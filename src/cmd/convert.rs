@@ -1,19 +1,24 @@
-//! `convert [-f FMT] [-U] [-O raw] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a
-//! raw image. Ranges that read as zeros are skipped: the new output already
-//! reads zero. Where the environment has several workers (host threads,
-//! [`Environment::copy_in_parallel`]) each copies a part of the image with
-//! its own graph, as qemu-img keeps several requests in flight. As with
+//! `convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-t CACHE] IMAGE OUTPUT`:
+//! the chain's guest view as a new raw image, or as a new qcow2 image
+//! without a backing file (`-o` takes `create`'s qcow2 options:
+//! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`). Ranges
+//! that read as zeros are skipped: the new output already reads zero. Where the environment has several workers (host threads,
+//! [`Environment::copy_in_parallel`]) each copies a part of a raw output
+//! with its own graph, as qemu-img keeps several requests in flight. As with
 //! qemu-img, the output's cache mode defaults to `unsafe` (no flush at the
 //! end); `-t writeback` flushes it before the command succeeds.
 
 use core::ops::Range;
 
+use super::create::{apply_options, MAX_OPTION_WORDS};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
+use crate::format::qcow2::create::{create, CreateOptions};
 use crate::format::Format;
 use crate::graph::{piece_len, Graph, NodeId};
 use crate::Device;
 
-const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT";
+const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] \
+                     [-t writeback|unsafe] IMAGE OUTPUT";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -22,6 +27,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     pub(crate) fn convert<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut names = heapless::Vec::<&str, 2>::new();
         let mut flush = false;
+        let mut output_format = Format::Raw;
+        let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
         let mut opts = ImageOpts::default();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
@@ -48,16 +55,11 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 }
                 "-O" => {
                     let name = words.next().ok_or_else(|| invalid(USAGE))?;
-                    if Format::from_name(name) != Ok(Format::Raw) {
-                        return Err(Failure::new(
-                            crate::Error::new(
-                                crate::ErrorKind::Unsupported,
-                                "unsupported output format (only raw)",
-                            ),
-                            "-O",
-                        ));
-                    }
+                    output_format = Format::from_name(name).map_err(|e| Failure::new(e, name))?;
                 }
+                "-o" => option_words
+                    .push(words.next().ok_or_else(|| invalid(USAGE))?)
+                    .map_err(|_| invalid("too many -o options"))?,
                 _ if word.starts_with('-') => return Err(invalid(USAGE)),
                 _ => names.push(word).map_err(|_| invalid(USAGE))?,
             }
@@ -65,7 +67,25 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let [image, output] = names.as_slice() else {
             return Err(invalid(USAGE));
         };
+        // The output's options, all checked before anything is created.
+        let mut options = CreateOptions::new(0);
+        if output_format == Format::Raw && !option_words.is_empty() {
+            return Err(Failure::new(
+                crate::Error::new(
+                    crate::ErrorKind::Unsupported,
+                    "raw images take no -o options",
+                ),
+                output,
+            ));
+        }
+        for word in &option_words {
+            apply_options(word, &mut options)?;
+        }
+        options.validate().map_err(|e| Failure::new(e, output))?;
         self.with_image(image, opts.read_only(), |cx, top| {
+            if output_format == Format::Qcow2 {
+                return to_qcow2(cx, top, output, (options, flush));
+            }
             let size = cx.graph.size(top)?;
             let format = cx.graph.format(top)?.unwrap_or(Format::Raw);
             let mut target = cx
@@ -88,6 +108,57 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             done
         })
     }
+}
+
+/// Writes `top`'s guest view into a new qcow2 image `output` made with
+/// `options` (its size set here), through the graph; flushed with
+/// `flush`, written back and closed in any case. A failure removes it.
+fn to_qcow2<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
+    cx: &mut Ctx<'_, E, N, B, C, J>,
+    top: NodeId,
+    output: &'a str,
+    (mut options, flush): (CreateOptions<'_>, bool),
+) -> Outcome<'a> {
+    let at = |err| Failure::new(err, output);
+    let size = cx.graph.size(top)?;
+    options.size = size.checked_next_multiple_of(512).ok_or_else(|| {
+        at(crate::Error::new(
+            crate::ErrorKind::InvalidInput,
+            "image size is too large",
+        ))
+    })?;
+    options.validate().map_err(at)?;
+    let mut device = cx.env.create(output, 0).map_err(at)?;
+    let done = create(&mut device, &options)
+        .and_then(|()| cx.graph.add_device(device, output))
+        .map_err(at)
+        .and_then(|file| {
+            let image = cx.graph.open_format(file, Format::Qcow2, false);
+            cx.graph.unref(file)?;
+            let image = image.map_err(at)?;
+            let copied = copy_view(
+                cx.graph,
+                top,
+                0..size,
+                cx.scratch,
+                |graph, at_byte, bytes| {
+                    graph
+                        .write(image, at_byte, bytes)
+                        .map_err(|e| Failure::new(e, output))
+                },
+            )
+            .and_then(|()| match flush {
+                true => cx.graph.flush(image).map_err(at),
+                false => Ok(()),
+            });
+            // Closing writes the cached tables back.
+            let closed = cx.graph.unref(image).map_err(at);
+            copied.and(closed)
+        });
+    if done.is_err() {
+        cx.env.remove(output);
+    }
+    done
 }
 
 /// Copies guest bytes `range` of `top`'s chain to the same offsets of
@@ -115,6 +186,22 @@ pub fn copy_range<
     (target, output): (&mut T, &'a str),
     scratch: &mut [u8],
 ) -> Outcome<'a> {
+    copy_view(graph, top, range, scratch, |_, at, bytes| {
+        target
+            .write_at(at, bytes)
+            .map_err(|e| Failure::new(e, output))
+    })
+}
+
+/// [`copy_range`] into any sink: `write(graph, offset, bytes)` for each
+/// piece that does not read as zeros.
+fn copy_view<'a, D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    top: NodeId,
+    range: Range<u64>,
+    scratch: &mut [u8],
+    mut write: impl FnMut(&mut Graph<D, N, B, C, J>, u64, &[u8]) -> Outcome<'a>,
+) -> Outcome<'a> {
     let mut offset = range.start;
     while offset < range.end {
         let (status, run) = graph.block_status(top, offset, range.end - offset)?;
@@ -123,9 +210,7 @@ pub fn copy_range<
             while done < run {
                 let n = piece_len(offset + done, run - done, scratch.len() as u64) as usize;
                 graph.read(top, offset + done, &mut scratch[..n])?;
-                target
-                    .write_at(offset + done, &scratch[..n])
-                    .map_err(|e| Failure::new(e, output))?;
+                write(graph, offset + done, &scratch[..n])?;
                 done += n as u64;
             }
         }

@@ -21,14 +21,17 @@ const USAGE: &str =
     "usage: create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING -F FMT] IMAGE [SIZE]";
 
 /// Most `-o` words one command may have.
-const MAX_OPTION_WORDS: usize = 8;
+pub(super) const MAX_OPTION_WORDS: usize = 8;
 
 fn error<'a>(kind: ErrorKind, message: &'static str, subject: &'a str) -> Failure<'a> {
     Failure::new(Error::new(kind, message), subject)
 }
 
 /// Applies one `-o` word (`key=value[,key=value]...`) to `options`.
-fn apply_options<'a>(word: &'a str, options: &mut CreateOptions<'_>) -> Result<(), Failure<'a>> {
+pub(super) fn apply_options<'a>(
+    word: &'a str,
+    options: &mut CreateOptions<'_>,
+) -> Result<(), Failure<'a>> {
     for item in word.split(',').filter(|item| !item.is_empty()) {
         let Some((key, value)) = item.split_once('=') else {
             return Err(error(
