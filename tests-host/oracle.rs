@@ -821,6 +821,16 @@ fn convert_large_chain_in_parts() {
     assert_convert_matches(t.path(), "top.qcow2");
 }
 
+/// `convert` with the options `bad` on `top` exits 1 and creates nothing.
+fn convert_is_refused(d: &Path, top: &str, bad: &[&str]) {
+    let mut args = vec!["convert"];
+    args.extend_from_slice(bad);
+    args.extend([top, "refused.qcow2"]);
+    let out = bg(d, &args);
+    assert_eq!(out.status.code(), Some(1), "{args:?}");
+    assert!(!d.join("refused.qcow2").exists(), "{args:?}");
+}
+
 /// `convert -O qcow2`: a new image without a backing file whose guest view
 /// qemu-img finds equal to the chain's, clean, with the `-o` options asked
 /// for; options are checked before anything is created.
@@ -857,12 +867,52 @@ fn convert_to_qcow2_with_options() {
         &["-O", "raw", "-o", "cluster_size=4096"][..],
         &["-O", "vmdk"][..],
     ] {
-        let mut args = vec!["convert"];
-        args.extend_from_slice(bad);
-        args.extend([top, "refused.qcow2"]);
-        let out = bg(d, &args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(!d.join("refused.qcow2").exists(), "{args:?}");
+        convert_is_refused(d, top, bad);
+    }
+}
+
+/// `convert -O qcow2 -B`: a delta over `base.qcow2` whose view qemu-img
+/// finds equal to the chain's, clean, backed by base, holding less than a
+/// full copy; where the input's backing file is -B's, qemu-img's own delta
+/// reads the same. (Ours holds what differs from -B's view, so it is right
+/// even when the input's backing chain differs from -B.)
+#[test]
+fn convert_to_a_delta_over_a_backing_file() {
+    let t = tmpdir();
+    let d = t.path();
+    let top = data_chain(d, "");
+    bg_ok(d, &["convert", "-O", "qcow2", top, "full.qcow2"]);
+    let delta = ["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"];
+    bg_ok(d, &[&delta[..], &[top, "delta.qcow2"]].concat());
+    qemu_img(d, &["check", "delta.qcow2"]);
+    qemu_compare(d, top, "delta.qcow2", "delta");
+    let info = qemu_img(d, &["info", "--output=json", "delta.qcow2"]);
+    assert!(
+        info.contains("\"backing-filename\": \"base.qcow2\""),
+        "{info}"
+    );
+    let bytes = |img: &str| -> u64 { common::own_data_extents(d, img).iter().map(|e| e.1).sum() };
+    assert!(
+        bytes("delta.qcow2") < bytes("full.qcow2"),
+        "the delta copied base's data too"
+    );
+    // qemu-img copies what the input holds above its own backing file,
+    // taken to equal -B's: with mid (backed by base) both deltas agree.
+    bg_ok(d, &[&delta[..], &["mid.qcow2", "mid-ours.qcow2"]].concat());
+    qemu_img(d, &[&delta[..], &["mid.qcow2", "mid-qemu.qcow2"]].concat());
+    qemu_compare(
+        d,
+        "mid-qemu.qcow2",
+        "mid-ours.qcow2",
+        "qemu-img's delta and ours",
+    );
+    qemu_compare(d, "mid.qcow2", "mid-ours.qcow2", "the delta of mid");
+    for bad in [
+        &["-O", "qcow2", "-B", "base.qcow2"][..],
+        &["-O", "raw", "-B", "base.qcow2", "-F", "qcow2"][..],
+        &["-O", "qcow2", "-F", "qcow2"][..],
+    ] {
+        convert_is_refused(d, top, bad);
     }
 }
 

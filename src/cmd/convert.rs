@@ -1,8 +1,12 @@
-//! `convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-t CACHE] IMAGE OUTPUT`:
-//! the chain's guest view as a new raw image, or as a new qcow2 image
-//! without a backing file (`-o` takes `create`'s qcow2 options:
-//! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`). Ranges
-//! that read as zeros are skipped: the new output already reads zero. Where the environment has several workers (host threads,
+//! `convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
+//! [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw image, or
+//! as a new qcow2 image (`-o` takes `create`'s qcow2 options:
+//! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`). Without a
+//! backing file, ranges that read as zeros are skipped: the new output
+//! already reads zero. With `-B` (qcow2 only) the output gets BACKING
+//! (stored as given, opened relative to OUTPUT like any backing file) and
+//! holds only what differs from BACKING's view, zeros included, as
+//! `qemu-img convert -B` does. Where the environment has several workers (host threads,
 //! [`Environment::copy_in_parallel`]) each copies a part of a raw output
 //! with its own graph, as qemu-img keeps several requests in flight. As with
 //! qemu-img, the output's cache mode defaults to `unsafe` (no flush at the
@@ -14,11 +18,11 @@ use super::create::{apply_options, MAX_OPTION_WORDS};
 use super::{invalid, Ctx, Environment, Failure, ImageOpts, Outcome};
 use crate::format::qcow2::create::{create, CreateOptions};
 use crate::format::Format;
-use crate::graph::{piece_len, Graph, NodeId};
+use crate::graph::{piece_len, Graph, NameBuf, NodeId, OpenOptions, Resolver};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] \
-                     [-t writeback|unsafe] IMAGE OUTPUT";
+                     [-B BACKING -F FMT] [-t writeback|unsafe] IMAGE OUTPUT";
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -29,6 +33,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let mut flush = false;
         let mut output_format = Format::Raw;
         let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
+        let (mut backing, mut backing_format) = (None, None);
         let mut opts = ImageOpts::default();
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
@@ -60,6 +65,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 "-o" => option_words
                     .push(words.next().ok_or_else(|| invalid(USAGE))?)
                     .map_err(|_| invalid("too many -o options"))?,
+                "-B" => backing = Some(words.next().ok_or_else(|| invalid(USAGE))?),
+                "-F" => backing_format = Some(words.next().ok_or_else(|| invalid(USAGE))?),
                 _ if word.starts_with('-') => return Err(invalid(USAGE)),
                 _ => names.push(word).map_err(|_| invalid(USAGE))?,
             }
@@ -81,10 +88,33 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         for word in &option_words {
             apply_options(word, &mut options)?;
         }
+        let unsupported = |message, subject| {
+            Err(Failure::new(
+                crate::Error::new(crate::ErrorKind::Unsupported, message),
+                subject,
+            ))
+        };
+        let backing = match (backing, backing_format) {
+            (Some(name), _) if output_format == Format::Raw => {
+                return unsupported("raw images take no backing file", name)
+            }
+            (Some(name), Some(format)) => {
+                options.backing = Some((name, format));
+                Some((
+                    name,
+                    Format::from_name(format).map_err(|e| Failure::new(e, format))?,
+                ))
+            }
+            (Some(name), None) => return unsupported("a backing file needs its format (-F)", name),
+            (None, Some(format)) => {
+                return unsupported("a backing format (-F) needs a backing file (-B)", format)
+            }
+            (None, None) => None,
+        };
         options.validate().map_err(|e| Failure::new(e, output))?;
         self.with_image(image, opts.read_only(), |cx, top| {
             if output_format == Format::Qcow2 {
-                return to_qcow2(cx, top, output, (options, flush));
+                return to_qcow2(cx, top, output, (options, backing, flush));
             }
             let size = cx.graph.size(top)?;
             let format = cx.graph.format(top)?.unwrap_or(Format::Raw);
@@ -111,16 +141,50 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 }
 
 /// Writes `top`'s guest view into a new qcow2 image `output` made with
-/// `options` (its size set here), through the graph; flushed with
+/// `options` (its size set here; its backing file, when given, opened as
+/// `(name, format)` to compare against), through the graph; flushed with
 /// `flush`, written back and closed in any case. A failure removes it.
 fn to_qcow2<'a, E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>(
     cx: &mut Ctx<'_, E, N, B, C, J>,
     top: NodeId,
     output: &'a str,
-    (mut options, flush): (CreateOptions<'_>, bool),
+    (options, backing, flush): (CreateOptions<'_>, Option<(&'a str, Format)>, bool),
+) -> Outcome<'a> {
+    let Some((name, format)) = backing else {
+        return write_qcow2(cx, top, output, (options, None, flush));
+    };
+    let mut resolved = NameBuf::new();
+    let opened = cx
+        .env
+        .resolver()
+        .resolve_backing(output, name, &mut resolved)
+        .and_then(|()| {
+            let options = OpenOptions::new(format);
+            cx.graph.open_image(cx.env.resolver(), &resolved, options)
+        })
+        .map_err(|e| Failure::new(e, name))?;
+    let written = write_qcow2(cx, top, output, (options, Some(opened), flush));
+    let closed = cx.graph.unref(opened).map_err(|e| Failure::new(e, name));
+    written.and(closed)
+}
+
+/// [`to_qcow2`] once the backing image, if any, is open as `base`.
+fn write_qcow2<
+    'a,
+    E: Environment,
+    const N: usize,
+    const B: usize,
+    const C: usize,
+    const J: usize,
+>(
+    cx: &mut Ctx<'_, E, N, B, C, J>,
+    top: NodeId,
+    output: &'a str,
+    (mut options, base, flush): (CreateOptions<'_>, Option<NodeId>, bool),
 ) -> Outcome<'a> {
     let at = |err| Failure::new(err, output);
     let size = cx.graph.size(top)?;
+    let unit = options.cluster_size() as usize;
     options.size = size.checked_next_multiple_of(512).ok_or_else(|| {
         at(crate::Error::new(
             crate::ErrorKind::InvalidInput,
@@ -136,21 +200,34 @@ fn to_qcow2<'a, E: Environment, const N: usize, const B: usize, const C: usize, 
             let image = cx.graph.open_format(file, Format::Qcow2, false);
             cx.graph.unref(file)?;
             let image = image.map_err(at)?;
-            let copied = copy_view(
-                cx.graph,
-                top,
-                0..size,
-                cx.scratch,
-                |graph, at_byte, bytes| {
-                    graph
-                        .write(image, at_byte, bytes)
-                        .map_err(|e| Failure::new(e, output))
-                },
-            )
-            .and_then(|()| match flush {
-                true => cx.graph.flush(image).map_err(at),
-                false => Ok(()),
-            });
+            // The new image's view includes its backing file, so that a
+            // partly written cluster copies the rest from it.
+            let linked = match base {
+                Some(base) => cx.graph.set_backing(image, Some(base)).map_err(at),
+                None => Ok(()),
+            };
+            let copied = linked
+                .and_then(|()| match base {
+                    None => copy_view(
+                        cx.graph,
+                        top,
+                        0..size,
+                        cx.scratch,
+                        |graph, at_byte, bytes| {
+                            graph
+                                .write(image, at_byte, bytes)
+                                .map_err(|e| Failure::new(e, output))
+                        },
+                    ),
+                    Some(base) => {
+                        copy_difference(cx.graph, (top, base, image), (size, unit), cx.scratch)
+                            .map_err(|e| Failure::new(e, output))
+                    }
+                })
+                .and_then(|()| match flush {
+                    true => cx.graph.flush(image).map_err(at),
+                    false => Ok(()),
+                });
             // Closing writes the cached tables back.
             let closed = cx.graph.unref(image).map_err(at);
             copied.and(closed)
@@ -191,6 +268,48 @@ pub fn copy_range<
             .write_at(at, bytes)
             .map_err(|e| Failure::new(e, output))
     })
+}
+
+/// Writes into `image` each cluster (`unit` bytes, aligned) of `top`'s view
+/// (`size` bytes) that differs from `base`'s (read as zeros past its end):
+/// data as data, zeros as a zero write (which hides `base` there).
+/// `scratch` is split in two.
+///
+/// # Errors
+/// Read and write errors.
+fn copy_difference<D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (top, base, image): (NodeId, NodeId, NodeId),
+    (size, unit): (u64, usize),
+    scratch: &mut [u8],
+) -> crate::Result<()> {
+    let (ours, theirs) = scratch.split_at_mut(scratch.len() / 2);
+    let base_size = graph.size(base)?;
+    let mut offset = 0;
+    while offset < size {
+        let n = piece_len(offset, size - offset, ours.len() as u64) as usize;
+        let (ours, theirs) = (&mut ours[..n], &mut theirs[..n]);
+        graph.read(top, offset, ours)?;
+        let from_base = base_size.saturating_sub(offset).min(n as u64) as usize;
+        theirs.fill(0);
+        if from_base > 0 {
+            graph.read(base, offset, &mut theirs[..from_base])?;
+        }
+        // Compared and written a cluster of the output at a time.
+        let mut at = 0;
+        for (mine, other) in ours.chunks(unit).zip(theirs.chunks(unit)) {
+            let pos = offset + at as u64;
+            if mine != other {
+                match mine.iter().all(|&b| b == 0) {
+                    true => graph.write_zeroes(image, pos, mine.len() as u64)?,
+                    false => graph.write(image, pos, mine)?,
+                }
+            }
+            at += mine.len();
+        }
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// [`copy_range`] into any sink: `write(graph, offset, bytes)` for each
