@@ -33,8 +33,10 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   image another process is writing).
   info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE
   map [-f FMT] [-U] [--output=json|human] IMAGE
-  convert [-f FMT] [-U] [-O raw] [-t writeback|unsafe] IMAGE OUTPUT
-                                       copies with up to 4 threads (images of 64 MiB and more);
+  convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
+          [-t writeback|unsafe] IMAGE OUTPUT
+                                       raw: copies with up to 4 threads (64 MiB and more);
+                                       qcow2: -o as create's, -B: a delta over BACKING;
                                        the output is flushed with -t writeback (default unsafe)
   io [-f FMT] [-r] [-U] [-d DEPTH] IMAGE -c CMD [-c CMD]...
                                        CMD: read [-P PAT] OFF LEN | write [-P PAT] [-z] OFF LEN

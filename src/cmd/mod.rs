@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `info [--backing-chain] [--output=json\|human] IMAGE` | header facts, qemu-img field names |
 //! | `map [--output=json\|human] IMAGE` | allocation of the chain's guest view |
-//! | `convert [-O raw] IMAGE OUTPUT` | the guest view as a raw image |
+//! | `convert [-O raw\|qcow2] [-o OPTS] [-B BACKING -F FMT] IMAGE OUTPUT` | the guest view as a new raw or qcow2 image (a delta over BACKING) |
 //! | `io [-r] IMAGE -c CMD...` | qemu-io: `read`, `write`, `discard`, `flush` |
 //! | `collapse --top TOP [--base BASE] IMAGE` | metadata-only `drop_intermediate` |
 //! | `commit [--top TOP] [--base BASE] [-p] IMAGE` | block-commit (active commit when TOP is IMAGE) |
