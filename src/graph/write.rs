@@ -152,22 +152,43 @@ impl<
             return Ok(());
         }
         let raw = !self.check_writable(id, offset, source.len())?;
-        let mirror = self.write_blocking_base(id);
-        if mirror.is_none() {
-            self.note_guest_write(id, offset, source.len());
-        }
+        let mirror = self.guest_write_starts(id, offset, source.len());
         match raw {
             true => self.write_raw(id, offset, source, scratch)?,
             false => self.write_source(id, offset, source, scratch)?,
         }
         if let Some(base) = mirror {
-            // Write-blocking: the base gets the same bytes before the
-            // request completes; failing that, the job copies them later.
-            if self.write_request(base, offset, source, scratch).is_err() {
-                self.note_guest_write(id, offset, source.len());
-            }
+            self.mirror_to_base(id, (offset, source.len()), |graph| {
+                graph.write_request(base, offset, source, scratch)
+            });
         }
         Ok(())
+    }
+
+    /// A guest write of `len` bytes at `offset` of `id` starts: an active
+    /// commit of `id` marks it dirty, unless it is write-blocking; then
+    /// its base is returned, to get the same change
+    /// ([`Graph::mirror_to_base`]).
+    fn guest_write_starts(&mut self, id: NodeId, offset: u64, len: u64) -> Option<NodeId> {
+        let mirror = self.write_blocking_base(id);
+        if mirror.is_none() {
+            self.note_guest_write(id, offset, len);
+        }
+        mirror
+    }
+
+    /// Write-blocking: `change` makes the commit's base match what a guest
+    /// write did to `range` of `id`, before the request completes; when it
+    /// fails the range is marked dirty instead, for the job to copy.
+    fn mirror_to_base(
+        &mut self,
+        id: NodeId,
+        (offset, len): (u64, u64),
+        change: impl FnOnce(&mut Self) -> Result<()>,
+    ) {
+        if change(self).is_err() {
+            self.note_guest_write(id, offset, len);
+        }
     }
 
     /// Writes `source` at `offset` of raw node `id`. On a raw image whose
@@ -550,16 +571,14 @@ impl<
             return Ok(());
         }
         let qcow2 = self.check_writable(id, offset, len)?;
-        if let Some(base) = self.write_blocking_base(id) {
-            // Write-blocking: zeroed in the base as well (module `run`).
-            self.write_zeroes_in_place(id, offset, len, qcow2)?;
-            if self.write_zeroes(base, offset, len).is_err() {
-                self.note_guest_write(id, offset, len);
-            }
-            return Ok(());
+        let mirror = self.guest_write_starts(id, offset, len);
+        self.write_zeroes_in_place(id, offset, len, qcow2)?;
+        if let Some(base) = mirror {
+            self.mirror_to_base(id, (offset, len), |graph| {
+                graph.write_zeroes(base, offset, len)
+            });
         }
-        self.note_guest_write(id, offset, len);
-        self.write_zeroes_in_place(id, offset, len, qcow2)
+        Ok(())
     }
 
     /// The zero write of [`Graph::write_zeroes`] on `id` itself.
@@ -604,10 +623,7 @@ impl<
         if !self.check_writable(id, offset, len)? {
             return self.write_zeroes(id, offset, len);
         }
-        let mirror = self.write_blocking_base(id);
-        if mirror.is_none() {
-            self.note_guest_write(id, offset, len);
-        }
+        let mirror = self.guest_write_starts(id, offset, len);
         let has_backing = self.nodes.get(id)?.backing.is_some();
         let Some(mode) = self.qcow2(id)?.discard_mode(has_backing) else {
             return Ok(());
@@ -620,11 +636,8 @@ impl<
             let cluster = pos / graph.qcow2(id)?.cluster_size();
             graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))?;
             if let Some(base) = mirror {
-                // Write-blocking: the cluster now reads as zeros, in the
-                // base too; failing that, the job copies it later.
-                if graph.write_zeroes(base, pos, n).is_err() {
-                    graph.note_guest_write(id, pos, n);
-                }
+                // The cluster now reads as zeros: in the base too.
+                graph.mirror_to_base(id, (pos, n), |graph| graph.write_zeroes(base, pos, n));
             }
             Ok(())
         })
