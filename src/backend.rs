@@ -194,8 +194,24 @@ impl<
     /// [`ErrorKind::ReadOnly`] for a backend attached without WRITE, else as
     /// [`Graph::writev`].
     pub fn backend_writev(&mut self, id: BackendId, offset: u64, segments: &[&[u8]]) -> Result<()> {
+        self.backend_writev_with_scratch(id, offset, segments, &mut [])
+    }
+
+    /// [`Graph::backend_writev`] with `scratch` for the copy-on-write of a
+    /// partly written new cluster ([`Graph::writev_with_scratch`]: a
+    /// cluster's worth makes it one device write instead of 4 KiB pieces).
+    ///
+    /// # Errors
+    /// As [`Graph::backend_writev`].
+    pub fn backend_writev_with_scratch(
+        &mut self,
+        id: BackendId,
+        offset: u64,
+        segments: &[&[u8]],
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let root = self.writable_root(id)?;
-        self.writev(root, offset, segments)
+        self.writev_with_scratch(root, offset, segments, scratch)
     }
 
     /// Makes `len` bytes at `offset` read as zeros through backend `id`

@@ -5,7 +5,7 @@
 //! The input is the start of an image file. It is parsed twice, as the
 //! whole file (tables must lie inside it) and as the start of a 1 TiB file
 //! whose other bytes are zero. Both go the way `Qcow2::open` and
-//! `Qcow2::rewrite_backing` go: the header area is the first
+//! `Qcow2::write_backing` go: the header area is the first
 //! `min(file size, 4 KiB)` bytes, the backing name is read from the file.
 
 use blockgraph::format::qcow2::header::{rebuild_with_backing, used_bytes, HEADER_AREA};
@@ -73,10 +73,11 @@ fn check(data: &[u8], size: u64) {
         "a parsed header holds a field out of range: {header:?}"
     );
     for backing in [Some((NEW_NAME, Some(NEW_FORMAT))), None] {
-        // As rewrite_backing: the area as read, the bytes in use.
-        let (mut area, _) = file.area();
+        // As write_backing: the area as read, the bytes in use.
+        let (area, _) = file.area();
+        let mut out = [0u8; HEADER_AREA];
         let used = used_bytes(&header, range);
-        let Ok(len) = rebuild_with_backing(&header, &mut area, used, backing) else {
+        let Ok(len) = rebuild_with_backing(&header, &area, &mut out, used, backing) else {
             continue; // it does not fit: nothing was written
         };
         assert!(
@@ -88,7 +89,7 @@ fn check(data: &[u8], size: u64) {
         if bytes.len() < len {
             bytes.resize(len, 0);
         }
-        bytes[..len].copy_from_slice(&area[..len]);
+        bytes[..len].copy_from_slice(&out[..len]);
         let rewritten = File {
             prefix: &bytes,
             size: size.max(len as u64),

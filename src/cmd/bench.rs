@@ -367,10 +367,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 started
             }
             None => {
-                let memory = &mut self.scratch[..len];
+                let (memory, cow) = self.scratch.split_at_mut(len);
                 memory.fill(plan.pattern);
                 let started = env.now_micros().ok_or_else(no_clock)?;
-                run_serial(graph, backend, &mut offsets, memory)?;
+                run_serial(graph, backend, &mut offsets, memory, cow)?;
                 started
             }
         };
@@ -482,17 +482,19 @@ impl<'a> Offsets<'_, 'a> {
 }
 
 /// Runs the requests one at a time through the synchronous path, with
-/// `buffer` (filled with the pattern) as the buffer.
+/// `buffer` (filled with the pattern) as the buffer and `cow` as the
+/// writes' copy-on-write scratch.
 fn run_serial<'a, D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
     graph: &mut Graph<D, N, B, C, J>,
     backend: BackendId,
     offsets: &mut Offsets<'_, 'a>,
     buffer: &mut [u8],
+    cow: &mut [u8],
 ) -> Result<(), Failure<'a>> {
     for _ in 0..offsets.plan.count {
         let offset = offsets.take()?;
         let done = if offsets.plan.write {
-            graph.backend_write(backend, offset, buffer)
+            graph.backend_writev_with_scratch(backend, offset, &[buffer], cow)
         } else {
             graph.backend_read(backend, offset, buffer)
         };

@@ -98,6 +98,12 @@ pub trait Environment {
     /// host's stderr, the kernel's console), as qemu-img's warnings.
     fn warn(&mut self, message: fmt::Arguments<'_>);
 
+    /// Called after each command of a script ([`run_script`]) has run,
+    /// whether it succeeded or not, and once more after the script's
+    /// session closed (the kernel measures the stack each used). The
+    /// default does nothing.
+    fn command_finished(&mut self) {}
+
     /// Sets the cache mode of the images opened from now on: `direct`
     /// bypasses the host's page cache (qemu-img's `-t none`), otherwise
     /// `writeback`, the mode every command starts with.
@@ -315,6 +321,7 @@ pub fn run_script<
             .map_err(Failure::from)
             .and_then(|()| args::split_words(command).map_err(|e| Failure::new(e, command)))
             .and_then(|words| run(env, graph, &mut session, &words, scratch, out));
+        env.command_finished();
         if let Err(failure) = result {
             failed = Some((index, failure));
             break;
@@ -322,6 +329,7 @@ pub fn run_script<
         done += 1;
     }
     let closed = session.close(env, graph, scratch);
+    env.command_finished();
     match (failed, closed) {
         (Some(failure), _) => Err(failure),
         (None, Err(err)) => Err((done, err.into())),

@@ -202,6 +202,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Links (or, after a failure, abandons) the batch of every allocating
     /// write whose data operations have all completed, and frees its entry.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     pub(super) fn finish_allocations<
         D: Queue<'b>,
         const N: usize,

@@ -43,6 +43,18 @@ impl CopyBuffer<'_> {
     };
 }
 
+/// The largest lent copy buffer no copy uses (empty when there is none):
+/// the scratch of a request on the synchronous path, which runs while no
+/// device operation is in flight on its clusters.
+pub(super) fn idle_copy_buffer<'s>(copies: &'s mut [CopyBuffer<'_>; COPY_BUFFERS]) -> &'s mut [u8] {
+    copies
+        .iter_mut()
+        .filter(|e| !e.busy)
+        .filter_map(|e| e.lent.buf.as_deref_mut())
+        .max_by_key(|buf| buf.len())
+        .unwrap_or(&mut [])
+}
+
 /// Which half of a copy is going on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -123,6 +135,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     /// Carries every copy on: its next read, its write, its end. Runs in
     /// every poll, after the completions are collected and before the
     /// allocations are linked.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     pub(super) fn advance_copies_on_write<
         D: Queue<'b>,
         const N: usize,

@@ -405,6 +405,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Carries the runs in flight on: their next operations, or their end.
     /// Runs in every poll, after the completions are collected.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     pub(super) fn advance_copies<
         D: Queue<'b>,
         const N: usize,
@@ -521,6 +522,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// The next piece of the read: one extent of the source chain into the
     /// buffer. `Ok(false)` when an operation went in flight.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     fn read_step<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
@@ -540,6 +542,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     /// clusters once it is written. `Ok(false)` when it waits (an operation
     /// in flight, an overlapping allocation, the target's first-write
     /// check, the devices for the synchronous path).
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     fn write_step<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,

@@ -154,6 +154,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Puts the slices of collected loads in the cache; the requests
     /// waiting for them are planned again (or fail with the load).
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     pub(super) fn finish_loads<
         D: Queue<'b>,
         const N: usize,

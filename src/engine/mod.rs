@@ -313,8 +313,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         SLOTS < WRITEBACK_SLOT
             && WRITEBACK_SLOT < JOB_SLOT
             && JOB_SLOT < LOAD_SLOT
-            && PIECES < COW_PIECE,
-        "too many request slots or pieces"
+            && PIECES < COW_PIECE
+            && SEGMENTS <= crate::graph::MAX_SEGMENTS,
+        "too many request slots, segments or pieces"
     );
 
     /// An engine with no requests; `const` so it can live in a `static`.
@@ -694,6 +695,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Takes the completed device operations of every busy device; returns
     /// how many.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     fn collect<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
@@ -800,6 +802,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
     /// overlaps an allocation in flight, it allocates and every entry for
     /// allocations is taken, or it takes the synchronous path and a request
     /// or job run in flight touches its clusters.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     fn start<D: Queue<'b>, const N: usize, const B: usize, const C: usize, const J: usize>(
         &mut self,
         graph: &mut Graph<D, N, B, C, J>,
@@ -878,7 +881,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let Some(slot) = self.slots[index].as_mut() else {
             return Start::Started;
         };
-        if let Err(err) = run_synchronously(graph, slot) {
+        let scratch = cow::idle_copy_buffer(&mut self.copies);
+        if let Err(err) = run_synchronously(graph, slot, scratch) {
             slot.fail(err);
         }
         slot.state = State::Done;
@@ -1338,7 +1342,8 @@ fn issue_write<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize,
 }
 
 /// Runs `slot` through the graph's synchronous path (nothing in flight
-/// overlaps its clusters: [`Engine::overlaps_in_flight`]).
+/// overlaps its clusters: [`Engine::overlaps_in_flight`]), a write with
+/// `scratch` for its copy-on-write.
 fn run_synchronously<
     'b,
     D: Queue<'b>,
@@ -1351,6 +1356,7 @@ fn run_synchronously<
 >(
     graph: &mut Graph<D, N, B, C, J>,
     slot: &mut Slot<'b, S, P>,
+    scratch: &mut [u8],
 ) -> Result<()> {
     let (backend, offset) = (slot.backend, slot.offset);
     match &mut slot.payload {
@@ -1361,7 +1367,9 @@ fn run_synchronously<
             }
             read
         }
-        Payload::Write(segments) => graph.backend_writev(backend, offset, segments),
+        Payload::Write(segments) => {
+            graph.backend_writev_with_scratch(backend, offset, segments, scratch)
+        }
         Payload::WriteZeroes(len) => graph.backend_write_zeroes(backend, offset, *len),
         Payload::Discard(len) => graph.backend_discard(backend, offset, *len),
         Payload::Flush => graph.backend_flush(backend),

@@ -137,6 +137,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 
     /// Carries the write-back on: results taken in, the next operations
     /// issued, the next stage or layer, the end.
+    #[inline(never)] // Stack: its frame and its siblings' do not add up.
     pub(super) fn advance_write_back<
         D: Queue<'b>,
         const N: usize,

@@ -8,7 +8,7 @@
 //! synchronous path does the same in `Graph::write_clusters`.
 
 use super::source::{Source, View};
-use super::write::COW_BUFFER;
+use super::write::BOUNCE;
 use super::{Graph, NodeId};
 
 /// A copy-on-write an allocating write needs: `len` bytes of the node's
@@ -121,14 +121,15 @@ impl<
     }
 
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device
-    /// offset `host` of its file, in pieces of a stack buffer.
+    /// offset `host` of its file, in pieces of a 4 KiB stack buffer (the
+    /// engine's fallback when no copy buffer is free).
     pub(crate) fn copy_view(&mut self, id: NodeId, range: CowRange) -> Result<()> {
         let CowRange { guest, host, len } = range;
         if len == 0 {
             return Ok(());
         }
         let file = self.layer_file(id)?;
-        let mut buf = [0u8; COW_BUFFER];
+        let mut buf = [0u8; BOUNCE];
         let view = View {
             node: id,
             guest,

@@ -18,17 +18,14 @@
 //! Only then are links changed in memory, which cannot fail, and dropped nodes
 //! released by refcount (a node another chain still uses stays alive).
 
-use heapless::{String, Vec};
+use heapless::Vec;
 
 use super::{Graph, NodeId, Parent, Resolver};
 use crate::backend::BackendId;
 use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::header::{MAX_BACKING_NAME, MAX_FORMAT_NAME};
+use crate::format::qcow2::Qcow2;
 use crate::graph::{Access, NameBuf, Perm};
-
-/// A backing reference as stored in an image: name and format.
-type StoredReference = Option<(String<MAX_BACKING_NAME>, Option<String<MAX_FORMAT_NAME>>)>;
 
 /// Everything the commit needs, computed without side effects.
 pub(crate) struct Plan<const NODES: usize, const BACKENDS: usize> {
@@ -263,8 +260,10 @@ impl<
         })
     }
 
-    /// Writes `base`'s reference into every overlay; restores the ones done
-    /// when one fails.
+    /// Writes `base`'s reference into every overlay's header; when one
+    /// fails, writes the old references back into those done (R12: the
+    /// in-memory headers still hold them), else makes the in-memory
+    /// headers follow.
     pub(crate) fn rewrite_references<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
@@ -277,30 +276,28 @@ impl<
             self.write_back_chain(overlay)?;
         }
         self.claim_writes(overlays)?;
-        let mut done: Vec<(NodeId, StoredReference), NODES> = Vec::new();
         let mut result = Ok(());
-        for &overlay in overlays {
-            let old = match self.stored_reference(overlay) {
-                Ok(old) => old,
-                Err(err) => {
-                    result = Err(err);
-                    break;
+        for (done, &overlay) in overlays.iter().enumerate() {
+            let written = self.with_new_reference(resolver, overlay, base, |q, device, new| {
+                q.write_backing(device, new)
+            });
+            if let Err(err) = written {
+                for &node in overlays[..done].iter().rev() {
+                    // Best effort: the first failure is what the caller sees.
+                    let _ = self.with_layer(node, |q, device| q.restore_backing(device));
                 }
-            };
-            match self.rewrite_one(resolver, overlay, base) {
-                Ok(()) => {
-                    let _ = done.push((overlay, old));
-                }
-                Err(err) => {
-                    // R12: restore the overlays already rewritten.
-                    for (node, old) in done.iter().rev() {
-                        let old = old.as_ref().map(|(n, f)| (n.as_str(), f.as_deref()));
-                        // Best effort: the first failure is what the caller sees.
-                        let _ = self.write_reference(*node, old);
-                    }
-                    result = Err(err);
-                    break;
-                }
+                result = Err(err);
+                break;
+            }
+        }
+        if result.is_ok() {
+            for &overlay in overlays {
+                result = result.and(self.with_new_reference(
+                    resolver,
+                    overlay,
+                    base,
+                    |q, _, new| q.adopt_backing(new),
+                ));
             }
         }
         self.release_writes(overlays);
@@ -331,50 +328,37 @@ impl<
         }
     }
 
-    fn rewrite_one<R: Resolver<D>>(
+    /// Runs `apply` on `overlay`'s qcow2 state, its device and the
+    /// reference to `base` (or none) as `resolver` names it from there.
+    fn with_new_reference<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
         overlay: NodeId,
         base: Option<NodeId>,
+        apply: impl FnOnce(&mut Qcow2, &mut D, Option<(&str, Option<&str>)>) -> Result<()>,
     ) -> Result<()> {
-        match base {
-            Some(base) => {
-                let mut reference = NameBuf::new();
-                let overlay_name = self.nodes.get(overlay)?.name.clone();
-                let base_name = self.nodes.get(base)?.name.clone();
-                resolver.reference(&overlay_name, &base_name, &mut reference)?;
-                let format = self.format(base)?.ok_or(Error::new(
-                    ErrorKind::InvalidInput,
-                    "base is not a format node",
-                ))?;
-                self.write_reference(overlay, Some((&reference, Some(format.name()))))
-            }
-            None => self.write_reference(overlay, None),
-        }
-    }
-
-    fn stored_reference(&self, overlay: NodeId) -> Result<StoredReference> {
-        let q = self.qcow2(overlay)?;
-        Ok(match (q.backing_name(), q.backing_format()) {
-            (Some(name), format) => {
-                let mut n = String::new();
-                let _ = n.push_str(name);
-                let f = format.map(|format| {
-                    let mut f = String::new();
-                    let _ = f.push_str(format);
-                    f
-                });
-                Some((n, f))
-            }
-            (None, _) => None,
+        let Some(base) = base else {
+            return self.with_layer(overlay, |q, device| apply(q, device, None));
+        };
+        let format = self.format(base)?.ok_or(Error::new(
+            ErrorKind::InvalidInput,
+            "base is not a format node",
+        ))?;
+        let mut reference = NameBuf::new();
+        let (overlay_name, base_name) =
+            (&self.nodes.get(overlay)?.name, &self.nodes.get(base)?.name);
+        resolver.reference(overlay_name, base_name, &mut reference)?;
+        self.with_layer(overlay, |q, device| {
+            apply(q, device, Some((&reference, Some(format.name()))))
         })
     }
 
-    fn write_reference(
+    /// Runs `body` on qcow2 overlay `overlay`'s state and its device.
+    fn with_layer<T>(
         &mut self,
         overlay: NodeId,
-        reference: Option<(&str, Option<&str>)>,
-    ) -> Result<()> {
+        body: impl FnOnce(&mut Qcow2, &mut D) -> Result<T>,
+    ) -> Result<T> {
         let node = self.nodes.get_mut(overlay)?;
         let file = node
             .file
@@ -388,7 +372,7 @@ impl<
         let device = self.devices[file.index()]
             .as_mut()
             .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
-        q.rewrite_backing(device, reference)
+        body(q, device)
     }
 
     /// `start` and every node below it.

@@ -15,16 +15,19 @@
 use crate::error::{fail, ErrorKind, Result};
 
 /// Most buffers one scatter-gather request may carry; a request with more is
-/// [`ErrorKind::InvalidInput`] and changes nothing. (virtio-blk devices
-/// usually offer at most 254 segments per request, `seg_max`.)
-pub const MAX_SEGMENTS: usize = 256;
+/// [`ErrorKind::InvalidInput`] and changes nothing. A request's pieces are
+/// listed on the stack on their way to the device (16 bytes each), so this
+/// bounds the stack a request takes; the virtio-blk device side offers the
+/// engine's `SEGMENTS` (16 by default) as its `seg_max`, which may not
+/// exceed it.
+pub const MAX_SEGMENTS: usize = 64;
 
 /// Checks a segment count against [`MAX_SEGMENTS`].
 pub(crate) fn check_count(count: usize) -> Result<()> {
     if count > MAX_SEGMENTS {
         return fail(
             ErrorKind::InvalidInput,
-            "too many segments in one request (at most 256)",
+            "too many segments in one request (at most 64)",
         );
     }
     Ok(())

@@ -17,11 +17,12 @@ use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::{Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, BATCH};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
 
-/// Bounce buffer for checking compressed sources (on the stack).
-const BOUNCE: usize = 4096;
-/// Buffer a partly written new cluster is assembled in (on the stack, when
-/// the request brings no larger scratch); larger clusters are filled piece
-/// by piece.
+/// The stack buffer copies go through when the caller lends no scratch
+/// (4 KiB pieces), also used for checking compressed sources.
+pub(super) const BOUNCE: usize = 4096;
+/// Scratch a partly written new cluster is assembled in, when the request
+/// brings that much ([`Graph::writev_with_scratch`]); larger clusters are
+/// filled piece by piece.
 pub(super) const COW_BUFFER: usize = 64 * 1024;
 /// Least alignment, in guest offsets, of the boundaries the write path cuts
 /// a request at (batches of clusters under 4 KiB end on it too).
@@ -134,8 +135,28 @@ impl<
     /// [`ErrorKind::InvalidInput`] for more than [`MAX_SEGMENTS`](super::MAX_SEGMENTS) segments
     /// (nothing is written), else as [`Graph::write`].
     pub fn writev(&mut self, id: NodeId, offset: u64, segments: &[&[u8]]) -> Result<()> {
+        self.writev_with_scratch(id, offset, segments, &mut [])
+    }
+
+    /// [`Graph::writev`] with `scratch` for the copy-on-write of a new
+    /// cluster the request only partly covers: with a cluster's worth (64
+    /// KiB for larger clusters) the cluster is assembled there and written
+    /// in one device write; with less, the old head and tail are copied in
+    /// pieces of 4 KiB through a buffer on the stack. The bytes written
+    /// are the same either way; only the number of device operations
+    /// differs.
+    ///
+    /// # Errors
+    /// As [`Graph::writev`].
+    pub fn writev_with_scratch(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        segments: &[&[u8]],
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let data = Segments::new(segments)?;
-        self.write_request(id, offset, Source::Data(data), &mut [])
+        self.write_request(id, offset, Source::Data(data), scratch)
     }
 
     /// Writes `source` at `offset` of format node `id` as one request
@@ -496,7 +517,7 @@ impl<
     /// `pos` of `id`: the bytes of `data` alone as one write; with a copied
     /// head or tail, all of it assembled in one write when it fits the
     /// buffer — `scratch` when it holds [`COW_BUFFER`] bytes or the whole
-    /// run, else one of [`COW_BUFFER`] bytes on the stack — and otherwise
+    /// run, else one of [`BOUNCE`] bytes on the stack — and otherwise
     /// as the head, the bytes of `data` and the tail, the copies carried
     /// through that buffer. Each byte is written once.
     fn write_run(
@@ -519,7 +540,20 @@ impl<
         if scratch.len() >= COW_BUFFER.min(whole) {
             return self.write_copied_run(id, pos, run, body, scratch);
         }
-        let mut buf = [0u8; COW_BUFFER];
+        self.write_copied_run_bounced(id, pos, run, body)
+    }
+
+    /// [`Self::write_copied_run`] through a [`BOUNCE`] buffer on the stack;
+    /// not inlined, so that only this fallback carries it.
+    #[inline(never)]
+    fn write_copied_run_bounced(
+        &mut self,
+        id: NodeId,
+        pos: u64,
+        run: Run,
+        body: Source<'_>,
+    ) -> Result<()> {
+        let mut buf = [0u8; BOUNCE];
         self.write_copied_run(id, pos, run, body, &mut buf)
     }
 

@@ -30,6 +30,10 @@ use crate::graph::{piece_len, Access, OpenOptions, MAX_SEGMENTS};
 const USAGE: &str = "usage: io [-f FMT] [-r] [-U] [-d DEPTH] IMAGE -c CMD [-c CMD]...";
 /// qemu-io's default write pattern.
 const DEFAULT_PATTERN: u8 = 0xcd;
+
+/// Scratch memory a write keeps for the copy-on-write of a partly written
+/// new cluster (a 64 KiB cluster is assembled whole in it).
+const COW_SCRATCH: usize = 64 * 1024;
 /// Least alignment, in guest offsets, of the boundaries a write too long
 /// for one request is split at.
 const MIN_ALIGN: u64 = 4096;
@@ -249,13 +253,17 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                         .map_err(in_command)?;
                 } else {
                     let pattern = r.pattern.unwrap_or(DEFAULT_PATTERN);
-                    let filled = (r.len.min(scratch.len() as u64)) as usize;
-                    scratch[..filled].fill(pattern);
+                    // The end of the scratch memory is the copy-on-write
+                    // buffer of partly written new clusters.
+                    let cow_len = (scratch.len() / 2).min(COW_SCRATCH);
+                    let (data, cow) = scratch.split_at_mut(scratch.len() - cow_len);
+                    let filled = (r.len.min(data.len() as u64)) as usize;
+                    data[..filled].fill(pattern);
                     let align = graph.cluster_size(root).unwrap_or(1).max(MIN_ALIGN);
                     let mut done = 0;
                     while done < r.len {
                         let segments = request_segments::<MAX_SEGMENTS>(
-                            &scratch[..filled],
+                            &data[..filled],
                             r.offset + done,
                             r.len - done,
                             align,
@@ -268,7 +276,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                                 .map_err(in_command)?;
                         }
                         graph
-                            .backend_writev(backend, r.offset + done, &segments)
+                            .backend_writev_with_scratch(backend, r.offset + done, &segments, cow)
                             .map_err(in_command)?;
                         done += n;
                     }

@@ -487,19 +487,21 @@ fn check_table(offset: u64, bytes: u64, cluster_size: u64, file_size: Option<u64
     }
 }
 
-/// Rebuilds the header area `area` (the `used` leading bytes of cluster 0 as
-/// read from the image) so that it references `backing` (name and, when
-/// known, format) or nothing, preserving every other extension. Returns the number of bytes to
-/// write at offset 0: the new content, zero-padded to cover what the old one
-/// used.
+/// Builds in `out` the header area that replaces `area` (the `used`
+/// leading bytes of cluster 0 as read from the image) so that it
+/// references `backing` (name and, when known, format) or nothing,
+/// preserving every other extension. Returns the number of bytes of `out`
+/// to write at offset 0: the new content, zero-padded to cover what the
+/// old one used.
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`] when the name exceeds 1023 bytes,
-/// [`ErrorKind::NoSpace`] when the result does not fit in cluster 0 (or the
-/// working buffer); `area` is then unchanged.
+/// [`ErrorKind::NoSpace`] when the result does not fit in cluster 0 (or
+/// `area` or `out`).
 pub fn rebuild_with_backing(
     header: &Header,
-    area: &mut [u8],
+    area: &[u8],
+    out: &mut [u8],
     used: usize,
     backing: Option<(&str, Option<&str>)>,
 ) -> Result<usize> {
@@ -517,13 +519,22 @@ pub fn rebuild_with_backing(
             );
         }
     }
-    let limit = (header.cluster_size() as usize).min(area.len());
-    let mut out = [0u8; HEADER_AREA];
+    let limit = (header.cluster_size() as usize)
+        .min(area.len())
+        .min(out.len());
+    let out = &mut out[..limit];
+    out.fill(0);
     let header_length = header.header_length as usize;
+    if header_length > limit {
+        return fail(
+            ErrorKind::NoSpace,
+            "the qcow2 header does not fit the buffer",
+        );
+    }
     out[..header_length].copy_from_slice(&area[..header_length]);
     let mut pos = header_length;
     let mut overflow = false;
-    let mut append = |out: &mut [u8; HEADER_AREA], pos: &mut usize, kind: u32, data: &[u8]| {
+    let mut append = |out: &mut [u8], pos: &mut usize, kind: u32, data: &[u8]| {
         let end = *pos + 8 + align_up_8(data.len());
         if end > limit {
             overflow = true;
@@ -537,14 +548,14 @@ pub fn rebuild_with_backing(
     // v2 images may carry extensions too; a v2 image without any keeps none
     // unless a backing format must be recorded.
     if let Some((_, Some(format))) = backing {
-        append(&mut out, &mut pos, EXT_BACKING_FORMAT, format.as_bytes());
+        append(out, &mut pos, EXT_BACKING_FORMAT, format.as_bytes());
     }
     let old_area_end = header.extensions_end as usize;
     if old_area_end > header_length {
         walk_extensions(&area[..old_area_end], header_length, |ext| {
             if ext.kind != EXT_BACKING_FORMAT {
                 let (off, len) = ext.data;
-                append(&mut out, &mut pos, ext.kind, &area[off..off + len]);
+                append(out, &mut pos, ext.kind, &area[off..off + len]);
             }
             Ok(())
         })?;
@@ -552,21 +563,21 @@ pub fn rebuild_with_backing(
     if pos + 8 > limit {
         overflow = true;
     } else {
-        put_u32(&mut out, pos, EXT_END);
-        put_u32(&mut out, pos + 4, 0);
+        put_u32(out, pos, EXT_END);
+        put_u32(out, pos + 4, 0);
         pos += 8;
     }
     match backing {
         Some((name, _)) if !overflow && pos + name.len() <= limit => {
             out[pos..pos + name.len()].copy_from_slice(name.as_bytes());
-            put_u64(&mut out, OFF_BACKING_OFFSET, pos as u64);
-            put_u32(&mut out, OFF_BACKING_SIZE, name.len() as u32);
+            put_u64(out, OFF_BACKING_OFFSET, pos as u64);
+            put_u32(out, OFF_BACKING_SIZE, name.len() as u32);
             pos += name.len();
         }
         Some(_) => overflow = true,
         None => {
-            put_u64(&mut out, OFF_BACKING_OFFSET, 0);
-            put_u32(&mut out, OFF_BACKING_SIZE, 0);
+            put_u64(out, OFF_BACKING_OFFSET, 0);
+            put_u32(out, OFF_BACKING_SIZE, 0);
         }
     }
     if overflow {
@@ -575,9 +586,7 @@ pub fn rebuild_with_backing(
             "backing file name does not fit in the qcow2 header cluster",
         );
     }
-    let len = pos.max(used).min(limit);
-    area[..len].copy_from_slice(&out[..len]);
-    Ok(len)
+    Ok(pos.max(used).min(limit))
 }
 
 /// How many bytes of cluster 0 the current header content occupies.
@@ -639,13 +648,14 @@ mod tests {
         let h = parse(&image.bytes).unwrap();
         assert_eq!(h.backing_name.as_deref(), Some("old"));
 
-        let mut area = image.bytes[..CLUSTER].to_vec();
+        let area = image.bytes[..CLUSTER].to_vec();
+        let mut out = vec![0xee; CLUSTER];
         let used = used_bytes(&h, Some(((unknown_at + 24) as u64, 3)));
-        let len = rebuild_with_backing(&h, &mut area, used, Some(("dir/new.qcow2", Some("qcow2"))))
-            .unwrap();
+        let new = Some(("dir/new.qcow2", Some("qcow2")));
+        let len = rebuild_with_backing(&h, &area, &mut out, used, new).unwrap();
         assert!(len >= used);
         let mut rebuilt = image.bytes.clone();
-        rebuilt[..CLUSTER].copy_from_slice(&area);
+        rebuilt[..CLUSTER].copy_from_slice(&out);
         let h2 = parse(&rebuilt).unwrap();
         assert_eq!(h2.backing_name.as_deref(), Some("dir/new.qcow2"));
         assert_eq!(h2.backing_format.as_deref(), Some("qcow2"));
@@ -659,8 +669,9 @@ mod tests {
         .unwrap();
         assert!(seen, "unknown extension preserved");
 
-        let len = rebuild_with_backing(&h2, &mut area, len, None).unwrap();
-        rebuilt[..len].copy_from_slice(&area[..len]);
+        let area = rebuilt[..CLUSTER].to_vec();
+        let len = rebuild_with_backing(&h2, &area, &mut out, len, None).unwrap();
+        rebuilt[..len].copy_from_slice(&out[..len]);
         let h3 = parse(&rebuilt).unwrap();
         assert_eq!((h3.backing_name, h3.backing_format), (None, None));
     }
@@ -669,16 +680,16 @@ mod tests {
     fn names_too_long_or_not_fitting_are_refused_untouched() {
         let image = TestImage::new(1 << 20, Some(("b", Some("qcow2"))));
         let h = parse(&image.bytes).unwrap();
-        let mut area = image.bytes[..CLUSTER].to_vec();
+        let area = image.bytes[..CLUSTER].to_vec();
+        let mut out = vec![0; CLUSTER];
         let long = "x".repeat(1024);
-        let err =
-            rebuild_with_backing(&h, &mut area, CLUSTER, Some((&long, Some("qcow2")))).unwrap_err();
+        let err = rebuild_with_backing(&h, &area, &mut out, CLUSTER, Some((&long, Some("qcow2"))))
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput);
         let big = "y".repeat(500); // fits 1023 but not a 512-byte cluster 0
-        let err =
-            rebuild_with_backing(&h, &mut area, CLUSTER, Some((&big, Some("qcow2")))).unwrap_err();
+        let err = rebuild_with_backing(&h, &area, &mut out, CLUSTER, Some((&big, Some("qcow2"))))
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NoSpace);
-        assert_eq!(area, image.bytes[..CLUSTER], "nothing changed");
     }
 
     #[test]

@@ -206,23 +206,7 @@ impl Qcow2 {
     /// [`ErrorKind::Corrupt`] or [`ErrorKind::Unsupported`] for images that
     /// cannot be opened, device errors as returned.
     pub fn open<D: Device>(device: &mut D) -> Result<Self> {
-        let mut area = [0u8; HEADER_AREA];
-        let used = read_header_area(device, &mut area)?;
-        let (mut header, backing) = Header::parse(&area[..used], device.size())?;
-        if let Some((offset, len)) = backing {
-            let mut name = [0u8; header::MAX_BACKING_NAME];
-            let name = &mut name[..len as usize];
-            match offset.checked_add(u64::from(len)) {
-                Some(end) if end <= device.size() => device.read_at(offset, name)?,
-                _ => {
-                    return fail(
-                        ErrorKind::Corrupt,
-                        "qcow2 backing file name lies past the end of the image",
-                    )
-                }
-            }
-            header.set_backing_name(name)?;
-        }
+        let header = read_header(device)?;
         let cs = header.cluster_size();
         let snapshots =
             snapshot::Table::check(&header, device.size(), |at, raw| device.read_at(at, raw))?;
@@ -495,17 +479,20 @@ impl Qcow2 {
         L2Entry::decode(raw, self.header.cluster_bits, device_size)
     }
 
-    /// Rewrites the image's backing reference to `backing` (name, format if
-    /// recorded) or none: cluster 0 is rebuilt and written in one write, then flushed. On
-    /// success the in-memory header follows. When the write or the flush
-    /// fails, the old header is written back before the error is returned.
+    /// Writes `backing` (name, format if recorded) or none as the image's
+    /// backing reference into its header on `device`: cluster 0 is rebuilt
+    /// and written in one write, then flushed (R11). When the write or the
+    /// flush fails, the old header is written back before the error is
+    /// returned (R12). The in-memory header is not changed: a chain change
+    /// writes every overlay first, then [`Qcow2::adopt_backing`] on each
+    /// (or [`Qcow2::restore_backing`] on those written, if one fails).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a name over 1023 bytes,
     /// [`ErrorKind::NoSpace`] when it does not fit in cluster 0 (nothing is
     /// written in either case), device errors as returned.
-    pub fn rewrite_backing<D: Device>(
-        &mut self,
+    pub fn write_backing<D: Device>(
+        &self,
         device: &mut D,
         backing: Option<(&str, Option<&str>)>,
     ) -> Result<()> {
@@ -513,42 +500,60 @@ impl Qcow2 {
         let read = read_header_area(device, &mut area)?;
         let (current, range) = Header::parse(&area[..read], device.size())?;
         let used = header::used_bytes(&current, range);
-        let original = area;
-        let len = header::rebuild_with_backing(&current, &mut area, used, backing)?;
-        let mut updated = self.header.clone();
-        match backing {
-            Some((name, format)) => {
-                updated.set_backing_name(name.as_bytes())?;
-                updated.backing_format = match format {
-                    Some(format) => {
-                        let mut stored = heapless::String::new();
-                        stored.push_str(format).map_err(|_| {
-                            Error::new(ErrorKind::InvalidInput, "backing format name too long")
-                        })?;
-                        Some(stored)
-                    }
-                    None => None,
-                };
-            }
-            None => {
-                updated.backing_name = None;
-                updated.backing_format = None;
-            }
-        }
-        // R11: the commit point: cluster 0 in one write, then a flush.
+        let mut out = [0u8; HEADER_AREA];
+        let len = header::rebuild_with_backing(&current, &area, &mut out, used, backing)?;
         let committed = device
-            .write_at(0, &area[..len])
+            .write_at(0, &out[..len])
             .and_then(|()| device.flush());
         if let Err(err) = committed {
             // R12: the new header may have reached the disk: put the old one
             // back (best effort; the caller sees the original error anyway).
             let _ = device
-                .write_at(0, &original[..len])
+                .write_at(0, &area[..len])
                 .and_then(|()| device.flush());
             return Err(err);
         }
-        self.header = updated;
         Ok(())
+    }
+
+    /// Makes the in-memory header reference `backing`, as
+    /// [`Qcow2::write_backing`] wrote it on the device.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a name or format too long (which
+    /// [`Qcow2::write_backing`] refused already).
+    pub fn adopt_backing(&mut self, backing: Option<(&str, Option<&str>)>) -> Result<()> {
+        let too_long = || Error::new(ErrorKind::InvalidInput, "backing name or format too long");
+        let Some((name, format)) = backing else {
+            self.header.backing_name = None;
+            self.header.backing_format = None;
+            return Ok(());
+        };
+        let mut stored = heapless::String::new();
+        if let Some(format) = format {
+            stored.push_str(format).map_err(|_| too_long())?;
+        }
+        if name.len() > header::MAX_BACKING_NAME {
+            return Err(too_long());
+        }
+        self.header.set_backing_name(name.as_bytes())?;
+        self.header.backing_format = format.map(|_| stored);
+        Ok(())
+    }
+
+    /// Writes the reference of the in-memory header back into the header
+    /// on `device`: undoes a [`Qcow2::write_backing`] not adopted (R12).
+    ///
+    /// # Errors
+    /// As [`Qcow2::write_backing`].
+    pub fn restore_backing<D: Device>(&self, device: &mut D) -> Result<()> {
+        let format = self.header.backing_format.as_deref();
+        let backing = self
+            .header
+            .backing_name
+            .as_deref()
+            .map(|name| (name, format));
+        self.write_backing(device, backing)
     }
 }
 
@@ -578,13 +583,13 @@ fn check_l2_entries(bytes: &[u8], cluster_bits: u32, device_size: u64) -> Result
 }
 
 /// Calls `visit` on each of the `count` 8-byte entries of the table at
-/// `table`, read in 4 KiB pieces.
+/// `table`, read in pieces of [`refcount::CHUNK`] bytes.
 fn for_each_entry<D: Device>(
     device: &mut D,
     (table, count): (u64, u64),
     mut visit: impl FnMut(u64) -> Result<()>,
 ) -> Result<()> {
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; refcount::CHUNK];
     let mut done = 0u64;
     while done < count {
         let n = (count - done).min(buf.len() as u64 / 8) as usize;
@@ -610,7 +615,7 @@ fn check_entries<D: Device>(
     cluster_size: u64,
     message: &'static str,
 ) -> Result<u64> {
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; refcount::CHUNK];
     let mut done = 0u64;
     let mut used = 0;
     while done < count {
@@ -638,6 +643,31 @@ fn check_entries<D: Device>(
 
 /// Reads the leading bytes of the image (up to [`HEADER_AREA`]) into `area`
 /// and returns how many were present.
+/// Reads and parses the header of the image on `device`, with its backing
+/// file name. Not inlined: its 4 KiB buffer is off the stack before
+/// [`Qcow2::open`] goes on to check the tables.
+#[inline(never)]
+fn read_header<D: Device>(device: &mut D) -> Result<Header> {
+    let mut area = [0u8; HEADER_AREA];
+    let used = read_header_area(device, &mut area)?;
+    let (mut header, backing) = Header::parse(&area[..used], device.size())?;
+    if let Some((offset, len)) = backing {
+        // The parser bounded `len` to MAX_BACKING_NAME (under HEADER_AREA).
+        let name = &mut area[..len as usize];
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= device.size() => device.read_at(offset, name)?,
+            _ => {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 backing file name lies past the end of the image",
+                )
+            }
+        }
+        header.set_backing_name(name)?;
+    }
+    Ok(header)
+}
+
 fn read_header_area<D: Device>(device: &mut D, area: &mut [u8; HEADER_AREA]) -> Result<usize> {
     let used = device.size().min(HEADER_AREA as u64) as usize;
     device.read_at(0, &mut area[..used])?;

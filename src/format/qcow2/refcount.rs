@@ -14,8 +14,10 @@ use super::{Level, Qcow2, TableKind, Tables, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
-/// Bytes copied or zeroed per device call when filling whole clusters.
-pub(super) const CHUNK: usize = 4096;
+/// Bytes of a table read, copied or zeroed per device call (walking a
+/// table, filling whole clusters): the buffer lies on the stack, and small
+/// pieces keep each request path's stack small (docs/stack.md).
+pub(super) const CHUNK: usize = 1024;
 
 impl Qcow2 {
     fn refcount_bits(&self) -> u64 {

@@ -19,8 +19,8 @@ use crate::error::Result;
 /// Clusters of the file one pass covers (one bit each in a 4 KiB bitmap).
 const WINDOW_CLUSTERS: u64 = 4096 * 8;
 
-/// L1 entries read at a time (4 KiB).
-const L1_CHUNK: usize = 512;
+/// L1 entries read at a time (1 KiB, on the stack).
+const L1_CHUNK: usize = 128;
 
 /// What one step of an [`L2Walk`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

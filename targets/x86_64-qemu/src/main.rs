@@ -19,8 +19,12 @@
 //!  disk        VirtioDisk: blockgraph::Device over a virtio-blk disk,
 //!              byte-granular through `sectors` (read-modify-write), and
 //!              blockgraph::device::Queue for the request engine
-//!  script      the command line run through blockgraph's interpreter
+//!  stack       the boot stack's high-water mark (painting)
+//!  script      the command line run through blockgraph's interpreter,
+//!              measuring the stack each command uses
 //!  selftest    the built-in check run for the command line `selftest`
+//!  stack_check the built-in `stack-check`: the stack each of the
+//!              library's request paths and job steps takes
 //! ```
 //!
 //! `kmain` is called once by the boot code with the physical address of
@@ -60,6 +64,10 @@ mod script;
 #[cfg(target_os = "none")]
 mod selftest;
 #[cfg(target_os = "none")]
+mod stack;
+#[cfg(target_os = "none")]
+mod stack_check;
+#[cfg(target_os = "none")]
 mod traps;
 #[cfg(target_os = "none")]
 mod virtio;
@@ -71,7 +79,7 @@ mod kernel {
     use blockgraph::{Graph, SharedGraph};
 
     use crate::disk::{self, VirtioDisk};
-    use crate::{boot, exit, script, selftest, traps, virtio};
+    use crate::{boot, exit, script, selftest, stack_check, traps, virtio};
 
     /// The one graph of the kernel (about 730 KiB, in `.bss`/`.data`, never
     /// on the stack). The command interpreter runs on it.
@@ -117,6 +125,7 @@ mod kernel {
         let ok = match boot::cmdline().trim() {
             "" => true,
             "selftest" => selftest::run(&GRAPH),
+            "stack-check" => stack_check::run(&GRAPH),
             "fail-on-purpose" => panic!("failing on purpose, as the command line asked"),
             "fault-on-purpose" => exit::invalid_opcode(),
             "triple-fault-on-purpose" => {

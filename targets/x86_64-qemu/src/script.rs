@@ -13,6 +13,7 @@ use blockgraph::{Device, Error, ErrorKind, Format, Result, SharedGraph};
 
 use crate::disk::{self, SerialResolver, VirtioDisk, MAX_DISKS};
 use crate::serial::Serial;
+use crate::stack;
 
 /// Data moved per step by commands and jobs.
 const SCRATCH_BYTES: usize = 1 << 20;
@@ -32,6 +33,10 @@ struct Kernel {
     resolver: SerialResolver,
     /// Formats given by `image-format`, by disk index.
     formats: [Option<Format>; MAX_DISKS],
+    /// Stack depth at the script's entry ([`stack::paint`]).
+    stack_entry: usize,
+    /// The most stack a command used below `stack_entry`.
+    stack_peak: usize,
 }
 
 impl Environment for Kernel {
@@ -48,6 +53,13 @@ impl Environment for Kernel {
 
     fn warn(&mut self, message: fmt::Arguments<'_>) {
         kprintln!("{message}");
+    }
+
+    fn command_finished(&mut self) {
+        let used = stack::deepest().saturating_sub(self.stack_entry);
+        kprintln!("stack: {used} bytes");
+        self.stack_peak = self.stack_peak.max(used);
+        stack::paint();
     }
 
     fn pinned_format(&mut self, name: &str) -> Option<Format> {
@@ -97,6 +109,8 @@ pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
     let mut env = Kernel {
         resolver: SerialResolver,
         formats: [None; MAX_DISKS],
+        stack_entry: stack::paint(),
+        stack_peak: 0,
     };
     let mut graph = graph.lock();
     let mut scratch = SCRATCH.lock();
@@ -119,6 +133,9 @@ pub fn run(graph: &SharedGraph<VirtioDisk>, script: &str) -> bool {
             disk::peak_in_flight(info.index)
         );
     }
+    // The interpreter's own frames count too (an engine for `-d` lives on
+    // its stack): `stack-check` measures the library's paths alone.
+    kprintln!("stack: at most {} bytes per command", env.stack_peak);
     if disk::any_busy() {
         kprintln!("error: requests still in flight after the script (an engine was not drained)");
         return false;

@@ -35,6 +35,7 @@
 //! | probed raw | a qcow2 magic built byte by byte on a probed raw disk is refused; named raw, written | the first bytes |
 //! | requests in flight | `bench -w -d 32` allocating, then in place (32 virtio requests in flight), at depth 64 (beyond the ring) and unaligned; `bench -d 32` reads, `checksum -d 32` | `compare` with `qemu-img bench` on a copy, `check`, the checksum, 42 requests in flight on the disk at once (its ring's capacity) |
 //! | requests in flight, small ring | the same on a disk with `queue-size=16` | the same, 5 requests in flight |
+//! | stack check | `stack-check`: a VMM's flow straight through the library (open, every request kind, requests in flight, snapshots, collapse, commit, stream, two active commits), the stack of each call measured against its budget | the guest writes it prints, replayed with qemu-io on a copy of the chain, equal the final base; `check`; the chain |
 //!
 //! Then the served tests, on microvm and q35 as well: the kernel's disk is
 //! no file but the guest view of a qcow2 chain that `blockgraph serve`
@@ -86,7 +87,7 @@ const MACHINES: [Machine; 2] = [Machine::Microvm, Machine::Q35];
 /// An image test: a name (also its directory) and the test.
 type ImageTest = (&'static str, fn(&Lab) -> Result<String>);
 
-const IMAGE_TESTS: [ImageTest; 14] = [
+const IMAGE_TESTS: [ImageTest; 15] = [
     ("chain-reads", chain_reads),
     ("writes-vs-qemu-io", writes_vs_qemu_io),
     ("intermediate-commit", intermediate_commit),
@@ -104,6 +105,7 @@ const IMAGE_TESTS: [ImageTest; 14] = [
         requests_in_flight_small_ring,
     ),
     ("active-commit-under-load", active_commit_under_load),
+    ("stack-check", stack_check),
 ];
 
 /// A test on a disk `blockgraph serve` exports: the lab and the CLI.
@@ -1253,6 +1255,80 @@ const SERVED_CHAIN: [Node<'static>; 2] = [
 
 /// The serial `blockgraph serve top.qcow2` gives its disk (the file stem).
 const SERVED_SERIAL: &str = "top";
+
+/// The kernel's `stack-check`: a VMM's flow straight through the library
+/// (open, every request kind, requests in flight, snapshots, collapse,
+/// commit, stream, two active commits with pivots), each call's stack
+/// measured against the budget. The guest's writes it prints are replayed
+/// on a copy of the chain with qemu-io: the final base must show the same.
+fn stack_check(lab: &Lab) -> Result<String> {
+    lab.create(
+        "base.qcow2",
+        "16M",
+        None,
+        None,
+        &["write -P 0x11 0 6M", "write -P 0x12 10M 2M"],
+    )?;
+    lab.create(
+        "mid.qcow2",
+        "16M",
+        Some("base.qcow2"),
+        None,
+        &["write -P 0x22 2M 2M", "write -P 0x23 5M 1M"],
+    )?;
+    lab.create(
+        "top.qcow2",
+        "16M",
+        Some("mid.qcow2"),
+        None,
+        &["write -P 0x33 3M 1M", "write -P 0x34 8M 1M"],
+    )?;
+    let chain = ["base.qcow2", "mid.qcow2", "top.qcow2"];
+    lab.copy_chain(&chain, "ref")?;
+    for name in chain {
+        lab.pad(name, PAD)?;
+    }
+    let blanks = ["s1.qcow2", "s2.qcow2", "s3.qcow2"];
+    for name in blanks {
+        create_disk(&lab.path(name), PAD)?;
+    }
+    let disks = chain
+        .iter()
+        .chain(&blanks)
+        .map(|name| lab.disk(name, false))
+        .collect();
+    let run = lab.boot(disks, "stack-check")?;
+    if !run.succeeded() {
+        return Err(Error::msg(format!("{}{}", run.verdict(), transcript(&run))));
+    }
+    let mut worst = String::new();
+    verify(&run, || {
+        expect_output(&run, "stack-check ok")?;
+        let writes: Vec<&str> = run
+            .serial
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("stack-check: guest: "))
+            .collect();
+        if writes.len() < 10 {
+            return Err(Error::msg(format!(
+                "only {} guest writes reported",
+                writes.len()
+            )));
+        }
+        lab.qemu_io("ref-top.qcow2", &writes)?;
+        lab.check(&["base.qcow2", "s2.qcow2", "s3.qcow2"])?;
+        lab.expect_chain("base.qcow2", &["base.qcow2"])?;
+        lab.same_view("base.qcow2", "ref-top.qcow2")?;
+        worst = run
+            .serial
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("stack-check: worst "))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(())
+    })?;
+    Ok(format!("{}, worst {worst}", kernel_time(&run)))
+}
 
 /// The kernel on `blockgraph serve -f qcow2 top.qcow2 --vhost-user-blk
 /// vhost.sock --qmp qmp.sock` ([`chain_16m`]); see [`served`].
