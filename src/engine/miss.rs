@@ -38,6 +38,7 @@ use super::{plan, tag, Engine, Payload, Route, Slot, State};
 use crate::device::{Op, Queue, Submitted};
 use crate::error::{fail, ErrorKind, Result};
 use crate::format::cache::{Miss, SLICE_SIZE};
+use crate::graph::place::Place;
 use crate::graph::Graph;
 
 /// Most metadata buffers an [`Engine`] takes: slices loading at once.
@@ -260,7 +261,7 @@ fn start_load<'b, D: Queue<'b>, const N: usize, const B: usize, const C: usize, 
     let Some(device) = graph
         .devices
         .get_mut(miss.image.device)
-        .and_then(Option::as_mut)
+        .and_then(Place::as_mut)
     else {
         return Ok(Loading::Synchronous);
     };

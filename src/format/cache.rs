@@ -27,6 +27,7 @@
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
+use crate::graph::place::Place;
 
 /// Largest slice held by one cache entry.
 pub const SLICE_SIZE: usize = 4096;
@@ -68,25 +69,29 @@ pub struct Image {
 /// The device at `index` of a device table, or a corruption error naming
 /// `what` when that slot is empty (an image whose device was released).
 pub(crate) fn device_at<'d, D>(
-    devices: &'d mut [Option<D>],
+    devices: &'d mut [Place<D>],
     index: usize,
     what: &'static str,
 ) -> Result<&'d mut D> {
-    match devices.get_mut(index).and_then(Option::as_mut) {
+    match devices.get_mut(index).and_then(Place::as_mut) {
         Some(device) => Ok(device),
         None => fail(ErrorKind::Corrupt, what),
     }
 }
 
-/// What a dirty slice holds, in write-back order.
+/// What a dirty slice holds, in write-back order. No variant is 0, so
+/// that a clean tag's `Option<Level>` is a zero byte (the compiler marks
+/// `None` with the free value 0): an empty cache is all zeros, and a
+/// `static` graph lives in `.bss` (the kernel checks that it does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Level {
     /// Refcounts: written first (an early refcount increase only leaks;
     /// R1).
-    Refcount,
+    Refcount = 1,
     /// L1/L2 entries: written after a flush has made data and refcounts
     /// durable (R2, R3).
-    Mapping,
+    Mapping = 2,
 }
 
 /// A check of a slice's bytes ([`MetaCache::slice_checked`]).
@@ -153,10 +158,11 @@ pub struct MetaCache<const SLOTS: usize> {
     tags: [Tag; SLOTS],
     data: [[u8; SLICE_SIZE]; SLOTS],
     clock: u64,
-    /// Whether a miss reads the device (else it records [`Miss`] and fails).
-    loading: bool,
+    /// Whether a miss records [`Miss`] and fails instead of reading the
+    /// device (loading is off; false, the zero byte, by default).
+    misses_deferred: bool,
     /// The last slice missed while loading was off.
-    missed: Option<Miss>,
+    missed: Place<Miss>,
     /// Metadata writes (write-backs, patches) so far, for [`Miss::writes`].
     writes: u64,
 }
@@ -177,8 +183,8 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             tags: [EMPTY; SLOTS],
             data: [[0; SLICE_SIZE]; SLOTS],
             clock: 0,
-            loading: true,
-            missed: None,
+            misses_deferred: false,
+            missed: Place::Empty,
             writes: 0,
         }
     }
@@ -188,7 +194,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     /// [`ErrorKind::Busy`] and the slice is recorded for
     /// [`MetaCache::take_miss`].
     pub fn set_loading(&mut self, on: bool) {
-        self.loading = on;
+        self.misses_deferred = !on;
     }
 
     /// The slice the last lookup missed while loading was off, if any
@@ -213,7 +219,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     pub fn insert<D: Device>(
         &mut self,
         miss: &Miss,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         bytes: &[u8],
     ) -> Result<bool> {
         if miss.len > SLICE_SIZE || bytes.len() > miss.len {
@@ -245,7 +251,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     pub fn slice<D: Device>(
         &mut self,
         image: Image,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         offset: u64,
         slice_len: usize,
     ) -> Result<&[u8]> {
@@ -264,7 +270,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     pub fn slice_checked<D: Device>(
         &mut self,
         image: Image,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         offset: u64,
         slice_len: usize,
         check: impl FnOnce(&[u8]) -> Result<()>,
@@ -283,7 +289,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     pub fn update<D: Device>(
         &mut self,
         image: Image,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         (offset, slice_len): (u64, usize),
         at: u64,
         bytes: &[u8],
@@ -434,15 +440,15 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     fn load<D: Device>(
         &mut self,
         image: Image,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         (offset, slice_len): (u64, usize),
         check: Option<impl FnOnce(&[u8]) -> Result<()>>,
     ) -> Result<usize> {
         self.clock += 1;
         let slot = match self.find(image, offset, slice_len) {
             Some(slot) => slot,
-            None if !self.loading => {
-                self.missed = Some(Miss {
+            None if self.misses_deferred => {
+                self.missed = Place::Held(Miss {
                     image,
                     offset,
                     len: slice_len,
@@ -494,7 +500,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
     fn place<D: Device>(
         &mut self,
         image: Image,
-        devices: &mut [Option<D>],
+        devices: &mut [Place<D>],
         offset: u64,
     ) -> Result<usize> {
         let slot = self.victim(Self::set_of(image, offset));
@@ -572,12 +578,12 @@ mod tests {
     #[test]
     fn hits_evicts_lru_and_zero_fills_past_end() {
         let mut storage = numbered();
-        let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
+        let mut devices = [Place::Held(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<2>::new();
         assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
         assert_eq!(cache.slice(A, &mut devices, 16, 16).unwrap()[0], 16);
         assert_eq!(cache.slice(A, &mut devices, 0, 16).unwrap()[3], 3);
-        let reads = |d: &[Option<MemDevice<'_>>]| d[0].as_ref().unwrap().reads();
+        let reads = |d: &[Place<MemDevice<'_>>]| d[0].as_ref().unwrap().reads();
         assert_eq!(reads(&devices), 2);
         // Slot of offset 16 is least recent: evicted by offset 32.
         let tail = cache.slice(A, &mut devices, 32, 16).unwrap();
@@ -608,7 +614,7 @@ mod tests {
         };
         let mut device = MemDevice::new(&mut storage, 64, 1).unwrap();
         device.observe(&mut observer);
-        let mut devices = [Some(device)];
+        let mut devices = [Place::Held(device)];
         let mut cache = MetaCache::<4>::new();
         cache
             .update(A, &mut devices, (0, 16), 8, &[7; 8], Level::Mapping)
@@ -638,8 +644,8 @@ mod tests {
         let mut a = [0u8; 64];
         let mut b = [0u8; 64];
         let mut devices = [
-            Some(MemDevice::new(&mut a, 64, 1).unwrap()),
-            Some(MemDevice::new(&mut b, 64, 2).unwrap()),
+            Place::Held(MemDevice::new(&mut a, 64, 1).unwrap()),
+            Place::Held(MemDevice::new(&mut b, 64, 2).unwrap()),
         ];
         let mut cache = MetaCache::<1>::new();
         cache
@@ -654,14 +660,14 @@ mod tests {
         cache
             .update(B, &mut devices, (16, 16), 16, &[1], Level::Refcount)
             .unwrap();
-        devices[1] = None;
+        devices[1] = Place::Empty;
         assert!(cache.slice(A, &mut devices, 0, 16).is_err());
     }
 
     #[test]
     fn a_miss_with_loading_off_reads_nothing_and_insert_places_the_slice() {
         let mut storage = numbered();
-        let mut devices = [Some(MemDevice::new(&mut storage, 40, 1).unwrap())];
+        let mut devices = [Place::Held(MemDevice::new(&mut storage, 40, 1).unwrap())];
         let mut cache = MetaCache::<1>::new();
         cache.set_loading(false);
         assert_eq!(

@@ -10,6 +10,7 @@ use super::qcow2::{Qcow2, Tables};
 use super::{raw, Format, Mapping, PROBE_BYTES};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
+use crate::graph::place::Place;
 use crate::graph::NodeId;
 
 /// What a node is: a device, or an image of a format with that format's
@@ -254,7 +255,7 @@ pub(crate) struct ImageTables<'a, D, const S: usize> {
     /// The shared metadata cache.
     pub(crate) cache: &'a mut MetaCache<S>,
     /// The graph's devices.
-    pub(crate) devices: &'a mut [Option<D>],
+    pub(crate) devices: &'a mut [Place<D>],
     /// The format node.
     pub(crate) node: NodeId,
     /// Its protocol node.

@@ -11,6 +11,7 @@ use super::{Graph, NodeId};
 use crate::device::Device;
 use crate::error::Result;
 use crate::format::qcow2::{Qcow2, TableCheck, Tables};
+use crate::graph::place::Place;
 
 impl<
         D: Device,
@@ -46,7 +47,7 @@ impl<
     pub(super) fn kept_check_step(
         &mut self,
         id: NodeId,
-        kept: fn(&mut Self) -> &mut Option<(NodeId, TableCheck)>,
+        kept: fn(&mut Self) -> &mut Place<(NodeId, TableCheck)>,
         done: fn(&Qcow2) -> bool,
         step: impl FnOnce(&mut Qcow2, &mut Tables<'_, D, CACHE>, &mut TableCheck) -> Result<bool>,
     ) -> Result<bool> {
@@ -59,7 +60,7 @@ impl<
         };
         let finished = self.with_qcow2(id, |q, t| step(q, t, &mut check))?;
         if !finished {
-            *kept(self) = Some((id, check));
+            *kept(self) = Place::Held((id, check));
         }
         Ok(finished)
     }

@@ -24,6 +24,7 @@ mod plan;
 pub(crate) use alloc::CowRange;
 pub(crate) use plan::ReadExtent;
 pub mod perm;
+pub(crate) mod place;
 mod pool;
 pub mod resolve;
 mod segments;
@@ -45,6 +46,7 @@ use crate::format::cache::MetaCache;
 use crate::format::driver::{Driver, ImageTables};
 use crate::format::qcow2::{Inflater, Qcow2, TableCheck, UsageCheck};
 use crate::format::{probe, Format, Mapping, Probed, PROBE_BYTES};
+use crate::graph::place::Place;
 use crate::jobs::Job;
 
 // The default graph must stay small enough for a unikernel's static memory.
@@ -214,21 +216,22 @@ pub enum Parent {
 ///
 /// | capacity | bytes each | default | bytes |
 /// |---|---:|---:|---:|
-/// | `NODES` (node and its device) | 2424 | 64 | 155136 |
+/// | `NODES` (node and its device) | 2440 | 64 | 156160 |
 /// | `BACKENDS` | 24 | 8 | 192 |
 /// | `CACHE` (a 4 KiB slice and its tag) | 4144 | 128 | 530432 |
-/// | `JOBS` | 4264 | 4 | 17056 |
+/// | `JOBS` | 4272 | 4 | 17088 |
 ///
-/// The default graph is 758272 bytes with the first-write and table
+/// The default graph is 759352 bytes with the first-write and table
 /// checks in progress (about 4 KiB each) and the inflater. A device type
 /// larger or smaller than `FileDevice` moves the node row.
 ///
-/// Where it lives: [`Graph::new`] is `const`, so a `static` (in a
-/// `spin::Mutex`, [`crate::SharedGraph`]) holds it without any stack; it
-/// lands in `.data`, not `.bss`, since its empty state is not all zero
-/// bytes. `Box::default()` builds it on the stack first: give such a
-/// thread (or the test harness) more than 1 MiB of stack, or pick smaller
-/// capacities.
+/// Where it lives: [`Graph::new`] is `const` and its empty state is all
+/// zero bytes, so a `static` (in a `spin::Mutex`, [`crate::SharedGraph`])
+/// holds it in `.bss`: no room in the binary, no stack (the kernel checks
+/// that its graph is in `.bss`). `Box::default()` builds it on the stack
+/// first: give such a thread (or the test harness) more than 1 MiB of
+/// stack, or pick smaller capacities. What each call takes on the stack is
+/// measured in `docs/stack.md`.
 pub struct Graph<
     D: Device,
     const NODES: usize = 64,
@@ -237,7 +240,7 @@ pub struct Graph<
     const JOBS: usize = 4,
 > {
     pub(crate) nodes: Pool<Node, NODES>,
-    pub(crate) devices: [Option<D>; NODES],
+    pub(crate) devices: [Place<D>; NODES],
     pub(crate) backends: Pool<Backend, BACKENDS>,
     pub(crate) jobs: Pool<Job, JOBS>,
     cache: MetaCache<CACHE>,
@@ -246,10 +249,10 @@ pub struct Graph<
     held: [u32; NODES],
     /// The check before a first write in progress, step by step, and its
     /// node ([`Graph::prepare_writes_step`]).
-    usage_check: Option<(NodeId, UsageCheck)>,
+    usage_check: Place<(NodeId, UsageCheck)>,
     /// The check of a node's L2 tables in progress, step by step, and its
     /// node ([`Graph::check_tables_step`]).
-    table_check: Option<(NodeId, TableCheck)>,
+    table_check: Place<(NodeId, TableCheck)>,
     inflater: Inflater,
 }
 
@@ -297,13 +300,13 @@ impl<
     pub const fn new() -> Self {
         Self {
             nodes: Pool::new(),
-            devices: [const { None }; NODES],
+            devices: [const { Place::Empty }; NODES],
             backends: Pool::new(),
             jobs: Pool::new(),
             cache: MetaCache::new(),
             held: [0; NODES],
-            usage_check: None,
-            table_check: None,
+            usage_check: Place::Empty,
+            table_check: Place::Empty,
             inflater: Inflater::new(),
         }
     }
@@ -319,7 +322,7 @@ impl<
     pub fn add_device(&mut self, device: D, name: &str) -> Result<NodeId> {
         let read_only = device.is_read_only();
         let id = self.insert(Driver::Protocol, name, None, read_only)?;
-        self.devices[id.index()] = Some(device);
+        self.devices[id.index()] = Place::Held(device);
         Ok(id)
     }
 
@@ -690,7 +693,7 @@ impl<
             }
             let node = self.nodes.remove(id)?;
             self.cache.forget(id.key());
-            self.devices[id.index()] = None;
+            self.devices[id.index()] = Place::Empty;
             if let Some(file) = node.file {
                 // Files are protocol nodes: leaves, released right here (the
                 // device, and with it any lock, goes).
@@ -698,7 +701,7 @@ impl<
                 file_node.refs -= 1;
                 if file_node.refs == 0 {
                     self.nodes.remove(file)?;
-                    self.devices[file.index()] = None;
+                    self.devices[file.index()] = Place::Empty;
                 } else {
                     self.relax_access(file);
                 }

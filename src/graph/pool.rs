@@ -8,6 +8,7 @@ use core::fmt;
 use core::hash::{Hash, Hasher};
 use core::marker::PhantomData;
 
+use super::place::Place;
 use crate::error::{fail, ErrorKind, Result};
 
 /// A typed, `Copy` reference to a slot of a `Pool`: index plus generation.
@@ -62,7 +63,8 @@ impl<T> fmt::Debug for Handle<T> {
 
 struct Slot<T> {
     generation: u32,
-    value: Option<T>,
+    /// Empty slots are zero bytes (a `static` graph stays in `.bss`).
+    value: Place<T>,
 }
 
 /// `N` slots of `T`.
@@ -89,7 +91,7 @@ impl<T, const N: usize> Pool<T, N> {
             slots: [const {
                 Slot {
                     generation: 0,
-                    value: None,
+                    value: Place::Empty,
                 }
             }; N],
         }
@@ -104,7 +106,7 @@ impl<T, const N: usize> Pool<T, N> {
         match self.slots.iter().position(|s| s.value.is_none()) {
             Some(index) => {
                 let slot = &mut self.slots[index];
-                slot.value = Some(value);
+                slot.value = Place::Held(value);
                 Ok(Handle::new(index as u16, slot.generation))
             }
             None => Err((
@@ -122,7 +124,7 @@ impl<T, const N: usize> Pool<T, N> {
         match self.slots.get(handle.index()) {
             Some(Slot {
                 generation,
-                value: Some(value),
+                value: Place::Held(value),
             }) if *generation == handle.generation => Ok(value),
             _ => fail(ErrorKind::StaleHandle, "stale or invalid handle"),
         }
@@ -136,7 +138,7 @@ impl<T, const N: usize> Pool<T, N> {
         match self.slots.get_mut(handle.index()) {
             Some(Slot {
                 generation,
-                value: Some(value),
+                value: Place::Held(value),
             }) if *generation == handle.generation => Ok(value),
             _ => fail(ErrorKind::StaleHandle, "stale or invalid handle"),
         }

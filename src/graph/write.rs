@@ -16,6 +16,7 @@ use crate::device::Device;
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::qcow2::{Batch, ClearMode, L2Entry, Placement, Qcow2, Tables, BATCH};
 use crate::format::{probe, Mapping, Probed, PROBE_BYTES};
+use crate::graph::place::Place;
 
 /// The stack buffer copies go through when the caller lends no scratch
 /// (4 KiB pieces), also used for checking compressed sources.
@@ -322,7 +323,7 @@ impl<
         let Some((target_host, run)) = driver.in_place(tables, offset, run)? else {
             return Ok(None);
         };
-        let Ok([Some(target), Some(from)]) = self
+        let Ok([Place::Held(target), Place::Held(from)]) = self
             .devices
             .get_disjoint_mut([file.index(), source_file.index()])
         else {

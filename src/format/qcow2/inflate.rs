@@ -6,6 +6,7 @@
 
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
+use crate::graph::place::Place;
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
 
@@ -16,7 +17,8 @@ const INPUT_CHUNK: usize = 4096;
 
 /// Fixed working memory for inflating (about 47 KiB).
 pub struct Inflater {
-    state: Option<DecompressorOxide>,
+    /// Made on first use (empty: zero bytes, see [`Place`]).
+    state: Place<DecompressorOxide>,
     window: [u8; WINDOW],
     input: [u8; INPUT_CHUNK],
 }
@@ -40,7 +42,7 @@ impl Inflater {
     /// Working memory with the decompressor not yet set up.
     pub const fn new() -> Self {
         Self {
-            state: None,
+            state: Place::Empty,
             window: [0; WINDOW],
             input: [0; INPUT_CHUNK],
         }

@@ -27,6 +27,7 @@ pub(crate) use l2::L2Entry;
 pub(crate) use write::{ClearMode, UsageCheck, WriteTarget};
 
 use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
+use crate::graph::place::Place;
 use core::cell::Cell;
 
 use super::Mapping;
@@ -89,7 +90,7 @@ pub struct Qcow2 {
 /// evicts).
 pub struct Tables<'a, D, const S: usize> {
     cache: &'a mut MetaCache<S>,
-    devices: &'a mut [Option<D>],
+    devices: &'a mut [Place<D>],
     image: Image,
 }
 
@@ -98,7 +99,7 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     /// `devices[device]`.
     pub fn new(
         cache: &'a mut MetaCache<S>,
-        devices: &'a mut [Option<D>],
+        devices: &'a mut [Place<D>],
         owner: Owner,
         device: usize,
     ) -> Self {
@@ -118,7 +119,7 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     fn device_size(&self) -> u64 {
         self.devices
             .get(self.image.device)
-            .and_then(Option::as_ref)
+            .and_then(Place::as_ref)
             .map_or(0, Device::size)
     }
 

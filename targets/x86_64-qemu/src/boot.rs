@@ -46,6 +46,20 @@ pub fn stack_intact() -> bool {
     unsafe { core::ptr::read_volatile(&raw const boot_stack_bottom) == STACK_CANARY }
 }
 
+/// Whether the `len` bytes at `addr` lie in `.bss` (zero-initialised
+/// statics, which take no room in the kernel file).
+pub fn in_bss(addr: usize, len: usize) -> bool {
+    unsafe extern "C" {
+        static __bss_start: u8;
+        static __bss_end: u8;
+    }
+    let (start, end) = (
+        (&raw const __bss_start) as usize,
+        (&raw const __bss_end) as usize,
+    );
+    start <= addr && addr.saturating_add(len) <= end
+}
+
 /// First address mapped uncached (PCD|PWT): device memory lives above it.
 const UNCACHED_FROM: u64 = 0xb000_0000;
 

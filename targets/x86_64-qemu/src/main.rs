@@ -118,7 +118,13 @@ mod kernel {
                 info.read_only
             );
         }
-        kprintln!("graph: {} nodes in use", GRAPH.lock().node_count());
+        let graph_bytes = core::mem::size_of_val(&GRAPH);
+        let in_bss = boot::in_bss((&raw const GRAPH) as usize, graph_bytes);
+        kprintln!(
+            "graph: {} nodes in use, {graph_bytes} bytes in {}",
+            GRAPH.lock().node_count(),
+            if in_bss { ".bss" } else { ".data" }
+        );
 
         // The command line is a script for the shared interpreter; a few
         // built-in words check the kernel itself and the host's checks.

@@ -6,6 +6,7 @@
 //!    `-accel kvm -accel tcg`, with a writable and a
 //!    read-only raw disk; afterwards the files are read on the host: the
 //!    kernel's pattern must be where it wrote, the read-only file untouched;
+//!    the kernel must report its static graph in `.bss`;
 //! 2. `fail-on-purpose` (a panic) must end in a kernel failure (exit status
 //!    35), never in a success;
 //! 3. `fault-on-purpose` (an invalid opcode): the exception handler reports
@@ -320,6 +321,12 @@ fn selftest(kernel: &Path, dir: &Path, machine: Machine) -> Result<BootResult> {
         if !result.serial.lines().any(|l| l == line) {
             return fail(format!("no line `{line}` in the serial output"));
         }
+    }
+    // The static graph takes no room in the kernel file: its empty state
+    // is all zeros.
+    let graph_line = result.serial.lines().find(|l| l.starts_with("graph: "));
+    if !graph_line.is_some_and(|l| l.ends_with(" in .bss")) {
+        return fail(format!("the graph is not in .bss: {graph_line:?}"));
     }
     // What reached the files.
     let data = read(&rw)?;
