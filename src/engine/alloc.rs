@@ -39,7 +39,6 @@ use super::cow::Cow;
 use super::job::JOB_SLOT;
 use super::{issue_write, tag, Engine, Payload, State};
 use crate::device::Queue;
-use crate::format::qcow2::Batch;
 use crate::graph::{Graph, NodeId};
 
 /// Most allocating writes an [`Engine`] keeps in flight at once.
@@ -55,22 +54,20 @@ pub(super) struct Allocation {
     /// The guest bytes of the clusters it touches (whole clusters).
     pub(super) start: u64,
     pub(super) end: u64,
-    /// Its new clusters, linked or abandoned at the end.
-    pub(super) batch: Batch,
     /// The copy-on-write of its head and tail in flight (module `cow`).
     pub(super) cows: [Option<Cow>; 2],
 }
 
 impl Allocation {
     /// The allocation of slot `slot` in `node` over the whole clusters
-    /// `start..end`, with `batch` to place them in.
-    pub(super) fn new(slot: usize, node: NodeId, (start, end): (u64, u64), batch: Batch) -> Self {
+    /// `start..end`; its new clusters go in the engine's batch of the same
+    /// entry (`Engine::batches`, cleared, linked or abandoned at the end).
+    pub(super) fn new(slot: usize, node: NodeId, (start, end): (u64, u64)) -> Self {
         Self {
             slot,
             node,
             start,
             end,
-            batch,
             cows: [None; 2],
         }
     }
@@ -151,9 +148,10 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             Payload::Write(segments) => core::mem::take(segments),
             _ => heapless::Vec::new(),
         };
-        let allocation =
-            self.allocations[entry].insert(Allocation::new(index, root, clusters, Batch::new()));
-        let placed = graph.place_in_flight(root, offset, len, &mut allocation.batch);
+        self.allocations[entry] = Some(Allocation::new(index, root, clusters));
+        let batch = &mut self.batches[entry];
+        batch.clear();
+        let placed = graph.place_in_flight(root, offset, len, batch);
         // The copy-on-write: as device operations through a lent buffer
         // (each holding the request open: module `cow`), else at once.
         let copies = placed.and_then(|ranges| {
@@ -177,7 +175,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             // One guard per copy until its write is sent.
             slot.ops += cows.iter().flatten().count() as u32;
             allocation.cows = cows;
-            let fresh = (offset, Some(&allocation.batch));
+            let fresh = (offset, Some(&self.batches[entry]));
             issue_write(graph, (root, tag(index, 0)), fresh, &segments, &mut queued)
         });
         if let Err(err) = result {
@@ -216,12 +214,12 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         // A write-back in progress holds the metadata still: links (and
         // abandons) wait for its end, and so do their requests.
         let frozen = self.writeback.is_some();
-        for entry in &mut self.allocations {
+        for (entry, batch) in self.allocations.iter_mut().zip(&mut self.batches) {
             let Some(allocation) = entry.as_mut().filter(|a| a.slot != JOB_SLOT) else {
                 continue;
             };
             let slot = self.slots.get_mut(allocation.slot).and_then(Option::as_mut);
-            let (node, batch) = (allocation.node, &mut allocation.batch);
+            let node = allocation.node;
             let linked = match slot {
                 Some(slot) if slot.ops > 0 => continue,
                 Some(slot) if frozen => {
@@ -254,11 +252,12 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::qcow2::Batch;
 
     /// The memory the module's documentation states.
     #[test]
     fn an_allocation_in_flight_is_about_2_7_kib() {
-        let size = core::mem::size_of::<Option<Allocation>>();
+        let size = core::mem::size_of::<Option<Allocation>>() + core::mem::size_of::<Batch>();
         assert!((2_600..=2_800).contains(&size), "{size} bytes");
     }
 }

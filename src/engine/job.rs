@@ -37,7 +37,6 @@ use super::{
 };
 use crate::device::{Op, Queue};
 use crate::error::{fail, Error, ErrorKind, Result};
-use crate::format::qcow2::Batch;
 use crate::graph::{Graph, NodeId, Resolver};
 use crate::jobs::copy::{JobAction, JobNext, JobRun};
 use crate::jobs::{JobId, JobStatus};
@@ -468,7 +467,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         if let Some(entry) = copy.allocation.take() {
             // R14: a failed run maps none of its new clusters.
             if let Some(allocation) = self.allocations[entry].take() {
-                graph.abandon_batch(allocation.node, &allocation.batch);
+                graph.abandon_batch(allocation.node, &self.batches[entry]);
             }
         }
         graph.hold_chain(copy.source, false);
@@ -569,8 +568,8 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let at = copy.run.offset + copy.pos;
         let fresh = copy
             .allocation
-            .and_then(|entry| self.allocations[entry].as_ref())
-            .map(|allocation| &allocation.batch);
+            .filter(|&entry| self.allocations[entry].is_some())
+            .map(|entry| &self.batches[entry]);
         let extent = graph.write_extent(copy.target, fresh, at, end - copy.pos)?;
         let Some((file, host, run)) = extent else {
             return fail(ErrorKind::Busy, "a job's planned write lost its place");
@@ -635,14 +634,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             let Some(entry) = free.filter(|_| !self.writing_back()) else {
                 return Ok(None);
             };
-            let allocation = self.allocations[entry].insert(Allocation::new(
-                JOB_SLOT,
-                target,
-                (start, end),
-                Batch::new(),
-            ));
+            self.allocations[entry] = Some(Allocation::new(JOB_SLOT, target, (start, end)));
             copy.allocation = Some(entry);
-            let cows = graph.place_in_flight(target, at, len, &mut allocation.batch)?;
+            let batch = &mut self.batches[entry];
+            batch.clear();
+            let cows = graph.place_in_flight(target, at, len, batch)?;
             // A run covers whole clusters but at the image's end: what it
             // leaves of a new cluster is copied at once.
             for range in cows.into_iter().flatten() {
@@ -680,7 +676,11 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         };
         let start = copy.pos as usize;
         let at = copy.run.offset + copy.pos;
-        graph.write(copy.target, at, &buf[start..start + len as usize])?;
+        // Nothing is in flight: an idle copy buffer is the scratch of a
+        // partly written new cluster (at the image's end).
+        let scratch = super::cow::idle_copy_buffer(&mut self.copies);
+        let data = &buf[start..start + len as usize];
+        graph.writev_with_scratch(copy.target, at, &[data], scratch)?;
         copy.pos += len;
         Ok(Some(copy.pos))
     }
@@ -702,13 +702,14 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         let Some(entry) = copy.allocation.take() else {
             return Ok(());
         };
-        let Some(mut allocation) = self.allocations[entry].take() else {
+        let Some(allocation) = self.allocations[entry].take() else {
             return Ok(());
         };
-        let linked = graph.link_batch(allocation.node, &mut allocation.batch);
+        let batch = &mut self.batches[entry];
+        let linked = graph.link_batch(allocation.node, batch);
         if linked.is_err() {
             // R14: nothing maps the clusters not yet linked.
-            graph.abandon_batch(allocation.node, &allocation.batch);
+            graph.abandon_batch(allocation.node, batch);
         }
         linked
     }

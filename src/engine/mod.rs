@@ -285,6 +285,9 @@ pub struct Engine<
     draining: bool,
     /// Allocating writes whose data operations are in flight.
     allocations: [Option<Allocation>; ALLOCATIONS],
+    /// The new clusters of each allocation entry (kept apart and reused in
+    /// place: a batch is 2.5 KiB, too much to build on the stack).
+    batches: [Batch; ALLOCATIONS],
     /// Lent metadata buffers and their loads (module `miss`).
     loads: [Load<'b>; METADATA_BUFFERS],
     /// The lent job buffers and the job runs in flight (module `job`).
@@ -328,6 +331,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
             ops: 0,
             draining: false,
             allocations: [const { None }; ALLOCATIONS],
+            batches: [const { Batch::new() }; ALLOCATIONS],
             loads: [const { Load::IDLE }; METADATA_BUFFERS],
             job: JobCopies::IDLE,
             writeback: None,

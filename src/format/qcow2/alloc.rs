@@ -55,6 +55,13 @@ impl Batch {
         }
     }
 
+    /// Empties the batch for reuse in place (its clusters were linked or
+    /// abandoned): a batch in fixed storage needs no new one on the stack.
+    pub fn clear(&mut self) {
+        self.count = 0;
+        self.mapped = 0;
+    }
+
     /// The new cluster allocated for guest `cluster`, if this batch holds
     /// one.
     pub fn fresh_host(&self, cluster: u64) -> Option<u64> {

@@ -61,7 +61,7 @@ impl Inflater {
         skip: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        let state = self.state.get_or_insert_with(DecompressorOxide::new);
+        let state = decompressor(&mut self.state);
         state.init();
         let stream_end = extent
             .host_offset
@@ -139,4 +139,12 @@ fn copy_out(
         out[dst..dst + n].copy_from_slice(&window[ring..ring + n]);
         pos += n as u64;
     }
+}
+
+/// The decompressor in `place`, made on first use. Not inlined: making one
+/// takes about 11 KiB of stack for a moment, which only the first
+/// compressed read pays (docs/stack.md).
+#[inline(never)]
+fn decompressor(place: &mut Place<DecompressorOxide>) -> &mut DecompressorOxide {
+    place.get_or_insert_with(DecompressorOxide::new)
 }
