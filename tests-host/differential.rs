@@ -34,9 +34,9 @@ use std::cell::RefCell;
 
 use blockgraph::cmd::{Environment, Session};
 use blockgraph::device::{DeviceEvent, FileDevice, MemDevice};
-use blockgraph::graph::{NameBuf, MAX_SEGMENTS};
+use blockgraph::graph::{ByName, OpenByName, MAX_SEGMENTS};
 use blockgraph::host::PathResolver;
-use blockgraph::{Access, Error, ErrorKind, Graph, OpenOptions, Resolver};
+use blockgraph::{Access, Error, ErrorKind, Graph, OpenOptions};
 use tempfile::TempDir;
 
 mod common;
@@ -1307,8 +1307,8 @@ struct MemImages<'a> {
     observer: Option<&'a mut dyn FnMut(DeviceEvent<'_>)>,
 }
 
-impl<'a> Resolver<MemDevice<'a>> for MemImages<'a> {
-    fn open(&mut self, name: &str, writable: bool) -> blockgraph::Result<MemDevice<'a>> {
+impl<'a> OpenByName<MemDevice<'a>> for MemImages<'a> {
+    fn open_by_name(&mut self, name: &str, writable: bool) -> blockgraph::Result<MemDevice<'a>> {
         let Some(index) = self.images.iter().position(|(n, _)| n == name) else {
             return Err(Error::new(ErrorKind::NotFound, "no such in-memory image"));
         };
@@ -1324,40 +1324,17 @@ impl<'a> Resolver<MemDevice<'a>> for MemImages<'a> {
         }
         Ok(device)
     }
-
-    fn open_backing(
-        &mut self,
-        _overlay: &str,
-        reference: &str,
-        writable: bool,
-        resolved: &mut NameBuf,
-    ) -> blockgraph::Result<MemDevice<'a>> {
-        resolved.clear();
-        let _ = resolved.push_str(reference);
-        self.open(reference, writable)
-    }
-
-    fn reference(
-        &mut self,
-        _overlay: &str,
-        target: &str,
-        out: &mut NameBuf,
-    ) -> blockgraph::Result<()> {
-        out.clear();
-        out.push_str(target)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-    }
 }
 
 struct MemEnv<'a> {
-    resolver: MemImages<'a>,
+    resolver: ByName<MemImages<'a>>,
 }
 
 impl<'a> Environment for MemEnv<'a> {
     type Device = MemDevice<'a>;
-    type Resolver = MemImages<'a>;
+    type Resolver = ByName<MemImages<'a>>;
 
-    fn resolver(&mut self) -> &mut MemImages<'a> {
+    fn resolver(&mut self) -> &mut ByName<MemImages<'a>> {
         &mut self.resolver
     }
 
@@ -1415,10 +1392,10 @@ fn pattern_write_observed(cluster: u64, backing: bool, scratch_len: usize) {
             ));
         }
         let mut env = MemEnv {
-            resolver: MemImages {
+            resolver: ByName(MemImages {
                 images,
                 observer: Some(&mut observer),
-            },
+            }),
         };
         let mut graph: Box<Graph<MemDevice<'_>>> = Box::default();
         let mut session: Session = Session::new();

@@ -13,12 +13,10 @@ use std::fs;
 use blockgraph::device::FileDevice;
 use blockgraph::device::{MemDevice, Queue, Reorder, DIRECT_ALIGN};
 use blockgraph::engine::{Engine, Ticket, JOB_LANES};
-use blockgraph::graph::NameBuf;
+use blockgraph::graph::{ByName, OpenByName};
 use blockgraph::host::PathResolver;
 use blockgraph::jobs::{CommitRequest, JobStatus, OnError, StreamRequest};
-use blockgraph::{
-    Access, BackendId, Device, Error, ErrorKind, Format, Graph, NodeId, OpenOptions, Resolver,
-};
+use blockgraph::{Access, BackendId, Device, Error, ErrorKind, Format, Graph, NodeId, OpenOptions};
 use common::*;
 
 const SECTOR: usize = 512;
@@ -51,30 +49,9 @@ impl<'a> Images<'a> {
     }
 }
 
-fn store(name: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
-    out.clear();
-    out.push_str(name)
-        .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-}
-
-impl<'a, 'b> Resolver<Disk<'a, 'b>> for Images<'a> {
-    fn open(&mut self, name: &str, _writable: bool) -> blockgraph::Result<Disk<'a, 'b>> {
+impl<'a, 'b> OpenByName<Disk<'a, 'b>> for Images<'a> {
+    fn open_by_name(&mut self, name: &str, _writable: bool) -> blockgraph::Result<Disk<'a, 'b>> {
         self.take(name)
-    }
-
-    fn open_backing(
-        &mut self,
-        _overlay: &str,
-        reference: &str,
-        _writable: bool,
-        resolved: &mut NameBuf,
-    ) -> blockgraph::Result<Disk<'a, 'b>> {
-        store(reference, resolved)?;
-        self.take(reference)
-    }
-
-    fn reference(&mut self, _: &str, target: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
-        store(target, out)
     }
 }
 
@@ -170,14 +147,14 @@ impl Files {
 
     /// A resolver over the files, their devices completing in an order
     /// `seed` picks.
-    fn images(&mut self, seed: u64) -> Images<'_> {
-        Images {
+    fn images(&mut self, seed: u64) -> ByName<Images<'_>> {
+        ByName(Images {
             slots: vec![
                 ("top.qcow2".into(), Some(&mut self.top.0[..]), self.top.1),
                 ("base.qcow2".into(), Some(&mut self.base.0[..]), self.base.1),
             ],
             seed,
-        }
+        })
     }
 }
 
@@ -185,7 +162,7 @@ impl Files {
 /// not); returns the backend and the top node.
 fn attach<'a, 'b, const CACHE: usize>(
     graph: &mut TestGraph<'a, 'b, CACHE>,
-    images: &mut Images<'a>,
+    images: &mut ByName<Images<'a>>,
     writable: bool,
 ) -> (BackendId, NodeId) {
     let options = OpenOptions {

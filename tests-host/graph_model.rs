@@ -32,8 +32,8 @@ use std::sync::OnceLock;
 
 use blockgraph::device::MemDevice;
 use blockgraph::format::qcow2::Qcow2;
-use blockgraph::graph::{NameBuf, Parent};
-use blockgraph::{Access, BackendId, Error, ErrorKind, Format, Graph, NodeId, Resolver};
+use blockgraph::graph::{NamesOnly, Parent};
+use blockgraph::{Access, BackendId, ErrorKind, Format, Graph, NodeId};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError};
@@ -99,42 +99,6 @@ fn templates() -> &'static [Vec<u8>] {
 fn buffers(count: usize) -> Vec<Vec<u8>> {
     let len = templates().iter().map(Vec::len).max().expect("templates") + SPARE;
     vec![vec![0; len]; count]
-}
-
-/// Resolves nothing; a backing reference is simply the target's name.
-struct Names;
-
-impl<'a> Resolver<MemDevice<'a>> for Names {
-    fn open(&mut self, _name: &str, _writable: bool) -> blockgraph::Result<MemDevice<'a>> {
-        Err(Error::new(
-            ErrorKind::NotFound,
-            "the test resolver opens nothing",
-        ))
-    }
-
-    fn open_backing(
-        &mut self,
-        _overlay: &str,
-        _reference: &str,
-        _writable: bool,
-        _resolved: &mut NameBuf,
-    ) -> blockgraph::Result<MemDevice<'a>> {
-        Err(Error::new(
-            ErrorKind::NotFound,
-            "the test resolver opens nothing",
-        ))
-    }
-
-    fn reference(
-        &mut self,
-        _overlay: &str,
-        target: &str,
-        out: &mut NameBuf,
-    ) -> blockgraph::Result<()> {
-        out.clear();
-        out.push_str(target)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-    }
 }
 
 /// The backing reference a qcow2 header records: name and format.
@@ -985,18 +949,18 @@ impl<'a> Harness<'a> {
             (8, Some(l)) => match self.model.backends.first() {
                 Some(b) => refused(g.replace_root(b.id, d), stale, "replace_root to stale"),
                 None => refused(
-                    g.drop_intermediate(&mut Names, l, d, None),
+                    g.drop_intermediate(&mut NamesOnly, l, d, None),
                     stale,
                     "drop a stale top",
                 ),
             },
             (9, Some(l)) => refused(
-                g.drop_intermediate(&mut Names, l, l, Some(d)),
+                g.drop_intermediate(&mut NamesOnly, l, l, Some(d)),
                 stale,
                 "drop to a stale base",
             ),
             (_, Some(l)) => refused(
-                g.drop_intermediate(&mut Names, d, l, None),
+                g.drop_intermediate(&mut NamesOnly, d, l, None),
                 stale,
                 "drop from a stale active",
             ),
@@ -1109,7 +1073,9 @@ impl<'a> Harness<'a> {
             ok(self.graph.device_mut(proto), "device_mut")?.fail_operation(Some(op));
         }
 
-        let result = self.graph.drop_intermediate(&mut Names, active, top, base);
+        let result = self
+            .graph
+            .drop_intermediate(&mut NamesOnly, active, top, base);
 
         if let Some((_, proto, _)) = armed {
             if self.graph.contains(proto) {
@@ -1381,7 +1347,7 @@ fn failed_header_rewrite_restores_every_overlay() {
             let before = contents(&mut g);
             g.device_mut(victim).unwrap().fail_operation(Some(op));
             let err = g
-                .drop_intermediate(&mut Names, top1, mid, Some(base))
+                .drop_intermediate(&mut NamesOnly, top1, mid, Some(base))
                 .unwrap_err();
             g.device_mut(victim).unwrap().fail_operation(None);
             assert_eq!(err.kind(), ErrorKind::Io, "victim {victim:?}, op {op}");
@@ -1395,7 +1361,7 @@ fn failed_header_rewrite_restores_every_overlay() {
             assert_eq!(g.qcow2(top2).unwrap().backing_name(), None);
         }
     }
-    g.drop_intermediate(&mut Names, top1, mid, Some(base))
+    g.drop_intermediate(&mut NamesOnly, top1, mid, Some(base))
         .unwrap();
     assert!(!g.contains(mid));
     for (top, p) in [(top1, p1), (top2, p2)] {
@@ -1458,14 +1424,14 @@ fn pivot_moves_a_writer_to_base() {
     // Another chain reads base: the writer cannot move there.
     g.set_backing(other, Some(base)).unwrap();
     let err = g
-        .drop_intermediate(&mut Names, active, active, Some(base))
+        .drop_intermediate(&mut NamesOnly, active, active, Some(base))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PermissionConflict);
     assert_eq!(g.root(device).unwrap(), active);
     assert!(g.is_read_only(base).unwrap());
 
     g.set_backing(other, None).unwrap();
-    g.drop_intermediate(&mut Names, active, active, Some(base))
+    g.drop_intermediate(&mut NamesOnly, active, active, Some(base))
         .unwrap();
     assert_eq!(g.root(device).unwrap(), base);
     assert!(!g.is_read_only(base).unwrap());

@@ -30,9 +30,9 @@ use std::rc::Rc;
 
 use blockgraph::device::{DeviceId, Queue};
 use blockgraph::engine::Engine;
-use blockgraph::graph::NameBuf;
+use blockgraph::graph::{ByName, OpenByName};
 use blockgraph::jobs::{CommitRequest, JobStatus, OnError, StreamRequest};
-use blockgraph::{Access, Device, Error, ErrorKind, Format, Graph, OpenOptions, Resolver};
+use blockgraph::{Access, Device, Error, ErrorKind, Format, Graph, OpenOptions};
 
 use tempfile::TempDir;
 
@@ -173,8 +173,8 @@ impl Images {
     }
 }
 
-impl Resolver<Recorder> for Images {
-    fn open(&mut self, name: &str, writable: bool) -> blockgraph::Result<Recorder> {
+impl OpenByName<Recorder> for Images {
+    fn open_by_name(&mut self, name: &str, writable: bool) -> blockgraph::Result<Recorder> {
         let Some(image) = self.names.iter().position(|n| *n == name) else {
             return Err(Error::new(ErrorKind::NotFound, "no such in-memory image"));
         };
@@ -184,29 +184,6 @@ impl Resolver<Recorder> for Images {
             image,
             read_only: !writable,
         })
-    }
-
-    fn open_backing(
-        &mut self,
-        _overlay: &str,
-        reference: &str,
-        writable: bool,
-        resolved: &mut NameBuf,
-    ) -> blockgraph::Result<Recorder> {
-        resolved.clear();
-        let _ = resolved.push_str(reference);
-        self.open(reference, writable)
-    }
-
-    fn reference(
-        &mut self,
-        _overlay: &str,
-        target: &str,
-        out: &mut NameBuf,
-    ) -> blockgraph::Result<()> {
-        out.clear();
-        out.push_str(target)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
     }
 }
 
@@ -423,7 +400,7 @@ fn make_images(dir: &Path, cluster: u64, backing: bool) {
 /// Runs `request` on `dir/img.qcow2` through the library; returns the
 /// writes it made to the image (those of closing the graph not included).
 fn run_request(dir: &Path, names: &[&'static str], request: Request) -> Vec<Logged> {
-    let mut images = Images::load(dir, names);
+    let mut images = ByName(Images::load(dir, names));
     let writes;
     {
         let mut graph: Box<Graph<Recorder>> = Box::default();
@@ -432,7 +409,7 @@ fn run_request(dir: &Path, names: &[&'static str], request: Request) -> Vec<Logg
             .attach_backend(node, Access::READ_WRITE_DEVICE)
             .unwrap();
         graph.unref(node).unwrap();
-        let before = images.log.borrow().len();
+        let before = images.0.log.borrow().len();
         match request {
             Request::Write {
                 offset,
@@ -464,7 +441,7 @@ fn run_request(dir: &Path, names: &[&'static str], request: Request) -> Vec<Logg
                 graph.write_zeroes(root, offset, len).unwrap();
             }
         }
-        let log = images.log.borrow();
+        let log = images.0.log.borrow();
         let image = names.iter().position(|n| *n == IMG).unwrap();
         writes = log[before..]
             .iter()
@@ -475,7 +452,7 @@ fn run_request(dir: &Path, names: &[&'static str], request: Request) -> Vec<Logg
         graph.backend_flush(backend).unwrap();
         graph.detach_backend(backend).unwrap();
     }
-    images.store(dir);
+    images.0.store(dir);
     writes
 }
 
@@ -584,11 +561,11 @@ fn clusters_2m() {
 fn run_job(dir: &Path, commit: bool, scratch: usize) -> Images {
     let names: &[&'static str] = &["top.qcow2", BASE];
     let images = Images::load(dir, names);
-    let mut resolver = Images {
+    let mut resolver = ByName(Images {
         names: images.names.clone(),
         bytes: images.bytes.clone(),
         log: Rc::clone(&images.log),
-    };
+    });
     {
         let mut graph: Box<Graph<Recorder>> = Box::default();
         let top = graph

@@ -156,12 +156,6 @@ impl<'a, 'd> Images<'a, 'd> {
     }
 }
 
-fn store(name: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
-    out.clear();
-    out.push_str(name)
-        .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-}
-
 impl<'a> Resolver<MemDevice<'a>> for Images<'a, '_> {
     fn open(&mut self, name: &str, writable: bool) -> blockgraph::Result<MemDevice<'a>> {
         if name != TOP {
@@ -178,7 +172,7 @@ impl<'a> Resolver<MemDevice<'a>> for Images<'a, '_> {
         writable: bool,
         resolved: &mut NameBuf,
     ) -> blockgraph::Result<MemDevice<'a>> {
-        store(reference, resolved)?;
+        resolved.set(reference)?;
         let name = reference.rsplit('/').next().unwrap_or(reference);
         let top = self.top;
         if name == TOP || name == "self" {
@@ -201,7 +195,7 @@ impl<'a> Resolver<MemDevice<'a>> for Images<'a, '_> {
         target: &str,
         out: &mut NameBuf,
     ) -> blockgraph::Result<()> {
-        store(target, out)
+        out.set(target)
     }
 }
 

@@ -173,12 +173,6 @@ impl Disks {
     }
 }
 
-fn store(name: &str, out: &mut NameBuf) -> blockgraph::Result<()> {
-    out.clear();
-    out.push_str(name)
-        .map_err(|_| Error::new(ErrorKind::InvalidInput, "name too long"))
-}
-
 impl Resolver<SharedDisk> for Disks {
     fn open(&mut self, name: &str, writable: bool) -> blockgraph::Result<SharedDisk> {
         Disks::open(self, name, writable)
@@ -193,7 +187,7 @@ impl Resolver<SharedDisk> for Disks {
     ) -> blockgraph::Result<SharedDisk> {
         let name = reference.rsplit('/').next().unwrap_or(reference);
         let disk = Disks::open(self, name, writable)?;
-        store(name, resolved)?;
+        resolved.set(name)?;
         Ok(disk)
     }
 
@@ -203,7 +197,7 @@ impl Resolver<SharedDisk> for Disks {
         target: &str,
         out: &mut NameBuf,
     ) -> blockgraph::Result<()> {
-        store(target, out)
+        out.set(target)
     }
 }
 

@@ -35,7 +35,7 @@ mod write;
 pub use perm::{Access, Perm};
 pub use pool::Handle;
 pub(crate) use pool::Pool;
-pub use resolve::{NameBuf, NamesOnly, Resolver, NAME_CAPACITY};
+pub use resolve::{ByName, NameBuf, NamesOnly, OpenByName, Resolver, NAME_CAPACITY};
 pub(crate) use segments::piece_len;
 pub use segments::MAX_SEGMENTS;
 

@@ -396,12 +396,6 @@ impl Queue<'static> for VirtioDisk {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SerialResolver;
 
-fn store(name: &str, out: &mut NameBuf) -> Result<()> {
-    out.clear();
-    out.push_str(name)
-        .map_err(|_| Error::new(ErrorKind::InvalidInput, "image name is too long"))
-}
-
 impl Resolver<VirtioDisk> for SerialResolver {
     fn open(&mut self, name: &str, writable: bool) -> Result<VirtioDisk> {
         VirtioDisk::by_serial(name, writable)
@@ -431,10 +425,10 @@ impl Resolver<VirtioDisk> for SerialResolver {
                 "backing reference is not a disk name",
             ));
         }
-        store(name, out)
+        out.set(name)
     }
 
     fn reference(&mut self, _overlay: &str, target: &str, out: &mut NameBuf) -> Result<()> {
-        store(target, out)
+        out.set(target)
     }
 }
