@@ -53,7 +53,7 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
                                        image-format NAME FMT (the format of NAME from then on)
   create [-q] [-f qcow2|raw] [-o OPTS] [-b BACKING -F FMT] IMAGE [SIZE]
                                        OPTS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,
-                                             lazy_refcounts=on|off
+                                             lazy_refcounts=on|off,compression_type=zlib|zstd
   bench [-f FMT] [-U] [-c COUNT] [-d DEPTH] [-s SIZE] [-o OFFSET] [-S STEP] [-t none|writeback]
         [-w] [--pattern N] [--with-job] IMAGE
                                        qemu-img bench, DEPTH (1-64) in flight (defaults: 75000

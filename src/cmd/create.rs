@@ -2,7 +2,8 @@
 //! a new empty image, shaped like `qemu-img create`.
 //!
 //! qcow2 options (`-o`, comma separated, repeatable): `cluster_size=N`,
-//! `refcount_bits=N`, `compat=0.10|1.1` (or `v2|v3`), `lazy_refcounts=on|off`.
+//! `refcount_bits=N`, `compat=0.10|1.1` (or `v2|v3`), `lazy_refcounts=on|off`,
+//! `compression_type=zlib|zstd`.
 //! The backing reference is stored exactly as given and its format (`-F`) is
 //! required. The backing image is opened first, through the resolver and
 //! relative to IMAGE as its overlay would open it: it must exist, and
@@ -14,6 +15,7 @@ use super::{invalid, Ctx, Environment, Failure, Outcome};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::create::{create, CreateOptions};
+use crate::format::qcow2::Compression;
 use crate::format::Format;
 use crate::graph::{NameBuf, Resolver};
 
@@ -63,6 +65,13 @@ pub(super) fn apply_options<'a>(
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
                     _ => return Err(bad("compat takes 0.10 or 1.1")),
+                }
+            }
+            "compression_type" => {
+                options.compression = match value {
+                    "zlib" => Compression::Zlib,
+                    "zstd" => Compression::Zstd,
+                    _ => return Err(bad("compression_type takes zlib or zstd")),
                 }
             }
             "lazy_refcounts" => {
@@ -226,8 +235,9 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             if format == Format::Qcow2 {
                 write!(
                     self.out,
-                    " cluster_size={} compression_type=zlib",
-                    options.cluster_size()
+                    " cluster_size={} compression_type={}",
+                    options.cluster_size(),
+                    options.compression.name()
                 )?;
             }
             write!(self.out, " size={size}")?;

@@ -2,6 +2,7 @@
 //! qemu-img's field names.
 
 use super::{image_command, json, json_option, Ctx, Environment, Outcome};
+use crate::format::qcow2::header::{Compression, Header, Incompatible};
 use crate::format::Format;
 use crate::graph::{Graph, NameBuf, NodeId, OpenOptions, Resolver};
 
@@ -91,6 +92,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                     .map(|n| (n, q.backing_format(), full_backing))
             }),
             dirty: qcow2.map(|q| q.is_dirty()),
+            specific: qcow2.map(|q| Qcow2Facts::of(q.header())),
         })
     }
 
@@ -120,6 +122,33 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             out.write_str(",\n    \"full-backing-filename\": ")?;
             json::string(out, full)?;
         }
+        if let Some(q) = f.specific {
+            out.write_str(
+                ",\n    \"format-specific\": {\n        \"type\": \"qcow2\",\n        \"data\": {",
+            )?;
+            write!(
+                out,
+                "\n            \"compat\": \"{}\",\n            \"compression-type\": \"{}\"",
+                q.compat(),
+                q.compression.name()
+            )?;
+            if q.v3 {
+                write!(
+                    out,
+                    ",\n            \"lazy-refcounts\": {}",
+                    q.lazy_refcounts
+                )?;
+            }
+            write!(out, ",\n            \"refcount-bits\": {}", q.refcount_bits)?;
+            if q.v3 {
+                write!(
+                    out,
+                    ",\n            \"corrupt\": {},\n            \"extended-l2\": false",
+                    q.corrupt
+                )?;
+            }
+            out.write_str("\n        }\n    }")?;
+        }
         if let Some(dirty) = f.dirty {
             write!(out, ",\n    \"dirty-flag\": {dirty}")?;
         }
@@ -148,7 +177,51 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         if let Some(dirty) = f.dirty {
             writeln!(out, "dirty flag: {dirty}")?;
         }
+        if let Some(q) = f.specific {
+            writeln!(out, "Format specific information:")?;
+            writeln!(out, "    compat: {}", q.compat())?;
+            writeln!(out, "    compression type: {}", q.compression.name())?;
+            if q.v3 {
+                writeln!(out, "    lazy refcounts: {}", q.lazy_refcounts)?;
+            }
+            writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
+            if q.v3 {
+                writeln!(out, "    corrupt: {}", q.corrupt)?;
+                writeln!(out, "    extended l2: false")?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// qcow2's "Format specific information", as qemu-img prints it.
+#[derive(Clone, Copy)]
+struct Qcow2Facts {
+    /// Version 3 (`compat: 1.1`), else 2 (`0.10`).
+    v3: bool,
+    compression: Compression,
+    lazy_refcounts: bool,
+    refcount_bits: u32,
+    corrupt: bool,
+}
+
+impl Qcow2Facts {
+    fn of(header: &Header) -> Self {
+        Self {
+            v3: header.version >= 3,
+            compression: header.compression,
+            lazy_refcounts: header.compatible & 1 != 0,
+            refcount_bits: 1 << header.refcount_order,
+            corrupt: header.incompatible.contains(Incompatible::CORRUPT),
+        }
+    }
+
+    fn compat(self) -> &'static str {
+        if self.v3 {
+            "1.1"
+        } else {
+            "0.10"
+        }
     }
 }
 
@@ -160,4 +233,5 @@ struct Facts<'g> {
     cluster_size: Option<u64>,
     backing: Option<(&'g str, Option<&'g str>, &'g str)>,
     dirty: Option<bool>,
+    specific: Option<Qcow2Facts>,
 }

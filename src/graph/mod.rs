@@ -1290,13 +1290,15 @@ impl<
                     chunk[present..].fill(0);
                 }
                 Mapping::Compressed(extent) => {
-                    let cluster_size = self.qcow2(located.layer)?.cluster_size();
+                    let q = self.qcow2(located.layer)?;
+                    let (cluster_size, compression) = (q.cluster_size(), q.header().compression);
                     let file = self.layer_file(located.layer)?;
                     let device = self.devices[file.index()]
                         .as_mut()
                         .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
-                    self.inflater
-                        .read(device, extent, pos & (cluster_size - 1), chunk)?;
+                    let skip = pos & (cluster_size - 1);
+                    let decoder = (compression, &mut self.inflater);
+                    crate::format::qcow2::read_compressed(decoder, device, extent, skip, chunk)?;
                 }
             }
             done += run as usize;

@@ -469,7 +469,7 @@ fn json_reader_reads_qemu_shapes() {
 // ---------------------------------------------------------------------------
 
 /// The `info` fields blockgraph promises to print with qemu-img's names and values.
-const INFO_FIELDS: [&str; 8] = [
+const INFO_FIELDS: [&str; 9] = [
     "filename",
     "format",
     "virtual-size",
@@ -478,6 +478,7 @@ const INFO_FIELDS: [&str; 8] = [
     "backing-filename-format",
     "full-backing-filename",
     "dirty-flag",
+    "format-specific",
 ];
 
 fn assert_info_fields_equal(what: &str, qemu: &Json, ours: &Json) {

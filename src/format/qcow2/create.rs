@@ -19,17 +19,18 @@
 //! one write, followed by a flush.
 
 use super::header::{
-    align_up_8, put_u32, put_u64, Compatible, EXT_BACKING_FORMAT, EXT_END, HEADER_AREA, MAGIC,
-    MAX_BACKING_NAME, MAX_FORMAT_NAME, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE, OFF_BACKING_OFFSET,
-    OFF_BACKING_SIZE, OFF_CLUSTER_BITS, OFF_COMPATIBLE, OFF_HEADER_LENGTH, OFF_L1_OFFSET,
-    OFF_L1_SIZE, OFF_REFCOUNT_CLUSTERS, OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER, OFF_SIZE,
-    OFF_VERSION, V2_HEADER_LENGTH,
+    align_up_8, put_u32, put_u64, Compatible, Compression, Incompatible, EXT_BACKING_FORMAT,
+    EXT_END, HEADER_AREA, MAGIC, MAX_BACKING_NAME, MAX_FORMAT_NAME, MAX_L1_ENTRIES,
+    MAX_VIRTUAL_SIZE, OFF_BACKING_OFFSET, OFF_BACKING_SIZE, OFF_CLUSTER_BITS, OFF_COMPATIBLE,
+    OFF_COMPRESSION_TYPE, OFF_HEADER_LENGTH, OFF_INCOMPATIBLE, OFF_L1_OFFSET, OFF_L1_SIZE,
+    OFF_REFCOUNT_CLUSTERS, OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER, OFF_SIZE, OFF_VERSION,
+    V2_HEADER_LENGTH,
 };
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
 /// Header length written for version 3 images: the 104 bytes of the v3
-/// header plus the compression type byte (0, zlib) padded to 8, as QEMU does.
+/// header plus the compression type byte padded to 8, as QEMU does.
 const V3_CREATE_HEADER_LENGTH: usize = 112;
 /// Bytes written per device write when filling tables and zeroed clusters;
 /// the same stack buffer later holds the header area.
@@ -51,6 +52,9 @@ pub struct CreateOptions<'a> {
     pub version: u32,
     /// Set the lazy refcounts compatible feature (version 3 only).
     pub lazy_refcounts: bool,
+    /// The compression type recorded for compressed clusters (zstd: version
+    /// 3 only); default zlib.
+    pub compression: Compression,
     /// Backing file reference and its format, stored exactly as given.
     pub backing: Option<(&'a str, &'a str)>,
 }
@@ -66,6 +70,7 @@ impl<'a> CreateOptions<'a> {
             refcount_order: 4,
             version: 3,
             lazy_refcounts: false,
+            compression: Compression::Zlib,
             backing: None,
         }
     }
@@ -133,6 +138,9 @@ impl Layout {
         }
         if options.version == 2 && options.lazy_refcounts {
             return invalid("lazy refcounts need compat=1.1");
+        }
+        if options.version == 2 && options.compression != Compression::Zlib {
+            return invalid("compression types other than zlib need compat=1.1");
         }
         if !options.size.is_multiple_of(SECTOR) {
             return invalid("image size must be a multiple of 512 bytes");
@@ -237,8 +245,8 @@ fn emit_header(options: &CreateOptions<'_>, layout: &Layout, area: &mut [u8]) {
     put_u32(area, OFF_VERSION, options.version);
     put_u32(area, OFF_CLUSTER_BITS, layout.cluster_bits);
     put_u64(area, OFF_SIZE, options.size);
-    // crypt_method, snapshots, incompatible and autoclear features and the
-    // compression type (zlib) are all zero.
+    // crypt_method, snapshots, autoclear features are zero; so are the
+    // incompatible features and the compression type for zlib.
     put_u32(area, OFF_L1_SIZE, layout.l1_size as u32);
     put_u64(area, OFF_L1_OFFSET, layout.offset(layout.l1_table.0));
     put_u64(
@@ -256,6 +264,14 @@ fn emit_header(options: &CreateOptions<'_>, layout: &Layout, area: &mut [u8]) {
         put_u64(area, OFF_COMPATIBLE, compatible);
         put_u32(area, OFF_REFCOUNT_ORDER, layout.refcount_order);
         put_u32(area, OFF_HEADER_LENGTH, fixed as u32);
+        if options.compression == Compression::Zstd {
+            put_u64(
+                area,
+                OFF_INCOMPATIBLE,
+                Incompatible::COMPRESSION_TYPE.bits(),
+            );
+            area[OFF_COMPRESSION_TYPE] = 1;
+        }
     }
     let mut pos = fixed;
     if let Some((name, format)) = options.backing {

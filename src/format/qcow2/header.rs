@@ -110,12 +110,36 @@ pub struct Header {
     pub refcount_order: u32,
     /// Length of the fixed header; extensions start here.
     pub header_length: u32,
+    /// How compressed clusters are compressed (the `compression_type`
+    /// field; zlib when the header does not reach it).
+    pub compression: Compression,
     /// The backing file name, if any.
     pub backing_name: Option<String<MAX_BACKING_NAME>>,
     /// The backing format from its header extension, if present.
     pub backing_format: Option<String<MAX_FORMAT_NAME>>,
     /// End of the extension area (after the end marker), within cluster 0.
     pub extensions_end: u32,
+}
+
+/// The `compression_type` of a qcow2 image: how its compressed clusters
+/// are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Compression {
+    /// Raw deflate (type 0, the default).
+    Zlib,
+    /// One zstd frame per cluster (type 1, with the incompatible bit 3).
+    Zstd,
+}
+
+impl Compression {
+    /// qemu-img's name for it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 fn be_u32(buf: &[u8], off: usize) -> u32 {
@@ -272,8 +296,8 @@ impl Header {
             0
         };
         let compression_bit = incompatible.contains(Incompatible::COMPRESSION_TYPE);
-        match (compression, compression_bit) {
-            (0, false) => {}
+        let compression = match (compression, compression_bit) {
+            (0, false) => Compression::Zlib,
             (0, true) => {
                 return fail(
                     ErrorKind::Corrupt,
@@ -286,19 +310,14 @@ impl Header {
                     "qcow2 compression type is not zlib but its incompatible bit is clear",
                 )
             }
-            (1, true) => {
-                return fail(
-                    ErrorKind::Unsupported,
-                    "unsupported qcow2 compression type (zstd)",
-                )
-            }
+            (1, true) => Compression::Zstd,
             _ => {
                 return fail(
                     ErrorKind::Unsupported,
                     "unsupported qcow2 compression type (unknown)",
                 )
             }
-        }
+        };
         if refcount_order > 6 {
             return fail(
                 ErrorKind::Corrupt,
@@ -436,6 +455,7 @@ impl Header {
             autoclear,
             refcount_order,
             header_length,
+            compression,
             backing_name: None,
             backing_format,
             extensions_end: extensions_end as u32,
@@ -797,11 +817,7 @@ mod tests {
             ),
             (&[(OFF_INCOMPATIBLE, &bit[..])][..], ErrorKind::Corrupt),
             (
-                &[(OFF_INCOMPATIBLE, &bit[..]), (OFF_COMPRESSION_TYPE, &[1])][..],
-                ErrorKind::Unsupported,
-            ),
-            (
-                &[(OFF_COMPRESSION_TYPE, &[2u8][..])][..],
+                &[(OFF_INCOMPATIBLE, &bit[..]), (OFF_COMPRESSION_TYPE, &[2])][..],
                 ErrorKind::Unsupported,
             ),
         ] {
@@ -809,6 +825,12 @@ mod tests {
             all.extend_from_slice(patches);
             assert_eq!(with(&all).kind(), kind, "{patches:?}");
         }
+        // zstd: type 1 with its incompatible bit.
+        let mut zstd = good.clone();
+        zstd[OFF_HEADER_LENGTH..OFF_HEADER_LENGTH + 4].copy_from_slice(&long);
+        zstd[OFF_INCOMPATIBLE..OFF_INCOMPATIBLE + 8].copy_from_slice(&bit);
+        zstd[OFF_COMPRESSION_TYPE] = 1;
+        assert_eq!(parse(&zstd).unwrap().compression, Compression::Zstd);
         // With a 104-byte header the byte is not part of it: zlib.
         let mut short = good.clone();
         short[OFF_COMPRESSION_TYPE] = 1;

@@ -18,9 +18,11 @@ mod snapshot;
 pub(crate) mod testimg;
 mod walk;
 mod write;
+mod zstd;
 
 pub(crate) use alloc::{Batch, Placement, BATCH};
 pub(crate) use check::TableCheck;
+pub use header::Compression;
 pub use header::Header;
 pub(crate) use inflate::{CompressedExtent, Inflater};
 pub(crate) use l2::L2Entry;
@@ -673,4 +675,24 @@ fn read_header_area<D: Device>(device: &mut D, area: &mut [u8; HEADER_AREA]) -> 
     let used = device.size().min(HEADER_AREA as u64) as usize;
     device.read_at(0, &mut area[..used])?;
     Ok(used)
+}
+
+/// Fills `out` with the bytes at `skip..skip + out.len()` of the
+/// compressed cluster `extent` on `device`, compressed as `compression`
+/// says (zlib through the graph's `inflater`).
+///
+/// # Errors
+/// [`ErrorKind::Corrupt`] for a stream that is invalid or ends early,
+/// [`ErrorKind::Unsupported`] for zstd in `no_std` builds, device errors.
+pub(crate) fn read_compressed<D: Device>(
+    (compression, inflater): (Compression, &mut Inflater),
+    device: &mut D,
+    extent: CompressedExtent,
+    skip: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    match compression {
+        Compression::Zlib => inflater.read(device, extent, skip, out),
+        Compression::Zstd => zstd::read(device, extent, skip, out),
+    }
 }
