@@ -23,7 +23,8 @@ const PART_ALIGN: u64 = 2 << 20;
 const WORKER_SCRATCH: usize = 1 << 20;
 
 /// Copies guest bytes `0..size` of `image` (a name and its format) to the
-/// existing file `output` (which reads as zeros) with `workers` threads:
+/// existing file `output` (which reads as zeros), leaving zeros unwritten
+/// as `convert -S sparse` says ([`copy_range`]), with `workers` threads:
 /// each opens the chain read-only in its own graph and copies one part
 /// (split at 2 MiB boundaries) through its own scratch. The first failing part's error is
 /// returned.
@@ -36,8 +37,7 @@ const WORKER_SCRATCH: usize = 1 << 20;
 pub fn copy_in_parallel<'a>(
     resolver: PathResolver,
     image: (&'a str, Format),
-    output: &'a str,
-    size: u64,
+    (output, size, sparse): (&'a str, u64, u64),
     workers: usize,
 ) -> Outcome<'a> {
     let parts = split(size, workers.max(1));
@@ -46,7 +46,7 @@ pub fn copy_in_parallel<'a>(
             .iter()
             .map(|part| {
                 let part = part.clone();
-                scope.spawn(move || copy_part(resolver, image, output, part))
+                scope.spawn(move || copy_part(resolver, image, (output, sparse), part))
             })
             .collect();
         let mut result = Ok(());
@@ -75,7 +75,7 @@ fn split(size: u64, workers: usize) -> Vec<Range<u64>> {
 fn copy_part<'a>(
     mut resolver: PathResolver,
     (image, format): (&'a str, Format),
-    output: &'a str,
+    (output, sparse): (&'a str, u64),
     part: Range<u64>,
 ) -> Outcome<'a> {
     let mut graph: Box<Graph<FileDevice>> = Box::default();
@@ -89,7 +89,13 @@ fn copy_part<'a>(
     let mut target =
         FileDevice::open_output(Path::new(output)).map_err(|e| Failure::new(e, output))?;
     let mut scratch = vec![0u8; WORKER_SCRATCH];
-    copy_range(&mut graph, top, part, (&mut target, output), &mut scratch)
+    copy_range(
+        &mut graph,
+        top,
+        part,
+        (&mut target, output),
+        (&mut scratch, sparse),
+    )
 }
 
 /// Resolves image names as host paths and opens them as [`FileDevice`]s.

@@ -34,7 +34,9 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE
   map [-f FMT] [-U] [--output=json|human] IMAGE
   convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
-          [-t writeback|unsafe] IMAGE OUTPUT
+          [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT
+                                       zero runs of SPARSE bytes (default 4k) left unwritten,
+                                       -S 0 allocates every byte;
                                        raw: copies with up to 4 threads (64 MiB and more);
                                        qcow2: -o as create's, -B: a delta over BACKING;
                                        the output is flushed with -t writeback (default unsafe)
@@ -162,10 +164,12 @@ impl Environment for Host {
         image: (&'a str, Format),
         output: &'a str,
         size: u64,
+        sparse: u64,
     ) -> Option<cmd::Outcome<'a>> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS));
         (workers > 1 && size >= PARALLEL_FROM).then(|| {
-            blockgraph::host::copy_in_parallel(self.resolver, image, output, size, workers)
+            let part = (output, size, sparse);
+            blockgraph::host::copy_in_parallel(self.resolver, image, part, workers)
         })
     }
 }

@@ -1,9 +1,13 @@
 //! `convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
-//! [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw image, or
-//! as a new qcow2 image (`-o` takes `create`'s qcow2 options:
-//! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`). Without a
-//! backing file, ranges that read as zeros are skipped: the new output
-//! already reads zero. With `-B` (qcow2 only) the output gets BACKING
+//! [-S SPARSE] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw
+//! image, or as a new qcow2 image (`-o` takes `create`'s qcow2 options:
+//! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`,
+//! `compression_type`). Without a backing file, ranges that read as zeros
+//! are left unwritten (the new output already reads zero): ranges the chain
+//! knows to be zeros, and runs of zero bytes of at least SPARSE bytes
+//! (aligned to SPARSE; default 4 KiB, as qemu-img's `-S`); `-S 0` writes
+//! every byte, zeros included (a fully allocated output). With `-B` (qcow2
+//! only) the output gets BACKING
 //! (stored as given, opened relative to OUTPUT like any backing file) and
 //! holds only what differs from BACKING's view, zeros included, as
 //! `qemu-img convert -B` does. Where the environment has several workers (host threads,
@@ -22,7 +26,22 @@ use crate::graph::{piece_len, Graph, NameBuf, NodeId, OpenOptions, Resolver};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] \
-                     [-B BACKING -F FMT] [-t writeback|unsafe] IMAGE OUTPUT";
+                     [-B BACKING -F FMT] [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT";
+
+/// qemu-img's default `-S`: zero runs of 4 KiB are left unwritten.
+const DEFAULT_SPARSE: u64 = 4096;
+/// The largest `-S` qemu-img takes.
+const MAX_SPARSE: u64 = 16 << 20;
+
+/// How `convert` writes its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputMode {
+    /// Flush the output before succeeding (`-t writeback`).
+    pub flush: bool,
+    /// `-S`: runs of zero bytes of at least this many bytes, aligned to it,
+    /// are left unwritten; 0 writes every byte.
+    pub sparse: u64,
+}
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -30,7 +49,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// Runs `convert`.
     pub(crate) fn convert<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut names = heapless::Vec::<&str, 2>::new();
-        let mut flush = false;
+        let mut mode = OutputMode {
+            flush: false,
+            sparse: DEFAULT_SPARSE,
+        };
         let mut output_format = Format::Raw;
         let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
         let (mut backing, mut backing_format) = (None, None);
@@ -42,8 +64,19 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 continue;
             }
             match word {
+                "-S" => {
+                    let text = words.next().ok_or_else(|| invalid(USAGE))?;
+                    let sparse =
+                        super::args::parse_size(text).map_err(|e| Failure::new(e, text))?;
+                    if !sparse.is_multiple_of(512) || sparse > MAX_SPARSE {
+                        return Err(invalid(
+                            "invalid sparse size: valid sizes are multiples of 512 up to 16777216 (0 fully allocates the output)",
+                        ));
+                    }
+                    mode.sparse = sparse;
+                }
                 "-t" => {
-                    flush = match words.next() {
+                    mode.flush = match words.next() {
                         Some("writeback") => true,
                         Some("unsafe") => false,
                         Some(_) => {
@@ -114,7 +147,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         options.validate().map_err(|e| Failure::new(e, output))?;
         self.with_image(image, opts.read_only(), |cx, top| {
             if output_format == Format::Qcow2 {
-                return to_qcow2(cx, top, output, (options, backing, flush));
+                return to_qcow2(cx, top, output, (options, backing, mode));
             }
             let size = cx.graph.size(top)?;
             let format = cx.graph.format(top)?.unwrap_or(Format::Raw);
@@ -122,12 +155,18 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 .env
                 .create(output, size)
                 .map_err(|e| Failure::new(e, output))?;
-            let copied = match cx.env.copy_in_parallel((image, format), output, size) {
+            let parallel = cx
+                .env
+                .copy_in_parallel((image, format), output, size, mode.sparse);
+            let copied = match parallel {
                 Some(copied) => copied,
-                None => copy_range(cx.graph, top, 0..size, (&mut target, output), cx.scratch),
+                None => {
+                    let target = (&mut target, *output);
+                    copy_range(cx.graph, top, 0..size, target, (cx.scratch, mode.sparse))
+                }
             };
             let done = copied.and_then(|()| {
-                if flush {
+                if mode.flush {
                     target.flush().map_err(|e| Failure::new(e, output))?;
                 }
                 Ok(())
@@ -148,10 +187,10 @@ fn to_qcow2<'a, E: Environment, const N: usize, const B: usize, const C: usize, 
     cx: &mut Ctx<'_, E, N, B, C, J>,
     top: NodeId,
     output: &'a str,
-    (options, backing, flush): (CreateOptions<'_>, Option<(&'a str, Format)>, bool),
+    (options, backing, mode): (CreateOptions<'_>, Option<(&'a str, Format)>, OutputMode),
 ) -> Outcome<'a> {
     let Some((name, format)) = backing else {
-        return write_qcow2(cx, top, output, (options, None, flush));
+        return write_qcow2(cx, top, output, (options, None, mode));
     };
     let mut resolved = NameBuf::new();
     let opened = cx
@@ -163,7 +202,7 @@ fn to_qcow2<'a, E: Environment, const N: usize, const B: usize, const C: usize, 
             cx.graph.open_image(cx.env.resolver(), &resolved, options)
         })
         .map_err(|e| Failure::new(e, name))?;
-    let written = write_qcow2(cx, top, output, (options, Some(opened), flush));
+    let written = write_qcow2(cx, top, output, (options, Some(opened), mode));
     let closed = cx.graph.unref(opened).map_err(|e| Failure::new(e, name));
     written.and(closed)
 }
@@ -180,7 +219,7 @@ fn write_qcow2<
     cx: &mut Ctx<'_, E, N, B, C, J>,
     top: NodeId,
     output: &'a str,
-    (mut options, base, flush): (CreateOptions<'_>, Option<NodeId>, bool),
+    (mut options, base, mode): (CreateOptions<'_>, Option<NodeId>, OutputMode),
 ) -> Outcome<'a> {
     let at = |err| Failure::new(err, output);
     let size = cx.graph.size(top)?;
@@ -212,7 +251,7 @@ fn write_qcow2<
                         cx.graph,
                         top,
                         0..size,
-                        cx.scratch,
+                        (cx.scratch, mode.sparse),
                         |graph, at_byte, bytes| {
                             graph
                                 .write(image, at_byte, bytes)
@@ -224,7 +263,7 @@ fn write_qcow2<
                             .map_err(|e| Failure::new(e, output))
                     }
                 })
-                .and_then(|()| match flush {
+                .and_then(|()| match mode.flush {
                     true => cx.graph.flush(image).map_err(at),
                     false => Ok(()),
                 });
@@ -239,8 +278,9 @@ fn write_qcow2<
 }
 
 /// Copies guest bytes `range` of `top`'s chain to the same offsets of
-/// `target` (named `output` in errors) through `scratch`, skipping ranges that
-/// read as zeros: the target must read zeros there already. A run is cut
+/// `target` (named `output` in errors) through `scratch`, leaving unwritten
+/// what reads as zeros (with `sparse` as `-S`: ranges known to be zero, and aligned `sparse`-byte blocks of zero bytes; 0 writes every byte): the target
+/// must read zeros there already. A run is cut
 /// into pieces only at multiples of the largest power of two that fits in
 /// `scratch` (1 MiB for the CLI's scratch; at least 4 KiB for any scratch
 /// of 4 KiB or more), so no target write starts or ends inside a sector
@@ -261,9 +301,9 @@ pub fn copy_range<
     top: NodeId,
     range: Range<u64>,
     (target, output): (&mut T, &'a str),
-    scratch: &mut [u8],
+    (scratch, sparse): (&mut [u8], u64),
 ) -> Outcome<'a> {
-    copy_view(graph, top, range, scratch, |_, at, bytes| {
+    copy_view(graph, top, range, (scratch, sparse), |_, at, bytes| {
         target
             .write_at(at, bytes)
             .map_err(|e| Failure::new(e, output))
@@ -313,27 +353,67 @@ fn copy_difference<D: Device, const N: usize, const B: usize, const C: usize, co
 }
 
 /// [`copy_range`] into any sink: `write(graph, offset, bytes)` for each
-/// piece that does not read as zeros.
+/// piece to write. With `sparse` > 0, ranges the chain knows to be zeros
+/// and, in the rest, aligned `sparse`-byte blocks of zero bytes are left
+/// out (neighbouring blocks that are written go out together); with 0
+/// every byte is written, zeros included.
 fn copy_view<'a, D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
     graph: &mut Graph<D, N, B, C, J>,
     top: NodeId,
     range: Range<u64>,
-    scratch: &mut [u8],
+    (scratch, sparse): (&mut [u8], u64),
     mut write: impl FnMut(&mut Graph<D, N, B, C, J>, u64, &[u8]) -> Outcome<'a>,
 ) -> Outcome<'a> {
     let mut offset = range.start;
     while offset < range.end {
         let (status, run) = graph.block_status(top, offset, range.end - offset)?;
-        if !status.zero {
+        if !(status.zero && sparse > 0) {
             let mut done = 0;
             while done < run {
-                let n = piece_len(offset + done, run - done, scratch.len() as u64) as usize;
-                graph.read(top, offset + done, &mut scratch[..n])?;
-                write(graph, offset + done, &scratch[..n])?;
+                let at = offset + done;
+                let n = piece_len(at, run - done, scratch.len() as u64) as usize;
+                let piece = &mut scratch[..n];
+                match status.zero {
+                    true => piece.fill(0),
+                    false => graph.read(top, at, piece)?,
+                }
+                for (start, len) in written_runs(at, piece, sparse) {
+                    write(graph, at + start as u64, &piece[start..start + len])?;
+                }
                 done += n as u64;
             }
         }
         offset += run;
     }
     Ok(())
+}
+
+/// The runs of `piece` (at guest offset `at`) to write: all of it for a
+/// `sparse` of 0, else the maximal runs of aligned `sparse`-byte blocks
+/// that hold a non-zero byte (as start and length within `piece`).
+fn written_runs(at: u64, piece: &[u8], sparse: u64) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut pos = 0usize;
+    core::iter::from_fn(move || {
+        if sparse == 0 {
+            let whole = (pos < piece.len()).then_some((0, piece.len()));
+            pos = piece.len();
+            return whole;
+        }
+        let block_end = |pos: usize| {
+            let next = ((at + pos as u64) / sparse + 1) * sparse - at;
+            (next as usize).min(piece.len())
+        };
+        let zero = |from: usize, to: usize| piece[from..to].iter().all(|&b| b == 0);
+        while pos < piece.len() && zero(pos, block_end(pos)) {
+            pos = block_end(pos);
+        }
+        if pos >= piece.len() {
+            return None;
+        }
+        let start = pos;
+        while pos < piece.len() && !zero(pos, block_end(pos)) {
+            pos = block_end(pos);
+        }
+        Some((start, pos - start))
+    })
 }

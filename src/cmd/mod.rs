@@ -147,7 +147,8 @@ pub trait Environment {
     }
 
     /// Copies guest bytes `0..size` of `image` (its chain opened afresh,
-    /// read-only, with the format it was found to have) to `output`, which `create` made, with several workers at
+    /// read-only, with the format it was found to have) to `output`, which
+    /// `create` made, leaving zeros unwritten as `-S sparse` says, with several workers at
     /// once, where the environment has them (host threads, each with its own
     /// graph over a part of the range). `None`, the default, lets the caller
     /// copy alone.
@@ -156,6 +157,7 @@ pub trait Environment {
         _image: (&'a str, Format),
         _output: &'a str,
         _size: u64,
+        _sparse: u64,
     ) -> Option<Outcome<'a>> {
         None
     }

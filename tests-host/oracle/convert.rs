@@ -772,3 +772,72 @@ fn damaged_zstd_clusters_fail_cleanly() {
     }
     assert!(refused > 0, "no damage was ever noticed");
 }
+
+/// `convert -S`: zero runs of at least SPARSE bytes are left unwritten, as
+/// qemu-img leaves them: a raw output allocates what qemu-img's does, a
+/// qcow2 output maps what qemu-img's maps; `-S 0` allocates everything;
+/// a size that is no multiple of 512 is refused before any file exists.
+#[test]
+fn convert_sparse_size_allocates_like_qemu() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tmpdir();
+    let d = t.path();
+    // Explicit zeros among data: runs of 300000 bytes of 'x' every MiB,
+    // a short zero run inside one of them.
+    let mut data = vec![0u8; 8 << 20];
+    for start in (0..data.len()).step_by(1 << 20) {
+        data[start..start + 300_000].fill(b'x');
+    }
+    data[2_200_000..2_208_192].fill(0);
+    fs::write(d.join("src.raw"), &data).unwrap();
+    let allocated = |name: &str| fs::metadata(d.join(name)).unwrap().blocks() * 512;
+    for sparse in ["0", "512", "4k", "64k", "1M"] {
+        for format in ["raw", "qcow2"] {
+            let ours = format!("ours-{sparse}.{format}");
+            let theirs = format!("qemu-{sparse}.{format}");
+            let args = ["-f", "raw", "-S", sparse, "-O", format, "src.raw"];
+            bg_ok(
+                d,
+                &[&["convert"][..], &args[..], &[ours.as_str()][..]].concat(),
+            );
+            qemu_img(
+                d,
+                &[&["convert"][..], &args[..], &[theirs.as_str()][..]].concat(),
+            );
+            let guest = assert_convert_matches(d, &ours);
+            assert_same_bytes(&format!("-S {sparse} -O {format}"), &data, &guest);
+            match format {
+                "raw" => assert_eq!(
+                    allocated(&ours),
+                    allocated(&theirs),
+                    "-S {sparse}: allocated bytes of the raw output (left: blockgraph)"
+                ),
+                _ => {
+                    let map = |tool: &str, out: String| normalised_map(tool, &out);
+                    let args = ["map", "--output=json"];
+                    let a = map(
+                        "ours",
+                        qemu_img(d, &[&args[..], &[ours.as_str()][..]].concat()),
+                    );
+                    let b = map(
+                        "qemu",
+                        qemu_img(d, &[&args[..], &[theirs.as_str()][..]].concat()),
+                    );
+                    assert!(
+                        a == b,
+                        "-S {sparse}: maps differ\n{}\n{}",
+                        show_map(&a),
+                        show_map(&b)
+                    );
+                }
+            }
+        }
+    }
+    let before = snapshot(d);
+    let refused = bg_refused(
+        d,
+        &["convert", "-S", "1000", "-O", "raw", "src.raw", "x.raw"],
+    );
+    assert!(refused.contains("multiples of 512"), "{refused}");
+    assert_unchanged(d, &before, "a refused -S");
+}
