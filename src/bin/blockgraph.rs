@@ -48,6 +48,7 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   commit [-f FMT] [--top TOP] [--base BASE] [-p] IMAGE
   stream [-f FMT] [--base BASE] [-p] IMAGE
   snapshot [-f FMT] IMAGE NEW_OVERLAY
+  snapshot -l [-f FMT] [-U] IMAGE       internal snapshots, as qemu-img snapshot -l (UTC dates)
   checksum [-f FMT] [-U] [-d DEPTH] IMAGE
   script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
                                        job-step IMAGE [N], job-pause|job-resume|job-complete|

@@ -38,6 +38,7 @@ mod jobs;
 mod json;
 mod map;
 mod session;
+mod snapshots;
 
 pub use convert::copy_range;
 pub use session::Session;
@@ -283,6 +284,9 @@ pub fn run<
         "collapse" => cx.collapse(rest),
         "commit" => cx.commit_or_stream(rest, true),
         "stream" => cx.commit_or_stream(rest, false),
+        "snapshot" if rest.iter().any(|w| matches!(*w, "-l" | "-c" | "-a" | "-d")) => {
+            cx.internal_snapshots(rest)
+        }
         "snapshot" => cx.snapshot(rest),
         "create" => cx.create(rest),
         "bench" => cx.bench(session, rest),

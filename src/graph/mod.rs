@@ -44,7 +44,7 @@ use crate::device::{Device, DeviceId};
 use crate::error::{fail, Error, ErrorKind, Result};
 use crate::format::cache::MetaCache;
 use crate::format::driver::{Driver, ImageTables};
-use crate::format::qcow2::{Inflater, Qcow2, TableCheck, UsageCheck};
+use crate::format::qcow2::{Inflater, Qcow2, SnapshotInfo, TableCheck, UsageCheck};
 use crate::format::{probe, Format, Mapping, Probed, PROBE_BYTES};
 use crate::graph::place::Place;
 use crate::jobs::Job;
@@ -1304,6 +1304,25 @@ impl<
             done += run as usize;
         }
         Ok(())
+    }
+
+    /// Calls `visit` with each internal snapshot of qcow2 node `id`, in
+    /// table order.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] for a node that is not qcow2, device
+    /// errors, and those of `visit`.
+    pub fn visit_snapshots(
+        &mut self,
+        id: NodeId,
+        visit: impl FnMut(&SnapshotInfo<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let file = self.layer_file(id)?;
+        let qcow2 = self.nodes.get(id)?.driver.qcow2()?;
+        let device = self.devices[file.index()]
+            .as_mut()
+            .ok_or(Error::new(ErrorKind::Corrupt, "file node without device"))?;
+        qcow2.visit_snapshots(device, visit)
     }
 
     /// The protocol node under format node `id` (or `id` itself).

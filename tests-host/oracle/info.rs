@@ -79,3 +79,53 @@ fn info_absolute_and_dotted_names() {
     assert_info_matches(d, "sub//top.qcow2");
     assert_info_matches(&d.join("sub"), "top.qcow2");
 }
+
+/// `snapshot -l` lists what `qemu-img snapshot -l` lists (in UTC), line
+/// for line: none, one, several with long and odd names, after a delete;
+/// raw images list nothing; `-c`, `-a` and `-d` are refused cleanly.
+#[test]
+fn snapshot_list_equals_qemu_img() {
+    let t = tmpdir();
+    let d = t.path();
+    let list = |img: &str| {
+        let qemu = run(d, "env", &["TZ=UTC", "qemu-img", "snapshot", "-l", img]);
+        assert!(
+            qemu.status.success(),
+            "{}",
+            render(d, "qemu-img", &[img], &qemu)
+        );
+        let ours = bg_ok(d, &["snapshot", "-l", img]);
+        assert_eq!(
+            ours,
+            String::from_utf8_lossy(&qemu.stdout),
+            "snapshot -l {img}"
+        );
+        ours
+    };
+    qcow2(d, "s.qcow2", Some("4M"), "", None);
+    assert_eq!(list("s.qcow2"), "");
+    qemu_io(d, "qcow2", "s.qcow2", &["write -P 1 0 64k"]);
+    for name in [
+        "first",
+        "a name with spaces",
+        "x",
+        &"long".repeat(10),
+        "second",
+    ] {
+        qemu_img(d, &["snapshot", "-c", name, "s.qcow2"]);
+    }
+    qemu_img(d, &["snapshot", "-d", "x", "s.qcow2"]);
+    let listed = list("s.qcow2");
+    assert_eq!(listed.lines().count(), 2 + 4, "{listed}");
+    qcow2(d, "v2.qcow2", Some("1M"), "compat=0.10", None);
+    qemu_img(d, &["snapshot", "-c", "old", "v2.qcow2"]);
+    list("v2.qcow2");
+    fs::write(d.join("r.raw"), vec![0u8; 65536]).unwrap();
+    assert_eq!(bg_ok(d, &["snapshot", "-l", "-f", "raw", "r.raw"]), "");
+    let before = snapshot(d);
+    for verb in ["-c", "-a", "-d"] {
+        let refused = bg_refused(d, &["snapshot", verb, "first", "s.qcow2"]);
+        assert!(refused.contains("unsupported"), "{refused}");
+    }
+    assert_unchanged(d, &before, "refused snapshot verbs");
+}

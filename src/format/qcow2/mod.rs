@@ -26,6 +26,7 @@ pub use header::Compression;
 pub use header::Header;
 pub(crate) use inflate::{CompressedExtent, Inflater};
 pub(crate) use l2::L2Entry;
+pub use snapshot::{SnapshotInfo, MAX_SHOWN_NAME};
 pub(crate) use write::{ClearMode, UsageCheck, WriteTarget};
 
 use super::cache::{device_at, Image, Level, MetaCache, Owner, SLICE_SIZE};
@@ -280,6 +281,20 @@ impl Qcow2 {
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Calls `visit` with each internal snapshot of the image on `device`,
+    /// in table order ([`SnapshotInfo`]).
+    ///
+    /// # Errors
+    /// Device errors, and those of `visit`.
+    pub fn visit_snapshots<D: Device>(
+        &self,
+        device: &mut D,
+        visit: impl FnMut(&SnapshotInfo<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.snapshots
+            .visit(|at, buf| device.read_at(at, buf), visit)
     }
 
     /// The virtual size in bytes.

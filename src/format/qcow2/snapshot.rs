@@ -25,7 +25,34 @@ const OFF_L1_OFFSET: usize = 0;
 const OFF_L1_SIZE: usize = 8;
 const OFF_ID_SIZE: usize = 12;
 const OFF_NAME_SIZE: usize = 14;
+const OFF_DATE_SEC: usize = 16;
+const OFF_DATE_NSEC: usize = 20;
+const OFF_VM_CLOCK: usize = 24;
+const OFF_VM_STATE_SIZE: usize = 32;
 const OFF_EXTRA_SIZE: usize = 36;
+/// Extra data: the 64-bit VM state size, the disk size, the icount.
+const EXTRA_VM_STATE_LARGE: usize = 0;
+const EXTRA_ICOUNT: usize = 16;
+
+/// Longest ID or name a listed snapshot shows; longer ones are cut.
+pub const MAX_SHOWN_NAME: usize = 1024;
+
+/// One internal snapshot, as `qemu-img snapshot -l` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo<'a> {
+    /// Its ID (`"1"`, `"2"`, ...), at most [`MAX_SHOWN_NAME`] bytes of it.
+    pub id: &'a str,
+    /// Its name (QEMU's tag), at most [`MAX_SHOWN_NAME`] bytes of it.
+    pub name: &'a str,
+    /// When it was taken: seconds and nanoseconds since the Unix epoch.
+    pub date: (u32, u32),
+    /// The guest clock when it was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Bytes of saved VM state (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// The instruction count when it was taken, if recorded.
+    pub icount: Option<u64>,
+}
 
 /// What the overlap check needs of one entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +152,66 @@ impl Entry {
 }
 
 impl Table {
+    /// Calls `visit` with every snapshot of the table, in order, reading
+    /// each entry with `read` (its fixed part, extra data, ID and name: the
+    /// table was checked at open, so each lies inside the file). An ID or
+    /// name that is not UTF-8 shows as `?`.
+    ///
+    /// # Errors
+    /// Errors of `read` and `visit`.
+    pub fn visit(
+        &self,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
+        mut visit: impl FnMut(&SnapshotInfo<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let mut at = self.offset;
+        let mut raw = [0u8; ENTRY_HEADER];
+        let mut extra = [0u8; MAX_EXTRA_DATA as usize];
+        let (mut id, mut name) = ([0u8; MAX_SHOWN_NAME], [0u8; MAX_SHOWN_NAME]);
+        for _ in 0..self.count {
+            read(at, &mut raw)?;
+            let u16_at = |o: usize| usize::from(u16::from_be_bytes([raw[o], raw[o + 1]]));
+            let u32_at =
+                |o: usize| u32::from_be_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+            let u64_of = |b: &[u8]| {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&b[..8]);
+                u64::from_be_bytes(v)
+            };
+            let extra_len = (u32_at(OFF_EXTRA_SIZE) as usize).min(extra.len());
+            let (id_len, name_len) = (u16_at(OFF_ID_SIZE), u16_at(OFF_NAME_SIZE));
+            let mut pos = at + ENTRY_HEADER as u64;
+            read(pos, &mut extra[..extra_len])?;
+            pos += u32_at(OFF_EXTRA_SIZE) as u64;
+            let id = &mut id[..id_len.min(MAX_SHOWN_NAME)];
+            read(pos, id)?;
+            pos += id_len as u64;
+            let name = &mut name[..name_len.min(MAX_SHOWN_NAME)];
+            read(pos, name)?;
+            let state_large = (extra_len >= EXTRA_VM_STATE_LARGE + 8)
+                .then(|| u64_of(&extra[EXTRA_VM_STATE_LARGE..]));
+            let icount = (extra_len >= EXTRA_ICOUNT + 8)
+                .then(|| u64_of(&extra[EXTRA_ICOUNT..]))
+                .filter(|&n| n != u64::MAX);
+            let info = SnapshotInfo {
+                id: core::str::from_utf8(id).unwrap_or("?"),
+                name: core::str::from_utf8(name).unwrap_or("?"),
+                date: (u32_at(OFF_DATE_SEC), u32_at(OFF_DATE_NSEC)),
+                vm_clock_nsec: u64_of(&raw[OFF_VM_CLOCK..]),
+                vm_state_size: state_large.unwrap_or(u64::from(u32_at(OFF_VM_STATE_SIZE))),
+                icount,
+            };
+            visit(&info)?;
+            let end = at
+                + ENTRY_HEADER as u64
+                + u64::from(u32_at(OFF_EXTRA_SIZE))
+                + id_len as u64
+                + name_len as u64;
+            at = end.next_multiple_of(8);
+        }
+        Ok(())
+    }
+
     /// Walks the snapshot table of the image with `header` once, reading
     /// each entry's fixed part with `read` (at most 65536 reads of 40
     /// bytes), and checks every entry ([`Entry::parse`]).
