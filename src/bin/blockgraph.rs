@@ -34,7 +34,8 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   info [-f FMT] [-U] [--backing-chain] [--output=json|human] IMAGE
   map [-f FMT] [-U] [--output=json|human] IMAGE
   convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
-          [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT
+          [-c] [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT
+                                       -c: compressed qcow2 clusters (zlib, or zstd by -o);
                                        zero runs of SPARSE bytes (default 4k) left unwritten,
                                        -S 0 allocates every byte;
                                        raw: copies with up to 4 threads (64 MiB and more);

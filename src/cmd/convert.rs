@@ -1,12 +1,14 @@
 //! `convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-B BACKING -F FMT]
-//! [-S SPARSE] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw
+//! [-c] [-S SPARSE] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw
 //! image, or as a new qcow2 image (`-o` takes `create`'s qcow2 options:
 //! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`,
 //! `compression_type`). Without a backing file, ranges that read as zeros
 //! are left unwritten (the new output already reads zero): ranges the chain
 //! knows to be zeros, and runs of zero bytes of at least SPARSE bytes
 //! (aligned to SPARSE; default 4 KiB, as qemu-img's `-S`); `-S 0` writes
-//! every byte, zeros included (a fully allocated output). With `-B` (qcow2
+//! every byte, zeros included (a fully allocated output). With `-c` (qcow2
+//! without `-B`, host builds) each cluster is stored compressed where that
+//! makes it shorter, as `qemu-img convert -c` does. With `-B` (qcow2
 //! only) the output gets BACKING
 //! (stored as given, opened relative to OUTPUT like any backing file) and
 //! holds only what differs from BACKING's view, zeros included, as
@@ -26,7 +28,7 @@ use crate::graph::{piece_len, Graph, NameBuf, NodeId, OpenOptions, Resolver};
 use crate::Device;
 
 const USAGE: &str = "usage: convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] \
-                     [-B BACKING -F FMT] [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT";
+                     [-B BACKING -F FMT] [-c] [-S SPARSE] [-t writeback|unsafe] IMAGE OUTPUT";
 
 /// qemu-img's default `-S`: zero runs of 4 KiB are left unwritten.
 const DEFAULT_SPARSE: u64 = 4096;
@@ -41,6 +43,9 @@ pub struct OutputMode {
     /// `-S`: runs of zero bytes of at least this many bytes, aligned to it,
     /// are left unwritten; 0 writes every byte.
     pub sparse: u64,
+    /// `-c`: the qcow2 output's clusters are compressed where that makes
+    /// them shorter (host builds).
+    pub compress: bool,
 }
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
@@ -52,6 +57,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let mut mode = OutputMode {
             flush: false,
             sparse: DEFAULT_SPARSE,
+            compress: false,
         };
         let mut output_format = Format::Raw;
         let mut option_words = heapless::Vec::<&str, MAX_OPTION_WORDS>::new();
@@ -64,6 +70,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 continue;
             }
             match word {
+                "-c" => mode.compress = true,
                 "-S" => {
                     let text = words.next().ok_or_else(|| invalid(USAGE))?;
                     let sparse =
@@ -127,6 +134,15 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 subject,
             ))
         };
+        if mode.compress && output_format == Format::Raw {
+            return unsupported("unsupported: raw images cannot be compressed (-c)", output);
+        }
+        if mode.compress && backing.is_some() {
+            return unsupported("unsupported: -c with -B", "-c");
+        }
+        if mode.compress && cfg!(not(feature = "std")) {
+            return unsupported("unsupported: compressed output (-c) is host only", "-c");
+        }
         let backing = match (backing, backing_format) {
             (Some(name), _) if output_format == Format::Raw => {
                 return unsupported("raw images take no backing file", name)
@@ -247,6 +263,12 @@ fn write_qcow2<
             };
             let copied = linked
                 .and_then(|()| match base {
+                    #[cfg(feature = "std")]
+                    None if mode.compress => {
+                        let format = (size, options.compression);
+                        copy_compressed(cx.graph, (top, image), format, mode.sparse)
+                            .map_err(|e| Failure::new(e, output))
+                    }
                     None => copy_view(
                         cx.graph,
                         top,
@@ -416,4 +438,52 @@ fn written_runs(at: u64, piece: &[u8], sparse: u64) -> impl Iterator<Item = (usi
         }
         Some((start, pos - start))
     })
+}
+
+/// Writes `top`'s view (`size` bytes) into the new qcow2 `image` a cluster
+/// at a time, each compressed as `compression` says where that makes it
+/// shorter than a cluster and written plainly otherwise, as `qemu-img
+/// convert -c` does; clusters of zeros are left out unless `sparse` is 0.
+/// A last, partial cluster is compressed padded with zeros.
+///
+/// # Errors
+/// Read and write errors.
+#[cfg(feature = "std")]
+fn copy_compressed<D: Device, const N: usize, const B: usize, const C: usize, const J: usize>(
+    graph: &mut Graph<D, N, B, C, J>,
+    (top, image): (NodeId, NodeId),
+    (size, compression): (u64, crate::format::qcow2::Compression),
+    sparse: u64,
+) -> crate::Result<()> {
+    use crate::format::qcow2::Compression;
+    let cs = graph.cluster_size(image)?;
+    let mut cluster = std::vec![0u8; cs as usize];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(cs);
+        let (status, run) = graph.block_status(top, pos, n)?;
+        if status.zero && run == n && sparse > 0 {
+            pos += n;
+            continue;
+        }
+        cluster.fill(0);
+        graph.read(top, pos, &mut cluster[..n as usize])?;
+        if sparse > 0 && cluster.iter().all(|&b| b == 0) {
+            pos += n;
+            continue;
+        }
+        let stream = match compression {
+            Compression::Zlib => miniz_oxide::deflate::compress_to_vec(&cluster, 6),
+            Compression::Zstd => ruzstd::encoding::compress_to_vec(
+                &cluster[..],
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ),
+        };
+        match stream.len() < cs as usize {
+            true => graph.write_compressed(image, pos, &stream)?,
+            false => graph.write(image, pos, &cluster[..n as usize])?,
+        }
+        pos += n;
+    }
+    Ok(())
 }

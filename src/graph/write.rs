@@ -82,6 +82,35 @@ impl<
         driver.prepare_for_writes(tables)
     }
 
+    /// Stores the guest cluster at `offset` (cluster aligned) of qcow2 node
+    /// `id`, where nothing is allocated yet, as the compressed `stream`
+    /// ([`Qcow2::write_compressed`]: packed as QEMU packs compressed
+    /// clusters). For writers of new images (`convert -c`, host only): no
+    /// job's dirty bitmap or mirror sees it.
+    ///
+    /// # Errors
+    /// As [`Graph::write`]'s checks; [`ErrorKind::InvalidInput`] for an
+    /// unaligned offset, an allocated cluster or a stream not shorter than
+    /// a cluster.
+    #[cfg(feature = "std")]
+    pub(crate) fn write_compressed(
+        &mut self,
+        id: NodeId,
+        offset: u64,
+        stream: &[u8],
+    ) -> Result<()> {
+        let cs = self.cluster_size(id)?;
+        if !offset.is_multiple_of(cs) {
+            return fail(
+                ErrorKind::InvalidInput,
+                "a compressed write starts a cluster",
+            );
+        }
+        let len = self.size(id)?.saturating_sub(offset).min(cs);
+        self.check_writable(id, offset, len)?;
+        self.with_qcow2(id, |q, t| q.write_compressed(t, offset / cs, stream))
+    }
+
     /// One step of the check qcow2 node `id` needs before its first write
     /// (the refcounts count every cluster its L2 tables use, R9):
     /// examines at most about `budget` table entries and returns whether

@@ -841,3 +841,78 @@ fn convert_sparse_size_allocates_like_qemu() {
     assert!(refused.contains("multiples of 512"), "{refused}");
     assert_unchanged(d, &before, "a refused -S");
 }
+
+/// `convert -c`: compressed qcow2 output (zlib and zstd, every cluster
+/// size) that qemu-img reads as the source, `qemu-img check` finds clean
+/// with compressed clusters counted, about as small as qemu-img's own,
+/// and that qemu-io can write into; raw output and `-B` refuse `-c`.
+#[test]
+fn convert_compressed_output_reads_in_qemu() {
+    use Fill::*;
+    let t = tmpdir();
+    let d = t.path();
+    let kinds = [
+        Text,
+        Random,
+        FewSymbols,
+        Zero,
+        HalfRandom,
+        Byte(9),
+        Text,
+        Text,
+    ];
+    let data = mixed_data(&kinds, 300 * 1024, 0x0dd_c0de);
+    let data = &data[..data.len() / 512 * 512];
+    fs::write(d.join("src.raw"), data).unwrap();
+    for compression in ["zlib", "zstd"] {
+        for cluster in ["512", "4k", "64k", "2M"] {
+            let opt = format!("cluster_size={cluster},compression_type={compression}");
+            let common = ["-c", "-f", "raw", "-O", "qcow2", "-o", &opt, "src.raw"];
+            bg_ok(
+                d,
+                &[&["convert"][..], &common[..], &["ours.qcow2"][..]].concat(),
+            );
+            qemu_img(
+                d,
+                &[&["convert"][..], &common[..], &["qemu.qcow2"][..]].concat(),
+            );
+            let what = format!("-c {opt}");
+            let check = Json::parse(&qemu_img(d, &["check", "--output=json", "ours.qcow2"]));
+            assert!(
+                check.u64_field("compressed-clusters") > 0,
+                "{what}: {check:?}"
+            );
+            let guest = qemu_guest_data(d, "ours.qcow2");
+            assert_same_bytes(&what, data, &guest);
+            let (ours, theirs) = (
+                fs::metadata(d.join("ours.qcow2")).unwrap().len(),
+                fs::metadata(d.join("qemu.qcow2")).unwrap().len(),
+            );
+            assert!(
+                ours * 4 <= theirs * 5,
+                "{what}: {ours} bytes, qemu-img's {theirs}"
+            );
+            // qemu-io copies out of our compressed clusters as it writes.
+            qemu_io(d, "qcow2", "ours.qcow2", &["write -P 0x61 70000 5000"]);
+            qemu_io(d, "qcow2", "qemu.qcow2", &["write -P 0x61 70000 5000"]);
+            qemu_compare(d, "ours.qcow2", "qemu.qcow2", &what);
+            qemu_img(d, &["check", "ours.qcow2"]);
+        }
+    }
+    let before = snapshot(d);
+    bg_refused(d, &["convert", "-c", "-O", "raw", "src.raw", "x.raw"]);
+    let delta = [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-B",
+        "qemu.qcow2",
+        "-F",
+        "qcow2",
+        "src.raw",
+        "x.qcow2",
+    ];
+    bg_refused(d, &delta);
+    assert_unchanged(d, &before, "refused -c");
+}

@@ -65,6 +65,11 @@ pub struct Qcow2 {
     header: Header,
     /// No cluster below this one is free (allocation scans from here).
     free_hint: u64,
+    /// The byte after the last compressed stream written since open, in a
+    /// host cluster that may take more (0: none): compressed clusters are
+    /// packed as QEMU packs them (`Qcow2::write_compressed`, host only).
+    #[cfg(feature = "std")]
+    compressed_free: u64,
     /// Clusters from here on did not exist at open: any metadata there was
     /// placed (and counted) by this driver, so their refcounts are trusted.
     trusted_from: u64,
@@ -269,6 +274,8 @@ impl Qcow2 {
             trusted_from: device.size().div_ceil(cs),
             header,
             free_hint: 0,
+            #[cfg(feature = "std")]
+            compressed_free: 0,
             l1_used,
             rt_used,
             snapshots,

@@ -103,7 +103,7 @@ impl Qcow2 {
     }
 
     /// Sets the refcount of `cluster`, which a block must already cover.
-    fn set_refcount<D: Device, const S: usize>(
+    pub(super) fn set_refcount<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,

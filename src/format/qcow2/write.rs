@@ -267,6 +267,70 @@ impl Qcow2 {
         self.update_table(t, at, &raw.to_be_bytes(), Level::Mapping)
     }
 
+    /// Stores guest `cluster`, unallocated in this image, as the compressed
+    /// `stream` (shorter than a cluster, compressed as the header's
+    /// compression type says): right after the previous compressed stream,
+    /// spilling into a newly allocated cluster when that one follows on
+    /// the device, else at the start of a new one (QEMU's packing). A host
+    /// cluster's refcount counts the streams that touch it (each adds one,
+    /// as `qemu-img check` counts them). The stream is written before its
+    /// entry is cached (R1, R2: refcount, data, then mapping at write-back).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for an empty or too long stream or an
+    /// allocated cluster; metadata and device errors.
+    #[cfg(feature = "std")]
+    pub fn write_compressed<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        stream: &[u8],
+    ) -> Result<()> {
+        let (cs, len) = (self.cluster_size(), stream.len() as u64);
+        if len == 0 || len >= cs {
+            return fail(
+                ErrorKind::InvalidInput,
+                "a compressed cluster must be shorter than a cluster",
+            );
+        }
+        if self.l2_entry(t, cluster)? != L2Entry::Unallocated {
+            return fail(
+                ErrorKind::InvalidInput,
+                "compressed clusters are written only where nothing is allocated",
+            );
+        }
+        let free = self.compressed_free;
+        let host = if free.is_multiple_of(cs) {
+            self.allocate(t)?
+        } else {
+            // Right after the last stream, spilling into a new cluster
+            // when that one follows on the device.
+            let spills = free % cs + len > cs;
+            let next = if spills {
+                Some(self.allocate(t)?)
+            } else {
+                None
+            };
+            match next {
+                Some(next) if next != free.next_multiple_of(cs) => next,
+                _ => {
+                    let host_cluster = free / cs;
+                    let streams = self.refcount(t, host_cluster)?;
+                    self.set_refcount(t, host_cluster, streams + 1)?;
+                    free
+                }
+            }
+        };
+        t.device()?.write_at(host, stream)?;
+        self.compressed_free = host + len;
+        let sectors = ((host & 511) + len).div_ceil(512);
+        let extent = super::CompressedExtent {
+            host_offset: host,
+            length: sectors * 512 - (host & 511),
+        };
+        self.set_entry(t, cluster, L2Entry::Compressed(extent))
+    }
+
     /// Points guest `cluster` at `entry` and releases what the old entry
     /// `old` referenced once that is durable.
     ///
