@@ -50,6 +50,7 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   stream [-f FMT] [--base BASE] [-p] IMAGE
   snapshot [-f FMT] IMAGE NEW_OVERLAY
   snapshot -l [-f FMT] [-U] IMAGE       internal snapshots, as qemu-img snapshot -l (UTC dates)
+  snapshot -c NAME [-f FMT] IMAGE      creates an internal snapshot, as qemu-img snapshot -c
   checksum [-f FMT] [-U] [-d DEPTH] IMAGE
   script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
                                        job-step IMAGE [N], job-pause|job-resume|job-complete|
@@ -153,6 +154,13 @@ impl Environment for Host {
 
     fn now_micros(&mut self) -> Option<u64> {
         Some(self.started.elapsed().as_micros() as u64)
+    }
+
+    fn unix_time(&mut self) -> Option<(u32, u32)> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some((u32::try_from(now.as_secs()).ok()?, now.subsec_nanos()))
     }
 
     fn is_terminal(&self) -> bool {

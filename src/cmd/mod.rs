@@ -95,6 +95,13 @@ pub trait Environment {
         None
     }
 
+    /// The wall-clock time, seconds and nanoseconds since the Unix epoch,
+    /// for the date of an internal snapshot; `None` (the default) where
+    /// there is no calendar clock (the date is then 0).
+    fn unix_time(&mut self) -> Option<(u32, u32)> {
+        None
+    }
+
     /// Shows `message` to the user apart from the command's output (the
     /// host's stderr, the kernel's console), as qemu-img's warnings.
     fn warn(&mut self, message: fmt::Arguments<'_>);

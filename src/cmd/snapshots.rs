@@ -2,8 +2,9 @@
 //! image, listed as `qemu-img snapshot -l` lists them (its columns and
 //! widths; dates in UTC, where qemu-img uses the local time zone). Only the
 //! image is opened, not its backing chain, as qemu-img does; a raw image
-//! lists nothing. `-c`, `-a`
-//! and `-d` (create, apply, delete) are refused as unsupported for now.
+//! lists nothing. `snapshot -c NAME [-f FMT] IMAGE` creates one
+//! ([`Graph::create_internal_snapshot`](crate::Graph::create_internal_snapshot)).
+//! `-a` and `-d` (apply, delete) are refused as unsupported for now.
 
 use core::fmt::Write;
 
@@ -12,7 +13,16 @@ use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::SnapshotInfo;
 use crate::graph::OpenOptions;
 
-const USAGE: &str = "usage: snapshot -l [-f FMT] [-U] IMAGE";
+const USAGE: &str = "usage: snapshot -l|-c NAME [-f FMT] [-U] IMAGE";
+
+/// What `snapshot` does with the image's internal snapshots.
+#[derive(Clone, Copy)]
+enum Verb<'a> {
+    /// `-l`: list them.
+    List,
+    /// `-c NAME`: create one.
+    Create(&'a str),
+}
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
     Ctx<'_, E, N, B, C, J>
@@ -20,7 +30,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
     /// Runs `snapshot -l|-c|-a|-d ...` (`words` after `snapshot`).
     pub(crate) fn internal_snapshots<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
         let mut opts = ImageOpts::default();
-        let (mut list, mut image) = (false, None);
+        let (mut verb, mut image) = (None, None);
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
             if let Some(taken) = opts.take(word, &mut words) {
@@ -28,12 +38,16 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 continue;
             }
             match word {
-                "-l" => list = true,
-                "-c" | "-a" | "-d" => {
+                _ if verb.is_some() && matches!(word, "-l" | "-c" | "-a" | "-d") => {
+                    return Err(invalid(USAGE))
+                }
+                "-l" => verb = Some(Verb::List),
+                "-c" => verb = Some(Verb::Create(words.next().ok_or_else(|| invalid(USAGE))?)),
+                "-a" | "-d" => {
                     return Err(super::Failure::new(
                         Error::new(
                             ErrorKind::Unsupported,
-                            "unsupported: creating, applying and deleting internal snapshots",
+                            "unsupported: applying and deleting internal snapshots",
                         ),
                         word,
                     ))
@@ -42,9 +56,24 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 _ => image = Some(word),
             }
         }
-        let (true, Some(image)) = (list, image) else {
+        let (Some(verb), Some(image)) = (verb, image) else {
             return Err(invalid(USAGE));
         };
+        if let Verb::Create(name) = verb {
+            if opts.force_share {
+                return Err(invalid("-U is for reading only"));
+            }
+            let date = self.env.unix_time().unwrap_or((0, 0));
+            let options = OpenOptions {
+                read_only: false,
+                ..opts.read_only()
+            };
+            return self.with_image(image, options, |cx, node| {
+                cx.graph
+                    .create_internal_snapshot(node, name, date)
+                    .map_err(|e| super::Failure::new(e, image))
+            });
+        }
         let options = OpenOptions {
             no_backing: true,
             ..opts.read_only()

@@ -1325,6 +1325,26 @@ impl<
         qcow2.visit_snapshots(device, visit)
     }
 
+    /// Creates an internal snapshot named `name` of qcow2 node `id`'s
+    /// current state, taken at `date` (seconds and nanoseconds since the
+    /// Unix epoch), as `qemu-img snapshot -c` does
+    /// ([`Qcow2::create_snapshot`]: crash-safe, R15). The node must be open
+    /// for writing, with no request in flight on its chain.
+    ///
+    /// # Errors
+    /// [`ErrorKind::ReadOnly`], [`ErrorKind::Busy`], and those of
+    /// [`Qcow2::create_snapshot`].
+    pub fn create_internal_snapshot(
+        &mut self,
+        id: NodeId,
+        name: &str,
+        date: (u32, u32),
+    ) -> Result<()> {
+        self.check_not_held(id)?;
+        self.prepare_writable(id)?;
+        self.with_qcow2(id, |q, t| q.create_snapshot(t, name, date))
+    }
+
     /// The protocol node under format node `id` (or `id` itself).
     pub(crate) fn layer_file(&self, id: NodeId) -> Result<NodeId> {
         Ok(self.nodes.get(id)?.file.unwrap_or(id))

@@ -75,6 +75,12 @@ impl<
     /// Checks that guest bytes `offset..offset + len` of `id` may be written.
     fn check_writable(&mut self, id: NodeId, offset: u64, len: u64) -> Result<bool> {
         self.check_range(id, offset, len)?;
+        self.prepare_writable(id)
+    }
+
+    /// [`Self::check_writable`] without a range: the node is open for
+    /// writing and its first-write check has run.
+    pub(super) fn prepare_writable(&mut self, id: NodeId) -> Result<bool> {
         if self.nodes.get(id)?.read_only {
             return fail(ErrorKind::ReadOnly, "image is open read-only");
         }

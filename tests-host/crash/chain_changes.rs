@@ -124,3 +124,25 @@ fn live_snapshot() {
             .faults(&["snap.qcow2", "top.qcow2"]),
     );
 }
+
+/// `snapshot -c` (R15): references counted and COPIED flags cleared, the
+/// L1 copy and the new table written, one header write commits; a write
+/// after it copies the shared cluster out (R4, R5).
+#[test]
+fn internal_snapshot_create() {
+    let images = base_and_top(
+        MIB,
+        64 * KIB,
+        &["write -P 0xc1 0 1M"],
+        &["write -P 0xc2 0 256k", "write -P 0xc3 512k 64k"],
+    );
+    prove(
+        Scenario::new("internal snapshot", images, "top.qcow2")
+            .steps(vec![
+                Step::InternalSnapshot { name: "first" },
+                write(100 * KIB, 8 * KIB, 31),
+                Step::InternalSnapshot { name: "second" },
+            ])
+            .faults(&["top.qcow2"]),
+    );
+}

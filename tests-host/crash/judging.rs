@@ -43,8 +43,10 @@ impl QemuChecker {
         );
         let args = ["check", spec.as_str()];
         let out = run(&self.dir, "qemu-img", &args);
+        let benign = || only_missing_copied_flags(&String::from_utf8_lossy(&out.stderr));
         let mut result = match out.status.code() {
             Some(0 | 3) => Ok(()),
+            Some(2) if benign() => Ok(()),
             _ => Err(format!(
                 "qemu-img check {}: {}",
                 fx.names[img],
@@ -62,6 +64,32 @@ impl QemuChecker {
         self.seen.insert((img, fp), result.clone());
         result
     }
+}
+
+/// Whether every error `qemu-img check` printed (`stderr`) is a COPIED
+/// flag missing on a cluster whose refcount is 1: harmless (a write copies
+/// the cluster instead of writing it in place), and unavoidable while an
+/// internal snapshot is created (R15: the flags are cleared before the
+/// references are counted; no order of two writes to two clusters keeps
+/// `qemu-img check`'s "COPIED exactly when refcount is 1" at every cut).
+/// A COPIED flag on a shared cluster is never accepted.
+pub(crate) fn only_missing_copied_flags(stderr: &str) -> bool {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ERROR")).collect();
+    !errors.is_empty()
+        && errors.iter().all(|line| {
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_owned)
+            };
+            let entry = field("l2_entry=").or_else(|| field("l1_entry="));
+            let copied = entry
+                .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+                .map(|raw| raw >> 63 == 1);
+            line.starts_with("ERROR OFLAG_COPIED")
+                && field("refcount=").as_deref() == Some("1")
+                && copied == Some(false)
+        })
 }
 
 /// Per-scenario verdicts and counters.

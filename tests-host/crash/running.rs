@@ -336,6 +336,12 @@ impl<'g, 'a> Live<'g, 'a> {
                 self.mark();
                 Ok(())
             }
+            Step::InternalSnapshot { name } => {
+                let root = self.root()?;
+                self.graph.create_internal_snapshot(root, name, (0, 0))?;
+                self.mark();
+                Ok(())
+            }
         }
     }
 

@@ -100,6 +100,8 @@ pub(crate) enum Step {
     Stream { base: Option<&'static str> },
     /// Live snapshot onto the blank image `image`.
     Snapshot { image: &'static str },
+    /// Internal snapshot `name` of the backend's root (`snapshot -c`).
+    InternalSnapshot { name: &'static str },
 }
 
 pub(crate) fn write(off: u64, len: u64, seed: u64) -> Step {

@@ -82,7 +82,7 @@ fn info_absolute_and_dotted_names() {
 
 /// `snapshot -l` lists what `qemu-img snapshot -l` lists (in UTC), line
 /// for line: none, one, several with long and odd names, after a delete;
-/// raw images list nothing; `-c`, `-a` and `-d` are refused cleanly.
+/// raw images list nothing; `-a` and `-d` are refused cleanly.
 #[test]
 fn snapshot_list_equals_qemu_img() {
     let t = tmpdir();
@@ -123,9 +123,77 @@ fn snapshot_list_equals_qemu_img() {
     fs::write(d.join("r.raw"), vec![0u8; 65536]).unwrap();
     assert_eq!(bg_ok(d, &["snapshot", "-l", "-f", "raw", "r.raw"]), "");
     let before = snapshot(d);
-    for verb in ["-c", "-a", "-d"] {
+    for verb in ["-a", "-d"] {
         let refused = bg_refused(d, &["snapshot", verb, "first", "s.qcow2"]);
         assert!(refused.contains("unsupported"), "{refused}");
     }
     assert_unchanged(d, &before, "refused snapshot verbs");
+}
+
+/// `snapshot -c` makes snapshots qemu-img lists, checks clean and applies:
+/// on an image with data, compressed clusters and a snapshot of qemu-img's
+/// own, with 64 KiB and 512-byte clusters; writes after it copy shared
+/// clusters out, so the snapshot keeps reading as it was taken.
+#[test]
+fn snapshot_create_is_applied_by_qemu_img() {
+    for cluster in ["64k", "512"] {
+        let t = tmpdir();
+        let d = t.path();
+        let data = mixed_data(
+            &[Fill::Text, Fill::Random, Fill::Zero, Fill::FewSymbols],
+            256 * 1024,
+            5,
+        );
+        fs::write(d.join("src.raw"), &data).unwrap();
+        let opt = format!("cluster_size={cluster}");
+        qemu_img(
+            d,
+            &[
+                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opt, "src.raw", "s.qcow2",
+            ],
+        );
+        qemu_io(d, "qcow2", "s.qcow2", &["write -P 0x31 100k 300k"]);
+        qemu_img(d, &["snapshot", "-c", "theirs", "s.qcow2"]);
+        qemu_io(d, "qcow2", "s.qcow2", &["write -P 0x32 0 64k"]);
+        let at_ours = qemu_guest_data(d, "s.qcow2");
+        bg_ok(d, &["snapshot", "-c", "ours", "s.qcow2"]);
+        qemu_img(d, &["check", "s.qcow2"]);
+        // Writes after it, in place before it, now copy-on-write.
+        for w in [
+            "write -P 0x33 0 64k",
+            "write -P 0x34 200k 5000",
+            "write -z 600k 64k",
+        ] {
+            bg_ok(d, &["io", "s.qcow2", "-c", w]);
+        }
+        bg_ok(d, &["snapshot", "-c", "ours", "s.qcow2"]);
+        qemu_img(d, &["check", "s.qcow2"]);
+        let listed = bg_ok(d, &["snapshot", "-l", "s.qcow2"]);
+        let theirs = run(
+            d,
+            "env",
+            &["TZ=UTC", "qemu-img", "snapshot", "-l", "s.qcow2"],
+        );
+        assert_eq!(listed, String::from_utf8_lossy(&theirs.stdout), "{cluster}");
+        assert_eq!(listed.lines().count(), 5, "{listed}");
+        let now = qemu_guest_data(d, "s.qcow2");
+        fs::copy(d.join("s.qcow2"), d.join("a.qcow2")).unwrap();
+        qemu_img(d, &["snapshot", "-a", "1", "a.qcow2"]);
+        let mut first = data.clone();
+        first[100 * 1024..400 * 1024].fill(0x31);
+        assert_same_bytes(
+            "qemu-img's snapshot",
+            &first,
+            &qemu_guest_data(d, "a.qcow2"),
+        );
+        qemu_img(d, &["snapshot", "-a", "2", "a.qcow2"]);
+        assert_same_bytes(
+            "our first snapshot",
+            &at_ours,
+            &qemu_guest_data(d, "a.qcow2"),
+        );
+        qemu_img(d, &["snapshot", "-a", "3", "a.qcow2"]);
+        assert_same_bytes("our second snapshot", &now, &qemu_guest_data(d, "a.qcow2"));
+        qemu_img(d, &["check", "a.qcow2"]);
+    }
 }

@@ -14,6 +14,7 @@ mod inflate;
 mod l2;
 mod refcount;
 mod snapshot;
+mod snapshot_create;
 #[cfg(test)]
 pub(crate) mod testimg;
 mod walk;

@@ -620,7 +620,7 @@ impl Qcow2 {
 impl Qcow2 {
     /// Allocates `count` adjacent clusters (refcounts written, not flushed)
     /// and returns the device offset of the first.
-    fn allocate_run<D: Device, const S: usize>(
+    pub(super) fn allocate_run<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
         count: u64,
