@@ -51,6 +51,8 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   snapshot [-f FMT] IMAGE NEW_OVERLAY
   snapshot -l [-f FMT] [-U] IMAGE       internal snapshots, as qemu-img snapshot -l (UTC dates)
   snapshot -c NAME [-f FMT] IMAGE      creates an internal snapshot, as qemu-img snapshot -c
+  snapshot -d ID_OR_NAME [-f FMT] IMAGE
+                                       deletes an internal snapshot, as qemu-img snapshot -d
   checksum [-f FMT] [-U] [-d DEPTH] IMAGE
   script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
                                        job-step IMAGE [N], job-pause|job-resume|job-complete|

@@ -3,8 +3,10 @@
 //! widths; dates in UTC, where qemu-img uses the local time zone). Only the
 //! image is opened, not its backing chain, as qemu-img does; a raw image
 //! lists nothing. `snapshot -c NAME [-f FMT] IMAGE` creates one
-//! ([`Graph::create_internal_snapshot`](crate::Graph::create_internal_snapshot)).
-//! `-a` and `-d` (apply, delete) are refused as unsupported for now.
+//! ([`Graph::create_internal_snapshot`](crate::Graph::create_internal_snapshot));
+//! `snapshot -d ID_OR_NAME [-f FMT] IMAGE` deletes one
+//! ([`Graph::delete_internal_snapshot`](crate::Graph::delete_internal_snapshot)).
+//! `-a` (apply) is refused as unsupported for now.
 
 use core::fmt::Write;
 
@@ -13,7 +15,7 @@ use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::SnapshotInfo;
 use crate::graph::OpenOptions;
 
-const USAGE: &str = "usage: snapshot -l|-c NAME [-f FMT] [-U] IMAGE";
+const USAGE: &str = "usage: snapshot -l|-c NAME|-d ID_OR_NAME [-f FMT] [-U] IMAGE";
 
 /// What `snapshot` does with the image's internal snapshots.
 #[derive(Clone, Copy)]
@@ -22,6 +24,8 @@ enum Verb<'a> {
     List,
     /// `-c NAME`: create one.
     Create(&'a str),
+    /// `-d ID_OR_NAME`: delete one.
+    Delete(&'a str),
 }
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
@@ -43,11 +47,12 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 }
                 "-l" => verb = Some(Verb::List),
                 "-c" => verb = Some(Verb::Create(words.next().ok_or_else(|| invalid(USAGE))?)),
-                "-a" | "-d" => {
+                "-d" => verb = Some(Verb::Delete(words.next().ok_or_else(|| invalid(USAGE))?)),
+                "-a" => {
                     return Err(super::Failure::new(
                         Error::new(
                             ErrorKind::Unsupported,
-                            "unsupported: applying and deleting internal snapshots",
+                            "unsupported: applying internal snapshots",
                         ),
                         word,
                     ))
@@ -59,7 +64,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         let (Some(verb), Some(image)) = (verb, image) else {
             return Err(invalid(USAGE));
         };
-        if let Verb::Create(name) = verb {
+        if !matches!(verb, Verb::List) {
             if opts.force_share {
                 return Err(invalid("-U is for reading only"));
             }
@@ -69,9 +74,12 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 ..opts.read_only()
             };
             return self.with_image(image, options, |cx, node| {
-                cx.graph
-                    .create_internal_snapshot(node, name, date)
-                    .map_err(|e| super::Failure::new(e, image))
+                let changed = match verb {
+                    Verb::Create(name) => cx.graph.create_internal_snapshot(node, name, date),
+                    Verb::Delete(key) => cx.graph.delete_internal_snapshot(node, key),
+                    Verb::List => Ok(()),
+                };
+                changed.map_err(|e| super::Failure::new(e, image))
             });
         }
         let options = OpenOptions {

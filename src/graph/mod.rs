@@ -1345,6 +1345,21 @@ impl<
         self.with_qcow2(id, |q, t| q.create_snapshot(t, name, date))
     }
 
+    /// Deletes the internal snapshot of qcow2 node `id` whose ID, else
+    /// whose name, is `id_or_name`, as `qemu-img snapshot -d` does
+    /// ([`Qcow2::delete_snapshot`]: crash-safe, R16). The node must be open
+    /// for writing, with no request in flight on its chain.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when there is no such snapshot;
+    /// [`ErrorKind::ReadOnly`], [`ErrorKind::Busy`], and those of
+    /// [`Qcow2::delete_snapshot`].
+    pub fn delete_internal_snapshot(&mut self, id: NodeId, id_or_name: &str) -> Result<()> {
+        self.check_not_held(id)?;
+        self.prepare_writable(id)?;
+        self.with_qcow2(id, |q, t| q.delete_snapshot(t, id_or_name))
+    }
+
     /// The protocol node under format node `id` (or `id` itself).
     pub(crate) fn layer_file(&self, id: NodeId) -> Result<NodeId> {
         Ok(self.nodes.get(id)?.file.unwrap_or(id))

@@ -146,3 +146,25 @@ fn internal_snapshot_create() {
             .faults(&["top.qcow2"]),
     );
 }
+
+/// `snapshot -d` (R16): the new table, one header write, then the
+/// snapshot's references dropped (a cluster a write copied out is freed)
+/// and COPIED flags set again.
+#[test]
+fn internal_snapshot_delete() {
+    let images = base_and_top(
+        MIB,
+        64 * KIB,
+        &["write -P 0xd1 0 1M"],
+        &["write -P 0xd2 0 256k", "write -P 0xd3 512k 64k"],
+    );
+    prove(
+        Scenario::new("internal snapshot delete", images, "top.qcow2")
+            .steps(vec![
+                Step::InternalSnapshot { name: "first" },
+                write(100 * KIB, 8 * KIB, 41),
+                Step::DeleteInternalSnapshot { name: "first" },
+            ])
+            .faults(&["top.qcow2"]),
+    );
+}

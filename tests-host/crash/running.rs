@@ -342,6 +342,19 @@ impl<'g, 'a> Live<'g, 'a> {
                 self.mark();
                 Ok(())
             }
+            Step::DeleteInternalSnapshot { name } => {
+                let root = self.root()?;
+                let mut present = false;
+                self.graph.visit_snapshots(root, |info| {
+                    present |= info.name == *name;
+                    Ok(())
+                })?;
+                if present {
+                    self.graph.delete_internal_snapshot(root, name)?;
+                }
+                self.mark();
+                Ok(())
+            }
         }
     }
 

@@ -102,6 +102,10 @@ pub(crate) enum Step {
     Snapshot { image: &'static str },
     /// Internal snapshot `name` of the backend's root (`snapshot -c`).
     InternalSnapshot { name: &'static str },
+    /// Deletes internal snapshot `name` of the backend's root (`snapshot
+    /// -d`); a retry after a failure past the commit finds it gone, which
+    /// is what the step asks for.
+    DeleteInternalSnapshot { name: &'static str },
 }
 
 pub(crate) fn write(off: u64, len: u64, seed: u64) -> Step {

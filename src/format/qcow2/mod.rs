@@ -14,7 +14,7 @@ mod inflate;
 mod l2;
 mod refcount;
 mod snapshot;
-mod snapshot_create;
+mod snapshot_verbs;
 #[cfg(test)]
 pub(crate) mod testimg;
 mod walk;

@@ -37,6 +37,10 @@ const EXTRA_ICOUNT: usize = 16;
 /// Longest ID or name a listed snapshot shows; longer ones are cut.
 pub const MAX_SHOWN_NAME: usize = 1024;
 
+/// Where a snapshot's entry lies (device offset, bytes with padding) and
+/// its L1 table (device offset, entries).
+pub(crate) type SnapshotPlace = ((u64, u64), (u64, u32));
+
 /// One internal snapshot, as `qemu-img snapshot -l` lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo<'a> {
@@ -52,6 +56,8 @@ pub struct SnapshotInfo<'a> {
     pub vm_state_size: u64,
     /// The instruction count when it was taken, if recorded.
     pub icount: Option<u64>,
+    /// Where its entry and its L1 table lie.
+    pub(crate) place: SnapshotPlace,
 }
 
 /// What the overlap check needs of one entry.
@@ -193,7 +199,14 @@ impl Table {
             let icount = (extra_len >= EXTRA_ICOUNT + 8)
                 .then(|| u64_of(&extra[EXTRA_ICOUNT..]))
                 .filter(|&n| n != u64::MAX);
+            let end = at
+                + ENTRY_HEADER as u64
+                + u64::from(u32_at(OFF_EXTRA_SIZE))
+                + id_len as u64
+                + name_len as u64;
+            let l1 = (u64_of(&raw[OFF_L1_OFFSET..]), u32_at(OFF_L1_SIZE));
             let info = SnapshotInfo {
+                place: ((at, end.next_multiple_of(8) - at), l1),
                 id: core::str::from_utf8(id).unwrap_or("?"),
                 name: core::str::from_utf8(name).unwrap_or("?"),
                 date: (u32_at(OFF_DATE_SEC), u32_at(OFF_DATE_NSEC)),
@@ -202,11 +215,6 @@ impl Table {
                 icount,
             };
             visit(&info)?;
-            let end = at
-                + ENTRY_HEADER as u64
-                + u64::from(u32_at(OFF_EXTRA_SIZE))
-                + id_len as u64
-                + name_len as u64;
             at = end.next_multiple_of(8);
         }
         Ok(())
