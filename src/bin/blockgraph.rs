@@ -53,6 +53,8 @@ usage: blockgraph [--max-file-size SIZE] COMMAND [ARGS]
   snapshot -c NAME [-f FMT] IMAGE      creates an internal snapshot, as qemu-img snapshot -c
   snapshot -d ID_OR_NAME [-f FMT] IMAGE
                                        deletes an internal snapshot, as qemu-img snapshot -d
+  snapshot -a ID_OR_NAME [-f FMT] IMAGE
+                                       reverts to an internal snapshot, as qemu-img snapshot -a
   checksum [-f FMT] [-U] [-d DEPTH] IMAGE
   script 'CMD; CMD; ...'               one session: also job-start commit|stream ARGS IMAGE,
                                        job-step IMAGE [N], job-pause|job-resume|job-complete|

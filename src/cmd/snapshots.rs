@@ -5,8 +5,9 @@
 //! lists nothing. `snapshot -c NAME [-f FMT] IMAGE` creates one
 //! ([`Graph::create_internal_snapshot`](crate::Graph::create_internal_snapshot));
 //! `snapshot -d ID_OR_NAME [-f FMT] IMAGE` deletes one
-//! ([`Graph::delete_internal_snapshot`](crate::Graph::delete_internal_snapshot)).
-//! `-a` (apply) is refused as unsupported for now.
+//! ([`Graph::delete_internal_snapshot`](crate::Graph::delete_internal_snapshot));
+//! `snapshot -a ID_OR_NAME [-f FMT] IMAGE` reverts the image to one
+//! ([`Graph::apply_internal_snapshot`](crate::Graph::apply_internal_snapshot)).
 
 use core::fmt::Write;
 
@@ -15,7 +16,7 @@ use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::SnapshotInfo;
 use crate::graph::OpenOptions;
 
-const USAGE: &str = "usage: snapshot -l|-c NAME|-d ID_OR_NAME [-f FMT] [-U] IMAGE";
+const USAGE: &str = "usage: snapshot -l|-c NAME|-a ID_OR_NAME|-d ID_OR_NAME [-f FMT] [-U] IMAGE";
 
 /// What `snapshot` does with the image's internal snapshots.
 #[derive(Clone, Copy)]
@@ -26,6 +27,8 @@ enum Verb<'a> {
     Create(&'a str),
     /// `-d ID_OR_NAME`: delete one.
     Delete(&'a str),
+    /// `-a ID_OR_NAME`: revert the image to one.
+    Apply(&'a str),
 }
 
 impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: usize>
@@ -48,15 +51,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 "-l" => verb = Some(Verb::List),
                 "-c" => verb = Some(Verb::Create(words.next().ok_or_else(|| invalid(USAGE))?)),
                 "-d" => verb = Some(Verb::Delete(words.next().ok_or_else(|| invalid(USAGE))?)),
-                "-a" => {
-                    return Err(super::Failure::new(
-                        Error::new(
-                            ErrorKind::Unsupported,
-                            "unsupported: applying internal snapshots",
-                        ),
-                        word,
-                    ))
-                }
+                "-a" => verb = Some(Verb::Apply(words.next().ok_or_else(|| invalid(USAGE))?)),
                 _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
                 _ => image = Some(word),
             }
@@ -77,6 +72,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 let changed = match verb {
                     Verb::Create(name) => cx.graph.create_internal_snapshot(node, name, date),
                     Verb::Delete(key) => cx.graph.delete_internal_snapshot(node, key),
+                    Verb::Apply(key) => cx.graph.apply_internal_snapshot(node, key),
                     Verb::List => Ok(()),
                 };
                 changed.map_err(|e| super::Failure::new(e, image))

@@ -1360,6 +1360,21 @@ impl<
         self.with_qcow2(id, |q, t| q.delete_snapshot(t, id_or_name))
     }
 
+    /// Reverts qcow2 node `id` to its internal snapshot whose ID, else
+    /// whose name, is `id_or_name`, as `qemu-img snapshot -a` does
+    /// ([`Qcow2::apply_snapshot`]: crash-safe, R17). The node must be open
+    /// for writing, with no request in flight on its chain; what is cached
+    /// of its tables is written back first.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`], [`ErrorKind::ReadOnly`],
+    /// [`ErrorKind::Busy`], and those of [`Qcow2::apply_snapshot`].
+    pub fn apply_internal_snapshot(&mut self, id: NodeId, id_or_name: &str) -> Result<()> {
+        self.check_not_held(id)?;
+        self.prepare_writable(id)?;
+        self.with_qcow2(id, |q, t| q.apply_snapshot(t, id_or_name))
+    }
+
     /// The protocol node under format node `id` (or `id` itself).
     pub(crate) fn layer_file(&self, id: NodeId) -> Result<NodeId> {
         Ok(self.nodes.get(id)?.file.unwrap_or(id))

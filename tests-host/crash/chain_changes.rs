@@ -168,3 +168,26 @@ fn internal_snapshot_delete() {
             .faults(&["top.qcow2"]),
     );
 }
+
+/// `snapshot -a` (R17): the snapshot's clusters counted, a new L1 table
+/// (its entries, COPIED off), one header write switches to it; then the
+/// old tables' references dropped. Writes before and after it.
+#[test]
+fn internal_snapshot_apply() {
+    let images = base_and_top(
+        MIB,
+        64 * KIB,
+        &["write -P 0xe1 0 1M"],
+        &["write -P 0xe2 0 256k", "write -P 0xe3 512k 64k"],
+    );
+    prove(
+        Scenario::new("internal snapshot apply", images, "top.qcow2")
+            .steps(vec![
+                Step::InternalSnapshot { name: "first" },
+                write(100 * KIB, 8 * KIB, 51),
+                Step::ApplyInternalSnapshot { name: "first" },
+                write(200 * KIB, 8 * KIB, 52),
+            ])
+            .faults(&["top.qcow2"]),
+    );
+}

@@ -37,6 +37,8 @@ pub(crate) struct Live<'g, 'a> {
     pub(crate) recording: bool,
     pub(crate) log: Log,
     pub(crate) scratch: Vec<u8>,
+    /// The guest's view when each internal snapshot was taken, by name.
+    pub(crate) snapshot_views: Vec<(&'static str, Vec<u8>)>,
 }
 
 impl<'g, 'a> Live<'g, 'a> {
@@ -68,6 +70,7 @@ impl<'g, 'a> Live<'g, 'a> {
             recording: true,
             log,
             scratch: vec![0u8; SCRATCH],
+            snapshot_views: Vec::new(),
         };
         live.shadow = match known {
             Some(view) => view.to_vec(),
@@ -339,6 +342,30 @@ impl<'g, 'a> Live<'g, 'a> {
             Step::InternalSnapshot { name } => {
                 let root = self.root()?;
                 self.graph.create_internal_snapshot(root, name, (0, 0))?;
+                self.snapshot_views.push((*name, self.shadow.clone()));
+                self.mark();
+                Ok(())
+            }
+            Step::ApplyInternalSnapshot { name } => {
+                let root = self.root()?;
+                let applied = self.graph.apply_internal_snapshot(root, name);
+                // Past its commit the snapshot's data is the guest's, also
+                // when a later part of the call failed (R17).
+                let taken = self.snapshot_views.iter().find(|(n, _)| *n == *name);
+                let view = taken.map(|(_, view)| view.clone());
+                // (On a failure the one fault is spent: the view reads.)
+                let now_snapshot = match (&applied, &view) {
+                    (Ok(()), _) => true,
+                    (Err(_), Some(view)) => self.live_view().is_ok_and(|live| live == *view),
+                    (Err(_), None) => false,
+                };
+                if now_snapshot {
+                    self.shadow = match view {
+                        Some(view) => view,
+                        None => self.live_view()?,
+                    };
+                }
+                applied?;
                 self.mark();
                 Ok(())
             }

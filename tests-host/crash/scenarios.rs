@@ -106,6 +106,9 @@ pub(crate) enum Step {
     /// -d`); a retry after a failure past the commit finds it gone, which
     /// is what the step asks for.
     DeleteInternalSnapshot { name: &'static str },
+    /// Reverts the backend's root to internal snapshot `name` (`snapshot
+    /// -a`): the guest's view becomes the snapshot's.
+    ApplyInternalSnapshot { name: &'static str },
 }
 
 pub(crate) fn write(off: u64, len: u64, seed: u64) -> Step {

@@ -32,6 +32,7 @@ const OFF_VM_STATE_SIZE: usize = 32;
 const OFF_EXTRA_SIZE: usize = 36;
 /// Extra data: the 64-bit VM state size, the disk size, the icount.
 const EXTRA_VM_STATE_LARGE: usize = 0;
+const EXTRA_DISK_SIZE: usize = 8;
 const EXTRA_ICOUNT: usize = 16;
 
 /// Longest ID or name a listed snapshot shows; longer ones are cut.
@@ -56,6 +57,8 @@ pub struct SnapshotInfo<'a> {
     pub vm_state_size: u64,
     /// The instruction count when it was taken, if recorded.
     pub icount: Option<u64>,
+    /// The image's virtual size when it was taken, if recorded.
+    pub disk_size: Option<u64>,
     /// Where its entry and its L1 table lie.
     pub(crate) place: SnapshotPlace,
 }
@@ -213,6 +216,8 @@ impl Table {
                 vm_clock_nsec: u64_of(&raw[OFF_VM_CLOCK..]),
                 vm_state_size: state_large.unwrap_or(u64::from(u32_at(OFF_VM_STATE_SIZE))),
                 icount,
+                disk_size: (extra_len >= EXTRA_DISK_SIZE + 8)
+                    .then(|| u64_of(&extra[EXTRA_DISK_SIZE..])),
             };
             visit(&info)?;
             at = end.next_multiple_of(8);

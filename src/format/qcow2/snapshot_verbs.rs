@@ -1,5 +1,5 @@
-//! Internal snapshot verbs: creating one (`qemu-img snapshot -c`) and
-//! deleting one (`-d`).
+//! Internal snapshot verbs: creating one (`qemu-img snapshot -c`),
+//! deleting one (`-d`) and applying one (`-a`).
 //!
 //! A snapshot is a copy of the active L1 table plus an entry in the
 //! snapshot table; every cluster the active tables use gains one reference
@@ -22,8 +22,13 @@
 //! freed) and made durable; last, COPIED flags are set again where a
 //! cluster is the active tables' alone. A cut after the commit leaves
 //! leaks and missing COPIED flags at most.
+//!
+//! Applying (R17) counts the snapshot's clusters for the active tables,
+//! writes a new L1 table (its entries, COPIED off) to new clusters, and
+//! switches to it with one header write; then drops the old tables'
+//! references and sets COPIED flags again where they hold.
 
-use super::header::{MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS};
+use super::header::{MAX_SNAPSHOTS, OFF_L1_SIZE, OFF_NB_SNAPSHOTS};
 use super::refcount::CHUNK;
 use super::snapshot::{SnapshotPlace, Table, ENTRY_HEADER, MAX_TABLE_BYTES};
 use super::{L2Entry, Level, Qcow2, TableKind, Tables, COPIED, OFFSET_MASK};
@@ -43,6 +48,8 @@ enum Walk {
     AddReferences,
     /// Set the COPIED flag where a data cluster or table has refcount 1.
     SetCopied,
+    /// Drop one reference to every cluster they use, tables included.
+    DropReferences,
 }
 
 impl Qcow2 {
@@ -159,7 +166,7 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         id_or_name: &str,
     ) -> Result<()> {
-        let Some(((at, len), (l1, l1_size))) = self.find_snapshot(t, id_or_name)? else {
+        let Some((((at, len), (l1, l1_size)), _)) = self.find_snapshot(t, id_or_name)? else {
             return fail(ErrorKind::NotFound, "no snapshot with that ID or name");
         };
         let old = self.snapshots;
@@ -184,32 +191,94 @@ impl Qcow2 {
         self.commit_snapshot_table(t, remaining)?;
         // R16: the snapshot's references dropped, then COPIED flags set
         // again where a cluster is the active tables' alone.
-        // The inactive L1 table is read from the device as it lies (it
-        // need not fill its clusters), in pieces.
-        let mut chunk = [0u8; CHUNK];
-        let l1_bytes = u64::from(l1_size) * 8;
-        let mut done = 0;
-        while done < l1_bytes {
-            let n = (l1_bytes - done).min(CHUNK as u64) as usize;
-            t.device()?.read_at(l1 + done, &mut chunk[..n])?;
-            done += n as u64;
-            for raw in chunk[..n].chunks_exact(8) {
-                let mut entry = [0u8; 8];
-                entry.copy_from_slice(raw);
-                let table = u64::from_be_bytes(entry) & OFFSET_MASK;
-                if table == 0 {
-                    continue;
-                }
-                for l2_index in 0..cs / 8 {
-                    let raw = self.read_entry(t, TableKind::L2, table, l2_index)?;
-                    let decoded = self.decode_l2(raw, t.device_size())?;
-                    self.release_entry(t, decoded)?;
-                }
-                self.release_cluster(t, table)?;
-            }
-        }
+        self.walk_inactive_tables(t, (l1, l1_size), Walk::DropReferences)?;
         self.release_bytes(t, (l1, u64::from(l1_size) * 8))?;
         self.release_bytes(t, (old.offset, old.bytes))?;
+        t.sync()?;
+        self.walk_active_tables(t, Walk::SetCopied)?;
+        t.sync()
+    }
+
+    /// Reverts the image to the internal snapshot whose ID, else whose
+    /// name, is `id_or_name` (`qemu-img snapshot -a`): module docs, R17.
+    /// The snapshot stays.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when no snapshot has that ID or name;
+    /// [`ErrorKind::Unsupported`] when its virtual size differs from the
+    /// image's (a resize since); metadata and device errors (before the
+    /// commit the image is as it was; after it, leaked references and
+    /// missing COPIED flags at most).
+    pub fn apply_snapshot<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        id_or_name: &str,
+    ) -> Result<()> {
+        let Some(((_, (l1, l1_size)), disk_size)) = self.find_snapshot(t, id_or_name)? else {
+            return fail(ErrorKind::NotFound, "no snapshot with that ID or name");
+        };
+        if disk_size.is_some_and(|size| size != self.size()) || l1_size > self.header.l1_size {
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported: the snapshot's virtual size differs from the image's",
+            );
+        }
+        let cs = self.cluster_size();
+        // The active tables on the disk are current (read again below).
+        t.sync()?;
+        // R17: the snapshot's clusters counted for the active tables too.
+        self.walk_inactive_tables(t, (l1, l1_size), Walk::AddReferences)?;
+        t.sync()?;
+        // The new active L1 table: the snapshot's, COPIED flags off (its
+        // clusters are shared), zeros up to the image's L1 size.
+        let old_l1 = (self.header.l1_table_offset, self.header.l1_size);
+        let l1_bytes = u64::from(old_l1.1) * 8;
+        let clusters = l1_bytes.div_ceil(cs).max(1);
+        let table = self.allocate_run(t, clusters)?;
+        let mut chunk = [0u8; CHUNK];
+        let (snapshot_bytes, mut done, mut used) = (u64::from(l1_size) * 8, 0, 0);
+        while done < clusters * cs {
+            let n = (clusters * cs - done).min(CHUNK as u64) as usize;
+            let present = snapshot_bytes.saturating_sub(done).min(n as u64) as usize;
+            chunk[present..n].fill(0);
+            t.device()?.read_at(l1 + done, &mut chunk[..present])?;
+            for (i, raw) in chunk[..present].chunks_exact_mut(8).enumerate() {
+                let mut entry = [0u8; 8];
+                entry.copy_from_slice(raw);
+                let entry = u64::from_be_bytes(entry) & !COPIED;
+                raw.copy_from_slice(&entry.to_be_bytes());
+                if entry != 0 {
+                    used = done / 8 + i as u64 + 1;
+                }
+            }
+            t.write_meta(table + done, &chunk[..n])?;
+            done += n as u64;
+        }
+        t.sync()?;
+        // R17: one header write switches to the new table (as R8).
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&old_l1.1.to_be_bytes());
+        fields[4..].copy_from_slice(&table.to_be_bytes());
+        let device = t.device()?;
+        let committed = device
+            .write_at(OFF_L1_SIZE as u64, &fields)
+            .and_then(|()| device.flush());
+        if let Err(err) = committed {
+            // The new fields may have reached the disk: the old ones back
+            // (best effort, as R12); the graph keeps the old table.
+            fields[4..].copy_from_slice(&old_l1.0.to_be_bytes());
+            let _ = device
+                .write_at(OFF_L1_SIZE as u64, &fields)
+                .and_then(|()| device.flush());
+            return Err(err);
+        }
+        self.header.l1_table_offset = table;
+        self.l1_used = used;
+        self.last_l1.set(None);
+        // R17: the old active tables' references dropped, then COPIED
+        // flags set again where a cluster is the active tables' alone.
+        self.walk_inactive_tables(t, old_l1, Walk::DropReferences)?;
+        self.release_bytes(t, (old_l1.0, l1_bytes))?;
         t.sync()?;
         self.walk_active_tables(t, Walk::SetCopied)?;
         t.sync()
@@ -221,7 +290,7 @@ impl Qcow2 {
         &self,
         t: &mut Tables<'_, D, S>,
         key: &str,
-    ) -> Result<Option<SnapshotPlace>> {
+    ) -> Result<Option<(SnapshotPlace, Option<u64>)>> {
         for by_id in [true, false] {
             let mut found = None;
             self.snapshots.visit(
@@ -229,7 +298,7 @@ impl Qcow2 {
                 |info| {
                     let field = if by_id { info.id } else { info.name };
                     if found.is_none() && field == key {
-                        found = Some(info.place);
+                        found = Some((info.place, info.disk_size));
                     }
                     Ok(())
                 },
@@ -334,54 +403,111 @@ impl Qcow2 {
             if table == 0 {
                 continue;
             }
-            for index in 0..cs / 8 {
-                let raw = self.read_entry(t, TableKind::L2, table, index)?;
-                match walk {
-                    Walk::ClearCopied if raw & COPIED != 0 => {
-                        let bytes = (raw & !COPIED).to_be_bytes();
-                        self.update_table(t, table + index * 8, &bytes, Level::Mapping)?;
-                    }
-                    Walk::ClearCopied => {}
-                    Walk::AddReferences => {
-                        let entry = self.decode_l2(raw, t.device_size())?;
-                        if let Some((start, end)) = entry.storage(cs) {
-                            for cluster in (start / cs)..end.div_ceil(cs) {
-                                self.add_reference(t, cluster)?;
-                            }
-                        }
-                    }
-                    Walk::SetCopied => {
-                        let entry = self.decode_l2(raw, t.device_size())?;
-                        let owned = match entry {
-                            L2Entry::Normal {
-                                host,
-                                copied: false,
-                            }
-                            | L2Entry::Zero {
-                                host,
-                                copied: false,
-                            } => host != 0,
-                            _ => false,
-                        };
-                        let host = raw & OFFSET_MASK;
-                        if owned && self.refcount(t, host / cs)? == 1 {
-                            let bytes = (raw | COPIED).to_be_bytes();
-                            self.update_table(t, table + index * 8, &bytes, Level::Mapping)?;
-                        }
-                    }
-                }
-            }
+            self.walk_l2_table(t, table, walk)?;
             let at = self.header.l1_table_offset + l1_index * 8;
             match walk {
                 Walk::ClearCopied if l1 & COPIED != 0 => {
                     self.update_table(t, at, &(l1 & !COPIED).to_be_bytes(), Level::Mapping)?;
                 }
-                Walk::ClearCopied => {}
-                Walk::AddReferences => self.add_reference(t, table / cs)?,
                 Walk::SetCopied if l1 & COPIED == 0 && self.refcount(t, table / cs)? == 1 => {
                     self.update_table(t, at, &(l1 | COPIED).to_be_bytes(), Level::Mapping)?;
                 }
-                Walk::SetCopied => {}
+                Walk::AddReferences | Walk::DropReferences => self.count_table(t, table, walk)?,
+                Walk::ClearCopied | Walk::SetCopied => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The reference to the L2 table at `table` itself, for the walks that
+    /// add or drop references.
+    fn count_table<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        table: u64,
+        walk: Walk,
+    ) -> Result<()> {
+        match walk {
+            Walk::AddReferences => self.add_reference(t, table / self.cluster_size()),
+            Walk::DropReferences => self.release_cluster(t, table),
+            Walk::ClearCopied | Walk::SetCopied => Ok(()),
+        }
+    }
+
+    /// Adds or drops ([`Walk::AddReferences`], [`Walk::DropReferences`])
+    /// one reference to every cluster an inactive L1 table of `entries`
+    /// entries at device offset `l1` uses, its L2 tables included. The L1
+    /// table is read from the device as it lies (it need not fill its
+    /// clusters), in pieces.
+    fn walk_inactive_tables<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        (l1, entries): (u64, u32),
+        walk: Walk,
+    ) -> Result<()> {
+        let mut chunk = [0u8; CHUNK];
+        let l1_bytes = u64::from(entries) * 8;
+        let mut done = 0;
+        while done < l1_bytes {
+            let n = (l1_bytes - done).min(CHUNK as u64) as usize;
+            t.device()?.read_at(l1 + done, &mut chunk[..n])?;
+            done += n as u64;
+            for raw in chunk[..n].chunks_exact(8) {
+                let mut entry = [0u8; 8];
+                entry.copy_from_slice(raw);
+                let table = u64::from_be_bytes(entry) & OFFSET_MASK;
+                if table == 0 {
+                    continue;
+                }
+                self.walk_l2_table(t, table, walk)?;
+                self.count_table(t, table, walk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Walk`]s the entries of the L2 table at device offset `table`.
+    fn walk_l2_table<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        table: u64,
+        walk: Walk,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        for index in 0..cs / 8 {
+            let raw = self.read_entry(t, TableKind::L2, table, index)?;
+            let entry = self.decode_l2(raw, t.device_size())?;
+            let at = table + index * 8;
+            match walk {
+                Walk::ClearCopied if raw & COPIED != 0 => {
+                    self.update_table(t, at, &(raw & !COPIED).to_be_bytes(), Level::Mapping)?;
+                }
+                Walk::ClearCopied => {}
+                Walk::AddReferences => {
+                    if let Some((start, end)) = entry.storage(cs) {
+                        for cluster in (start / cs)..end.div_ceil(cs) {
+                            self.add_reference(t, cluster)?;
+                        }
+                    }
+                }
+                Walk::DropReferences => self.release_entry(t, entry)?,
+                Walk::SetCopied => {
+                    let owned = match entry {
+                        L2Entry::Normal {
+                            host,
+                            copied: false,
+                        }
+                        | L2Entry::Zero {
+                            host,
+                            copied: false,
+                        } => host != 0,
+                        _ => false,
+                    };
+                    if owned && self.refcount(t, (raw & OFFSET_MASK) / cs)? == 1 {
+                        let bytes = (raw | COPIED).to_be_bytes();
+                        self.update_table(t, at, &bytes, Level::Mapping)?;
+                    }
+                }
             }
         }
         Ok(())
