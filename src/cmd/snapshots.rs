@@ -11,7 +11,7 @@
 
 use core::fmt::Write;
 
-use super::{invalid, Ctx, Environment, ImageOpts, Outcome};
+use super::{image_command, invalid, Ctx, Environment, Outcome};
 use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::SnapshotInfo;
 use crate::graph::OpenOptions;
@@ -36,27 +36,22 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 {
     /// Runs `snapshot -l|-c|-a|-d ...` (`words` after `snapshot`).
     pub(crate) fn internal_snapshots<'a>(&mut self, words: &[&'a str]) -> Outcome<'a> {
-        let mut opts = ImageOpts::default();
-        let (mut verb, mut image) = (None, None);
-        let mut words = words.iter().copied();
-        while let Some(word) = words.next() {
-            if let Some(taken) = opts.take(word, &mut words) {
-                taken?;
-                continue;
-            }
-            match word {
-                _ if verb.is_some() && matches!(word, "-l" | "-c" | "-a" | "-d") => {
-                    return Err(invalid(USAGE))
-                }
-                "-l" => verb = Some(Verb::List),
-                "-c" => verb = Some(Verb::Create(words.next().ok_or_else(|| invalid(USAGE))?)),
-                "-d" => verb = Some(Verb::Delete(words.next().ok_or_else(|| invalid(USAGE))?)),
-                "-a" => verb = Some(Verb::Apply(words.next().ok_or_else(|| invalid(USAGE))?)),
-                _ if word.starts_with('-') || image.is_some() => return Err(invalid(USAGE)),
-                _ => image = Some(word),
-            }
-        }
-        let (Some(verb), Some(image)) = (verb, image) else {
+        let mut verb = None;
+        let (image, opts) = image_command(words, USAGE, |word, rest| {
+            let mut value = || rest.next().ok_or_else(|| invalid(USAGE));
+            let chosen = match word {
+                "-l" => Ok(Verb::List),
+                "-c" => value().map(Verb::Create),
+                "-d" => value().map(Verb::Delete),
+                "-a" => value().map(Verb::Apply),
+                _ => return None,
+            };
+            Some(chosen.and_then(|chosen| match verb.replace(chosen) {
+                Some(_) => Err(invalid(USAGE)),
+                None => Ok(()),
+            }))
+        })?;
+        let Some(verb) = verb else {
             return Err(invalid(USAGE));
         };
         if !matches!(verb, Verb::List) {
