@@ -32,6 +32,8 @@ use super::header::{MAX_SNAPSHOTS, OFF_L1_SIZE, OFF_NB_SNAPSHOTS};
 use super::refcount::CHUNK;
 use super::snapshot::{SnapshotPlace, Table, ENTRY_HEADER, MAX_TABLE_BYTES};
 use super::{L2Entry, Level, Qcow2, TableKind, Tables, COPIED, OFFSET_MASK};
+use core::fmt::Write;
+
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 
@@ -85,8 +87,7 @@ impl Qcow2 {
         if self.header.nb_snapshots >= MAX_SNAPSHOTS {
             return fail(ErrorKind::Unsupported, "unsupported: too many snapshots");
         }
-        let mut id = [0u8; 10];
-        let id = self.next_snapshot_id(t, &mut id)?;
+        let id = self.next_snapshot_id(t)?;
         let old = self.snapshots;
         let entry_len = (ENTRY_HEADER + EXTRA + id.len() + name.len()).next_multiple_of(8) as u64;
         let table_bytes = old.bytes + entry_len;
@@ -106,15 +107,8 @@ impl Qcow2 {
         let l1_bytes = u64::from(self.header.l1_size) * 8;
         let l1_clusters = l1_bytes.div_ceil(cs).max(1);
         let l1_copy = self.allocate_run(t, l1_clusters)?;
-        self.copy_bytes(t, (self.header.l1_table_offset, l1_copy), l1_bytes)?;
-        // The rest of its clusters zeroed, so that they exist in the file.
-        let zeros = [0u8; CHUNK];
-        let mut at = l1_copy + l1_bytes;
-        while at < l1_copy + l1_clusters * cs {
-            let n = (l1_copy + l1_clusters * cs - at).min(CHUNK as u64);
-            t.write_meta(at, &zeros[..n as usize])?;
-            at += n;
-        }
+        let active = (self.header.l1_table_offset, self.header.l1_size);
+        self.copy_l1_table(t, active, (l1_copy, l1_clusters))?;
         let table = self.allocate_run(t, table_bytes.div_ceil(cs))?;
         self.copy_bytes(t, (old.offset, table), old.bytes)?;
         let mut entry = [0u8; ENTRY_HEADER + EXTRA];
@@ -235,43 +229,17 @@ impl Qcow2 {
         let l1_bytes = u64::from(old_l1.1) * 8;
         let clusters = l1_bytes.div_ceil(cs).max(1);
         let table = self.allocate_run(t, clusters)?;
-        let mut chunk = [0u8; CHUNK];
-        let (snapshot_bytes, mut done, mut used) = (u64::from(l1_size) * 8, 0, 0);
-        while done < clusters * cs {
-            let n = (clusters * cs - done).min(CHUNK as u64) as usize;
-            let present = snapshot_bytes.saturating_sub(done).min(n as u64) as usize;
-            chunk[present..n].fill(0);
-            t.device()?.read_at(l1 + done, &mut chunk[..present])?;
-            for (i, raw) in chunk[..present].chunks_exact_mut(8).enumerate() {
-                let mut entry = [0u8; 8];
-                entry.copy_from_slice(raw);
-                let entry = u64::from_be_bytes(entry) & !COPIED;
-                raw.copy_from_slice(&entry.to_be_bytes());
-                if entry != 0 {
-                    used = done / 8 + i as u64 + 1;
-                }
-            }
-            t.write_meta(table + done, &chunk[..n])?;
-            done += n as u64;
-        }
+        let used = self.copy_l1_table(t, (l1, l1_size), (table, clusters))?;
         t.sync()?;
         // R17: one header write switches to the new table (as R8).
-        let mut fields = [0u8; 12];
-        fields[..4].copy_from_slice(&old_l1.1.to_be_bytes());
-        fields[4..].copy_from_slice(&table.to_be_bytes());
-        let device = t.device()?;
-        let committed = device
-            .write_at(OFF_L1_SIZE as u64, &fields)
-            .and_then(|()| device.flush());
-        if let Err(err) = committed {
-            // The new fields may have reached the disk: the old ones back
-            // (best effort, as R12); the graph keeps the old table.
-            fields[4..].copy_from_slice(&old_l1.0.to_be_bytes());
-            let _ = device
-                .write_at(OFF_L1_SIZE as u64, &fields)
-                .and_then(|()| device.flush());
-            return Err(err);
-        }
+        let fields = |offset: u64| {
+            let mut bytes = [0u8; 12];
+            bytes[..4].copy_from_slice(&old_l1.1.to_be_bytes());
+            bytes[4..].copy_from_slice(&offset.to_be_bytes());
+            bytes
+        };
+        let (new, old) = (fields(table), fields(old_l1.0));
+        write_header_fields(t.device()?, OFF_L1_SIZE, (&new, &old))?;
         self.header.l1_table_offset = table;
         self.l1_used = used;
         self.last_l1.set(None);
@@ -284,6 +252,40 @@ impl Qcow2 {
         t.sync()
     }
 
+    /// Writes the L1 table of `entries` entries at device offset `from`
+    /// (read from the device as it lies) into the `clusters` new clusters
+    /// at `to`, COPIED flags off (what it names is shared from now on) and
+    /// zeros after it, so that its clusters exist in the file. Returns one
+    /// past the index of its last non-zero entry.
+    fn copy_l1_table<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        (from, entries): (u64, u32),
+        (to, clusters): (u64, u64),
+    ) -> Result<u64> {
+        let mut chunk = [0u8; CHUNK];
+        let bytes = u64::from(entries) * 8;
+        let (mut done, mut used) = (0, 0);
+        while done < clusters * self.cluster_size() {
+            let n = (clusters * self.cluster_size() - done).min(CHUNK as u64) as usize;
+            let present = bytes.saturating_sub(done).min(n as u64) as usize;
+            chunk[present..n].fill(0);
+            t.device()?.read_at(from + done, &mut chunk[..present])?;
+            for (i, raw) in chunk[..present].chunks_exact_mut(8).enumerate() {
+                let mut entry = [0u8; 8];
+                entry.copy_from_slice(raw);
+                let entry = u64::from_be_bytes(entry) & !COPIED;
+                raw.copy_from_slice(&entry.to_be_bytes());
+                if entry != 0 {
+                    used = done / 8 + i as u64 + 1;
+                }
+            }
+            t.write_meta(to + done, &chunk[..n])?;
+            done += n as u64;
+        }
+        Ok(used)
+    }
+
     /// Where the snapshot whose ID, else whose name, is `key` lies: its
     /// entry and its L1 table ([`SnapshotInfo`]'s place).
     fn find_snapshot<D: Device, const S: usize>(
@@ -291,23 +293,20 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         key: &str,
     ) -> Result<Option<(SnapshotPlace, Option<u64>)>> {
-        for by_id in [true, false] {
-            let mut found = None;
-            self.snapshots.visit(
-                |at, bytes| t.device()?.read_at(at, bytes),
-                |info| {
-                    let field = if by_id { info.id } else { info.name };
-                    if found.is_none() && field == key {
-                        found = Some((info.place, info.disk_size));
-                    }
-                    Ok(())
-                },
-            )?;
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-        Ok(None)
+        let (mut by_id, mut by_name) = (None, None);
+        self.snapshots.visit(
+            |at, bytes| t.device()?.read_at(at, bytes),
+            |info| {
+                let found = Some((info.place, info.disk_size));
+                if by_id.is_none() && info.id == key {
+                    by_id = found;
+                } else if by_name.is_none() && info.name == key {
+                    by_name = found;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(by_id.or(by_name))
     }
 
     /// Switches the header to the snapshot table `table` (R15, R16): one
@@ -326,17 +325,9 @@ impl Qcow2 {
             bytes[4..].copy_from_slice(&offset.to_be_bytes());
             bytes
         };
-        let device = t.device()?;
-        let committed = device
-            .write_at(OFF_NB_SNAPSHOTS as u64, &fields(table.count, table.offset))
-            .and_then(|()| device.flush());
-        if let Err(err) = committed {
-            let old = fields(self.header.nb_snapshots, self.header.snapshots_offset);
-            let _ = device
-                .write_at(OFF_NB_SNAPSHOTS as u64, &old)
-                .and_then(|()| device.flush());
-            return Err(err);
-        }
+        let old = fields(self.header.nb_snapshots, self.header.snapshots_offset);
+        let new = fields(table.count, table.offset);
+        write_header_fields(t.device()?, OFF_NB_SNAPSHOTS, (&new, &old))?;
         self.header.nb_snapshots = table.count;
         self.header.snapshots_offset = table.offset;
         self.snapshots = table;
@@ -360,12 +351,11 @@ impl Qcow2 {
     }
 
     /// The ID a new snapshot gets: one more than the highest numeric ID
-    /// in the table (QEMU's `find_new_snapshot_id`), written into `buf`.
-    fn next_snapshot_id<'b, D: Device, const S: usize>(
+    /// in the table (QEMU's `find_new_snapshot_id`).
+    fn next_snapshot_id<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
-        buf: &'b mut [u8; 10],
-    ) -> Result<&'b str> {
+    ) -> Result<heapless::String<20>> {
         let mut highest = 0u64;
         self.snapshots.visit(
             |at, bytes| t.device()?.read_at(at, bytes),
@@ -374,19 +364,10 @@ impl Qcow2 {
                 Ok(())
             },
         )?;
-        let mut n = highest + 1;
-        let mut digits = 0;
-        let mut reversed = [0u8; 10];
-        while n > 0 && digits < reversed.len() {
-            reversed[digits] = b'0' + (n % 10) as u8;
-            n /= 10;
-            digits += 1;
-        }
-        for (i, digit) in reversed[..digits].iter().rev().enumerate() {
-            buf[i] = *digit;
-        }
-        core::str::from_utf8(&buf[..digits])
-            .map_err(|_| crate::Error::new(ErrorKind::Corrupt, "snapshot ID"))
+        let mut id = heapless::String::new();
+        // Twenty digits hold any u64: the write cannot fail.
+        let _ = write!(id, "{}", highest.saturating_add(1));
+        Ok(id)
     }
 
     /// Walks every entry of the active tables ([`Walk`]), changing them in
@@ -545,4 +526,24 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// Writes the 12 header bytes `new` at `at` and flushes: the commit point
+/// of a snapshot verb (R15-R17). When that fails, `old` is written back
+/// (best effort, as R12: the new bytes may have reached the disk) and the
+/// error returned; the caller changes nothing in memory then.
+fn write_header_fields<D: Device>(
+    device: &mut D,
+    at: usize,
+    (new, old): (&[u8; 12], &[u8; 12]),
+) -> Result<()> {
+    let committed = device
+        .write_at(at as u64, new)
+        .and_then(|()| device.flush());
+    if committed.is_err() {
+        let _ = device
+            .write_at(at as u64, old)
+            .and_then(|()| device.flush());
+    }
+    committed
 }
