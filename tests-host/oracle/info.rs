@@ -290,3 +290,50 @@ fn snapshot_apply_equals_qemu_img() {
     assert!(refused.contains("no snapshot"), "{refused}");
     assert_unchanged(d, &before, "applying a snapshot that is not there");
 }
+
+/// A hostile snapshot (its L1 table naming the refcount block as an L2
+/// table, or an L2 entry pointing data at the L1 table) is refused by
+/// `snapshot -d` and `-a` before anything is written, but for the corrupt
+/// bit the overlap check sets on data aimed at metadata (R10, as QEMU).
+#[test]
+fn hostile_snapshot_tables_are_refused_untouched() {
+    let t = tmpdir();
+    let d = t.path();
+    qcow2(d, "s.qcow2", Some("4M"), "", None);
+    qemu_io(d, "qcow2", "s.qcow2", &["write -P 1 0 128k"]);
+    qemu_img(d, &["snapshot", "-c", "s", "s.qcow2"]);
+    let bytes = fs::read(d.join("s.qcow2")).unwrap();
+    let table = be64(&bytes, 64) as usize;
+    let snapshot_l1 = be64(&bytes, table) as usize;
+    let refcount_block = be64(&bytes, be64(&bytes, 48) as usize) as usize;
+    let l2 = (be64(&bytes, snapshot_l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let active_l1 = be64(&bytes, 40);
+    let copied = 1u64 << 63;
+    let cases: [(&str, usize, u64, bool); 2] = [
+        (
+            "L1 entry on the refcount block",
+            snapshot_l1,
+            refcount_block as u64 | copied,
+            false,
+        ),
+        (
+            "data cluster on the active L1 table",
+            l2,
+            active_l1 | copied,
+            true,
+        ),
+    ];
+    for (what, at, value, marks_corrupt) in cases {
+        for verb in ["-d", "-a"] {
+            fs::write(d.join("h.qcow2"), &bytes).unwrap();
+            patch(&d.join("h.qcow2"), at, &value.to_be_bytes());
+            let mut expected = fs::read(d.join("h.qcow2")).unwrap();
+            bg_refused(d, &["snapshot", verb, "s", "h.qcow2"]);
+            if marks_corrupt {
+                expected[79] |= 2;
+            }
+            let after = fs::read(d.join("h.qcow2")).unwrap();
+            assert_same_bytes(&format!("snapshot {verb} with {what}"), &expected, &after);
+        }
+    }
+}

@@ -52,6 +52,9 @@ enum Walk {
     SetCopied,
     /// Drop one reference to every cluster they use, tables included.
     DropReferences,
+    /// Change nothing: refuse tables and clusters that lie on metadata (a
+    /// hostile snapshot), before anything is written.
+    Check,
 }
 
 impl Qcow2 {
@@ -163,6 +166,8 @@ impl Qcow2 {
         let Some((((at, len), (l1, l1_size)), _)) = self.find_snapshot(t, id_or_name)? else {
             return fail(ErrorKind::NotFound, "no snapshot with that ID or name");
         };
+        // Its tables are checked before anything is written.
+        self.walk_inactive_tables(t, (l1, l1_size), Walk::Check)?;
         let old = self.snapshots;
         let cs = self.cluster_size();
         let bytes = old.bytes - len;
@@ -217,6 +222,8 @@ impl Qcow2 {
                 "unsupported: the snapshot's virtual size differs from the image's",
             );
         }
+        // Its tables are checked before anything is written.
+        self.walk_inactive_tables(t, (l1, l1_size), Walk::Check)?;
         let cs = self.cluster_size();
         // The active tables on the disk are current (read again below).
         t.sync()?;
@@ -394,14 +401,14 @@ impl Qcow2 {
                     self.update_table(t, at, &(l1 | COPIED).to_be_bytes(), Level::Mapping)?;
                 }
                 Walk::AddReferences | Walk::DropReferences => self.count_table(t, table, walk)?,
-                Walk::ClearCopied | Walk::SetCopied => {}
+                Walk::ClearCopied | Walk::SetCopied | Walk::Check => {}
             }
         }
         Ok(())
     }
 
     /// The reference to the L2 table at `table` itself, for the walks that
-    /// add or drop references.
+    /// add or drop references (and the check of its place).
     fn count_table<D: Device, const S: usize>(
         &mut self,
         t: &mut Tables<'_, D, S>,
@@ -411,13 +418,15 @@ impl Qcow2 {
         match walk {
             Walk::AddReferences => self.add_reference(t, table / self.cluster_size()),
             Walk::DropReferences => self.release_cluster(t, table),
+            Walk::Check => self.check_l2_overlap(t, table),
             Walk::ClearCopied | Walk::SetCopied => Ok(()),
         }
     }
 
     /// Adds or drops ([`Walk::AddReferences`], [`Walk::DropReferences`])
     /// one reference to every cluster an inactive L1 table of `entries`
-    /// entries at device offset `l1` uses, its L2 tables included. The L1
+    /// entries at device offset `l1` uses, its L2 tables included, or
+    /// checks where they lie ([`Walk::Check`]). The L1
     /// table is read from the device as it lies (it need not fill its
     /// clusters), in pieces.
     fn walk_inactive_tables<D: Device, const S: usize>(
@@ -472,6 +481,11 @@ impl Qcow2 {
                     }
                 }
                 Walk::DropReferences => self.release_entry(t, entry)?,
+                Walk::Check => {
+                    if let Some((start, end)) = entry.storage(cs) {
+                        self.check_overlap(t, start, end - start)?;
+                    }
+                }
                 Walk::SetCopied => {
                     let owned = match entry {
                         L2Entry::Normal {
