@@ -232,6 +232,7 @@ struct Expect<'a> {
     compat: &'a str,
     refcount_bits: u64,
     lazy_refcounts: bool,
+    extended_l2: bool,
     backing: Option<(&'a str, &'a str)>,
 }
 
@@ -243,6 +244,7 @@ impl Default for Expect<'_> {
             compat: "1.1",
             refcount_bits: 16,
             lazy_refcounts: false,
+            extended_l2: false,
             backing: None,
         }
     }
@@ -270,6 +272,11 @@ fn assert_qemu_info(dir: &Path, img: &str, expect: &Expect<'_>) {
         assert_eq!(
             info.bool(&field("lazy-refcounts")),
             expect.lazy_refcounts,
+            "{what}"
+        );
+        assert_eq!(
+            info.bool(&field("extended-l2")),
+            expect.extended_l2,
             "{what}"
         );
     }
@@ -369,6 +376,81 @@ fn every_cluster_size_with_every_refcount_width() {
             };
             assert_image(d.path(), &img, &expect);
         }
+    }
+}
+
+/// `extended_l2=on` for every cluster size it allows (16 KiB to 2 MiB),
+/// with a backing file and with an odd size: qemu-img reads and writes
+/// what blockgraph made, and blockgraph's writes (subcluster by
+/// subcluster) read back in qemu-io.
+#[test]
+fn extended_l2_for_every_cluster_size() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "3M"]);
+    qemu_io(dir, "qcow2", "base.qcow2", &["write -P 0x61 0 3M"]);
+    for (cluster, cluster_size) in [
+        ("16k", 16384),
+        ("64k", 65536),
+        ("128k", 131072),
+        ("2M", 2 << 20),
+    ] {
+        let img = format!("ext-{cluster}.qcow2");
+        let opts = format!("extended_l2=on,cluster_size={cluster}");
+        create(dir, &["-o", &opts, &img, "1M"]);
+        let expect = Expect {
+            cluster_size,
+            extended_l2: true,
+            ..Expect::default()
+        };
+        assert_image(dir, &img, &expect);
+
+        let over = format!("ext-{cluster}-over.qcow2");
+        create(
+            dir,
+            &[
+                "-o",
+                &opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &over,
+                "3000k",
+            ],
+        );
+        // One subcluster's worth inside the first cluster, across two
+        // clusters, and zeros in the middle of a written stretch.
+        bg_ok(dir, &["io", "-c", "write -P 0x62 1000 3000", &over]);
+        bg_ok(dir, &["io", "-c", "write -P 0x63 250k 100k", &over]);
+        bg_ok(dir, &["io", "-c", "write -z 260k 30k", &over]);
+        check(dir, &over);
+        let out = qemu_io(
+            dir,
+            "qcow2",
+            &over,
+            &[
+                "read -P 0x61 0 1000",
+                "read -P 0x62 1000 3000",
+                "read -P 0x61 4000 246000",
+                "read -P 0x63 250k 10k",
+                "read -P 0 260k 30k",
+                "read -P 0x63 290k 60k",
+                "read -P 0x61 350k 2650k",
+            ],
+        );
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "{over}: {out}"
+        );
+        let expect = Expect {
+            size: 3000 * 1024,
+            cluster_size,
+            extended_l2: true,
+            backing: Some(("base.qcow2", "qcow2")),
+            ..Expect::default()
+        };
+        assert_image(dir, &over, &expect);
     }
 }
 
@@ -590,6 +672,23 @@ fn bad_options_exit_1_and_create_nothing() {
             "1M",
         ],
         &["-f", "qcow2", "-o", "compat=2", "new.qcow2", "1M"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=8k",
+            "new.qcow2",
+            "1M",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,compat=0.10",
+            "new.qcow2",
+            "1M",
+        ],
+        &["-f", "qcow2", "-o", "extended_l2=maybe", "new.qcow2", "1M"],
         &["-f", "qcow2", "-o", "preallocation=full", "new.qcow2", "1M"],
         &["-f", "qcow2", "-b", &long, "-F", "qcow2", "new.qcow2", "1M"],
         &[

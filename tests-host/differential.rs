@@ -426,7 +426,12 @@ struct Generator<'a> {
 
 impl<'a> Generator<'a> {
     fn new(cfg: &'a Config, rng: Rng) -> Self {
-        let l2_span = cfg.cluster * (cfg.cluster / 8);
+        let entry_bytes = if cfg.opts.contains("extended_l2=on") {
+            16
+        } else {
+            8
+        };
+        let l2_span = cfg.cluster * (cfg.cluster / entry_bytes);
         let mut anchors = vec![0, cfg.size];
         let boundaries = (cfg.size - 1) / l2_span;
         // At most 64 boundaries, spread over the image.
@@ -935,6 +940,72 @@ fn compressed() {
     with_backings(
         Config::new("64k-compressed", 64 * KIB, "", 4 * MIB).kind(Kind::Compressed),
         &[("64k-compressed+backing", QCOW2_BACKING_3M)],
+    );
+}
+
+/// Extended L2 entries (32 subclusters per cluster): writes, zero writes
+/// and discards at every alignment allocate, copy and zero whole
+/// subclusters; reopened between batches, with and without a backing file.
+#[test]
+fn extended_l2() {
+    with_backings(
+        Config::new("64k-extended", 64 * KIB, "extended_l2=on", 6 * MIB + 3072),
+        &[
+            ("64k-extended+backing", QCOW2_BACKING_3M),
+            (
+                "64k-extended+raw-backing",
+                Backing::Raw {
+                    size: 3 * MIB + 1536,
+                },
+            ),
+        ],
+    );
+    // The layout QEMU recommends for overlays; the smallest subclusters
+    // (512 bytes, across many L2 tables); the largest (64 KiB).
+    differential(
+        &Config::new(
+            "128k-extended+backing",
+            128 * KIB,
+            "extended_l2=on",
+            6 * MIB,
+        )
+        .backing(QCOW2_BACKING_3M),
+    );
+    let mut small = Config::new("16k-extended+backing", 16 * KIB, "extended_l2=on", 4 * MIB);
+    small.max_len = 128 * KIB;
+    differential(&small.backing(QCOW2_BACKING_3M));
+    let mut large = Config::new("2M-extended+backing", 2 * MIB, "extended_l2=on", 12 * MIB);
+    large.batches = 3;
+    large.commands = 8;
+    differential(&large.backing(Backing::Qcow2 {
+        size: 7 * MIB,
+        opts: "",
+    }));
+}
+
+/// Extended L2 entries with an internal snapshot (shared clusters are
+/// copied whole) and with compressed clusters (no subclusters).
+#[test]
+fn extended_l2_snapshot_and_compressed() {
+    differential(
+        &Config::new(
+            "64k-extended-snapshot+backing",
+            64 * KIB,
+            "extended_l2=on",
+            6 * MIB,
+        )
+        .kind(Kind::Snapshot)
+        .backing(QCOW2_BACKING_3M),
+    );
+    with_backings(
+        Config::new(
+            "64k-extended-compressed",
+            64 * KIB,
+            "extended_l2=on",
+            4 * MIB,
+        )
+        .kind(Kind::Compressed),
+        &[("64k-extended-compressed+backing", QCOW2_BACKING_3M)],
     );
 }
 

@@ -2,10 +2,10 @@
 //! [-c] [-S SPARSE] [-t CACHE] IMAGE OUTPUT`: the chain's guest view as a new raw
 //! image, or as a new qcow2 image (`-o` takes `create`'s qcow2 options:
 //! `cluster_size`, `refcount_bits`, `compat`, `lazy_refcounts`,
-//! `compression_type`). Without a backing file, ranges that read as zeros
-//! are left unwritten (the new output already reads zero): ranges the chain
-//! knows to be zeros, and runs of zero bytes of at least SPARSE bytes
-//! (aligned to SPARSE; default 4 KiB, as qemu-img's `-S`); `-S 0` writes
+//! `compression_type`, `extended_l2`). Without a backing file, ranges that
+//! read as zeros are left unwritten (the new output already reads zero):
+//! ranges the chain knows to be zeros, and runs of zero bytes of at least
+//! SPARSE bytes (aligned to SPARSE; default 4 KiB, as qemu-img's `-S`); `-S 0` writes
 //! every byte, zeros included (a fully allocated output). With `-c` (qcow2
 //! without `-B`, host builds) each cluster is stored compressed where that
 //! makes it shorter, as `qemu-img convert -c` does. With `-B` (qcow2

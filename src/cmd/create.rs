@@ -3,7 +3,7 @@
 //!
 //! qcow2 options (`-o`, comma separated, repeatable): `cluster_size=N`,
 //! `refcount_bits=N`, `compat=0.10|1.1` (or `v2|v3`), `lazy_refcounts=on|off`,
-//! `compression_type=zlib|zstd`.
+//! `compression_type=zlib|zstd`, `extended_l2=on|off`.
 //! The backing reference is stored exactly as given and its format (`-F`) is
 //! required. The backing image is opened first, through the resolver and
 //! relative to IMAGE as its overlay would open it: it must exist, and
@@ -27,6 +27,15 @@ pub(super) const MAX_OPTION_WORDS: usize = 8;
 
 fn error<'a>(kind: ErrorKind, message: &'static str, subject: &'a str) -> Failure<'a> {
     Failure::new(Error::new(kind, message), subject)
+}
+
+/// The switch `value` spells (`on`, `yes`, `true` or the opposites).
+fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "on" | "yes" | "true" => Some(true),
+        "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// Applies one `-o` word (`key=value[,key=value]...`) to `options`.
@@ -75,11 +84,11 @@ pub(super) fn apply_options<'a>(
                 }
             }
             "lazy_refcounts" => {
-                options.lazy_refcounts = match value {
-                    "on" | "yes" | "true" => true,
-                    "off" | "no" | "false" => false,
-                    _ => return Err(bad("lazy_refcounts takes on or off")),
-                }
+                options.lazy_refcounts =
+                    on_off(value).ok_or(bad("lazy_refcounts takes on or off"))?
+            }
+            "extended_l2" => {
+                options.extended_l2 = on_off(value).ok_or(bad("extended_l2 takes on or off"))?
             }
             _ => {
                 return Err(error(
@@ -233,9 +242,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         if !quiet {
             write!(self.out, "Formatting '{image}', fmt={format}")?;
             if format == Format::Qcow2 {
+                let extended = if options.extended_l2 { "on" } else { "off" };
                 write!(
                     self.out,
-                    " cluster_size={} compression_type={}",
+                    " cluster_size={} extended_l2={extended} compression_type={}",
                     options.cluster_size(),
                     options.compression.name()
                 )?;

@@ -143,8 +143,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             if q.v3 {
                 write!(
                     out,
-                    ",\n            \"corrupt\": {},\n            \"extended-l2\": false",
-                    q.corrupt
+                    ",\n            \"corrupt\": {},\n            \"extended-l2\": {}",
+                    q.corrupt, q.extended_l2
                 )?;
             }
             out.write_str("\n        }\n    }")?;
@@ -187,7 +187,7 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
             if q.v3 {
                 writeln!(out, "    corrupt: {}", q.corrupt)?;
-                writeln!(out, "    extended l2: false")?;
+                writeln!(out, "    extended l2: {}", q.extended_l2)?;
             }
         }
         Ok(())
@@ -203,6 +203,7 @@ struct Qcow2Facts {
     lazy_refcounts: bool,
     refcount_bits: u32,
     corrupt: bool,
+    extended_l2: bool,
 }
 
 impl Qcow2Facts {
@@ -213,6 +214,7 @@ impl Qcow2Facts {
             lazy_refcounts: header.compatible & 1 != 0,
             refcount_bits: 1 << header.refcount_order,
             corrupt: header.incompatible.contains(Incompatible::CORRUPT),
+            extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
         }
     }
 

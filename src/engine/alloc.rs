@@ -30,9 +30,9 @@
 //! point at data it has, whatever else is still in flight: the argument of
 //! R3 holds unchanged.
 //!
-//! Memory: [`ALLOCATIONS`] entries of a [`Batch`] (64 clusters of 40
+//! Memory: [`ALLOCATIONS`] entries of a [`Batch`] (64 clusters of 48
 //! bytes), two copy-on-write states and 40 bytes of bookkeeping each,
-//! about 2.7 KiB per allocating write in flight, 11 KiB per engine. A qualifying write that finds every
+//! about 3.2 KiB per allocating write in flight, 13 KiB per engine. A qualifying write that finds every
 //! entry taken waits for one.
 
 use super::cow::Cow;
@@ -256,8 +256,8 @@ mod tests {
 
     /// The memory the module's documentation states.
     #[test]
-    fn an_allocation_in_flight_is_about_2_7_kib() {
+    fn an_allocation_in_flight_is_about_3_2_kib() {
         let size = core::mem::size_of::<Option<Allocation>>() + core::mem::size_of::<Batch>();
-        assert!((2_600..=2_800).contains(&size), "{size} bytes");
+        assert!((3_100..=3_300).contains(&size), "{size} bytes");
     }
 }

@@ -62,7 +62,7 @@
 //!
 //! Memory: a slot is about `80 + 16 × (SEGMENTS + PIECES)` bytes (buffers
 //! are borrowed, not stored), and each of the [`ALLOCATIONS`] entries for
-//! allocating writes in flight about 2.7 KiB (its batch of new clusters),
+//! allocating writes in flight about 3.2 KiB (its batch of new clusters),
 //! each of the [`METADATA_BUFFERS`] entries 104 bytes (the lent 4 KiB
 //! buffers are the VMM's), the [`JOB_LANES`] job lanes 176 bytes each (the
 //! lent job buffers are the VMM's too), a flush's write-back state about

@@ -21,7 +21,15 @@ pub(crate) struct CowRange {
 }
 use crate::device::Device;
 use crate::error::Result;
-use crate::format::qcow2::Batch;
+use crate::format::qcow2::{Batch, Placement};
+use core::ops::Range;
+
+/// The bytes of guest `cluster` (of `cs` bytes) that a write of `len`
+/// bytes at `offset` covers, as offsets inside it.
+fn in_cluster(cluster: u64, cs: u64, (offset, len): (u64, u64)) -> Range<u64> {
+    let base = cluster * cs;
+    offset.max(base) - base..(offset + len).min(base + cs) - base
+}
 
 impl<
         D: Device,
@@ -56,7 +64,8 @@ impl<
             return Ok(false);
         }
         for cluster in offset / cs..=(offset + len - 1) / cs {
-            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster))?;
+            let range = in_cluster(cluster, cs, (offset, len));
+            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster, range))?;
             if old.is_some_and(|old| old.storage(cs).is_some()) {
                 return Ok(false);
             }
@@ -80,8 +89,10 @@ impl<
     /// Places every cluster of a write of `len` bytes at `offset` of qcow2
     /// node `id` ([`Graph::allocates_in_flight`]): an owned one stays in
     /// place, any other gets a new cluster, counted in the cache (R1) and
-    /// recorded in `batch`. Returns the copy-on-write the write needs: the
-    /// untouched head and tail of a new cluster it only partly covers, as
+    /// recorded in `batch` (with extended L2 entries, an owned cluster
+    /// whose subclusters written hold no data is recorded too). Returns the
+    /// copy-on-write the write needs: the untouched head and tail of the
+    /// part of a recorded cluster it fills ([`Placement::Fresh`]), as
     /// `(guest offset, device offset, length)`, to be copied from `id`'s
     /// current guest view ([`Graph::copy_view`], or as device operations);
     /// the write's own bytes go separately ([`Graph::write_extent`]), so
@@ -101,23 +112,32 @@ impl<
         let cs = self.qcow2(id)?.cluster_size();
         let end = offset + len;
         let (first, last) = (offset / cs, (end - 1) / cs);
+        let (mut head, mut tail) = (None, None);
         for cluster in first..=last {
-            self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster))?;
-        }
-        let head = batch.fresh_host(first).map(|new| CowRange {
-            guest: first * cs,
-            host: new,
-            len: offset - first * cs,
-        });
-        let tail = batch.fresh_host(last).map(|new| {
-            let covered = end - last * cs;
-            CowRange {
-                guest: end,
-                host: new + covered,
-                len: cs - covered,
+            let range = in_cluster(cluster, cs, (offset, len));
+            let placed =
+                self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster, range.clone()))?;
+            let Placement::Fresh { host, fill } = placed else {
+                continue;
+            };
+            // Only the first and the last cluster can be partly covered.
+            let base = cluster * cs;
+            if fill.start < range.start {
+                head = Some(CowRange {
+                    guest: base + fill.start,
+                    host: host + fill.start,
+                    len: range.start - fill.start,
+                });
             }
-        });
-        Ok([head, tail].map(|range| range.filter(|r| r.len > 0)))
+            if range.end < fill.end {
+                tail = Some(CowRange {
+                    guest: base + range.end,
+                    host: host + range.end,
+                    len: fill.end - range.end,
+                });
+            }
+        }
+        Ok([head, tail])
     }
 
     /// Copies `len` bytes of `id`'s current guest view at `guest` to device

@@ -479,8 +479,9 @@ impl<
         let mut replaced = heapless::Vec::<L2Entry, BATCH>::new();
         while at < end {
             let cluster = at / cs;
-            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster))?;
             let piece_end = ((cluster + 1) * cs).min(end);
+            let range = at - cluster * cs..piece_end - cluster * cs;
+            let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster, range))?;
             if let Some(old) = old {
                 let full = Error::new(ErrorKind::NoCapacity, "more than 64 clusters in a batch");
                 replaced.push(old).map_err(|_| full)?;
@@ -528,10 +529,15 @@ impl<
             let at = pos + done;
             let (cluster, in_cluster) = (at / cs, at % cs);
             let len = (cs - in_cluster).min(data.len() - done);
-            let placed = self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster))?;
+            let range = in_cluster..in_cluster + len;
+            let placed = self.with_qcow2(id, |q, t| q.place_cluster(t, batch, cluster, range))?;
             let (host, head, tail) = match placed {
                 Placement::InPlace(host) => (host + in_cluster, 0, 0),
-                Placement::Fresh(new) => (new + in_cluster, in_cluster, cs - in_cluster - len),
+                Placement::Fresh { host, fill } => (
+                    host + in_cluster,
+                    in_cluster - fill.start,
+                    fill.end - in_cluster - len,
+                ),
             };
             if head > 0 || !run.extends(host, done) {
                 self.write_run(id, pos, run, data, scratch)?;
@@ -632,7 +638,10 @@ impl<
 
     /// Makes guest range `offset..offset + len` of format node `id` read as
     /// zeros. qcow2 v3 sets the zero flag on whole clusters (freeing their
-    /// storage) and writes zeros into partial ones; v2 and raw write zeros.
+    /// storage) and writes zeros into partial ones — with extended L2
+    /// entries it sets the zero flags of the whole subclusters of a partial
+    /// one (keeping its storage) and writes zeros only into partial
+    /// subclusters; v2 and raw write zeros.
     ///
     /// # Errors
     /// As [`Graph::write`].
@@ -667,13 +676,30 @@ impl<
             self.validate_clears(id, offset, len)?;
         }
         self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
+            let cs = graph.qcow2(id)?.cluster_size();
+            let cluster = pos / cs;
             if whole && zero_flag {
-                let cluster = pos / graph.qcow2(id)?.cluster_size();
                 return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
             }
+            let in_cluster = pos - cluster * cs..pos + n - cluster * cs;
+            let units = graph.qcow2(id)?.whole_units(cluster, in_cluster);
+            let unit = graph.qcow2(id)?.unit_size();
+            let flagged = zero_flag
+                && !units.is_empty()
+                && graph.with_qcow2(id, |q, t| q.zero_units(t, cluster, units.clone()))?;
             // R2: one request per piece: a new cluster is filled, then
             // mapped, so a crash leaves it old or new, never torn.
-            graph.write_source(id, pos, Source::Zeros(n), &mut [])
+            let mut write = |from: u64, to: u64| match from < to {
+                true => graph.write_source(id, from, Source::Zeros(to - from), &mut []),
+                false => Ok(()),
+            };
+            if !flagged {
+                return write(pos, pos + n);
+            }
+            let base = cluster * cs;
+            let (start, end) = (u64::from(units.start) * unit, u64::from(units.end) * unit);
+            write(pos, base + start)?;
+            write((base + end).min(pos + n), pos + n)
         })
     }
 
@@ -715,10 +741,18 @@ impl<
 
     /// Checks every whole cluster of `offset..offset + len` of qcow2 node `id`
     /// before a zero write or discard changes any of them: each entry valid,
-    /// and each window of [`BATCH`] clusters releasable together.
+    /// and each window of [`BATCH`] clusters releasable together; the
+    /// partial clusters at either end too, whose entry a zero write may
+    /// change (extended L2 entries).
     fn validate_clears(&mut self, id: NodeId, offset: u64, len: u64) -> Result<()> {
         self.with_qcow2(id, |q, t| {
             let clusters = q.whole_clusters(offset, len);
+            let cs = q.cluster_size();
+            for end in [offset / cs, (offset + len - 1) / cs] {
+                if !clusters.contains(&end) {
+                    q.check_replaceable(t, end)?;
+                }
+            }
             q.check_clears(t, clusters)
         })
     }

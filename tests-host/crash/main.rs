@@ -241,3 +241,4 @@ use driver::*;
 mod guest_writes;
 use guest_writes::*;
 mod chain_changes;
+mod extended_l2;

@@ -9,6 +9,8 @@ pub(crate) struct ImageSpec {
     pub(crate) size: u64,
     pub(crate) cluster: u64,
     pub(crate) refcount_bits: u32,
+    /// Extended L2 entries (32 subclusters per cluster).
+    pub(crate) extended_l2: bool,
     pub(crate) backing: Option<&'static str>,
     pub(crate) cmds: Vec<String>,
     pub(crate) internal_snapshot: Option<&'static str>,
@@ -21,6 +23,7 @@ impl ImageSpec {
             size,
             cluster,
             refcount_bits: 16,
+            extended_l2: false,
             backing: None,
             cmds: Vec::new(),
             internal_snapshot: None,
@@ -38,6 +41,11 @@ impl ImageSpec {
 
     pub(crate) fn refcount_bits(mut self, bits: u32) -> Self {
         self.refcount_bits = bits;
+        self
+    }
+
+    pub(crate) fn extended_l2(mut self) -> Self {
+        self.extended_l2 = true;
         self
     }
 
@@ -176,7 +184,8 @@ pub(crate) struct Fixture {
     pub(crate) initial: Rc<Vec<Vec<u8>>>,
     pub(crate) blank: Vec<bool>,
     pub(crate) root: usize,
-    /// Comparison unit: the smallest cluster size of the scenario.
+    /// Comparison unit: the smallest cluster (or subcluster) size of the
+    /// scenario.
     pub(crate) unit: u64,
     pub(crate) max_size: u64,
     /// Guest view expected after the steps (qemu's rebase), if computed.
@@ -203,8 +212,10 @@ pub(crate) fn build(sc: &Scenario) -> Fixture {
             continue;
         }
         let opts = format!(
-            "cluster_size={},refcount_bits={}",
-            spec.cluster, spec.refcount_bits
+            "cluster_size={},refcount_bits={},extended_l2={}",
+            spec.cluster,
+            spec.refcount_bits,
+            if spec.extended_l2 { "on" } else { "off" }
         );
         let size = spec.size.to_string();
         let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
@@ -255,7 +266,13 @@ pub(crate) fn build(sc: &Scenario) -> Fixture {
         .images
         .iter()
         .filter(|s| s.size > 0)
-        .map(|s| s.cluster)
+        .map(|s| {
+            if s.extended_l2 {
+                s.cluster / 32
+            } else {
+                s.cluster
+            }
+        })
         .min()
         .expect("a scenario has images");
     let max_size = sc.images.iter().map(|s| s.size).max().unwrap_or(0);

@@ -607,9 +607,52 @@ pub(crate) fn table_mutants(seed: &Seed) -> Vec<Mutant> {
         }
     }
 
-    // A whole L2 table overwritten: every entry one hostile value.
+    // Extended entries: subcluster bitmaps a hostile image got wrong (a
+    // subcluster allocated and zero, allocated in no cluster), and every
+    // other shape.
+    if l.entry_bytes == 16 {
+        let mut bitmaps: Vec<L2Entry> = Vec::new();
+        bitmaps.extend(l.l2.iter().find(|e| e.value & OFFSET_MASK != 0));
+        bitmaps.extend(l.l2.iter().find(|e| e.value == 0));
+        bitmaps.extend(l.l2.iter().find(|e| e.value & COMPRESSED != 0));
+        for e in bitmaps {
+            for v in [
+                1 | 1 << 32,
+                u64::MAX,
+                0xffff_ffff,
+                0xffff_ffff_0000_0000,
+                0x8000_0000,
+                0x5555_5555_aaaa_aaaa,
+                0x5555_5555_5555_5555,
+                e.bitmap ^ 1,
+                e.bitmap ^ (1 << 40),
+                0,
+            ] {
+                if v != e.bitmap {
+                    out.push(Mutant::word(
+                        format!(
+                            "L2 bitmap at {} (guest {}, {:?}): {:#x} -> {v:#x}",
+                            e.pos + 8,
+                            e.guest,
+                            e.kind,
+                            e.bitmap
+                        ),
+                        e.pos + 8,
+                        v,
+                    ));
+                }
+            }
+        }
+    }
+
+    // A whole L2 table overwritten: every entry one hostile value (and,
+    // extended, every subcluster allocated).
     if let Some(first) = l.l2.first() {
         let entries = l.l2.iter().filter(|e| e.table == first.table).count();
+        let bitmap: &[u8] = match l.entry_bytes {
+            16 => &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+            _ => &[],
+        };
         for (what, v) in [
             ("past EOF", eof | COPIED),
             ("compressed, max sectors, at 0", compressed(0, max_sectors)),
@@ -619,7 +662,7 @@ pub(crate) fn table_mutants(seed: &Seed) -> Vec<Mutant> {
             out.push(Mutant::patch(
                 format!("whole L2 table at {}: {what}", first.table),
                 first.table as usize,
-                v.to_be_bytes().repeat(entries),
+                [&v.to_be_bytes()[..], bitmap].concat().repeat(entries),
             ));
         }
     }
@@ -901,7 +944,7 @@ pub(crate) fn fuzz_regions(seed: &Seed) -> Vec<(usize, usize)> {
     tables.dedup();
     for t in tables {
         let used = l.l2.iter().filter(|e| e.table == t).count();
-        regions.push((t as usize, 8 * used));
+        regions.push((t as usize, l.entry_bytes as usize * used));
     }
     regions.push((l.refcount_offset as usize, 64));
     if let Some(block) = l.refcount_block {

@@ -22,6 +22,9 @@ pub(crate) struct Layout {
     pub(crate) end_marker: Option<usize>,
     /// L1 entries: position in the file, value.
     pub(crate) l1: Vec<(usize, u64)>,
+    /// Bytes of one L2 entry: 8, or 16 with extended L2 entries (the entry,
+    /// then its subcluster bitmap).
+    pub(crate) entry_bytes: u64,
     /// L2 entries inside the virtual size.
     pub(crate) l2: Vec<L2Entry>,
 }
@@ -31,6 +34,8 @@ pub(crate) struct L2Entry {
     /// Position of the entry in the file.
     pub(crate) pos: usize,
     pub(crate) value: u64,
+    /// The subcluster bitmap of an extended entry (at `pos + 8`), else 0.
+    pub(crate) bitmap: u64,
     /// Guest offset of its cluster.
     pub(crate) guest: u64,
     /// Offset of the L2 table holding it.
@@ -120,7 +125,9 @@ pub(crate) fn layout(bytes: &[u8]) -> Layout {
         l.extensions.push((pos, kind, len));
         pos += 8 + len.div_ceil(8) * 8;
     }
-    let l2_entries = cs / 8;
+    let extended = version >= 3 && be(bytes, 72, 8) & 16 != 0;
+    l.entry_bytes = if extended { 16 } else { 8 };
+    let l2_entries = cs / l.entry_bytes;
     for i in 0..l.l1_size {
         let pos = (l.l1_offset + 8 * i) as usize;
         let entry = be(bytes, pos, 8);
@@ -134,8 +141,9 @@ pub(crate) fn layout(bytes: &[u8]) -> Layout {
             if guest >= l.size {
                 break;
             }
-            let pos = (table + 8 * j) as usize;
+            let pos = (table + l.entry_bytes * j) as usize;
             let value = be(bytes, pos, 8);
+            let bitmap = if extended { be(bytes, pos + 8, 8) } else { 0 };
             let kind = if value & COMPRESSED != 0 {
                 let bits = compressed_offset_bits(cluster_bits);
                 let host = value & ((1 << bits) - 1);
@@ -144,16 +152,17 @@ pub(crate) fn layout(bytes: &[u8]) -> Layout {
                     host,
                     len: sectors * 512 - (host & 511),
                 }
-            } else if value & ZERO != 0 {
-                Kind::Zero
             } else if value & OFFSET_MASK != 0 {
                 Kind::Data(value & OFFSET_MASK)
+            } else if (!extended && value & ZERO != 0) || bitmap >> 32 != 0 {
+                Kind::Zero
             } else {
                 Kind::Unallocated
             };
             l.l2.push(L2Entry {
                 pos,
                 value,
+                bitmap,
                 guest,
                 table,
                 kind,
@@ -375,9 +384,17 @@ pub(crate) fn make_seeds() -> Seeds {
             format!("write -P 0xa3 {} {}", k(1984), k(64)),
         ],
     );
-    for (name, backing, format) in [
-        ("overlay.qcow2", "base.qcow2", "qcow2"),
-        ("overlay-raw.qcow2", "base.raw", "raw"),
+    // (e) with extended L2 entries over the same base: subclusters
+    // allocated, zero and unallocated side by side in one cluster.
+    for (name, backing, format, options) in [
+        ("overlay.qcow2", "base.qcow2", "qcow2", "cluster_size=65536"),
+        ("overlay-raw.qcow2", "base.raw", "raw", "cluster_size=65536"),
+        (
+            "ext-overlay.qcow2",
+            "base.qcow2",
+            "qcow2",
+            "cluster_size=65536,extended_l2=on",
+        ),
     ] {
         if format == "raw" {
             qemu_img(d, &["convert", "-O", "raw", "base.qcow2", "base.raw"]);
@@ -385,17 +402,7 @@ pub(crate) fn make_seeds() -> Seeds {
         qemu_img(
             d,
             &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
-                "-b",
-                backing,
-                "-F",
-                format,
-                name,
+                "create", "-q", "-f", "qcow2", "-o", options, "-b", backing, "-F", format, name,
             ],
         );
         qemu_io(
@@ -409,6 +416,17 @@ pub(crate) fn make_seeds() -> Seeds {
             ],
         );
     }
+    qemu_io(
+        d,
+        "qcow2",
+        "ext-overlay.qcow2",
+        &[
+            format!("write -P 0xc1 {} 2048", k(4)),
+            format!("write -z {} {}", k(8), k(4)),
+            format!("write -z {} {}", k(256), k(2)),
+            "write -P 0xc3 1025k 3000".to_owned(),
+        ],
+    );
 
     let read = |name: &str| fs::read(d.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
     let mut all = Vec::new();
@@ -419,6 +437,7 @@ pub(crate) fn make_seeds() -> Seeds {
         ("comp-512.qcow2", None),
         ("overlay.qcow2", Some("base.qcow2")),
         ("overlay-raw.qcow2", Some("base.raw")),
+        ("ext-overlay.qcow2", Some("base.qcow2")),
     ] {
         let raw_name = format!("{name}.view");
         qemu_img(d, &["convert", "-O", "raw", name, &raw_name]);
@@ -448,6 +467,13 @@ pub(crate) fn make_seeds() -> Seeds {
         Kind::Compressed { .. }
     )));
     assert!(seeds.get("overlay.qcow2").layout.backing.is_some());
+    let ext = seeds.get("ext-overlay.qcow2");
+    assert_eq!(ext.layout.entry_bytes, 16);
+    assert!(ext
+        .layout
+        .l2
+        .iter()
+        .any(|e| e.bitmap as u32 != 0 && e.bitmap >> 32 != 0));
     seeds
 }
 

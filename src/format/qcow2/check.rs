@@ -91,7 +91,7 @@ impl Qcow2 {
             let mut one_read = check.walk.next_read_len(self.l1_used);
             match self.next_piece(t, check, &mut chunk, &mut one_read)? {
                 Piece::Entries(n) => {
-                    check_l2_entries(&chunk[..n], self.header.cluster_bits, device_size)?;
+                    check_l2_entries(&chunk[..n], self.layout(), device_size)?;
                 }
                 Piece::Walked | Piece::Later => {}
                 Piece::Done => {

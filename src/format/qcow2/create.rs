@@ -21,10 +21,10 @@
 use super::header::{
     align_up_8, put_u32, put_u64, Compatible, Compression, Incompatible, EXT_BACKING_FORMAT,
     EXT_END, HEADER_AREA, MAGIC, MAX_BACKING_NAME, MAX_FORMAT_NAME, MAX_L1_ENTRIES,
-    MAX_VIRTUAL_SIZE, OFF_BACKING_OFFSET, OFF_BACKING_SIZE, OFF_CLUSTER_BITS, OFF_COMPATIBLE,
-    OFF_COMPRESSION_TYPE, OFF_HEADER_LENGTH, OFF_INCOMPATIBLE, OFF_L1_OFFSET, OFF_L1_SIZE,
-    OFF_REFCOUNT_CLUSTERS, OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER, OFF_SIZE, OFF_VERSION,
-    V2_HEADER_LENGTH,
+    MAX_VIRTUAL_SIZE, MIN_EXTENDED_L2_CLUSTER_BITS, OFF_BACKING_OFFSET, OFF_BACKING_SIZE,
+    OFF_CLUSTER_BITS, OFF_COMPATIBLE, OFF_COMPRESSION_TYPE, OFF_HEADER_LENGTH, OFF_INCOMPATIBLE,
+    OFF_L1_OFFSET, OFF_L1_SIZE, OFF_REFCOUNT_CLUSTERS, OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER,
+    OFF_SIZE, OFF_VERSION, V2_HEADER_LENGTH,
 };
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -55,6 +55,9 @@ pub struct CreateOptions<'a> {
     /// The compression type recorded for compressed clusters (zstd: version
     /// 3 only); default zlib.
     pub compression: Compression,
+    /// Extended L2 entries: 32 subclusters per cluster (version 3 and
+    /// clusters of at least 16 KiB only); default off.
+    pub extended_l2: bool,
     /// Backing file reference and its format, stored exactly as given.
     pub backing: Option<(&'a str, &'a str)>,
 }
@@ -71,6 +74,7 @@ impl<'a> CreateOptions<'a> {
             version: 3,
             lazy_refcounts: false,
             compression: Compression::Zlib,
+            extended_l2: false,
             backing: None,
         }
     }
@@ -142,6 +146,12 @@ impl Layout {
         if options.version == 2 && options.compression != Compression::Zlib {
             return invalid("compression types other than zlib need compat=1.1");
         }
+        if options.extended_l2 && options.version == 2 {
+            return invalid("extended L2 entries need compat=1.1");
+        }
+        if options.extended_l2 && options.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+            return invalid("extended L2 entries need clusters of at least 16 KiB");
+        }
         if !options.size.is_multiple_of(SECTOR) {
             return invalid("image size must be a multiple of 512 bytes");
         }
@@ -150,8 +160,10 @@ impl Layout {
         }
         let cluster_bits = options.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
-        // One L1 entry maps an L2 table of cluster_size / 8 entries.
-        let l1_size = options.size.div_ceil(1 << (2 * cluster_bits - 3));
+        // One L1 entry maps an L2 table of cluster_size / 8 entries (16
+        // bytes each when extended).
+        let entry_bits = if options.extended_l2 { 4 } else { 3 };
+        let l1_size = options.size.div_ceil(1 << (2 * cluster_bits - entry_bits));
         if l1_size > MAX_L1_ENTRIES {
             return invalid("image size is too large for this cluster size");
         }
@@ -264,14 +276,15 @@ fn emit_header(options: &CreateOptions<'_>, layout: &Layout, area: &mut [u8]) {
         put_u64(area, OFF_COMPATIBLE, compatible);
         put_u32(area, OFF_REFCOUNT_ORDER, layout.refcount_order);
         put_u32(area, OFF_HEADER_LENGTH, fixed as u32);
+        let mut incompatible = Incompatible::empty();
         if options.compression == Compression::Zstd {
-            put_u64(
-                area,
-                OFF_INCOMPATIBLE,
-                Incompatible::COMPRESSION_TYPE.bits(),
-            );
+            incompatible |= Incompatible::COMPRESSION_TYPE;
             area[OFF_COMPRESSION_TYPE] = 1;
         }
+        if options.extended_l2 {
+            incompatible |= Incompatible::EXTENDED_L2;
+        }
+        put_u64(area, OFF_INCOMPATIBLE, incompatible.bits());
     }
     let mut pos = fixed;
     if let Some((name, format)) = options.backing {

@@ -24,6 +24,9 @@ pub(crate) const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
 pub(crate) const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// Most internal snapshots accepted (QEMU's limit).
 pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
+/// The least cluster bits of an image with extended L2 entries (16 KiB
+/// clusters: 512-byte subclusters), as QEMU requires.
+pub(crate) const MIN_EXTENDED_L2_CLUSTER_BITS: u32 = 14;
 
 pub(crate) const V2_HEADER_LENGTH: usize = 72;
 pub(crate) const V3_HEADER_LENGTH: usize = 104;
@@ -281,10 +284,11 @@ impl Header {
                 "unsupported qcow2 feature: external data file",
             );
         }
-        if incompatible.contains(Incompatible::EXTENDED_L2) {
+        let extended_l2 = incompatible.contains(Incompatible::EXTENDED_L2);
+        if extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
             return fail(
-                ErrorKind::Unsupported,
-                "unsupported qcow2 feature: extended L2 entries",
+                ErrorKind::Corrupt,
+                "qcow2 extended L2 entries need clusters of at least 16 KiB",
             );
         }
         // The compression type byte exists when the header reaches it; it
@@ -341,7 +345,7 @@ impl Header {
         }
         let l1_size = be_u32(area, OFF_L1_SIZE);
         let l1_table_offset = be_u64(area, OFF_L1_OFFSET);
-        let l2_entries = cluster_size / 8;
+        let l2_entries = cluster_size / if extended_l2 { 16 } else { 8 };
         let bytes_per_l1_entry = l2_entries * cluster_size;
         let l1_needed = size.div_ceil(bytes_per_l1_entry);
         if u64::from(l1_size) > MAX_L1_ENTRIES {
@@ -741,9 +745,11 @@ mod tests {
             kind_of(&with(OFF_INCOMPATIBLE, &4u64.to_be_bytes())),
             ErrorKind::Unsupported
         );
+        // Extended L2 entries need clusters of at least 16 KiB (these are
+        // 512 bytes).
         assert_eq!(
             kind_of(&with(OFF_INCOMPATIBLE, &16u64.to_be_bytes())),
-            ErrorKind::Unsupported
+            ErrorKind::Corrupt
         );
         assert_eq!(
             kind_of(&with(OFF_CRYPT, &2u32.to_be_bytes())),

@@ -1,22 +1,80 @@
 //! L2 entries: how one guest cluster is stored in an image, decoded once
-//! from the table's raw 64 bits.
+//! from the table's raw bits.
 //!
 //! ```text
 //!  standard:   63 COPIED | 62 = 0 | 56..61 reserved | 9..55 host offset | 1..8 reserved | 0 ZERO
 //!  compressed: 63 COPIED | 62 = 1 | x..61 extra 512-byte sectors | 0..x host byte offset
 //!              (x = 62 - (cluster_bits - 8))
+//!  extended:   the 64 bits above (bit 0 reserved), then a subcluster bitmap:
+//!              bits 0..31 subcluster k stored at host + k * subcluster size,
+//!              bits 32..63 subcluster k - 32 reads as zeros (neither: unallocated)
 //! ```
 //!
-//! [`L2Entry::parse`] reads the layout (it cannot fail: every bit pattern
-//! is some entry); [`L2Entry::decode`] also checks what a hostile image
-//! could get wrong before any offset is used — a data cluster unaligned or
-//! past the end of the file, a compressed stream starting past it.
-//! Everything else in the driver works on the typed entry; only
-//! [`L2Entry::raw`] turns one back into bits, to store it.
+//! An image with extended L2 entries (a [`Layout`] says which) divides each
+//! standard cluster into 32 subclusters, each allocated, zero or unallocated
+//! on its own; compressed clusters have none. [`L2Entry::parse`] reads
+//! either layout into one enum: a cluster whose subclusters all agree is the
+//! same [`L2Entry`] a standard entry would be, and only a cluster whose
+//! subclusters differ is [`L2Entry::Mixed`]. [`L2Entry::decode`] also
+//! checks what a hostile image could get wrong before any offset is used —
+//! a data cluster unaligned or past the end of the file, a compressed
+//! stream starting past it, a subcluster both allocated and zero, or
+//! allocated without a cluster. Everything else in the driver works on the
+//! typed entry; only [`L2Entry::raw`] turns one back into bits, to store
+//! it.
 
 use super::{CompressedExtent, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{fail, ErrorKind, Result};
 use crate::format::Mapping;
+use core::ops::Range;
+
+/// Bitmap bits: every subcluster allocated.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// Bitmap bits: every subcluster reads as zeros.
+const ALL_ZERO: u64 = ALL_ALLOCATED << 32;
+
+/// How an image lays out its L2 entries: its cluster size, and whether
+/// they are extended (128 bits, with subclusters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// log2 of the cluster size (9..=21; at least 14 when extended).
+    pub cluster_bits: u32,
+    /// Extended L2 entries: 32 subclusters per cluster.
+    pub extended: bool,
+}
+
+impl Layout {
+    /// Bytes of one L2 entry: 8, or 16 when extended.
+    pub const fn entry_bytes(self) -> u64 {
+        if self.extended {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// log2 of the entries in one L2 table.
+    pub const fn table_bits(self) -> u32 {
+        self.cluster_bits - if self.extended { 4 } else { 3 }
+    }
+
+    /// log2 of the unit a mapping, a copy-on-write and a zero flag cover:
+    /// a subcluster when extended, else a cluster.
+    pub const fn unit_bits(self) -> u32 {
+        self.cluster_bits - if self.extended { 5 } else { 0 }
+    }
+
+    /// Units per cluster: 32 when extended, else 1.
+    pub const fn units(self) -> u32 {
+        1 << (self.cluster_bits - self.unit_bits())
+    }
+}
+
+/// The bitmap bits of units `units` (allocated half; `<< 32` for zero).
+fn unit_mask(units: Range<u32>) -> u64 {
+    let below = |n: u32| (1u64 << n) - 1;
+    below(units.end) & !below(units.start)
+}
 
 /// One L2 entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +100,18 @@ pub enum L2Entry {
     },
     /// Stored compressed.
     Compressed(CompressedExtent),
+    /// Extended L2 only: a cluster whose subclusters are not all alike,
+    /// each allocated (at `host` plus its offset), zero or unallocated as
+    /// `bitmap` says.
+    Mixed {
+        /// Device offset of the cluster (0: none; then no subcluster is
+        /// allocated).
+        host: u64,
+        /// The COPIED bit.
+        copied: bool,
+        /// The subcluster bitmap (module docs).
+        bitmap: u64,
+    },
 }
 
 impl L2Entry {
@@ -51,12 +121,12 @@ impl L2Entry {
         L2Entry::Normal { host, copied: true }
     }
 
-    /// The entry `raw` stands for in an image of `cluster_bits` (9..=21),
-    /// unchecked.
-    pub fn parse(raw: u64, cluster_bits: u32) -> Self {
+    /// The entry `raw` (and `bitmap`, for extended entries) stands for in
+    /// an image of `layout`, unchecked.
+    pub fn parse(raw: u64, bitmap: u64, layout: Layout) -> Self {
         let copied = raw & COPIED != 0;
         if raw & COMPRESSED != 0 {
-            let offset_bits = 62 - (cluster_bits - 8);
+            let offset_bits = 62 - (layout.cluster_bits - 8);
             let host = raw & ((1u64 << offset_bits) - 1);
             let sectors = ((raw & !(COPIED | COMPRESSED)) >> offset_bits) + 1;
             return L2Entry::Compressed(CompressedExtent {
@@ -65,6 +135,9 @@ impl L2Entry {
             });
         }
         let host = raw & OFFSET_MASK;
+        if layout.extended {
+            return Self::with_bitmap(host, copied, bitmap);
+        }
         if raw & ZERO != 0 {
             return L2Entry::Zero { host, copied };
         }
@@ -74,63 +147,180 @@ impl L2Entry {
         L2Entry::Normal { host, copied }
     }
 
-    /// [`L2Entry::parse`], refusing entries whose offsets a hostile image
-    /// got wrong: a data cluster unaligned or at or past `device_size`, a
-    /// compressed stream starting at or past it.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Corrupt`] for those.
-    pub fn decode(raw: u64, cluster_bits: u32, device_size: u64) -> Result<Self> {
-        let entry = Self::parse(raw, cluster_bits);
-        match entry {
-            L2Entry::Compressed(extent) if extent.host_offset >= device_size => fail(
-                ErrorKind::Corrupt,
-                "qcow2 compressed cluster lies past the end of the image",
-            ),
-            L2Entry::Normal { host, .. } if host & ((1 << cluster_bits) - 1) != 0 => {
-                fail(ErrorKind::Corrupt, "qcow2 data cluster offset is unaligned")
-            }
-            L2Entry::Normal { host, .. } if host >= device_size => fail(
-                ErrorKind::Corrupt,
-                "qcow2 data cluster lies past the end of the image",
-            ),
-            _ => Ok(entry),
+    /// The extended entry of a cluster at `host` (0: none) with `bitmap`,
+    /// as the plain kind when every subcluster is alike.
+    fn with_bitmap(host: u64, copied: bool, bitmap: u64) -> Self {
+        match bitmap {
+            0 if host == 0 => L2Entry::Unallocated,
+            ALL_ZERO => L2Entry::Zero { host, copied },
+            ALL_ALLOCATED if host != 0 => L2Entry::Normal { host, copied },
+            _ => L2Entry::Mixed {
+                host,
+                copied,
+                bitmap,
+            },
         }
     }
 
-    /// The raw bits of the entry in an image of `cluster_bits`.
-    pub fn raw(self, cluster_bits: u32) -> u64 {
+    /// [`L2Entry::parse`], refusing entries a hostile image got wrong: a
+    /// data cluster unaligned or at or past `device_size`, a compressed
+    /// stream starting at or past it, a subcluster both allocated and
+    /// zero, or allocated in no cluster.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for those.
+    pub fn decode(raw: u64, bitmap: u64, layout: Layout, device_size: u64) -> Result<Self> {
+        let entry = Self::parse(raw, bitmap, layout);
+        let data_host = match entry {
+            L2Entry::Compressed(extent) if extent.host_offset >= device_size => {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 compressed cluster lies past the end of the image",
+                )
+            }
+            L2Entry::Mixed { host, bitmap, .. } => {
+                if bitmap & (bitmap >> 32) & ALL_ALLOCATED != 0 {
+                    return fail(
+                        ErrorKind::Corrupt,
+                        "qcow2 subcluster is both allocated and zero",
+                    );
+                }
+                if host == 0 && bitmap & ALL_ALLOCATED != 0 {
+                    return fail(
+                        ErrorKind::Corrupt,
+                        "qcow2 subcluster is allocated in an unallocated cluster",
+                    );
+                }
+                host
+            }
+            L2Entry::Normal { host, .. } => host,
+            _ => 0,
+        };
+        if data_host & ((1 << layout.cluster_bits) - 1) != 0 {
+            return fail(ErrorKind::Corrupt, "qcow2 data cluster offset is unaligned");
+        }
+        if data_host != 0 && data_host >= device_size {
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 data cluster lies past the end of the image",
+            );
+        }
+        Ok(entry)
+    }
+
+    /// The raw bits of the entry in an image of `layout`: the entry, and
+    /// the subcluster bitmap of an extended one (0 otherwise).
+    pub fn raw(self, layout: Layout) -> [u64; 2] {
         let copied = |copied: bool| if copied { COPIED } else { 0 };
-        match self {
+        let (zero_bit, bitmap) = match layout.extended {
+            true => (0, self.bitmap()),
+            false => (ZERO, 0),
+        };
+        let entry = match self {
             L2Entry::Unallocated => 0,
-            L2Entry::Zero { host, copied: c } => copied(c) | host | ZERO,
-            L2Entry::Normal { host, copied: c } => copied(c) | host,
+            L2Entry::Zero { host, copied: c } => copied(c) | host | zero_bit,
+            L2Entry::Normal { host, copied: c }
+            | L2Entry::Mixed {
+                host, copied: c, ..
+            } => copied(c) | host,
             L2Entry::Compressed(extent) => {
-                let offset_bits = 62 - (cluster_bits - 8);
+                let offset_bits = 62 - (layout.cluster_bits - 8);
                 let host = extent.host_offset;
                 let sectors = (extent.length + (host & 511)) / 512;
                 COMPRESSED | (sectors.saturating_sub(1) << offset_bits) | host
             }
-        }
+        };
+        [entry, bitmap]
     }
 
-    /// How a guest read of the cluster is served (the start of it, for
-    /// data: the caller adds the offset inside the cluster).
-    pub fn mapping(self) -> Mapping {
+    /// The subcluster bitmap equivalent to the entry (0 for compressed
+    /// clusters, which have no subclusters).
+    fn bitmap(self) -> u64 {
         match self {
-            L2Entry::Unallocated => Mapping::Unallocated,
-            L2Entry::Zero { .. } => Mapping::Zero,
-            L2Entry::Normal { host, .. } => Mapping::Data(host),
-            L2Entry::Compressed(extent) => Mapping::Compressed(extent),
+            L2Entry::Unallocated | L2Entry::Compressed(_) => 0,
+            L2Entry::Zero { .. } => ALL_ZERO,
+            L2Entry::Normal { .. } => ALL_ALLOCATED,
+            L2Entry::Mixed { bitmap, .. } => bitmap,
         }
     }
 
-    /// The device offset of a cluster the image may write in place (a data
-    /// cluster with COPIED), if this is one.
-    pub fn in_place(self) -> Option<u64> {
+    /// How a guest read of unit `unit` of the cluster is served (a
+    /// subcluster, or the cluster: [`Layout::unit_bits`]), and how many
+    /// units from it on are served alike — the data of the next ones
+    /// following on the device. Data maps to the start of the unit (the
+    /// caller adds the offset inside it); a compressed cluster is one
+    /// mapping whatever the unit.
+    pub fn mapping_run(self, layout: Layout, unit: u32) -> (Mapping, u32) {
+        let rest = layout.units() - unit;
+        let data = |host: u64| Mapping::Data(host + (u64::from(unit) << layout.unit_bits()));
+        match self {
+            L2Entry::Unallocated => (Mapping::Unallocated, rest),
+            L2Entry::Zero { .. } => (Mapping::Zero, rest),
+            L2Entry::Normal { host, .. } => (data(host), rest),
+            L2Entry::Compressed(extent) => (Mapping::Compressed(extent), rest),
+            L2Entry::Mixed { host, bitmap, .. } => {
+                let (allocated, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+                let (mapping, alike) = if zero >> unit & 1 != 0 {
+                    (Mapping::Zero, zero)
+                } else if allocated >> unit & 1 != 0 {
+                    (data(host), allocated)
+                } else {
+                    (Mapping::Unallocated, !(allocated | zero))
+                };
+                (mapping, (alike >> unit).trailing_ones().min(rest))
+            }
+        }
+    }
+
+    /// The device offset of the cluster this image owns (COPIED) and a
+    /// write may use in `layout`: with extended entries any cluster with
+    /// storage, whatever its subclusters hold (those a write makes
+    /// allocated get their copy-on-write inside it); else a data cluster.
+    pub fn owned_host(self, layout: Layout) -> Option<u64> {
         match self {
             L2Entry::Normal { host, copied: true } => Some(host),
+            L2Entry::Mixed {
+                host, copied: true, ..
+            }
+            | L2Entry::Zero {
+                host, copied: true, ..
+            } if layout.extended && host != 0 => Some(host),
             _ => None,
+        }
+    }
+
+    /// Whether every unit of `units` reads from the cluster's own storage
+    /// (allocated data).
+    pub fn allocated(self, units: Range<u32>) -> bool {
+        let mask = unit_mask(units);
+        self.bitmap() & mask == mask
+    }
+
+    /// The entry once units `units` are written at `host`, a cluster the
+    /// image owns: they become allocated data, the others keep what they
+    /// read (standard entries: the whole cluster is data). Set only once
+    /// their bytes are written (R2, R18).
+    pub fn written(self, layout: Layout, host: u64, units: Range<u32>) -> Self {
+        if !layout.extended {
+            return Self::owned(host);
+        }
+        let mask = unit_mask(units);
+        let bitmap = (self.bitmap() | mask) & !(mask << 32);
+        Self::with_bitmap(host, true, bitmap)
+    }
+
+    /// The extended entry once units `units` read as zeros, the storage
+    /// kept (QEMU's subcluster zeroing); `None` for a compressed cluster,
+    /// which has no subclusters.
+    pub fn zeroed(self, units: Range<u32>) -> Option<Self> {
+        let mask = unit_mask(units);
+        let bitmap = (self.bitmap() | mask << 32) & !mask;
+        match self {
+            L2Entry::Normal { host, copied }
+            | L2Entry::Zero { host, copied }
+            | L2Entry::Mixed { host, copied, .. } => Some(Self::with_bitmap(host, copied, bitmap)),
+            L2Entry::Unallocated => Some(Self::with_bitmap(0, false, bitmap)),
+            L2Entry::Compressed(_) => None,
         }
     }
 
@@ -141,10 +331,12 @@ impl L2Entry {
     /// replaced.
     pub fn storage(self, cluster_size: u64) -> Option<(u64, u64)> {
         match self {
-            L2Entry::Unallocated | L2Entry::Zero { host: 0, .. } => None,
-            L2Entry::Zero { host, .. } | L2Entry::Normal { host, .. } => {
-                Some((host, host + cluster_size))
-            }
+            L2Entry::Unallocated
+            | L2Entry::Zero { host: 0, .. }
+            | L2Entry::Mixed { host: 0, .. } => None,
+            L2Entry::Zero { host, .. }
+            | L2Entry::Normal { host, .. }
+            | L2Entry::Mixed { host, .. } => Some((host, host + cluster_size)),
             L2Entry::Compressed(extent) => {
                 let start = extent.host_offset / cluster_size * cluster_size;
                 Some((start, extent.host_offset + extent.length))
@@ -157,9 +349,17 @@ impl L2Entry {
 mod tests {
     use super::*;
 
+    const STANDARD: Layout = Layout {
+        cluster_bits: 16,
+        extended: false,
+    };
+    const EXTENDED: Layout = Layout {
+        cluster_bits: 16,
+        extended: true,
+    };
+
     #[test]
     fn raw_bits_round_trip() {
-        let bits = 16;
         for raw in [
             0,
             COPIED,
@@ -169,33 +369,148 @@ mod tests {
             COPIED | 0x5_0000,
             COMPRESSED | (3 << 54) | 0x12_3456,
         ] {
-            let entry = L2Entry::parse(raw, bits);
-            let again = L2Entry::parse(entry.raw(bits), bits);
+            let entry = L2Entry::parse(raw, 0, STANDARD);
+            let again = L2Entry::parse(entry.raw(STANDARD)[0], 0, STANDARD);
             assert_eq!(entry, again, "{raw:#x}");
         }
-        assert_eq!(L2Entry::parse(COPIED, bits), L2Entry::Unallocated);
-        assert_eq!(L2Entry::owned(0x5_0000).raw(bits), COPIED | 0x5_0000);
+        assert_eq!(L2Entry::parse(COPIED, 0, STANDARD), L2Entry::Unallocated);
+        assert_eq!(
+            L2Entry::owned(0x5_0000).raw(STANDARD),
+            [COPIED | 0x5_0000, 0]
+        );
+    }
+
+    #[test]
+    fn extended_entries_round_trip_and_canonicalise() {
+        for (raw, bitmap) in [
+            (0, 0),
+            (0, ALL_ZERO),
+            (0, 0x0000_0003_0000_0000),
+            (COPIED | 0x5_0000, ALL_ALLOCATED),
+            (COPIED | 0x5_0000, 0x0000_0100_0000_00ff),
+            (0x5_0000, 0),
+            (0x5_0000, ALL_ZERO),
+            (COMPRESSED | (3 << 54) | 0x12_3456, 0),
+        ] {
+            let entry = L2Entry::parse(raw, bitmap, EXTENDED);
+            assert_eq!(entry.raw(EXTENDED), [raw, bitmap], "{raw:#x} {bitmap:#x}");
+        }
+        assert_eq!(
+            L2Entry::parse(COPIED | 0x5_0000, ALL_ALLOCATED, EXTENDED),
+            L2Entry::owned(0x5_0000)
+        );
+        assert_eq!(
+            L2Entry::parse(0, ALL_ZERO, EXTENDED),
+            L2Entry::Zero {
+                host: 0,
+                copied: false
+            }
+        );
+        // Bit 0 is reserved in extended entries: no zero flag.
+        assert_eq!(L2Entry::parse(ZERO, 0, EXTENDED), L2Entry::Unallocated);
     }
 
     #[test]
     fn decode_refuses_hostile_offsets() {
-        let bits = 16;
         let size = 1 << 20;
-        let corrupt = |raw| L2Entry::decode(raw, bits, size).unwrap_err().kind();
-        assert_eq!(corrupt(0x5_0200), ErrorKind::Corrupt);
-        assert_eq!(corrupt(1 << 20), ErrorKind::Corrupt);
-        assert_eq!(corrupt(COMPRESSED | (1 << 20)), ErrorKind::Corrupt);
-        assert!(L2Entry::decode(ZERO | (1 << 40), bits, size).is_ok());
+        let corrupt = |raw, bitmap, layout| {
+            L2Entry::decode(raw, bitmap, layout, size)
+                .unwrap_err()
+                .kind()
+        };
+        assert_eq!(corrupt(0x5_0200, 0, STANDARD), ErrorKind::Corrupt);
+        assert_eq!(corrupt(1 << 20, 0, STANDARD), ErrorKind::Corrupt);
         assert_eq!(
-            L2Entry::decode(COPIED | 0x5_0000, bits, size).unwrap(),
+            corrupt(COMPRESSED | (1 << 20), 0, STANDARD),
+            ErrorKind::Corrupt
+        );
+        assert!(L2Entry::decode(ZERO | (1 << 40), 0, STANDARD, size).is_ok());
+        assert_eq!(
+            L2Entry::decode(COPIED | 0x5_0000, 0, STANDARD, size).unwrap(),
             L2Entry::owned(0x5_0000)
         );
+        // Extended: allocated and zero at once, allocated without a
+        // cluster, a partly allocated cluster past the end or unaligned.
+        assert_eq!(corrupt(0x5_0000, 1 | 1 << 32, EXTENDED), ErrorKind::Corrupt);
+        assert_eq!(corrupt(0, 1, EXTENDED), ErrorKind::Corrupt);
+        assert_eq!(corrupt(1 << 20, 1, EXTENDED), ErrorKind::Corrupt);
+        assert_eq!(corrupt(0x5_0200, 1, EXTENDED), ErrorKind::Corrupt);
+        assert!(L2Entry::decode(0x5_0000, 1 | 2 << 32, EXTENDED, size).is_ok());
+    }
+
+    #[test]
+    fn subcluster_runs() {
+        let sub = 1u64 << EXTENDED.unit_bits();
+        // Subclusters 0..4 data, 4..6 zero, 6..32 unallocated.
+        let entry = L2Entry::parse(COPIED | 0x5_0000, 0xf | 0x30 << 32, EXTENDED);
+        assert_eq!(
+            entry.mapping_run(EXTENDED, 1),
+            (Mapping::Data(0x5_0000 + sub), 3)
+        );
+        assert_eq!(entry.mapping_run(EXTENDED, 4), (Mapping::Zero, 2));
+        assert_eq!(entry.mapping_run(EXTENDED, 6), (Mapping::Unallocated, 26));
+        assert_eq!(
+            L2Entry::owned(0x5_0000).mapping_run(EXTENDED, 31),
+            (Mapping::Data(0x5_0000 + 31 * sub), 1)
+        );
+        assert_eq!(
+            L2Entry::owned(0x5_0000).mapping_run(STANDARD, 0),
+            (Mapping::Data(0x5_0000), 1)
+        );
+        assert!(entry.allocated(0..4) && !entry.allocated(3..5));
+    }
+
+    #[test]
+    fn writes_and_zeroes_set_subcluster_bits() {
+        let host = 0x5_0000;
+        let written = L2Entry::Unallocated.written(EXTENDED, host, 2..4);
+        assert_eq!(written.raw(EXTENDED), [COPIED | host, 0xc]);
+        let zero = L2Entry::Zero {
+            host: 0,
+            copied: false,
+        };
+        let over_zero = zero.written(EXTENDED, host, 0..1);
+        assert_eq!(
+            over_zero.raw(EXTENDED),
+            [COPIED | host, 1 | (ALL_ZERO & !(1 << 32))]
+        );
+        assert_eq!(written.written(EXTENDED, host, 0..32), L2Entry::owned(host));
+        assert_eq!(
+            L2Entry::Unallocated.written(STANDARD, host, 0..1),
+            L2Entry::owned(host)
+        );
+        let zeroed = L2Entry::owned(host).zeroed(0..31).unwrap();
+        assert_eq!(
+            zeroed.raw(EXTENDED),
+            [COPIED | host, 1 << 31 | (ALL_ZERO & !(1 << 63))]
+        );
+        assert_eq!(
+            zeroed.zeroed(31..32),
+            Some(L2Entry::Zero { host, copied: true })
+        );
+        let compressed = L2Entry::parse(COMPRESSED | 0x12_3456, 0, EXTENDED);
+        assert_eq!(compressed.zeroed(0..1), None);
+    }
+
+    #[test]
+    fn owned_hosts_of_each_layout() {
+        let host = 0x5_0000;
+        let zero = L2Entry::Zero { host, copied: true };
+        assert_eq!(zero.owned_host(EXTENDED), Some(host));
+        assert_eq!(zero.owned_host(STANDARD), None);
+        let shared = L2Entry::Mixed {
+            host,
+            copied: false,
+            bitmap: 1,
+        };
+        assert_eq!(shared.owned_host(EXTENDED), None);
+        assert_eq!(L2Entry::owned(host).owned_host(STANDARD), Some(host));
     }
 
     #[test]
     fn storage_of_each_kind() {
         let cs = 1 << 16;
-        let compressed = L2Entry::parse(COMPRESSED | (1 << 54) | 0x1_fe00, 16);
+        let compressed = L2Entry::parse(COMPRESSED | (1 << 54) | 0x1_fe00, 0, STANDARD);
         // Two sectors from 0x1fe00: into the next cluster.
         assert_eq!(compressed.storage(cs), Some((0x1_0000, 0x2_0200)));
         assert_eq!(L2Entry::Unallocated.storage(cs), None);
@@ -205,5 +520,7 @@ mod tests {
         };
         assert_eq!(zero.storage(cs), None);
         assert_eq!(L2Entry::owned(cs).storage(cs), Some((cs, 2 * cs)));
+        let mixed = L2Entry::parse(0, 1 << 40, EXTENDED);
+        assert_eq!(mixed.storage(cs), None);
     }
 }

@@ -26,7 +26,7 @@ pub(crate) use check::TableCheck;
 pub use header::Compression;
 pub use header::Header;
 pub(crate) use inflate::{CompressedExtent, Inflater};
-pub(crate) use l2::L2Entry;
+pub(crate) use l2::{L2Entry, Layout};
 pub use snapshot::{SnapshotInfo, MAX_SHOWN_NAME};
 pub(crate) use write::{ClearMode, UsageCheck, WriteTarget};
 
@@ -140,11 +140,11 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     /// The cached L2 table slice of `len` bytes at `offset`, every entry of
     /// it checked ([`L2Entry::decode`]) when it is read from the device: no
     /// entry of a slice that fails is ever used.
-    fn l2_slice(&mut self, offset: u64, len: usize, cluster_bits: u32) -> Result<&[u8]> {
+    fn l2_slice(&mut self, offset: u64, len: usize, layout: Layout) -> Result<&[u8]> {
         let device_size = self.device_size();
         self.cache
             .slice_checked(self.image, self.devices, offset, len, |slice| {
-                check_l2_entries(slice, cluster_bits, device_size)
+                check_l2_entries(slice, layout, device_size)
             })
     }
 
@@ -334,33 +334,46 @@ impl Qcow2 {
         self.cluster_size().min(SLICE_SIZE as u64)
     }
 
-    /// Visits the 8-byte entries of the `kind` table at `table` from
-    /// `index` to the end of the cached slice that holds it, while `visit`
-    /// returns true.
+    /// How the image lays out its L2 entries.
+    pub(crate) fn layout(&self) -> Layout {
+        Layout {
+            cluster_bits: self.header.cluster_bits,
+            extended: self.header.incompatible.contains(Incompatible::EXTENDED_L2),
+        }
+    }
+
+    /// Visits the entries of the `kind` table at `table` from `index` to
+    /// the end of the cached slice that holds it, while `visit` returns
+    /// true: each entry, and for extended L2 entries the subcluster bitmap
+    /// (0 otherwise).
     fn table_entries<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
         kind: TableKind,
         (table, index): (u64, u64),
-        visit: impl FnMut(u64) -> bool,
+        visit: impl FnMut(u64, u64) -> bool,
     ) -> Result<()> {
-        let (start, first) = self.slice_of(table, index);
+        let layout = self.layout();
+        let entry_bytes = match kind {
+            TableKind::L2 => layout.entry_bytes(),
+            TableKind::Other => 8,
+        };
+        let (start, first) = self.slice_of(table, index * entry_bytes);
         let len = self.slice_len() as usize;
         let slice = match kind {
-            TableKind::L2 => t.l2_slice(start, len, self.header.cluster_bits)?,
+            TableKind::L2 => t.l2_slice(start, len, layout)?,
             TableKind::Other => t.slice(start, len)?,
         };
-        visit_entries(&slice[first..], visit);
+        visit_entries(&slice[first..], entry_bytes, visit);
         Ok(())
     }
 
-    /// The start of the slice holding entry `index` of the table at
-    /// `table`, and the entry's byte offset in it.
-    fn slice_of(&self, table: u64, index: u64) -> (u64, usize) {
+    /// The start of the slice holding byte `byte` of the table at `table`,
+    /// and the byte's offset in it.
+    fn slice_of(&self, table: u64, byte: u64) -> (u64, usize) {
         // Slice lengths are powers of two: masks instead of divisions (this
         // runs for every layer of every request).
         let slice_len = self.slice_len();
-        let byte = index * 8;
         (
             table + (byte & !(slice_len - 1)),
             (byte & (slice_len - 1)) as usize,
@@ -397,7 +410,25 @@ impl Qcow2 {
         Ok(entry)
     }
 
-    /// Entry `index` of the 8-byte-entry `kind` table at `table`.
+    /// Entry `index` of the `kind` table at `table`, with its subcluster
+    /// bitmap (extended L2 entries; 0 otherwise).
+    fn read_entry_pair<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        kind: TableKind,
+        table: u64,
+        index: u64,
+    ) -> Result<(u64, u64)> {
+        let mut value = (0, 0);
+        self.table_entries(t, kind, (table, index), |entry, bitmap| {
+            value = (entry, bitmap);
+            false
+        })?;
+        Ok(value)
+    }
+
+    /// Entry `index` of the `kind` table at `table` (for an extended L2
+    /// entry, its first 64 bits).
     fn read_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
@@ -405,12 +436,7 @@ impl Qcow2 {
         table: u64,
         index: u64,
     ) -> Result<u64> {
-        let mut value = 0;
-        self.table_entries(t, kind, (table, index), |entry| {
-            value = entry;
-            false
-        })?;
-        Ok(value)
+        Ok(self.read_entry_pair(t, kind, table, index)?.0)
     }
 
     /// How guest bytes `offset..offset + len` begin in this image: the mapping
@@ -426,18 +452,19 @@ impl Qcow2 {
         offset: u64,
         len: u64,
     ) -> Result<(Mapping, u64)> {
-        let cs = self.cluster_size();
-        let bits = self.header.cluster_bits;
-        // Entries per L2 table: cs / 8, a power of two.
-        let l2_bits = bits - 3;
-        let l2_entries = 1u64 << l2_bits;
+        let layout = self.layout();
+        let (bits, unit_bits) = (layout.cluster_bits, layout.unit_bits());
+        let (l2_bits, unit) = (layout.table_bits(), 1u64 << unit_bits);
         let cluster = offset >> bits;
         let l1_index = cluster >> l2_bits;
-        let l2_index = cluster & (l2_entries - 1);
-        let in_cluster = offset & (cs - 1);
-        // Clusters this request may span inside the current L2 table.
-        let span = ((in_cluster + len + cs - 1) >> bits).min(l2_entries - l2_index);
-        let run_len = |clusters: u64| (clusters * cs - in_cluster).min(len);
+        let l2_index = cluster & ((1 << l2_bits) - 1);
+        let first_unit = ((offset >> unit_bits) & u64::from(layout.units() - 1)) as u32;
+        let in_unit = offset & (unit - 1);
+        // Units this request may span inside the current L2 table.
+        let table_units =
+            (((1 << l2_bits) - l2_index) << (bits - unit_bits)) - u64::from(first_unit);
+        let span = ((in_unit + len).div_ceil(unit)).min(table_units);
+        let run_len = |units: u64| ((units << unit_bits) - in_unit).min(len);
 
         if l1_index >= u64::from(self.header.l1_size) {
             return fail(ErrorKind::Corrupt, "qcow2 offset beyond the L1 table");
@@ -447,7 +474,7 @@ impl Qcow2 {
         if l2_table == 0 {
             return Ok((Mapping::Unallocated, run_len(span)));
         }
-        if l2_table & (cs - 1) != 0 || l1_entry & 0x1ff != 0 {
+        if l2_table & ((1 << bits) - 1) != 0 || l1_entry & 0x1ff != 0 {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 L1 entry is unaligned or has reserved bits set",
@@ -462,47 +489,60 @@ impl Qcow2 {
 
         let device_size = t.device_size();
         let mut first: Option<Mapping> = None;
-        let mut clusters = 0u64;
+        let mut units = 0u64;
         let mut error: Option<Error> = None;
-        self.table_entries(t, TableKind::L2, (l2_table, l2_index), |entry| {
-            if clusters == span {
-                return false;
-            }
-            let mapping = match self.decode_l2(entry, device_size) {
-                Ok(entry) => entry.mapping(),
+        let mut unit_in_entry = first_unit;
+        self.table_entries(t, TableKind::L2, (l2_table, l2_index), |raw, bitmap| {
+            let entry = match self.decode_l2(raw, bitmap, device_size) {
+                Ok(entry) => entry,
                 Err(err) => {
                     error = Some(err);
                     return false;
                 }
             };
-            let continues = match (first, mapping) {
-                (None, _) => true,
-                (Some(Mapping::Data(start)), Mapping::Data(next)) => next == start + clusters * cs,
-                (Some(Mapping::Zero), Mapping::Zero) => true,
-                (Some(Mapping::Unallocated), Mapping::Unallocated) => true,
-                _ => false,
-            };
-            if !continues {
-                return false;
+            while unit_in_entry < layout.units() {
+                if units == span {
+                    return false;
+                }
+                let (mapping, alike) = entry.mapping_run(layout, unit_in_entry);
+                let continues = match (first, mapping) {
+                    (None, _) => true,
+                    (Some(Mapping::Data(start)), Mapping::Data(next)) => {
+                        next == start + (units << unit_bits)
+                    }
+                    (Some(Mapping::Zero), Mapping::Zero) => true,
+                    (Some(Mapping::Unallocated), Mapping::Unallocated) => true,
+                    _ => false,
+                };
+                if !continues {
+                    return false;
+                }
+                first.get_or_insert(mapping);
+                units += u64::from(alike);
+                unit_in_entry += alike;
+                if matches!(mapping, Mapping::Compressed(_)) {
+                    return false;
+                }
             }
-            first.get_or_insert(mapping);
-            clusters += 1;
-            !matches!(mapping, Mapping::Compressed(_))
+            unit_in_entry = 0;
+            true
         })?;
-        if let Some(err) = error.filter(|_| clusters == 0) {
+        if let Some(err) = error.filter(|_| units == 0) {
             return Err(err);
         }
+        let units = units.min(span);
         match first {
-            Some(Mapping::Data(host)) => Ok((Mapping::Data(host + in_cluster), run_len(clusters))),
-            Some(mapping) => Ok((mapping, run_len(clusters))),
+            Some(Mapping::Data(host)) => Ok((Mapping::Data(host + in_unit), run_len(units))),
+            Some(mapping) => Ok((mapping, run_len(units))),
             None => fail(ErrorKind::Corrupt, "qcow2 L2 table could not be read"),
         }
     }
 
-    /// L2 entry `raw` of this image, checked against a device of
-    /// `device_size` bytes ([`L2Entry::decode`]).
-    fn decode_l2(&self, raw: u64, device_size: u64) -> Result<L2Entry> {
-        L2Entry::decode(raw, self.header.cluster_bits, device_size)
+    /// L2 entry `raw` (with `bitmap`, when extended) of this image,
+    /// checked against a device of `device_size` bytes
+    /// ([`L2Entry::decode`]).
+    fn decode_l2(&self, raw: u64, bitmap: u64, device_size: u64) -> Result<L2Entry> {
+        L2Entry::decode(raw, bitmap, self.layout(), device_size)
     }
 
     /// Writes `backing` (name, format if recorded) or none as the image's
@@ -583,26 +623,37 @@ impl Qcow2 {
     }
 }
 
-/// Calls `visit` on the 8-byte entries of `bytes`, while it returns true.
-fn visit_entries(bytes: &[u8], mut visit: impl FnMut(u64) -> bool) {
-    for chunk in bytes.chunks_exact(8) {
+/// Calls `visit` on the `entry_bytes`-byte entries of `bytes` (8, or 16
+/// for extended L2 entries: the entry and its subcluster bitmap; the
+/// bitmap is 0 for 8-byte entries), while it returns true.
+fn visit_entries(bytes: &[u8], entry_bytes: u64, mut visit: impl FnMut(u64, u64) -> bool) {
+    let word = |at: &[u8]| {
         let mut raw = [0u8; 8];
-        raw.copy_from_slice(chunk);
-        if !visit(u64::from_be_bytes(raw)) {
+        raw.copy_from_slice(&at[..8]);
+        u64::from_be_bytes(raw)
+    };
+    for chunk in bytes.chunks_exact(entry_bytes as usize) {
+        let bitmap = if entry_bytes == 16 {
+            word(&chunk[8..])
+        } else {
+            0
+        };
+        if !visit(word(chunk), bitmap) {
             break;
         }
     }
 }
 
-/// Checks every 8-byte L2 entry in `bytes` as a lookup decodes it
-/// ([`L2Entry::decode`]: aligned, inside a device of `device_size` bytes).
+/// Checks every L2 entry in `bytes` (laid out as `layout` says) as a
+/// lookup decodes it ([`L2Entry::decode`]: aligned, inside a device of
+/// `device_size` bytes, a valid subcluster bitmap).
 ///
 /// # Errors
 /// [`ErrorKind::Corrupt`] for the first entry that fails.
-fn check_l2_entries(bytes: &[u8], cluster_bits: u32, device_size: u64) -> Result<()> {
+fn check_l2_entries(bytes: &[u8], layout: Layout, device_size: u64) -> Result<()> {
     let mut result = Ok(());
-    visit_entries(bytes, |raw| {
-        result = L2Entry::decode(raw, cluster_bits, device_size).map(|_| ());
+    visit_entries(bytes, layout.entry_bytes(), |raw, bitmap| {
+        result = L2Entry::decode(raw, bitmap, layout, device_size).map(|_| ());
         result.is_ok()
     });
     result

@@ -534,7 +534,7 @@ impl Qcow2 {
         let (l1_offset, l1_size) = (h.l1_table_offset, self.l1_used);
         let mut index = 0;
         while l2_tables && !trusted && !overlap && index < l1_size {
-            self.table_entries(t, TableKind::Other, (l1_offset, index), |entry| {
+            self.table_entries(t, TableKind::Other, (l1_offset, index), |entry, _| {
                 index += 1;
                 overlap |= hits(
                     entry & OFFSET_MASK,
@@ -546,7 +546,7 @@ impl Qcow2 {
         let (rt_offset, rt_len) = (self.header.refcount_table_offset, self.rt_used);
         let mut index = 0;
         while !trusted && !overlap && index < rt_len {
-            self.table_entries(t, TableKind::Other, (rt_offset, index), |entry| {
+            self.table_entries(t, TableKind::Other, (rt_offset, index), |entry, _| {
                 index += 1;
                 let block = entry & !0x1ff;
                 overlap |= hits(block, if block == 0 { 0 } else { cs });

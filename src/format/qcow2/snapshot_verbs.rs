@@ -464,10 +464,11 @@ impl Qcow2 {
         walk: Walk,
     ) -> Result<()> {
         let cs = self.cluster_size();
-        for index in 0..cs / 8 {
-            let raw = self.read_entry(t, TableKind::L2, table, index)?;
-            let entry = self.decode_l2(raw, t.device_size())?;
-            let at = table + index * 8;
+        let entry_bytes = self.layout().entry_bytes();
+        for index in 0..cs / entry_bytes {
+            let (raw, bitmap) = self.read_entry_pair(t, TableKind::L2, table, index)?;
+            let entry = self.decode_l2(raw, bitmap, t.device_size())?;
+            let at = table + index * entry_bytes;
             match walk {
                 Walk::ClearCopied if raw & COPIED != 0 => {
                     self.update_table(t, at, &(raw & !COPIED).to_be_bytes(), Level::Mapping)?;
@@ -495,6 +496,11 @@ impl Qcow2 {
                         | L2Entry::Zero {
                             host,
                             copied: false,
+                        }
+                        | L2Entry::Mixed {
+                            host,
+                            copied: false,
+                            ..
                         } => host != 0,
                         _ => false,
                     };

@@ -13,16 +13,26 @@
 use super::check::{Piece, TableCheck};
 use super::header::Incompatible;
 use super::refcount::CHUNK;
-use super::{L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
+use super::{visit_entries, L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::ops::Range;
 
-/// What a guest write to one cluster needs.
+/// What a guest write to (part of) one cluster needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteTarget {
-    /// The cluster is owned (COPIED): write at this device offset.
+    /// The cluster is owned (COPIED) and the units written hold its data:
+    /// write at this device offset (the cluster's start).
     InPlace(u64),
+    /// Extended L2: the cluster at this device offset is owned, but some
+    /// subclusters written do not hold its data yet: they are filled
+    /// there (copy-on-write of their untouched parts) and then mapped.
+    Fill {
+        /// The cluster's device offset.
+        host: u64,
+        /// Its current L2 entry.
+        entry: L2Entry,
+    },
     /// A new cluster must be allocated; `old` is the current L2 entry.
     Allocate {
         /// The L2 entry being replaced.
@@ -127,8 +137,7 @@ impl Qcow2 {
         }
         // The tables are read from the device: bring it up to date first.
         t.write_back()?;
-        let cs = self.cluster_size();
-        let bits = self.header.cluster_bits;
+        let layout = self.layout();
         let device_size = t.device_size();
         let mut chunk = [0u8; CHUNK];
         while budget > 0 {
@@ -142,36 +151,61 @@ impl Qcow2 {
                     return Ok(true);
                 }
             };
-            for raw in chunk[..n].chunks_exact(8) {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(raw);
+            let mut result = Ok(());
+            visit_entries(&chunk[..n], layout.entry_bytes(), |raw, bitmap| {
                 // Every entry checked as a lookup decodes it: this check
                 // completes the L2 check (`check.rs`) before any write can
                 // grow the image under an entry pointing past its end.
-                let entry = L2Entry::decode(u64::from_be_bytes(bytes), bits, device_size)?;
-                let Some((mut cluster, end)) = entry.storage(cs) else {
-                    continue;
-                };
-                while cluster < end {
-                    if self.refcount(t, cluster / cs)? == 0 {
-                        self.mark_corrupt(t);
-                        return fail(
-                            ErrorKind::Corrupt,
-                            "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
-                        );
-                    }
-                    cluster += cs;
-                }
+                result = L2Entry::decode(raw, bitmap, layout, device_size)
+                    .and_then(|entry| self.check_counted(t, entry));
+                result.is_ok()
+            });
+            result?;
+            budget = budget.saturating_sub(n as u64 / layout.entry_bytes());
+        }
+        Ok(false)
+    }
+
+    /// Refuses (and marks the image corrupt) when the refcounts call a
+    /// cluster that `entry` uses free.
+    fn check_counted<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        entry: L2Entry,
+    ) -> Result<()> {
+        if self.counts_free(t, entry)? {
+            self.mark_corrupt(t);
+            return fail(
+                ErrorKind::Corrupt,
+                "qcow2 refcounts call a cluster in use free (repair with qemu-img check -r all): writes are refused",
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the refcounts call a cluster of `entry`'s storage free.
+    fn counts_free<D: Device, const S: usize>(
+        &self,
+        t: &mut Tables<'_, D, S>,
+        entry: L2Entry,
+    ) -> Result<bool> {
+        let cs = self.cluster_size();
+        let Some((mut cluster, end)) = entry.storage(cs) else {
+            return Ok(false);
+        };
+        while cluster < end {
+            if self.refcount(t, cluster / cs)? == 0 {
+                return Ok(true);
             }
-            budget = budget.saturating_sub(n as u64 / 8);
+            cluster += cs;
         }
         Ok(false)
     }
 
     /// The L1 index and L2 index of guest cluster `cluster`.
     fn indices(&self, cluster: u64) -> (u64, u64) {
-        let l2_entries = self.cluster_size() / 8;
-        (cluster / l2_entries, cluster % l2_entries)
+        let l2_bits = self.layout().table_bits();
+        (cluster >> l2_bits, cluster & ((1 << l2_bits) - 1))
     }
 
     fn l1_entry<D: Device, const S: usize>(
@@ -192,9 +226,9 @@ impl Qcow2 {
         Ok(entry)
     }
 
-    /// The L2 entry of guest cluster `cluster` (0 when its table is absent).
-    /// The L2 entry of guest `cluster`, decoded ([`L2Entry::decode`]).
-    fn l2_entry<D: Device, const S: usize>(
+    /// The L2 entry of guest `cluster`, decoded ([`L2Entry::decode`]);
+    /// unallocated when its table is absent.
+    pub(super) fn l2_entry<D: Device, const S: usize>(
         &self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
@@ -205,8 +239,8 @@ impl Qcow2 {
             return Ok(L2Entry::Unallocated);
         }
         self.check_offset(t, table, "qcow2 L2 table")?;
-        let raw = self.read_entry(t, TableKind::L2, table, l2_index)?;
-        self.decode_l2(raw, t.device_size())
+        let (raw, bitmap) = self.read_entry_pair(t, TableKind::L2, table, l2_index)?;
+        self.decode_l2(raw, bitmap, t.device_size())
     }
 
     fn check_offset<D: Device, const S: usize>(
@@ -224,7 +258,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// How a guest write to `cluster` must proceed.
+    /// How a guest write to bytes `range` (offsets inside the cluster) of
+    /// `cluster` must proceed.
     ///
     /// # Errors
     /// Metadata and device errors.
@@ -232,18 +267,31 @@ impl Qcow2 {
         &mut self,
         t: &mut Tables<'_, D, S>,
         cluster: u64,
+        range: Range<u64>,
     ) -> Result<WriteTarget> {
         let (l1_index, _) = self.indices(cluster);
         let l1 = self.l1_entry(t, l1_index)?;
         // Decoded with the same checks as the read path: alignment, bounds.
         let entry = self.l2_entry(t, cluster)?;
-        match entry.in_place() {
+        let layout = self.layout();
+        match entry.owned_host(layout) {
             Some(host) if l1 & COPIED != 0 => {
                 self.check_overlap(t, host, self.cluster_size())?;
-                Ok(WriteTarget::InPlace(host))
+                match entry.allocated(self.units_of(range)) {
+                    true => Ok(WriteTarget::InPlace(host)),
+                    false => Ok(WriteTarget::Fill { host, entry }),
+                }
             }
             _ => Ok(WriteTarget::Allocate { old: entry }),
         }
+    }
+
+    /// The units ([`Layout::unit_bits`](super::Layout::unit_bits)) of a
+    /// cluster that bytes `range` of it touch.
+    pub(super) fn units_of(&self, range: Range<u64>) -> Range<u32> {
+        let unit_bits = self.layout().unit_bits();
+        let unit = 1u64 << unit_bits;
+        (range.start >> unit_bits) as u32..range.end.div_ceil(unit) as u32
     }
 
     /// Points guest `cluster` at `entry` (an owned data cluster, zero, or
@@ -262,9 +310,15 @@ impl Qcow2 {
         entry: L2Entry,
     ) -> Result<()> {
         let at = self.owned_l2_entry(t, cluster)?;
-        let raw = entry.raw(self.header.cluster_bits);
-        // R2, R3: a cached mapping, written back after data and refcounts.
-        self.update_table(t, at, &raw.to_be_bytes(), Level::Mapping)
+        let layout = self.layout();
+        let [raw, bitmap] = entry.raw(layout);
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&raw.to_be_bytes());
+        bytes[8..].copy_from_slice(&bitmap.to_be_bytes());
+        // R2, R3: a cached mapping, written back after data and refcounts;
+        // an extended entry and its bitmap in one update (one slice).
+        let len = layout.entry_bytes() as usize;
+        self.update_table(t, at, &bytes[..len], Level::Mapping)
     }
 
     /// Stores guest `cluster`, unallocated in this image, as the compressed
@@ -381,6 +435,51 @@ impl Qcow2 {
         self.map_cluster(t, cluster, entry, old)
     }
 
+    /// Makes units `units` of guest `cluster` read as zeros with their
+    /// zero flags, the cluster's storage kept (extended L2 entries: whole
+    /// subclusters of a cluster a zero write covers only in part, as QEMU
+    /// zeroes them). Returns `false`, changing nothing, for a compressed
+    /// cluster (it has no subclusters: the caller writes zeros instead).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Corrupt`] for a hostile entry, metadata and device
+    /// errors.
+    pub fn zero_units<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+        cluster: u64,
+        units: Range<u32>,
+    ) -> Result<bool> {
+        self.check_replaceable(t, cluster)?;
+        let old = self.l2_entry(t, cluster)?;
+        match old.zeroed(units) {
+            None => Ok(false),
+            Some(entry) if entry == old => Ok(true),
+            // R18: a cached mapping; nothing is released.
+            Some(entry) => self.set_entry(t, cluster, entry).map(|()| true),
+        }
+    }
+
+    /// The units of guest `cluster` that its bytes `range` cover whole (a
+    /// unit that ends at the virtual size counts as whole).
+    pub fn whole_units(&self, cluster: u64, range: Range<u64>) -> Range<u32> {
+        let unit_bits = self.layout().unit_bits();
+        let unit = 1u64 << unit_bits;
+        let ends_image = cluster * self.cluster_size() + range.end == self.size();
+        let end = match ends_image {
+            true => range.end.div_ceil(unit),
+            false => range.end / unit,
+        };
+        let start = range.start.div_ceil(unit).min(end);
+        start as u32..end as u32
+    }
+
+    /// Bytes of the unit a zero flag covers: a subcluster with extended L2
+    /// entries, else a cluster.
+    pub fn unit_size(&self) -> u64 {
+        1 << self.layout().unit_bits()
+    }
+
     /// Whether a zero write of whole clusters sets the zero flag (v3)
     /// rather than writing zeros (v2 has no such flag).
     pub fn has_zero_flag(&self) -> bool {
@@ -475,7 +574,8 @@ impl Qcow2 {
         let mut at = offset;
         while at < offset + len {
             let cluster = at / cs;
-            let WriteTarget::InPlace(host) = self.write_target(t, cluster)? else {
+            let piece = at % cs..(offset + len - cluster * cs).min(cs);
+            let WriteTarget::InPlace(host) = self.write_target(t, cluster, piece)? else {
                 break;
             };
             let host = host + at % cs;
@@ -553,15 +653,8 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         entry: L2Entry,
     ) -> Result<()> {
-        let cs = self.cluster_size();
-        let Some((mut cluster, end)) = entry.storage(cs) else {
-            return Ok(());
-        };
-        while cluster < end {
-            if self.refcount(t, cluster / cs)? == 0 {
-                return fail(ErrorKind::Corrupt, "qcow2 cluster in use has refcount zero");
-            }
-            cluster += cs;
+        if self.counts_free(t, entry)? {
+            return fail(ErrorKind::Corrupt, "qcow2 cluster in use has refcount zero");
         }
         Ok(())
     }
@@ -584,7 +677,7 @@ impl Qcow2 {
             self.check_offset(t, table, "qcow2 L2 table")?;
             if l1 & COPIED != 0 {
                 self.check_l2_overlap(t, table)?;
-                return Ok(table + l2_index * 8);
+                return Ok(table + l2_index * self.layout().entry_bytes());
             }
         }
         let cs = self.cluster_size();
@@ -613,7 +706,7 @@ impl Qcow2 {
             t.sync()?;
             self.release_cluster(t, table)?;
         }
-        Ok(new_table + l2_index * 8)
+        Ok(new_table + l2_index * self.layout().entry_bytes())
     }
 }
 
@@ -665,7 +758,7 @@ impl Qcow2 {
             return Ok(());
         }
         let cs = self.cluster_size();
-        let coverage = cs / 8 * cs;
+        let coverage = cs / self.layout().entry_bytes() * cs;
         let needed = new_size.div_ceil(coverage);
         if needed > super::header::MAX_L1_ENTRIES || new_size > super::header::MAX_VIRTUAL_SIZE {
             return fail(ErrorKind::InvalidInput, "new size exceeds the qcow2 limits");
