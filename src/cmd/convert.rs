@@ -134,6 +134,14 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 subject,
             ))
         };
+        if let Some(name) = options.data_file {
+            // `create -o data_file=...` makes such an image; convert then
+            // copies into it only through a script (not yet here).
+            return unsupported(
+                "unsupported: convert to an image with an external data file",
+                name,
+            );
+        }
         if mode.compress && output_format == Format::Raw {
             return unsupported("unsupported: raw images cannot be compressed (-c)", output);
         }

@@ -3,7 +3,10 @@
 //!
 //! qcow2 options (`-o`, comma separated, repeatable): `cluster_size=N`,
 //! `refcount_bits=N`, `compat=0.10|1.1` (or `v2|v3`), `lazy_refcounts=on|off`,
-//! `compression_type=zlib|zstd`, `extended_l2=on|off`.
+//! `compression_type=zlib|zstd`, `extended_l2=on|off`, `data_file=NAME`
+//! (the external data file, created next to the image, or truncated, as
+//! qemu-img does), `data_file_raw=on|off` (its clusters then all mapped to
+//! the same offsets: the data file is a raw image of the guest view).
 //! The backing reference is stored exactly as given and its format (`-F`) is
 //! required. The backing image is opened first, through the resolver and
 //! relative to IMAGE as its overlay would open it: it must exist, and
@@ -17,7 +20,7 @@ use crate::error::{Error, ErrorKind};
 use crate::format::qcow2::create::{create, CreateOptions};
 use crate::format::qcow2::Compression;
 use crate::format::Format;
-use crate::graph::{NameBuf, Resolver};
+use crate::graph::{NameBuf, OpenOptions, Resolver};
 
 const USAGE: &str =
     "usage: create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING -F FMT] IMAGE [SIZE]";
@@ -41,7 +44,7 @@ fn on_off(value: &str) -> Option<bool> {
 /// Applies one `-o` word (`key=value[,key=value]...`) to `options`.
 pub(super) fn apply_options<'a>(
     word: &'a str,
-    options: &mut CreateOptions<'_>,
+    options: &mut CreateOptions<'a>,
 ) -> Result<(), Failure<'a>> {
     for item in word.split(',').filter(|item| !item.is_empty()) {
         let Some((key, value)) = item.split_once('=') else {
@@ -89,6 +92,10 @@ pub(super) fn apply_options<'a>(
             }
             "extended_l2" => {
                 options.extended_l2 = on_off(value).ok_or(bad("extended_l2 takes on or off"))?
+            }
+            "data_file" => options.data_file = Some(value),
+            "data_file_raw" => {
+                options.data_file_raw = on_off(value).ok_or(bad("data_file_raw takes on or off"))?
             }
             _ => {
                 return Err(error(
@@ -256,10 +263,17 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }
             if format == Format::Qcow2 {
                 let compat = if options.version == 2 { "0.10" } else { "1.1" };
+                write!(self.out, " compat={compat}")?;
+                if let Some(name) = options.data_file {
+                    write!(self.out, " data_file={name}")?;
+                    if options.data_file_raw {
+                        self.out.write_str(" data_file_raw=on")?;
+                    }
+                }
                 let lazy = if options.lazy_refcounts { "on" } else { "off" };
                 write!(
                     self.out,
-                    " compat={compat} lazy_refcounts={lazy} refcount_bits={}",
+                    " lazy_refcounts={lazy} refcount_bits={}",
                     options.refcount_bits()
                 )?;
             }
@@ -267,15 +281,55 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
 
         let at = |err| Failure::new(err, image);
+        let mut data_path = NameBuf::new();
+        if let Some(name) = options.data_file {
+            // Resolved as it will be opened: next to the image.
+            self.env
+                .resolver()
+                .resolve_backing(image, name, &mut data_path)
+                .map_err(|e| Failure::new(e, name))?;
+            if data_path.as_str() == image {
+                return Err(error(
+                    ErrorKind::InvalidInput,
+                    "the data file is the image being created",
+                    name,
+                ));
+            }
+            // R13: the data file (empty, the image's size) before the image.
+            let mut data = self.env.create(&data_path, size).map_err(at)?;
+            data.flush().map_err(at)?;
+        }
         let initial = if format == Format::Raw { size } else { 0 };
         let mut device = self.env.create(image, initial).map_err(at)?;
         let formatted = match format {
             Format::Raw => device.flush(),
             Format::Qcow2 => create(&mut device, &options),
         };
+        drop(device);
+        let formatted = formatted.and_then(|()| match options.data_file_raw {
+            true => self.map_raw_data_file(image),
+            false => Ok(()),
+        });
         if formatted.is_err() {
             self.env.remove(image);
+            if !data_path.is_empty() {
+                self.env.remove(&data_path);
+            }
         }
         formatted.map_err(at)
+    }
+
+    /// Maps every cluster of the new qcow2 image `image` to the same
+    /// offset of its raw external data file, as QEMU's `data_file_raw`
+    /// creation does: the data file is the guest view from the start.
+    fn map_raw_data_file(&mut self, image: &str) -> crate::Result<()> {
+        let options = OpenOptions::new(Format::Qcow2).writable();
+        let node = self.graph.open_image(self.env.resolver(), image, options)?;
+        let mapped = self
+            .graph
+            .map_raw_data_file(node)
+            .and_then(|()| self.graph.flush(node));
+        self.graph.unref(node)?;
+        mapped
     }
 }

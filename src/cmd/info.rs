@@ -74,11 +74,12 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
         }
     }
 
-    /// Facts about `layer`, whose backing file resolves to `full_backing`.
+    /// Facts about `layer`, whose backing file resolves to `full_backing`
+    /// and whose external data file is named `data_file` (empty: none).
     fn facts<'g>(
         graph: &'g Graph<E::Device, N, B, C, J>,
         layer: NodeId,
-        full_backing: &'g str,
+        (full_backing, data_file): (&'g str, &'g str),
     ) -> crate::Result<Facts<'g>> {
         let format = graph.format(layer)?.unwrap_or(Format::Raw);
         let qcow2 = graph.qcow2(layer).ok();
@@ -93,14 +94,23 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
             }),
             dirty: qcow2.map(|q| q.is_dirty()),
             specific: qcow2.map(|q| Qcow2Facts::of(q.header())),
+            data_file: (!data_file.is_empty()).then_some(data_file),
         })
+    }
+
+    /// The names [`Self::facts`] takes for `layer`: where its backing file
+    /// resolves, and its external data file's.
+    fn names(&mut self, layer: NodeId) -> crate::Result<(NameBuf, NameBuf)> {
+        let (mut full, mut data) = (NameBuf::new(), NameBuf::new());
+        self.full_backing(layer, &mut full)?;
+        self.graph.data_file_reference(layer, &mut data)?;
+        Ok((full, data))
     }
 
     /// Writes `layer`'s facts as a qemu-img JSON object (no newline after it).
     fn describe_json(&mut self, layer: NodeId) -> Outcome<'static> {
-        let mut full = NameBuf::new();
-        self.full_backing(layer, &mut full)?;
-        let f = Self::facts(self.graph, layer, &full)?;
+        let (full, data) = self.names(layer)?;
+        let f = Self::facts(self.graph, layer, (&full, &data))?;
         let out = &mut *self.out;
         out.write_str("{\n    \"filename\": ")?;
         json::string(out, f.filename)?;
@@ -140,6 +150,11 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 )?;
             }
             write!(out, ",\n            \"refcount-bits\": {}", q.refcount_bits)?;
+            if let Some(name) = f.data_file {
+                out.write_str(",\n            \"data-file\": ")?;
+                json::string(out, name)?;
+                write!(out, ",\n            \"data-file-raw\": {}", q.data_file_raw)?;
+            }
             if q.v3 {
                 write!(
                     out,
@@ -158,9 +173,8 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
 
     /// Writes `layer`'s facts as qemu-img's human-readable lines.
     fn describe_human(&mut self, layer: NodeId) -> Outcome<'static> {
-        let mut full = NameBuf::new();
-        self.full_backing(layer, &mut full)?;
-        let f = Self::facts(self.graph, layer, &full)?;
+        let (full, data) = self.names(layer)?;
+        let f = Self::facts(self.graph, layer, (&full, &data))?;
         let out = &mut *self.out;
         writeln!(out, "image: {}", f.filename)?;
         writeln!(out, "file format: {}", f.format)?;
@@ -185,6 +199,10 @@ impl<E: Environment, const N: usize, const B: usize, const C: usize, const J: us
                 writeln!(out, "    lazy refcounts: {}", q.lazy_refcounts)?;
             }
             writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
+            if let Some(name) = f.data_file {
+                writeln!(out, "    data file: {name}")?;
+                writeln!(out, "    data file raw: {}", q.data_file_raw)?;
+            }
             if q.v3 {
                 writeln!(out, "    corrupt: {}", q.corrupt)?;
                 writeln!(out, "    extended l2: {}", q.extended_l2)?;
@@ -204,6 +222,7 @@ struct Qcow2Facts {
     refcount_bits: u32,
     corrupt: bool,
     extended_l2: bool,
+    data_file_raw: bool,
 }
 
 impl Qcow2Facts {
@@ -215,6 +234,7 @@ impl Qcow2Facts {
             refcount_bits: 1 << header.refcount_order,
             corrupt: header.incompatible.contains(Incompatible::CORRUPT),
             extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
+            data_file_raw: header.data_file_raw(),
         }
     }
 
@@ -236,4 +256,6 @@ struct Facts<'g> {
     backing: Option<(&'g str, Option<&'g str>, &'g str)>,
     dirty: Option<bool>,
     specific: Option<Qcow2Facts>,
+    /// The external data file's name, as stored.
+    data_file: Option<&'g str>,
 }

@@ -267,7 +267,7 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         cow: &mut Cow,
     ) -> Result<()> {
         cow.phase = Phase::Write;
-        let file = graph.layer_file(node);
+        let file = graph.data_file(node);
         let buf = self.copies[cow.copy]
             .lent
             .buf

@@ -871,7 +871,9 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         }
         let root = graph.root(slot.backend);
         if let (Payload::Flush, Ok(root)) = (&slot.payload, root) {
-            if self.can_write_back() {
+            // A chain with an external data file takes the synchronous
+            // path: its data file is flushed before mappings go out (R3).
+            if self.can_write_back() && !graph.chain_has_data_file(root) {
                 self.start_write_back(graph, index, root);
                 return Start::Started;
             }

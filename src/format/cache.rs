@@ -64,6 +64,9 @@ pub struct Image {
     pub owner: Owner,
     /// Index of the image's device in the device table.
     pub device: usize,
+    /// Index of the device its data lies on: `device`, or an external data
+    /// file's (flushed before mappings are written back: R3).
+    pub data: usize,
 }
 
 /// The device at `index` of a device table, or a corruption error naming
@@ -120,6 +123,7 @@ const EMPTY: Tag = Tag {
     image: Image {
         owner: 0,
         device: 0,
+        data: 0,
     },
     offset: 0,
     len: 0,
@@ -333,6 +337,25 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
             .any(|t| t.valid && t.image.owner == owner && t.dirty.is_some())
     }
 
+    /// Writes `image`'s dirty slices back to its device in `devices`
+    /// ([`MetaCache::write_back`]); when mapping slices go out and its data
+    /// lies on another device (an external data file), that device is
+    /// flushed first: the data they map is durable before them (R2, R3).
+    ///
+    /// # Errors
+    /// As [`MetaCache::write_back`]; a device missing from `devices`.
+    pub fn write_back_image<D: Device>(
+        &mut self,
+        image: Image,
+        devices: &mut [Place<D>],
+    ) -> Result<()> {
+        if image.data != image.device && self.is_dirty_at(image.owner, Level::Mapping) {
+            device_at(devices, image.data, "external data file of a closed image")?.flush()?;
+        }
+        let device = device_at(devices, image.device, "cached metadata of a closed image")?;
+        self.write_back(image.owner, device)
+    }
+
     /// Writes `owner`'s dirty slices to `device` in [`Level`] order: the
     /// refcount slices, then (when there are mapping slices) one flush and
     /// the mapping slices. Ends without a flush of its own.
@@ -507,12 +530,7 @@ impl<const SLOTS: usize> MetaCache<SLOTS> {
         let evicted = self.tags[slot];
         if evicted.valid && evicted.dirty.is_some() {
             // R3: the evicted slice's image is written back whole.
-            let device = device_at(
-                devices,
-                evicted.image.device,
-                "cached metadata of a closed image",
-            )?;
-            self.write_back(evicted.image.owner, device)?;
+            self.write_back_image(evicted.image, devices)?;
         }
         self.tags[slot].valid = false;
         Ok(slot)
@@ -564,10 +582,12 @@ mod tests {
     const A: Image = Image {
         owner: 1,
         device: 0,
+        data: 0,
     };
     const B: Image = Image {
         owner: 2,
         device: 1,
+        data: 1,
     };
 
     /// 64 bytes, each holding its offset.

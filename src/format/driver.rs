@@ -111,6 +111,11 @@ impl Driver {
         matches!(self, Driver::Qcow2(_))
     }
 
+    /// Whether the image keeps its data in an external data file.
+    pub(crate) fn has_data_file(&self) -> bool {
+        self.qcow2().is_ok_and(|q| q.header().has_data_file())
+    }
+
     /// The backing file name and format the image records, if any.
     pub(crate) fn backing_reference(&self) -> Option<(&str, Option<&str>)> {
         let q = self.qcow2().ok()?;
@@ -260,11 +265,15 @@ pub(crate) struct ImageTables<'a, D, const S: usize> {
     pub(crate) node: NodeId,
     /// Its protocol node.
     pub(crate) file: NodeId,
+    /// The protocol node its data lies on: `file`, or its external data
+    /// file.
+    pub(crate) data: NodeId,
 }
 
 impl<'a, D: Device, const S: usize> ImageTables<'a, D, S> {
     /// The node's [`Tables`].
     pub(crate) fn open(self) -> Tables<'a, D, S> {
-        Tables::new(self.cache, self.devices, self.node.key(), self.file.index())
+        let devices = (self.file.index(), self.data.index());
+        Tables::new(self.cache, self.devices, self.node.key(), devices)
     }
 }

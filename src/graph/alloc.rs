@@ -59,14 +59,14 @@ impl<
         let Ok(qcow2) = self.qcow2(id) else {
             return Ok(false);
         };
-        let cs = qcow2.cluster_size();
+        let (cs, layout) = (qcow2.cluster_size(), qcow2.layout());
         if len == 0 || self.batch_at(id, offset, len)? < len {
             return Ok(false);
         }
         for cluster in offset / cs..=(offset + len - 1) / cs {
             let range = in_cluster(cluster, cs, (offset, len));
             let old = self.with_qcow2(id, |q, t| q.check_cluster_write(t, cluster, range))?;
-            if old.is_some_and(|old| old.storage(cs).is_some()) {
+            if old.is_some_and(|old| old.storage(layout).is_some()) {
                 return Ok(false);
             }
         }
@@ -148,7 +148,7 @@ impl<
         if len == 0 {
             return Ok(());
         }
-        let file = self.layer_file(id)?;
+        let file = self.data_file(id)?;
         let mut buf = [0u8; BOUNCE];
         let view = View {
             node: id,
@@ -181,7 +181,7 @@ impl<
         while run < len && batch.fresh_host((pos + run) / cs) == Some(host + run) {
             run = (run + cs).min(len);
         }
-        Ok(Some((self.layer_file(id)?, host, run)))
+        Ok(Some((self.data_file(id)?, host, run)))
     }
 
     /// Maps the new clusters of `batch`, filled by now, in qcow2 node `id`'s

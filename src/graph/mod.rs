@@ -68,6 +68,9 @@ pub struct Node {
     name: NameBuf,
     refs: u32,
     file: Option<NodeId>,
+    /// The protocol node of a qcow2 image's external data file, once
+    /// attached ([`Graph::open_image`] does).
+    data_file: Option<NodeId>,
     backing: Option<NodeId>,
     read_only: bool,
     /// Opened with [`OpenOptions::force_share`]: its file edge shares
@@ -421,6 +424,7 @@ impl<
             name: stored,
             refs: 1,
             file,
+            data_file: None,
             backing: None,
             read_only,
             force_share: false,
@@ -484,8 +488,13 @@ impl<
             );
         }
         self.write_back_all()?;
-        let device = resolver.open(name, !options.read_only || options.writable_devices)?;
+        let writable = !options.read_only || options.writable_devices;
+        let device = resolver.open(name, writable)?;
         let top = self.open_layer(device, name, options.format, options)?;
+        if let Err(err) = self.attach_data_file(resolver, top, writable) {
+            self.unref(top)?;
+            return Err(err);
+        }
         if options.no_backing {
             return Ok(top);
         }
@@ -640,6 +649,10 @@ impl<
             ..options
         };
         let layer = self.open_layer(device, resolved, Some(format), backing)?;
+        if let Err(err) = self.attach_data_file(resolver, layer, options.writable_devices) {
+            self.unref(layer)?;
+            return Err(err);
+        }
         let linked = self.set_backing(overlay, Some(layer));
         self.unref(layer)?;
         linked?;
@@ -694,7 +707,7 @@ impl<
             let node = self.nodes.remove(id)?;
             self.cache.forget(id.key());
             self.devices[id.index()] = Place::Empty;
-            if let Some(file) = node.file {
+            for file in [node.file, node.data_file].into_iter().flatten() {
                 // Files are protocol nodes: leaves, released right here (the
                 // device, and with it any lock, goes).
                 let file_node = self.nodes.get_mut(file)?;
@@ -857,7 +870,8 @@ impl<
     /// Every current user of `id`.
     pub fn parents(&self, id: NodeId) -> impl Iterator<Item = Parent> + '_ {
         let nodes = self.nodes.iter().flat_map(move |(h, n)| {
-            let file = (n.file == Some(id)).then_some(Parent::File(h));
+            // An external data file is a file of its image too.
+            let file = (n.file == Some(id) || n.data_file == Some(id)).then_some(Parent::File(h));
             let backing = (n.backing == Some(id)).then_some(Parent::Backing(h));
             file.into_iter().chain(backing)
         });
@@ -1017,23 +1031,95 @@ impl<
                 }
             }
         }
+        let files = [node.file, node.data_file];
         if !read_only {
-            if let Some(file) = node.file {
+            for file in files.into_iter().flatten() {
                 if self.device_mut(file)?.is_read_only() {
                     return fail(ErrorKind::ReadOnly, "the image's device is read-only");
                 }
                 self.check_access(file, Access::file(true), Some(Parent::File(id)))?;
             }
         }
-        let node = self.nodes.get_mut(id)?;
-        let (was, file) = (node.read_only, node.file);
-        node.read_only = read_only;
-        if let Some(file) = file {
+        let was = core::mem::replace(&mut self.nodes.get_mut(id)?.read_only, read_only);
+        for (done, file) in files.into_iter().flatten().enumerate() {
             if let Err(err) = self.sync_access(file) {
                 self.nodes.get_mut(id)?.read_only = was;
+                for file in files.into_iter().flatten().take(done) {
+                    self.relax_access(file);
+                }
                 return Err(err);
             }
         }
+        Ok(())
+    }
+
+    /// The external data file name qcow2 node `id` records (as stored,
+    /// read from its header), written into `out`; `false` (and `out`
+    /// untouched) for an image without one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::StaleHandle`] for a released node, device and header
+    /// errors.
+    pub fn data_file_reference(&mut self, id: NodeId, out: &mut NameBuf) -> Result<bool> {
+        let node = self.nodes.get(id)?;
+        let Ok(qcow2) = node.driver.qcow2() else {
+            return Ok(false);
+        };
+        let file = node.file.unwrap_or(id);
+        let device = self.devices[file.index()]
+            .as_mut()
+            .ok_or(Error::new(ErrorKind::Corrupt, "image without device"))?;
+        qcow2.data_file_name(device, |found| out.set(found))
+    }
+
+    /// Whether a layer of `id`'s chain keeps its data in an external data
+    /// file.
+    pub(crate) fn chain_has_data_file(&self, id: NodeId) -> bool {
+        self.chain_from(id)
+            .any(|node| self.nodes.get(node).is_ok_and(|n| n.driver.has_data_file()))
+    }
+
+    /// Opens the external data file qcow2 node `id` names, if it names one,
+    /// through `resolver` as a backing file of it would be (relative to the
+    /// image and confined as backing names are; `writable` asks for a
+    /// writable device), claims it as the image claims its own file, and
+    /// attaches it: the image's data is read and written there.
+    ///
+    /// # Errors
+    /// The resolver's errors (a missing or refused name),
+    /// [`ErrorKind::PermissionConflict`] when another user of that file
+    /// conflicts (the image's own file among them).
+    #[inline(never)] // Stack: a name buffer, off the open path's frame.
+    fn attach_data_file<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        id: NodeId,
+        writable: bool,
+    ) -> Result<()> {
+        let mut name = NameBuf::new();
+        if self.nodes.get(id)?.data_file.is_some() || !self.data_file_reference(id, &mut name)? {
+            return Ok(());
+        }
+        let node = self.nodes.get(id)?;
+        let (image, access, read_only) = (node.name.clone(), node.file_access(), node.read_only);
+        let mut resolved = NameBuf::new();
+        let device = match resolver.open_backing(&image, &name, writable, &mut resolved) {
+            // A read-only layer asked for a writable device as a backing
+            // file is (OpenOptions::writable_devices): read-only will do.
+            Err(err) if err.kind() == ErrorKind::ReadOnly && writable && read_only => {
+                resolver.open_backing(&image, &name, false, &mut resolved)?
+            }
+            other => other?,
+        };
+        let data = self.add_device(device, &resolved)?;
+        let claimed = self
+            .check_access(data, access, None)
+            .and_then(|()| self.update_access(data, access));
+        if let Err(err) = claimed {
+            self.unref(data)?;
+            return Err(err);
+        }
+        self.nodes.get_mut(id)?.data_file = Some(data);
         Ok(())
     }
 
@@ -1136,11 +1222,13 @@ impl<
                 return Ok((located, run));
             }
             run = run.min(size - offset);
+            let file = node.file.unwrap_or(layer);
             let tables = ImageTables {
                 cache: &mut self.cache,
                 devices: &mut self.devices,
                 node: layer,
-                file: node.file.unwrap_or(layer),
+                file,
+                data: node.data_file.unwrap_or(file),
             };
             let (mapping, mapped) = node.driver.map(tables, offset, run)?;
             run = mapped;
@@ -1282,7 +1370,7 @@ impl<
             match located.mapping {
                 Mapping::Zero | Mapping::Unallocated => chunk.fill(0),
                 Mapping::Data(host) => {
-                    let file = self.layer_file(located.layer)?;
+                    let file = self.data_file(located.layer)?;
                     let device = self.device_mut(file)?;
                     let present =
                         device.size().saturating_sub(host).min(chunk.len() as u64) as usize;
@@ -1380,6 +1468,24 @@ impl<
         Ok(self.nodes.get(id)?.file.unwrap_or(id))
     }
 
+    /// The protocol node `id`'s guest data lies on: a qcow2 image's
+    /// external data file, else its file ([`Graph::layer_file`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] for an image with an external data file
+    /// that was not attached (opened by [`Graph::open_format`] alone).
+    pub(crate) fn data_file(&self, id: NodeId) -> Result<NodeId> {
+        let node = self.nodes.get(id)?;
+        match node.data_file {
+            Some(data) => Ok(data),
+            None if node.driver.has_data_file() => fail(
+                ErrorKind::Unsupported,
+                "unsupported: the image's external data file is not open (open the image by name)",
+            ),
+            None => Ok(node.file.unwrap_or(id)),
+        }
+    }
+
     /// Makes every completed write to `id`'s chain durable: each layer's
     /// cached table updates are written back (data and refcounts before
     /// mappings: R3 of `docs/crash-ordering.md`) and its device flushed;
@@ -1397,6 +1503,11 @@ impl<
             if !self.write_back_node(node)? && (writable || node == id) {
                 let file = self.layer_file(node)?;
                 self.device_mut(file)?.flush()?;
+            }
+            if let Some(data) = self.nodes.get(node)?.data_file {
+                if writable || node == id {
+                    self.device_mut(data)?.flush()?;
+                }
             }
             layer = backing;
         }
@@ -1447,11 +1558,13 @@ impl<
         id: NodeId,
     ) -> Result<(&mut Driver, ImageTables<'_, D, CACHE>)> {
         let node = self.nodes.get_mut(id)?;
+        let file = node.file.unwrap_or(id);
         let tables = ImageTables {
             cache: &mut self.cache,
             devices: &mut self.devices,
             node: id,
-            file: node.file.unwrap_or(id),
+            file,
+            data: node.data_file.unwrap_or(file),
         };
         Ok((&mut node.driver, tables))
     }

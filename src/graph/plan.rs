@@ -86,8 +86,12 @@ impl<
                 return None;
             }
             if self.flushed_in(node, id) {
-                // One entry per node of the pool: never full.
+                // One entry per node of the pool: never full (a data
+                // file is a node too).
                 files.push(self.layer_file(node).ok()?).ok()?;
+                if let Some(data) = self.nodes.get(node).ok()?.data_file {
+                    files.push(data).ok()?;
+                }
             }
         }
         Some(files)
@@ -151,7 +155,7 @@ impl<
         Ok(match located.mapping {
             Mapping::Zero | Mapping::Unallocated => (ReadExtent::Zeros, run),
             Mapping::Data(host) => {
-                let file = self.layer_file(located.layer)?;
+                let file = self.data_file(located.layer)?;
                 match self.device_mut(file)?.size().saturating_sub(host).min(run) {
                     0 => (ReadExtent::Zeros, run),
                     present => (ReadExtent::Data { file, host }, present),
@@ -176,7 +180,7 @@ impl<
         pos: u64,
         len: u64,
     ) -> Result<Option<(NodeId, u64, u64)>> {
-        let file = self.layer_file(id)?;
+        let file = self.data_file(id)?;
         let (driver, tables) = self.driver_and_tables(id)?;
         let extent = driver.in_place(tables, pos, len)?;
         Ok(extent.map(|(host, run)| (file, host, run)))

@@ -127,7 +127,10 @@ impl<
         }
         let active_node = self.nodes.get_mut(active)?;
         active_node.read_only = true;
-        if let Some(file) = active_node.file {
+        for file in [active_node.file, active_node.data_file]
+            .into_iter()
+            .flatten()
+        {
             self.relax_access(file);
         }
         Ok(())

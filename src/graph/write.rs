@@ -117,6 +117,18 @@ impl<
         self.with_qcow2(id, |q, t| q.write_compressed(t, offset / cs, stream))
     }
 
+    /// Maps every guest cluster of qcow2 node `id`, an image with a raw
+    /// external data file, to the same offset of that file
+    /// ([`Qcow2::map_data_file`]: QEMU's metadata preallocation for
+    /// `data_file_raw`), in the metadata cache.
+    ///
+    /// # Errors
+    /// As [`Graph::write`]'s checks, metadata and device errors.
+    pub(crate) fn map_raw_data_file(&mut self, id: NodeId) -> Result<()> {
+        self.prepare_writable(id)?;
+        self.with_qcow2(id, |q, t| q.map_data_file(t))
+    }
+
     /// One step of the check qcow2 node `id` needs before its first write
     /// (the refcounts count every cluster its L2 tables use, R9):
     /// examines at most about `budget` table entries and returns whether
@@ -310,7 +322,7 @@ impl<
         if scratch.is_empty() {
             return fail(ErrorKind::InvalidInput, "a copy needs a scratch buffer");
         }
-        let file = self.layer_file(id)?;
+        let file = self.data_file(id)?;
         let offloads = self.device_mut(file)?.can_copy();
         let piece = (scratch.len() as u64).max(self.cluster_size(id)?);
         let mut done = 0;
@@ -352,7 +364,7 @@ impl<
         let Mapping::Data(source_host) = located.mapping else {
             return Ok(None);
         };
-        let (source_file, file) = (self.layer_file(located.layer)?, self.layer_file(id)?);
+        let (source_file, file) = (self.data_file(located.layer)?, self.data_file(id)?);
         // Not in place (or the first sector of a probed raw image, whose new
         // content the buffered path checks): no offload.
         let (driver, tables) = self.driver_and_tables(id)?;
@@ -573,7 +585,7 @@ impl<
         if run.len == 0 {
             return Ok(());
         }
-        let file = self.layer_file(id)?;
+        let file = self.data_file(id)?;
         let body = data.slice(run.start, run.len);
         if run.head == 0 && run.tail == 0 {
             return self.put(file, run.host, body, scratch);
@@ -609,7 +621,7 @@ impl<
         body: Source<'_>,
         buf: &mut [u8],
     ) -> Result<()> {
-        let file = self.layer_file(id)?;
+        let file = self.data_file(id)?;
         let guest = pos + run.start;
         let head = Source::View(View {
             node: id,
@@ -672,6 +684,10 @@ impl<
             return self.write_raw(id, offset, Source::Zeros(len), &mut []);
         }
         let zero_flag = self.qcow2(id)?.has_zero_flag();
+        let (offset, len) = match zero_flag {
+            true => self.widen_over_zeros(id, offset, len)?,
+            false => (offset, len),
+        };
         if zero_flag {
             self.validate_clears(id, offset, len)?;
         }
@@ -679,7 +695,9 @@ impl<
             let cs = graph.qcow2(id)?.cluster_size();
             let cluster = pos / cs;
             if whole && zero_flag {
-                return graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero));
+                return graph
+                    .with_qcow2(id, |q, t| q.clear_cluster(t, cluster, ClearMode::Zero))
+                    .map(drop);
             }
             let in_cluster = pos - cluster * cs..pos + n - cluster * cs;
             let units = graph.qcow2(id)?.whole_units(cluster, in_cluster);
@@ -701,6 +719,43 @@ impl<
             write(pos, base + start)?;
             write((base + end).min(pos + n), pos + n)
         })
+    }
+
+    /// A zero write of `len` bytes at `offset` of qcow2 node `id`, widened
+    /// at either end to the boundary of the unit a zero flag covers (a
+    /// cluster, or a subcluster) where the bytes it adds read as zeros by
+    /// the metadata already: QEMU's rule, so that a partial zero write
+    /// next to zeros sets a flag instead of writing zeros.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    fn widen_over_zeros(&mut self, id: NodeId, offset: u64, len: u64) -> Result<(u64, u64)> {
+        let (unit, size) = (self.qcow2(id)?.unit_size(), self.size(id)?);
+        let (mut start, mut end) = (offset, offset + len);
+        let head = start / unit * unit;
+        if head < start && self.reads_zeros(id, head, start - head)? {
+            start = head;
+        }
+        let tail = end.next_multiple_of(unit).min(size);
+        if end < tail && self.reads_zeros(id, end, tail - end)? {
+            end = tail;
+        }
+        Ok((start, end - start))
+    }
+
+    /// Whether `len` bytes of `id`'s view at `offset` read as zeros by the
+    /// metadata (zero flags, nothing allocated down the chain, past a
+    /// backing file's end), without reading data.
+    fn reads_zeros(&mut self, id: NodeId, offset: u64, len: u64) -> Result<bool> {
+        let mut at = offset;
+        while at < offset + len {
+            let (located, run) = self.locate(id, at, offset + len - at)?;
+            if !located.status.zero {
+                return Ok(false);
+            }
+            at += run;
+        }
+        Ok(true)
     }
 
     /// Discards guest range `offset..offset + len` of format node `id`.
@@ -730,13 +785,27 @@ impl<
                 return Ok(());
             }
             let cluster = pos / graph.qcow2(id)?.cluster_size();
-            graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))?;
+            let old = graph.with_qcow2(id, |q, t| q.clear_cluster(t, cluster, mode))?;
+            graph.discard_data(id, old, n)?;
             if let Some(base) = mirror {
                 // The cluster now reads as zeros: in the base too.
                 graph.mirror_to_base(id, (pos, n), |graph| graph.write_zeroes(base, pos, n));
             }
             Ok(())
         })
+    }
+
+    /// After a discard cleared a cluster of `id` whose entry was `old`:
+    /// with an external data file, the `len` bytes it held there are
+    /// discarded too (written as zeros), as QEMU discards them, so the data
+    /// file holds what QEMU's would. The flag already hides them.
+    fn discard_data(&mut self, id: NodeId, old: L2Entry, len: u64) -> Result<()> {
+        let layout = self.qcow2(id)?.layout();
+        let Some(host) = old.owned_host(layout).filter(|_| layout.external) else {
+            return Ok(());
+        };
+        let file = self.data_file(id)?;
+        self.put(file, host, Source::Zeros(len), &mut [])
     }
 
     /// Checks every whole cluster of `offset..offset + len` of qcow2 node `id`

@@ -37,9 +37,15 @@ impl QemuChecker {
         self.runs += 1;
         let name = format!("check.{}", fx.names[img]);
         std::fs::write(self.dir.join(&name), bytes).expect("write image for qemu-img");
-        // The backing file is not needed (and not opened): "backing": null.
+        // The backing file is not needed (and not opened): "backing": null;
+        // nor is an external data file's content (a null device stands in).
+        let external = bytes.len() >= 80 && be64(bytes, 72) & 4 != 0;
+        let data = match external {
+            true => r#","data-file":{"driver":"null-co"}"#,
+            false => "",
+        };
         let spec = format!(
-            r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{name}"}},"backing":null}}"#
+            r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{name}"}},"backing":null{data}}}"#
         );
         let args = ["check", spec.as_str()];
         let out = run(&self.dir, "qemu-img", &args);
@@ -175,8 +181,11 @@ impl<'f> Judge<'f> {
                 for mark in &marks {
                     for name in mark.images[img].iter().flat_map(|o| &o.chain) {
                         let i = fx.index(name);
-                        if !set.contains(&i) {
-                            set.push(i);
+                        // A layer's view depends on its data file too.
+                        for i in [Some(i), fx.data_files[i]].into_iter().flatten() {
+                            if !set.contains(&i) {
+                                set.push(i);
+                            }
                         }
                     }
                 }

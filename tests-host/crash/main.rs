@@ -241,4 +241,5 @@ use driver::*;
 mod guest_writes;
 use guest_writes::*;
 mod chain_changes;
+mod data_file;
 mod extended_l2;

@@ -11,6 +11,9 @@ pub(crate) struct ImageSpec {
     pub(crate) refcount_bits: u32,
     /// Extended L2 entries (32 subclusters per cluster).
     pub(crate) extended_l2: bool,
+    /// The external data file qemu-img creates for it (listed as an image
+    /// of its own, made by [`ImageSpec::data_file`]).
+    pub(crate) data_file: Option<&'static str>,
     pub(crate) backing: Option<&'static str>,
     pub(crate) cmds: Vec<String>,
     pub(crate) internal_snapshot: Option<&'static str>,
@@ -24,6 +27,7 @@ impl ImageSpec {
             cluster,
             refcount_bits: 16,
             extended_l2: false,
+            data_file: None,
             backing: None,
             cmds: Vec::new(),
             internal_snapshot: None,
@@ -41,6 +45,18 @@ impl ImageSpec {
 
     pub(crate) fn refcount_bits(mut self, bits: u32) -> Self {
         self.refcount_bits = bits;
+        self
+    }
+
+    /// An external data file some other spec creates ([`ImageSpec::with_data_file`]):
+    /// a device of the scenario, never judged as an image (its bytes are
+    /// read through the image that names it).
+    pub(crate) fn data_file(name: &'static str) -> Self {
+        Self::new(name, 0, 0)
+    }
+
+    pub(crate) fn with_data_file(mut self, name: &'static str) -> Self {
+        self.data_file = Some(name);
         self
     }
 
@@ -183,6 +199,8 @@ pub(crate) struct Fixture {
     pub(crate) names: Vec<String>,
     pub(crate) initial: Rc<Vec<Vec<u8>>>,
     pub(crate) blank: Vec<bool>,
+    /// Per image: its external data file's index, if it has one.
+    pub(crate) data_files: Vec<Option<usize>>,
     pub(crate) root: usize,
     /// Comparison unit: the smallest cluster (or subcluster) size of the
     /// scenario.
@@ -211,12 +229,15 @@ pub(crate) fn build(sc: &Scenario) -> Fixture {
         if spec.size == 0 {
             continue;
         }
-        let opts = format!(
+        let mut opts = format!(
             "cluster_size={},refcount_bits={},extended_l2={}",
             spec.cluster,
             spec.refcount_bits,
             if spec.extended_l2 { "on" } else { "off" }
         );
+        if let Some(data) = spec.data_file {
+            opts.push_str(&format!(",data_file={data}"));
+        }
         let size = spec.size.to_string();
         let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
         if let Some(backing) = spec.backing {
@@ -239,10 +260,10 @@ pub(crate) fn build(sc: &Scenario) -> Fixture {
         .images
         .iter()
         .map(|s| {
-            if s.size == 0 {
-                Vec::new()
-            } else {
-                std::fs::read(d.join(s.name)).expect("read image")
+            let path = d.join(s.name);
+            match s.size == 0 && !path.exists() {
+                true => Vec::new(),
+                false => std::fs::read(path).expect("read image"),
             }
         })
         .collect();
@@ -277,8 +298,17 @@ pub(crate) fn build(sc: &Scenario) -> Fixture {
         .expect("a scenario has images");
     let max_size = sc.images.iter().map(|s| s.size).max().unwrap_or(0);
     let root = names.iter().position(|n| n == sc.root).expect("root image");
+    let data_files = sc
+        .images
+        .iter()
+        .map(|s| {
+            s.data_file
+                .map(|d| names.iter().position(|n| n == d).expect("data file listed"))
+        })
+        .collect();
     Fixture {
         dir,
+        data_files,
         names,
         initial: Rc::new(initial),
         blank,

@@ -185,7 +185,7 @@ impl Qcow2 {
                 }
                 (entry, Some(host), written, fill)
             }
-            WriteTarget::Allocate { old } if old.storage(cs).is_some() => {
+            WriteTarget::Allocate { old } if old.storage(self.layout()).is_some() => {
                 (old, None, 0..layout.units(), 0..cs)
             }
             WriteTarget::Allocate { old } => (old, None, written.clone(), unit_bytes(&written)),
@@ -196,8 +196,11 @@ impl Qcow2 {
                 "a write batch holds at most 64 new clusters",
             );
         };
+        // An external data file's clusters lie where the guest's do, with
+        // no refcount: nothing to allocate (or give back).
         let new = match kept {
             Some(host) => host,
+            None if layout.external => cluster * cs,
             None => self.allocate(t)?,
         };
         *slot = Fresh {
@@ -205,7 +208,7 @@ impl Qcow2 {
             new,
             old,
             units: (units.start as u8, units.end as u8),
-            kept: kept.is_some(),
+            kept: kept.is_some() || layout.external,
         };
         batch.count += 1;
         Ok(Placement::Fresh { host: new, fill })
@@ -239,8 +242,7 @@ impl Qcow2 {
             self.set_entry(t, f.cluster, now.written(layout, f.new, units))?;
             batch.mapped += 1;
         }
-        let cs = self.cluster_size();
-        let replaced = |f: &&Fresh| !f.kept && f.old.storage(cs).is_some();
+        let replaced = |f: &&Fresh| !f.kept && f.old.storage(layout).is_some();
         if fresh.iter().any(|f| replaced(&f)) {
             // R5: the new mappings durable before the old storage is freed.
             t.sync()?;

@@ -19,12 +19,12 @@
 //! one write, followed by a flush.
 
 use super::header::{
-    align_up_8, put_u32, put_u64, Compatible, Compression, Incompatible, EXT_BACKING_FORMAT,
-    EXT_END, HEADER_AREA, MAGIC, MAX_BACKING_NAME, MAX_FORMAT_NAME, MAX_L1_ENTRIES,
-    MAX_VIRTUAL_SIZE, MIN_EXTENDED_L2_CLUSTER_BITS, OFF_BACKING_OFFSET, OFF_BACKING_SIZE,
-    OFF_CLUSTER_BITS, OFF_COMPATIBLE, OFF_COMPRESSION_TYPE, OFF_HEADER_LENGTH, OFF_INCOMPATIBLE,
-    OFF_L1_OFFSET, OFF_L1_SIZE, OFF_REFCOUNT_CLUSTERS, OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER,
-    OFF_SIZE, OFF_VERSION, V2_HEADER_LENGTH,
+    align_up_8, put_u32, put_u64, Compatible, Compression, Incompatible, AUTOCLEAR_DATA_FILE_RAW,
+    EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_END, HEADER_AREA, MAGIC, MAX_BACKING_NAME,
+    MAX_FORMAT_NAME, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE, MIN_EXTENDED_L2_CLUSTER_BITS, OFF_AUTOCLEAR,
+    OFF_BACKING_OFFSET, OFF_BACKING_SIZE, OFF_CLUSTER_BITS, OFF_COMPATIBLE, OFF_COMPRESSION_TYPE,
+    OFF_HEADER_LENGTH, OFF_INCOMPATIBLE, OFF_L1_OFFSET, OFF_L1_SIZE, OFF_REFCOUNT_CLUSTERS,
+    OFF_REFCOUNT_OFFSET, OFF_REFCOUNT_ORDER, OFF_SIZE, OFF_VERSION, V2_HEADER_LENGTH,
 };
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
@@ -58,6 +58,12 @@ pub struct CreateOptions<'a> {
     /// Extended L2 entries: 32 subclusters per cluster (version 3 and
     /// clusters of at least 16 KiB only); default off.
     pub extended_l2: bool,
+    /// The external data file's name, stored as given (version 3 only):
+    /// guest data goes there; the caller creates the file.
+    pub data_file: Option<&'a str>,
+    /// The data file is a raw image of the guest view (`data_file_raw`:
+    /// needs `data_file`, no backing file).
+    pub data_file_raw: bool,
     /// Backing file reference and its format, stored exactly as given.
     pub backing: Option<(&'a str, &'a str)>,
 }
@@ -75,6 +81,8 @@ impl<'a> CreateOptions<'a> {
             lazy_refcounts: false,
             compression: Compression::Zlib,
             extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
             backing: None,
         }
     }
@@ -145,6 +153,21 @@ impl Layout {
         }
         if options.version == 2 && options.compression != Compression::Zlib {
             return invalid("compression types other than zlib need compat=1.1");
+        }
+        if options.data_file.is_some() && options.version == 2 {
+            return invalid("external data files need compat=1.1");
+        }
+        if options.data_file_raw && options.data_file.is_none() {
+            return invalid("data_file_raw needs a data_file");
+        }
+        if options.data_file_raw && options.backing.is_some() {
+            return invalid("a backing file and data_file_raw cannot be used at the same time");
+        }
+        if options
+            .data_file
+            .is_some_and(|name| name.is_empty() || name.len() > MAX_BACKING_NAME)
+        {
+            return invalid("data file name must be 1 to 1023 bytes");
         }
         if options.extended_l2 && options.version == 2 {
             return invalid("extended L2 entries need compat=1.1");
@@ -227,6 +250,11 @@ impl Layout {
 /// name take for `options`, after checking the backing reference.
 fn header_bytes(options: &CreateOptions<'_>) -> Result<usize> {
     let fixed = Layout::fixed_header_length(options.version);
+    // The data file extension (before the end marker).
+    let fixed = fixed
+        + options
+            .data_file
+            .map_or(0, |name| 8 + align_up_8(name.len()));
     let Some((name, format)) = options.backing else {
         return Ok(fixed + 8);
     };
@@ -284,9 +312,21 @@ fn emit_header(options: &CreateOptions<'_>, layout: &Layout, area: &mut [u8]) {
         if options.extended_l2 {
             incompatible |= Incompatible::EXTENDED_L2;
         }
+        if options.data_file.is_some() {
+            incompatible |= Incompatible::EXTERNAL_DATA;
+        }
         put_u64(area, OFF_INCOMPATIBLE, incompatible.bits());
+        if options.data_file_raw {
+            put_u64(area, OFF_AUTOCLEAR, AUTOCLEAR_DATA_FILE_RAW);
+        }
     }
     let mut pos = fixed;
+    if let Some(name) = options.data_file {
+        put_u32(area, pos, EXT_DATA_FILE);
+        put_u32(area, pos + 4, name.len() as u32);
+        area[pos + 8..pos + 8 + name.len()].copy_from_slice(name.as_bytes());
+        pos += 8 + align_up_8(name.len());
+    }
     if let Some((name, format)) = options.backing {
         put_u32(area, pos, EXT_BACKING_FORMAT);
         put_u32(area, pos + 4, format.len() as u32);

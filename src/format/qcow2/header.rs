@@ -54,6 +54,11 @@ pub(crate) const OFF_COMPRESSION_TYPE: usize = 104;
 /// Header extension types.
 pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// The header extension naming the external data file ("DATA").
+pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Autoclear bit: the external data file is a raw image of the guest view
+/// (`data_file_raw`).
+pub(crate) const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 bitflags::bitflags! {
     /// Incompatible feature bits (v3): an unknown one means "do not open".
@@ -176,6 +181,41 @@ struct Extension {
     data: (usize, usize),
 }
 
+/// Refuses an external data file name a hostile image got wrong: empty,
+/// longer than a backing name may be, or not UTF-8.
+fn check_data_file_name(name: &[u8]) -> Result<&str> {
+    if name.is_empty() || name.len() > MAX_BACKING_NAME {
+        return fail(
+            ErrorKind::Corrupt,
+            "qcow2 external data file name is empty or too long",
+        );
+    }
+    core::str::from_utf8(name).map_err(|_| {
+        crate::Error::new(
+            ErrorKind::Corrupt,
+            "qcow2 external data file name is not UTF-8",
+        )
+    })
+}
+
+/// The external data file name the header extensions in `area` (cluster 0,
+/// validated by [`Header::parse`]) record, if any.
+pub(crate) fn data_file_name<'a>(header: &Header, area: &'a [u8]) -> Option<&'a str> {
+    let end = (header.extensions_end as usize).min(area.len());
+    let mut found = None;
+    let _ = walk_extensions(&area[..end], header.header_length as usize, |ext| {
+        if ext.kind == EXT_DATA_FILE {
+            let (off, len) = ext.data;
+            found = check_data_file_name(&area[off..off + len])
+                .ok()
+                .map(|_| (off, len));
+        }
+        Ok(())
+    });
+    let (off, len) = found?;
+    core::str::from_utf8(&area[off..off + len]).ok()
+}
+
 /// Walks the extensions stored in `area` from `start`, calling `visit` on
 /// each, and returns the offset after the end marker (or the end of `area`
 /// when the extensions simply run up to it, as QEMU accepts).
@@ -213,6 +253,17 @@ fn walk_extensions(
 }
 
 impl Header {
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible.contains(Incompatible::EXTERNAL_DATA)
+    }
+
+    /// Whether the external data file is a raw image of the guest view
+    /// (`data_file_raw`: only with a data file).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
     /// Size of a cluster in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -278,12 +329,6 @@ impl Header {
                 "unsupported qcow2 incompatible feature bits",
             );
         };
-        if incompatible.contains(Incompatible::EXTERNAL_DATA) {
-            return fail(
-                ErrorKind::Unsupported,
-                "unsupported qcow2 feature: external data file",
-            );
-        }
         let extended_l2 = incompatible.contains(Incompatible::EXTENDED_L2);
         if extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
             return fail(
@@ -421,10 +466,16 @@ impl Header {
         }
         .min(area.len());
         let mut backing_format = None;
+        let mut data_file = false;
         let extensions_end = if version == 2 && area_limit <= V2_HEADER_LENGTH {
             V2_HEADER_LENGTH
         } else {
             walk_extensions(&area[..area_limit], header_length as usize, |ext| {
+                if ext.kind == EXT_DATA_FILE {
+                    let (off, len) = ext.data;
+                    check_data_file_name(&area[off..off + len])?;
+                    data_file = true;
+                }
                 if ext.kind == EXT_BACKING_FORMAT {
                     let (off, len) = ext.data;
                     let name = core::str::from_utf8(&area[off..off + len]).map_err(|_| {
@@ -440,6 +491,12 @@ impl Header {
             })?
         };
 
+        if incompatible.contains(Incompatible::EXTERNAL_DATA) && !data_file {
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported qcow2 image: an external data file without its name (the DATA header extension)",
+            );
+        }
         let header = Header {
             version,
             cluster_bits,

@@ -33,14 +33,19 @@ const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Bitmap bits: every subcluster reads as zeros.
 const ALL_ZERO: u64 = ALL_ALLOCATED << 32;
 
-/// How an image lays out its L2 entries: its cluster size, and whether
-/// they are extended (128 bits, with subclusters).
+/// How an image lays out its L2 entries: its cluster size, whether they
+/// are extended (128 bits, with subclusters), and whether the data they
+/// map lies in an external data file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// log2 of the cluster size (9..=21; at least 14 when extended).
     pub cluster_bits: u32,
     /// Extended L2 entries: 32 subclusters per cluster.
     pub extended: bool,
+    /// Data in an external data file: host offsets are offsets in it (0,
+    /// with COPIED, is a valid one), its clusters have no refcounts, and
+    /// there are no compressed clusters.
+    pub external: bool,
 }
 
 impl Layout {
@@ -135,25 +140,28 @@ impl L2Entry {
             });
         }
         let host = raw & OFFSET_MASK;
+        // Offset 0 is a cluster of an external data file when COPIED says
+        // so (QEMU's rule: its clusters always have COPIED).
+        let stored = host != 0 || (layout.external && copied);
         if layout.extended {
-            return Self::with_bitmap(host, copied, bitmap);
+            return Self::with_bitmap(host, copied, bitmap, stored);
         }
         if raw & ZERO != 0 {
             return L2Entry::Zero { host, copied };
         }
-        if host == 0 {
+        if !stored {
             return L2Entry::Unallocated;
         }
         L2Entry::Normal { host, copied }
     }
 
-    /// The extended entry of a cluster at `host` (0: none) with `bitmap`,
-    /// as the plain kind when every subcluster is alike.
-    fn with_bitmap(host: u64, copied: bool, bitmap: u64) -> Self {
+    /// The extended entry of a cluster at `host` (`stored`: it has one)
+    /// with `bitmap`, as the plain kind when every subcluster is alike.
+    fn with_bitmap(host: u64, copied: bool, bitmap: u64, stored: bool) -> Self {
         match bitmap {
-            0 if host == 0 => L2Entry::Unallocated,
+            0 if !stored => L2Entry::Unallocated,
             ALL_ZERO => L2Entry::Zero { host, copied },
-            ALL_ALLOCATED if host != 0 => L2Entry::Normal { host, copied },
+            ALL_ALLOCATED if stored => L2Entry::Normal { host, copied },
             _ => L2Entry::Mixed {
                 host,
                 copied,
@@ -172,20 +180,31 @@ impl L2Entry {
     pub fn decode(raw: u64, bitmap: u64, layout: Layout, device_size: u64) -> Result<Self> {
         let entry = Self::parse(raw, bitmap, layout);
         let data_host = match entry {
+            L2Entry::Compressed(_) if layout.external => {
+                return fail(
+                    ErrorKind::Corrupt,
+                    "qcow2 compressed cluster in an image with an external data file",
+                )
+            }
             L2Entry::Compressed(extent) if extent.host_offset >= device_size => {
                 return fail(
                     ErrorKind::Corrupt,
                     "qcow2 compressed cluster lies past the end of the image",
                 )
             }
-            L2Entry::Mixed { host, bitmap, .. } => {
+            L2Entry::Mixed {
+                host,
+                bitmap,
+                copied,
+            } => {
                 if bitmap & (bitmap >> 32) & ALL_ALLOCATED != 0 {
                     return fail(
                         ErrorKind::Corrupt,
                         "qcow2 subcluster is both allocated and zero",
                     );
                 }
-                if host == 0 && bitmap & ALL_ALLOCATED != 0 {
+                let stored = host != 0 || (layout.external && copied);
+                if !stored && bitmap & ALL_ALLOCATED != 0 {
                     return fail(
                         ErrorKind::Corrupt,
                         "qcow2 subcluster is allocated in an unallocated cluster",
@@ -199,7 +218,9 @@ impl L2Entry {
         if data_host & ((1 << layout.cluster_bits) - 1) != 0 {
             return fail(ErrorKind::Corrupt, "qcow2 data cluster offset is unaligned");
         }
-        if data_host != 0 && data_host >= device_size {
+        // A data file is another file: its clusters lie where the guest's
+        // do (below 2^56 by the offset mask), not inside this one.
+        if !layout.external && data_host != 0 && data_host >= device_size {
             return fail(
                 ErrorKind::Corrupt,
                 "qcow2 data cluster lies past the end of the image",
@@ -278,6 +299,13 @@ impl L2Entry {
     /// allocated get their copy-on-write inside it); else a data cluster.
     pub fn owned_host(self, layout: Layout) -> Option<u64> {
         match self {
+            // An external data file's clusters are the image's alone.
+            L2Entry::Normal { host, .. } if layout.external => Some(host),
+            L2Entry::Zero { host, .. } | L2Entry::Mixed { host, .. }
+                if layout.external && host != 0 =>
+            {
+                Some(host)
+            }
             L2Entry::Normal { host, copied: true } => Some(host),
             L2Entry::Mixed {
                 host, copied: true, ..
@@ -306,7 +334,7 @@ impl L2Entry {
         }
         let mask = unit_mask(units);
         let bitmap = (self.bitmap() | mask) & !(mask << 32);
-        Self::with_bitmap(host, true, bitmap)
+        Self::with_bitmap(host, true, bitmap, true)
     }
 
     /// The extended entry once units `units` read as zeros, the storage
@@ -316,20 +344,26 @@ impl L2Entry {
         let mask = unit_mask(units);
         let bitmap = (self.bitmap() | mask << 32) & !mask;
         match self {
-            L2Entry::Normal { host, copied }
-            | L2Entry::Zero { host, copied }
-            | L2Entry::Mixed { host, copied, .. } => Some(Self::with_bitmap(host, copied, bitmap)),
-            L2Entry::Unallocated => Some(Self::with_bitmap(0, false, bitmap)),
+            L2Entry::Normal { host, copied } => Some(Self::with_bitmap(host, copied, bitmap, true)),
+            L2Entry::Zero { host, copied } | L2Entry::Mixed { host, copied, .. } => {
+                Some(Self::with_bitmap(host, copied, bitmap, host != 0))
+            }
+            L2Entry::Unallocated => Some(Self::with_bitmap(0, false, bitmap, false)),
             L2Entry::Compressed(_) => None,
         }
     }
 
-    /// The host clusters the entry holds, as the device range `start..end`
-    /// (`start` aligned to `cluster_size`), if it holds any: a data
-    /// cluster, a zero cluster's preallocated storage, the clusters a
-    /// compressed stream touches. They are released when the entry is
-    /// replaced.
-    pub fn storage(self, cluster_size: u64) -> Option<(u64, u64)> {
+    /// The host clusters of the image file the entry holds, as the device
+    /// range `start..end` (`start` aligned to the cluster size), if it
+    /// holds any: a data cluster, a zero cluster's preallocated storage,
+    /// the clusters a compressed stream touches. They are released when
+    /// the entry is replaced. An external data file's clusters are not the
+    /// image file's: none.
+    pub fn storage(self, layout: Layout) -> Option<(u64, u64)> {
+        let cluster_size = 1u64 << layout.cluster_bits;
+        if layout.external {
+            return None;
+        }
         match self {
             L2Entry::Unallocated
             | L2Entry::Zero { host: 0, .. }
@@ -352,10 +386,17 @@ mod tests {
     const STANDARD: Layout = Layout {
         cluster_bits: 16,
         extended: false,
+        external: false,
     };
     const EXTENDED: Layout = Layout {
         cluster_bits: 16,
         extended: true,
+        external: false,
+    };
+    const EXTERNAL: Layout = Layout {
+        cluster_bits: 16,
+        extended: false,
+        external: true,
     };
 
     #[test]
@@ -512,15 +553,38 @@ mod tests {
         let cs = 1 << 16;
         let compressed = L2Entry::parse(COMPRESSED | (1 << 54) | 0x1_fe00, 0, STANDARD);
         // Two sectors from 0x1fe00: into the next cluster.
-        assert_eq!(compressed.storage(cs), Some((0x1_0000, 0x2_0200)));
-        assert_eq!(L2Entry::Unallocated.storage(cs), None);
+        assert_eq!(compressed.storage(STANDARD), Some((0x1_0000, 0x2_0200)));
+        assert_eq!(L2Entry::Unallocated.storage(STANDARD), None);
         let zero = L2Entry::Zero {
             host: 0,
             copied: true,
         };
-        assert_eq!(zero.storage(cs), None);
-        assert_eq!(L2Entry::owned(cs).storage(cs), Some((cs, 2 * cs)));
+        assert_eq!(zero.storage(STANDARD), None);
+        assert_eq!(L2Entry::owned(cs).storage(STANDARD), Some((cs, 2 * cs)));
         let mixed = L2Entry::parse(0, 1 << 40, EXTENDED);
-        assert_eq!(mixed.storage(cs), None);
+        assert_eq!(mixed.storage(EXTENDED), None);
+        // An external data file's clusters are not the image file's.
+        assert_eq!(L2Entry::owned(cs).storage(EXTERNAL), None);
+    }
+
+    #[test]
+    fn external_data_file_entries() {
+        // Offset 0 with COPIED is the data file's first cluster.
+        assert_eq!(L2Entry::parse(COPIED, 0, EXTERNAL), L2Entry::owned(0));
+        assert_eq!(L2Entry::parse(0, 0, EXTERNAL), L2Entry::Unallocated);
+        // Any cluster of the data file lies where the guest's does, past
+        // the end of the image file too; compressed clusters cannot exist.
+        let far = COPIED | (1 << 40);
+        assert!(L2Entry::decode(far, 0, EXTERNAL, 1 << 20).is_ok());
+        let compressed = COMPRESSED | 0x1_0000;
+        let err = L2Entry::decode(compressed, 0, EXTERNAL, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        // Every data cluster, COPIED or not, is the image's to write.
+        let shared = L2Entry::Normal {
+            host: 0x5_0000,
+            copied: false,
+        };
+        assert_eq!(shared.owned_host(EXTERNAL), Some(0x5_0000));
+        assert_eq!(shared.owned_host(STANDARD), None);
     }
 }

@@ -105,17 +105,22 @@ pub struct Tables<'a, D, const S: usize> {
 
 impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     /// The tables of the image keyed `owner` whose device is
-    /// `devices[device]`.
+    /// `devices[device]` and whose data lies on `devices[data]` (`device`,
+    /// or an external data file's).
     pub fn new(
         cache: &'a mut MetaCache<S>,
         devices: &'a mut [Place<D>],
         owner: Owner,
-        device: usize,
+        (device, data): (usize, usize),
     ) -> Self {
         Self {
             cache,
             devices,
-            image: Image { owner, device },
+            image: Image {
+                owner,
+                device,
+                data,
+            },
         }
     }
 
@@ -168,8 +173,7 @@ impl<'a, D: Device, const S: usize> Tables<'a, D, S> {
     /// # Errors
     /// Device errors (what was not written stays dirty).
     pub fn write_back(&mut self) -> Result<()> {
-        let device = device_at(self.devices, self.image.device, NO_DEVICE)?;
-        self.cache.write_back(self.image.owner, device)
+        self.cache.write_back_image(self.image, self.devices)
     }
 
     /// Writes the dirty slices back and flushes: everything written so far
@@ -320,6 +324,33 @@ impl Qcow2 {
         self.header.incompatible.contains(Incompatible::DIRTY)
     }
 
+    /// Calls `found` with the external data file name the image on
+    /// `device` records (read again from its header: a chain change may
+    /// have moved it) and returns `true`; `false` without one.
+    ///
+    /// # Errors
+    /// Device and header errors, and those of `found`.
+    #[inline(never)] // Stack: the header area, off the caller's frame.
+    pub fn data_file_name<D: Device>(
+        &self,
+        device: &mut D,
+        found: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<bool> {
+        if !self.header.has_data_file() {
+            return Ok(false);
+        }
+        let mut area = [0u8; HEADER_AREA];
+        let read = read_header_area(device, &mut area)?;
+        let (current, _) = Header::parse(&area[..read], device.size())?;
+        match header::data_file_name(&current, &area[..read]) {
+            Some(name) => found(name).map(|()| true),
+            None => fail(
+                ErrorKind::Corrupt,
+                "qcow2 external data file name is missing",
+            ),
+        }
+    }
+
     /// The backing file name stored in the image, if any.
     pub fn backing_name(&self) -> Option<&str> {
         self.header.backing_name.as_deref()
@@ -339,6 +370,7 @@ impl Qcow2 {
         Layout {
             cluster_bits: self.header.cluster_bits,
             extended: self.header.incompatible.contains(Incompatible::EXTENDED_L2),
+            external: self.header.has_data_file(),
         }
     }
 

@@ -66,8 +66,8 @@ impl Qcow2 {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for an empty name or one over 65535
     /// bytes; [`ErrorKind::Unsupported`] for 1-bit refcounts (they cannot
-    /// count a second reference) or a table that would exceed QEMU's
-    /// limits; metadata and device errors (the image keeps its snapshots
+    /// count a second reference), an image with an external data file (as
+    /// QEMU) or a table that would exceed QEMU's limits; metadata and device errors (the image keeps its snapshots
     /// then, with leaked references at most).
     pub fn create_snapshot<D: Device, const S: usize>(
         &mut self,
@@ -75,6 +75,13 @@ impl Qcow2 {
         name: &str,
         date: (u32, u32),
     ) -> Result<()> {
+        if self.header.has_data_file() {
+            // As QEMU: a snapshot could not keep the data file's clusters.
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported: internal snapshots of an image with an external data file",
+            );
+        }
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             return fail(
                 ErrorKind::InvalidInput,
@@ -475,7 +482,7 @@ impl Qcow2 {
                 }
                 Walk::ClearCopied => {}
                 Walk::AddReferences => {
-                    if let Some((start, end)) = entry.storage(cs) {
+                    if let Some((start, end)) = entry.storage(self.layout()) {
                         for cluster in (start / cs)..end.div_ceil(cs) {
                             self.add_reference(t, cluster)?;
                         }
@@ -483,7 +490,7 @@ impl Qcow2 {
                 }
                 Walk::DropReferences => self.release_entry(t, entry)?,
                 Walk::Check => {
-                    if let Some((start, end)) = entry.storage(cs) {
+                    if let Some((start, end)) = entry.storage(self.layout()) {
                         self.check_overlap(t, start, end - start)?;
                     }
                 }

@@ -11,7 +11,7 @@
 //! alone ([`Qcow2::clear_cluster`]).
 
 use super::check::{Piece, TableCheck};
-use super::header::Incompatible;
+use super::header::{Incompatible, AUTOCLEAR_DATA_FILE_RAW};
 use super::refcount::CHUNK;
 use super::{visit_entries, L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
@@ -78,13 +78,16 @@ impl Qcow2 {
             self.check_used_clusters_counted(t)?;
             self.counted = true;
         }
-        if self.header.version >= 3 && self.header.autoclear != 0 {
-            // R9: we maintain none of the autoclear features (e.g. bitmaps):
-            // cleared durably before the first write.
+        // R9: the only autoclear feature we maintain is a raw external
+        // data file (zeros written into it, never only flagged); the
+        // others (e.g. bitmaps) are cleared durably before the first write.
+        let kept = self.header.autoclear & AUTOCLEAR_DATA_FILE_RAW;
+        let kept = if self.header.has_data_file() { kept } else { 0 };
+        if self.header.version >= 3 && self.header.autoclear != kept {
             let device = t.device()?;
-            device.write_at(88, &0u64.to_be_bytes())?;
+            device.write_at(88, &kept.to_be_bytes())?;
             device.flush()?;
-            self.header.autoclear = 0;
+            self.header.autoclear = kept;
         }
         Ok(())
     }
@@ -190,7 +193,7 @@ impl Qcow2 {
         entry: L2Entry,
     ) -> Result<bool> {
         let cs = self.cluster_size();
-        let Some((mut cluster, end)) = entry.storage(cs) else {
+        let Some((mut cluster, end)) = entry.storage(self.layout()) else {
             return Ok(false);
         };
         while cluster < end {
@@ -276,7 +279,10 @@ impl Qcow2 {
         let layout = self.layout();
         match entry.owned_host(layout) {
             Some(host) if l1 & COPIED != 0 => {
-                self.check_overlap(t, host, self.cluster_size())?;
+                if !layout.external {
+                    // Data and metadata share the file: never write over a table.
+                    self.check_overlap(t, host, self.cluster_size())?;
+                }
                 match entry.allocated(self.units_of(range)) {
                     true => Ok(WriteTarget::InPlace(host)),
                     false => Ok(WriteTarget::Fill { host, entry }),
@@ -321,6 +327,31 @@ impl Qcow2 {
         self.update_table(t, at, &bytes[..len], Level::Mapping)
     }
 
+    /// Maps every guest cluster to the same offset of the image's external
+    /// data file (QEMU's metadata preallocation for `data_file_raw`), in
+    /// the cache: new L2 tables are written through (R4), the entries
+    /// written back later (R3). A data file's clusters need no refcount.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for an image without a data file;
+    /// metadata and device errors.
+    pub fn map_data_file<D: Device, const S: usize>(
+        &mut self,
+        t: &mut Tables<'_, D, S>,
+    ) -> Result<()> {
+        if !self.header.has_data_file() {
+            return fail(
+                ErrorKind::InvalidInput,
+                "the image has no external data file",
+            );
+        }
+        let cs = self.cluster_size();
+        for cluster in 0..self.size().div_ceil(cs) {
+            self.set_entry(t, cluster, L2Entry::owned(cluster * cs))?;
+        }
+        Ok(())
+    }
+
     /// Stores guest `cluster`, unallocated in this image, as the compressed
     /// `stream` (shorter than a cluster, compressed as the header's
     /// compression type says): right after the previous compressed stream,
@@ -341,6 +372,12 @@ impl Qcow2 {
         stream: &[u8],
     ) -> Result<()> {
         let (cs, len) = (self.cluster_size(), stream.len() as u64);
+        if self.header.has_data_file() {
+            return fail(
+                ErrorKind::Unsupported,
+                "unsupported: compressed clusters in an image with an external data file",
+            );
+        }
         if len == 0 || len >= cs {
             return fail(
                 ErrorKind::InvalidInput,
@@ -398,7 +435,7 @@ impl Qcow2 {
         old: L2Entry,
     ) -> Result<()> {
         self.set_entry(t, cluster, entry)?;
-        if old.storage(self.cluster_size()).is_some() {
+        if old.storage(self.layout()).is_some() {
             // R5: the new entry durable before the old storage is freed.
             t.sync()?;
             self.release_entry(t, old)?;
@@ -407,7 +444,7 @@ impl Qcow2 {
     }
 
     /// Makes a whole guest `cluster` read as zeros or unallocated, releasing
-    /// its storage.
+    /// its storage; returns the entry it replaced.
     ///
     /// # Errors
     /// Metadata and device errors.
@@ -416,23 +453,29 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         cluster: u64,
         mode: ClearMode,
-    ) -> Result<()> {
+    ) -> Result<L2Entry> {
         let old = self.l2_entry(t, cluster)?;
+        let layout = self.layout();
         let entry = match mode {
-            ClearMode::Zero => L2Entry::Zero {
-                host: 0,
-                copied: false,
+            // An external data file's cluster stays where it is, as QEMU
+            // keeps it (nothing to release: it has no refcount).
+            ClearMode::Zero => match old.owned_host(layout).filter(|_| layout.external) {
+                Some(host) => L2Entry::Zero { host, copied: true },
+                None => L2Entry::Zero {
+                    host: 0,
+                    copied: false,
+                },
             },
             ClearMode::Unallocated => L2Entry::Unallocated,
         };
         if old == entry {
-            return Ok(());
+            return Ok(old);
         }
         let (l1_index, _) = self.indices(cluster);
         if entry == L2Entry::Unallocated && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
-            return Ok(());
+            return Ok(old);
         }
-        self.map_cluster(t, cluster, entry, old)
+        self.map_cluster(t, cluster, entry, old).map(|()| old)
     }
 
     /// Makes units `units` of guest `cluster` read as zeros with their
@@ -481,16 +524,22 @@ impl Qcow2 {
     }
 
     /// Whether a zero write of whole clusters sets the zero flag (v3)
-    /// rather than writing zeros (v2 has no such flag).
+    /// rather than writing zeros (v2 has no such flag, and a raw external
+    /// data file must hold the zeros itself).
     pub fn has_zero_flag(&self) -> bool {
-        self.header.version >= 3
+        self.header.version >= 3 && !self.header.data_file_raw()
     }
 
     /// What a discard leaves in the whole clusters it covers: unallocated
     /// without a backing file; with one, the zero flag (v3), so backing
     /// data never shows through, or nothing on v2, which cannot hide it
-    /// (`None`: QEMU ignores the discard).
+    /// (`None`: QEMU ignores the discard). With an external data file
+    /// (raw or not) the zero flag, as QEMU: the caller discards the data
+    /// there too, so a raw data file stays the guest view.
     pub fn discard_mode(&self, has_backing: bool) -> Option<ClearMode> {
+        if self.header.has_data_file() {
+            return Some(ClearMode::Zero);
+        }
         match (self.has_zero_flag(), has_backing) {
             (_, false) => Some(ClearMode::Unallocated),
             (true, true) => Some(ClearMode::Zero),
@@ -545,7 +594,7 @@ impl Qcow2 {
         t: &mut Tables<'_, D, S>,
         entry: L2Entry,
     ) -> Result<()> {
-        let Some((mut cluster, end)) = entry.storage(self.cluster_size()) else {
+        let Some((mut cluster, end)) = entry.storage(self.layout()) else {
             return Ok(());
         };
         while cluster < end {
@@ -623,7 +672,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.cluster_size();
         let mut uses: heapless::LinearMap<u64, u64, 256> = heapless::LinearMap::new();
-        for (mut cluster, end) in entries.iter().filter_map(|e| e.storage(cs)) {
+        for (mut cluster, end) in entries.iter().filter_map(|e| e.storage(self.layout())) {
             while cluster < end {
                 let count = uses.get(&cluster).copied().unwrap_or(0) + 1;
                 if uses.insert(cluster, count).is_err() {
