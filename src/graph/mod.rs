@@ -1089,15 +1089,31 @@ impl<
     /// The resolver's errors (a missing or refused name),
     /// [`ErrorKind::PermissionConflict`] when another user of that file
     /// conflicts (the image's own file among them).
-    #[inline(never)] // Stack: a name buffer, off the open path's frame.
     fn attach_data_file<R: Resolver<D>>(
         &mut self,
         resolver: &mut R,
         id: NodeId,
         writable: bool,
     ) -> Result<()> {
+        let node = self.nodes.get(id)?;
+        if node.data_file.is_some() || !node.driver.has_data_file() {
+            return Ok(());
+        }
+        self.open_data_file(resolver, id, writable)
+    }
+
+    /// [`Graph::attach_data_file`] of an image that has one. Not inlined:
+    /// its name buffers (and the header read) stay off the stack of
+    /// chains without data files.
+    #[inline(never)]
+    fn open_data_file<R: Resolver<D>>(
+        &mut self,
+        resolver: &mut R,
+        id: NodeId,
+        writable: bool,
+    ) -> Result<()> {
         let mut name = NameBuf::new();
-        if self.nodes.get(id)?.data_file.is_some() || !self.data_file_reference(id, &mut name)? {
+        if !self.data_file_reference(id, &mut name)? {
             return Ok(());
         }
         let node = self.nodes.get(id)?;

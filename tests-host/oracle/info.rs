@@ -285,6 +285,28 @@ fn snapshot_apply_equals_qemu_img() {
         qemu_img(d, &["check", "s.qcow2"]);
     }
     assert_eq!(bg_ok(d, &["snapshot", "-l", "s.qcow2"]).lines().count(), 4);
+    // A snapshot taken at another virtual size: the apply resizes, as
+    // qemu-img's does, growing and shrinking.
+    qemu_img(d, &["resize", "s.qcow2", "12M"]);
+    bg_ok(d, &["io", "s.qcow2", "-c", "write -P 0x55 11M 64k"]);
+    bg_ok(d, &["snapshot", "-c", "big", "s.qcow2"]);
+    for (target, size) in [("one", 8 << 20), ("big", 12 << 20)] {
+        fs::copy(d.join("s.qcow2"), d.join("q.qcow2")).unwrap();
+        qemu_img(d, &["snapshot", "-a", target, "q.qcow2"]);
+        bg_ok(d, &["snapshot", "-a", target, "s.qcow2"]);
+        qemu_img(d, &["check", "s.qcow2"]);
+        let info = qemu_img(d, &["info", "--output=json", "s.qcow2"]);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "{target}: {info}"
+        );
+        let (ours, theirs) = (qemu_guest_data(d, "s.qcow2"), qemu_guest_data(d, "q.qcow2"));
+        assert_same_bytes(
+            &format!("snapshot -a {target} across sizes"),
+            &theirs,
+            &ours,
+        );
+    }
     let before = snapshot(d);
     let refused = bg_refused(d, &["snapshot", "-a", "nothing", "s.qcow2"]);
     assert!(refused.contains("no snapshot"), "{refused}");

@@ -659,21 +659,28 @@ impl Qcow2 {
 /// for extended L2 entries: the entry and its subcluster bitmap; the
 /// bitmap is 0 for 8-byte entries), while it returns true.
 fn visit_entries(bytes: &[u8], entry_bytes: u64, mut visit: impl FnMut(u64, u64) -> bool) {
+    for chunk in bytes.chunks_exact(entry_bytes as usize) {
+        let (raw, bitmap) = entry_words(chunk);
+        if !visit(raw, bitmap) {
+            break;
+        }
+    }
+}
+
+/// The entry, and for a 16-byte extended entry its subcluster bitmap (0
+/// for an 8-byte one), in `bytes`.
+fn entry_words(bytes: &[u8]) -> (u64, u64) {
     let word = |at: &[u8]| {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(&at[..8]);
         u64::from_be_bytes(raw)
     };
-    for chunk in bytes.chunks_exact(entry_bytes as usize) {
-        let bitmap = if entry_bytes == 16 {
-            word(&chunk[8..])
-        } else {
-            0
-        };
-        if !visit(word(chunk), bitmap) {
-            break;
-        }
-    }
+    let bitmap = if bytes.len() == 16 {
+        word(&bytes[8..])
+    } else {
+        0
+    };
+    (word(bytes), bitmap)
 }
 
 /// Checks every L2 entry in `bytes` (laid out as `layout` says) as a

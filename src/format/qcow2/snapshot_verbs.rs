@@ -28,7 +28,7 @@
 //! switches to it with one header write; then drops the old tables'
 //! references and sets COPIED flags again where they hold.
 
-use super::header::{MAX_SNAPSHOTS, OFF_L1_SIZE, OFF_NB_SNAPSHOTS};
+use super::header::{MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, OFF_NB_SNAPSHOTS, OFF_SIZE};
 use super::refcount::CHUNK;
 use super::snapshot::{SnapshotPlace, Table, ENTRY_HEADER, MAX_TABLE_BYTES};
 use super::{L2Entry, Level, Qcow2, TableKind, Tables, COPIED, OFFSET_MASK};
@@ -211,8 +211,8 @@ impl Qcow2 {
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] when no snapshot has that ID or name;
-    /// [`ErrorKind::Unsupported`] when its virtual size differs from the
-    /// image's (a resize since); metadata and device errors (before the
+    /// [`ErrorKind::Corrupt`] when its L1 table does not cover its virtual
+    /// size; metadata and device errors (before the
     /// commit the image is as it was; after it, leaked references and
     /// missing COPIED flags at most).
     pub fn apply_snapshot<D: Device, const S: usize>(
@@ -223,10 +223,18 @@ impl Qcow2 {
         let Some(((_, (l1, l1_size)), disk_size)) = self.find_snapshot(t, id_or_name)? else {
             return fail(ErrorKind::NotFound, "no snapshot with that ID or name");
         };
-        if disk_size.is_some_and(|size| size != self.size()) || l1_size > self.header.l1_size {
+        // A snapshot of another virtual size takes the image back to it,
+        // as QEMU's resize before the apply does; its L1 table covers it
+        // (checked, with QEMU's limit).
+        let size = disk_size.unwrap_or(self.size());
+        let covered = 1u64 << (self.layout().table_bits() + self.header.cluster_bits);
+        let needed = size.div_ceil(covered);
+        if size > MAX_VIRTUAL_SIZE
+            || needed > u64::from(l1_size).max(u64::from(self.header.l1_size))
+        {
             return fail(
-                ErrorKind::Unsupported,
-                "unsupported: the snapshot's virtual size differs from the image's",
+                ErrorKind::Corrupt,
+                "qcow2 snapshot's L1 table does not cover its virtual size",
             );
         }
         // Its tables are checked before anything is written.
@@ -238,22 +246,30 @@ impl Qcow2 {
         self.walk_inactive_tables(t, (l1, l1_size), Walk::AddReferences)?;
         t.sync()?;
         // The new active L1 table: the snapshot's, COPIED flags off (its
-        // clusters are shared), zeros up to the image's L1 size.
+        // clusters are shared), zeros up to the image's L1 size (or the
+        // snapshot's, when larger).
         let old_l1 = (self.header.l1_table_offset, self.header.l1_size);
         let l1_bytes = u64::from(old_l1.1) * 8;
-        let clusters = l1_bytes.div_ceil(cs).max(1);
+        let new_size = old_l1.1.max(l1_size);
+        let clusters = (u64::from(new_size) * 8).div_ceil(cs).max(1);
         let table = self.allocate_run(t, clusters)?;
         let used = self.copy_l1_table(t, (l1, l1_size), (table, clusters))?;
         t.sync()?;
-        // R17: one header write switches to the new table (as R8).
-        let fields = |offset: u64| {
-            let mut bytes = [0u8; 12];
-            bytes[..4].copy_from_slice(&old_l1.1.to_be_bytes());
-            bytes[4..].copy_from_slice(&offset.to_be_bytes());
+        // R17: one header write (the virtual size, the crypt method, 0 in
+        // any image that opens, the L1 size and offset: 24 bytes in one
+        // sector) switches to the new table (as R8).
+        let fields = |(size, l1_size, offset): (u64, u32, u64)| {
+            let mut bytes = [0u8; 24];
+            bytes[..8].copy_from_slice(&size.to_be_bytes());
+            bytes[12..16].copy_from_slice(&l1_size.to_be_bytes());
+            bytes[16..].copy_from_slice(&offset.to_be_bytes());
             bytes
         };
-        let (new, old) = (fields(table), fields(old_l1.0));
-        write_header_fields(t.device()?, OFF_L1_SIZE, (&new, &old))?;
+        let new = fields((size, new_size, table));
+        let old = fields((self.size(), old_l1.1, old_l1.0));
+        write_header_fields(t.device()?, OFF_SIZE, (&new, &old))?;
+        self.header.size = size;
+        self.header.l1_size = new_size;
         self.header.l1_table_offset = table;
         self.l1_used = used;
         self.last_l1.set(None);
@@ -562,7 +578,7 @@ impl Qcow2 {
 fn write_header_fields<D: Device>(
     device: &mut D,
     at: usize,
-    (new, old): (&[u8; 12], &[u8; 12]),
+    (new, old): (&[u8], &[u8]),
 ) -> Result<()> {
     let committed = device
         .write_at(at as u64, new)

@@ -13,7 +13,7 @@
 use super::check::{Piece, TableCheck};
 use super::header::{Incompatible, AUTOCLEAR_DATA_FILE_RAW};
 use super::refcount::CHUNK;
-use super::{visit_entries, L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
+use super::{entry_words, L2Entry, Level, Qcow2, TableKind, Tables, BATCH, COPIED, OFFSET_MASK};
 use crate::device::Device;
 use crate::error::{fail, ErrorKind, Result};
 use core::ops::Range;
@@ -154,16 +154,14 @@ impl Qcow2 {
                     return Ok(true);
                 }
             };
-            let mut result = Ok(());
-            visit_entries(&chunk[..n], layout.entry_bytes(), |raw, bitmap| {
+            for raw in chunk[..n].chunks_exact(layout.entry_bytes() as usize) {
+                let (raw, bitmap) = entry_words(raw);
                 // Every entry checked as a lookup decodes it: this check
                 // completes the L2 check (`check.rs`) before any write can
                 // grow the image under an entry pointing past its end.
-                result = L2Entry::decode(raw, bitmap, layout, device_size)
-                    .and_then(|entry| self.check_counted(t, entry));
-                result.is_ok()
-            });
-            result?;
+                let entry = L2Entry::decode(raw, bitmap, layout, device_size)?;
+                self.check_counted(t, entry)?;
+            }
             budget = budget.saturating_sub(n as u64 / layout.entry_bytes());
         }
         Ok(false)
