@@ -88,9 +88,11 @@ const MACHINES: [Machine; 2] = [Machine::Microvm, Machine::Q35];
 /// An image test: a name (also its directory) and the test.
 type ImageTest = (&'static str, fn(&Lab) -> Result<String>);
 
-const IMAGE_TESTS: [ImageTest; 15] = [
+const IMAGE_TESTS: [ImageTest; 17] = [
     ("chain-reads", chain_reads),
     ("writes-vs-qemu-io", writes_vs_qemu_io),
+    ("extended-l2-writes", extended_l2_writes),
+    ("data-file-writes", data_file_writes),
     ("intermediate-commit", intermediate_commit),
     ("active-commit", active_commit),
     ("stream", stream),
@@ -499,15 +501,39 @@ fn chain_reads(lab: &Lab) -> Result<String> {
 
 /// Guest writes of every shape, compared with the same writes by qemu-io.
 fn writes_vs_qemu_io(lab: &Lab) -> Result<String> {
+    writes_on(lab, None)
+}
+
+/// [`writes_vs_qemu_io`] on an overlay with extended L2 entries (2 KiB
+/// subclusters): the kernel's no_std build fills subclusters.
+fn extended_l2_writes(lab: &Lab) -> Result<String> {
+    writes_on(lab, Some("extended_l2=on,cluster_size=64k"))
+}
+
+/// [`writes_vs_qemu_io`] on an overlay whose data lies in an external
+/// data file, a virtio disk of its own (`top.data`; qemu-io's reference
+/// has `ref.data`): the kernel attaches it by name.
+fn data_file_writes(lab: &Lab) -> Result<String> {
+    writes_on(lab, Some("data_file=top.data"))
+}
+
+/// The writes of [`writes_vs_qemu_io`] on an overlay made with `options`.
+fn writes_on(lab: &Lab, options: Option<&str>) -> Result<String> {
     lab.create("base.qcow2", "16M", None, None, &["write -P 0x11 0 4M"])?;
-    lab.create(
-        "top.qcow2",
-        "16M",
-        Some("base.qcow2"),
-        None,
-        &["write -P 0x22 2M 2M", "write -P 0x23 9M 1M"],
-    )?;
-    lab.copy("top.qcow2", "ref-top.qcow2")?;
+    const TOP: &[&str] = &["write -P 0x22 2M 2M", "write -P 0x23 9M 1M"];
+    lab.create("top.qcow2", "16M", Some("base.qcow2"), options, TOP)?;
+    let data_file = options.is_some_and(|o| o.contains("data_file"));
+    match data_file {
+        // The reference needs a data file of its own.
+        true => lab.create(
+            "ref-top.qcow2",
+            "16M",
+            Some("base.qcow2"),
+            Some("data_file=ref.data"),
+            TOP,
+        )?,
+        false => lab.copy("top.qcow2", "ref-top.qcow2")?,
+    }
     lab.pad("top.qcow2", PAD)?;
     const WRITES: &[&str] = &[
         // The head of a cluster of the backing file: copy-on-write of the rest.
@@ -546,9 +572,13 @@ fn writes_vs_qemu_io(lab: &Lab) -> Result<String> {
         "read -P 0x48 15M 1M",
         "read -P 0x49 12345678 4321",
     ];
+    let mut disks = vec![lab.disk("base.qcow2", true), lab.disk("top.qcow2", false)];
+    if data_file {
+        disks.push(lab.disk("top.data", false));
+    }
     let run = succeed(
         lab,
-        vec![lab.disk("base.qcow2", true), lab.disk("top.qcow2", false)],
+        disks,
         &[
             io_command("top.qcow2", false, &words(WRITES)),
             io_command("top.qcow2", true, &words(CHECKS)),
@@ -562,6 +592,9 @@ fn writes_vs_qemu_io(lab: &Lab) -> Result<String> {
         lab.same_view("top.qcow2", "ref-top.qcow2")?;
         lab.qemu_io("top.qcow2", CHECKS)?;
         lab.expect_checksum(&run.serial, "top.qcow2", "top.qcow2")?;
+        if data_file && read(&lab.path("top.data"))? != read(&lab.path("ref.data"))? {
+            return Err(Error::msg("the data file differs from qemu-io's"));
+        }
         lab.unchanged(&base)
     })?;
     Ok(format!("{}, {} writes", kernel_time(&run), WRITES.len()))
