@@ -25,6 +25,8 @@ pub(crate) struct Layout {
     /// Bytes of one L2 entry: 8, or 16 with extended L2 entries (the entry,
     /// then its subcluster bitmap).
     pub(crate) entry_bytes: u64,
+    /// The image keeps its data in an external data file.
+    pub(crate) external: bool,
     /// L2 entries inside the virtual size.
     pub(crate) l2: Vec<L2Entry>,
 }
@@ -126,6 +128,7 @@ pub(crate) fn layout(bytes: &[u8]) -> Layout {
         pos += 8 + len.div_ceil(8) * 8;
     }
     let extended = version >= 3 && be(bytes, 72, 8) & 16 != 0;
+    l.external = version >= 3 && be(bytes, 72, 8) & 4 != 0;
     l.entry_bytes = if extended { 16 } else { 8 };
     let l2_entries = cs / l.entry_bytes;
     for i in 0..l.l1_size {
@@ -428,6 +431,32 @@ pub(crate) fn make_seeds() -> Seeds {
         ],
     );
 
+    // (f) an external data file (offered to the cases as the seed's
+    // second image, the way a backing file is).
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,data_file=data.raw",
+            "data-4k.qcow2",
+            "1M",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "data-4k.qcow2",
+        &[
+            "write -P 0xd1 0 10k".to_owned(),
+            "write -z 64k 8k".to_owned(),
+            "write -P 0xd2 500k 3000".to_owned(),
+        ],
+    );
+
     let read = |name: &str| fs::read(d.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
     let mut all = Vec::new();
     for (name, backing) in [
@@ -438,6 +467,7 @@ pub(crate) fn make_seeds() -> Seeds {
         ("overlay.qcow2", Some("base.qcow2")),
         ("overlay-raw.qcow2", Some("base.raw")),
         ("ext-overlay.qcow2", Some("base.qcow2")),
+        ("data-4k.qcow2", Some("data.raw")),
     ] {
         let raw_name = format!("{name}.view");
         qemu_img(d, &["convert", "-O", "raw", name, &raw_name]);
