@@ -270,6 +270,14 @@ pub(crate) fn compressible_data(clusters: usize, cs: usize) -> Vec<u8> {
     data
 }
 
+/// `qemu-img create -q -f qcow2 -o OPTIONS NAME SIZE` in `dir`.
+fn create(dir: &std::path::Path, options: &str, name: &str, size: &str) {
+    qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "-o", options, name, size],
+    );
+}
+
 pub(crate) fn make_seeds() -> Seeds {
     let tmp = tmpdir("bg-hostile-");
     let d = tmp.path();
@@ -278,19 +286,7 @@ pub(crate) fn make_seeds() -> Seeds {
     // (a) v3, 64 KiB clusters: data at several offsets (one write crossing a
     // cluster boundary), a zero cluster keeping its allocation, zero clusters
     // without one, data in the last sector.
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "v3-64k.qcow2",
-            "4M",
-        ],
-    );
+    create(d, "cluster_size=65536", "v3-64k.qcow2", "4M");
     qemu_io(
         d,
         "qcow2",
@@ -308,19 +304,7 @@ pub(crate) fn make_seeds() -> Seeds {
     );
 
     // (b) v2 (compat=0.10), 512-byte clusters: many L2 tables.
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=512",
-            "v2-512.qcow2",
-            "1M",
-        ],
-    );
+    create(d, "compat=0.10,cluster_size=512", "v2-512.qcow2", "1M");
     qemu_io(
         d,
         "qcow2",
@@ -364,19 +348,7 @@ pub(crate) fn make_seeds() -> Seeds {
     );
 
     // (d) overlays: over a qcow2 base and over a raw base.
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "base.qcow2",
-            "2M",
-        ],
-    );
+    create(d, "cluster_size=65536", "base.qcow2", "2M");
     qemu_io(
         d,
         "qcow2",
@@ -433,18 +405,11 @@ pub(crate) fn make_seeds() -> Seeds {
 
     // (f) an external data file (offered to the cases as the seed's
     // second image, the way a backing file is).
-    qemu_img(
+    create(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096,data_file=data.raw",
-            "data-4k.qcow2",
-            "1M",
-        ],
+        "cluster_size=4096,data_file=data.raw",
+        "data-4k.qcow2",
+        "1M",
     );
     qemu_io(
         d,
