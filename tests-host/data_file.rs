@@ -311,6 +311,71 @@ fn refusals_write_nothing() {
     );
 }
 
+/// A chain change rewrites the header of an image with a data file: the
+/// data file extension stays, and so does the guest view (an empty layer
+/// collapsed below it, then the base streamed into it).
+#[test]
+fn chain_changes_keep_the_data_file() {
+    let t = common::tmpdir("bg-data-file-");
+    let d = t.path();
+    qemu_img(d, &create("cluster_size=64k", "base.qcow2", "2M"));
+    qemu_io(d, "qcow2", "base.qcow2", &["write -P 0x41 0 2M"]);
+    let mid = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+    ];
+    // Empty: dropping it changes no view.
+    qemu_img(d, &mid);
+    let top = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=top.data",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        IMG,
+    ];
+    qemu_img(d, &top);
+    qemu_io(
+        d,
+        "qcow2",
+        IMG,
+        &["write -P 0x43 10k 5000", "write -z 1500k 64k"],
+    );
+    let before = view(d, IMG);
+    bg_ok(
+        d,
+        &[
+            "collapse",
+            "--top",
+            "mid.qcow2",
+            "--base",
+            "base.qcow2",
+            IMG,
+        ],
+    );
+    qemu_img(d, &["check", IMG]);
+    let info = qemu_info(d, IMG);
+    assert_eq!(field(&info, "data-file"), "\"top.data\"", "{info}");
+    assert_eq!(field(&info, "backing-filename"), "\"base.qcow2\"", "{info}");
+    assert!(view(d, IMG) == before, "the view changed by the collapse");
+    bg_ok(d, &["stream", IMG]);
+    qemu_img(d, &["check", IMG]);
+    assert_eq!(field(&qemu_info(d, IMG), "data-file"), "\"top.data\"");
+    assert!(view(d, IMG) == before, "the view changed by the stream");
+}
+
 /// A hostile header names as its data file the image itself, or another
 /// driver (a protocol prefix, as a backing name may not): refused, nothing
 /// written. (A plain path is followed as QEMU follows it, relative to the

@@ -19,11 +19,13 @@ use tempfile::TempDir;
 mod common;
 use common::{bg_ok, copy_dir, ok, qemu_img, BLOCKGRAPH};
 
-/// Qcow2 layouts each job runs on: small and default clusters, and v2.
-const LAYOUTS: [(&str, &str); 3] = [
+/// Qcow2 layouts each job runs on: small and default clusters, v2, and
+/// extended L2 entries (2 KiB subclusters).
+const LAYOUTS: [(&str, &str); 4] = [
     ("c512", "cluster_size=512"),
     ("c64k", "cluster_size=65536"),
     ("v2", "compat=0.10"),
+    ("ext", "cluster_size=65536,extended_l2=on"),
 ];
 
 // ---------------------------------------------------------------------------

@@ -306,7 +306,7 @@ fn collapse_onto_raw_base_matches_rebase() {
 
 #[test]
 fn collapse_preserves_unknown_header_extensions() {
-    for opts in ["", "compat=0.10"] {
+    for opts in ["", "compat=0.10", "extended_l2=on"] {
         let t = tmpdir();
         let d = t.path();
         four_layer_chain(d, opts, "base.qcow2");
