@@ -704,10 +704,15 @@ impl<
             if let Err(err) = self.write_back_node(id) {
                 result = result.and(Err(err));
             }
-            let node = self.nodes.remove(id)?;
+            // Only the edges are kept: a whole node on the stack here sat
+            // under every write-back a release does.
+            let (files, backing) = {
+                let node = self.nodes.remove(id)?;
+                ([node.file, node.data_file], node.backing)
+            };
             self.cache.forget(id.key());
             self.devices[id.index()] = Place::Empty;
-            for file in [node.file, node.data_file].into_iter().flatten() {
+            for file in files.into_iter().flatten() {
                 // Files are protocol nodes: leaves, released right here (the
                 // device, and with it any lock, goes).
                 let file_node = self.nodes.get_mut(file)?;
@@ -719,7 +724,7 @@ impl<
                     self.relax_access(file);
                 }
             }
-            next = node.backing;
+            next = backing;
         }
         result
     }
