@@ -254,9 +254,16 @@ fn snapshot_delete_leaves_what_qemu_img_expects() {
 /// check` clean, the snapshots kept; writes after it copy shared clusters.
 #[test]
 fn snapshot_apply_equals_qemu_img() {
+    // Standard and extended L2 entries (subclusters shared with snapshots).
+    for opts in ["", "extended_l2=on"] {
+        snapshot_apply_on(opts);
+    }
+}
+
+fn snapshot_apply_on(opts: &str) {
     let t = tmpdir();
     let d = t.path();
-    qcow2(d, "s.qcow2", Some("8M"), "", None);
+    qcow2(d, "s.qcow2", Some("8M"), opts, None);
     qemu_io(d, "qcow2", "s.qcow2", &["write -P 0x51 0 3M"]);
     bg_ok(d, &["snapshot", "-c", "one", "s.qcow2"]);
     qemu_io(
