@@ -43,6 +43,13 @@ fn data_file_writes() {
                     off: 128 * KIB,
                     len: 64 * KIB,
                 },
+                // A whole cluster holding data zeroed, then written in part
+                // before any flush: not in place while the disk still maps
+                // its old data (R19).
+                Step::ZeroThenWrite {
+                    zero: (576 * KIB, 64 * KIB),
+                    write: (600 * KIB + 1, 3000, 87),
+                },
             ])
             .faults(&["top.qcow2", "top.data"]),
     );

@@ -97,6 +97,13 @@ fn subcluster_zero_writes() {
                 off: 60 * KIB,
                 len: 200 * KIB,
             },
+            // Subclusters holding data zeroed, then written in part before
+            // any flush: the write must not fill them in place while the
+            // disk still maps their old data (R18).
+            Step::ZeroThenWrite {
+                zero: (132 * KIB, 10 * KIB),
+                write: (132 * KIB + 100, 6 * KIB, 65),
+            },
         ])
         .faults(&["top.qcow2"]),
     );

@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct MarkView {
     pub(crate) pos: usize,
     pub(crate) images: Vec<Option<Opened>>,
+    /// A flush acknowledged its view ([`Mark::acknowledged`]).
+    pub(crate) acknowledged: bool,
 }
 
 /// Which writes of one image a rebuilt state holds: its first `count`
@@ -173,6 +175,7 @@ impl<'f> Judge<'f> {
             marks.push(MarkView {
                 pos: mark.pos,
                 images,
+                acknowledged: mark.acknowledged,
             });
         }
         let relevant = (0..n)
@@ -261,7 +264,11 @@ impl<'f> Judge<'f> {
         // The last API call that returned before the cut: whatever it
         // acknowledged was flushed, so no reordering may lose it from the
         // guest's image.
-        let acked = self.marks.iter().rposition(|m| m.pos <= k).unwrap_or(0);
+        let acked = self
+            .marks
+            .iter()
+            .rposition(|m| m.pos <= k && m.acknowledged)
+            .unwrap_or(0);
         for img in 0..n {
             let (lo, hi) = self.window(img, k, first_missing);
             let ack = (self.rec.marks[acked].root == img).then_some(acked);

@@ -11,6 +11,9 @@ pub(crate) struct Mark {
     pub(crate) chain: Vec<String>,
     /// The acknowledged guest view.
     pub(crate) shadow: Rc<Vec<u8>>,
+    /// A flush acknowledged the view here; else the mark only names a
+    /// state the disk may show between two API calls of one step.
+    pub(crate) acknowledged: bool,
 }
 
 pub(crate) fn writable() -> OpenOptions {
@@ -114,6 +117,21 @@ impl<'g, 'a> Live<'g, 'a> {
     }
 
     pub(crate) fn mark(&mut self) {
+        self.push_mark(true);
+    }
+
+    /// A mark between two API calls of one step whose first is not
+    /// acknowledged yet (no flush): a view the disk may show, not one it
+    /// must keep.
+    pub(crate) fn intermediate_mark(&mut self) {
+        if let Some((off, new)) = self.pending.take() {
+            let off = off as usize;
+            self.shadow[off..off + new.len()].copy_from_slice(&new);
+        }
+        self.push_mark(false);
+    }
+
+    fn push_mark(&mut self, acknowledged: bool) {
         if !self.recording {
             return;
         }
@@ -133,6 +151,7 @@ impl<'g, 'a> Live<'g, 'a> {
             root,
             chain,
             shadow: Rc::clone(&self.shadow_rc),
+            acknowledged,
         });
     }
 
@@ -255,6 +274,22 @@ impl<'g, 'a> Live<'g, 'a> {
                 self.begin(*off, vec![0u8; *len as usize]);
                 let root = self.root()?;
                 self.graph.write_zeroes(root, *off, *len)?;
+                self.graph.flush(root)?;
+                self.acknowledge();
+                Ok(())
+            }
+            Step::ZeroThenWrite {
+                zero: (zoff, zlen),
+                write: (woff, wlen, seed),
+            } => {
+                let data = pattern(*seed, *wlen);
+                self.begin(*zoff, vec![0u8; *zlen as usize]);
+                let root = self.root()?;
+                self.graph.write_zeroes(root, *zoff, *zlen)?;
+                // The zeros alone: a view the disk may show until the write.
+                self.intermediate_mark();
+                self.begin(*woff, data.clone());
+                self.graph.backend_write(self.backend, *woff, &data)?;
                 self.graph.flush(root)?;
                 self.acknowledge();
                 Ok(())

@@ -108,6 +108,12 @@ pub(crate) enum Step {
     Zero { off: u64, len: u64 },
     /// Discard on the backend's root, then a flush.
     Discard { off: u64, len: u64 },
+    /// `write -z` on the backend's root and, with no flush between, a guest
+    /// write of `(off, len, seed)` inside the zeroed range; then a flush.
+    ZeroThenWrite {
+        zero: (u64, u64),
+        write: (u64, u64, u64),
+    },
     /// `drop_intermediate` on the backend's chain.
     Collapse {
         top: &'static str,

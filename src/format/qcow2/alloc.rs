@@ -185,7 +185,12 @@ impl Qcow2 {
                 }
                 (entry, Some(host), written, fill)
             }
-            WriteTarget::Allocate { old } if old.storage(self.layout()).is_some() => {
+            // What the old entry holds moves whole: its storage, or (a data
+            // file's cluster elsewhere than where the new one goes) its data.
+            WriteTarget::Allocate { old }
+                if old.storage(layout).is_some()
+                    || (layout.external && old.holds_data(0..layout.units())) =>
+            {
                 (old, None, 0..layout.units(), 0..cs)
             }
             WriteTarget::Allocate { old } => (old, None, written.clone(), unit_bytes(&written)),

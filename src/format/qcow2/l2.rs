@@ -213,6 +213,11 @@ impl L2Entry {
                 host
             }
             L2Entry::Normal { host, .. } => host,
+            // Preallocated zero storage may be written (an owned one, with
+            // subclusters or a data file): it must be a whole cluster too.
+            L2Entry::Zero { host, .. } if host & ((1 << layout.cluster_bits) - 1) != 0 => {
+                return fail(ErrorKind::Corrupt, "qcow2 zero cluster offset is unaligned");
+            }
             _ => 0,
         };
         if data_host & ((1 << layout.cluster_bits) - 1) != 0 {
@@ -315,6 +320,12 @@ impl L2Entry {
             } if layout.extended && host != 0 => Some(host),
             _ => None,
         }
+    }
+
+    /// Whether some unit of `units` reads from the cluster's own storage
+    /// (allocated data).
+    pub fn holds_data(self, units: Range<u32>) -> bool {
+        self.bitmap() & unit_mask(units) != 0
     }
 
     /// Whether every unit of `units` reads from the cluster's own storage
@@ -466,6 +477,8 @@ mod tests {
             ErrorKind::Corrupt
         );
         assert!(L2Entry::decode(ZERO | (1 << 40), 0, STANDARD, size).is_ok());
+        assert_eq!(corrupt(ZERO | 0x5_0200, 0, STANDARD), ErrorKind::Corrupt);
+        assert_eq!(corrupt(0x5_0200, ALL_ZERO, EXTENDED), ErrorKind::Corrupt);
         assert_eq!(
             L2Entry::decode(COPIED | 0x5_0000, 0, STANDARD, size).unwrap(),
             L2Entry::owned(0x5_0000)

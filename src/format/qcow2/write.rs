@@ -473,7 +473,14 @@ impl Qcow2 {
         if entry == L2Entry::Unallocated && self.l1_entry(t, l1_index)? & OFFSET_MASK == 0 {
             return Ok(old);
         }
-        self.map_cluster(t, cluster, entry, old).map(|()| old)
+        self.map_cluster(t, cluster, entry, old)?;
+        if layout.external && old.holds_data(0..layout.units()) {
+            // R19: an external data file's cluster keeps its place, where a
+            // later write fills it in place: not before the disk stops
+            // mapping its old data.
+            t.sync()?;
+        }
+        Ok(old)
     }
 
     /// Makes units `units` of guest `cluster` read as zeros with their
@@ -493,11 +500,19 @@ impl Qcow2 {
     ) -> Result<bool> {
         self.check_replaceable(t, cluster)?;
         let old = self.l2_entry(t, cluster)?;
-        match old.zeroed(units) {
+        match old.zeroed(units.clone()) {
             None => Ok(false),
             Some(entry) if entry == old => Ok(true),
-            // R18: a cached mapping; nothing is released.
-            Some(entry) => self.set_entry(t, cluster, entry).map(|()| true),
+            // R18: a cached mapping; nothing is released. Units that held
+            // data stay in the cluster, where a later write may fill them
+            // in place: not before the disk stops mapping their old data.
+            Some(entry) => {
+                self.set_entry(t, cluster, entry)?;
+                if old.holds_data(units) {
+                    t.sync()?;
+                }
+                Ok(true)
+            }
         }
     }
 
