@@ -70,8 +70,16 @@ impl<'f> Judge<'f> {
                     .push(format!("{what}: {} has no qcow2 header", fx.names[img])),
                 Some(o) => {
                     let known: Vec<&Opened> = expected.iter().filter_map(|e| e.as_ref()).collect();
-                    let views: Vec<Rc<Vec<u8>>> =
+                    let mut views: Vec<Rc<Vec<u8>>> =
                         known.iter().map(|k| Rc::clone(&k.view)).collect();
+                    // What the first call of a step did, before the next
+                    // one (judging.rs: unacknowledged marks).
+                    let between = self.rec.marks.iter().filter(|m| !m.acknowledged);
+                    views.extend(
+                        between
+                            .filter(|m| !exact && m.root == img)
+                            .map(|m| Rc::clone(&m.shadow)),
+                    );
                     if !known.iter().any(|k| k.chain == o.chain) {
                         self.failures.push(format!(
                             "{what}: {} has chain {:?}, which no fault-free run showed",

@@ -195,12 +195,21 @@ impl Qcow2 {
             }
             WriteTarget::Allocate { old } => (old, None, written.clone(), unit_bytes(&written)),
         };
-        let Some(slot) = batch.fresh.get_mut(batch.count) else {
+        if batch.count == BATCH {
             return crate::error::fail(
                 crate::ErrorKind::NoCapacity,
                 "a write batch holds at most 64 new clusters",
             );
-        };
+        }
+        let in_place = kept.is_some() || layout.external;
+        if in_place && self.zeroed_in_place {
+            // R18, R19: data zeroed in place since the tables were last
+            // made durable may be where this write goes: the disk stops
+            // mapping it before the write lands there.
+            t.sync()?;
+            self.zeroed_in_place = false;
+        }
+        let slot = &mut batch.fresh[batch.count];
         // An external data file's clusters lie where the guest's do, with
         // no refcount: nothing to allocate (or give back).
         let new = match kept {

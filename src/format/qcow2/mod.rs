@@ -91,6 +91,11 @@ pub struct Qcow2 {
     /// requests mostly share it, and this saves a cache probe per layer.
     /// Cleared by every table update.
     last_l1: Cell<Option<(u64, u64)>>,
+    /// Zero writes or discards replaced data that stays in place (zero
+    /// bits over allocated subclusters, a data file's cluster zeroed
+    /// whole) in the cache only: before a write fills such a place, the
+    /// tables are made durable (R18, R19).
+    zeroed_in_place: bool,
 }
 
 /// What a qcow2 node's metadata work borrows: the shared cache (under the
@@ -287,6 +292,7 @@ impl Qcow2 {
             counted: false,
             tables_checked: false,
             last_l1: Cell::new(None),
+            zeroed_in_place: false,
         })
     }
 

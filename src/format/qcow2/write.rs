@@ -474,12 +474,10 @@ impl Qcow2 {
             return Ok(old);
         }
         self.map_cluster(t, cluster, entry, old)?;
-        if layout.external && old.holds_data(0..layout.units()) {
-            // R19: an external data file's cluster keeps its place, where a
-            // later write fills it in place: not before the disk stops
-            // mapping its old data.
-            t.sync()?;
-        }
+        // R19: an external data file's cluster keeps its place, where a
+        // later write fills it in place: not before the disk stops mapping
+        // its old data (`Qcow2::place_cluster`).
+        self.zeroed_in_place |= layout.external && old.holds_data(0..layout.units());
         Ok(old)
     }
 
@@ -505,12 +503,11 @@ impl Qcow2 {
             Some(entry) if entry == old => Ok(true),
             // R18: a cached mapping; nothing is released. Units that held
             // data stay in the cluster, where a later write may fill them
-            // in place: not before the disk stops mapping their old data.
+            // in place: not before the disk stops mapping their old data
+            // (`Qcow2::place_cluster`).
             Some(entry) => {
                 self.set_entry(t, cluster, entry)?;
-                if old.holds_data(units) {
-                    t.sync()?;
-                }
+                self.zeroed_in_place |= old.holds_data(units);
                 Ok(true)
             }
         }
