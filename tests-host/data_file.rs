@@ -320,33 +320,11 @@ fn chain_changes_keep_the_data_file() {
     let d = t.path();
     qemu_img(d, &create("cluster_size=64k", "base.qcow2", "2M"));
     qemu_io(d, "qcow2", "base.qcow2", &["write -P 0x41 0 2M"]);
-    let mid = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "mid.qcow2",
-    ];
     // Empty: dropping it changes no view.
-    qemu_img(d, &mid);
-    let top = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=top.data",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        IMG,
-    ];
-    qemu_img(d, &top);
+    let over = |backing| format!("backing_file={backing},backing_fmt=qcow2");
+    qemu_img(d, &create(&over("base.qcow2"), "mid.qcow2", "2M"));
+    let top = format!("data_file=top.data,{}", over("mid.qcow2"));
+    qemu_img(d, &create(&top, IMG, "2M"));
     qemu_io(
         d,
         "qcow2",

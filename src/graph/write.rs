@@ -691,8 +691,8 @@ impl<
         if zero_flag {
             self.validate_clears(id, offset, len)?;
         }
+        let (cs, unit) = (self.qcow2(id)?.cluster_size(), self.qcow2(id)?.unit_size());
         self.for_each_piece(id, offset, len, |graph, pos, n, whole| {
-            let cs = graph.qcow2(id)?.cluster_size();
             let cluster = pos / cs;
             if whole && zero_flag {
                 return graph
@@ -701,7 +701,6 @@ impl<
             }
             let in_cluster = pos - cluster * cs..pos + n - cluster * cs;
             let units = graph.qcow2(id)?.whole_units(cluster, in_cluster);
-            let unit = graph.qcow2(id)?.unit_size();
             let flagged = zero_flag
                 && !units.is_empty()
                 && graph.with_qcow2(id, |q, t| q.zero_units(t, cluster, units.clone()))?;
