@@ -74,6 +74,10 @@ pub(super) struct Inbox {
     pub quit: bool,
     /// The serve loop has ended: nobody will ack any more.
     pub loop_gone: bool,
+    /// Threads waiting in [`Shared::wait`]: a change wakes them only when
+    /// there are some (no system call per NBD request or kick while the
+    /// loop is busy).
+    waiters: usize,
 }
 
 /// The inbox and the condition variable both sides wait on.
@@ -90,22 +94,28 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the inbox and wakes the other side.
+    /// Changes the inbox and wakes the other side if it waits.
     pub fn tell(&self, change: impl FnOnce(&mut Inbox)) {
-        change(&mut self.lock());
-        self.wake.notify_all();
+        let mut inbox = self.lock();
+        change(&mut inbox);
+        if inbox.waiters > 0 {
+            self.wake.notify_all();
+        }
     }
 
     /// Waits up to `timeout` for a change, with the inbox locked.
     pub fn wait<'a>(
         &self,
-        inbox: MutexGuard<'a, Inbox>,
+        mut inbox: MutexGuard<'a, Inbox>,
         timeout: Duration,
     ) -> MutexGuard<'a, Inbox> {
-        match self.wake.wait_timeout(inbox, timeout) {
+        inbox.waiters += 1;
+        let mut inbox = match self.wake.wait_timeout(inbox, timeout) {
             Ok((guard, _)) => guard,
             Err(poisoned) => poisoned.into_inner().0,
-        }
+        };
+        inbox.waiters -= 1;
+        inbox
     }
 
     /// Asks the loop to drain (and, with `reset`, forget) its chains and
