@@ -222,7 +222,11 @@ impl Pending {
     }
 
     /// Submits the requests received, in order, while the engine takes
-    /// them.
+    /// them, polling after each: a read the page cache serves is answered
+    /// before the next one starts, so the writer thread sends it while
+    /// this loop reads the next (submitting them all first made them move
+    /// through the threads as one convoy: 0.72× qemu-storage-daemon on
+    /// 64 KiB reads at depth 8, 1.3× this way).
     pub fn take(&mut self, block: &mut Block) {
         if let Some(receiver) = &self.receiver {
             loop {
@@ -241,6 +245,8 @@ impl Pending {
                 self.waiting.push_front(request);
                 break;
             }
+            block.engine.poll(&mut block.graph);
+            self.answer_finished(block);
         }
     }
 
@@ -300,6 +306,13 @@ impl Pending {
             return 0;
         }
         block.engine.poll(&mut block.graph);
+        self.answer_finished(block);
+        self.take(block);
+        self.in_flight.len() + self.waiting.len()
+    }
+
+    /// Answers the requests the engine has finished.
+    fn answer_finished(&mut self, block: &mut Block) {
         let mut index = 0;
         while index < self.in_flight.len() {
             let done = match block.engine.take(self.in_flight[index].ticket) {
@@ -319,8 +332,6 @@ impl Pending {
             let reply = Reply::new(finished.cookie, finished.op, done, buffer);
             let _ = finished.reply.send(reply);
         }
-        self.take(block);
-        self.in_flight.len() + self.waiting.len()
     }
 
     /// Polls until every request submitted has been answered.
