@@ -769,6 +769,11 @@ fn a_broken_vhost_user_frontend_ends_the_serve_cleanly() {
         let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
         assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1: {features:#x}");
         assert_ne!(features & (1 << 9), 0, "VIRTIO_BLK_F_FLUSH: {features:#x}");
+        assert_ne!(
+            features & (1 << 29),
+            0,
+            "VIRTIO_RING_F_EVENT_IDX: {features:#x}"
+        );
     });
     assert!(
         status.success(),

@@ -387,12 +387,22 @@ impl Device {
         };
         let table = server.memory().table().clone();
         for (vring, &disk) in vrings.iter().zip(&self.disks) {
-            while server.has_room() {
-                let Some((head, chain)) = vhost_blk::pop(vring, &table) else {
-                    break;
-                };
-                if server.submit(&mut block.engine, disk, head, chain).is_err() {
-                    vhost_blk::unpop(vring);
+            loop {
+                let mut full = !server.has_room();
+                while !full {
+                    let Some((head, chain)) = vhost_blk::pop(vring, &table) else {
+                        break;
+                    };
+                    if server.submit(&mut block.engine, disk, head, chain).is_err() {
+                        vhost_blk::unpop(vring);
+                        full = true;
+                    }
+                    full |= !server.has_room();
+                }
+                // Full: the loop comes back as requests finish, kick or
+                // not. Else the queue is empty: ask for a kick at the next
+                // chain, and take one that came in between.
+                if full || !vhost_blk::rearm(vring) {
                     break;
                 }
             }
@@ -420,7 +430,7 @@ impl Device {
         }
         for (queue, vring) in self.vrings.iter().flatten().enumerate() {
             if signal.get(queue) == Some(&true) {
-                let _ = vring.signal_used_queue();
+                vhost_blk::signal_used(vring);
             }
         }
         left

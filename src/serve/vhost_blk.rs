@@ -26,7 +26,9 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{
     Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
 };
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -143,10 +145,12 @@ pub(super) struct Backend {
 
 impl Backend {
     /// Virtio feature bits offered: the disk's, indirect descriptors,
-    /// multi-queue when there is more than one queue, and vhost-user's
-    /// protocol features.
+    /// event indexes, multi-queue when there is more than one queue, and
+    /// vhost-user's protocol features.
     fn device_features(&self) -> u64 {
-        let mut bits = self.config.features() | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        let mut bits = self.config.features()
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX;
         if self.num_queues > 1 {
             bits |= 1 << F_MQ;
         }
@@ -180,7 +184,8 @@ impl VhostUserBackend for Backend {
         self.shared.drain_request(true);
     }
 
-    // EVENT_IDX is not offered.
+    // vhost-user-backend sets it on the vrings, which is all it changes:
+    // `rearm` and `signal_used` ask them.
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -263,6 +268,28 @@ pub(super) fn pop<'a>(
 /// Puts the chain just popped back (the server had no room after all).
 pub(super) fn unpop(vring: &Vring) {
     vring.get_mut().get_queue_mut().go_to_previous_position();
+}
+
+/// Asks the guest to kick `vring` for the next chain it makes available
+/// (with EVENT_IDX: the available event is where the device stopped);
+/// whether a chain came meanwhile, to be taken now. A disabled or unready
+/// queue is left alone.
+pub(super) fn rearm(vring: &Vring) -> bool {
+    let mut state = vring.get_mut();
+    if !state.is_enabled() || !state.get_queue().ready() {
+        return false;
+    }
+    // A ring the frontend broke gets no kick request: it is stopped.
+    state.enable_notification().unwrap_or(false)
+}
+
+/// Interrupts the guest for the chains just put in `vring`'s used ring,
+/// unless (with EVENT_IDX) it asked to be told later.
+pub(super) fn signal_used(vring: &Vring) {
+    if vring.needs_notification().unwrap_or(true) {
+        // A frontend that closed its call descriptor is leaving anyway.
+        let _ = vring.signal_used_queue();
+    }
 }
 
 /// Serves one frontend connection on `listener` until it ends: `Ok` when
