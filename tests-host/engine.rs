@@ -861,6 +861,11 @@ fn commit_runs_racing_guest_writes(seed: u64) {
     engine.lend_job_buffer(&mut job_buffer).unwrap();
     let mut steps = 0;
     while engine.job_step(&mut graph, job, &mut images).unwrap() != JobStatus::Ready {
+        if engine.job_running() {
+            // A buffer that carries a run stays lent.
+            assert_eq!(engine.reclaim_job_buffers().count(), 0);
+            assert_eq!(engine.job_buffers_lent(), 1);
+        }
         engine.poll(&mut graph);
         steps += 1;
         assert!(steps < 10_000, "the commit never became ready");
@@ -905,6 +910,10 @@ fn commit_runs_racing_guest_writes(seed: u64) {
     }
     graph.job_dismiss(job).unwrap();
     assert_eq!(graph.root(backend).unwrap(), base, "no pivot");
+    // No run left: the job buffer comes back.
+    let back: Vec<&mut [u8]> = engine.reclaim_job_buffers().collect();
+    assert_eq!(back.iter().map(|b| b.len()).collect::<Vec<_>>(), [GRANULE]);
+    assert_eq!(engine.job_buffers_lent(), 0);
     for at in places {
         let first = at as usize / SECTOR;
         model[first..first + GRANULE / SECTOR].fill(0xee);

@@ -6,12 +6,14 @@
 //! - [`header::run`]: `Header::parse` and the backing-reference rebuild;
 //! - [`image::run`]: a whole image in a `Graph`: open, reads, block
 //!   status, writes, collapse, reopen;
+//! - [`qmp::run`]: a QMP session on a monitor over a two-image chain;
 //! - [`script::run`]: the command-line parsers and `cmd::run_script`;
 //! - [`virtio_blk::run`]: a virtio-blk descriptor chain and guest memory
 //!   served from a raw image, checked against its decoding.
 
 pub mod header;
 pub mod image;
+pub mod qmp;
 pub mod script;
 pub mod virtio_blk;
 

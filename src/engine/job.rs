@@ -205,6 +205,33 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         Ok(())
     }
 
+    /// How many job buffers are lent ([`Engine::lend_job_buffer`]) and not
+    /// taken back.
+    pub fn job_buffers_lent(&self) -> usize {
+        self.job
+            .lanes
+            .iter()
+            .filter(|lane| lane.lent.size > 0)
+            .count()
+    }
+
+    /// Takes back the job buffers that carry no run (all of them once no
+    /// job runs), for another engine or to free them; a buffer whose run
+    /// is in flight stays lent.
+    pub fn reclaim_job_buffers(&mut self) -> impl Iterator<Item = &'b mut [u8]> + '_ {
+        self.job
+            .lanes
+            .iter_mut()
+            .filter_map(|lane| match lane.copy {
+                Some(_) => None,
+                None => {
+                    let buf = lane.lent.buf.take();
+                    lane.lent = LentBuffer::IDLE;
+                    buf
+                }
+            })
+    }
+
     /// Whether a job's run is in flight (started by [`Engine::job_step`],
     /// not yet ended): a statistic for tests and monitoring.
     pub fn job_running(&self) -> bool {

@@ -137,13 +137,13 @@ impl Entry {
 pub struct Jobs {
     entries: Vec<Entry>,
     events: Vec<Event>,
-    /// The job buffers were lent to the engine.
-    lent: bool,
 }
 
 impl Jobs {
-    /// No jobs. Keep one per engine: its job buffers are lent to the
-    /// engine (once, for the process's life) at the first step.
+    /// No jobs. The engine's job buffers are its VMM's
+    /// ([`Engine::lend_job_buffer`](crate::engine::Engine::lend_job_buffer));
+    /// an engine without any gets some at the first step, for the
+    /// process's life.
     pub fn new() -> Self {
         Self::default()
     }
@@ -305,8 +305,8 @@ impl Control<'_> {
     /// its `speed` budget, or pending with `auto-finalize: false` and no
     /// `job-finalize` yet, is skipped) and queues the events of what
     /// changed. The serve loop calls it every iteration, between polls of
-    /// the engine. Lends the engine this table's job buffers the first
-    /// time.
+    /// the engine. Lends an engine that has no job buffers some (leaked:
+    /// for the process's life).
     ///
     /// Errors of a step (a chain busy with guest requests) are not the
     /// job's: the step is tried again next time. A job's own failure ends
@@ -315,16 +315,15 @@ impl Control<'_> {
         if self.jobs.entries.is_empty() {
             return;
         }
-        if !self.jobs.lent {
+        // An engine that has job buffers (its VMM's, or lent here for
+        // another table) steps with those.
+        if self.engine.job_buffers_lent() == 0 {
             for _ in 0..JOB_BUFFERS {
                 // Lent for the process's life: the engine keeps the
                 // buffers of runs in flight, and runs outlive any one call.
                 let buffer = Box::leak(vec![0u8; JOB_BUFFER_BYTES].into_boxed_slice());
-                // An engine that has its lanes taken already (by another
-                // table) steps with those.
                 let _ = self.engine.lend_job_buffer(buffer);
             }
-            self.jobs.lent = true;
         }
         // Progress since the last look is charged before deciding.
         refresh(self);

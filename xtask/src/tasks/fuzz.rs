@@ -36,7 +36,7 @@ use crate::prereq::{self, FuzzToolchain};
 use crate::{Context, Error, Result, Workspace};
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 4] = ["header", "image", "script", "virtio_blk"];
+pub const TARGETS: [&str; 5] = ["header", "image", "qmp", "script", "virtio_blk"];
 
 /// Seconds per target of `cargo xtask fuzz`.
 const DEFAULT_SECONDS: u64 = 60;
