@@ -156,21 +156,23 @@ fn enter_own_directory() {
     std::env::set_current_dir(dir).expect("the scratch directory is entered");
 }
 
-/// Whether `line` writes no file outside the working directory: a
-/// `snapshot-file` argument (read as the monitor reads it) must be a plain
-/// name.
+/// Whether `line` writes no file outside the working directory: every
+/// `snapshot-file` argument of its documents (read as the monitor reads
+/// them: one after the other, up to the first that does not parse) must
+/// be a plain name.
 fn stays_here(line: &str) -> bool {
-    let Ok(value) = serde_json::from_str::<Value>(line) else {
-        return true;
-    };
-    let Some(file) = value.pointer("/arguments/snapshot-file") else {
-        return true;
-    };
-    match file.as_str() {
-        Some(name) => !name.is_empty() && !name.contains('/') && !name.starts_with('.'),
-        // Not a string: refused before any file is made.
-        None => true,
-    }
+    serde_json::Deserializer::from_str(line)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .all(
+            |document| match document.pointer("/arguments/snapshot-file") {
+                Some(Value::String(name)) => {
+                    !name.is_empty() && !name.contains('/') && !name.starts_with('.')
+                }
+                // None, or not a string: refused before any file is made.
+                _ => true,
+            },
+        )
 }
 
 /// `line` is one JSON object: an answer, an error with its class and
