@@ -34,9 +34,11 @@
 //! ```
 //!
 //! Lifecycle: `quit` on the monitor, SIGTERM or SIGINT end the serve, and
-//! so does the vhost-user frontend disconnecting when no monitor was asked
-//! for (with `--qmp`, the images are drained and flushed and the server
-//! waits for `quit`, as qemu-storage-daemon keeps running). Ending drains
+//! so does the vhost-user frontend disconnecting when neither a monitor
+//! nor an NBD export was asked for. With either, the frontend's requests
+//! are drained, its memory released, the images written back, and the
+//! socket takes the next frontend (QEMU reconnecting), as
+//! qemu-storage-daemon's export stays up. Ending drains
 //! every request (guest chains get their used entries), flushes the
 //! backend and closes the images.
 
@@ -380,33 +382,45 @@ impl Device {
         }
     }
 
-    /// Takes the chains the guest made available while there is room.
-    fn take_chains(&mut self, block: &mut Block) {
+    /// Takes the chains the guest made available while there is room;
+    /// whether it stopped with chains possibly left (the server full): the
+    /// loop must come back for them without a kick, which EVENT_IDX
+    /// withholds until the guest passes the available event.
+    fn take_chains(&mut self, block: &mut Block) -> bool {
         let (Some(server), Some(vrings)) = (self.server.as_mut(), self.vrings.as_ref()) else {
-            return;
+            return false;
         };
         let table = server.memory().table().clone();
+        let mut stopped_full = false;
         for (vring, &disk) in vrings.iter().zip(&self.disks) {
+            let mut rearmed = false;
             loop {
                 let mut full = !server.has_room();
+                let mut popped = false;
                 while !full {
                     let Some((head, chain)) = vhost_blk::pop(vring, &table) else {
                         break;
                     };
+                    popped = true;
                     if server.submit(&mut block.engine, disk, head, chain).is_err() {
                         vhost_blk::unpop(vring);
                         full = true;
                     }
                     full |= !server.has_room();
                 }
-                // Full: the loop comes back as requests finish, kick or
-                // not. Else the queue is empty: ask for a kick at the next
-                // chain, and take one that came in between.
-                if full || !vhost_blk::rearm(vring) {
+                stopped_full |= full;
+                // Full: the loop comes back as requests finish. Else the
+                // queue is empty: ask for a kick at the next chain, and
+                // take one that came in between; a ring that says it holds
+                // more yet yields none is one the guest broke (an index
+                // out of range): it waits for the next kick.
+                if full || (rearmed && !popped) || !vhost_blk::rearm(vring) {
                     break;
                 }
+                rearmed = true;
             }
         }
+        stopped_full
     }
 
     /// Polls the server and puts finished chains in their used rings;
@@ -463,6 +477,14 @@ fn wait_for_devices(block: &mut Block) {
     } else {
         thread::sleep(Duration::from_micros(200));
     }
+}
+
+/// Whether a vhost-user frontend that disconnects cleanly may be followed
+/// by another on the same socket (QEMU reconnecting, a guest rebooted in
+/// a new QEMU): when the serve has a monitor or an NBD export, which keep
+/// it running, as qemu-storage-daemon keeps its export.
+fn reconnects(options: &Options) -> bool {
+    options.qmp.is_some() || options.nbd.is_some()
 }
 
 /// Why the loop ended.
@@ -590,9 +612,30 @@ fn start_threads(
             num_queues: options.num_queues,
         };
         let shared = shared.clone();
-        thread::spawn(move || {
-            let ended = vhost_blk::serve_frontend(&mut listener, backend);
-            shared.tell(|inbox| inbox.ended = Some(ended.err()));
+        let reconnect = reconnects(options);
+        thread::spawn(move || loop {
+            let ended = vhost_blk::serve_frontend(&mut listener, backend.clone());
+            let clean = ended.is_ok();
+            // The frontend's vrings go with it; the next one's first kick
+            // brings its own.
+            let mut released = 0;
+            shared.tell(|inbox| {
+                inbox.ended = Some(ended.err());
+                inbox.vrings = None;
+                released = inbox.frontends_released;
+            });
+            if !(clean && reconnect) {
+                break;
+            }
+            // The loop lets go of this frontend's memory and vrings before
+            // the next one can send its own.
+            let mut inbox = shared.lock();
+            while inbox.frontends_released == released && !inbox.loop_gone {
+                inbox = shared.wait(inbox, Duration::from_millis(100));
+            }
+            if inbox.loop_gone {
+                break;
+            }
         });
     }
     Ok(Channels {
@@ -665,15 +708,21 @@ fn serve_loop(
             device.drain(block);
             device.release();
             device.vrings = None;
-            // One frontend per run: its socket goes with it, so no second
-            // one finds a socket that nothing listens on.
-            if let Some(path) = &options.vhost_user_blk {
-                remove_socket(path);
+            // The frontend thread waits for this before taking the next
+            // frontend.
+            shared.tell(|inbox| inbox.frontends_released += 1);
+            let reconnecting = ended.is_none() && reconnects(options);
+            // Without a next frontend the socket goes, so no client finds
+            // a socket that nothing listens on.
+            if !reconnecting {
+                if let Some(path) = &options.vhost_user_blk {
+                    remove_socket(path);
+                }
             }
             if let Some(message) = ended {
                 break End::Frontend(message);
             }
-            if options.qmp.is_none() && options.nbd.is_none() {
+            if !reconnecting {
                 break End::Clean;
             }
             // Like qemu-storage-daemon, keep the images open (written
@@ -690,10 +739,10 @@ fn serve_loop(
         if !block.jobs.is_empty() {
             clients.step_jobs(block);
         }
-        device.take_chains(block);
+        let chains_left = device.take_chains(block);
         nbd.take(block);
         let left = device.progress(block) + nbd.progress(block);
-        if left > 0 {
+        if left > 0 || chains_left {
             wait_for_devices(block);
             continue;
         }

@@ -76,6 +76,10 @@ pub(super) struct Inbox {
     pub quit: bool,
     /// The serve loop has ended: nobody will ack any more.
     pub loop_gone: bool,
+    /// Frontends whose end the loop has handled (requests drained, memory
+    /// and vrings released): the frontend thread waits for it before
+    /// taking the next frontend.
+    pub frontends_released: u64,
     /// Threads waiting in [`Shared::wait`]: a change wakes them only when
     /// there are some (no system call per NBD request or kick while the
     /// loop is busy).

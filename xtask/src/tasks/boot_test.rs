@@ -47,6 +47,7 @@
 //! |---|---|---|
 //! | served chain | on the raw disk (`image-format top raw`): `checksum -d 32`, `bench -w` at depths 32 and 64 (42 requests in flight: the ring's capacity), unaligned, an `io` write and flush, `checksum -d 32` again; then QMP `quit` | the first checksum = the chain's view before, the second = after; `compare` with `qemu-img bench`/qemu-io on a copy; `read -P` of the writes; `check`; base untouched |
 //! | served snapshot | the same after QMP `blockdev-snapshot-sync` top -> snap (before the boot) | the same on snap.qcow2 (chain snap -> top -> base); top and base untouched |
+//! | served reconnect | two boots on one server, one after the other on the same socket: an `io` write and flush, then in a new QEMU `io` `read -P` of it and `checksum -d 32`; then QMP `quit` | the second boot read the data back; its checksum = the chain's view; the write in top; `check` |
 //!
 //! vhost-user needs the guest's RAM shared: the boot gets a memfd memory
 //! backend and `vhost-user-blk-pci` (q35) or `vhost-user-blk` on microvm's
@@ -114,9 +115,10 @@ const IMAGE_TESTS: [ImageTest; 17] = [
 /// A test on a disk `blockgraph serve` exports: the lab and the CLI.
 type ServedTest = (&'static str, fn(&Lab, &Path) -> Result<String>);
 
-const SERVED_TESTS: [ServedTest; 2] = [
+const SERVED_TESTS: [ServedTest; 3] = [
     ("served-chain", served_chain),
     ("served-snapshot", served_snapshot),
+    ("served-reconnect", served_reconnect),
 ];
 
 /// The byte the kernel's self-check writes at disk offset `p` (see
@@ -1508,6 +1510,85 @@ fn served(lab: &Lab, cli: &Path, snapshot: bool) -> Result<String> {
     Ok(format!(
         "{}, checksums = the chain's view before and after, {top} as qemu-img bench leaves \
          a copy, {PEAK} requests in flight, QMP quit",
+        kernel_time(&run)
+    ))
+}
+
+/// Two boots, one after the other, on one `blockgraph serve` (with a
+/// monitor, so the export outlives its first frontend, as
+/// qemu-storage-daemon's does): the first writes and flushes, QEMU exits;
+/// the second connects to the same socket and reads the first one's data
+/// back (`read -P`) and checksums the disk. Then QMP `quit`: the second
+/// checksum must be the chain's view, the write in the top image, the
+/// chain clean.
+fn served_reconnect(lab: &Lab, cli: &Path) -> Result<String> {
+    const WRITE: &str = "write -P 0x5a 1M 64k";
+    const READ: &str = "read -P 0x5a 1M 64k";
+    chain_16m(lab)?;
+    let export = Export::VhostUser {
+        socket: "vhost.sock",
+        queues: 1,
+    };
+    let mut daemon = Server::Blockgraph.start(
+        &lab.dir,
+        &SERVED_CHAIN,
+        export,
+        "qmp.sock",
+        Some(cli),
+        lab.live,
+    )?;
+    let with_log =
+        |err: Error, daemon: &Background| Error::msg(format!("{err}{}", server_log(daemon)));
+    let mut qmp =
+        Qmp::connect_with(&lab.path("qmp.sock"), false).map_err(|e| with_log(e, &daemon))?;
+    let boot = |script: &str| {
+        let mut boot = lab.prepare(Vec::new(), script);
+        boot.vhost_user = Some(VhostUser {
+            socket: lab.path("vhost.sock"),
+            serial: SERVED_SERIAL.into(),
+            format: Some("raw".into()),
+        });
+        lab.run(&boot)
+    };
+    let first = boot(&format!("io {SERVED_SERIAL} -c \"{WRITE}\" -c flush"));
+    let second = match &first {
+        Ok(run) if run.succeeded() => Some(boot(&format!(
+            "io {SERVED_SERIAL} -c \"{READ}\"; checksum -d 32 {SERVED_SERIAL}"
+        ))),
+        _ => None,
+    };
+    // The server ends here whatever the boots did.
+    let stopped = server::stop(&mut daemon, Some(&mut qmp), SERVER_STOP);
+    let first = first?;
+    if !first.succeeded() {
+        return Err(Error::msg(format!(
+            "first boot: {}{}{}",
+            first.verdict(),
+            transcript(&first),
+            server_log(&daemon)
+        )));
+    }
+    let run = second.ok_or_else(|| Error::msg("the second boot did not run"))??;
+    let with_logs =
+        |err: Error| Error::msg(format!("{err}{}{}", transcript(&run), server_log(&daemon)));
+    if !run.succeeded() {
+        return Err(with_logs(Error::msg(format!(
+            "second boot: {}",
+            run.verdict()
+        ))));
+    }
+    if let Some(note) = stopped.map_err(&with_logs)? {
+        return Err(with_logs(Error::msg(format!("QMP `quit`: {note}"))));
+    }
+    verify(&run, || {
+        lab.expect_checksum(&run.serial, SERVED_SERIAL, "top.qcow2")?;
+        lab.check(&["top.qcow2", "base.qcow2"])?;
+        lab.qemu_io("top.qcow2", &[READ])?;
+        Ok(())
+    })?;
+    Ok(format!(
+        "{} + {}, the second boot read the first's write on the same socket",
+        kernel_time(&first),
         kernel_time(&run)
     ))
 }

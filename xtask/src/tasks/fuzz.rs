@@ -386,7 +386,10 @@ mod tests {
     #[test]
     fn arguments() {
         let all = parse_args(&[]).unwrap();
-        assert_eq!((all.seconds, all.targets.len(), all.asan), (60, 4, false));
+        assert_eq!(
+            (all.seconds, all.targets.len(), all.asan),
+            (60, TARGETS.len(), false)
+        );
         let one = parse_args(&os(&["--seconds", "5", "image"])).unwrap();
         assert_eq!((one.seconds, one.targets), (5, vec!["image"]));
         let eq = parse_args(&os(&["script", "--seconds=7", "--asan"])).unwrap();
