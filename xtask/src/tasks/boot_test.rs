@@ -1446,33 +1446,11 @@ fn served(lab: &Lab, cli: &Path, snapshot: bool) -> Result<String> {
         format!("io {SERVED_SERIAL} -c \"{IO_WRITE}\" -c flush"),
         format!("checksum -d 32 {SERVED_SERIAL}"),
     ]);
-    // Killed when dropped, on any early return.
-    let export = Export::VhostUser {
-        socket: "vhost.sock",
-        queues: 1,
-    };
-    let mut daemon = Server::Blockgraph.start(
-        &lab.dir,
-        &SERVED_CHAIN,
-        export,
-        "qmp.sock",
-        Some(cli),
-        lab.live,
-    )?;
-    let with_log =
-        |err: Error, daemon: &Background| Error::msg(format!("{err}{}", server_log(daemon)));
-    let mut qmp =
-        Qmp::connect_with(&lab.path("qmp.sock"), false).map_err(|e| with_log(e, &daemon))?;
+    let (mut daemon, mut qmp) = start_served(lab, cli)?;
     if snapshot {
-        scenario::snapshot(&mut qmp).map_err(|e| with_log(e, &daemon))?;
+        scenario::snapshot(&mut qmp).map_err(|e| with_server_log(e, &daemon))?;
     }
-    let mut boot = lab.prepare(Vec::new(), &script.join("; "));
-    boot.vhost_user = Some(VhostUser {
-        socket: lab.path("vhost.sock"),
-        serial: SERVED_SERIAL.into(),
-        format: Some("raw".into()),
-    });
-    let run = lab.run(&boot);
+    let run = lab.run(&served_boot(lab, &script.join("; ")));
     // The server ends here whatever the boot did.
     let stopped = server::stop(&mut daemon, Some(&mut qmp), SERVER_STOP);
     let run = run?;
@@ -1525,31 +1503,8 @@ fn served_reconnect(lab: &Lab, cli: &Path) -> Result<String> {
     const WRITE: &str = "write -P 0x5a 1M 64k";
     const READ: &str = "read -P 0x5a 1M 64k";
     chain_16m(lab)?;
-    let export = Export::VhostUser {
-        socket: "vhost.sock",
-        queues: 1,
-    };
-    let mut daemon = Server::Blockgraph.start(
-        &lab.dir,
-        &SERVED_CHAIN,
-        export,
-        "qmp.sock",
-        Some(cli),
-        lab.live,
-    )?;
-    let with_log =
-        |err: Error, daemon: &Background| Error::msg(format!("{err}{}", server_log(daemon)));
-    let mut qmp =
-        Qmp::connect_with(&lab.path("qmp.sock"), false).map_err(|e| with_log(e, &daemon))?;
-    let boot = |script: &str| {
-        let mut boot = lab.prepare(Vec::new(), script);
-        boot.vhost_user = Some(VhostUser {
-            socket: lab.path("vhost.sock"),
-            serial: SERVED_SERIAL.into(),
-            format: Some("raw".into()),
-        });
-        lab.run(&boot)
-    };
+    let (mut daemon, mut qmp) = start_served(lab, cli)?;
+    let boot = |script: &str| lab.run(&served_boot(lab, script));
     let first = boot(&format!("io {SERVED_SERIAL} -c \"{WRITE}\" -c flush"));
     let second = match &first {
         Ok(run) if run.succeeded() => Some(boot(&format!(
@@ -1591,6 +1546,46 @@ fn served_reconnect(lab: &Lab, cli: &Path) -> Result<String> {
         kernel_time(&first),
         kernel_time(&run)
     ))
+}
+
+/// `blockgraph serve` of [`SERVED_CHAIN`] in the lab, exported over
+/// vhost-user-blk on `vhost.sock` (one queue) with its monitor on
+/// `qmp.sock`, and a QMP connection to it. The server is killed when
+/// dropped, on any early return.
+fn start_served(lab: &Lab, cli: &Path) -> Result<(Background, Qmp)> {
+    let export = Export::VhostUser {
+        socket: "vhost.sock",
+        queues: 1,
+    };
+    let daemon = Server::Blockgraph.start(
+        &lab.dir,
+        &SERVED_CHAIN,
+        export,
+        "qmp.sock",
+        Some(cli),
+        lab.live,
+    )?;
+    match Qmp::connect_with(&lab.path("qmp.sock"), false) {
+        Ok(qmp) => Ok((daemon, qmp)),
+        Err(err) => Err(with_server_log(err, &daemon)),
+    }
+}
+
+/// A boot running `script` with the served disk (treated as raw: its
+/// content is the chain's guest view) as its only disk.
+fn served_boot(lab: &Lab, script: &str) -> Boot {
+    let mut boot = lab.prepare(Vec::new(), script);
+    boot.vhost_user = Some(VhostUser {
+        socket: lab.path("vhost.sock"),
+        serial: SERVED_SERIAL.into(),
+        format: Some("raw".into()),
+    });
+    boot
+}
+
+/// `err` with what `server` printed so far.
+fn with_server_log(err: Error, server: &Background) -> Error {
+    Error::msg(format!("{err}{}", server_log(server)))
 }
 
 /// What a server printed so far, indented under a failure.
