@@ -835,3 +835,218 @@ fn bad_arguments_are_refused() {
     assert!(!dir.join("x.sock").exists());
     check_clean(dir, "top.qcow2");
 }
+
+/// A read-only qemu-storage-daemon NBD export of the chain in `dir` on
+/// `socket` (export name `disk`); killed when dropped.
+struct QsdNbd(Child);
+
+impl QsdNbd {
+    fn start(dir: &Path, socket: &str) -> Self {
+        let mut args: Vec<String> = Vec::new();
+        let mut below: Option<&str> = None;
+        for node in ["base", "top"] {
+            args.push("--blockdev".into());
+            args.push(format!(
+                "driver=file,node-name={node}-file,filename={node}.qcow2,read-only=on"
+            ));
+            let backing = below.map_or("null".to_owned(), |b| format!("\"{b}\""));
+            args.push("--blockdev".into());
+            args.push(format!(
+                "{{\"driver\":\"qcow2\",\"node-name\":\"{node}\",\"file\":\"{node}-file\",\
+                 \"backing\":{backing},\"read-only\":true}}"
+            ));
+            below = Some(node);
+        }
+        args.extend([
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={socket}"),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=top,name=disk".into(),
+        ]);
+        let child = Command::new("qemu-storage-daemon")
+            .args(&args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("this test needs qemu-storage-daemon on PATH; it never skips");
+        let started = Instant::now();
+        while !dir.join(socket).exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "QSD made no socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for QsdNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads one option reply: its type and data.
+fn option_reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
+    let head = read_some(s, 20);
+    assert_eq!(head.len(), 20, "an option reply");
+    assert_eq!(
+        head[..8],
+        0x0003_e889_0455_65a9u64.to_be_bytes(),
+        "reply magic"
+    );
+    let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+    (kind, read_some(s, len))
+}
+
+/// Reads one structured reply chunk for `cookie`: flags, type, payload.
+fn chunk(s: &mut UnixStream, cookie: u64) -> (u16, u16, Vec<u8>) {
+    let head = read_some(s, 20);
+    assert_eq!(head.len(), 20, "a structured reply chunk");
+    assert_eq!(head[..4], 0x668e_33efu32.to_be_bytes(), "chunk magic");
+    assert_eq!(head[8..16], cookie.to_be_bytes(), "cookie");
+    let flags = u16::from_be_bytes(head[4..6].try_into().unwrap());
+    let kind = u16::from_be_bytes(head[6..8].try_into().unwrap());
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+    (flags, kind, read_some(s, len))
+}
+
+/// Structured replies and `base:allocation` block status: `qemu-img map`
+/// through the export equals `qemu-img map` through qemu-storage-daemon's
+/// export of the same chain, `qemu-img convert` reads it (structured
+/// reads) as qemu-img reads the chain; and on the wire, with a client of
+/// our own: the negotiation, a block status of the whole export (extents
+/// covering it, data where the chain stores it, holes that read as zeros),
+/// one extent with `REQ_ONE`, a read as one `OFFSET_DATA` chunk, a refused
+/// read as an `ERROR` chunk, block status without the context refused.
+#[test]
+fn nbd_block_status_and_structured_reads_match_qemu_storage_daemon() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    qemu_io(dir, "qcow2", "top.qcow2", &["write -z 10M 1M"]);
+    let mut served = serve_nbd(dir, &["--read-only"]);
+    let qsd = QsdNbd::start(dir, "qsd.sock");
+    let map = |uri: &str| qemu_img(dir, &["map", "--output=json", "-f", "raw", uri]);
+    let ours = map(&nbd_uri("nbd.sock"));
+    assert_eq!(
+        ours,
+        map("nbd+unix:///disk?socket=qsd.sock"),
+        "qemu-img map through blockgraph's and QSD's exports"
+    );
+    assert!(
+        ours.contains("\"zero\": true") && ours.contains("\"data\": true"),
+        "{ours}"
+    );
+    drop(qsd);
+    let uri = nbd_uri("nbd.sock");
+    qemu_img(
+        dir,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"],
+    );
+    qemu_img(
+        dir,
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "view.raw",
+        ],
+    );
+    assert!(
+        fs::read(dir.join("served.raw")).unwrap() == fs::read(dir.join("view.raw")).unwrap(),
+        "the export's bytes differ from the chain's view"
+    );
+
+    let mut s = nbd_connect(dir);
+    s.write_all(&option(8, b"")).unwrap();
+    assert_eq!(option_reply(&mut s).0, 1, "STRUCTURED_REPLY acknowledged");
+    let mut set = 0u32.to_be_bytes().to_vec();
+    set.extend_from_slice(&1u32.to_be_bytes());
+    set.extend_from_slice(&15u32.to_be_bytes());
+    set.extend_from_slice(b"base:allocation");
+    s.write_all(&option(10, &set)).unwrap();
+    let (kind, context) = option_reply(&mut s);
+    assert_eq!(kind, 4, "META_CONTEXT");
+    let id = context[..4].to_vec();
+    assert_eq!(&context[4..], b"base:allocation");
+    assert_eq!(option_reply(&mut s).0, 1, "SET_META_CONTEXT acknowledged");
+    s.write_all(&option(7, &[0, 0, 0, 0, 0, 0])).unwrap();
+    while option_reply(&mut s).0 != 1 {}
+
+    s.write_all(&request(7, 1, 0, 64 << 20)).unwrap();
+    let (flags, kind, payload) = chunk(&mut s, 1);
+    assert_eq!((flags, kind), (1, 5), "one BLOCK_STATUS chunk, done");
+    assert_eq!(payload[..4], id[..], "the context's id");
+    let extents: Vec<(u64, u32)> = payload[4..]
+        .chunks(8)
+        .map(|e| {
+            let len = u32::from_be_bytes(e[..4].try_into().unwrap());
+            (
+                u64::from(len),
+                u32::from_be_bytes(e[4..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        extents.iter().map(|e| e.0).sum::<u64>(),
+        64 << 20,
+        "{extents:?}"
+    );
+    let flags_at = |at: u64| {
+        let mut start = 0;
+        extents
+            .iter()
+            .find(|(len, _)| {
+                start += len;
+                at < start
+            })
+            .unwrap()
+            .1
+    };
+    // base's data, top's data, top's zero clusters, nothing.
+    assert_eq!(
+        [
+            flags_at(0),
+            flags_at(6 << 20),
+            flags_at(10 << 20),
+            flags_at(40 << 20)
+        ],
+        [0, 0, 3, 3],
+        "{extents:?}"
+    );
+    let mut one = request(7, 2, 1 << 20, 16 << 20);
+    one[4..6].copy_from_slice(&(1u16 << 3).to_be_bytes());
+    s.write_all(&one).unwrap();
+    let (_, kind, payload) = chunk(&mut s, 2);
+    assert_eq!((kind, payload.len()), (5, 12), "REQ_ONE: one extent");
+    assert_eq!(payload[4..], [0, 0x10, 0, 0, 0, 0, 0, 0], "1 MiB of data");
+
+    s.write_all(&request(0, 3, 4096, 4096)).unwrap();
+    let (flags, kind, payload) = chunk(&mut s, 3);
+    assert_eq!(
+        (flags, kind, payload.len()),
+        (1, 1, 8 + 4096),
+        "OFFSET_DATA"
+    );
+    assert_eq!(payload[..8], 4096u64.to_be_bytes());
+    assert!(payload[8..].iter().all(|&b| b == 0x11));
+    s.write_all(&request(0, 4, 64 << 20, 4096)).unwrap();
+    let (flags, kind, payload) = chunk(&mut s, 4);
+    assert_eq!((flags, kind), (1, 0x8001), "an ERROR chunk");
+    assert_eq!(payload, [0, 0, 0, 22, 0, 0], "EINVAL, no message");
+    drop(s);
+
+    // Without the context, block status is refused.
+    let mut s = nbd_transmission(dir);
+    s.write_all(&request(7, 5, 0, 4096)).unwrap();
+    assert_eq!(errno(&read_some(&mut s, 16)), 22, "EINVAL");
+    drop(s);
+    served.stop();
+}

@@ -1,8 +1,13 @@
 //! The NBD export: the fixed newstyle handshake (`NBD_OPT_GO`,
-//! `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`)
-//! and simple replies for READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC
-//! over a unix socket (the NBD protocol, `doc/proto.md` of the nbd
-//! project).
+//! `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`,
+//! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT` and
+//! `NBD_OPT_SET_META_CONTEXT` with the `base:allocation` context), READ,
+//! WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC over a unix
+//! socket (the NBD protocol, `doc/proto.md` of the nbd project). With
+//! structured replies negotiated, a read's answer is one `OFFSET_DATA`
+//! chunk (or an `ERROR` chunk) and block status one `BLOCK_STATUS` chunk,
+//! as qemu-storage-daemon answers; other commands get simple replies, as
+//! the protocol allows.
 //!
 //! ```text
 //!  connection thread: handshake, then per request: header (+ payload)
@@ -34,8 +39,10 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 use super::vhost_blk::Shared;
 use super::Block;
+use crate::backend::BackendId;
+use crate::device::FileDevice;
 use crate::engine::Ticket;
-use crate::ErrorKind;
+use crate::{ErrorKind, Graph};
 
 /// `NBDMAGIC`.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -47,6 +54,8 @@ const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Simple reply magic.
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Structured reply chunk magic.
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 const FLAG_NO_ZEROES: u16 = 1 << 1;
@@ -58,10 +67,14 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 
@@ -80,6 +93,27 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+/// `NBD_CMD_FLAG_REQ_ONE`: block status for one extent.
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Structured reply chunk flag: the last chunk of the reply.
+const REPLY_FLAG_DONE: u16 = 1 << 0;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context served, and its id once selected.
+const BASE_ALLOCATION: &[u8] = b"base:allocation";
+const BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` flags: not allocated (no data stored), reads as zeros.
+const STATE_HOLE: u32 = 1 << 0;
+const STATE_ZERO: u32 = 1 << 1;
+/// Most extents in one block status reply (a longer range is answered in
+/// part, as the protocol allows).
+const MAX_EXTENTS: usize = 1024;
 
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
@@ -122,6 +156,10 @@ pub(super) enum Op {
     Flush,
     Trim,
     WriteZeroes,
+    /// `base:allocation` of the range; `one`: the first extent only.
+    BlockStatus {
+        one: bool,
+    },
 }
 
 /// One request for the serve loop.
@@ -140,18 +178,33 @@ pub(super) struct Request {
 /// result and, for a read, the data.
 struct Reply {
     cookie: u64,
+    op: Op,
+    /// The request's offset (a structured read reply names it).
+    offset: u64,
     result: Result<(), ErrorKind>,
     /// A read's data (sent when the result is a success).
     data: Option<Box<[u8]>>,
+    /// Block status: the extents (length, `base:allocation` flags).
+    extents: Vec<(u32, u32)>,
 }
 
 impl Reply {
-    /// `result` for request `cookie` of kind `op`, with its buffer back.
-    fn new(cookie: u64, op: Op, result: Result<(), ErrorKind>, buffer: Option<Box<[u8]>>) -> Self {
+    /// `result` for request `cookie` of kind `op` at `offset`, with its
+    /// buffer back.
+    fn new(
+        cookie: u64,
+        op: Op,
+        offset: u64,
+        result: Result<(), ErrorKind>,
+        buffer: Option<Box<[u8]>>,
+    ) -> Self {
         Self {
             cookie,
+            op,
+            offset,
             result,
             data: buffer.filter(|_| op == Op::Read),
+            extents: Vec::new(),
         }
     }
 }
@@ -199,6 +252,7 @@ struct InFlight {
     ticket: Ticket,
     buffer: Option<Lent>,
     op: Op,
+    offset: u64,
     cookie: u64,
     reply: Sender<Reply>,
 }
@@ -256,8 +310,12 @@ impl Pending {
         }
     }
 
-    /// Submits one request; gives it back when the engine is full.
+    /// Submits one request; gives it back when the engine is full (or,
+    /// for block status, until its devices are quiet).
     fn submit(&mut self, block: &mut Block, mut request: Request) -> Result<(), Request> {
+        if let Op::BlockStatus { one } = request.op {
+            return answer_block_status(block, request, one);
+        }
         let (engine, backend) = (&mut block.engine, block.backend);
         let lent = request.buffer.take().map(Lent::new);
         // SAFETY (both): the one slice of the buffer goes to the engine and
@@ -275,7 +333,7 @@ impl Pending {
             (Op::WriteZeroes, _) => {
                 engine.submit_write_zeroes(backend, request.offset, request.len.into())
             }
-            (Op::Read | Op::Write, None) => {
+            (Op::Read | Op::Write, None) | (Op::BlockStatus { .. }, _) => {
                 Err(crate::Error::new(ErrorKind::InvalidInput, "no buffer"))
             }
         };
@@ -285,6 +343,7 @@ impl Pending {
                     ticket,
                     buffer: lent,
                     op: request.op,
+                    offset: request.offset,
                     cookie: request.cookie,
                     reply: request.reply,
                 });
@@ -298,7 +357,13 @@ impl Pending {
                 if err.kind() == ErrorKind::NoCapacity {
                     return Err(request);
                 }
-                let reply = Reply::new(request.cookie, request.op, Err(err.kind()), request.buffer);
+                let reply = Reply::new(
+                    request.cookie,
+                    request.op,
+                    request.offset,
+                    Err(err.kind()),
+                    request.buffer,
+                );
                 let _ = request.reply.send(reply);
                 Ok(())
             }
@@ -335,7 +400,7 @@ impl Pending {
             // SAFETY: the engine gave the request back and its buffers were
             // dropped with `Done`.
             let buffer = finished.buffer.map(|b| unsafe { b.into_box() });
-            let reply = Reply::new(finished.cookie, finished.op, done, buffer);
+            let reply = Reply::new(finished.cookie, finished.op, finished.offset, done, buffer);
             let _ = finished.reply.send(reply);
         }
     }
@@ -346,6 +411,62 @@ impl Pending {
             super::wait_for_devices(block);
         }
     }
+}
+
+/// Answers a block status request from the chain's metadata, in a
+/// drained section of the engine (no device operation in flight: no load
+/// or write-back is under way while the graph's lookups run); gives the
+/// request back until the section is reached, and the requests after it
+/// wait meanwhile.
+fn answer_block_status(block: &mut Block, request: Request, one: bool) -> Result<(), Request> {
+    let backend = block.backend;
+    let (offset, len) = (request.offset, u64::from(request.len));
+    let Some(extents) = block.engine.drained(&mut block.graph, |graph| {
+        allocation_extents(graph, backend, offset, len, one)
+    }) else {
+        return Err(request);
+    };
+    let result = extents.as_ref().map(|_| ()).map_err(|kind| *kind);
+    let mut reply = Reply::new(request.cookie, request.op, offset, result, None);
+    reply.extents = extents.unwrap_or_default();
+    let _ = request.reply.send(reply);
+    Ok(())
+}
+
+/// The `base:allocation` extents of `len` bytes at `offset` through
+/// `backend` (QEMU's block status over the whole chain): a hole where no
+/// data is stored, zero where it reads as zeros; neighbours with the same
+/// flags merged; at most [`MAX_EXTENTS`], one with `one`.
+fn allocation_extents(
+    graph: &mut Graph<FileDevice>,
+    backend: BackendId,
+    offset: u64,
+    len: u64,
+    one: bool,
+) -> Result<Vec<(u32, u32)>, ErrorKind> {
+    let mut extents: Vec<(u32, u32)> = Vec::new();
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let (status, run) = graph
+            .backend_block_status(backend, at, end - at)
+            .map_err(|e| e.kind())?;
+        if run == 0 {
+            return Err(ErrorKind::Corrupt);
+        }
+        // Within the request, whose length is a u32.
+        let run = run.min(end - at) as u32;
+        let hole = if status.data { 0 } else { STATE_HOLE };
+        let flags = hole | if status.zero { STATE_ZERO } else { 0 };
+        let full = one && !extents.is_empty() || extents.len() == MAX_EXTENTS;
+        match extents.last_mut() {
+            Some((length, last)) if *last == flags => *length += run,
+            _ if full => break,
+            _ => extents.push((run, flags)),
+        }
+        at += u64::from(run);
+    }
+    Ok(extents)
 }
 
 /// Accepts clients on `listener`, each on a thread of its own.
@@ -377,6 +498,10 @@ struct Connection {
     export: Export,
     requests: Sender<Request>,
     shared: Arc<Shared>,
+    /// `NBD_OPT_STRUCTURED_REPLY` was negotiated.
+    structured: bool,
+    /// `base:allocation` was selected (`NBD_OPT_SET_META_CONTEXT`).
+    allocation_context: bool,
 }
 
 fn invalid(message: &'static str) -> io::Error {
@@ -396,6 +521,8 @@ impl Connection {
             export,
             requests,
             shared,
+            structured: false,
+            allocation_context: false,
         })
     }
 
@@ -487,6 +614,41 @@ impl Connection {
                         return Ok(true);
                     }
                 }
+                OPT_STRUCTURED_REPLY => {
+                    let kind = match data.is_empty() {
+                        true => REP_ACK,
+                        false => REP_ERR_INVALID,
+                    };
+                    self.structured |= kind == REP_ACK;
+                    self.option_reply(option, kind, &[])?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let queries = match self.structured {
+                        true => meta_context_queries(&data),
+                        false => None,
+                    };
+                    let Some(queries) = queries else {
+                        self.option_reply(option, REP_ERR_INVALID, &[])?;
+                        continue;
+                    };
+                    let set = option == OPT_SET_META_CONTEXT;
+                    // A listing without queries lists every context; `base:`
+                    // lists the namespace's.
+                    let matches = queries.is_empty() && !set
+                        || queries
+                            .iter()
+                            .any(|q| *q == BASE_ALLOCATION || !set && *q == b"base:");
+                    if set {
+                        self.allocation_context = matches;
+                    }
+                    if matches {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        let mut reply = id.to_be_bytes().to_vec();
+                        reply.extend_from_slice(BASE_ALLOCATION);
+                        self.option_reply(option, REP_META_CONTEXT, &reply)?;
+                    }
+                    self.option_reply(option, REP_ACK, &[])?;
+                }
                 _ => self.option_reply(option, REP_ERR_UNSUP, &[])?,
             }
         }
@@ -513,9 +675,10 @@ impl Connection {
         let writer = self.stream.try_clone()?;
         // A refusal keeps the default size.
         let _ = setsockopt(&writer, sockopt::SndBuf, &SEND_BUFFER);
+        let structured = self.structured;
         let writing = {
             let window = window.clone();
-            thread::spawn(move || write_replies(writer, &outbox, &window))
+            thread::spawn(move || write_replies(writer, &outbox, &window, structured))
         };
         let read = self.requests_until_disc(&replies, &window);
         drop(replies);
@@ -539,7 +702,7 @@ impl Connection {
             if field(0, 4) != u64::from(REQUEST_MAGIC) {
                 return Err(invalid("bad request magic"));
             }
-            // Command flags (2 bytes at 4) ask for nothing served here.
+            let flags = field(4, 2) as u16;
             let kind = field(6, 2) as u16;
             let cookie = field(8, 8);
             let offset = field(16, 8);
@@ -569,6 +732,17 @@ impl Connection {
                     _ => Ok((Op::Read, Some(window.buffer(len as usize)))),
                 },
                 CMD_FLUSH => Ok((Op::Flush, None)),
+                CMD_BLOCK_STATUS => match () {
+                    _ if !self.allocation_context || len == 0 || !in_range => {
+                        refuse(ErrorKind::InvalidInput)
+                    }
+                    _ => Ok((
+                        Op::BlockStatus {
+                            one: flags & CMD_FLAG_REQ_ONE != 0,
+                        },
+                        None,
+                    )),
+                },
                 CMD_TRIM | CMD_WRITE_ZEROES => match () {
                     _ if self.export.read_only => refuse(ErrorKind::ReadOnly),
                     _ if !in_range => refuse(ErrorKind::InvalidInput),
@@ -581,7 +755,7 @@ impl Connection {
             match request {
                 // Nothing to do: answered at once.
                 Ok((op, buffer)) if len == 0 && op != Op::Flush => {
-                    let _ = replies.send(Reply::new(cookie, op, Ok(()), buffer));
+                    let _ = replies.send(Reply::new(cookie, op, offset, Ok(()), buffer));
                 }
                 Ok((op, buffer)) => {
                     let request = Request {
@@ -597,8 +771,15 @@ impl Connection {
                     }
                     self.shared.tell(|inbox| inbox.kicked = true);
                 }
-                Err(kind) => {
-                    let _ = replies.send(Reply::new(cookie, Op::Flush, Err(kind), None));
+                Err(error) => {
+                    // A refused read still gets a read's reply (structured:
+                    // an error chunk), block status likewise.
+                    let op = match kind {
+                        CMD_READ => Op::Read,
+                        CMD_BLOCK_STATUS => Op::BlockStatus { one: false },
+                        _ => Op::Flush,
+                    };
+                    let _ = replies.send(Reply::new(cookie, op, offset, Err(error), None));
                 }
             }
         }
@@ -677,6 +858,7 @@ fn write_replies(
     mut stream: UnixStream,
     outbox: &Receiver<Reply>,
     window: &Window,
+    structured: bool,
 ) -> io::Result<()> {
     let mut result = Ok(());
     let mut batch = Vec::with_capacity(REPLIES_PER_WRITE);
@@ -692,7 +874,7 @@ fn write_replies(
         // Once the client is gone the rest is dropped (the senders still
         // get their buffers back through the loop).
         if result.is_ok() {
-            result = send_replies(&mut stream, &batch);
+            result = send_replies(&mut stream, &batch, structured);
         }
         for reply in batch.drain(..) {
             if let Some(data) = reply.data {
@@ -703,19 +885,15 @@ fn write_replies(
     result
 }
 
-/// Sends `replies` (at most [`REPLIES_PER_WRITE`]): each one's header and,
-/// for a successful read, its data.
-fn send_replies(stream: &mut UnixStream, replies: &[Reply]) -> io::Result<()> {
-    let mut headers = [[0u8; 16]; REPLIES_PER_WRITE];
-    for (header, reply) in headers.iter_mut().zip(replies) {
-        header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        header[4..8].copy_from_slice(&errno(reply.result).to_be_bytes());
-        header[8..].copy_from_slice(&reply.cookie.to_be_bytes());
-    }
+/// Sends `replies` (at most [`REPLIES_PER_WRITE`]): each one's header (or,
+/// with `structured`, a read's or block status's one chunk) and, for a
+/// successful read, its data.
+fn send_replies(stream: &mut UnixStream, replies: &[Reply], structured: bool) -> io::Result<()> {
+    let heads: Vec<Vec<u8>> = replies.iter().map(|r| head(r, structured)).collect();
     let mut slices = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
     let mut count = 0;
-    for (header, reply) in headers.iter().zip(replies) {
-        slices[count] = IoSlice::new(header);
+    for (head, reply) in heads.iter().zip(replies) {
+        slices[count] = IoSlice::new(head);
         count += 1;
         if let (Ok(()), Some(data)) = (reply.result, reply.data.as_deref()) {
             slices[count] = IoSlice::new(data);
@@ -723,6 +901,54 @@ fn send_replies(stream: &mut UnixStream, replies: &[Reply]) -> io::Result<()> {
         }
     }
     write_all_vectored(stream, &mut slices[..count])
+}
+
+/// What goes before a reply's data (a successful read's), or all of it.
+fn head(reply: &Reply, structured: bool) -> Vec<u8> {
+    let chunk = |kind: u16, payload: &[u8], data_len: usize| {
+        let mut head = Vec::with_capacity(20 + payload.len());
+        head.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        head.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        head.extend_from_slice(&kind.to_be_bytes());
+        head.extend_from_slice(&reply.cookie.to_be_bytes());
+        let len = u32::try_from(payload.len() + data_len).unwrap_or(u32::MAX);
+        head.extend_from_slice(&len.to_be_bytes());
+        head.extend_from_slice(payload);
+        head
+    };
+    let chunked = structured && matches!(reply.op, Op::Read | Op::BlockStatus { .. });
+    match (chunked, reply.result, reply.op) {
+        (false, result, _) => {
+            let mut head = Vec::with_capacity(16);
+            head.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            head.extend_from_slice(&errno(result).to_be_bytes());
+            head.extend_from_slice(&reply.cookie.to_be_bytes());
+            head
+        }
+        (true, Err(_), _) => {
+            // The error number and an empty message.
+            let mut payload = errno(reply.result).to_be_bytes().to_vec();
+            payload.extend_from_slice(&0u16.to_be_bytes());
+            chunk(REPLY_TYPE_ERROR, &payload, 0)
+        }
+        (true, Ok(()), Op::BlockStatus { .. }) => {
+            let mut payload = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            for (length, flags) in &reply.extents {
+                payload.extend_from_slice(&length.to_be_bytes());
+                payload.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk(REPLY_TYPE_BLOCK_STATUS, &payload, 0)
+        }
+        (true, Ok(()), _) => match reply.data.as_deref().map_or(0, <[u8]>::len) {
+            // No data chunk may be empty: a zero-length read gets none.
+            0 => chunk(REPLY_TYPE_NONE, &[], 0),
+            data_len => chunk(
+                REPLY_TYPE_OFFSET_DATA,
+                &reply.offset.to_be_bytes(),
+                data_len,
+            ),
+        },
+    }
 }
 
 /// The NBD error number for `result`.
@@ -756,6 +982,25 @@ fn write_all_vectored(stream: &mut UnixStream, mut slices: &mut [IoSlice<'_>]) -
     Ok(())
 }
 
+/// The queries of `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT` data
+/// (export name length, name, query count, each query's length and
+/// bytes), when it is well formed and consumed whole.
+fn meta_context_queries(data: &[u8]) -> Option<Vec<&[u8]>> {
+    let (len, rest) = data.split_first_chunk::<4>()?;
+    let rest = rest.get(u32::from_be_bytes(*len) as usize..)?;
+    let (count, mut rest) = rest.split_first_chunk::<4>()?;
+    let count = u32::from_be_bytes(*count);
+    // Each query takes at least its 4-byte length: no larger list fits.
+    let mut queries = Vec::with_capacity((count as usize).min(rest.len() / 4));
+    for _ in 0..count {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        queries.push(tail.get(..len)?);
+        rest = &tail[len..];
+    }
+    rest.is_empty().then_some(queries)
+}
+
 /// Whether `NBD_OPT_GO`/`INFO` data is well formed: name length, name,
 /// count of info requests, the requests.
 fn go_data_valid(data: &[u8]) -> bool {
@@ -773,7 +1018,36 @@ fn go_data_valid(data: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::go_data_valid;
+    use super::{go_data_valid, meta_context_queries};
+
+    #[test]
+    fn meta_context_queries_are_checked() {
+        let data = |name: &[u8], queries: &[&[u8]]| {
+            let mut data = (name.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(name);
+            data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+            for query in queries {
+                data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+                data.extend_from_slice(query);
+            }
+            data
+        };
+        let two = data(b"disk", &[b"base:allocation", b"qemu:dirty-bitmap:x"]);
+        assert_eq!(
+            meta_context_queries(&two),
+            Some(vec![&b"base:allocation"[..], b"qemu:dirty-bitmap:x"])
+        );
+        assert_eq!(meta_context_queries(&data(b"", &[])), Some(vec![]));
+        // Cut short, a byte too many, a count larger than the queries.
+        assert_eq!(meta_context_queries(&two[..two.len() - 1]), None);
+        let mut long = two.clone();
+        long.push(0);
+        assert_eq!(meta_context_queries(&long), None);
+        let mut count = data(b"", &[b"base:"]);
+        count[7] = 9;
+        assert_eq!(meta_context_queries(&count), None);
+        assert_eq!(meta_context_queries(&[0, 0, 0, 9]), None);
+    }
 
     #[test]
     fn go_data_is_checked() {
