@@ -686,6 +686,14 @@ impl<'b, const SLOTS: usize, const SEGMENTS: usize, const PIECES: usize>
         Some(changed)
     }
 
+    /// Gives up a pending [`Engine::drained`] section: queued requests
+    /// start again (a VMM that must see requests finish before it can run
+    /// its change, or that no longer wants it, calls this; a later
+    /// [`Engine::drained`] asks again).
+    pub fn cancel_drained(&mut self) {
+        self.draining = false;
+    }
+
     /// The queued request submitted first (after sequence number `after`).
     fn next_queued(&self, after: Option<u64>) -> Option<usize> {
         self.slots

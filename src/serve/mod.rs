@@ -453,6 +453,9 @@ impl Device {
     /// Polls until every chain the server took has finished (reported in
     /// the used rings unless forgotten by a reset).
     fn drain(&mut self, block: &mut Block) {
+        // A drained section an NBD block status waits for would hold back
+        // the queued chains this waits for: it asks again later.
+        block.engine.cancel_drained();
         while self.progress(block) > 0 {
             wait_for_devices(block);
         }
@@ -622,6 +625,9 @@ fn start_threads(
             shared.tell(|inbox| {
                 inbox.ended = Some(ended.err());
                 inbox.vrings = None;
+                // Its memory table is no longer mapped for it.
+                inbox.memory = None;
+                inbox.memory_changed = false;
                 released = inbox.frontends_released;
             });
             if !(clean && reconnect) {
@@ -726,8 +732,14 @@ fn serve_loop(
                 break End::Clean;
             }
             // Like qemu-storage-daemon, keep the images open (written
-            // back) for the monitor's `quit`.
-            let _ = block.graph.write_back_all();
+            // back, when no NBD request is in flight) for the monitor's
+            // `quit`.
+            let written = block
+                .engine
+                .drained(&mut block.graph, |graph| graph.write_back_all());
+            if written.is_none() {
+                block.engine.cancel_drained();
+            }
         }
         // The monitor's commands run here, between requests, on the
         // block state this loop owns; then the jobs take a step.
@@ -762,8 +774,8 @@ fn serve_loop(
             drop(shared.wait(inbox, nap));
         }
     };
-    device.drain(block);
     nbd.drain(block);
+    device.drain(block);
     // Only now, with nothing in the engine, is the guest memory released.
     drop(device);
     Ok(end)

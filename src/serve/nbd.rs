@@ -184,8 +184,9 @@ struct Reply {
     result: Result<(), ErrorKind>,
     /// A read's data (sent when the result is a success).
     data: Option<Box<[u8]>>,
-    /// Block status: the extents (length, `base:allocation` flags).
-    extents: Vec<(u32, u32)>,
+    /// Block status: the extents as sent (big-endian length and
+    /// `base:allocation` flags, 8 bytes each).
+    extents: Vec<u8>,
 }
 
 impl Reply {
@@ -428,7 +429,10 @@ fn answer_block_status(block: &mut Block, request: Request, one: bool) -> Result
     };
     let result = extents.as_ref().map(|_| ()).map_err(|kind| *kind);
     let mut reply = Reply::new(request.cookie, request.op, offset, result, None);
-    reply.extents = extents.unwrap_or_default();
+    for (length, flags) in extents.unwrap_or_default() {
+        reply.extents.extend_from_slice(&length.to_be_bytes());
+        reply.extents.extend_from_slice(&flags.to_be_bytes());
+    }
     let _ = request.reply.send(reply);
     Ok(())
 }
@@ -447,7 +451,12 @@ fn allocation_extents(
     let mut extents: Vec<(u32, u32)> = Vec::new();
     let end = offset + len;
     let mut at = offset;
-    while at < end {
+    // The lookups are bounded too (each may load metadata, with guest
+    // requests held): a long range is answered in part.
+    for _ in 0..MAX_EXTENTS * 4 {
+        if at >= end {
+            break;
+        }
         let (status, run) = graph
             .backend_block_status(backend, at, end - at)
             .map_err(|e| e.kind())?;
@@ -623,6 +632,10 @@ impl Connection {
                     self.option_reply(option, kind, &[])?;
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    if option == OPT_SET_META_CONTEXT {
+                        // A SET replaces the selection, a failed one with none.
+                        self.allocation_context = false;
+                    }
                     let queries = match self.structured {
                         true => meta_context_queries(&data),
                         false => None,
@@ -889,65 +902,97 @@ fn write_replies(
 /// with `structured`, a read's or block status's one chunk) and, for a
 /// successful read, its data.
 fn send_replies(stream: &mut UnixStream, replies: &[Reply], structured: bool) -> io::Result<()> {
-    let heads: Vec<Vec<u8>> = replies.iter().map(|r| head(r, structured)).collect();
-    let mut slices = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
+    let mut heads = [Head::EMPTY; REPLIES_PER_WRITE];
+    for (head, reply) in heads.iter_mut().zip(replies) {
+        *head = Head::of(reply, structured);
+    }
+    let mut slices = [IoSlice::new(&[]); 3 * REPLIES_PER_WRITE];
     let mut count = 0;
     for (head, reply) in heads.iter().zip(replies) {
-        slices[count] = IoSlice::new(head);
-        count += 1;
-        if let (Ok(()), Some(data)) = (reply.result, reply.data.as_deref()) {
-            slices[count] = IoSlice::new(data);
-            count += 1;
+        let data = match reply.result {
+            Ok(()) => reply.data.as_deref().unwrap_or_default(),
+            Err(_) => &[],
+        };
+        for part in [head.bytes(), &reply.extents[..], data] {
+            if !part.is_empty() {
+                slices[count] = IoSlice::new(part);
+                count += 1;
+            }
         }
     }
     write_all_vectored(stream, &mut slices[..count])
 }
 
-/// What goes before a reply's data (a successful read's), or all of it.
-fn head(reply: &Reply, structured: bool) -> Vec<u8> {
-    let chunk = |kind: u16, payload: &[u8], data_len: usize| {
-        let mut head = Vec::with_capacity(20 + payload.len());
-        head.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        head.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
-        head.extend_from_slice(&kind.to_be_bytes());
-        head.extend_from_slice(&reply.cookie.to_be_bytes());
-        let len = u32::try_from(payload.len() + data_len).unwrap_or(u32::MAX);
-        head.extend_from_slice(&len.to_be_bytes());
-        head.extend_from_slice(payload);
-        head
+/// What goes before a reply's payload (a read's data or block status's
+/// extents), or all of a reply: at most a chunk header and 8 bytes.
+#[derive(Clone, Copy)]
+struct Head {
+    bytes: [u8; 28],
+    len: usize,
+}
+
+impl Head {
+    const EMPTY: Self = Self {
+        bytes: [0; 28],
+        len: 0,
     };
-    let chunked = structured && matches!(reply.op, Op::Read | Op::BlockStatus { .. });
-    match (chunked, reply.result, reply.op) {
-        (false, result, _) => {
-            let mut head = Vec::with_capacity(16);
-            head.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            head.extend_from_slice(&errno(result).to_be_bytes());
-            head.extend_from_slice(&reply.cookie.to_be_bytes());
-            head
-        }
-        (true, Err(_), _) => {
-            // The error number and an empty message.
-            let mut payload = errno(reply.result).to_be_bytes().to_vec();
-            payload.extend_from_slice(&0u16.to_be_bytes());
-            chunk(REPLY_TYPE_ERROR, &payload, 0)
-        }
-        (true, Ok(()), Op::BlockStatus { .. }) => {
-            let mut payload = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-            for (length, flags) in &reply.extents {
-                payload.extend_from_slice(&length.to_be_bytes());
-                payload.extend_from_slice(&flags.to_be_bytes());
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// `reply`'s head: a simple reply's header, or (a read or block status
+    /// with `structured`) one chunk's header and fixed fields.
+    fn of(reply: &Reply, structured: bool) -> Self {
+        let mut head = Self::EMPTY;
+        let chunk = |head: &mut Self, kind: u16, fixed: &[u8], payload_len: usize| {
+            head.push(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            head.push(&REPLY_FLAG_DONE.to_be_bytes());
+            head.push(&kind.to_be_bytes());
+            head.push(&reply.cookie.to_be_bytes());
+            let len = u32::try_from(fixed.len() + payload_len).unwrap_or(u32::MAX);
+            head.push(&len.to_be_bytes());
+            head.push(fixed);
+        };
+        let chunked = structured && matches!(reply.op, Op::Read | Op::BlockStatus { .. });
+        match (chunked, reply.result, reply.op) {
+            (false, result, _) => {
+                head.push(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                head.push(&errno(result).to_be_bytes());
+                head.push(&reply.cookie.to_be_bytes());
             }
-            chunk(REPLY_TYPE_BLOCK_STATUS, &payload, 0)
+            (true, Err(_), _) => {
+                // The error number and an empty message.
+                let mut fixed = [0u8; 6];
+                fixed[..4].copy_from_slice(&errno(reply.result).to_be_bytes());
+                chunk(&mut head, REPLY_TYPE_ERROR, &fixed, 0);
+            }
+            (true, Ok(()), Op::BlockStatus { .. }) => {
+                let extents = reply.extents.len();
+                chunk(
+                    &mut head,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    &BASE_ALLOCATION_ID.to_be_bytes(),
+                    extents,
+                );
+            }
+            (true, Ok(()), _) => match reply.data.as_deref().map_or(0, <[u8]>::len) {
+                // No data chunk may be empty: a zero-length read gets none.
+                0 => chunk(&mut head, REPLY_TYPE_NONE, &[], 0),
+                len => chunk(
+                    &mut head,
+                    REPLY_TYPE_OFFSET_DATA,
+                    &reply.offset.to_be_bytes(),
+                    len,
+                ),
+            },
         }
-        (true, Ok(()), _) => match reply.data.as_deref().map_or(0, <[u8]>::len) {
-            // No data chunk may be empty: a zero-length read gets none.
-            0 => chunk(REPLY_TYPE_NONE, &[], 0),
-            data_len => chunk(
-                REPLY_TYPE_OFFSET_DATA,
-                &reply.offset.to_be_bytes(),
-                data_len,
-            ),
-        },
+        head
     }
 }
 
