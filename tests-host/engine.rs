@@ -1520,3 +1520,72 @@ fn many_requests_in_flight_on_host_files() {
 fn many_requests_in_flight_on_host_files_direct() {
     big_stack(|| run_on_files(true, 0x5eed_0004));
 }
+
+/// A drained section that cannot run yet (device operations in flight)
+/// holds back the requests queued after it, however often the engine is
+/// polled, until it runs or is given up with `Engine::cancel_drained`;
+/// then they start and finish.
+#[test]
+fn a_pending_drained_section_holds_requests_until_given_up() {
+    big_stack(pending_drained_section);
+}
+
+fn pending_drained_section() {
+    let mut early = vec![vec![0u8; 4096]; 8];
+    let mut late = vec![0u8; 4096];
+    let tmp = tmpdir("bg-engine-");
+    let (top_bytes, base_bytes, model) = chain(tmp.path(), "65536");
+    let mut files = Files::new(&top_bytes, &base_bytes, 1 << 20);
+    let mut images = files.images(7);
+    let mut graph: Box<TestGraph<'_, '_>> = Box::default();
+    let (backend, _) = attach(&mut graph, &mut images, false);
+    let mut engine: Engine<'_> = Engine::new();
+    let first: Vec<Ticket> = early
+        .iter_mut()
+        .enumerate()
+        .map(|(i, buf)| {
+            engine
+                .submit_read(backend, i as u64 * 65536, [&mut buf[..]])
+                .unwrap()
+        })
+        .collect();
+    engine.poll(&mut graph);
+    assert!(
+        engine.operations() > 0,
+        "the reads are still on the devices"
+    );
+    assert!(
+        engine.drained(&mut graph, |_| ()).is_none(),
+        "not drained yet"
+    );
+    let ticket = engine
+        .submit_read(backend, 1 << 20, [&mut late[..]])
+        .unwrap();
+    for _ in 0..100 {
+        engine.poll(&mut graph);
+    }
+    assert_eq!(engine.operations(), 0, "the earlier reads finished");
+    assert!(
+        engine.take(ticket).unwrap().is_none(),
+        "held behind the section"
+    );
+    engine.cancel_drained();
+    let mut polls = 0;
+    let mut done = loop {
+        engine.poll(&mut graph);
+        if let Some(done) = engine.take(ticket).unwrap() {
+            break done;
+        }
+        polls += 1;
+        assert!(polls < 100, "the late read never finished");
+    };
+    done.result.as_ref().unwrap();
+    let sector = (1 << 20) / SECTOR;
+    assert!(
+        done.buffers().flatten().all(|b| *b == model[sector]),
+        "the late read's data"
+    );
+    for ticket in first {
+        engine.take(ticket).unwrap().unwrap().result.unwrap();
+    }
+}
