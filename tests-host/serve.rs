@@ -1050,3 +1050,65 @@ fn nbd_block_status_and_structured_reads_match_qemu_storage_daemon() {
     drop(s);
     served.stop();
 }
+
+/// A stream started over QMP runs to its end with no guest or NBD request
+/// making the serve loop poll: its copies in flight are collected all the
+/// same (they once waited forever for a request to come).
+#[test]
+fn a_qmp_stream_finishes_without_guest_requests() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    qemu_io(
+        dir,
+        "qcow2",
+        "top.qcow2",
+        &["write -z 8M 1M", "write -P 0x55 20M 4M"],
+    );
+    let mut served = serve_nbd(dir, &["--qmp", "qmp.sock"]);
+    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    qmp_line(&mut reader);
+    for command in [
+        r#"{"execute": "qmp_capabilities"}"#,
+        r#"{"execute": "blockdev-snapshot-sync", "arguments": {"node-name": "top", "snapshot-file": "snap.qcow2", "snapshot-node-name": "snap", "format": "qcow2"}}"#,
+        r#"{"execute": "block-stream", "arguments": {"job-id": "s0", "device": "snap", "base-node": "base", "backing-file": "base.qcow2"}}"#,
+    ] {
+        writer.write_all(format!("{command}\n").as_bytes()).unwrap();
+        let answer = loop {
+            let line = qmp_line(&mut reader);
+            if !line.contains("\"event\"") {
+                break line;
+            }
+        };
+        assert!(answer.contains("\"return\""), "{command}: {answer}");
+    }
+    // Nothing else is sent: the job must finish on its own.
+    loop {
+        let line = qmp_line(&mut reader);
+        assert!(!line.is_empty(), "the stream never completed");
+        if line.contains("BLOCK_JOB_COMPLETED") {
+            assert!(!line.contains("\"error\""), "{line}");
+            break;
+        }
+    }
+    writer.write_all(b"{\"execute\": \"quit\"}\n").unwrap();
+    let (status, err) = served.wait();
+    assert!(status.success(), "serve after quit: {status}: {err}");
+    check_clean(dir, "snap.qcow2");
+    let info = qemu_img(dir, &["info", "snap.qcow2"]);
+    assert!(info.contains("backing file: base.qcow2"), "{info}");
+    qemu_io(
+        dir,
+        "qcow2",
+        "snap.qcow2",
+        &[
+            "read -P 0x44 6M 128k",
+            "read -P 0 8M 1M",
+            "read -P 0x55 20M 4M",
+        ],
+    );
+}

@@ -754,7 +754,9 @@ fn serve_loop(
         let chains_left = device.take_chains(block);
         nbd.take(block);
         let left = device.progress(block) + nbd.progress(block);
-        if left > 0 || chains_left {
+        // Job runs in flight are collected here too when no guest or NBD
+        // request makes the loop poll.
+        if left > 0 || chains_left || block.engine.operations() > 0 {
             wait_for_devices(block);
             continue;
         }
