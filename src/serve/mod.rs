@@ -472,12 +472,15 @@ impl Drop for Device {
     }
 }
 
-/// Lets the devices make progress: blocks in them while they have
-/// operations in flight, else yields briefly.
+/// Lets the engine make progress: blocks in the devices while they have
+/// operations in flight, else polls (a job's run may wait for a step
+/// that needs no device: its target's first-write check, a free
+/// allocation entry) and yields briefly.
 fn wait_for_devices(block: &mut Block) {
     if block.engine.operations() > 0 {
         block.engine.advance(&mut block.graph);
     } else {
+        block.engine.poll(&mut block.graph);
         thread::sleep(Duration::from_micros(200));
     }
 }
@@ -754,9 +757,10 @@ fn serve_loop(
         let chains_left = device.take_chains(block);
         nbd.take(block);
         let left = device.progress(block) + nbd.progress(block);
-        // Job runs in flight are collected here too when no guest or NBD
-        // request makes the loop poll.
-        if left > 0 || chains_left || block.engine.operations() > 0 {
+        // Job runs are carried on here too when no guest or NBD request
+        // makes the loop poll.
+        let job_runs = block.engine.operations() > 0 || block.engine.job_running();
+        if left > 0 || chains_left || job_runs {
             wait_for_devices(block);
             continue;
         }
