@@ -1121,3 +1121,62 @@ fn qmp_jobs_finish_without_guest_requests() {
         ],
     );
 }
+
+/// With a monitor, a vhost-user frontend that breaks the protocol is
+/// dropped, as qemu-storage-daemon drops it, and the socket serves the
+/// next one (which gets its features); QMP `quit` then ends the serve
+/// with exit 0 and the images as they were.
+#[test]
+fn with_a_monitor_a_broken_frontend_is_dropped_and_the_next_served() {
+    let tmp = chain_dir();
+    let dir = tmp.path();
+    let before = snapshot(dir, &["base.qcow2", "top.qcow2"]);
+    let mut served = Served::start(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "top.qcow2",
+            "--vhost-user-blk",
+            "vhost.sock",
+            "--qmp",
+            "qmp.sock",
+        ],
+        &["vhost.sock", "qmp.sock"],
+    );
+    let mut broken = UnixStream::connect(dir.join("vhost.sock")).unwrap();
+    broken
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = broken.write_all(&vhost_header(9999, 8));
+    let _ = broken.write_all(&[0xff; 8]);
+    // The server hangs up on it.
+    assert!(
+        read_some(&mut broken, 1).is_empty(),
+        "the broken frontend was kept"
+    );
+    assert!(served.running(), "a broken frontend ended the serve");
+    let mut next = UnixStream::connect(dir.join("vhost.sock")).unwrap();
+    next.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    next.write_all(&vhost_header(1, 0)).unwrap();
+    assert_eq!(read_some(&mut next, 20).len(), 20, "GET_FEATURES reply");
+    drop(next);
+    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    qmp_line(&mut reader);
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"quit\"}\n")
+        .unwrap();
+    let (status, err) = served.wait();
+    assert!(status.success(), "serve after quit: {status}: {err}");
+    assert!(err.contains("vhost-user frontend dropped"), "{err}");
+    assert!(
+        before == snapshot(dir, &["base.qcow2", "top.qcow2"]),
+        "a frontend changed an image"
+    );
+}

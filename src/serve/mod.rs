@@ -38,7 +38,8 @@
 //! nor an NBD export was asked for. With either, the frontend's requests
 //! are drained, its memory released, the images written back, and the
 //! socket takes the next frontend (QEMU reconnecting), as
-//! qemu-storage-daemon's export stays up. Ending drains
+//! qemu-storage-daemon's export stays up; a frontend that breaks the
+//! protocol is dropped the same way (its error on stderr). Ending drains
 //! every request (guest chains get their used entries), flushes the
 //! backend and closes the images.
 
@@ -485,10 +486,11 @@ fn wait_for_devices(block: &mut Block) {
     }
 }
 
-/// Whether a vhost-user frontend that disconnects cleanly may be followed
-/// by another on the same socket (QEMU reconnecting, a guest rebooted in
-/// a new QEMU): when the serve has a monitor or an NBD export, which keep
-/// it running, as qemu-storage-daemon keeps its export.
+/// Whether a vhost-user frontend that disconnects (or breaks the protocol
+/// and is dropped) may be followed by another on the same socket (QEMU
+/// reconnecting, a guest rebooted in a new QEMU): when the serve has a
+/// monitor or an NBD export, which keep it running, as
+/// qemu-storage-daemon keeps its export.
 fn reconnects(options: &Options) -> bool {
     options.qmp.is_some() || options.nbd.is_some()
 }
@@ -506,7 +508,8 @@ enum End {
 ///
 /// # Errors
 /// Opening the images or a socket failed, the frontend broke the protocol
-/// (the images are still flushed and closed), or closing failed.
+/// with neither a monitor nor an NBD export to keep the serve up (the
+/// images are still flushed and closed), or closing failed.
 pub fn run(options: &Options, resolver: PathResolver) -> Result<(), ServeError> {
     let mut block = Block::open(options, resolver)?;
     let config = Config::for_backend(&block.graph, block.backend)
@@ -621,7 +624,6 @@ fn start_threads(
         let reconnect = reconnects(options);
         thread::spawn(move || loop {
             let ended = vhost_blk::serve_frontend(&mut listener, backend.clone());
-            let clean = ended.is_ok();
             // The frontend's vrings go with it; the next one's first kick
             // brings its own.
             let mut released = 0;
@@ -633,7 +635,7 @@ fn start_threads(
                 inbox.memory_changed = false;
                 released = inbox.frontends_released;
             });
-            if !(clean && reconnect) {
+            if !reconnect {
                 break;
             }
             // The loop lets go of this frontend's memory and vrings before
@@ -720,7 +722,7 @@ fn serve_loop(
             // The frontend thread waits for this before taking the next
             // frontend.
             shared.tell(|inbox| inbox.frontends_released += 1);
-            let reconnecting = ended.is_none() && reconnects(options);
+            let reconnecting = reconnects(options);
             // Without a next frontend the socket goes, so no client finds
             // a socket that nothing listens on.
             if !reconnecting {
@@ -728,11 +730,15 @@ fn serve_loop(
                     remove_socket(path);
                 }
             }
-            if let Some(message) = ended {
-                break End::Frontend(message);
-            }
-            if !reconnecting {
-                break End::Clean;
+            match (ended, reconnecting) {
+                (Some(message), false) => break End::Frontend(message),
+                (None, false) => break End::Clean,
+                // As qemu-storage-daemon drops a client that broke the
+                // protocol and serves the next one.
+                (Some(message), true) => {
+                    eprintln!("blockgraph: vhost-user frontend dropped: {message}");
+                }
+                (None, true) => {}
             }
             // Like qemu-storage-daemon, keep the images open (written
             // back, when no NBD request is in flight) for the monitor's
