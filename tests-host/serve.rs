@@ -294,6 +294,20 @@ fn qmp_line(reader: &mut impl BufRead) -> String {
     line
 }
 
+/// Connects to the monitor on `qmp.sock` in `dir` (reads time out after
+/// `seconds`) and takes its greeting: the writing and reading ends.
+fn qmp_connect(dir: &Path, seconds: u64) -> (UnixStream, BufReader<UnixStream>) {
+    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(seconds)))
+        .unwrap();
+    let writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let greeting = qmp_line(&mut reader);
+    assert!(greeting.starts_with("{\"QMP\""), "greeting: {greeting}");
+    (writer, reader)
+}
+
 /// A QMP client that sends a line longer than the monitor takes (2 MiB, no
 /// newline) loses its connection; the server goes on answering others.
 #[test]
@@ -332,13 +346,7 @@ fn an_endless_qmp_line_ends_only_that_connection() {
         rest.len()
     );
 
-    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    assert!(qmp_line(&mut reader).starts_with("{\"QMP\""));
+    let (mut writer, mut reader) = qmp_connect(dir, 10);
     writer
         .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
         .unwrap();
@@ -369,14 +377,7 @@ fn qmp_answers_the_greeting_capabilities_and_quit() {
         ],
         &["nbd.sock", "qmp.sock"],
     );
-    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    let greeting = qmp_line(&mut reader);
-    assert!(greeting.starts_with("{\"QMP\""), "greeting: {greeting}");
+    let (mut writer, mut reader) = qmp_connect(dir, 10);
     writer
         .write_all(b"{\"execute\": \"qmp_capabilities\", \"id\": 1}\n")
         .unwrap();
@@ -1067,13 +1068,7 @@ fn qmp_jobs_finish_without_guest_requests() {
         &["write -z 8M 1M", "write -P 0x55 20M 4M"],
     );
     let mut served = serve_nbd(dir, &["--qmp", "qmp.sock"]);
-    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    qmp_line(&mut reader);
+    let (mut writer, mut reader) = qmp_connect(dir, 20);
     let mut send = |command: &str, until: Option<&str>| {
         writer.write_all(format!("{command}\n").as_bytes()).unwrap();
         let mut answered = false;
@@ -1162,13 +1157,7 @@ fn with_a_monitor_a_broken_frontend_is_dropped_and_the_next_served() {
     next.write_all(&vhost_header(1, 0)).unwrap();
     assert_eq!(read_some(&mut next, 20).len(), 20, "GET_FEATURES reply");
     drop(next);
-    let stream = UnixStream::connect(dir.join("qmp.sock")).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    qmp_line(&mut reader);
+    let (mut writer, _reader) = qmp_connect(dir, 10);
     writer
         .write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"quit\"}\n")
         .unwrap();
